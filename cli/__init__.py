@@ -1,0 +1,1 @@
+"""The `llmctl` command: a thin layer of argparse over the library functions in trainer/ and cli/."""

@@ -1,0 +1,77 @@
+"""Entry point of `llmctl`: builds the argument parser from one module per noun and maps errors to one line.
+
+Each command module exposes `register(subparsers)`, which adds its sub-commands and sets `func` on them.
+Start-up must stay fast: this module and every `register` import nothing heavy (no torch, ray, kubernetes);
+the commands import what they need inside their function body.
+
+Errors: `UsageError` and the plan's `PlanError` (bad input) print one line on stderr and exit 2;
+`CLIError` (a known failure: cluster unreachable, run missing) prints one line and exits 1. Set
+LLMCTL_DEBUG=1 to see the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+# Command modules, in the order they appear in --help.
+COMMANDS = ("cli.plan",)
+
+
+class CLIError(Exception):
+    """A known failure, reported as one actionable line (exit 1)."""
+
+    exit_code = 1
+
+
+class UsageError(CLIError):
+    """Bad input from the user (exit 2); nothing was created."""
+
+    exit_code = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse's default prints usage + message, exit 2
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="llmctl",
+        description="Train nanochat-recipe GPT models on Kubernetes with Ray Train. "
+        "One dial, --depth, sets every hyperparameter; every run shows its price before launch.",
+        epilog="Examples:\n  llmctl plan --depth 26 --gpus 8\n  llmctl submit --depth 26 --gpus 8 --dry-run -o yaml\n"
+        "  llmctl submit --local\n\nSet LLMCTL_DEBUG=1 to see tracebacks.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND", parser_class=_Parser)
+    for name in COMMANDS:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from trainer.plan import PlanError
+
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not hasattr(args, "func"):
+            parser.print_help()
+            return 0
+        return args.func(args) or 0
+    except (CLIError, PlanError) as e:
+        if os.environ.get("LLMCTL_DEBUG"):
+            raise
+        code = e.exit_code if isinstance(e, CLIError) else 2
+        print(f"llmctl: error: {e}", file=sys.stderr)
+        return code
+    except KeyboardInterrupt:
+        print("llmctl: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""`llmctl plan`: show what a depth costs before anything runs (shape, tokens, steps, time, dollars).
+
+Also home of the spec flags shared by `plan` and `submit` (`add_spec_args`, `spec_from_args`) and of the
+human table (`render_table`), so both commands show the same numbers the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from trainer.plan import GPUS, STAGES, RunPlan, RunSpec, plan
+
+
+def add_spec_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("what to train")
+    g.add_argument("--depth", type=int, required=True, help="transformer layers; sets every other hyperparameter")
+    g.add_argument("--ratio", type=float, default=12.0, help="training tokens per scaling parameter (default 12)")
+    g.add_argument("--stages", default="pretrain,sft", help=f"comma-separated subset of {','.join(STAGES)}")
+    g.add_argument("--precision", default="bf16", choices=("bf16", "fp8"), help="matmul precision (default bf16)")
+    g.add_argument("--seq-len", type=int, default=2048, help="context length in tokens (default 2048)")
+    g.add_argument("--device-batch-size", type=int, help="sequences per GPU per micro-step (default: by depth)")
+    g.add_argument("--total-batch-size", type=int, help="tokens per optimizer step (default: Power-Lines rule)")
+    g.add_argument("--num-iterations", type=int, help="fix the step count instead of using --ratio")
+    g = p.add_argument_group("where and at what price")
+    g.add_argument("--gpus", type=int, default=1, help="GPUs in total (8 per worker pod)")
+    g.add_argument("--gpu-type", default="h100", help=f"one of {', '.join(GPUS)} (default h100)")
+    g.add_argument("--price", type=float, help="$ per GPU-hour (default: the GPU type's catalog price)")
+    g.add_argument("--max-cost", type=float, help="budget cap in $: refuse plans above it; the run stops there")
+    g.add_argument("--storage", default="file://~/.cache/llmctl", help="storage root URL (s3://bucket/prefix)")
+    g.add_argument("--name", help="run name (default: derived from the spec, stable across retries)")
+
+
+def spec_from_args(args: argparse.Namespace, **overrides) -> RunSpec:
+    fields = dict(
+        depth=args.depth, gpus=args.gpus, gpu_type=args.gpu_type,
+        stages=tuple(s.strip() for s in args.stages.split(",") if s.strip()),
+        ratio=args.ratio, seq_len=args.seq_len, device_batch_size=args.device_batch_size,
+        total_batch_size=args.total_batch_size, num_iterations=args.num_iterations, precision=args.precision,
+        price_per_gpu_hour=args.price, budget_cap=args.max_cost, storage_root=args.storage, name=args.name,
+    )
+    fields.update(overrides)
+    return RunSpec(**fields)
+
+
+def _n(x: float) -> str:
+    """Human number: 1.38B, 729.8M, 4.78e9 FLOPs kept readable."""
+    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(x) >= div:
+            return f"{x / div:.3g}{unit}"
+    return f"{x:g}"
+
+
+def _hours(h: float) -> str:
+    return f"{h * 60:.0f} min" if h < 1 else f"{h:.2f} h"
+
+
+def render_table(p: RunPlan) -> str:
+    a, s, e = p.arch, p.spec, p.estimate
+    rows = [
+        ("run", p.name),
+        ("model", f"d{a.n_layer}: {a.n_embd} wide, {a.n_head} heads of {a.head_dim}, vocab {a.vocab_size:,}, "
+                  f"context {a.seq_len}, windows {a.window_pattern}"),
+        ("parameters", f"{p.params.total:,} total, {p.params.scaling:,} scaling (matrices + lm_head)"),
+        ("FLOPs/token", f"{p.flops_per_token:.4g} (6 x matmul params + attention)"),
+        ("batch", f"{p.total_batch_size:,} tokens/step = {p.device_batch_size} seq x {a.seq_len} x "
+                  f"{s.gpus} GPU x {p.grad_accum} accum"),
+        ("learning rates", f"matrix {p.optim.lr_matrix:.4g}, embed {p.optim.lr_wte:.3g}, "
+                           f"head {p.optim.lr_lm_head:.3g}; weight decay {p.optim.weight_decay:.4g}"),
+    ]
+    for st in p.stages:
+        rows.append((st.name, f"{st.steps:,} steps, {_n(st.tokens)} tokens, {st.flops:.3g} FLOPs, "
+                              f"{_hours(st.hours)}, ${st.dollars:,.2f}"))
+    rows += [
+        ("throughput", f"{_n(e.tokens_per_second)} tok/s on {s.gpus} x {s.gpu_type} at {e.mfu:.0%} MFU "
+                       f"(peak {e.peak_flops_per_gpu / 1e12:.0f} TFLOP/s)"),
+        ("overheads", ", ".join(f"{k.replace('_', ' ')} {_hours(v)}" for k, v in e.overhead_hours.items() if v)
+         or "none"),
+        ("time", f"{_hours(e.total_hours)} ({_hours(e.train_hours)} training + "
+                 f"{_hours(e.total_hours - e.train_hours)} overheads)"),
+        ("cost", f"${e.total_dollars:,.2f} (${e.train_dollars:,.2f} training + ${e.overhead_dollars:,.2f} overheads) "
+                 f"at ${e.price_per_gpu_hour:.2f}/GPU-h"),
+    ]
+    if s.budget_cap is not None:
+        rows.append(("budget cap", f"${s.budget_cap:,.2f}: " + ("within" if e.within_budget else "EXCEEDED")))
+    rows += [
+        ("assumptions", f"MFU prior: {e.mfu_source}"),
+        ("", f"price: {e.price_source}"),
+    ]
+    rows += [("warning", w) for w in p.warnings]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def dump(p: RunPlan, fmt: str) -> str:
+    if fmt == "json":
+        return p.to_json()
+    if fmt == "yaml":
+        import yaml
+
+        return yaml.safe_dump(json.loads(p.to_json()), sort_keys=False)
+    return render_table(p)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    p = plan(spec_from_args(args))
+    print(dump(p, args.output))
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("plan", help="derive a run from --depth and show its time and price",
+                       description="Derive every hyperparameter from --depth (nanochat's recipe) and estimate "
+                       "time and dollars. Nothing is created.",
+                       epilog="Example: llmctl plan --depth 26 --gpus 8 -o json")
+    add_spec_args(p)
+    p.add_argument("-o", "--output", default="table", choices=("table", "json", "yaml"), help="output format")
+    p.set_defaults(func=cmd_plan)

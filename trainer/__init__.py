@@ -1,0 +1,1 @@
+"""llmctl's trainer: everything that runs inside the pods, plus the torch-free plan math (plan.py)."""
