@@ -58,6 +58,8 @@ MUON_MOMENTUM = (0.85, 0.97, 0.90)  # start, after warm-up, end of warmdown (bas
 MUON_MOMENTUM_WARMUP_STEPS = 400
 EVAL_EVERY = 250  # val bpb cadence (--eval-every)
 EVAL_TOKENS = 80 * 524_288  # tokens per val bpb pass (--eval-tokens)
+CHECKPOINT_MINUTES = 20  # a dead pod costs at most this much work (nanochat saves only at the end)
+KEEP_CHECKPOINTS = 3  # last K checkpoints kept per stage
 
 # SFT (nanochat scripts/chat_sft.py): one epoch over the mixture, LRs inherited un-batch-scaled.
 SFT_INIT_LR_FRAC = 0.8  # --init-lr-frac
@@ -144,6 +146,11 @@ class RunSpec:
     budget_cap: float | None = None  # dollars; the run stops cleanly with a checkpoint when reached
     storage_root: str = "file://~/.cache/llmctl"
     dataset: str = "climbmix"
+    sft_dataset: str = "smoltalk"  # conversations under <root>/data/ (llmctl data prepare)
+    eval_every: int | None = None  # steps between val bpb passes; None = 250
+    eval_tokens: int | None = None  # tokens per val bpb pass; None = min(80 x 2^19, 8 steps' worth)
+    checkpoint_every: int | None = None  # steps; None = about every 20 minutes at the estimated speed
+    keep_checkpoints: int = KEEP_CHECKPOINTS
     tokenizer: str | None = None  # name under <root>/tokenizers/; None = "bpe-<vocab>"
     name: str | None = None  # None = deterministic from the spec, so a retried job resumes the same run
     namespace: str = "default"
@@ -169,7 +176,8 @@ class RunSpec:
             bad("ratio", f"must be a positive number of tokens per parameter, got {self.ratio!r}")
         if self.seq_len < 16 or self.seq_len & (self.seq_len - 1):
             bad("seq_len", f"must be a power of two >= 16, got {self.seq_len}")
-        for fld in ("device_batch_size", "total_batch_size", "num_iterations"):
+        for fld in ("device_batch_size", "total_batch_size", "num_iterations", "eval_every", "eval_tokens",
+                    "checkpoint_every", "keep_checkpoints"):
             v = getattr(self, fld)
             if v is not None and (not isinstance(v, int) or v < 1):
                 bad(fld, f"must be a positive integer, got {v!r}")
@@ -273,6 +281,9 @@ class StagePlan:
     momentum: tuple[float, ...]
     momentum_warmup_steps: int
     weight_decay: float
+    eval_every: int  # steps between val bpb passes (and at the last step)
+    eval_tokens: int  # tokens per val bpb pass, across all ranks
+    checkpoint_every: int  # steps between checkpoints (and at the last step)
     hours: float  # training time at the MFU prior
     dollars: float
 
@@ -496,6 +507,10 @@ def _stage(name: str, spec: RunSpec, steps: int, batch: int, dbs: int, accum: in
            throughput: float, price: float, lr_frac: float, weight_decay: float) -> StagePlan:
     tokens = steps * batch
     hours = tokens / throughput / 3600
+    step_seconds = batch / throughput
+    ckpt_every = spec.checkpoint_every or max(1, min(steps, round(CHECKPOINT_MINUTES * 60 / step_seconds)))
+    cadence = dict(eval_every=spec.eval_every or min(EVAL_EVERY, steps),
+                   eval_tokens=spec.eval_tokens or min(EVAL_TOKENS, 8 * batch), checkpoint_every=ckpt_every)
     if name == "pretrain":
         sched = dict(warmup_steps=min(WARMUP_STEPS, steps), warmdown_steps=round(WARMDOWN_RATIO * steps),
                      final_lr_frac=FINAL_LR_FRAC, momentum=MUON_MOMENTUM,
@@ -506,7 +521,7 @@ def _stage(name: str, spec: RunSpec, steps: int, batch: int, dbs: int, accum: in
                      momentum_warmup_steps=SFT_MOMENTUM_WARMUP_STEPS)
     return StagePlan(name=name, steps=steps, tokens=tokens, flops=float(fpt * tokens), grad_accum=accum,
                      device_batch_size=dbs, total_batch_size=batch, lr_frac=lr_frac,
-                     weight_decay=weight_decay, hours=hours, dollars=hours * spec.gpus * price, **sched)
+                     weight_decay=weight_decay, hours=hours, dollars=hours * spec.gpus * price, **sched, **cadence)
 
 
 def plan(spec: RunSpec) -> RunPlan:
@@ -550,11 +565,10 @@ def plan(spec: RunSpec) -> RunPlan:
     train_hours = sum(s.hours for s in stages)
 
     # Fixed overheads, shown apart from training.
-    n_evals = sum(s.steps // EVAL_EVERY + 1 for s in stages)
-    eval_tokens = min(EVAL_TOKENS, 8 * batch)
-    eval_hours = n_evals * eval_tokens * (fpt / 3) / (spec.gpus * gpu.peak_bf16 * mfu) / 3600
+    eval_tokens = sum((s.steps // s.eval_every + 1) * s.eval_tokens for s in stages)
+    eval_hours = eval_tokens * (fpt / 3) / (spec.gpus * gpu.peak_bf16 * mfu) / 3600  # forward only: 1/3
     ckpt_bytes = 4 * p.transformer_matrices + 2 * (p.wte + p.value_embeds) + 4 * p.lm_head
-    ckpt_bytes *= 3  # model + optimizer state (moments) across ranks
+    ckpt_bytes *= 3  # model + optimizer state (moments) across ranks; uploads are ASYNC except the last
     overhead = {
         "scheduling_and_image_pull": 0.0 if gpu.local else SCHEDULING_HOURS,
         "ray_start": 0.0 if gpu.local else RAY_START_HOURS * len(stages),
@@ -577,6 +591,7 @@ def plan(spec: RunSpec) -> RunPlan:
     root = spec.storage_root.rstrip("/")
     urls = {
         "data": f"{root}/data/{spec.dataset}",
+        "sft_data": f"{root}/data/{spec.sft_dataset}",
         "tokenizer": f"{root}/tokenizers/{spec.tokenizer or f'bpe-{spec.vocab_size}'}",
         "run": f"{root}/runs/{name}",
         "runs_root": f"{root}/runs",

@@ -1,0 +1,66 @@
+"""cli/plan.py and cli/main.py: `llmctl plan` output, bad input, and a start-up free of torch and ray.
+
+Run: .venv/bin/pytest tests/test_cli_plan.py
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from cli.main import main
+
+
+def llmctl(*args):
+    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True)
+
+
+def test_plan_table(capsys):
+    assert main(["plan", "--depth", "26", "--gpus", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "918,423,532 scaling" in out and "1,048,576 tokens/step" in out
+    assert "cost" in out and "$" in out and "MFU prior" in out
+
+
+def test_plan_json_and_yaml(capsys):
+    assert main(["plan", "--depth", "24", "--gpus", "8", "--ratio", "8", "--stages", "pretrain", "-o", "json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["stages"][0]["steps"] == 5568 and d["total_batch_size"] == 2**20
+    assert main(["plan", "--depth", "12", "-o", "yaml"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["params"]["scaling"] == 110_100_912
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--depth", "0"], "depth"),
+    (["--depth", "12", "--gpus", "-2"], "gpus"),
+    (["--depth", "12", "--gpu-type", "tpu9"], "gpu_type"),
+    (["--depth", "12", "--ratio", "0"], "ratio"),
+    (["--depth", "24", "--gpus", "6"], "cannot share"),
+    (["--depth", "twelve"], "invalid int"),
+    ([], "required"),
+])
+def test_bad_input_is_one_line_exit_2(args, needle):
+    r = llmctl("plan", *args)
+    assert r.returncode == 2
+    assert r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in r.stderr
+
+
+def test_help_and_plan_import_neither_torch_nor_ray():
+    code = ("import sys; from cli.main import main; import contextlib, io\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    main(['plan', '--depth', '26', '--gpus', '8'])\n"
+            "    try: main(['--help'])\n"
+            "    except SystemExit: pass\n"
+            "heavy = sorted(m for m in ('torch', 'ray', 'kubernetes', 'tiktoken', 'pyarrow') if m in sys.modules)\n"
+            "print(','.join(heavy))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == ""
+
+
+def test_console_script_help():
+    r = llmctl("--help")
+    assert r.returncode == 0 and "plan" in r.stdout
