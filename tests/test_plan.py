@@ -203,3 +203,24 @@ def test_small_local_spec():
                      total_batch_size=4096, num_iterations=30))
     assert p.arch.n_embd == 128 and p.stage("pretrain").steps == 30
     assert p.estimate.total_dollars == 0.0 and p.estimate.overhead_hours["scheduling_and_image_pull"] == 0
+
+
+def test_schedules_follow_the_reference():
+    from trainer.plan import lr_multiplier, muon_momentum, muon_weight_decay
+
+    p = plan(RunSpec(depth=24, gpus=8, ratio=8))
+    s = p.stage("pretrain")  # 5,568 steps, warm-up 40, warm-down 3,619 (starts after step 1,949)
+    assert lr_multiplier(s, 0) == pytest.approx(1 / 40)
+    assert lr_multiplier(s, 39) == 1.0 and lr_multiplier(s, 1949) == 1.0
+    assert lr_multiplier(s, 1950) < 1.0
+    assert lr_multiplier(s, s.steps) == pytest.approx(0.05)
+    assert muon_momentum(s, 0) == 0.85 and muon_momentum(s, 400) == pytest.approx(0.97)
+    assert muon_momentum(s, 1949) == pytest.approx(0.97) and muon_momentum(s, s.steps) == pytest.approx(0.90)
+    assert muon_weight_decay(s, 0) == pytest.approx(p.optim.weight_decay)
+    assert muon_weight_decay(s, s.steps // 2) == pytest.approx(p.optim.weight_decay / 2, rel=1e-3)
+    assert muon_weight_decay(s, s.steps) == pytest.approx(0.0, abs=1e-12)
+    f = p.stage("sft")  # progress-driven: flat to half the data, then linear to 0, all x0.8
+    assert lr_multiplier(f, 0, progress=0.0) == pytest.approx(0.8)
+    assert lr_multiplier(f, 0, progress=0.75) == pytest.approx(0.4)
+    assert lr_multiplier(f, 0, progress=1.0) == pytest.approx(0.0)
+    assert muon_momentum(f, 300) == pytest.approx(0.95) and muon_weight_decay(f, 10) == 0.0

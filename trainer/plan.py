@@ -602,3 +602,46 @@ def plan(spec: RunSpec) -> RunPlan:
         optim=opt, stages=tuple(stages), total_flops=sum(s.flops for s in stages), estimate=est,
         warnings=tuple(warnings), urls=urls,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedules: pure functions of the step (and, for SFT, of the share of the data consumed), so a resumed
+# run continues on exactly the same curve.
+
+
+def lr_multiplier(s: StagePlan, step: int, progress: float | None = None) -> float:
+    """Multiplier on every group's initial LR (base_train.get_lr_multiplier; chat_sft's progress rule).
+
+    Pretraining: linear warm-up over `warmup_steps`, flat, then linear over the last `warmdown_steps` to
+    `final_lr_frac`. SFT runs one epoch of unknown length, so it follows `progress` (data consumed, 0..1):
+    flat to 50%, then linear to 0. Both scale by the stage's `lr_frac`.
+    """
+    if s.name == "sft":
+        frac = s.steps and step / s.steps if progress is None else progress
+        cut = 1 - s.warmdown_steps / s.steps if s.steps else 0.5
+        m = 1.0 if frac < cut else max(0.0, (1 - frac) / (1 - cut)) * (1 - s.final_lr_frac) + s.final_lr_frac
+        return s.lr_frac * m
+    if step < s.warmup_steps:
+        return s.lr_frac * (step + 1) / s.warmup_steps
+    if step <= s.steps - s.warmdown_steps:
+        return s.lr_frac
+    p = (s.steps - step) / s.warmdown_steps
+    return s.lr_frac * (p + (1 - p) * s.final_lr_frac)
+
+
+def muon_momentum(s: StagePlan, step: int) -> float:
+    """Muon momentum: start -> peak over `momentum_warmup_steps`; pretraining then decays to the end value
+    over the LR warm-down (base_train.get_muon_momentum: 0.85 -> 0.97 over 400 steps, -> 0.90)."""
+    start, peak = s.momentum[0], s.momentum[1]
+    frac = min(step / s.momentum_warmup_steps, 1.0)
+    m = (1 - frac) * start + frac * peak
+    warmdown_start = s.steps - s.warmdown_steps
+    if len(s.momentum) > 2 and s.warmdown_steps and step > warmdown_start:
+        p = min((step - warmdown_start) / s.warmdown_steps, 1.0)
+        m = (1 - p) * m + p * s.momentum[2]
+    return m
+
+
+def muon_weight_decay(s: StagePlan, step: int) -> float:
+    """Muon weight decay: cosine from the stage's peak to 0 over the run (base_train: λ·½(1+cos(π·t/N)))."""
+    return s.weight_decay * 0.5 * (1 + math.cos(math.pi * min(step, s.steps) / s.steps))
