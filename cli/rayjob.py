@@ -1,0 +1,301 @@
+"""RunPlan + cluster config -> a KubeRay `ray.io/v1` RayJob, built as plain data (dicts), never as text.
+
+Shape (k8s-anchors.md §G, §I): a CPU-only head (`num-gpus: 0`) and one worker group of ceil(gpus/8) pods
+holding min(gpus, 8) GPUs each, requests = limits, so one pod takes one whole 8-GPU node. The cluster is
+created for this run and deleted when it ends (`shutdownAfterJobFinishes` + TTL); retries (`backoffLimit`)
+build a fresh cluster and resume from the last checkpoint, because the run name (and so the storage path)
+is the same. `activeDeadlineSeconds` is the plan's estimate with a margin; `preRunningDeadlineSeconds` fails
+runs whose pods never start. With a Kueue queue the RayJob is created suspended and Kueue admits it.
+
+How the plan reaches the pod: the RunPlan JSON travels in the RayJob itself, as the runtime-env variable
+LLMCTL_PLAN_JSON (Ray sets it for the driver and every worker), and the entrypoint is
+`python -m trainer.launch --plan env:LLMCTL_PLAN_JSON`. Nothing is written to storage before the run starts,
+and `--dry-run` shows the complete truth. KubeRay hands the runtime env to `ray job submit` inside a
+double-quoted shell word (`strconv.Quote`), where `$` and backquotes would expand; the JSON is therefore
+written with those two characters as \\u0024 and \\u0060 escapes (plain JSON, decoded by json.loads).
+
+Metrics: each training process serves Prometheus on 9400 + local_rank, declared as ports llm-m0..llm-m7 on
+worker pods; Ray's own metrics are on 8080 (every node) and 44217/44227 (head). The chart's PodMonitors
+select pods by the labels set here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import yaml
+
+from cli.cluster import ClusterConfig
+from trainer.plan import GPUS, RunPlan
+
+API_VERSION = "ray.io/v1"
+PLAN_ENV = "LLMCTL_PLAN_JSON"
+ENTRYPOINT = f"python -m trainer.launch --plan env:{PLAN_ENV}"
+METRICS_PORT_BASE = 9400  # + local_rank; DESIGN.md §3
+RAY_METRICS_PORT = 8080  # KubeRay's default --metrics-export-port
+HEAD_PORTS = (("gcs-server", 6379), ("dashboard", 8265), ("client", 10001), ("metrics", RAY_METRICS_PORT),
+              ("as-metrics", 44217), ("dash-metrics", 44227))  # autoscaler and dashboard metrics (kuberay#1493)
+# Ray Train V2 waits this long for the worker group to start (default 60 s, ray PR #60376); multi-GB image
+# pulls on fresh GPU nodes take longer, so give it ten minutes before it gives up and retries.
+WORKER_GROUP_START_TIMEOUT_S = 600
+
+# Labels: the standard set plus ours; PodMonitors and `llmctl logs` select on these.
+PART_OF = "app.kubernetes.io/part-of"
+RUN_LABEL = "llmctl.dev/run"
+ROLE_LABEL = "llmctl.dev/role"
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+ANNOTATION_PREFIX = "llmctl.dev/"
+SUBMITTER_CONTAINER = "ray-job-submitter"
+CONTAINERS = {"head": "ray-head", "worker": "ray-worker", "submitter": SUBMITTER_CONTAINER}
+
+
+class LayoutError(ValueError):
+    """The requested GPUs cannot be laid out as whole pods (the message says why and what to use)."""
+
+
+def worker_layout(gpus: int, gpus_per_node: int = 8) -> tuple[int, int]:
+    """(pods, GPUs per pod): ceil(gpus / per_node) pods of min(gpus, per_node) GPUs; no idle GPUs allowed."""
+    per_pod = min(gpus, gpus_per_node)
+    pods = math.ceil(gpus / gpus_per_node)
+    if pods * per_pod != gpus:
+        raise LayoutError(f"gpus: {gpus} GPUs do not fill {pods} pods of {per_pod} (nodes have {gpus_per_node}); "
+                          f"above {gpus_per_node}, use a multiple of {gpus_per_node}")
+    return pods, per_pod
+
+
+def active_deadline_seconds(plan: RunPlan, cfg: ClusterConfig) -> int:
+    """The whole estimate (training + overheads) x deadline_factor + slack, in whole seconds."""
+    return math.ceil(plan.estimate.total_hours * 3600 * cfg.deadline_factor) + cfg.deadline_slack_seconds
+
+
+def plan_env_value(plan: RunPlan) -> str:
+    """Compact ASCII JSON of the plan with `$` and backquote \\u-escaped (see the module docstring)."""
+    text = json.dumps(plan.to_dict(), separators=(",", ":"), ensure_ascii=True)
+    return text.replace("$", "\\u0024").replace("`", "\\u0060")
+
+
+def labels_for(plan: RunPlan, cfg: ClusterConfig, role: str | None = None) -> dict[str, str]:
+    s = plan.spec
+    out = {
+        "app.kubernetes.io/name": "llmctl",
+        "app.kubernetes.io/managed-by": "llmctl",
+        PART_OF: "llmctl",
+        RUN_LABEL: plan.name,
+        "llmctl.dev/depth": str(s.depth),
+        "llmctl.dev/gpus": str(s.gpus),
+        "llmctl.dev/gpu-type": s.gpu_type,
+    }
+    if role:
+        out["app.kubernetes.io/component"] = role
+        out[ROLE_LABEL] = role
+    return {**cfg.labels, **out}
+
+
+def annotations_for(plan: RunPlan) -> dict[str, str]:
+    e, s = plan.estimate, plan.spec
+    out = {
+        "llmctl.dev/estimate-dollars": f"{e.total_dollars:.2f}",
+        "llmctl.dev/estimate-hours": f"{e.total_hours:.3f}",
+        "llmctl.dev/price-per-gpu-hour": f"{e.price_per_gpu_hour:.2f}",
+        "llmctl.dev/stages": ",".join(s.stages),
+        "llmctl.dev/steps": ",".join(f"{st.name}={st.steps}" for st in plan.stages),
+        "llmctl.dev/storage": plan.urls["run"],
+        "llmctl.dev/plan-schema": plan.schema,
+    }
+    if s.budget_cap is not None:
+        out["llmctl.dev/budget-cap-dollars"] = f"{s.budget_cap:.2f}"
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Pod templates
+
+
+def _security(cfg: ClusterConfig, add_caps: tuple[str, ...] = ()) -> dict:
+    caps: dict = {"drop": ["ALL"]}
+    if add_caps:
+        caps["add"] = list(add_caps)
+    return {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": cfg.read_only_root_filesystem,
+            "capabilities": caps}
+
+
+POD_SECURITY = {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
+                "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def _env(plan: RunPlan, cfg: ClusterConfig, extra: dict[str, str]) -> list[dict]:
+    env = [
+        {"name": "HOME", "value": "/tmp"},  # the root filesystem is read-only; /tmp is an emptyDir
+        {"name": "LLMCTL_RUN", "value": plan.name},
+        {"name": "LLMCTL_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {"name": "NCCL_DEBUG", "value": "WARN"},
+    ]
+    if cfg.s3_endpoint:
+        env.append({"name": "AWS_ENDPOINT_URL", "value": cfg.s3_endpoint})
+    if cfg.s3_region:
+        env.append({"name": "AWS_REGION", "value": cfg.s3_region})
+    names = {e["name"] for e in env}
+    for k, v in {**cfg.env, **extra}.items():
+        if k in names:
+            env = [e for e in env if e["name"] != k]
+        env.append({"name": k, "value": v})
+    return env
+
+
+def _pod_spec(plan: RunPlan, cfg: ClusterConfig, container: dict, *, node_selector: dict, tolerations,
+              service_account: str | None = None) -> dict:
+    spec: dict = {}
+    if service_account:
+        spec["serviceAccountName"] = service_account
+    spec["automountServiceAccountToken"] = bool(service_account)  # only the head reports progress
+    if cfg.priority_class:
+        spec["priorityClassName"] = cfg.priority_class
+    if node_selector:
+        spec["nodeSelector"] = dict(node_selector)
+    if tolerations:
+        spec["tolerations"] = [dict(t) for t in tolerations]
+    if cfg.image_pull_secrets:
+        spec["imagePullSecrets"] = [{"name": n} for n in cfg.image_pull_secrets]
+    spec["securityContext"] = dict(POD_SECURITY)
+    spec["containers"] = [container]
+    spec["volumes"] = [{"name": "tmp", "emptyDir": {}}]
+    return spec
+
+
+def _container(name: str, cfg: ClusterConfig, env: list[dict], resources: dict, ports: list[dict],
+               caps: tuple[str, ...] = ()) -> dict:
+    c: dict = {"name": name, "image": cfg.image, "imagePullPolicy": cfg.image_pull_policy}
+    if ports:
+        c["ports"] = ports
+    c["env"] = env
+    if cfg.s3_secret:
+        c["envFrom"] = [{"secretRef": {"name": cfg.s3_secret}}]  # credentials by reference, never by value
+    c["resources"] = {"requests": dict(resources), "limits": dict(resources)}
+    c["securityContext"] = _security(cfg, caps)
+    c["volumeMounts"] = [{"name": "tmp", "mountPath": "/tmp"}]
+    return c
+
+
+def head_template(plan: RunPlan, cfg: ClusterConfig, extra_env: dict[str, str]) -> dict:
+    resources = {"cpu": cfg.head_cpu, "memory": cfg.head_memory}
+    ports = [{"name": n, "containerPort": p, "protocol": "TCP"} for n, p in HEAD_PORTS]
+    c = _container(CONTAINERS["head"], cfg, _env(plan, cfg, extra_env), resources, ports)
+    return {"metadata": {"labels": labels_for(plan, cfg, "head")},
+            "spec": _pod_spec(plan, cfg, c, node_selector=cfg.head_node_selector, tolerations=cfg.head_tolerations,
+                              service_account=cfg.run_service_account)}
+
+
+def worker_template(plan: RunPlan, cfg: ClusterConfig, gpus_per_pod: int, extra_env: dict[str, str]) -> dict:
+    resources = {"cpu": str(cfg.cpu_per_gpu * gpus_per_pod), "memory": f"{cfg.memory_per_gpu_gi * gpus_per_pod}Gi",
+                 "nvidia.com/gpu": str(gpus_per_pod), **cfg.worker_extra_resources}
+    ports = [{"name": f"llm-m{i}", "containerPort": METRICS_PORT_BASE + i, "protocol": "TCP"}
+             for i in range(gpus_per_pod)]
+    ports.append({"name": "metrics", "containerPort": RAY_METRICS_PORT, "protocol": "TCP"})
+    c = _container(CONTAINERS["worker"], cfg, _env(plan, cfg, extra_env), resources, ports,
+                   cfg.worker_capabilities)
+    selector = cfg.gpu_node_selectors.get(plan.spec.gpu_type, {})
+    return {"metadata": {"labels": labels_for(plan, cfg, "worker")},
+            "spec": _pod_spec(plan, cfg, c, node_selector=selector, tolerations=cfg.gpu_tolerations)}
+
+
+def submitter_template(plan: RunPlan, cfg: ClusterConfig) -> dict:
+    """The K8s Job pod that runs `ray job submit` (KubeRay fills in the command) and then follows the logs:
+    its log is the run's log (`llmctl logs`), and it outlives the Ray cluster."""
+    resources_req = {"cpu": "500m", "memory": "256Mi"}
+    resources_lim = {"cpu": "1", "memory": "1Gi"}  # KubeRay's default submitter limits
+    c = _container(SUBMITTER_CONTAINER, cfg, [{"name": "HOME", "value": "/tmp"}], resources_req, [])
+    c["resources"] = {"requests": resources_req, "limits": resources_lim}
+    c.pop("envFrom", None)  # the submitter talks to the Ray dashboard only: no storage credentials
+    spec = _pod_spec(plan, cfg, c, node_selector=cfg.head_node_selector, tolerations=cfg.head_tolerations)
+    spec["restartPolicy"] = "Never"
+    spec.pop("priorityClassName", None)
+    return {"metadata": {"labels": labels_for(plan, cfg, "submitter")}, "spec": spec}
+
+
+# ---------------------------------------------------------------------------------------------
+# The RayJob
+
+
+def build_rayjob(plan: RunPlan, cfg: ClusterConfig, *, namespace: str, extra_env: dict[str, str] | None = None,
+                 ray_cluster: str | None = None) -> dict:
+    """The RayJob for `plan`. `ray_cluster` runs it on an existing (warm) RayCluster instead of a new one.
+
+    Raises LayoutError for GPU counts that leave GPUs idle, ValueError for a local-only GPU type or a queue
+    combined with a warm cluster (KubeRay forbids suspend with clusterSelector).
+    """
+    s = plan.spec
+    if plan.urls["run"].startswith("file:"):
+        raise ValueError(f"storage: {plan.urls['runs_root']} is on this machine; pods need shared storage "
+                         f"such as s3://bucket/prefix (--storage, or storageRoot in the cluster config)")
+    if GPUS[s.gpu_type].local:
+        raise ValueError(f"gpu_type: {s.gpu_type} runs on this machine, not on Kubernetes (use --local)")
+    pods, per_pod = worker_layout(s.gpus, cfg.gpus_per_node)
+    extra_env = dict(extra_env or {})
+
+    labels = labels_for(plan, cfg)
+    runtime_env = {"env_vars": {PLAN_ENV: plan_env_value(plan),
+                                "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(WORKER_GROUP_START_TIMEOUT_S)}}
+    spec: dict = {
+        "entrypoint": ENTRYPOINT,
+        "runtimeEnvYAML": yaml.safe_dump(runtime_env, sort_keys=True, width=1 << 20),
+        "submissionMode": "K8sJobMode",
+        "submitterPodTemplate": submitter_template(plan, cfg),
+        "activeDeadlineSeconds": active_deadline_seconds(plan, cfg),
+    }
+    if ray_cluster:
+        if cfg.queue:
+            raise ValueError("queue: a run on an existing RayCluster cannot be queued by Kueue "
+                             "(KubeRay forbids suspend with clusterSelector); drop --queue or --ray-cluster")
+        spec["clusterSelector"] = {"ray.io/cluster": ray_cluster}
+    else:
+        if cfg.queue:
+            labels[QUEUE_LABEL] = cfg.queue
+            spec["suspend"] = True  # Kueue un-suspends on admission; shutdownAfterJobFinishes is required
+        spec.update({
+            "shutdownAfterJobFinishes": True,
+            "ttlSecondsAfterFinished": cfg.ttl_seconds_after_finished,
+            "preRunningDeadlineSeconds": cfg.pre_running_deadline_seconds,
+            "rayClusterSpec": {
+                "rayVersion": cfg.ray_version,
+                "enableInTreeAutoscaling": False,
+                "headGroupSpec": {"rayStartParams": {"num-gpus": "0"},
+                                  "template": head_template(plan, cfg, extra_env)},
+                "workerGroupSpecs": [{
+                    "groupName": s.gpu_type.replace(".", "-"),
+                    "replicas": pods, "minReplicas": pods, "maxReplicas": pods,
+                    "numOfHosts": 1,
+                    "rayStartParams": {},  # KubeRay sets --num-gpus from the nvidia.com/gpu limit
+                    "template": worker_template(plan, cfg, per_pod, extra_env),
+                }],
+            },
+        })
+        if cfg.backoff_limit:
+            spec["backoffLimit"] = cfg.backoff_limit
+    rayjob = {
+        "apiVersion": API_VERSION,
+        "kind": "RayJob",
+        "metadata": {"name": plan.name, "namespace": namespace, "labels": labels,
+                     "annotations": annotations_for(plan)},
+        "spec": spec,
+    }
+    return json.loads(json.dumps(rayjob))  # a plain tree: no shared sub-dicts, exactly what the API receives
+
+
+class _Dumper(yaml.SafeDumper):
+    """Block style, no anchors, multi-line strings (runtimeEnvYAML) as literal `|` blocks."""
+
+    def ignore_aliases(self, data) -> bool:
+        return True
+
+
+def _str(dumper: yaml.SafeDumper, s: str):
+    return dumper.represent_scalar("tag:yaml.org,2002:str", s, style="|" if "\n" in s else None)
+
+
+_Dumper.add_representer(str, _str)
+
+
+def to_yaml(objs: list[dict]) -> str:
+    """Objects as a YAML stream, keys in build order (what `--dry-run -o yaml` prints)."""
+    return yaml.dump_all(objs, Dumper=_Dumper, sort_keys=False, width=1 << 20)
