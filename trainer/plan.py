@@ -72,7 +72,18 @@ SFT_MOMENTUM_WARMUP_STEPS = 300
 # override with RunSpec.sft_tokens when the mixture is known.
 SFT_TOKENS = 400_000_000
 
-STAGES = ("pretrain", "sft")
+# The eval stage (trainer/evaluate.py) scores the trained checkpoints after the training stages: val bpb and
+# samples for each, CORE for the base model. It trains nothing; its time goes into the "evals" overhead.
+STAGES = ("pretrain", "sft", "eval")
+TRAINING_STAGES = ("pretrain", "sft")
+
+# CORE (DCLM's 22 ICL tasks, nanochat core_eval.py): forward tokens of one full pass, for the estimate only.
+# Assumption, not a measurement: about 90,000 examples in the 22 tasks (approximate dataset sizes, hellaswag
+# counted twice for its 0- and 10-shot variants), each scored as 1-4 sequences of few-shot prompt + answer,
+# about 1,500 tokens per example in total. The report card shows the measured time beside it.
+CORE_EXAMPLES = 90_000
+CORE_TASKS = 22
+CORE_TOKENS_PER_EXAMPLE = 1_500
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,6 +162,8 @@ class RunSpec:
     eval_tokens: int | None = None  # tokens per val bpb pass; None = min(80 x 2^19, 8 steps' worth)
     checkpoint_every: int | None = None  # steps; None = about every 20 minutes at the estimated speed
     keep_checkpoints: int = KEEP_CHECKPOINTS
+    core_bundle: str | None = None  # CORE eval bundle URL (core.yaml, eval_data/, eval_meta_data.csv); None = <root>/eval_bundle
+    core_max_per_task: int | None = None  # examples per CORE task in the eval stage; None = all
     tokenizer: str | None = None  # name under <root>/tokenizers/; None = "bpe-<vocab>"
     name: str | None = None  # None = deterministic from the spec, so a retried job resumes the same run
     namespace: str = "default"
@@ -176,8 +189,10 @@ class RunSpec:
             bad("ratio", f"must be a positive number of tokens per parameter, got {self.ratio!r}")
         if self.seq_len < 16 or self.seq_len & (self.seq_len - 1):
             bad("seq_len", f"must be a power of two >= 16, got {self.seq_len}")
+        if "eval" in self.stages and not set(self.stages) & set(TRAINING_STAGES):
+            bad("stages", "eval scores the run's own checkpoints: list pretrain and/or sft before it")
         for fld in ("device_batch_size", "total_batch_size", "num_iterations", "eval_every", "eval_tokens",
-                    "checkpoint_every", "keep_checkpoints"):
+                    "checkpoint_every", "keep_checkpoints", "core_max_per_task"):
             v = getattr(self, fld)
             if v is not None and (not isinstance(v, int) or v < 1):
                 bad(fld, f"must be a positive integer, got {v!r}")
@@ -524,6 +539,24 @@ def _stage(name: str, spec: RunSpec, steps: int, batch: int, dbs: int, accum: in
                      weight_decay=weight_decay, hours=hours, dollars=hours * spec.gpus * price, **sched, **cadence)
 
 
+def _eval_stage(spec: RunSpec, trained: tuple[StagePlan, ...], batch: int, dbs: int, fpt: float,
+                throughput: float, price: float) -> StagePlan:
+    """The eval stage: one val bpb pass per trained model (the tokens of its stage's own val pass, so the base
+    model's figure equals pretraining's last val bpb) and CORE on the base model. Forward only: a third of a
+    training token's FLOPs. `steps` = models scored; `tokens` = tokens forwarded."""
+    bpb_tokens = sum(s.eval_tokens for s in trained)
+    examples = CORE_EXAMPLES if spec.core_max_per_task is None else min(CORE_EXAMPLES,
+                                                                         CORE_TASKS * spec.core_max_per_task)
+    core_tokens = examples * CORE_TOKENS_PER_EXAMPLE if any(s.name == "pretrain" for s in trained) else 0
+    tokens = bpb_tokens + core_tokens
+    hours = tokens / (3 * throughput) / 3600
+    return StagePlan(name="eval", steps=len(trained), tokens=tokens, flops=float(fpt / 3 * tokens), grad_accum=1,
+                     device_batch_size=dbs, total_batch_size=batch, lr_frac=0.0, warmup_steps=0, warmdown_steps=0,
+                     final_lr_frac=0.0, momentum=(), momentum_warmup_steps=0, weight_decay=0.0, eval_every=1,
+                     eval_tokens=bpb_tokens, checkpoint_every=len(trained), hours=hours,
+                     dollars=hours * spec.gpus * price)
+
+
 def plan(spec: RunSpec) -> RunPlan:
     """Derive the whole run from the spec. Pure: the same spec always gives the same plan."""
     gpu = GPUS[spec.gpu_type]
@@ -563,18 +596,22 @@ def plan(spec: RunSpec) -> RunPlan:
         stages.append(_stage("sft", spec, sft_steps, batch, dbs, accum, fpt, throughput, price,
                              SFT_INIT_LR_FRAC, 0.0))
     train_hours = sum(s.hours for s in stages)
+    trained = tuple(stages)
+    if "eval" in spec.stages:
+        stages.append(_eval_stage(spec, trained, batch, dbs, fpt, throughput, price))
 
     # Fixed overheads, shown apart from training.
-    eval_tokens = sum((s.steps // s.eval_every + 1) * s.eval_tokens for s in stages)
+    eval_tokens = sum((s.steps // s.eval_every + 1) * s.eval_tokens for s in trained)
     eval_hours = eval_tokens * (fpt / 3) / (spec.gpus * gpu.peak_bf16 * mfu) / 3600  # forward only: 1/3
+    eval_hours += sum(s.hours for s in stages if s.name == "eval")
     ckpt_bytes = 4 * p.transformer_matrices + 2 * (p.wte + p.value_embeds) + 4 * p.lm_head
     ckpt_bytes *= 3  # model + optimizer state (moments) across ranks; uploads are ASYNC except the last
     overhead = {
         "scheduling_and_image_pull": 0.0 if gpu.local else SCHEDULING_HOURS,
         "ray_start": 0.0 if gpu.local else RAY_START_HOURS * len(stages),
-        "compile": 0.0 if gpu.local else COMPILE_HOURS * len(stages),
+        "compile": 0.0 if gpu.local else COMPILE_HOURS * len(trained),
         "evals": eval_hours,
-        "checkpoint_upload": len(stages) * ckpt_bytes / CHECKPOINT_BANDWIDTH / 3600,
+        "checkpoint_upload": len(trained) * ckpt_bytes / CHECKPOINT_BANDWIDTH / 3600,
     }
     overhead_hours = sum(overhead.values())
     train_dollars = train_hours * spec.gpus * price
@@ -595,11 +632,12 @@ def plan(spec: RunSpec) -> RunPlan:
         "tokenizer": f"{root}/tokenizers/{spec.tokenizer or f'bpe-{spec.vocab_size}'}",
         "run": f"{root}/runs/{name}",
         "runs_root": f"{root}/runs",
+        "eval_bundle": spec.core_bundle or f"{root}/eval_bundle",
     }
     return RunPlan(
         schema=SCHEMA, spec=spec, name=name, arch=a, params=p, flops_per_token=float(fpt),
         target_tokens=target, total_batch_size=batch, device_batch_size=dbs, grad_accum=accum,
-        optim=opt, stages=tuple(stages), total_flops=sum(s.flops for s in stages), estimate=est,
+        optim=opt, stages=tuple(stages), total_flops=sum(s.flops for s in trained), estimate=est,
         warnings=tuple(warnings), urls=urls,
     )
 
