@@ -1,0 +1,87 @@
+"""Shared test fixtures: a real S3 endpoint on loopback (moto's server) reached through s3fs.
+
+`s3_server` (session scope) yields an `S3Server`: `.endpoint_url`, `.storage_options` (the dict to pass
+as `storage_options=` to fsspec/s3fs and to our loaders), `.fs()` (an s3fs filesystem on it) and
+`.bucket(prefix)` (a fresh bucket, returned as an `s3://name` URL). Tests that stop the endpoint build
+their own `S3Server` so the shared one stays up; moto keeps its buckets in process memory, so objects
+survive a stop/start on the same port.
+
+Run: .venv/bin/pytest tests/test_data.py -v
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import pytest
+
+# Dummy credentials for moto; never real ones. Set before boto reads its environment.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+_bucket_ids = itertools.count()
+
+
+class S3Server:
+    """moto's ThreadedMotoServer on 127.0.0.1 that can be stopped and started again on the same port."""
+
+    def __init__(self, port: int = 0):
+        self.port = port
+        self._server = None
+
+    def start(self) -> "S3Server":
+        from moto.server import ThreadedMotoServer
+
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self._server.start()
+        self.port = self._server.get_host_and_port()[1]
+        return self
+
+    def stop(self) -> None:
+        """Stop serving and close the listening socket, so clients get 'connection refused'."""
+        if self._server is not None:
+            self._server.stop()
+            self._server._server.server_close()  # ThreadedMotoServer.stop() leaves the socket bound
+            self._server = None
+
+    @property
+    def running(self) -> bool:
+        return self._server is not None
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def storage_options(self) -> dict:
+        """s3fs options for this endpoint. Botocore's own retries are cut to one attempt so a test of
+        an outage sees the error at once instead of after botocore's backoff (seconds)."""
+        return {
+            "key": "testing",
+            "secret": "testing",
+            "endpoint_url": self.endpoint_url,
+            "config_kwargs": {"retries": {"max_attempts": 1, "mode": "standard"}},
+            "skip_instance_cache": True,
+        }
+
+    def fs(self):
+        import s3fs
+
+        return s3fs.S3FileSystem(**self.storage_options)
+
+    def bucket(self, prefix: str = "test") -> str:
+        """Create a fresh bucket and return its URL (`s3://<name>`)."""
+        name = f"{prefix}-{next(_bucket_ids)}-{os.getpid()}"
+        self.fs().mkdir(name)
+        return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    server = S3Server().start()
+    yield server
+    server.stop()

@@ -1,0 +1,737 @@
+"""Pretraining data: parquet shards at any fsspec URL -> BOS-aligned, best-fit packed (B, T) batches.
+
+Layout (nanochat/ClimbMix, reference/nanochat-facts.md §5): `<url>/shard_00000.parquet …`, one `text` column,
+row groups of 1024 documents, a shard closed at the first row-group boundary past ~250M characters, zstd
+level 3, no dictionary, no statistics. Sorted by name, the last shard is the validation split, the rest train.
+
+`PretrainLoader` (one per rank):
+- rank r of W reads row groups r, r+W, r+2W, … of every shard, epoch after epoch (each document is read by
+  exactly one rank per epoch);
+- only the `text` column chunk of a row group is fetched, with one ranged GET (`fs.cat_file`); fetching runs
+  ahead on I/O threads and tokenizing (tiktoken, numpy output, GIL released) on a producer thread, so both
+  overlap the training step;
+- packing follows the reference: every row of T+1 tokens starts at a document boundary (BOS); repeatedly
+  place the largest buffered document that fits whole, else crop the shortest one to fill the row (the rest
+  of it is dropped); the buffer is refilled to >= `buffer_size` documents (one row group at a time; the
+  reference refills in 128-document slices) before every placement;
+- exact resume, stricter than the reference (which skips ahead): `state_dict()` names the last row group
+  taken into the buffer and every buffered-but-unused document by (shard, row group, index). A loader built
+  with `state=` refetches those documents and continues with exactly the next batch. The state is small
+  JSON (a few KB) because it holds references, not tokens;
+- storage errors: s3fs/botocore retry what they retry; on top, each fetch is retried with exponential backoff
+  (`retries`, default 8 attempts over ~2 min), enough to ride out an object-store restart. A shard whose
+  bytes do not decode (truncated, corrupt, no `text` column) raises `ShardError` naming it, or with
+  `skip_corrupt=True` is skipped, logged and counted in `stats["skipped"]`.
+
+Writing: `ShardWriter` / `write_shards` (used by `llmctl data prepare`) and `build_sample_corpus` (`llmctl data
+sample`: a real-text corpus made offline from the docstrings installed with Python).
+"""
+
+from __future__ import annotations
+
+import ast
+import bisect
+import io
+import logging
+import math
+import os
+import queue
+import random
+import sys
+import sysconfig
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterable, Iterator
+
+import fsspec
+
+log = logging.getLogger(__name__)
+
+ROW_GROUP_DOCS = 1024  # documents per parquet row group (nanochat repackage_data_reference.py)
+SHARD_CHARS = 250_000_000  # a shard is closed at the first row-group boundary past this many characters
+SHARD_NAME = "shard_{:05d}.parquet"
+TEXT_COLUMN = "text"
+FOOTER_GUESS = 1 << 16  # bytes read from a shard's end to find its footer in one request (pyarrow does the same)
+
+
+class DataError(ValueError):
+    """Bad data location or loader configuration (one line, names the URL or field)."""
+
+
+class ShardError(DataError):
+    """A shard that cannot be decoded: truncated, corrupt or missing the text column."""
+
+
+class StorageError(OSError):
+    """Storage kept failing after every retry."""
+
+
+# --------------------------------------------------------------------------- storage
+def storage_options_from_env(env: dict | None = None) -> dict:
+    """s3fs options from the environment, so a custom endpoint (MinIO, moto, a cloud's S3 API) works in pods
+    and tests alike. Keys and region are read by botocore itself (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+    AWS_REGION); in pods they come from a Secret by reference."""
+    env = os.environ if env is None else env
+    endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+    return {"endpoint_url": endpoint} if endpoint else {}
+
+
+def filesystem(url: str, storage_options: dict | None = None):
+    """(fsspec filesystem, path without protocol) for `url`. Without explicit options, s3:// URLs get
+    `storage_options_from_env()`; other protocols get none."""
+    protocol = fsspec.core.split_protocol(url)[0] or "file"
+    if storage_options is None:
+        storage_options = storage_options_from_env() if protocol in ("s3", "s3a") else {}
+    fs, path = fsspec.core.url_to_fs(url, **storage_options)
+    return fs, path.rstrip("/") or path
+
+
+def list_shards(url: str, storage_options: dict | None = None) -> list[str]:
+    """URLs of the `*.parquet` shards directly under `url`, sorted by name."""
+    fs, root = filesystem(url, storage_options)
+    fs.invalidate_cache(root)
+    try:
+        names = fs.ls(root, detail=False)
+    except FileNotFoundError:
+        raise DataError(f"no data at {url} (build shards with `llmctl data prepare` or `llmctl data sample`)") from None
+    shards = sorted(os.path.basename(p) for p in names if p.endswith(".parquet"))
+    if not shards:
+        raise DataError(f"no .parquet shards under {url} (build some with `llmctl data prepare` or `llmctl data sample`)")
+    return [f"{url.rstrip('/')}/{name}" for name in shards]
+
+
+class _Missing(Exception):
+    """Raised by `_Sparse` when pyarrow asks for bytes not fetched yet: (start, end)."""
+
+
+class _Sparse:
+    """A read-only, seekable file of `size` bytes of which only some ranges are in memory. pyarrow decodes
+    from it; a read outside the ranges raises `_Missing` so the caller can fetch that range and retry. This
+    keeps network I/O (retried) apart from decoding (never retried: bad bytes stay bad)."""
+
+    def __init__(self, size: int, chunks: dict[int, bytes]):
+        self._size, self.chunks, self._pos, self.closed = size, chunks, 0, False
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return False
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self._pos = (offset, self._pos + offset, self._size + offset)[whence]
+        return self._pos
+
+    def read(self, n: int = -1) -> bytes:
+        end = self._size if n is None or n < 0 else min(self._size, self._pos + n)
+        for start, data in self.chunks.items():
+            if start <= self._pos and end <= start + len(data):
+                out = data[self._pos - start:end - start]
+                self._pos = end
+                return out
+        raise _Missing(self._pos, end)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class _Shards:
+    """Reads row groups of a fixed list of shards: footers cached, ranged fetches retried."""
+
+    def __init__(self, urls: list[str], storage_options, retries: int, backoff: float,
+                 on_retry: Callable[[str, BaseException, int], None] | None):
+        self.urls = urls
+        self.fs, _ = filesystem(urls[0], storage_options)
+        self.paths = [self.fs._strip_protocol(u) for u in urls]
+        self.retries, self.backoff, self.on_retry = max(1, retries), backoff, on_retry
+        self.retry_count = 0
+        self._footers: dict[int, tuple] = {}
+        self._lock = threading.Lock()
+
+    def _retry(self, fn: Callable, what: str):
+        delay = self.backoff
+        for attempt in range(1, self.retries + 1):
+            try:
+                return fn()
+            except (FileNotFoundError, PermissionError):
+                raise
+            except Exception as e:  # network and server errors: s3fs/botocore already retried what they know
+                if attempt == self.retries:
+                    raise StorageError(f"{what}: {type(e).__name__}: {e} (gave up after {attempt} attempts)") from e
+                self.retry_count += 1
+                log.warning("%s failed (%s: %s); retry %d/%d in %.1fs", what, type(e).__name__, e,
+                            attempt, self.retries - 1, delay)
+                if self.on_retry is not None:
+                    self.on_retry(what, e, attempt)
+                time.sleep(delay)
+                delay = min(delay * 2, 60.0)
+
+    def _decode(self, i: int, size: int, chunks: dict[int, bytes], fn: Callable):
+        """Run `fn(sparse_file)`, fetching whatever ranges pyarrow asks for; decode errors name the shard."""
+        for _ in range(16):
+            try:
+                return fn(_Sparse(size, chunks))
+            except _Missing as m:
+                start, end = m.args
+                chunks[start] = self._retry(lambda: self.fs.cat_file(self.paths[i], start, end), f"read {self.urls[i]}")
+            except (DataError, StorageError):
+                raise
+            except Exception as e:  # pyarrow: ArrowInvalid, OSError("... decompression failed"), ...
+                raise ShardError(f"corrupt or truncated shard {self.urls[i]}: {e}") from e
+        raise ShardError(f"shard {self.urls[i]}: reader kept asking for more byte ranges")
+
+    def footer(self, i: int):
+        """(size, footer chunk, parquet metadata, index of the text column) of shard i."""
+        with self._lock:
+            if i in self._footers:
+                return self._footers[i]
+        import pyarrow.parquet as pq
+
+        url = self.urls[i]
+        size = self._retry(lambda: self.fs.size(self.paths[i]), f"stat {url}")
+        if size < 12:
+            raise ShardError(f"corrupt or truncated shard {url}: only {size} bytes")
+        start = max(0, size - FOOTER_GUESS)
+        chunks = {start: self._retry(lambda: self.fs.cat_file(self.paths[i], start, size), f"read {url}")}
+        md = self._decode(i, size, chunks, lambda f: pq.ParquetFile(f).metadata)
+        names = md.schema.names
+        if TEXT_COLUMN not in names:
+            raise ShardError(f"shard {url} has no {TEXT_COLUMN!r} column (columns: {names})")
+        entry = (size, dict(chunks), md, names.index(TEXT_COLUMN))
+        with self._lock:
+            self._footers[i] = entry
+            while len(self._footers) > 8:
+                self._footers.pop(next(iter(self._footers)))
+        return entry
+
+    def num_row_groups(self, i: int) -> int:
+        return self.footer(i)[2].num_row_groups
+
+    def read_row_group(self, i: int, rg: int) -> list[str]:
+        """Texts of row group `rg` of shard `i` (None becomes "")."""
+        import pyarrow.parquet as pq
+
+        size, footer, md, col = self.footer(i)
+        if rg >= md.num_row_groups:
+            raise ShardError(f"shard {self.urls[i]} has {md.num_row_groups} row groups, no row group {rg}")
+        cc = md.row_group(rg).column(col)
+        start = cc.dictionary_page_offset if cc.has_dictionary_page and cc.dictionary_page_offset else cc.data_page_offset
+        end = start + cc.total_compressed_size
+        if not 0 <= start < end <= size:
+            raise ShardError(f"corrupt shard {self.urls[i]}: row group {rg} points at bytes {start}..{end} of {size}")
+        chunks = {**footer, start: self._retry(lambda: self.fs.cat_file(self.paths[i], start, end),
+                                               f"read {self.urls[i]} row group {rg}")}
+        texts = self._decode(i, size, chunks, lambda f: pq.ParquetFile(f, metadata=md)
+                             .read_row_group(rg, columns=[TEXT_COLUMN]).column(0).to_pylist())
+        return [t if t is not None else "" for t in texts]
+
+
+# --------------------------------------------------------------------------- packing buffer
+class DocBuffer:
+    """Documents waiting to be packed, ordered by (length, arrival) for best-fit in O(log n).
+
+    `pop_fit(space)` = the longest document with length <= space, earliest-arrived among equal lengths;
+    `pop_shortest()` = the shortest, earliest-arrived among equal lengths. Both match a linear scan over an
+    arrival-ordered list with strict `>`/`<` comparisons, i.e. the reference's choices exactly.
+    Items are (seq, payload, ref); `length(payload)` is its packed length."""
+
+    def __init__(self, length: Callable = len):
+        self._keys: list[tuple[int, int]] = []
+        self._items: dict[int, tuple] = {}
+        self._seq = 0
+        self._length = length
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def add(self, payload, ref) -> None:
+        self.put_back((self._seq, payload, ref))
+        self._seq += 1
+
+    def put_back(self, item: tuple) -> None:
+        seq, payload, ref = item
+        self._items[seq] = (payload, ref)
+        bisect.insort(self._keys, (self._length(payload), seq))
+
+    def _pop(self, j: int) -> tuple:
+        _, seq = self._keys.pop(j)
+        payload, ref = self._items.pop(seq)
+        return seq, payload, ref
+
+    def pop_fit(self, space: int) -> tuple | None:
+        i = bisect.bisect_right(self._keys, (space, math.inf)) - 1
+        if i < 0:
+            return None
+        return self._pop(bisect.bisect_left(self._keys, (self._keys[i][0], -1)))
+
+    def pop_shortest(self) -> tuple:
+        return self._pop(0)
+
+    def refs(self) -> list:
+        """Refs of the buffered items in arrival order."""
+        return [self._items[s][1] for s in sorted(self._items)]
+
+
+# --------------------------------------------------------------------------- the loader
+_END = object()
+
+
+class PretrainLoader:
+    """Yields `(inputs, targets)` LongTensors of shape (batch_size, seq_len); see the module docstring."""
+
+    def __init__(self, url: str, tokenizer, *, batch_size: int, seq_len: int, rank: int = 0, world_size: int = 1,
+                 split: str = "train", device="cpu", state: dict | None = None, storage_options: dict | None = None,
+                 buffer_size: int = 1000, tokenizer_threads: int = 4, prefetch: int = 4, io_threads: int = 2,
+                 epochs: int | None = None, retries: int = 8, retry_backoff: float = 1.0,
+                 on_retry: Callable[[str, BaseException, int], None] | None = None, skip_corrupt: bool = False):
+        for name, value, low in (("batch_size", batch_size, 1), ("seq_len", seq_len, 1), ("world_size", world_size, 1),
+                                 ("buffer_size", buffer_size, 1), ("prefetch", prefetch, 1), ("io_threads", io_threads, 1)):
+            if not isinstance(value, int) or value < low:
+                raise DataError(f"{name} must be an integer >= {low}, got {value!r}")
+        if not 0 <= rank < world_size:
+            raise DataError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        if split not in ("train", "val"):
+            raise DataError(f"split must be 'train' or 'val', got {split!r}")
+        if epochs is not None and epochs < 1:
+            raise DataError(f"epochs must be >= 1 or None (forever), got {epochs}")
+        shards = list_shards(url, storage_options)
+        if split == "val":
+            shards = shards[-1:]
+        elif len(shards) < 2:
+            raise DataError(f"{url} has {len(shards)} shard; need >= 2 (the last one is the validation split)")
+        else:
+            shards = shards[:-1]
+        self.url, self.tokenizer, self.split = url, tokenizer, split
+        self.B, self.T, self.rank, self.world_size = batch_size, seq_len, rank, world_size
+        self.buffer_size, self.tokenizer_threads, self.prefetch, self.epochs = buffer_size, tokenizer_threads, prefetch, epochs
+        self.skip_corrupt = skip_corrupt
+        self.bos = tokenizer.bos_id
+        self._shards = _Shards(shards, storage_options, retries, retry_backoff, on_retry)
+        self._names = [os.path.basename(u) for u in shards]
+        self._io = ThreadPoolExecutor(io_threads, thread_name_prefix="shard-io")
+        self._encode = getattr(tokenizer, "encode_batch_arrays", None) or (
+            lambda texts, num_threads: tokenizer.encode_batch(texts, num_threads=num_threads))
+        self._buffer = DocBuffer(length=lambda a: len(a) + 1)  # +1: the BOS written in front
+        self._after: tuple[int, int, int] | None = None  # (epoch, shard, row group) last taken into the buffer
+        self._exhausted = False
+        self._queue: queue.Queue | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.batches = 0
+        self.wait_seconds = 0.0  # time __next__ spent waiting for data (metric llmctl_data_wait_seconds_total)
+        self.stats = {"docs": 0, "tokens": 0, "cropped_tokens": 0, "row_groups": 0, "skipped": []}
+        import torch
+
+        self._torch = torch
+        self.device = torch.device(device)
+        if state is not None:
+            self._restore(state)
+
+    # ----------------------------------------------------------- state
+    @property
+    def epoch(self) -> int:
+        return self._after[0] if self._after else 1
+
+    def state_dict(self) -> dict:
+        """JSON-serialisable position after the last yielded batch."""
+        runs: list[list] = []
+        for s, rg, j in self._buffer.refs():
+            if runs and runs[-1][0] == self._names[s] and runs[-1][1] == rg:
+                runs[-1][2].append(j)
+            else:
+                runs.append([self._names[s], rg, [j]])
+        after = None if self._after is None else [self._after[0], self._names[self._after[1]], self._after[2]]
+        return {"kind": "pretrain", "version": 1, "split": self.split, "rank": self.rank,
+                "world_size": self.world_size, "after": after, "buffer": runs, "batches": self.batches,
+                "skipped": list(self.stats["skipped"])}
+
+    def _restore(self, state: dict) -> None:
+        if state.get("kind") != "pretrain" or state.get("version") != 1:
+            raise DataError(f"not a pretraining loader state (kind={state.get('kind')!r}, version={state.get('version')!r})")
+        for key in ("split", "rank", "world_size"):
+            if state[key] != getattr(self, key):
+                raise DataError(f"loader state is for {key}={state[key]!r}, this loader has {getattr(self, key)!r}")
+        index = {n: i for i, n in enumerate(self._names)}
+
+        def shard(name: str) -> int:
+            if name not in index:
+                raise DataError(f"loader state refers to shard {name}, which is not in the {self.split} split of {self.url}")
+            return index[name]
+
+        if state["after"] is not None:
+            epoch, name, rg = state["after"]
+            self._after = (epoch, shard(name), rg)
+        wanted = [(shard(name), rg, docs) for name, rg, docs in state["buffer"]]
+        groups = list(dict.fromkeys((s, rg) for s, rg, _ in wanted))
+        texts = dict(zip(groups, self._io.map(lambda g: self._shards.read_row_group(*g), groups)))
+        for s, rg, docs in wanted:
+            arrays = self._encode([texts[(s, rg)][j] for j in docs], num_threads=self.tokenizer_threads)
+            for j, a in zip(docs, arrays):
+                self._buffer.add(a, (s, rg, j))
+        self.batches = state["batches"]
+        self.stats["skipped"] = list(state.get("skipped", []))
+
+    # ----------------------------------------------------------- reading (producer thread)
+    def _positions(self, after) -> Iterator[tuple[int, int, int]]:
+        """(epoch, shard, row group) this rank reads next, strictly after `after`."""
+        W, r = self.world_size, self.rank
+        epoch, s0, rg0 = after if after else (1, 0, None)
+        while self.epochs is None or epoch <= self.epochs:
+            full_pass, found = s0 == 0 and rg0 is None, False
+            for s in range(s0, len(self._names)):
+                try:
+                    n = self._shards.num_row_groups(s)
+                except ShardError as e:
+                    if not self.skip_corrupt:
+                        raise
+                    self._skip(e, epoch, s, -1)
+                    continue
+                first = r if rg0 is None or s != s0 else rg0 + W
+                for rg in range(first, n, W):
+                    found = True
+                    yield epoch, s, rg
+            if full_pass and not found:
+                raise DataError(f"rank {r} of {W} gets no row groups from the {self.split} split of {self.url}: "
+                                f"use more/smaller row groups or fewer ranks")
+            epoch, s0, rg0 = epoch + 1, 0, None
+
+    def _skip(self, error: Exception, epoch: int, s: int, rg: int) -> None:
+        """Log and count an undecodable shard (rg = -1) or row group, once per location."""
+        entry = [self._names[s], rg]
+        if entry not in self.stats["skipped"]:
+            log.warning("skipping %s%s: %s", self._names[s], f" row group {rg}" if rg >= 0 else "", error)
+            self.stats["skipped"].append(entry)
+
+    def _produce(self, after) -> None:
+        q, stop = self._queue, self._stop
+
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        try:
+            positions = self._positions(after)
+            pending: deque = deque()
+            while True:
+                while len(pending) < self.prefetch:
+                    pos = next(positions, None)
+                    if pos is None:
+                        break
+                    pending.append((pos, self._io.submit(self._shards.read_row_group, pos[1], pos[2])))
+                if not pending:
+                    put(_END)
+                    return
+                pos, fut = pending.popleft()
+                try:
+                    arrays = self._encode(fut.result(), num_threads=self.tokenizer_threads)
+                except ShardError as e:
+                    if not self.skip_corrupt:
+                        raise
+                    self._skip(e, pos[0], pos[1], pos[2])
+                    arrays = None
+                if not put((pos, arrays)):
+                    return
+        except BaseException as e:  # handed to the consumer, raised there with its own message
+            put(e)
+
+    def _take_row_group(self) -> None:
+        if self._thread is None:
+            self._queue = queue.Queue(maxsize=self.prefetch)
+            self._thread = threading.Thread(target=self._produce, args=(self._after,), daemon=True,
+                                            name=f"loader-{self.split}-r{self.rank}")
+            self._thread.start()
+        t0 = time.perf_counter()
+        item = self._queue.get()
+        self.wait_seconds += time.perf_counter() - t0
+        if item is _END:
+            self._exhausted = True
+            return
+        if isinstance(item, BaseException):
+            self._queue.put(item)  # keep failing on every call, not just the first
+            raise item
+        (epoch, s, rg), arrays = item
+        self._after = (epoch, s, rg)
+        for j, a in enumerate(arrays or ()):
+            self._buffer.add(a, (s, rg, j))
+        self.stats["row_groups"] += 1
+
+    # ----------------------------------------------------------- packing (caller's thread)
+    def __iter__(self) -> "PretrainLoader":
+        return self
+
+    def __next__(self):
+        import numpy as np
+
+        cap = self.T + 1
+        rows = np.empty((self.B, cap), dtype=np.int64)
+        taken: list[tuple] = []
+        try:
+            for r in range(self.B):
+                pos = 0
+                while pos < cap:
+                    while len(self._buffer) < self.buffer_size and not self._exhausted:
+                        self._take_row_group()
+                    if not len(self._buffer):
+                        raise StopIteration  # finite epochs: the partial batch is dropped
+                    space = cap - pos
+                    item = self._buffer.pop_fit(space) or self._buffer.pop_shortest()
+                    taken.append(item)
+                    doc = item[1]
+                    n = min(len(doc) + 1, space)
+                    rows[r, pos] = self.bos
+                    rows[r, pos + 1:pos + n] = doc[:n - 1]
+                    self.stats["cropped_tokens"] += len(doc) + 1 - n
+                    pos += n
+        except BaseException:
+            for item in taken:  # leave the buffer as it was, so state_dict() still skips nothing
+                self._buffer.put_back(item)
+            raise
+        self.batches += 1
+        self.stats["docs"] += len(taken)
+        self.stats["tokens"] += self.B * self.T
+        return self._to_device(rows)
+
+    def _to_device(self, rows):
+        torch = self._torch
+        x = torch.from_numpy(rows[:, :-1].copy())
+        y = torch.from_numpy(rows[:, 1:].copy())
+        if self.device.type == "cuda":  # pinned staging, asynchronous copy (the step overlaps it)
+            return (x.pin_memory().to(self.device, non_blocking=True),
+                    y.pin_memory().to(self.device, non_blocking=True))
+        if self.device.type != "cpu":
+            return x.to(self.device), y.to(self.device)
+        return x, y
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self._io.shutdown(wait=False, cancel_futures=True)
+
+    def __enter__(self) -> "PretrainLoader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self._stop.set()
+        except AttributeError:
+            pass
+
+
+# --------------------------------------------------------------------------- writing shards
+class ShardWriter:
+    """Writes documents as `shard_NNNNN.parquet` files in the reference layout.
+
+    A shard is closed at the first multiple of `row_group_size` documents past `shard_chars` characters. If
+    everything fits in one shard, `close()` writes the last tenth of the documents (at least one) as a
+    second shard, so there is always a validation split. Each file is written whole (`.tmp`, then renamed)."""
+
+    def __init__(self, out_url: str, *, shard_chars: int = SHARD_CHARS, row_group_size: int = ROW_GROUP_DOCS,
+                 storage_options: dict | None = None):
+        if shard_chars < 1 or row_group_size < 1:
+            raise DataError(f"shard_chars and row_group_size must be >= 1, got {shard_chars}, {row_group_size}")
+        self.out_url = out_url.rstrip("/")
+        self.fs, self.root = filesystem(out_url, storage_options)
+        self.fs.makedirs(self.root, exist_ok=True)
+        self.shard_chars, self.row_group_size = shard_chars, row_group_size
+        self._docs: list[str] = []
+        self._chars = 0
+        self.written: list[str] = []
+        self.docs = 0
+        self.chars = 0
+
+    def add(self, text: str) -> None:
+        self._docs.append(text)
+        self._chars += len(text)
+        self.docs += 1
+        self.chars += len(text)
+        if self._chars >= self.shard_chars and len(self._docs) % self.row_group_size == 0:
+            self._flush(self._docs)
+            self._docs, self._chars = [], 0
+
+    def _flush(self, docs: list[str]) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        buf = io.BytesIO()
+        pq.write_table(pa.table({TEXT_COLUMN: pa.array(docs, type=pa.string())}), buf,
+                       row_group_size=self.row_group_size, use_dictionary=False, compression="zstd",
+                       compression_level=3, write_statistics=False)
+        name = SHARD_NAME.format(len(self.written))
+        tmp, final = f"{self.root}/{name}.tmp", f"{self.root}/{name}"
+        self.fs.pipe_file(tmp, buf.getvalue())
+        self.fs.mv(tmp, final)
+        self.written.append(f"{self.out_url}/{name}")
+
+    def close(self) -> list[str]:
+        docs, self._docs = self._docs, []
+        if not self.written:
+            if len(docs) < 2:
+                raise DataError(f"need >= 2 documents to make a train and a val shard, got {len(docs)}")
+            k = max(1, len(docs) // 10)
+            self._flush(docs[:-k])
+            docs = docs[-k:]
+        if docs:
+            self._flush(docs)
+        return list(self.written)
+
+
+def write_shards(texts: Iterable[str], out_url: str, *, shard_chars: int = SHARD_CHARS,
+                 row_group_size: int = ROW_GROUP_DOCS, storage_options: dict | None = None,
+                 max_docs: int | None = None, show_progress: bool = False, total: int | None = None) -> list[str]:
+    """Write `texts` as shards under `out_url`; returns the shard URLs."""
+    writer = ShardWriter(out_url, shard_chars=shard_chars, row_group_size=row_group_size,
+                         storage_options=storage_options)
+    with _progress(show_progress, "writing shards", total) as advance:
+        for i, text in enumerate(texts):
+            if max_docs is not None and i >= max_docs:
+                break
+            writer.add(text)
+            advance(1)
+        return writer.close()
+
+
+def iter_source_texts(source: str, *, text_column: str = TEXT_COLUMN, split: str = "train",
+                      config: str | None = None, storage_options: dict | None = None) -> Iterator[str]:
+    """Texts from files (jsonl/json/parquet/txt; a file or a directory, local or at an fsspec URL) or from a
+    Hugging Face dataset name, streamed through `datasets` (nothing cached to disk). A .txt file is one
+    document."""
+    import datasets
+
+    builders = {".jsonl": "json", ".json": "json", ".gz": "json", ".parquet": "parquet", ".txt": "text"}
+    if "://" in source or os.path.exists(source):
+        fs, root = filesystem(source, storage_options)
+        if fs.isfile(root):
+            files = [root]
+        elif fs.isdir(root):
+            files = sorted(p for p in fs.find(root) if os.path.splitext(p)[1] in builders)
+        else:
+            raise DataError(f"{source}: no such file or directory")
+        kinds = {builders.get(os.path.splitext(f)[1]) for f in files}
+        if not files or None in kinds:
+            raise DataError(f"{source}: expected .jsonl/.json/.parquet/.txt files")
+        if len(kinds) != 1:
+            raise DataError(f"{source}: mixed file types {sorted(kinds)}; prepare one kind at a time")
+        kind = kinds.pop()
+        remote = "://" in source and not source.startswith("file://")
+        ds = datasets.load_dataset(kind, data_files=[fs.unstrip_protocol(f) if remote else f for f in files],
+                                   split="train", streaming=True,
+                                   storage_options=fs.storage_options if remote else None,
+                                   **({"sample_by": "document"} if kind == "text" else {}))
+    else:  # a dataset on the Hugging Face Hub, e.g. HuggingFaceFW/fineweb-edu
+        ds = datasets.load_dataset(source, config, split=split, streaming=True)
+    for row in ds:
+        if text_column not in row:
+            raise DataError(f"{source}: rows have no {text_column!r} column (columns: {sorted(row)}); use --text-column")
+        if row[text_column]:
+            yield row[text_column]
+
+
+# --------------------------------------------------------------------------- the offline sample corpus
+def iter_python_docs(include_site_packages: bool = True) -> Iterator[str]:
+    """Real English technical text that every Python install carries: the standard library's docstrings
+    (one document per module, class with its methods, or function), pydoc's topic pages, then the docstrings
+    of installed packages. Deterministic for a given installation."""
+    paths = sysconfig.get_paths()
+    roots = [paths["stdlib"]]
+    if include_site_packages:
+        roots += sorted({paths["purelib"], paths["platlib"]} - {paths["stdlib"]})
+    skip = {"site-packages", "dist-packages", "test", "tests", "idlelib", "__pycache__", "turtledemo"}
+    for n, root in enumerate(roots):
+        for d, dirs, files in os.walk(root):
+            dirs[:] = sorted(x for x in dirs if x not in skip and not x.endswith((".dist-info", ".egg-info")))
+            for f in sorted(files):
+                if f.endswith(".py"):
+                    yield from _docs_of(os.path.join(d, f), os.path.relpath(os.path.join(d, f), root))
+        if n == 0:
+            try:
+                from pydoc_data.topics import topics
+            except ImportError:
+                topics = {}
+            for name in sorted(topics):
+                yield f"{name}\n\n{topics[name].strip()}"
+
+
+def _docs_of(path: str, rel: str) -> Iterator[str]:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            tree = ast.parse(fh.read())
+    except (SyntaxError, UnicodeDecodeError, ValueError, OSError, RecursionError):
+        return
+    module = rel[:-3].replace(os.sep, ".").removesuffix(".__init__")
+    if doc := ast.get_docstring(tree):
+        yield f"Module {module}\n\n{doc}"
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and (doc := ast.get_docstring(node)):
+            yield f"{module}.{node.name}({_args(node)})\n\n{doc}"
+        elif isinstance(node, ast.ClassDef):
+            parts = [f"class {module}.{node.name}\n\n{ast.get_docstring(node) or ''}".rstrip()]
+            for sub in node.body:
+                if isinstance(sub, (ast.FunctionDef, ast.AsyncFunctionDef)) and (doc := ast.get_docstring(sub)):
+                    parts.append(f"{node.name}.{sub.name}({_args(sub)}):\n{doc}")
+            if len(parts) > 1 or ast.get_docstring(node):
+                yield "\n\n".join(parts)
+
+
+def _args(fn) -> str:
+    return ", ".join(a.arg for a in fn.args.posonlyargs + fn.args.args + fn.args.kwonlyargs)
+
+
+def build_sample_corpus(out_url: str, *, mb: float = 8.0, shards: int = 4, row_group_size: int = ROW_GROUP_DOCS,
+                        seed: int = 42, storage_options: dict | None = None, show_progress: bool = False) -> list[str]:
+    """Write ~`mb` MB (1e6 characters per MB) of Python documentation text as >= 2 shards under `out_url`,
+    shuffled (so train and val come from the same mix); returns the shard URLs."""
+    if mb <= 0 or shards < 2:
+        raise DataError(f"need mb > 0 and shards >= 2, got mb={mb}, shards={shards}")
+    budget = int(mb * 1e6)
+    docs, chars = [], 0
+    with _progress(show_progress, "collecting Python docs", budget) as advance:
+        for doc in iter_python_docs():
+            docs.append(doc)
+            chars += len(doc)
+            advance(len(doc))
+            if chars >= budget:
+                break
+    if chars < budget:
+        log.warning("only %.1f MB of documentation text found (asked for %.1f MB)", chars / 1e6, mb)
+    random.Random(seed).shuffle(docs)
+    return write_shards(docs, out_url, shard_chars=max(1, math.ceil(chars / shards)), row_group_size=row_group_size,
+                        storage_options=storage_options, show_progress=show_progress, total=len(docs))
+
+
+class _progress:
+    """A rich progress bar on stderr when asked (and a no-op otherwise); `advance(n)` inside the block."""
+
+    def __init__(self, show: bool, what: str, total: int | None):
+        self.show, self.what, self.total, self._p = show, what, total, None
+
+    def __enter__(self) -> Callable[[int], None]:
+        if not self.show:
+            return lambda n: None
+        from rich.console import Console
+        from rich.progress import Progress
+
+        self._p = Progress(console=Console(file=sys.stderr), transient=False)
+        self._p.start()
+        task = self._p.add_task(self.what, total=self.total)
+        return lambda n: self._p.advance(task, n)
+
+    def __exit__(self, *exc) -> None:
+        if self._p is not None:
+            self._p.stop()

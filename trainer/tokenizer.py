@@ -1,0 +1,263 @@
+"""BPE tokenizer: trained with rustbpe, served by tiktoken, stored as text/JSON at any fsspec URL.
+
+The recipe is nanochat's (reference/nanochat-facts.md §6):
+- byte-level BPE with the GPT-4 split pattern, except digit runs split in chunks of 1-2 (`\\p{N}{1,2}`,
+  GPT-4 uses 1-3; nanochat LOG 2026-01-13: d12 val_bpb 0.965 for {1,2} vs 0.972 for {1,3});
+- vocab 32,768 = 256 byte tokens + merges + the nine special tokens appended at the end of the id space;
+- pretraining uses only BOS, prepended to every document; the other eight delimit chat turns and tool calls.
+
+Storage (DESIGN.md §3), a directory URL holding three text files; `tokenizer.json` is written last and names
+the SHA-256 of the other two, so a half-written directory fails to load instead of loading wrong:
+    tokenizer.tiktoken   one `base64(token_bytes) rank` line per mergeable token (tiktoken's own format)
+    token_bytes.json     raw UTF-8 byte length of every id, 0 for specials (the bpb denominator)
+    tokenizer.json       format, split pattern, special tokens -> ids, vocab size, checksums
+Nothing is pickled (the reference pickles the tiktoken Encoding; we never unpickle from storage).
+
+Chat rendering (`render_conversation`) returns token ids and a 0/1 loss mask with the reference's rules:
+BOS and user turns 0; `<|assistant_start|>` 0; assistant text, python tool calls and `<|assistant_end|>` 1;
+tool outputs (`<|output_start|> … <|output_end|>`) 0; a leading system message is merged into the first
+user message with a blank line.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import hashlib
+import json
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterable
+
+import tiktoken
+
+SPECIAL_TOKENS = (
+    "<|bos|>",  # starts every document (pretraining) and every conversation (SFT)
+    "<|user_start|>", "<|user_end|>",
+    "<|assistant_start|>", "<|assistant_end|>",
+    "<|python_start|>", "<|python_end|>",  # the assistant calls the python tool
+    "<|output_start|>", "<|output_end|>",  # the tool's output, fed back (never trained on)
+)
+
+# GPT-4 (cl100k) split pattern with digit runs in 1-2 chunks; source: nanochat/tokenizer.py SPLIT_PATTERN.
+SPLIT_PATTERN = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+)
+
+DEFAULT_VOCAB_SIZE = 32768  # 2**15, nanochat since 2026-01-07 (was 65,536)
+FORMAT = "llmctl-tokenizer/1"
+RANKS_FILE, BYTES_FILE, META_FILE = "tokenizer.tiktoken", "token_bytes.json", "tokenizer.json"
+
+
+class TokenizerError(ValueError):
+    """A tokenizer directory that is missing, incomplete or inconsistent (names the URL)."""
+
+
+class Tokenizer:
+    """A tiktoken `Encoding` plus the special-token conventions of the recipe."""
+
+    def __init__(self, mergeable_ranks: dict[bytes, int], pattern: str = SPLIT_PATTERN, name: str = "llmctl-bpe"):
+        if len(mergeable_ranks) < 256:
+            raise TokenizerError(f"a byte-level BPE needs >= 256 mergeable tokens, got {len(mergeable_ranks)}")
+        offset = len(mergeable_ranks)
+        self.name = name
+        self.pattern = pattern
+        self.mergeable_ranks = mergeable_ranks
+        self.special_tokens = {tok: offset + i for i, tok in enumerate(SPECIAL_TOKENS)}
+        self.enc = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=mergeable_ranks,
+                                     special_tokens=self.special_tokens)
+        self.bos_id = self.special_tokens["<|bos|>"]
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_size = 0
+
+    # ---------------------------------------------------------------- training
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE) -> "Tokenizer":
+        """Train a byte-level BPE of `vocab_size` ids in total (the nine specials included) with rustbpe.
+
+        A corpus too small to supply enough merges gives a smaller vocabulary (check `vocab_size`)."""
+        import rustbpe
+
+        n_mergeable = vocab_size - len(SPECIAL_TOKENS)
+        if n_mergeable < 256:
+            raise TokenizerError(f"vocab_size must be >= {256 + len(SPECIAL_TOKENS)} (256 bytes + 9 specials), "
+                                 f"got {vocab_size}")
+        trainer = rustbpe.Tokenizer()
+        trainer.train_from_iterator(iter(texts), n_mergeable, pattern=SPLIT_PATTERN)
+        ranks = {bytes(tok): rank for tok, rank in trainer.get_mergeable_ranks()}
+        return cls(ranks, trainer.get_pattern())
+
+    # ---------------------------------------------------------------- storage
+    def save(self, url: str, storage_options: dict | None = None) -> None:
+        """Write the three files under directory `url` (file://, s3://, memory://, plain path)."""
+        from trainer.data import filesystem
+
+        fs, root = filesystem(url, storage_options)
+        ranks = "".join(f"{base64.b64encode(tok).decode()} {rank}\n"
+                        for tok, rank in sorted(self.mergeable_ranks.items(), key=lambda kv: kv[1])).encode()
+        lengths = json.dumps(self.token_bytes()).encode()
+        meta = {
+            "format": FORMAT, "name": self.name, "pattern": self.pattern, "special_tokens": self.special_tokens,
+            "vocab_size": self.vocab_size, "bos_id": self.bos_id,
+            "sha256": {RANKS_FILE: hashlib.sha256(ranks).hexdigest(), BYTES_FILE: hashlib.sha256(lengths).hexdigest()},
+        }
+        fs.makedirs(root, exist_ok=True)
+        fs.pipe_file(f"{root}/{RANKS_FILE}", ranks)
+        fs.pipe_file(f"{root}/{BYTES_FILE}", lengths)
+        fs.pipe_file(f"{root}/{META_FILE}", json.dumps(meta, indent=1).encode())  # last: marks the set whole
+
+    @classmethod
+    def load(cls, url: str, storage_options: dict | None = None) -> "Tokenizer":
+        """Read a tokenizer written by `save`; checks format, checksums and that the ids line up."""
+        from trainer.data import filesystem
+
+        fs, root = filesystem(url, storage_options)
+        try:
+            meta = json.loads(fs.cat_file(f"{root}/{META_FILE}"))
+        except FileNotFoundError:
+            raise TokenizerError(f"no tokenizer at {url}: {META_FILE} missing "
+                                 "(train one with `llmctl tokenizer train`)") from None
+        if meta.get("format") != FORMAT:
+            raise TokenizerError(f"{url}/{META_FILE}: format {meta.get('format')!r}, expected {FORMAT!r}")
+        blobs = {}
+        for fname in (RANKS_FILE, BYTES_FILE):
+            try:
+                blobs[fname] = fs.cat_file(f"{root}/{fname}")
+            except FileNotFoundError:
+                raise TokenizerError(f"tokenizer at {url} is incomplete: {fname} missing") from None
+            if hashlib.sha256(blobs[fname]).hexdigest() != meta["sha256"][fname]:
+                raise TokenizerError(f"{url}/{fname} does not match the checksum in {META_FILE}")
+        ranks = {}
+        for line in blobs[RANKS_FILE].decode().splitlines():
+            tok, rank = line.split()
+            ranks[base64.b64decode(tok)] = int(rank)
+        tok = cls(ranks, meta["pattern"], meta.get("name", "llmctl-bpe"))
+        if tok.special_tokens != meta["special_tokens"] or tok.vocab_size != meta["vocab_size"]:
+            raise TokenizerError(f"{url}: special tokens/vocab size in {META_FILE} disagree with {RANKS_FILE}")
+        if json.loads(blobs[BYTES_FILE]) != tok.token_bytes():
+            raise TokenizerError(f"{url}/{BYTES_FILE} disagrees with the mergeable ranks")
+        return tok
+
+    # ---------------------------------------------------------------- encode / decode
+    @property
+    def vocab_size(self) -> int:
+        return self.enc.n_vocab
+
+    def encode_special(self, name: str) -> int:
+        try:
+            return self.special_tokens[name]
+        except KeyError:
+            raise KeyError(f"{name!r} is not a special token; they are {list(SPECIAL_TOKENS)}") from None
+
+    def encode(self, text: str, prepend_bos: bool = False) -> list[int]:
+        """Token ids of `text`. Special-token strings inside text are encoded as ordinary text."""
+        ids = self.enc.encode_ordinary(text)
+        return [self.bos_id, *ids] if prepend_bos else ids
+
+    def encode_batch(self, texts: list[str], prepend_bos: bool = False, num_threads: int = 4) -> list[list[int]]:
+        out = self.enc.encode_ordinary_batch(list(texts), num_threads=num_threads)
+        if prepend_bos:
+            out = [[self.bos_id, *ids] for ids in out]
+        return out
+
+    def encode_batch_arrays(self, texts: list[str], num_threads: int = 4) -> list:
+        """Like `encode_batch` but each result is a numpy uint32 array built in Rust: no Python int per token.
+        The data loader's path; ids equal `encode_batch`'s."""
+        encode = self._encode_array
+        if num_threads <= 1 or len(texts) < 2:
+            return [encode(t) for t in texts]
+        if self._pool is None or self._pool_size != num_threads:
+            if self._pool is not None:
+                self._pool.shutdown(wait=False)
+            self._pool = ThreadPoolExecutor(num_threads, thread_name_prefix="tokenize")
+            self._pool_size = num_threads
+        chunk = max(1, len(texts) // (4 * num_threads))
+        parts = [texts[i:i + chunk] for i in range(0, len(texts), chunk)]
+        return [a for part in self._pool.map(lambda p: [encode(t) for t in p], parts) for a in part]
+
+    def _encode_array(self, text: str):
+        try:
+            return self.enc.encode_to_numpy(text, disallowed_special=())
+        except UnicodeEncodeError:  # lone surrogates: tiktoken's own fallback, via the list path
+            import numpy as np
+
+            return np.asarray(self.enc.encode_ordinary(text), dtype=np.uint32)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids`; bytes that are not valid UTF-8 on their own (a split character) become U+FFFD."""
+        return self.enc.decode(list(ids))
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        return self.enc.decode_bytes(list(ids))
+
+    def token_bytes(self) -> list[int]:
+        """Raw byte length of every id (0 for the specials): the denominator of bits-per-byte."""
+        lengths = [0] * self.vocab_size
+        for tok, rank in self.mergeable_ranks.items():
+            lengths[rank] = len(tok)
+        return lengths
+
+    def __getstate__(self):  # in-memory hand-off (e.g. Ray) only; storage never holds a pickle
+        return {k: v for k, v in self.__dict__.items() if k != "_pool"} | {"_pool": None, "_pool_size": 0}
+
+    # ---------------------------------------------------------------- chat
+    def render_conversation(self, conversation: dict, max_tokens: int = 2048) -> tuple[list[int], list[int]]:
+        """Token ids and loss mask (1 = the assistant is trained on this token) of one conversation.
+
+        `conversation["messages"]` alternates user/assistant (an optional system message first). Assistant
+        content is a string or a list of parts {"type": "text"|"python"|"python_output", "text": ...}.
+        The result is cropped to `max_tokens`."""
+        messages = conversation["messages"]
+        if messages and messages[0]["role"] == "system":
+            if len(messages) < 2 or messages[1]["role"] != "user":
+                raise ValueError("a system message must be followed by a user message")
+            merged = copy.deepcopy(messages[1])
+            merged["content"] = messages[0]["content"] + "\n\n" + merged["content"]
+            messages = [merged, *messages[2:]]
+        if not messages:
+            raise ValueError("conversation has no messages")
+        sp = self.special_tokens
+        ids: list[int] = []
+        mask: list[int] = []
+
+        def add(tokens: list[int], m: int) -> None:
+            ids.extend(tokens)
+            mask.extend([m] * len(tokens))
+
+        add([self.bos_id], 0)
+        for i, msg in enumerate(messages):
+            want = "user" if i % 2 == 0 else "assistant"
+            if msg["role"] != want:
+                raise ValueError(f"message {i} is from {msg['role']!r}, expected {want!r} (turns alternate, user first)")
+            content = msg["content"]
+            if want == "user":
+                if not isinstance(content, str):
+                    raise ValueError(f"message {i}: user content must be a string")
+                add([sp["<|user_start|>"], *self.encode(content), sp["<|user_end|>"]], 0)
+                continue
+            add([sp["<|assistant_start|>"]], 0)
+            if isinstance(content, str):
+                add(self.encode(content), 1)
+            elif isinstance(content, list):
+                for part in content:
+                    kind, text = part["type"], self.encode(part["text"])
+                    if kind == "text":
+                        add(text, 1)
+                    elif kind == "python":
+                        add([sp["<|python_start|>"], *text, sp["<|python_end|>"]], 1)
+                    elif kind == "python_output":
+                        add([sp["<|output_start|>"], *text, sp["<|output_end|>"]], 0)
+                    else:
+                        raise ValueError(f"message {i}: unknown part type {kind!r}")
+            else:
+                raise ValueError(f"message {i}: assistant content must be a string or a list of parts")
+            add([sp["<|assistant_end|>"]], 1)
+        return ids[:max_tokens], mask[:max_tokens]
+
+    def render_for_completion(self, conversation: dict) -> list[int]:
+        """Prompt ids for generation: the conversation without its last (assistant) message, then
+        `<|assistant_start|>`. Used by RL and generative evals."""
+        messages = list(conversation["messages"])
+        if not messages or messages[-1]["role"] != "assistant":
+            raise ValueError("render_for_completion needs a conversation that ends with an assistant message")
+        ids, _ = self.render_conversation({**conversation, "messages": messages[:-1]}, max_tokens=1 << 62)
+        return [*ids, self.special_tokens["<|assistant_start|>"]]
