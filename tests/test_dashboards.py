@@ -1,0 +1,152 @@
+"""Tests of the Grafana dashboards (charts/llmctl/dashboards/*.json), without a Grafana server (none is
+packaged here): structure and conventions (stable uid, `$datasource` and `$run` variables,
+`$__rate_interval`), the metric contract, PromQL syntax through promtool, the panels the issue asks for, and
+(once the chart exists) the ConfigMaps helm renders. Running every expression against a real Prometheus that
+scrapes a real run is tests/test_metrics.py's end-to-end test.
+
+Run: .venv/bin/pytest tests/test_dashboards.py -v
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.prom import dashboard_queries
+from trainer.metrics import METRIC_NAMES
+
+ROOT = Path(__file__).resolve().parent.parent
+DIR = ROOT / "charts/llmctl/dashboards"
+CHART = ROOT / "charts/llmctl"
+UIDS = {"overview.json": "llmctl-overview", "fleet.json": "llmctl-fleet"}  # stable: links and bookmarks use them
+DS = {"type": "prometheus", "uid": "${datasource}"}
+
+
+def load(name: str) -> dict:
+    return json.loads((DIR / name).read_text())
+
+
+def targets(d: dict):
+    for p in d["panels"]:
+        for t in p.get("targets", []):
+            yield p, t
+
+
+def names_used(d: dict) -> set[str]:
+    return {n for _, t in targets(d) for n in re.findall(r"\bllmctl_[a-z_]+\b", t["expr"])}
+
+
+def test_the_dashboards_are_exactly_overview_and_fleet_with_stable_uids():
+    assert {p.name for p in DIR.glob("*.json")} == set(UIDS)
+    for name, uid in UIDS.items():
+        d = load(name)
+        assert d["uid"] == uid and d["title"].startswith("llmctl / ") and "llmctl" in d["tags"]
+        assert d["refresh"] and d["schemaVersion"] >= 36 and d["editable"] is True
+        assert (DIR / name).read_text() == json.dumps(d, indent=2) + "\n", "keep the files formatted (indent 2)"
+
+
+@pytest.mark.parametrize("name", sorted(UIDS))
+def test_datasource_and_run_variables(name):
+    variables = {v["name"]: v for v in load(name)["templating"]["list"]}
+    assert set(variables) == {"datasource", "run"}
+    ds = variables["datasource"]
+    assert ds["type"] == "datasource" and ds["query"] == "prometheus"
+    run = variables["run"]
+    assert run["type"] == "query" and run["datasource"] == DS
+    assert run["query"]["query"] == run["definition"] == "label_values(llmctl_run_info, run)"
+
+
+@pytest.mark.parametrize("name", sorted(UIDS))
+def test_every_panel_and_target_uses_the_datasource_variable(name):
+    for p in load(name)["panels"]:
+        assert p["datasource"] == DS, p["title"]
+        assert p["targets"], p["title"]
+        for t in p["targets"]:
+            assert t["datasource"] == DS and t["expr"].strip(), p["title"]
+        assert len({t["refId"] for t in p["targets"]}) == len(p["targets"]), p["title"]
+
+
+@pytest.mark.parametrize("name", sorted(UIDS))
+def test_panels_have_unique_ids_and_do_not_overlap(name):
+    panels = load(name)["panels"]
+    assert len({p["id"] for p in panels}) == len(panels)
+    cells = set()
+    for p in panels:
+        g = p["gridPos"]
+        assert g["x"] >= 0 and g["x"] + g["w"] <= 24 and g["h"] > 0, p["title"]
+        mine = {(x, y) for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])}
+        assert not cells & mine, f"{p['title']} overlaps another panel"
+        cells |= mine
+
+
+@pytest.mark.parametrize("name", sorted(UIDS))
+def test_expressions_follow_the_contract(name):
+    """Only contract names; every selector filtered by $run; every range is $__rate_interval; every legend
+    label survives the expression's aggregation."""
+    for p, t in targets(load(name)):
+        expr, where = t["expr"], f"{name} '{p['title']}' {t['refId']}"
+        for metric in re.findall(r"\bllmctl_[a-z_]+\b", expr):
+            assert metric in METRIC_NAMES, f"{where}: {metric} is not a metric the exporter serves"
+        selectors = re.findall(r"\bllmctl_[a-z_]+(\{[^}]*\})?", expr)
+        assert selectors and all(s.startswith('{run=~"$run"') for s in selectors), f"{where}: filter by $run"
+        assert set(re.findall(r"\[([^\]]+)\]", expr)) <= {"$__rate_interval"}, f"{where}: use $__rate_interval"
+        kept = {lbl.strip() for grp in re.findall(r"\bby \(([^)]*)\)", expr) for lbl in grp.split(",")}
+        for label in re.findall(r"\{\{(\w+)\}\}", t.get("legendFormat", "")):
+            assert label in kept, f"{where}: legend uses {label}, which the aggregation drops"
+
+
+def test_overview_shows_what_the_issue_asks_for():
+    used = names_used(load("overview.json"))
+    want = {
+        "tokens/s": "llmctl_tokens_total", "MFU": "llmctl_mfu_ratio", "loss": "llmctl_train_loss",
+        "bpb": "llmctl_val_bpb", "progress": "llmctl_steps_total_planned", "ETA": "llmctl_eta_seconds",
+        "$ spent": "llmctl_cost_dollars", "estimate": "llmctl_cost_estimated_dollars", "cap": "llmctl_cost_cap_dollars",
+        "per-rank step time": "llmctl_step_seconds_count", "data-wait share": "llmctl_data_wait_seconds_total",
+    }
+    assert not {k for k, v in want.items() if v not in used}
+    per_rank = [t for p, t in targets(load("overview.json")) if p["title"] == "Step time per rank"]
+    assert per_rank and "rank)" in per_rank[0]["expr"]
+
+
+def test_fleet_shows_gpus_burn_and_mfu_per_run():
+    d = load("fleet.json")
+    exprs = {p["title"]: " ".join(t["expr"] for t in p["targets"]) for p in d["panels"]}
+    assert "count by (run) (llmctl_run_info" in exprs["GPUs per run"]
+    assert "deriv(llmctl_cost_dollars" in exprs["Burn rate per run ($/hour)"] and "* 3600" in exprs["Burn rate per run ($/hour)"]
+    assert "avg by (run) (llmctl_mfu_ratio" in exprs["MFU per run"]
+    run_var = {v["name"]: v for v in d["templating"]["list"]}["run"]
+    assert run_var["multi"] and run_var["includeAll"] and run_var["allValue"] == ".*"
+
+
+def test_every_expression_is_valid_promql(tmp_path):
+    """promtool parses every expression (variables substituted) as a recording rule, offline."""
+    from tests.tools import ensure_prometheus
+
+    ensure_prometheus()
+    queries = dashboard_queries(sorted(DIR.glob("*.json")), run="r", rate_interval="1m")
+    rules = {"groups": [{"name": "dashboards", "rules": [
+        {"record": f"dashboard:q{i}", "expr": expr} for i, (_, expr) in enumerate(queries)]}]}
+    f = tmp_path / "dashboards.rules.yaml"
+    f.write_text(yaml.safe_dump(rules))
+    out = subprocess.run([shutil.which("promtool"), "check", "rules", str(f)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"SUCCESS: {len(queries)} rules found" in out.stdout
+
+
+@pytest.mark.skipif(not (CHART / "Chart.yaml").exists(), reason="the chart (charts/llmctl/Chart.yaml) is not written yet")
+def test_helm_ships_each_dashboard_in_a_configmap_with_the_sidecar_label():
+    from tests.tools import ensure_helm
+
+    out = subprocess.run([str(ensure_helm()), "template", "llmctl", str(CHART)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    maps = [d for d in yaml.safe_load_all(out.stdout) if d and d.get("kind") == "ConfigMap"
+            and "grafana_dashboard" in (d["metadata"].get("labels") or {})]
+    shipped = [json.loads(v) for m in maps for k, v in (m.get("data") or {}).items() if k.endswith(".json")]
+    for name in UIDS:
+        assert load(name) in shipped, f"{name} is not shipped unchanged in a grafana_dashboard ConfigMap"
