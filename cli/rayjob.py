@@ -7,12 +7,12 @@ build a fresh cluster and resume from the last checkpoint, because the run name 
 is the same. `activeDeadlineSeconds` is the plan's estimate with a margin; `preRunningDeadlineSeconds` fails
 runs whose pods never start. With a Kueue queue the RayJob is created suspended and Kueue admits it.
 
-How the plan reaches the pod: the RunPlan JSON travels in the RayJob itself, as the runtime-env variable
-LLMCTL_PLAN_JSON (Ray sets it for the driver and every worker), and the entrypoint is
-`python -m trainer.launch --plan env:LLMCTL_PLAN_JSON`. Nothing is written to storage before the run starts,
-and `--dry-run` shows the complete truth. KubeRay hands the runtime env to `ray job submit` inside a
-double-quoted shell word (`strconv.Quote`), where `$` and backquotes would expand; the JSON is therefore
-written with those two characters as \\u0024 and \\u0060 escapes (plain JSON, decoded by json.loads).
+How the plan reaches the pod: inline, in the entrypoint, `python -m trainer.launch --plan-json '<RunPlan JSON>'`.
+Nothing is written to storage before the run starts, and `--dry-run` shows the complete truth. The string
+passes three shells unchanged: KubeRay runs `ray job submit ... -- <entrypoint>` under bash in the submitter
+pod (single quotes: every byte literal), `ray job submit` re-quotes the argv with shlex.join, and Ray's job
+supervisor runs it with `sh -c`. The JSON is ASCII with any `'` written as the JSON escape \u0027, so the
+single-quoted word never ends early (tests/test_rayjob.py pushes a plan through real bash, shlex and sh).
 
 Metrics: each training process serves Prometheus on 9400 + local_rank, declared as ports llm-m0..llm-m7 on
 worker pods; Ray's own metrics are on 8080 (every node) and 44217/44227 (head). The chart's PodMonitors
@@ -30,8 +30,7 @@ from cli.cluster import ClusterConfig
 from trainer.plan import GPUS, RunPlan
 
 API_VERSION = "ray.io/v1"
-PLAN_ENV = "LLMCTL_PLAN_JSON"
-ENTRYPOINT = f"python -m trainer.launch --plan env:{PLAN_ENV}"
+LAUNCH = "python -m trainer.launch"
 METRICS_PORT_BASE = 9400  # + local_rank; DESIGN.md §3
 RAY_METRICS_PORT = 8080  # KubeRay's default --metrics-export-port
 HEAD_PORTS = (("gcs-server", 6379), ("dashboard", 8265), ("client", 10001), ("metrics", RAY_METRICS_PORT),
@@ -69,10 +68,14 @@ def active_deadline_seconds(plan: RunPlan, cfg: ClusterConfig) -> int:
     return math.ceil(plan.estimate.total_hours * 3600 * cfg.deadline_factor) + cfg.deadline_slack_seconds
 
 
-def plan_env_value(plan: RunPlan) -> str:
-    """Compact ASCII JSON of the plan with `$` and backquote \\u-escaped (see the module docstring)."""
+def plan_argument(plan: RunPlan) -> str:
+    """The plan as one single-quoted shell word: compact ASCII JSON, `'` escaped as \\u0027."""
     text = json.dumps(plan.to_dict(), separators=(",", ":"), ensure_ascii=True)
-    return text.replace("$", "\\u0024").replace("`", "\\u0060")
+    return "'" + text.replace("'", "\\u0027") + "'"
+
+
+def entrypoint(plan: RunPlan) -> str:
+    return f"{LAUNCH} --plan-json {plan_argument(plan)}"
 
 
 def labels_for(plan: RunPlan, cfg: ClusterConfig, role: str | None = None) -> dict[str, str]:
@@ -234,10 +237,9 @@ def build_rayjob(plan: RunPlan, cfg: ClusterConfig, *, namespace: str, extra_env
     extra_env = dict(extra_env or {})
 
     labels = labels_for(plan, cfg)
-    runtime_env = {"env_vars": {PLAN_ENV: plan_env_value(plan),
-                                "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(WORKER_GROUP_START_TIMEOUT_S)}}
+    runtime_env = {"env_vars": {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(WORKER_GROUP_START_TIMEOUT_S)}}
     spec: dict = {
-        "entrypoint": ENTRYPOINT,
+        "entrypoint": entrypoint(plan),
         "runtimeEnvYAML": yaml.safe_dump(runtime_env, sort_keys=True, width=1 << 20),
         "submissionMode": "K8sJobMode",
         "submitterPodTemplate": submitter_template(plan, cfg),

@@ -1,0 +1,491 @@
+"""`llmctl submit | status | list | logs | cancel`: training runs on Kubernetes, as KubeRay RayJobs.
+
+A thin layer over the kubernetes client: each command parses, makes a few API calls and prints. Results go
+to stdout; the plan table, warnings and next steps go to stderr, so `-o json` output stays parseable.
+
+`submit` order of events, so that refusals create nothing (and make no request when the flags alone decide):
+flags and plan checked -> (dry-run: print and stop) -> cluster config read from the `llmctl-config`
+ConfigMap -> budget re-checked at the cluster's price -> plan table + confirmation -> one POST. `--local`
+hands over to `cli.local.run_local` (the laptop run), imported only then.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import sys
+
+from cli.cluster import (PROGRESS_ANNOTATION, ClusterConfig, add_cluster_args, connect, load_config_file,
+                         read_config, resolve_namespace)
+from cli.main import CLIError, UsageError
+from cli.plan import _hours, add_spec_args, render_table, spec_from_args
+from trainer.plan import RunSpec, plan
+
+GROUP, VERSION, PLURAL = "ray.io", "v1", "rayjobs"
+MANAGED = "app.kubernetes.io/managed-by=llmctl"
+LOCAL_STORAGE = next(f.default for f in dataclasses.fields(RunSpec) if f.name == "storage_root")
+
+
+def _say(*lines: str) -> None:
+    for line in lines:
+        print(line, file=sys.stderr)
+
+
+def _interactive() -> bool:
+    try:
+        return sys.stdin.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _confirm(question: str) -> bool:
+    print(f"{question} [y/N] ", end="", file=sys.stderr, flush=True)
+    return sys.stdin.readline().strip().lower() in ("y", "yes")
+
+
+def _require_yes(args, action: str) -> None:
+    """Never prompt off a terminal: without --yes there, refuse before touching the cluster."""
+    if not args.yes and not _interactive():
+        raise UsageError(f"{action}: stdin is not a terminal, so nobody can confirm; pass --yes")
+
+
+# ---------------------------------------------------------------------------------------------
+# submit
+
+
+def parse_env(pairs: list[str] | None) -> dict[str, str]:
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--env: expected KEY=VALUE, got {pair!r}")
+        out[key] = value
+    # same rules as the ConfigMap's env (names, no credentials by value)
+    ClusterConfig(env=out)
+    return out
+
+
+def apply_flags(cfg: ClusterConfig, args) -> ClusterConfig:
+    changes = {}
+    if args.image:
+        changes["image"] = args.image
+    if args.queue is not None:
+        changes["queue"] = args.queue or None  # --queue '' turns a configured queue off
+    return cfg.replace(**changes) if changes else cfg
+
+
+def render(args, cfg: ClusterConfig, namespace: str, extra_env: dict[str, str]):
+    """(plan, RayJob) for these flags on this cluster config; bad input raises UsageError/PlanError."""
+    from cli.rayjob import LayoutError, build_rayjob
+
+    price = args.price if args.price is not None else cfg.prices.get(args.gpu_type)
+    spec = spec_from_args(args, storage_root=args.storage or cfg.storage_root, price_per_gpu_hour=price,
+                          namespace=namespace, image=cfg.image, queue=cfg.queue)
+    p = plan(spec)
+    try:
+        return p, build_rayjob(p, cfg, namespace=namespace, extra_env=extra_env, ray_cluster=args.ray_cluster)
+    except (LayoutError, ValueError) as e:
+        raise UsageError(str(e)) from None
+
+
+def check_budget(p) -> None:
+    e, s = p.estimate, p.spec
+    if s.budget_cap is not None and not e.within_budget:
+        raise UsageError(
+            f"estimate ${e.total_dollars:,.2f} ({_hours(e.total_hours)} on {s.gpus} x {s.gpu_type} at "
+            f"${e.price_per_gpu_hour:.2f}/GPU-h) exceeds --max-cost ${s.budget_cap:,.2f}; nothing was submitted "
+            f"(raise --max-cost, or lower --depth or --ratio)")
+
+
+def dump_objects(objs: list[dict], fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps(objs[0] if len(objs) == 1 else {"apiVersion": "v1", "kind": "List", "items": objs},
+                          indent=2)
+    from cli.rayjob import to_yaml
+
+    return to_yaml(objs).rstrip("\n")
+
+
+def cmd_submit(args) -> int:
+    if args.local:
+        from cli.local import run_local
+
+        args.storage = args.storage or LOCAL_STORAGE
+        return run_local(args)
+    if args.depth is None:
+        raise UsageError("submit: --depth is required (or --local for the small run on this machine)")
+    extra_env = parse_env(args.env)
+    if not args.dry_run:
+        _require_yes(args, "submit")
+    file_cfg, warnings = load_config_file(args.cluster_config) if args.cluster_config else (None, [])
+    namespace = resolve_namespace(args)
+
+    # Everything the flags alone decide, before any request.
+    cfg = apply_flags(file_cfg or ClusterConfig(), args)
+    p, rayjob = render(args, cfg, namespace, extra_env)
+    if args.dry_run or args.price is not None or file_cfg is not None:
+        check_budget(p)  # otherwise the price may still come from the cluster's ConfigMap
+    if args.dry_run:
+        _say(*(f"warning: {w}" for w in warnings), render_table(p), "",
+             f"dry run: nothing was sent; the RayJob for namespace {namespace} follows")
+        print(dump_objects([rayjob], args.output or "yaml"))
+        return 0
+
+    kube = connect(args)
+    if file_cfg is None:
+        cluster_cfg, warnings = read_config(kube)
+        cfg = apply_flags(cluster_cfg, args)
+        p, rayjob = render(args, cfg, kube.namespace, extra_env)
+        check_budget(p)
+    _say(*(f"warning: {w}" for w in warnings), render_table(p), "")
+    e = p.estimate
+    if not args.yes and not _confirm(f"Submit {p.name} to namespace {kube.namespace}: {p.spec.gpus} x "
+                                     f"{p.spec.gpu_type} for about {_hours(e.total_hours)}, "
+                                     f"${e.total_dollars:,.2f}?"):
+        _say("not submitted; nothing was created")
+        return 1
+    created = kube.call(kube.custom.create_namespaced_custom_object, GROUP, VERSION, kube.namespace, PLURAL,
+                        rayjob, what=f"create RayJob {p.name}", verb="create", resource=PLURAL, name=p.name,
+                        group=GROUP)
+    if args.output:
+        print(dump_objects([created], args.output))
+    else:
+        print(f"rayjob.ray.io/{p.name} created in namespace {kube.namespace}")
+    ns = f" -n {kube.namespace}"
+    _say(f"next: llmctl status {p.name}{ns}   llmctl logs {p.name}{ns} -f   llmctl cancel {p.name}{ns}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# status and list: RayJob status in plain words
+
+FAILURE_REASONS = {
+    "DeadlineExceeded": "ran past its deadline (activeDeadlineSeconds, from the estimate with a margin)",
+    "PreRunningDeadlineExceeded": "its pods did not start in time (no free GPUs, a node selector no node "
+                                  "matches, or a slow image pull; see the pod events)",
+    "AppFailed": "the training program exited with an error (see llmctl logs)",
+    "SubmissionFailed": "the job could not be submitted to the Ray cluster (see llmctl logs)",
+    "JobStatusCheckTimeoutExceeded": "the Ray head stopped answering (head pod lost?)",
+    "JobDeploymentStatusTransitionGracePeriodExceeded": "the Ray job ended but the cluster did not settle",
+    "ValidationFailed": "KubeRay rejected the spec",
+}
+
+
+def describe(rj: dict) -> tuple[str, str]:
+    """(state, detail): the state is one of submitted, queued, starting, running, retrying, succeeded,
+    stopped, failed; the detail says why, in words (RayJob jobDeploymentStatus / jobStatus / reason)."""
+    st = rj.get("status") or {}
+    spec = rj.get("spec") or {}
+    dep, job, reason = st.get("jobDeploymentStatus") or "", st.get("jobStatus") or "", st.get("reason") or ""
+    message = (st.get("message") or "").strip()
+    queue = (rj.get("metadata", {}).get("labels") or {}).get("kueue.x-k8s.io/queue-name")
+    if dep in ("", "New"):
+        if spec.get("suspend") and queue:
+            return "queued", f"waiting for Kueue to admit it from queue {queue}"
+        return "submitted", "waiting for the KubeRay operator to pick it up (is it running?)"
+    if dep in ("Suspended", "Suspending"):
+        return "queued", (f"waiting for Kueue to admit it from queue {queue}" if queue else "suspended")
+    if dep == "Initializing":
+        return "starting", "creating the Ray cluster (pods scheduling, image pulling)"
+    if dep == "Waiting":
+        return "starting", "waiting for a job to be submitted (interactive mode)"
+    if dep == "Retrying":
+        failed = st.get("failed") or 0
+        return "retrying", (f"attempt {failed} of {1 + (spec.get('backoffLimit') or 0)} failed; a new Ray "
+                            f"cluster resumes from the last checkpoint")
+    if dep == "Running":
+        if job == "RUNNING":
+            return "running", f"training on Ray cluster {st.get('rayClusterName', '?')}"
+        return "starting", f"Ray cluster up, Ray job {job or 'not yet submitted'}"
+    if dep == "Complete":
+        if job == "SUCCEEDED":
+            return "succeeded", "all stages finished"
+        if job == "STOPPED":
+            return "stopped", "the Ray job was stopped"
+        return "failed", FAILURE_REASONS.get(reason, f"Ray job {job or 'ended'}") + (f": {message}" if message else "")
+    if dep in ("Failed", "ValidationFailed"):
+        why = FAILURE_REASONS.get(reason or dep, reason or "failed")
+        return "failed", why + (f": {message}" if message else "")
+    return dep.lower(), message or f"jobDeploymentStatus {dep}"
+
+
+def _parse_time(ts: str | None) -> datetime.datetime | None:
+    if not ts:
+        return None
+    return datetime.datetime.strptime(ts, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.timezone.utc)
+
+
+def _age(seconds: float) -> str:
+    for unit, div in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= div:
+            return f"{seconds / div:.0f}{unit}" if unit != "h" else f"{seconds / 3600:.1f}h"
+    return f"{seconds:.0f}s"
+
+
+def summary(rj: dict, now: datetime.datetime | None = None) -> dict:
+    """The status of one run as a flat dict (what `status -o json` prints and the table shows)."""
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    meta, st = rj.get("metadata") or {}, rj.get("status") or {}
+    labels, ann = meta.get("labels") or {}, meta.get("annotations") or {}
+    state, detail = describe(rj)
+
+    def num(key: str) -> float | None:
+        try:
+            return float(ann[key])
+        except (KeyError, ValueError):
+            return None
+
+    gpus = int(labels.get("llmctl.dev/gpus", "0") or 0)
+    price = num("llmctl.dev/price-per-gpu-hour")
+    start, end = _parse_time(st.get("startTime")), _parse_time(st.get("endTime"))
+    elapsed = ((end or now) - start).total_seconds() if start else None
+    out = {
+        "name": meta.get("name"), "namespace": meta.get("namespace"), "state": state, "detail": detail,
+        "depth": int(labels["llmctl.dev/depth"]) if "llmctl.dev/depth" in labels else None,
+        "gpus": gpus, "gpu_type": labels.get("llmctl.dev/gpu-type"),
+        "created": meta.get("creationTimestamp"), "started": st.get("startTime"), "ended": st.get("endTime"),
+        "elapsed_hours": None if elapsed is None else elapsed / 3600,
+        "estimate_hours": num("llmctl.dev/estimate-hours"), "estimate_dollars": num("llmctl.dev/estimate-dollars"),
+        "budget_cap_dollars": num("llmctl.dev/budget-cap-dollars"), "price_per_gpu_hour": price,
+        # GPU time paid so far at the plan's price: wall clock since the cluster started x GPUs x price
+        "spent_dollars": None if elapsed is None or price is None else elapsed / 3600 * gpus * price,
+        "storage": ann.get("llmctl.dev/storage"), "progress": None,
+    }
+    try:
+        out["progress"] = json.loads(ann[PROGRESS_ANNOTATION])
+    except (KeyError, ValueError):
+        pass
+    return out
+
+
+def _pods_line(pods: list[dict]) -> str | None:
+    """'head Running; worker 1 Running, 1 Pending (0/12 nodes are available: ...)'."""
+    by_role: dict[str, list[dict]] = {}
+    for pod in pods:
+        role = (pod["metadata"].get("labels") or {}).get("llmctl.dev/role", "other")
+        by_role.setdefault(role, []).append(pod)
+    parts = []
+    for role in ("head", "worker", "submitter"):
+        phases: dict[str, int] = {}
+        why = ""
+        for pod in by_role.get(role, []):
+            phase = (pod.get("status") or {}).get("phase", "Unknown")
+            phases[phase] = phases.get(phase, 0) + 1
+            for c in (pod.get("status") or {}).get("conditions") or []:
+                if c.get("type") == "PodScheduled" and c.get("status") == "False" and c.get("message"):
+                    why = f" ({c['message']})"
+        if phases:
+            parts.append(f"{role} " + ", ".join(f"{n} {ph}" for ph, n in sorted(phases.items())) + why)
+    return "; ".join(parts) or None
+
+
+def cmd_status(args) -> int:
+    kube = connect(args)
+    rj = kube.call(kube.custom.get_namespaced_custom_object, GROUP, VERSION, kube.namespace, PLURAL, args.run,
+                   what=f"get run {args.run}", verb="get", resource=PLURAL, name=args.run, group=GROUP)
+    s = summary(rj)
+    if s["state"] in ("submitted", "queued", "starting", "running", "retrying"):
+        pods = kube.call(kube.core.list_namespaced_pod, kube.namespace, label_selector=f"llmctl.dev/run={args.run}",
+                         what=f"list the pods of {args.run}", verb="list", resource="pods")
+        s["pods"] = _pods_line(kube.api_client.sanitize_for_serialization(pods).get("items", []))
+    if args.output == "json":
+        print(json.dumps(s, indent=2))
+        return 0
+    rows = [("run", f"{s['name']} (namespace {s['namespace']})"), ("state", f"{s['state']}: {s['detail']}")]
+    if s["depth"] is not None:
+        rows.append(("model", f"d{s['depth']} on {s['gpus']} x {s['gpu_type']}"))
+    if s.get("pods"):
+        rows.append(("pods", s["pods"]))
+    if s["started"]:
+        rows.append(("time", f"{_hours(s['elapsed_hours'])} since {s['started']}"
+                             + (f" (estimate {_hours(s['estimate_hours'])})" if s["estimate_hours"] else "")))
+    prog = s["progress"] or {}
+    if prog.get("step") is not None and prog.get("steps"):
+        line = f"{prog.get('stage', 'step')} step {prog['step']:,} / {prog['steps']:,} ({prog['step'] / prog['steps']:.0%})"
+        if prog.get("eta_seconds") is not None:
+            line += f", ETA {_hours(prog['eta_seconds'] / 3600)}"
+        rows.append(("progress", line + (f" (reported {prog['updated']})" if prog.get("updated") else "")))
+    cost = []
+    if prog.get("cost_dollars") is not None:
+        cost.append(f"${prog['cost_dollars']:,.2f} reported by the run")
+    elif s["spent_dollars"] is not None:
+        cost.append(f"${s['spent_dollars']:,.2f} so far ({s['gpus']} GPUs x ${s['price_per_gpu_hour']:.2f}/GPU-h "
+                    f"x wall clock)")
+    if s["estimate_dollars"] is not None:
+        cost.append(f"estimate ${s['estimate_dollars']:,.2f}")
+    if s["budget_cap_dollars"] is not None:
+        cost.append(f"cap ${s['budget_cap_dollars']:,.2f}")
+    if cost:
+        rows.append(("cost", ", ".join(cost)))
+    if s["storage"]:
+        rows.append(("storage", s["storage"]))
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+    return 0
+
+
+def cmd_list(args) -> int:
+    kube = connect(args)
+    if args.all_namespaces:
+        res = kube.call(kube.custom.list_cluster_custom_object, GROUP, VERSION, PLURAL, label_selector=MANAGED,
+                        what="list runs in all namespaces", verb="list", resource=PLURAL, group=GROUP)
+    else:
+        res = kube.call(kube.custom.list_namespaced_custom_object, GROUP, VERSION, kube.namespace, PLURAL,
+                        label_selector=MANAGED, what=f"list runs in namespace {kube.namespace}", verb="list",
+                        resource=PLURAL, group=GROUP)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    rows = sorted((summary(rj, now) for rj in res.get("items", [])), key=lambda s: s["created"] or "", reverse=True)
+    if args.output == "json":
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        _say(f"no runs in {'any namespace' if args.all_namespaces else 'namespace ' + kube.namespace}; "
+             f"start one with `llmctl submit --depth 12 --gpus 8`")
+        return 0
+    head = (["NAMESPACE"] if args.all_namespaces else []) + ["NAME", "STATE", "DEPTH", "GPUS", "AGE", "ESTIMATE"]
+    table = [head]
+    for s in rows:
+        created = _parse_time(s["created"])
+        table.append(([s["namespace"]] if args.all_namespaces else []) + [
+            s["name"], s["state"], f"d{s['depth']}" if s["depth"] is not None else "-",
+            f"{s['gpus']}x{s['gpu_type']}", _age((now - created).total_seconds()) if created else "-",
+            f"${s['estimate_dollars']:,.2f}" if s["estimate_dollars"] is not None else "-"])
+    widths = [max(len(r[i]) for r in table) for i in range(len(head))]
+    print("\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# logs and cancel
+
+
+def cmd_logs(args) -> int:
+    from cli.rayjob import CONTAINERS
+
+    kube = connect(args)
+    selector = f"llmctl.dev/run={args.run},llmctl.dev/role={args.role}"
+    pods = kube.call(kube.core.list_namespaced_pod, kube.namespace, label_selector=selector,
+                     what=f"find the {args.role} pod of {args.run}", verb="list", resource="pods")
+    items = kube.api_client.sanitize_for_serialization(pods).get("items", [])
+    if not items:
+        rj = kube.call(kube.custom.get_namespaced_custom_object, GROUP, VERSION, kube.namespace, PLURAL, args.run,
+                       what=f"get run {args.run}", verb="get", resource=PLURAL, name=args.run, group=GROUP)
+        state, detail = describe(rj)
+        raise CLIError(f"run {args.run} has no {args.role} pod yet ({state}: {detail}); "
+                       f"try again later, or `llmctl status {args.run}`")
+    # newest first: a retry makes new pods; the newest is the live attempt
+    items.sort(key=lambda p: (p["metadata"].get("creationTimestamp") or "", p["metadata"]["name"]), reverse=True)
+    pod = items[0]["metadata"]["name"]
+    if len(items) > 1:
+        _say(f"showing {pod}; {len(items) - 1} more {args.role} pod(s): "
+             + ", ".join(p["metadata"]["name"] for p in items[1:]))
+    kw = dict(container=CONTAINERS[args.role], follow=args.follow, _preload_content=False)
+    if args.tail is not None:
+        kw["tail_lines"] = args.tail
+    if args.follow:
+        kw["_request_timeout"] = (10, None)  # a follow may be quiet for a long time
+    resp = kube.call(kube.core.read_namespaced_pod_log, pod, kube.namespace, what=f"read the log of {pod}",
+                     verb="get", resource="pods/log", name=pod, **kw)
+    try:
+        for chunk in resp.stream(4096, decode_content=True):
+            sys.stdout.write(chunk.decode("utf-8", errors="replace"))
+            sys.stdout.flush()
+    finally:
+        resp.release_conn()
+    return 0
+
+
+def cmd_cancel(args) -> int:
+    _require_yes(args, "cancel")
+    kube = connect(args)
+    rj = kube.call(kube.custom.get_namespaced_custom_object, GROUP, VERSION, kube.namespace, PLURAL, args.run,
+                   what=f"get run {args.run}", verb="get", resource=PLURAL, name=args.run, group=GROUP)
+    labels = rj.get("metadata", {}).get("labels") or {}
+    if labels.get("app.kubernetes.io/managed-by") != "llmctl":
+        raise CLIError(f"RayJob {args.run} was not created by llmctl; delete it with kubectl if you mean to")
+    storage = (rj.get("metadata", {}).get("annotations") or {}).get("llmctl.dev/storage", "its storage")
+    if not args.yes and not _confirm(f"Cancel {args.run} in namespace {kube.namespace}? Its Ray cluster is "
+                                     f"deleted; checkpoints stay under {storage}."):
+        _say("not cancelled")
+        return 1
+    kube.call(kube.custom.delete_namespaced_custom_object, GROUP, VERSION, kube.namespace, PLURAL, args.run,
+              propagation_policy="Background", what=f"delete run {args.run}", verb="delete", resource=PLURAL,
+              name=args.run, group=GROUP)
+    print(f"rayjob.ray.io/{args.run} deleted in namespace {kube.namespace}")
+    _say(f"its Ray cluster and pods go with it; checkpoints stay under {storage}: submitting the same command "
+         f"again resumes from the last one")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsers
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "submit", help="plan a run, show its price, and start it on Kubernetes (or --local)",
+        description="Plan a run from --depth, show the plan and its price, and create a KubeRay RayJob for it. "
+        "Cluster defaults come from the llmctl-config ConfigMap in the namespace; flags override them.",
+        epilog="Examples:\n  llmctl submit --depth 26 --gpus 8\n  llmctl submit --depth 26 --gpus 8 --dry-run -o yaml\n"
+        "  llmctl submit --depth 20 --gpus 16 --max-cost 200 --yes\n  llmctl submit --local",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_spec_args(p)
+    for action in p._actions:  # --local needs no depth: it plans its own small model
+        if action.dest == "depth":
+            action.required = False
+    p.set_defaults(storage=None)  # default: the cluster config's storageRoot (the local run: ~/.cache)
+    g = p.add_argument_group("submission")
+    g.add_argument("--local", action="store_true", help="run the small end-to-end pipeline on this machine instead")
+    g.add_argument("--steps", type=int, help="with --local: pretraining steps (default: the local run's own)")
+    g.add_argument("--dry-run", action="store_true", help="print the objects; send nothing (no cluster needed)")
+    g.add_argument("-o", "--output", choices=("yaml", "json"), help="print objects in this format "
+                   "(with --dry-run: default yaml; otherwise the created RayJob)")
+    g.add_argument("-y", "--yes", action="store_true", help="submit without asking (required off a terminal)")
+    g.add_argument("--image", help="trainer image (default: the cluster config's)")
+    g.add_argument("--queue", help="Kueue LocalQueue (default: the cluster config's; '' for none)")
+    g.add_argument("--env", action="append", metavar="KEY=VALUE",
+                   help="extra environment on Ray containers, e.g. NCCL_DEBUG=INFO (repeatable; no secrets)")
+    g.add_argument("--ray-cluster", help="run on this existing RayCluster (e.g. the chart's warm cluster) "
+                   "instead of a new one per run")
+    g.add_argument("--cluster-config", metavar="FILE",
+                   help="cluster config file (the ConfigMap's config.yaml shape) used instead of the ConfigMap")
+    add_cluster_args(p)
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("status", help="show a run's state, progress and cost so far",
+                       description="Show a run's state in plain words, its pods while it starts, its progress "
+                       "when the run reports it, and dollars so far against the estimate.",
+                       epilog="Example: llmctl status gpt-d26-8xh100-1a2b3c4d -n team")
+    p.add_argument("run", help="run name (llmctl list shows them)")
+    p.add_argument("-o", "--output", choices=("table", "json"), default="table", help="output format")
+    add_cluster_args(p)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("list", help="list runs", description="List llmctl runs (RayJobs it created), newest first.",
+                       epilog="Example: llmctl list -A")
+    p.add_argument("-A", "--all-namespaces", action="store_true", help="list runs in every namespace")
+    p.add_argument("-o", "--output", choices=("table", "json"), default="table", help="output format")
+    add_cluster_args(p)
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("logs", help="print (or follow) a run's log",
+                       description="Print the run's log: by default the driver's output, as relayed by the "
+                       "submitter pod (it outlives the Ray cluster); --role head|worker for those pods.",
+                       epilog="Example: llmctl logs gpt-d26-8xh100-1a2b3c4d -f")
+    p.add_argument("run", help="run name")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines until the pod ends")
+    p.add_argument("--tail", type=int, help="only the last N lines")
+    p.add_argument("--role", choices=("submitter", "head", "worker"), default="submitter", help="which pod")
+    add_cluster_args(p)
+    p.set_defaults(func=cmd_logs)
+
+    p = sub.add_parser("cancel", help="stop a run and free its GPUs (checkpoints are kept)",
+                       description="Delete the run's RayJob, and with it the Ray cluster and pods. Checkpoints in "
+                       "storage stay: submitting the same command again resumes.",
+                       epilog="Example: llmctl cancel gpt-d26-8xh100-1a2b3c4d --yes")
+    p.add_argument("run", help="run name")
+    p.add_argument("-y", "--yes", action="store_true", help="do not ask (required off a terminal)")
+    add_cluster_args(p)
+    p.set_defaults(func=cmd_cancel)
