@@ -143,10 +143,18 @@ def test_a_later_token_never_changes_earlier_logits():
     assert not torch.allclose(a[:, 150:], b[:, 150:])
 
 
-def test_kv_cache_path_is_not_implemented_yet():
+def test_kv_cache_path_matches_the_full_forward():
+    """Prefill then one token at a time through trainer/engine.py's KVCache gives the full forward's logits
+    (the decoding tests proper are in tests/test_engine.py)."""
+    from trainer.engine import KVCache
+
+    torch.manual_seed(0)
     model = build_model(tiny(2), "cpu")
-    with pytest.raises(NotImplementedError, match="kv_cache"):
-        model(torch.zeros(1, 4, dtype=torch.long), kv_cache=object())
+    idx = torch.randint(0, model.arch.vocab_size, (1, 12))
+    full = model(idx)
+    cache = KVCache.for_model(model, batch=1, max_len=12)
+    steps = [model(idx[:, :8], kv_cache=cache)] + [model(idx[:, t:t + 1], kv_cache=cache) for t in range(8, 12)]
+    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -153,7 +153,7 @@ class CausalSelfAttention(nn.Module):
         self.ve_gate = Linear(VE_GATE_CHANNELS, self.n_kv_head) if has_ve else None
 
     def forward(self, x: torch.Tensor, ve: torch.Tensor | None, cos_sin: tuple[torch.Tensor, torch.Tensor],
-                mask) -> torch.Tensor:
+                mask, kv_cache=None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -164,7 +164,11 @@ class CausalSelfAttention(nn.Module):
         cos, sin = cos_sin
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k = norm(q) * QK_SCALE, norm(k) * QK_SCALE
-        y = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)  # (B, H, T, D)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        if kv_cache is None:
+            y = attention(q, k, v, mask)
+        else:  # decoding: store these positions' k/v, attend over the cached ones (trainer/engine.py KVCache)
+            y = kv_cache.attend(self.layer_idx, q, k, v)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -184,8 +188,8 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(arch, layer_idx)
         self.mlp = MLP(arch.n_embd)
 
-    def forward(self, x, ve, cos_sin, mask):
-        x = x + self.attn(norm(x), ve, cos_sin, mask)
+    def forward(self, x, ve, cos_sin, mask, kv_cache=None):
+        x = x + self.attn(norm(x), ve, cos_sin, mask, kv_cache)
         return x + self.mlp(norm(x))
 
 
@@ -317,20 +321,30 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, kv_cache=None,
                 loss_reduction: str = "mean") -> torch.Tensor:
-        """idx (B, T) int -> loss (scalar for 'mean'/'sum', (B, T) for 'none') or fp32 logits (B, T, vocab)."""
-        if kv_cache is not None:
-            raise NotImplementedError("kv_cache: the cached decoding path is not implemented yet")
+        """idx (B, T) int -> loss (scalar for 'mean'/'sum', (B, T) for 'none') or fp32 logits (B, T, vocab).
+
+        With `kv_cache` (trainer/engine.py KVCache), idx holds the next T positions after the cache's: rotary
+        angles continue from the cache position, the smear reaches back to the cached previous embedding, and
+        each layer attends over its cached keys (its window only).
+        """
         if loss_reduction not in ("mean", "sum", "none"):
             raise ValueError(f"loss_reduction: must be mean, sum or none, got {loss_reduction!r}")
         B, T = idx.shape
-        if T > self.cos.size(1):
-            raise ValueError(f"idx: {T} positions exceed the rotary table of {self.cos.size(1)}")
-        cos_sin = self.cos[:, :T], self.sin[:, :T]
-        masks = self._attention_masks(T, idx.device)
+        pos = 0 if kv_cache is None else kv_cache.pos
+        if pos + T > self.cos.size(1):
+            raise ValueError(f"idx: {pos + T} positions exceed the rotary table of {self.cos.size(1)}")
+        cos_sin = self.cos[:, pos:pos + T], self.sin[:, pos:pos + T]
+        masks = self._attention_masks(T, idx.device) if kv_cache is None else (None,) * self.arch.n_layer
         dtype = self.cos.dtype  # the compute dtype, fixed by init_weights
 
         x = norm(self.transformer.wte(idx).to(dtype))
-        if T > 1:  # smear: add the gated previous token's normed embedding
+        prev = None if kv_cache is None else kv_cache.prev_embedding
+        if kv_cache is not None:
+            kv_cache.prev_embedding = x[:, -1:]  # before smearing: the smear mixes in plain normed embeddings
+        if prev is not None:  # smear across the cache boundary: position pos looks back at pos - 1
+            gate = self.smear_lambda.to(dtype) * torch.sigmoid(self.smear_gate(x[..., :SMEAR_GATE_CHANNELS]))
+            x = x + gate * torch.cat([prev, x[:, :-1]], dim=1)
+        elif T > 1:  # smear: add the gated previous token's normed embedding
             gate = self.smear_lambda.to(dtype) * torch.sigmoid(self.smear_gate(x[:, 1:, :SMEAR_GATE_CHANNELS]))
             x = torch.cat([x[:, :1], x[:, 1:] + gate * x[:, :-1]], dim=1)
         x0 = x
@@ -339,9 +353,11 @@ class GPT(nn.Module):
         for i, block in enumerate(self.transformer.h):
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](idx).to(dtype) if str(i) in self.value_embeds else None
-            x = block(x, ve, cos_sin, masks[i])
+            x = block(x, ve, cos_sin, masks[i], kv_cache)
             if i == backout_layer:
                 x_backout = x
+        if kv_cache is not None:
+            kv_cache.advance(T)
         x = norm(x - self.backout_lambda.to(dtype) * x_backout)
 
         logits = self.lm_head(x)[..., : self.arch.vocab_size].float()
