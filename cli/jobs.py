@@ -385,13 +385,17 @@ def cmd_logs(args) -> int:
     if args.tail is not None:
         kw["tail_lines"] = args.tail
     if args.follow:
-        kw["_request_timeout"] = (10, None)  # a follow may be quiet for a long time
+        kw["_request_timeout"] = (10, 7 * 86400)  # a followed log may be quiet for hours (eval, checkpoint)
     resp = kube.call(kube.core.read_namespaced_pod_log, pod, kube.namespace, what=f"read the log of {pod}",
                      verb="get", resource="pods/log", name=pod, **kw)
+    from urllib3.exceptions import HTTPError as Urllib3Error
+
     try:
         for chunk in resp.stream(4096, decode_content=True):
             sys.stdout.write(chunk.decode("utf-8", errors="replace"))
             sys.stdout.flush()
+    except Urllib3Error as e:
+        raise CLIError(f"the log stream of {pod} broke off ({e}); run the command again to resume") from None
     finally:
         resp.release_conn()
     return 0

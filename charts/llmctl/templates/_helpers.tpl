@@ -1,0 +1,176 @@
+{{/*
+Chart name, overridable with nameOverride. Truncated to 63 characters: Kubernetes label values and
+DNS-1123 names stop there.
+*/}}
+{{- define "llmctl.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Prefix for the names of the objects this release creates: fullnameOverride, else "<release>-<chart>",
+collapsed to the release name when it already contains the chart name. 63 characters at most (DNS-1123
+label limit); the longest suffix added below is "-dashboard-<file>", so that suffix is truncated again.
+*/}}
+{{- define "llmctl.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+"chart-version" for the helm.sh/chart label.
+*/}}
+{{- define "llmctl.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+The standard labels on every object. part-of=llmctl is also what the PodMonitors select on, together with
+llmctl.dev/role (set on pod templates here and by `llmctl submit`).
+*/}}
+{{- define "llmctl.labels" -}}
+helm.sh/chart: {{ include "llmctl.chart" . }}
+{{ include "llmctl.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: llmctl
+{{- end }}
+
+{{/*
+Selector labels: name + instance only (stable across upgrades).
+*/}}
+{{- define "llmctl.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "llmctl.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/*
+The trainer image reference: repository:tag, tag defaulting to the chart's appVersion.
+*/}}
+{{- define "llmctl.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{/*
+ServiceAccount for submitting runs (CI jobs, in-cluster tools); users are bound through rbac.subjects.
+*/}}
+{{- define "llmctl.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "llmctl.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+ServiceAccount of the runs' head pods: allowed to annotate their own RayJob with progress. Empty when
+neither created nor named (runs then use the namespace default account, without a token).
+*/}}
+{{- define "llmctl.runServiceAccountName" -}}
+{{- if .Values.runServiceAccount.create }}
+{{- default (printf "%s-run" (include "llmctl.fullname" . | trunc 59 | trimSuffix "-")) .Values.runServiceAccount.name }}
+{{- else }}
+{{- .Values.runServiceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+The Kueue queue runs go to: config.queue, else the LocalQueue this chart creates.
+*/}}
+{{- define "llmctl.queue" -}}
+{{- if .Values.config.queue }}
+{{- .Values.config.queue }}
+{{- else if .Values.kueue.localQueue.create }}
+{{- .Values.kueue.localQueue.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+Name of the warm RayCluster: at most 53 characters and DNS-1035 (KubeRay's limit for RayCluster names).
+*/}}
+{{- define "llmctl.rayClusterName" -}}
+{{- default (printf "%s-warm" (include "llmctl.fullname" . | trunc 48 | trimSuffix "-")) .Values.rayCluster.name | trunc 53 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Pod and container security shared by every Ray pod (the same as `llmctl submit` renders): non-root uid
+1000 (the image's user), no privilege escalation, all capabilities dropped, read-only root filesystem
+with /tmp as an emptyDir.
+*/}}
+{{- define "llmctl.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 1000
+runAsGroup: 1000
+fsGroup: 1000
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{- define "llmctl.containerSecurityContext" -}}
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: {{ .readOnly }}
+capabilities:
+  drop: ["ALL"]
+  {{- with .add }}
+  add:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end }}
+
+{{/*
+Fail early, naming the key and the value, for combinations the schema cannot express.
+*/}}
+{{- define "llmctl.validate" -}}
+{{- if not (contains "://" .Values.config.storageRoot) }}
+{{- fail (printf "config.storageRoot must be a URL every pod can reach, such as s3://bucket/prefix; got %q" .Values.config.storageRoot) }}
+{{- end }}
+{{- if hasPrefix "file:" .Values.config.storageRoot }}
+{{- fail (printf "config.storageRoot %q is node-local; runs need shared storage (s3://...)" .Values.config.storageRoot) }}
+{{- end }}
+{{- if .Values.rayCluster.enabled }}
+{{- if gt (int .Values.rayCluster.gpusPerWorker) (int .Values.config.workers.gpusPerNode) }}
+{{- fail (printf "rayCluster.gpusPerWorker (%d) cannot exceed config.workers.gpusPerNode (%d)" (int .Values.rayCluster.gpusPerWorker) (int .Values.config.workers.gpusPerNode)) }}
+{{- end }}
+{{- if and .Values.rayCluster.autoscaling.enabled (gt (int .Values.rayCluster.autoscaling.minReplicas) (int .Values.rayCluster.autoscaling.maxReplicas)) }}
+{{- fail (printf "rayCluster.autoscaling.minReplicas (%d) is above maxReplicas (%d)" (int .Values.rayCluster.autoscaling.minReplicas) (int .Values.rayCluster.autoscaling.maxReplicas)) }}
+{{- end }}
+{{- end }}
+{{- range $k, $v := .Values.config.env }}
+{{- if regexMatch "(?i)(SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|PRIVATE_KEY|ACCESS_KEY)" $k }}
+{{- fail (printf "config.env.%s looks like a credential; put it in a Secret and set config.s3.credentialsSecret" $k) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Environment of Ray containers in the warm cluster (the per-run RayJob adds LLMCTL_RUN itself).
+*/}}
+{{- define "llmctl.rayEnv" -}}
+- name: HOME
+  value: /tmp
+- name: LLMCTL_NAMESPACE
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.namespace
+- name: NCCL_DEBUG
+  value: WARN
+{{- with .Values.config.s3.endpoint }}
+- name: AWS_ENDPOINT_URL
+  value: {{ . | quote }}
+{{- end }}
+{{- with .Values.config.s3.region }}
+- name: AWS_REGION
+  value: {{ . | quote }}
+{{- end }}
+{{- range $k, $v := .Values.config.env }}
+- name: {{ $k }}
+  value: {{ $v | toString | quote }}
+{{- end }}
+{{- end }}
