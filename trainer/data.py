@@ -32,6 +32,7 @@ from __future__ import annotations
 import ast
 import bisect
 import io
+import itertools
 import logging
 import math
 import os
@@ -102,6 +103,18 @@ def list_shards(url: str, storage_options: dict | None = None) -> list[str]:
     return [f"{url.rstrip('/')}/{name}" for name in shards]
 
 
+def _permanent(e: BaseException) -> bool:
+    """Errors that another attempt cannot fix: missing object, no access, a bad request (s3fs maps S3's 4xx
+    answers such as InvalidRange to EINVAL), programming errors. Everything else (connection refused or
+    reset, timeouts, 5xx = EIO) is worth retrying."""
+    import errno
+
+    if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
+                      ValueError, TypeError, AttributeError, KeyError)):
+        return True
+    return type(e) is OSError and e.errno == errno.EINVAL
+
+
 class _Missing(Exception):
     """Raised by `_Sparse` when pyarrow asks for bytes not fetched yet: (start, end)."""
 
@@ -161,9 +174,9 @@ class _Shards:
         for attempt in range(1, self.retries + 1):
             try:
                 return fn()
-            except (FileNotFoundError, PermissionError):
-                raise
             except Exception as e:  # network and server errors: s3fs/botocore already retried what they know
+                if _permanent(e):
+                    raise
                 if attempt == self.retries:
                     raise StorageError(f"{what}: {type(e).__name__}: {e} (gave up after {attempt} attempts)") from e
                 self.retry_count += 1
@@ -181,7 +194,7 @@ class _Shards:
                 return fn(_Sparse(size, chunks))
             except _Missing as m:
                 start, end = m.args
-                chunks[start] = self._retry(lambda: self.fs.cat_file(self.paths[i], start, end), f"read {self.urls[i]}")
+                chunks[start] = self._retry(lambda: self.fs.cat_file(self.paths[i], start=start, end=end), f"read {self.urls[i]}")
             except (DataError, StorageError):
                 raise
             except Exception as e:  # pyarrow: ArrowInvalid, OSError("... decompression failed"), ...
@@ -200,7 +213,7 @@ class _Shards:
         if size < 12:
             raise ShardError(f"corrupt or truncated shard {url}: only {size} bytes")
         start = max(0, size - FOOTER_GUESS)
-        chunks = {start: self._retry(lambda: self.fs.cat_file(self.paths[i], start, size), f"read {url}")}
+        chunks = {start: self._retry(lambda: self.fs.cat_file(self.paths[i], start=start, end=size), f"read {url}")}
         md = self._decode(i, size, chunks, lambda f: pq.ParquetFile(f).metadata)
         names = md.schema.names
         if TEXT_COLUMN not in names:
@@ -227,7 +240,7 @@ class _Shards:
         end = start + cc.total_compressed_size
         if not 0 <= start < end <= size:
             raise ShardError(f"corrupt shard {self.urls[i]}: row group {rg} points at bytes {start}..{end} of {size}")
-        chunks = {**footer, start: self._retry(lambda: self.fs.cat_file(self.paths[i], start, end),
+        chunks = {**footer, start: self._retry(lambda: self.fs.cat_file(self.paths[i], start=start, end=end),
                                                f"read {self.urls[i]} row group {rg}")}
         texts = self._decode(i, size, chunks, lambda f: pq.ParquetFile(f, metadata=md)
                              .read_row_group(rg, columns=[TEXT_COLUMN]).column(0).to_pylist())
@@ -595,11 +608,16 @@ class ShardWriter:
 def write_shards(texts: Iterable[str], out_url: str, *, shard_chars: int = SHARD_CHARS,
                  row_group_size: int = ROW_GROUP_DOCS, storage_options: dict | None = None,
                  max_docs: int | None = None, show_progress: bool = False, total: int | None = None) -> list[str]:
-    """Write `texts` as shards under `out_url`; returns the shard URLs."""
+    """Write `texts` as shards under `out_url`; returns the shard URLs. Nothing is created when the source
+    fails before its first document."""
+    it = iter(texts)
+    first = next(it, None)
+    if first is None:
+        raise DataError("the source has no documents")
     writer = ShardWriter(out_url, shard_chars=shard_chars, row_group_size=row_group_size,
                          storage_options=storage_options)
     with _progress(show_progress, "writing shards", total) as advance:
-        for i, text in enumerate(texts):
+        for i, text in enumerate(itertools.chain([first], it)):
             if max_docs is not None and i >= max_docs:
                 break
             writer.add(text)

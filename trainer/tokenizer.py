@@ -86,6 +86,21 @@ class Tokenizer:
         ranks = {bytes(tok): rank for tok, rank in trainer.get_mergeable_ranks()}
         return cls(ranks, trainer.get_pattern())
 
+    @classmethod
+    def train_from_shards(cls, data_url: str, vocab_size: int = DEFAULT_VOCAB_SIZE, *, max_chars: int = 2_000_000_000,
+                          doc_cap: int = 10_000, storage_options: dict | None = None,
+                          show_progress: bool = False) -> "Tokenizer":
+        """Train on the train shards under `data_url` (all but the last): each document capped at `doc_cap`
+        characters, stopping after `max_chars` (nanochat tok_train.py: 10,000 and 2e9)."""
+        return cls.train(iter_shard_texts(data_url, max_chars=max_chars, doc_cap=doc_cap,
+                                          storage_options=storage_options, show_progress=show_progress), vocab_size)
+
+    def bytes_per_token(self, texts: Iterable[str]) -> float:
+        """Compression: UTF-8 bytes per token over `texts` (higher is better)."""
+        texts = list(texts)
+        n_tokens = sum(len(ids) for ids in self.encode_batch(texts))
+        return sum(len(t.encode("utf-8")) for t in texts) / max(1, n_tokens)
+
     # ---------------------------------------------------------------- storage
     def save(self, url: str, storage_options: dict | None = None) -> None:
         """Write the three files under directory `url` (file://, s3://, memory://, plain path)."""
@@ -261,3 +276,26 @@ class Tokenizer:
             raise ValueError("render_for_completion needs a conversation that ends with an assistant message")
         ids, _ = self.render_conversation({**conversation, "messages": messages[:-1]}, max_tokens=1 << 62)
         return [*ids, self.special_tokens["<|assistant_start|>"]]
+
+
+def iter_shard_texts(data_url: str, *, split: str = "train", max_chars: int | None = None, doc_cap: int | None = None,
+                     storage_options: dict | None = None, show_progress: bool = False) -> Iterable[str]:
+    """Documents of the train (all shards but the last) or val (the last) split, in order, each cropped to
+    `doc_cap` characters, until `max_chars` characters were yielded."""
+    from trainer.data import _progress, _Shards, list_shards
+
+    urls = list_shards(data_url, storage_options)
+    urls = urls[-1:] if split == "val" else urls[:-1] or urls
+    shards = _Shards(urls, storage_options, retries=8, backoff=1.0, on_retry=None)
+    total = 0
+    with _progress(show_progress, f"reading {split} text (chars)", None) as advance:
+        for i in range(len(urls)):
+            for rg in range(shards.num_row_groups(i)):
+                for text in shards.read_row_group(i, rg):
+                    text = text[:doc_cap] if doc_cap else text
+                    yield text
+                    total += len(text)
+                    advance(len(text))
+                    if max_chars is not None and total >= max_chars:
+                        return
+

@@ -1,0 +1,155 @@
+"""Tokenizer: vocabulary layout, split pattern, lossless round trips (property tests), storage as text/JSON on
+local disk and on a real S3 endpoint (moto on loopback), and that no pickle is involved.
+
+Run: .venv/bin/pytest tests/test_tokenizer.py -v
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+import pickle
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from trainer.data import iter_python_docs
+from trainer.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, TokenizerError, iter_shard_texts
+
+VOCAB = 512
+
+
+@pytest.fixture(scope="module")
+def corpus() -> list[str]:
+    return list(itertools.islice(iter_python_docs(include_site_packages=False), 600))
+
+
+@pytest.fixture(scope="module")
+def tok(corpus) -> Tokenizer:
+    return Tokenizer.train(corpus, VOCAB)
+
+
+def test_vocabulary_layout(tok):
+    assert tok.vocab_size == VOCAB
+    n = VOCAB - len(SPECIAL_TOKENS)
+    assert [tok.encode_special(s) for s in SPECIAL_TOKENS] == list(range(n, VOCAB))  # appended at the end
+    assert tok.bos_id == tok.encode_special("<|bos|>") == n
+    lengths = tok.token_bytes()
+    assert len(lengths) == VOCAB and lengths[n:] == [0] * 9 and lengths[:256] == [1] * 256
+    assert all(len(tok.decode_bytes([i])) == lengths[i] for i in range(n))
+    with pytest.raises(KeyError, match="not a special token"):
+        tok.encode_special("<|endoftext|>")
+
+
+def test_split_pattern_digits_and_contractions(tok):
+    import regex  # tiktoken's own dependency
+
+    assert regex.findall(SPLIT_PATTERN, "We'LL pay 1234567 dollars!!\n\n  ok") == [
+        "We", "'LL", " pay", " ", "12", "34", "56", "7", " dollars", "!!\n\n", " ", " ok"]
+    pieces = [tok.decode([i]) for i in tok.encode("year 1234567")]
+    assert all(len(p) <= 2 for p in pieces if p.isdigit()) and "".join(pieces) == "year 1234567"
+
+
+def test_too_small_vocab_is_refused():
+    with pytest.raises(TokenizerError, match="vocab_size must be >= 265"):
+        Tokenizer.train(["abc"], 264)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text())
+def test_unicode_round_trip(tok, text):
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert tok.decode_bytes(ids) == text.encode("utf-8")
+    assert all(i < tok.bos_id for i in ids)  # ordinary text never yields a special id
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary())
+def test_arbitrary_bytes_are_representable(tok, data):
+    # byte-level BPE: every byte value is a token, so any byte string has an exact encoding
+    ids = [tok.mergeable_ranks[bytes([b])] for b in data]
+    assert tok.decode_bytes(ids) == data
+    text = data.decode("utf-8", errors="replace")
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_special_tokens_are_single_ids_and_literal_text_is_not_special(tok):
+    for s in SPECIAL_TOKENS:
+        assert tok.enc.encode(s, allowed_special="all") == [tok.encode_special(s)]
+        ids = tok.encode(s)  # typed by a user: ordinary text, several ids, round-trips
+        assert len(ids) > 1 and tok.encode_special(s) not in ids and tok.decode(ids) == s
+    assert tok.decode([tok.bos_id]) == "<|bos|>"
+
+
+def test_batch_paths_agree(tok, corpus):
+    texts = corpus[:50] + ["", "x", "🎉 12345 <|bos|>"]
+    singles = [tok.encode(t) for t in texts]
+    assert tok.encode_batch(texts, num_threads=2) == singles
+    assert [a.tolist() for a in tok.encode_batch_arrays(texts, num_threads=2)] == singles
+    assert [a.tolist() for a in tok.encode_batch_arrays(texts, num_threads=1)] == singles
+    assert tok.encode_batch(texts[:3], prepend_bos=True) == [[tok.bos_id, *s] for s in singles[:3]]
+    assert tok.encode("hi", prepend_bos=True)[0] == tok.bos_id
+
+
+def _same(a: Tokenizer, b: Tokenizer, texts) -> None:
+    assert a.mergeable_ranks == b.mergeable_ranks
+    assert (a.pattern, a.special_tokens, a.vocab_size, a.bos_id) == (b.pattern, b.special_tokens, b.vocab_size, b.bos_id)
+    assert a.token_bytes() == b.token_bytes()
+    assert a.encode_batch(texts) == b.encode_batch(texts)
+
+
+def test_save_load_local_text_files(tok, corpus, tmp_path):
+    tok.save(str(tmp_path / "tok"))
+    meta = json.loads((tmp_path / "tok" / "tokenizer.json").read_text())
+    assert meta["special_tokens"]["<|bos|>"] == tok.bos_id and meta["vocab_size"] == VOCAB
+    lines = (tmp_path / "tok" / "tokenizer.tiktoken").read_text().splitlines()
+    assert len(lines) == VOCAB - 9 and base64.b64decode(lines[0].split()[0]) == b"\x00"
+    assert json.loads((tmp_path / "tok" / "token_bytes.json").read_text()) == tok.token_bytes()
+    _same(tok, Tokenizer.load(f"file://{tmp_path}/tok"), corpus[:100])
+
+
+def test_save_load_s3_without_pickle(tok, corpus, s3_server, monkeypatch):
+    url = s3_server.bucket("tok") + "/tokenizers/bpe-512"
+    tok.save(url, storage_options=s3_server.storage_options)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("pickle used while loading a tokenizer")
+
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(pickle, "Unpickler", refuse)
+    loaded = Tokenizer.load(url, storage_options=s3_server.storage_options)
+    _same(tok, loaded, corpus[:100])
+    # through the environment, as in a pod
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint_url)
+    _same(tok, Tokenizer.load(url), corpus[:10])
+
+
+def test_incomplete_or_tampered_directories_fail_clearly(tok, tmp_path):
+    with pytest.raises(TokenizerError, match="no tokenizer at .*missing"):
+        Tokenizer.load(str(tmp_path / "nothing"))
+    tok.save(str(tmp_path / "t"))
+    ranks = tmp_path / "t" / "tokenizer.tiktoken"
+    ranks.write_text(ranks.read_text().replace(" 300\n", " 301\n"))
+    with pytest.raises(TokenizerError, match="checksum"):
+        Tokenizer.load(str(tmp_path / "t"))
+    tok.save(str(tmp_path / "t"))
+    (tmp_path / "t" / "token_bytes.json").unlink()
+    with pytest.raises(TokenizerError, match="incomplete: token_bytes.json missing"):
+        Tokenizer.load(str(tmp_path / "t"))
+
+
+def test_train_from_shards_reads_train_split_capped(tmp_path, corpus):
+    from trainer.data import write_shards
+
+    write_shards([f"doc{i} " + t for i, t in enumerate(corpus[:200])], str(tmp_path / "d"), shard_chars=20_000,
+                 row_group_size=16)
+    texts = list(iter_shard_texts(str(tmp_path / "d"), doc_cap=50, max_chars=3_000))
+    assert all(len(t) <= 50 for t in texts) and 3_000 <= sum(map(len, texts)) < 3_050
+    val = list(iter_shard_texts(str(tmp_path / "d"), split="val"))
+    assert val and not set(val) & set(iter_shard_texts(str(tmp_path / "d"), doc_cap=None))
+    t = Tokenizer.train_from_shards(str(tmp_path / "d"), 300)
+    assert t.vocab_size == 300 and t.bytes_per_token(val) > 1.0
