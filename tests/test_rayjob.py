@@ -1,0 +1,351 @@
+"""cli/rayjob.py and cli/cluster.py's config: the RayJob a plan becomes, checked against KubeRay's CRD, the
+Kubernetes schemas and KubeRay's admission rules; the plan's trip through three shells; the golden examples
+in k8s/examples/; the trainer Dockerfile (hadolint, Ray version agreement).
+
+Run: .venv/bin/pytest tests/test_rayjob.py -v
+Regenerate the golden examples after a deliberate change: LLMCTL_REGEN=1 .venv/bin/pytest tests/test_rayjob.py -k golden
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cli.cluster import IMAGE, RAY_VERSION, ClusterConfig, UsageError, config_from_configmap
+from cli.main import main
+from cli.rayjob import (HEAD_PORTS, LayoutError, active_deadline_seconds, build_rayjob, entrypoint, to_yaml,
+                        worker_layout)
+from tests import schemas
+from trainer.plan import RunPlan, RunSpec, plan
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "k8s" / "examples"
+STORAGE = "s3://llmctl-runs"
+
+
+def rayjob(depth=26, gpus=8, cfg: ClusterConfig | None = None, **spec):
+    p = plan(RunSpec(depth=depth, gpus=gpus, storage_root=STORAGE, **spec))
+    return p, build_rayjob(p, cfg or ClusterConfig(), namespace="team")
+
+
+def workers(rj):
+    return rj["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+
+
+def containers(rj):
+    yield rj["spec"]["submitterPodTemplate"]["spec"]["containers"][0]
+    cluster = rj["spec"].get("rayClusterSpec")
+    if cluster:
+        yield cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
+        for g in cluster["workerGroupSpecs"]:
+            yield g["template"]["spec"]["containers"][0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout: ceil(gpus/8) pods of min(gpus, 8) GPUs
+
+
+@pytest.mark.parametrize("gpus, pods, per_pod", [(1, 1, 1), (2, 1, 2), (4, 1, 4), (8, 1, 8), (16, 2, 8), (64, 8, 8)])
+def test_worker_layout(gpus, pods, per_pod):
+    assert worker_layout(gpus) == (pods, per_pod)
+    _, rj = rayjob(depth=12, gpus=gpus)
+    (group,) = workers(rj)
+    assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == pods
+    res = group["template"]["spec"]["containers"][0]["resources"]
+    assert res["requests"] == res["limits"], "GPU pods must be Guaranteed: requests = limits"
+    assert res["limits"]["nvidia.com/gpu"] == str(per_pod)
+    assert res["limits"]["cpu"] == str(12 * per_pod) and res["limits"]["memory"] == f"{125 * per_pod}Gi"
+
+
+def test_layout_refuses_idle_gpus():
+    with pytest.raises(LayoutError, match="multiple of 8"):
+        worker_layout(12)
+    assert worker_layout(8, gpus_per_node=4) == (2, 4)
+
+
+def test_d26_on_8_gpus_is_one_whole_node_and_a_cpu_head():
+    p, rj = rayjob(26, 8)
+    head = rj["spec"]["rayClusterSpec"]["headGroupSpec"]
+    assert head["rayStartParams"] == {"num-gpus": "0"}
+    head_c = head["template"]["spec"]["containers"][0]
+    assert "nvidia.com/gpu" not in head_c["resources"]["limits"]
+    assert {(p_["name"], p_["containerPort"]) for p_ in head_c["ports"]} == set(HEAD_PORTS)
+    (group,) = workers(rj)
+    worker_c = group["template"]["spec"]["containers"][0]
+    assert [(x["name"], x["containerPort"]) for x in worker_c["ports"]] == \
+        [(f"llm-m{i}", 9400 + i) for i in range(8)] + [("metrics", 8080)]
+    assert group["template"]["spec"]["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in \
+        group["template"]["spec"]["tolerations"]
+    assert rj["metadata"]["name"] == p.name and len(p.name) <= 47
+    schemas.validate(rj)
+
+
+def test_lifecycle_fields_follow_the_plan():
+    p, rj = rayjob(20, 8)
+    spec = rj["spec"]
+    assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] == 600
+    assert spec["backoffLimit"] == 2 and spec["preRunningDeadlineSeconds"] == 1800
+    assert spec["submissionMode"] == "K8sJobMode"
+    deadline = spec["activeDeadlineSeconds"]
+    assert deadline == math.ceil(p.estimate.total_hours * 3600 * 1.5) + 1800 == active_deadline_seconds(p, ClusterConfig())
+    assert deadline > p.estimate.total_hours * 3600 * 1.5
+    assert "suspend" not in spec and "kueue.x-k8s.io/queue-name" not in rj["metadata"]["labels"]
+    cfg = ClusterConfig(backoff_limit=0, deadline_factor=2.0, deadline_slack_seconds=0)
+    _, rj0 = rayjob(20, 8, cfg)
+    assert "backoffLimit" not in rj0["spec"]  # KubeRay wants it positive when present
+    assert rj0["spec"]["activeDeadlineSeconds"] == math.ceil(p.estimate.total_hours * 7200)
+
+
+def test_labels_and_annotations_carry_depth_gpus_estimate_and_price():
+    p, rj = rayjob(26, 16, cfg=ClusterConfig(labels={"team": "research"}), price_per_gpu_hour=2.5,
+                   budget_cap=500.0)
+    labels, ann = rj["metadata"]["labels"], rj["metadata"]["annotations"]
+    assert labels["llmctl.dev/depth"] == "26" and labels["llmctl.dev/gpus"] == "16"
+    assert labels["llmctl.dev/gpu-type"] == "h100" and labels["app.kubernetes.io/managed-by"] == "llmctl"
+    assert labels["team"] == "research"
+    assert ann["llmctl.dev/estimate-dollars"] == f"{p.estimate.total_dollars:.2f}"
+    assert ann["llmctl.dev/estimate-hours"] == f"{p.estimate.total_hours:.3f}"
+    assert ann["llmctl.dev/price-per-gpu-hour"] == "2.50" and ann["llmctl.dev/budget-cap-dollars"] == "500.00"
+    assert ann["llmctl.dev/storage"] == f"{STORAGE}/runs/{p.name}"
+    for role, tpl in [("submitter", rj["spec"]["submitterPodTemplate"]),
+                      ("head", rj["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]),
+                      ("worker", workers(rj)[0]["template"])]:
+        assert tpl["metadata"]["labels"]["llmctl.dev/role"] == role
+        assert tpl["metadata"]["labels"]["llmctl.dev/run"] == p.name
+        assert tpl["metadata"]["labels"]["app.kubernetes.io/part-of"] == "llmctl"
+
+
+def test_kueue_queue_creates_the_job_suspended():
+    _, rj = rayjob(26, 16, ClusterConfig(queue="h100"))
+    assert rj["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "h100"
+    assert rj["spec"]["suspend"] is True and rj["spec"]["shutdownAfterJobFinishes"] is True
+    schemas.validate(rj)
+
+
+def test_warm_cluster_mode_selects_the_cluster_and_drops_what_kuberay_forbids():
+    p = plan(RunSpec(depth=20, gpus=8, storage_root=STORAGE))
+    rj = build_rayjob(p, ClusterConfig(), namespace="team", ray_cluster="llmctl-warm")
+    spec = rj["spec"]
+    assert spec["clusterSelector"] == {"ray.io/cluster": "llmctl-warm"}
+    for forbidden in ("rayClusterSpec", "suspend", "backoffLimit", "shutdownAfterJobFinishes"):
+        assert forbidden not in spec
+    schemas.validate(rj)
+    with pytest.raises(ValueError, match="cannot be queued"):
+        build_rayjob(p, ClusterConfig(queue="h100"), namespace="team", ray_cluster="llmctl-warm")
+
+
+def test_refuses_local_storage_and_local_gpu_type():
+    with pytest.raises(ValueError, match="shared storage"):
+        build_rayjob(plan(RunSpec(depth=12, gpus=8)), ClusterConfig(), namespace="team")
+    with pytest.raises(ValueError, match="--local"):
+        build_rayjob(plan(RunSpec(depth=4, gpus=2, gpu_type="cpu", storage_root=STORAGE)), ClusterConfig(),
+                     namespace="team")
+
+
+def test_every_container_is_non_root_and_locked_down():
+    cfg = ClusterConfig(worker_capabilities=("IPC_LOCK",), s3_secret="llmctl-s3", s3_endpoint="http://minio:9000")
+    _, rj = rayjob(26, 16, cfg)
+    for tpl in schemas.pod_templates(rj):
+        pod = tpl[1]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 1000
+        c = pod["containers"][0]
+        sc = c["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
+        assert sc["capabilities"]["drop"] == ["ALL"]
+        assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]
+    worker_c = workers(rj)[0]["template"]["spec"]["containers"][0]
+    assert worker_c["securityContext"]["capabilities"]["add"] == ["IPC_LOCK"]
+    schemas.validate(rj)
+
+
+def test_credentials_only_by_reference():
+    _, rj = rayjob(20, 8, ClusterConfig(s3_secret="llmctl-s3", s3_endpoint="http://minio:9000"))
+    for c in containers(rj):
+        names = {e["name"] for e in c["env"]}
+        assert not names & {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"}
+        if c["name"] == "ray-job-submitter":
+            assert "envFrom" not in c  # it only talks to the Ray dashboard
+        else:
+            assert c["envFrom"] == [{"secretRef": {"name": "llmctl-s3"}}]
+            assert {"name": "AWS_ENDPOINT_URL", "value": "http://minio:9000"} in c["env"]
+    with pytest.raises(UsageError, match="env.AWS_SECRET_ACCESS_KEY: looks like a credential"):
+        ClusterConfig(env={"AWS_SECRET_ACCESS_KEY": "x"})
+    with pytest.raises(UsageError, match="env.HF_TOKEN"):
+        ClusterConfig(env={"HF_TOKEN": "x"})
+
+
+def test_progress_reporting_account_only_on_the_head():
+    _, rj = rayjob(20, 8, ClusterConfig(run_service_account="llmctl-run"))
+    head = rj["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    assert head["serviceAccountName"] == "llmctl-run" and head["automountServiceAccountToken"] is True
+    assert workers(rj)[0]["template"]["spec"]["automountServiceAccountToken"] is False
+    assert rj["spec"]["submitterPodTemplate"]["spec"]["automountServiceAccountToken"] is False
+    env = {e["name"]: e for e in head["containers"][0]["env"]}
+    assert env["LLMCTL_RUN"]["value"] == rj["metadata"]["name"]
+    assert env["LLMCTL_NAMESPACE"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+
+
+def test_every_config_option_renders_a_valid_rayjob():
+    cfg = ClusterConfig(
+        image="registry.example.com/llmctl:1", image_pull_policy="Always", image_pull_secrets=("regcred",),
+        s3_endpoint="http://minio:9000", s3_region="us-east-1", s3_secret="llmctl-s3", prices={"h100": 2.0},
+        queue="h100", priority_class="llmctl-training", run_service_account="llmctl-run",
+        labels={"team": "a"}, env={"NCCL_SOCKET_IFNAME": "eth0"}, read_only_root_filesystem=False,
+        head_cpu="16", head_memory="64Gi", head_node_selector={"pool": "cpu"},
+        head_tolerations=({"key": "dedicated", "operator": "Equal", "value": "head", "effect": "NoSchedule"},),
+        gpus_per_node=4, cpu_per_gpu=20, memory_per_gpu_gi=200, worker_extra_resources={"rdma/ib": "1"},
+        worker_capabilities=("IPC_LOCK",), backoff_limit=5, ttl_seconds_after_finished=0,
+        pre_running_deadline_seconds=60, deadline_factor=3.0, deadline_slack_seconds=0)
+    p = plan(RunSpec(depth=20, gpus=16, storage_root=STORAGE))
+    rj = build_rayjob(p, cfg, namespace="team", extra_env={"NCCL_DEBUG": "INFO"})
+    schemas.validate(rj)
+    (group,) = workers(rj)
+    assert group["replicas"] == 4
+    c = group["template"]["spec"]["containers"][0]
+    assert c["resources"]["limits"] == {"cpu": "80", "memory": "800Gi", "nvidia.com/gpu": "4", "rdma/ib": "1"}
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["NCCL_DEBUG"] == "INFO" and env["NCCL_SOCKET_IFNAME"] == "eth0"  # --env beats the default
+    assert [e["name"] for e in c["env"]].count("NCCL_DEBUG") == 1
+    assert rj["spec"]["submitterPodTemplate"]["spec"]["imagePullSecrets"] == [{"name": "regcred"}]
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan's trip: KubeRay's bash -> ray job submit's shlex.join -> the job supervisor's sh -c
+
+
+def _argv_after_shell(shell: str, words: str) -> list[str]:
+    out = subprocess.run([shell, "-c", f"printf '%s\\0' {words}"], check=True, capture_output=True).stdout
+    return out.decode().split("\0")[:-1]
+
+
+def test_plan_json_survives_the_three_shells_exactly():
+    # Quotes, dollars, backquotes, backslashes and globs in free-text fields of the plan.
+    spec = RunSpec(depth=12, gpus=8, storage_root=STORAGE, dataset="it's $HOME `id` \\n *[x]? \"q\"")
+    p = plan(spec)
+    ep = entrypoint(p)
+    assert ep.startswith("python -m trainer.launch --plan-json '")
+    argv = _argv_after_shell("bash", ep)  # KubeRay: `... ray job submit ... -- <entrypoint> ;` under bash
+    assert argv[:4] == ["python", "-m", "trainer.launch", "--plan-json"] and len(argv) == 5
+    joined = shlex.join(argv)  # ray job submit (non-Windows) re-quotes the argv
+    argv2 = _argv_after_shell("sh", joined)  # the job supervisor: Popen(entrypoint, shell=True)
+    assert argv2 == argv
+    received = RunPlan.from_json(argv2[4])  # what trainer.launch --plan-json does
+    assert received == p and received.spec.dataset == spec.dataset
+
+
+# ---------------------------------------------------------------------------------------------
+# Cluster config: the ConfigMap shape
+
+
+def test_cluster_config_round_trips_and_warns_on_unknown_keys():
+    cfg = ClusterConfig(queue="h100", prices={"h100": 2.49}, env={"NCCL_IB_HCA": "mlx5"})
+    back, warnings = ClusterConfig.from_dict(yaml.safe_load(yaml.safe_dump(cfg.to_dict())))
+    assert back == cfg and warnings == []
+    data = cfg.to_dict() | {"futureKey": 1}
+    data["workers"] = dict(data["workers"], futureWorkerKey=2)
+    _, warnings = ClusterConfig.from_dict(data)
+    assert sorted(warnings) == ["config: ignoring unknown key futureKey (newer chart than this llmctl?)",
+                        "config: ignoring unknown key workers.futureWorkerKey (newer chart than this llmctl?)"]
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"storageRoot": "bucket/prefix"}, "storageRoot: must be a URL"),
+    ({"workers": {"gpusPerNode": 0}}, "workers.gpusPerNode: must be an integer >= 1"),
+    ({"workers": {"gpusPerNode": "8"}}, "workers.gpusPerNode: must be an integer"),
+    ({"head": {"memory": "lots"}}, "head.memory: must be a Kubernetes quantity"),
+    ({"prices": {"h100": -1}}, "prices.h100: must be a number of dollars"),
+    ({"queue": "H100 queue"}, "queue: must be a Kubernetes object name"),
+    ({"lifecycle": {"deadlineFactor": 0.5}}, "lifecycle.deadlineFactor: must be a number >= 1"),
+    ({"imagePullPolicy": "Sometimes"}, "imagePullPolicy: must be Always"),
+    ({"env": ["A=1"]}, "env: must be a mapping"),
+    ({"workers": {"tolerations": [{"key": "a", "effct": "NoSchedule"}]}}, "workers.tolerations: each entry"),
+])
+def test_cluster_config_names_the_bad_key(data, message):
+    with pytest.raises(UsageError, match=re.escape(message)):
+        ClusterConfig.from_dict(data)
+
+
+def test_configmap_without_config_key_is_an_actionable_error():
+    from cli.main import CLIError
+
+    with pytest.raises(CLIError, match="has no config.yaml key; reinstall the chart"):
+        config_from_configmap({"data": {}})
+
+
+# ---------------------------------------------------------------------------------------------
+# Golden examples: `llmctl submit --dry-run` output, regenerated and compared
+
+
+GOLDEN = {
+    "d12-1xh100.yaml": ["--depth", "12", "--gpus", "1"],
+    "d20-8xh100.yaml": ["--depth", "20", "--gpus", "8"],
+    "d26-8xh100.yaml": ["--depth", "26", "--gpus", "8"],
+    "d32-16xh100-kueue.yaml": ["--depth", "32", "--gpus", "16", "--queue", "h100"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN))
+def test_golden_examples(name, capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "none"))  # no cluster, no kubeconfig
+    argv = ["submit", *GOLDEN[name], "--dry-run", "-o", "yaml", "-n", "llmctl"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    header = (f"# Generated by `llmctl {' '.join(argv)}`; tests/test_rayjob.py regenerates it and compares.\n"
+              f"# Do not edit: after a deliberate change, LLMCTL_REGEN=1 pytest tests/test_rayjob.py -k golden\n")
+    text = header + out
+    path = EXAMPLES / name
+    if os.environ.get("LLMCTL_REGEN"):
+        path.write_text(text)
+    assert path.exists(), f"{path} missing: LLMCTL_REGEN=1 pytest tests/test_rayjob.py -k golden"
+    assert path.read_text() == text, f"{path} drifted from `llmctl submit --dry-run`; review, then regenerate"
+    (rj,) = schemas.load_yaml_stream(text)
+    schemas.validate(rj)
+    pods, per_pod = worker_layout(int(GOLDEN[name][3]))
+    assert workers(rj)[0]["replicas"] == pods
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer image
+
+
+DOCKERFILE = ROOT / "images" / "trainer" / "Dockerfile"
+
+
+def test_dockerfile_passes_hadolint():
+    hadolint = Path(sys.executable).parent / "hadolint"
+    res = subprocess.run([str(hadolint), "--no-color", str(DOCKERFILE)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_dockerfile_pins_and_matches_the_ray_version():
+    text = DOCKERFILE.read_text()
+    assert re.search(r'"ray\[default,train\]==([\d.]+)"', text).group(1) == RAY_VERSION
+    values = yaml.safe_load((ROOT / "charts" / "llmctl" / "values.yaml").read_text())
+    assert values["config"]["rayVersion"] == RAY_VERSION
+    assert values["image"]["repository"] + ":" + yaml.safe_load(
+        (ROOT / "charts" / "llmctl" / "Chart.yaml").read_text())["appVersion"] == IMAGE
+    joined = text.replace("\\\n", " ")
+    for args in re.findall(r"pip install (.*)", joined):
+        words = shlex.split(args.split("&&")[0])
+        for prev, word in zip([""] + words, words):
+            if word.startswith("-") or prev == "--index-url" or word.startswith("/"):
+                continue
+            assert "==" in word, f"unpinned package in the Dockerfile: {word}"
+    assert re.search(r"^USER 1000:1000$", text, re.M), "the image must run as the non-root uid 1000"
+    assert ":latest" not in text
+    pinned = dict(re.findall(r"([A-Za-z][\w.-]*)==([\w.+]+)", text))
+    import importlib.metadata as md
+
+    for pkg in ("tiktoken", "datasets", "pyarrow", "kubernetes", "prometheus-client"):
+        key = next(k for k in pinned if k.lower() == pkg)
+        assert pinned[key] == md.version(pkg), f"Dockerfile pins {key}=={pinned[key]}, tests run {md.version(pkg)}"
