@@ -272,10 +272,12 @@ def _api_facts() -> list[tuple[str, str, str]]:
 def _sample_rows(facts, rng: random.Random, n: int) -> dict[str, list[dict]]:
     rows: dict[str, list[dict]] = {"smoltalk": [], "mmlu": [], "gsm8k": []}
     asks = ("What does {} do?", "Explain {} in one sentence.", "What is {} for?", "Briefly, what is {}?")
-    for k in range(n):
+    n_mc = n_math = max(1, round(n * 0.15)) if n >= 3 else 0
+    kinds = ["smoltalk"] * (n - n_mc - n_math) + ["mmlu"] * n_mc + ["gsm8k"] * n_math
+    rng.shuffle(kinds)
+    for kind in kinds:
         name, module, sentence = facts[rng.randrange(len(facts))]
-        roll = rng.random()
-        if roll < 0.7:
+        if kind == "smoltalk":
             msgs = [{"role": "user", "content": rng.choice(asks).format(name)},
                     {"role": "assistant", "content": f"`{name}`: {sentence}"}]
             if rng.random() < 0.3:
@@ -284,7 +286,7 @@ def _sample_rows(facts, rng: random.Random, n: int) -> dict[str, list[dict]]:
             if rng.random() < 0.1:
                 msgs.insert(0, {"role": "system", "content": "You are a concise assistant for the Python standard library."})
             rows["smoltalk"].append({"messages": msgs})
-        elif roll < 0.85:
+        elif kind == "mmlu":
             others = rng.sample([f for f in facts if f[0] != name], 3)
             choices = [name] + [o[0] for o in others]
             rng.shuffle(choices)

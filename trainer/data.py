@@ -38,6 +38,7 @@ import math
 import os
 import queue
 import random
+import re
 import sys
 import sysconfig
 import threading
@@ -652,8 +653,14 @@ def iter_source_texts(source: str, *, text_column: str = TEXT_COLUMN, split: str
                                    split="train", streaming=True,
                                    storage_options=fs.storage_options if remote else None,
                                    **({"sample_by": "document"} if kind == "text" else {}))
-    else:  # a dataset on the Hugging Face Hub, e.g. HuggingFaceFW/fineweb-edu
-        ds = datasets.load_dataset(source, config, split=split, streaming=True)
+    elif re.fullmatch(r"[\w.-]+/[\w.-]+", source) and not os.path.splitext(source)[1]:  # a Hub dataset, owner/name
+        try:
+            ds = datasets.load_dataset(source, config, split=split, streaming=True)
+        except (FileNotFoundError, ConnectionError, ValueError) as e:
+            raise DataError(f"{source}: not a local path, and the Hugging Face Hub did not serve it: "
+                            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    else:
+        raise DataError(f"{source}: no such file or directory")
     for row in ds:
         if text_column not in row:
             raise DataError(f"{source}: rows have no {text_column!r} column (columns: {sorted(row)}); use --text-column")
