@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from trainer.model import (
-    GPT, SOFTCAP, apply_rotary, attention, build_model, compute_dtype, rotary_tables, sliding_window_mask,
+    GPT, SOFTCAP, _flex_block_mask, apply_rotary, attention, build_model, compute_dtype, rotary_tables,
+    sliding_window_mask,
 )
 from trainer.plan import RunSpec, plan
 
@@ -173,6 +175,40 @@ def test_sliding_window_attention_equals_a_per_query_softmax_over_itself_and_w_p
         assert torch.allclose(y[:, :, i:i + 1], ref, atol=1e-5), i
     assert torch.allclose(attention(q, k, v, None), attention(q, k, v, sliding_window_mask(T, T, q.device)),
                           atol=1e-6)
+
+
+def test_the_cuda_block_mask_equals_the_dense_mask():
+    """CUDA's FlexAttention BlockMask, run here through eager flex_attention, against CPU's dense mask."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    torch.manual_seed(7)
+    q, k, v = (torch.randn(1, 2, 300, 16) for _ in range(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # eager flex_attention warns that it is slow
+        y_flex = flex_attention(q, k, v, block_mask=_flex_block_mask(300, 40, q.device))
+    assert torch.allclose(y_flex, attention(q, k, v, sliding_window_mask(300, 40, q.device)), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_model_and_compiled_flex_attention_equal_eager():
+    """The CUDA-default code paths, compiled here by inductor's CPU backend (about 2 minutes on 2 cores)."""
+    torch.manual_seed(8)
+    q, k, v = (torch.randn(1, 2, 300, 16) for _ in range(3))
+    dense = attention(q, k, v, sliding_window_mask(300, 40, q.device))
+    assert torch.allclose(attention(q, k, v, _flex_block_mask(300, 40, q.device)), dense, atol=1e-5)
+    arch = tiny(2, seq_len=512)
+    torch.manual_seed(0)
+    eager = build_model(arch, "cpu")
+    torch.manual_seed(0)
+    compiled = build_model(arch, "cpu", compile=True)
+    assert compiled._compiled_call_impl is not None
+    idx = torch.randint(0, arch.vocab_size, (2, 257))
+    le, lc = eager(idx[:, :-1], idx[:, 1:]), compiled(idx[:, :-1], idx[:, 1:])
+    le.backward()
+    lc.backward()
+    assert torch.allclose(le, lc, atol=1e-5)
+    for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-6), name
 
 
 def test_only_short_layers_get_a_mask_and_the_last_layer_sees_everything():

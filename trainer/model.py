@@ -107,6 +107,15 @@ def sliding_window_mask(T: int, window: int, device: torch.device) -> torch.Tens
 _flex_attention = None
 
 
+def flex_available() -> bool:
+    """FlexAttention ships with torch >= 2.5; without it CUDA falls back to SDPA with a dense mask."""
+    try:
+        import torch.nn.attention.flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _flex():
     """FlexAttention compiled once (uncompiled it falls back to a slow dense path)."""
     global _flex_attention
@@ -307,7 +316,7 @@ class GPT(nn.Module):
         """Per layer: None (whole causal context) or the sliding-window mask for this T, cached."""
         key = (T, device)
         if key not in self._masks:
-            flex = device.type == "cuda"
+            flex = device.type == "cuda" and flex_available()
             masks = []
             for w in self.arch.windows:
                 if w >= T - 1:
