@@ -362,6 +362,19 @@ class Kube:
                            f"and KUBECONFIG, or that the cluster is up") from None
 
 
+def _current_context(paths: list[Path]) -> str:
+    import yaml
+
+    for path in paths:
+        try:
+            ctx = (yaml.safe_load(path.read_text()) or {}).get("current-context")
+        except (OSError, yaml.YAMLError):
+            continue
+        if ctx:
+            return ctx
+    return "(none)"
+
+
 def connect(args) -> Kube:
     """Load kubeconfig (or the in-cluster service account) into a fresh client for this command."""
     from kubernetes import client, config
@@ -377,7 +390,7 @@ def connect(args) -> Kube:
         except (ConfigException, ValueError, KeyError, TypeError) as e:
             raise CLIError(f"kubeconfig {os.pathsep.join(map(str, paths))}: {e}; check --context "
                            f"(kubectl config get-contexts)") from None
-        where = f"context {args.context or 'current'} at {conf.host}"
+        where = f"context {args.context or _current_context(paths)} at {conf.host}"
     elif os.environ.get("KUBERNETES_SERVICE_HOST"):
         try:
             config.load_incluster_config(client_configuration=conf)
@@ -454,7 +467,8 @@ def read_config(kube: Kube) -> tuple[ClusterConfig, list[str]]:
 PROGRESS_ANNOTATION = "llmctl.dev/progress"
 
 
-def report_progress(progress: dict, *, name: str | None = None, namespace: str | None = None) -> None:
+def report_progress(progress: dict, *, name: str | None = None, namespace: str | None = None,
+                    kubeconfig: str | None = None) -> None:
     """Called by the run (rank 0, every few minutes): merge-patch its RayJob's progress annotation.
 
     `progress` keys read by `llmctl status`: stage, step, steps, tokens, cost_dollars, eta_seconds (all
@@ -469,10 +483,11 @@ def report_progress(progress: dict, *, name: str | None = None, namespace: str |
     name = name or os.environ["LLMCTL_RUN"]
     namespace = namespace or os.environ.get("LLMCTL_NAMESPACE") or IN_CLUSTER_NAMESPACE.read_text().strip()
     conf = client.Configuration()
-    if os.environ.get("KUBERNETES_SERVICE_HOST"):
+    if os.environ.get("KUBERNETES_SERVICE_HOST") and not kubeconfig:
         config.load_incluster_config(client_configuration=conf)
-    else:
-        config.load_kube_config(client_configuration=conf, persist_config=False)
+    else:  # outside a cluster (tests, a laptop): the kubeconfig
+        config.load_kube_config(config_file=kubeconfig or os.environ.get("KUBECONFIG"), client_configuration=conf,
+                                persist_config=False)
     body = dict(progress, updated=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
     patch = {"metadata": {"annotations": {PROGRESS_ANNOTATION: json.dumps(body, sort_keys=True)}}}
     api = client.CustomObjectsApi(client.ApiClient(conf))

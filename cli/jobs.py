@@ -381,10 +381,11 @@ def cmd_logs(args) -> int:
     if len(items) > 1:
         _say(f"showing {pod}; {len(items) - 1} more {args.role} pod(s): "
              + ", ".join(p["metadata"]["name"] for p in items[1:]))
-    kw = dict(container=CONTAINERS[args.role], follow=args.follow, _preload_content=False)
+    kw: dict = dict(container=CONTAINERS[args.role], _preload_content=False)
     if args.tail is not None:
         kw["tail_lines"] = args.tail
     if args.follow:
+        kw["follow"] = True
         kw["_request_timeout"] = (10, 7 * 86400)  # a followed log may be quiet for hours (eval, checkpoint)
     resp = kube.call(kube.core.read_namespaced_pod_log, pod, kube.namespace, what=f"read the log of {pod}",
                      verb="get", resource="pods/log", name=pod, **kw)
