@@ -377,6 +377,20 @@ def build_smoke_bundle(url: str, texts, *, per_task: int = 40, seed: int = 0,
     return url
 
 
+def build_smoke_bundle_from_val(data_url: str, bundle_url: str, *, per_task: int = 40,
+                                storage_options: dict | None = None) -> str:
+    """`build_smoke_bundle` from the corpus's validation shard (the last one: text no training step saw)."""
+    import fsspec
+    import pyarrow.parquet as pq
+
+    from trainer.data import list_shards
+
+    shard = list_shards(data_url, storage_options)[-1]
+    with fsspec.open(shard, "rb", **(storage_options or {})) as f:
+        texts = pq.read_table(f, columns=["text"]).column("text").to_pylist()
+    return build_smoke_bundle(bundle_url, texts, per_task=per_task, storage_options=storage_options)
+
+
 # -------------------------------------------------------------------------------------------- samples
 
 

@@ -1,0 +1,125 @@
+"""`llmctl submit --local`: the whole pipeline on this machine — the embedded default.
+
+Builds what a cluster would already have (a small real-text corpus and conversation set made from the
+documentation installed with Python, and a small BPE tokenizer trained on it), plans a tiny model for
+CPU workers, runs pretraining then SFT on a local Ray cluster, and ends by saying where the checkpoints
+are and showing a reply from the chat model. Everything lands under the storage root
+(default file://~/.cache/llmctl), in the same layout a cluster run uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+# The embedded default: small enough to pretrain + SFT in a few minutes on 2 CPU cores, shaped by the same
+# recipe (SSSL windows, value embeddings, Muon). A 4-layer, 256-wide model; head_dim 64 as in nanochat's
+# runcpu.sh; 4,096-token vocabulary; 256-token context.
+LOCAL = dict(depth=4, gpus=2, gpu_type="cpu", vocab_size=4096, seq_len=256, head_dim=64,
+             device_batch_size=8, total_batch_size=2 * 8 * 256, num_iterations=150, eval_every=50,
+             eval_tokens=2 * 8 * 256 * 4, checkpoint_every=50, sft_tokens=2 * 8 * 256 * 40)
+SAMPLE_MB = 8  # corpus size: ~2M tokens at 4K vocab, enough for 150 steps of 4K tokens without repeats
+SAMPLE_ROW_GROUP = 64  # docs per row group: small, so every rank gets row groups of the one val shard
+SFT_CONVERSATIONS = 3000
+PROMPT = "What does the json module do?"
+
+
+def local_spec(args: argparse.Namespace):
+    from trainer.plan import RunSpec
+
+    fields = dict(LOCAL)
+    if getattr(args, "steps", None):
+        fields["num_iterations"] = args.steps
+    return RunSpec(storage_root=args.storage, dataset="sample", sft_dataset="sample-sft",
+                   tokenizer=f"sample-{fields['vocab_size']}", name=getattr(args, "name", None), **fields)
+
+
+def ensure_inputs(p, opts: dict | None = None, *, mb: float = SAMPLE_MB, conversations: int = SFT_CONVERSATIONS,
+                  say=print) -> None:
+    """Sample corpus, conversations and tokenizer at the plan's URLs, each built once (idempotent)."""
+    import fsspec
+
+    from trainer.chat import build_sample_conversations
+    from trainer.data import build_sample_corpus, list_shards
+    from trainer.tokenizer import Tokenizer
+
+    data, sft, tok = p.urls["data"], p.urls["sft_data"], p.urls["tokenizer"]
+    opts = opts or {}
+    if not _exists(data, opts):
+        say(f"building the sample corpus at {data} (Python's own documentation, no download)")
+        build_sample_corpus(data, mb=mb, row_group_size=SAMPLE_ROW_GROUP, storage_options=opts)
+    if not _exists(sft, opts):
+        say(f"building sample conversations at {sft}")
+        build_sample_conversations(sft, n=conversations, storage_options=opts)
+    if not _exists(tok, opts):
+        say(f"training a {p.spec.vocab_size}-token BPE tokenizer at {tok}")
+        shards = list_shards(data, storage_options=opts)
+
+        def texts():
+            import pyarrow.parquet as pq
+
+            for shard in shards[:-1]:  # the last shard is validation
+                with fsspec.open(shard, "rb", **opts) as f:
+                    yield from pq.read_table(f, columns=["text"]).column("text").to_pylist()
+
+        Tokenizer.train(texts(), p.spec.vocab_size).save(tok, storage_options=opts)
+
+
+def _exists(url: str, opts: dict) -> bool:
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url, **opts)
+    return fs.exists(path) and bool(fs.ls(path))
+
+
+def run_local(args: argparse.Namespace) -> int:
+    from cli.plan import render_table
+    from trainer.launch import expand
+    from trainer.plan import plan
+
+    args.storage = expand(args.storage)
+    p = plan(local_spec(args))
+    print(render_table(p), flush=True)
+    print(flush=True)
+    t0 = time.perf_counter()
+    ensure_inputs(p, {})
+    from trainer.launch import run
+
+    summary = run(p, storage_options={}, metrics_port_base=None)
+    print(flush=True)
+    print(f"run {p.name}: {summary['status']} in {time.perf_counter() - t0:.0f} s, "
+          f"{summary['tokens']:,} tokens; checkpoints under {p.urls['run']}/<stage>/", flush=True)
+    for name, s in summary["stages"].items():
+        print(f"  {name}: {s['steps']} steps, val bpb {s['val_bpb']:.3f}, final loss {s['train_loss_ema']:.3f}")
+    reply = sample_reply(p, PROMPT)
+    print(f"\nuser: {PROMPT}\nassistant: {reply}")
+    return 0 if summary["status"] == "completed" else 1
+
+
+def sample_reply(p, prompt: str, max_tokens: int = 48) -> str:
+    """A greedy reply from the run's newest SFT (else pretraining) checkpoint."""
+    import torch
+
+    from trainer import checkpoint
+    from trainer.model import build_model
+    from trainer.tokenizer import Tokenizer
+
+    stage = "sft" if "sft" in [s.name for s in p.stages] else "pretrain"
+    url = checkpoint.latest(f"{p.urls['run']}/{stage}")
+    state, _ = checkpoint.load_model_state(url)
+    model = build_model(p.arch, "cpu")
+    model.load_state_dict(state)
+    model.eval()
+    tok = Tokenizer.load(p.urls["tokenizer"])
+    ids = tok.render_for_completion({"messages": [{"role": "user", "content": prompt},
+                                                  {"role": "assistant", "content": ""}]})
+    stop = {tok.encode_special("<|assistant_end|>"), tok.bos_id}
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(max_tokens):
+            x = torch.tensor([(ids + out)[-p.arch.seq_len:]])
+            nxt = int(model(x)[0, -1].argmax())
+            if nxt in stop:
+                break
+            out.append(nxt)
+    return tok.decode(out).strip()
