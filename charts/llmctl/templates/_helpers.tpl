@@ -55,7 +55,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 The trainer image reference: repository:tag, tag defaulting to the chart's appVersion.
 */}}
 {{- define "llmctl.image" -}}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag | toString) }}
 {{- end }}
 
 {{/*
