@@ -147,11 +147,13 @@ def _env(plan: RunPlan, cfg: ClusterConfig, extra: dict[str, str]) -> list[dict]
 
 
 def _pod_spec(plan: RunPlan, cfg: ClusterConfig, container: dict, *, node_selector: dict, tolerations,
-              service_account: str | None = None) -> dict:
+              service_account: str | None = None, api_token: bool = False) -> dict:
+    """`service_account` gives cloud identity (IRSA, workload identity: S3 from every Ray pod);
+    `api_token` mounts its Kubernetes API token, which only the head needs (progress reports)."""
     spec: dict = {}
     if service_account:
         spec["serviceAccountName"] = service_account
-    spec["automountServiceAccountToken"] = bool(service_account)  # only the head reports progress
+    spec["automountServiceAccountToken"] = bool(service_account and api_token)
     if cfg.priority_class:
         spec["priorityClassName"] = cfg.priority_class
     if node_selector:
@@ -186,7 +188,7 @@ def head_template(plan: RunPlan, cfg: ClusterConfig, extra_env: dict[str, str]) 
     c = _container(CONTAINERS["head"], cfg, _env(plan, cfg, extra_env), resources, ports)
     return {"metadata": {"labels": labels_for(plan, cfg, "head")},
             "spec": _pod_spec(plan, cfg, c, node_selector=cfg.head_node_selector, tolerations=cfg.head_tolerations,
-                              service_account=cfg.run_service_account)}
+                              service_account=cfg.run_service_account, api_token=True)}
 
 
 def worker_template(plan: RunPlan, cfg: ClusterConfig, gpus_per_pod: int, extra_env: dict[str, str]) -> dict:
@@ -199,7 +201,8 @@ def worker_template(plan: RunPlan, cfg: ClusterConfig, gpus_per_pod: int, extra_
                    cfg.worker_capabilities)
     selector = cfg.gpu_node_selectors.get(plan.spec.gpu_type, {})
     return {"metadata": {"labels": labels_for(plan, cfg, "worker")},
-            "spec": _pod_spec(plan, cfg, c, node_selector=selector, tolerations=cfg.gpu_tolerations)}
+            "spec": _pod_spec(plan, cfg, c, node_selector=selector, tolerations=cfg.gpu_tolerations,
+                              service_account=cfg.run_service_account)}
 
 
 def submitter_template(plan: RunPlan, cfg: ClusterConfig) -> dict:

@@ -414,7 +414,10 @@ def test_warm_cluster_pods_match_what_submit_renders(ci_docs):
     for a, b in [(rc["headGroupSpec"], mine["headGroupSpec"]), (rc["workerGroupSpecs"][0], mine["workerGroupSpecs"][0])]:
         assert a["rayStartParams"] == b["rayStartParams"]
         pa, pb = a["template"]["spec"], b["template"]["spec"]
-        for key in ("securityContext", "nodeSelector", "tolerations", "priorityClassName", "imagePullSecrets", "volumes"):
+        keys = ["securityContext", "nodeSelector", "tolerations", "priorityClassName", "imagePullSecrets", "volumes"]
+        if a is rc["workerGroupSpecs"][0]:  # the head differs when the warm cluster autoscales
+            keys += ["serviceAccountName", "automountServiceAccountToken"]
+        for key in keys:
             assert pa.get(key) == pb.get(key), key
         ca, cb = pa["containers"][0], pb["containers"][0]
         for key in ("name", "image", "imagePullPolicy", "ports", "resources", "securityContext", "volumeMounts", "envFrom"):

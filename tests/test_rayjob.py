@@ -184,11 +184,13 @@ def test_credentials_only_by_reference():
         ClusterConfig(env={"HF_TOKEN": "x"})
 
 
-def test_progress_reporting_account_only_on_the_head():
+def test_run_account_on_ray_pods_api_token_only_on_the_head():
     _, rj = rayjob(20, 8, ClusterConfig(run_service_account="llmctl-run"))
     head = rj["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
     assert head["serviceAccountName"] == "llmctl-run" and head["automountServiceAccountToken"] is True
-    assert workers(rj)[0]["template"]["spec"]["automountServiceAccountToken"] is False
+    worker = workers(rj)[0]["template"]["spec"]  # the account for cloud identity (S3 via IRSA), no API token
+    assert worker["serviceAccountName"] == "llmctl-run" and worker["automountServiceAccountToken"] is False
+    assert "serviceAccountName" not in rj["spec"]["submitterPodTemplate"]["spec"]
     assert rj["spec"]["submitterPodTemplate"]["spec"]["automountServiceAccountToken"] is False
     env = {e["name"]: e for e in head["containers"][0]["env"]}
     assert env["LLMCTL_RUN"]["value"] == rj["metadata"]["name"]
