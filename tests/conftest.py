@@ -12,6 +12,7 @@ Run: .venv/bin/pytest tests/test_data.py -v
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 
 import pytest
@@ -22,6 +23,8 @@ os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's per-request access log drowns failure output
 
 _bucket_ids = itertools.count()
 
