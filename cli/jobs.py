@@ -437,10 +437,14 @@ def register(sub) -> None:
         "  llmctl submit --depth 20 --gpus 16 --max-cost 200 --yes\n  llmctl submit --local",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     add_spec_args(p)
-    for action in p._actions:  # --local needs no depth: it plans its own small model
+    for action in p._actions:  # adapt the shared spec flags to submit
         if action.dest == "depth":
-            action.required = False
-    p.set_defaults(storage=None)  # default: the cluster config's storageRoot (the local run: ~/.cache)
+            action.required = False  # --local plans its own small model
+        elif action.dest == "storage":
+            action.help = f"storage root URL (default: the cluster config's storageRoot; --local: {LOCAL_STORAGE})"
+        elif action.dest == "price":
+            action.help = "$ per GPU-hour (default: the cluster config's prices, else the GPU type's catalog price)"
+    p.set_defaults(storage=None)
     g = p.add_argument_group("submission")
     g.add_argument("--local", action="store_true", help="run the small end-to-end pipeline on this machine instead")
     g.add_argument("--steps", type=int, help="with --local: pretraining steps (default: the local run's own)")
