@@ -91,7 +91,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--depth", type=int, default=12 if cuda else 4)
     ap.add_argument("--seq", type=int, default=2048 if cuda else 512)
-    ap.add_argument("--batch", type=int, default=0 if cuda else 2, help="sequences per step; 0 = largest that fits (CUDA)")
+    ap.add_argument("--batch", type=int, default=0 if cuda else 2,
+                    help="sequences per step; 0 = the largest power of two that fits (CUDA)")
     ap.add_argument("--vocab", type=int, default=32_768)
     ap.add_argument("--steps", type=int, default=10 if cuda else 5, help="timed steps")
     ap.add_argument("--warmup", type=int, default=5 if cuda else 2, help="untimed steps first (compile on CUDA)")

@@ -225,7 +225,8 @@ def test_rotary_scores_depend_only_on_relative_position():
     q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
 
     def score(m, n):
-        return (apply_rotary(q, cos[:, m:m + 1], sin[:, m:m + 1]) * apply_rotary(k, cos[:, n:n + 1], sin[:, n:n + 1])).sum()
+        qm = apply_rotary(q, cos[:, m:m + 1], sin[:, m:m + 1])
+        return (qm * apply_rotary(k, cos[:, n:n + 1], sin[:, n:n + 1])).sum()
 
     assert torch.allclose(score(10, 3), score(50, 43), atol=1e-4)
     assert not torch.allclose(score(10, 3), score(10, 4), atol=1e-4)
@@ -251,7 +252,8 @@ def test_build_model_runs_eager_fp32_on_cpu_with_the_reference_init():
         assert not block.attn.c_proj.weight.any() and not block.mlp.c_proj.weight.any()
         assert block.attn.c_q.weight.abs().max() <= s and block.attn.c_q.weight.abs().max() > 0.95 * s
         assert block.mlp.c_fc.weight.abs().max() <= 0.4 * s
-    gates = [model.smear_gate.weight] + [b.attn.ve_gate.weight for b in model.transformer.h if b.attn.ve_gate is not None]
+    gates = [model.smear_gate.weight]
+    gates += [b.attn.ve_gate.weight for b in model.transformer.h if b.attn.ve_gate is not None]
     assert all(0 <= g.min() and g.max() <= 0.02 for g in gates)
     assert torch.allclose(model.resid_lambdas, torch.tensor([1.15, 1.15 - 0.1 / 3, 1.15 - 0.2 / 3, 1.05]))
     assert torch.allclose(model.x0_lambdas, torch.tensor([0.20, 0.15, 0.10, 0.05]))

@@ -141,7 +141,8 @@ def muon_update(grads: Tensor, params: Tensor, momentum_buffer: Tensor, second_m
     X = X * (target / X.float().norm(dim=-1, keepdim=True).clamp_min(1e-6)).to(X.dtype)
     g = orthogonalize(X, ns_steps).to(params.dtype)
     # Muon+: Frobenius norm of an exactly semi-orthogonal matrix
-    g = g * (math.sqrt(min(g.size(-2), g.size(-1))) / g.float().norm(dim=(-2, -1), keepdim=True).clamp_min(1e-6)).to(g.dtype)
+    frob = g.float().norm(dim=(-2, -1), keepdim=True).clamp_min(1e-6)
+    g = g * (math.sqrt(min(g.size(-2), g.size(-1))) / frob).to(g.dtype)
     # NorMuon: factored second moment, then back to the same total norm
     v_mean = g.float().square().mean(dim=red_dim, keepdim=True)
     size = g.size(red_dim)
