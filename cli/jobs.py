@@ -214,7 +214,11 @@ def describe(rj: dict) -> tuple[str, str]:
 def _parse_time(ts: str | None) -> datetime.datetime | None:
     if not ts:
         return None
-    return datetime.datetime.strptime(ts, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.timezone.utc)
+    try:  # RFC 3339 as the API server writes it ("2026-01-01T00:00:00Z", maybe with fractions)
+        t = datetime.datetime.fromisoformat(ts.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return t if t.tzinfo else t.replace(tzinfo=datetime.timezone.utc)
 
 
 def _age(seconds: float) -> str:

@@ -18,7 +18,6 @@ Regenerate the extracted CRDs from the shared schema snapshot: `python -m tests.
 
 from __future__ import annotations
 
-import copy
 import functools
 import hashlib
 import json
@@ -259,10 +258,6 @@ def kuberay_raycluster_rules(cluster: dict, where: str) -> None:
 
 def load_yaml_stream(text: str) -> list[dict]:
     return [d for d in yaml.load_all(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) if d]
-
-
-def copy_of(obj: dict) -> dict:
-    return copy.deepcopy(obj)
 
 
 if __name__ == "__main__":

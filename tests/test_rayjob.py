@@ -8,7 +8,7 @@ Regenerate the golden examples after a deliberate change: LLMCTL_REGEN=1 .venv/b
 
 from __future__ import annotations
 
-import json
+import copy
 import math
 import os
 import re
@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cli.cluster import IMAGE, RAY_VERSION, ClusterConfig, UsageError, config_from_configmap
-from cli.main import main
-from cli.rayjob import (HEAD_PORTS, LayoutError, active_deadline_seconds, build_rayjob, entrypoint, to_yaml,
+from cli.cluster import IMAGE, RAY_VERSION, ClusterConfig, config_from_configmap
+from cli.main import UsageError, main
+from cli.rayjob import (HEAD_PORTS, LayoutError, active_deadline_seconds, build_rayjob, entrypoint,
                         worker_layout)
 from tests import schemas
 from trainer.plan import RunPlan, RunSpec, plan
@@ -219,6 +219,35 @@ def test_every_config_option_renders_a_valid_rayjob():
     assert env["NCCL_DEBUG"] == "INFO" and env["NCCL_SOCKET_IFNAME"] == "eth0"  # --env beats the default
     assert [e["name"] for e in c["env"]].count("NCCL_DEBUG") == 1
     assert rj["spec"]["submitterPodTemplate"]["spec"]["imagePullSecrets"] == [{"name": "regcred"}]
+
+
+def _head_container(rj):
+    return rj["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+
+
+MUTATIONS = {
+    "typo in a container field": (lambda rj: _head_container(rj).update(imagePullPolcy="Always"), "imagePullPolcy"),
+    "typo in the RayJob spec": (lambda rj: rj["spec"].update(shutdownAfterJobFinish=True), "shutdownAfterJobFinish"),
+    "typo in metadata": (lambda rj: rj["metadata"].update(label={}), "'label' was unexpected"),
+    "replicas as a string": (lambda rj: workers(rj)[0].update(replicas="2"), "is not of type 'integer'"),
+    "bad quantity": (lambda rj: _head_container(rj)["resources"]["limits"].update(cpu={"n": 8}), "cpu"),
+    "suspend without shutdown": (lambda rj: rj["spec"].update(suspend=True, shutdownAfterJobFinishes=False),
+                                 "suspend requires shutdownAfterJobFinishes"),
+    "name too long for KubeRay": (lambda rj: rj["metadata"].update(name="r" * 48), "at most 47 characters"),
+    "submitter that restarts": (lambda rj: rj["spec"]["submitterPodTemplate"]["spec"].update(restartPolicy="OnFailure"),
+                                "restartPolicy"),
+}
+
+
+@pytest.mark.parametrize("mutation", sorted(MUTATIONS))
+def test_validation_catches_what_the_api_server_or_kuberay_would_reject(mutation):
+    _, rj = rayjob(20, 16)
+    schemas.validate(rj)
+    change, message = MUTATIONS[mutation]
+    bad = copy.deepcopy(rj)
+    change(bad)
+    with pytest.raises(schemas.Invalid, match=re.escape(message)):
+        schemas.validate(bad)
 
 
 # ---------------------------------------------------------------------------------------------
