@@ -331,6 +331,47 @@ def test_each_value_changes_the_output(helm, chart, default_docs, case):
     assert docs != default_docs
 
 
+CONFIG_SAMPLES = {  # a non-default value for every leaf under `config` in values.schema.json
+    "rayVersion": "2.61.0", "storageRoot": "gs://b/p", "s3.endpoint": "http://minio:9000", "s3.region": "eu-west-1",
+    "s3.credentialsSecret": "s3creds", "prices": {"h100": 2.25}, "queue": "q", "priorityClass": "pc",
+    "labels": {"team": "a"}, "env": {"NCCL_IB_HCA": "mlx5"}, "readOnlyRootFilesystem": False, "head.cpu": "4",
+    "head.memory": "16Gi", "head.nodeSelector": {"pool": "cpu"},
+    "head.tolerations": [{"key": "k", "operator": "Exists"}], "workers.gpusPerNode": 4, "workers.cpuPerGpu": 10,
+    "workers.memoryPerGpuGi": 100, "workers.nodeSelectors": {"h100": {"pool": "gpu"}}, "workers.tolerations": [],
+    "workers.extraResources": {"rdma/ib": "1"}, "workers.capabilities": ["IPC_LOCK"],
+    "lifecycle.backoffLimit": 0, "lifecycle.ttlSecondsAfterFinished": 60, "lifecycle.preRunningDeadlineSeconds": 600,
+    "lifecycle.deadlineFactor": 2.5, "lifecycle.deadlineSlackSeconds": 0,
+}
+
+
+def test_every_config_value_reaches_the_configmap_and_the_cli(helm, chart, default_docs):
+    schema = json.loads((CHART / "values.schema.json").read_text())["properties"]["config"]
+
+    def leaves(node, prefix=""):
+        for k, v in node["properties"].items():
+            yield from (leaves(v, f"{prefix}{k}.") if "properties" in v else [prefix + k])
+
+    assert sorted(leaves(schema)) == sorted(CONFIG_SAMPLES), "add a sample for each new config key"
+    args = [a for path, v in CONFIG_SAMPLES.items() for a in ("--set-json", f"config.{path}={json.dumps(v)}")]
+    docs = render(helm, chart, *args)
+    got, default = _cm(docs), _cm(default_docs)
+
+    def has(node, value):  # helm merges maps into the defaults; lists and scalars replace them
+        if isinstance(value, dict):
+            return isinstance(node, dict) and all(k in node and has(node[k], v) for k, v in value.items())
+        return node == value
+
+    for path, value in CONFIG_SAMPLES.items():
+        node, base = got, default
+        for part in path.split("."):
+            node, base = node[part], base[part]
+        assert has(node, value) and not has(base, value), path
+    cfg = cluster_config(docs)  # and the CLI reads each of them
+    assert (cfg.storage_root, cfg.s3_region, cfg.queue, cfg.gpus_per_node, cfg.deadline_factor) == \
+        ("gs://b/p", "eu-west-1", "q", 4, 2.5)
+    assert cfg.gpu_node_selectors["h100"]["pool"] == "gpu" and cfg.gpu_tolerations == ()
+
+
 REFUSED = [
     (["--set", "config.workers.gpusPerNode=0"], "at '/config/workers/gpusPerNode': minimum"),
     (["--set", "confg.storageRoot=s3://x"], "additional properties 'confg' not allowed"),
