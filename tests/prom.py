@@ -148,12 +148,16 @@ class Prometheus:
             raise PrometheusError(f"{path} {params}: {body.get('errorType')}: {body.get('error')}")
         return body["data"]
 
-    def query(self, expr: str) -> list[dict]:
-        """An instant query at the current time: the result vector (empty when there is no data)."""
-        data = self.api("query", query=expr)
+    def query(self, expr: str, at: float | None = None) -> list[dict]:
+        """An instant query, now or at unix time `at`: the result vector (empty when there is no data)."""
+        data = self.api("query", query=expr, **({} if at is None else {"time": f"{at:.3f}"}))
         if data["resultType"] == "scalar":
             return [{"metric": {}, "value": data["result"]}]
         return data["result"]
+
+    def query_range(self, expr: str, start: float, end: float, step: float = 1.0) -> list[dict]:
+        """A range query: one {"metric", "values": [[t, "v"], ...]} per series."""
+        return self.api("query_range", query=expr, start=f"{start:.3f}", end=f"{end:.3f}", step=f"{step:g}")["result"]
 
     def targets_up(self) -> dict[str, str]:
         """scrape URL -> health ('up', 'down', 'unknown') of the active targets."""
