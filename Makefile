@@ -25,7 +25,7 @@ tools: $(BIN)/llmctl
 	@$(BIN)/python -m tests.tools
 
 run: setup
-	$(BIN)/llmctl plan --depth 26 --gpus 8
+	$(BIN)/llmctl submit --local
 
 test: setup
 	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)

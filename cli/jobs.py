@@ -20,7 +20,7 @@ import sys
 from cli.cluster import (PROGRESS_ANNOTATION, ClusterConfig, add_cluster_args, connect, load_config_file,
                          read_config, resolve_namespace)
 from cli.main import CLIError, UsageError
-from cli.plan import _hours, add_spec_args, render_table, spec_from_args
+from cli.plan import fmt_hours, add_spec_args, render_table, spec_from_args
 from trainer.plan import RunSpec, plan
 
 GROUP, VERSION, PLURAL = "ray.io", "v1", "rayjobs"
@@ -94,7 +94,7 @@ def check_budget(p) -> None:
     e, s = p.estimate, p.spec
     if s.budget_cap is not None and not e.within_budget:
         raise UsageError(
-            f"estimate ${e.total_dollars:,.2f} ({_hours(e.total_hours)} on {s.gpus} x {s.gpu_type} at "
+            f"estimate ${e.total_dollars:,.2f} ({fmt_hours(e.total_hours)} on {s.gpus} x {s.gpu_type} at "
             f"${e.price_per_gpu_hour:.2f}/GPU-h) exceeds --max-cost ${s.budget_cap:,.2f}; nothing was submitted "
             f"(raise --max-cost, or lower --depth or --ratio)")
 
@@ -142,7 +142,7 @@ def cmd_submit(args) -> int:
     _say(*(f"warning: {w}" for w in warnings), render_table(p), "")
     e = p.estimate
     if not args.yes and not _confirm(f"Submit {p.name} to namespace {kube.namespace}: {p.spec.gpus} x "
-                                     f"{p.spec.gpu_type} for about {_hours(e.total_hours)}, "
+                                     f"{p.spec.gpu_type} for about {fmt_hours(e.total_hours)}, "
                                      f"${e.total_dollars:,.2f}?"):
         _say("not submitted; nothing was created")
         return 1
@@ -303,13 +303,13 @@ def cmd_status(args) -> int:
     if s.get("pods"):
         rows.append(("pods", s["pods"]))
     if s["started"]:
-        rows.append(("time", f"{_hours(s['elapsed_hours'])} since {s['started']}"
-                             + (f" (estimate {_hours(s['estimate_hours'])})" if s["estimate_hours"] else "")))
+        rows.append(("time", f"{fmt_hours(s['elapsed_hours'])} since {s['started']}"
+                             + (f" (estimate {fmt_hours(s['estimate_hours'])})" if s["estimate_hours"] else "")))
     prog = s["progress"] or {}
     if prog.get("step") is not None and prog.get("steps"):
         line = f"{prog.get('stage', 'step')} step {prog['step']:,} / {prog['steps']:,} ({prog['step'] / prog['steps']:.0%})"
         if prog.get("eta_seconds") is not None:
-            line += f", ETA {_hours(prog['eta_seconds'] / 3600)}"
+            line += f", ETA {fmt_hours(prog['eta_seconds'] / 3600)}"
         rows.append(("progress", line + (f" (reported {prog['updated']})" if prog.get("updated") else "")))
     cost = []
     if prog.get("cost_dollars") is not None:

@@ -44,7 +44,7 @@ def spec_from_args(args: argparse.Namespace, **overrides) -> RunSpec:
     return RunSpec(**fields)
 
 
-def _n(x: float) -> str:
+def fmt_count(x: float) -> str:
     """Human number: 1.38B, 729.8M, 4.78e9 FLOPs kept readable."""
     for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(x) >= div:
@@ -52,7 +52,7 @@ def _n(x: float) -> str:
     return f"{x:g}"
 
 
-def _hours(h: float) -> str:
+def fmt_hours(h: float) -> str:
     return f"{h * 60:.0f} min" if h < 1 else f"{h:.2f} h"
 
 
@@ -70,15 +70,15 @@ def render_table(p: RunPlan) -> str:
                            f"head {p.optim.lr_lm_head:.3g}; weight decay {p.optim.weight_decay:.4g}"),
     ]
     for st in p.stages:
-        rows.append((st.name, f"{st.steps:,} steps, {_n(st.tokens)} tokens, {st.flops:.3g} FLOPs, "
-                              f"{_hours(st.hours)}, ${st.dollars:,.2f}"))
+        rows.append((st.name, f"{st.steps:,} steps, {fmt_count(st.tokens)} tokens, {st.flops:.3g} FLOPs, "
+                              f"{fmt_hours(st.hours)}, ${st.dollars:,.2f}"))
     rows += [
-        ("throughput", f"{_n(e.tokens_per_second)} tok/s on {s.gpus} x {s.gpu_type} at {e.mfu:.0%} MFU "
-                       f"(peak {e.peak_flops_per_gpu / 1e12:.0f} TFLOP/s)"),
-        ("overheads", ", ".join(f"{k.replace('_', ' ')} {_hours(v)}" for k, v in e.overhead_hours.items() if v)
+        ("throughput", f"{fmt_count(e.tokens_per_second)} tok/s on {s.gpus} x {s.gpu_type} at {e.mfu:.0%} MFU "
+                       f"(peak {fmt_count(e.peak_flops_per_gpu)}FLOP/s)"),
+        ("overheads", ", ".join(f"{k.replace('_', ' ')} {fmt_hours(v)}" for k, v in e.overhead_hours.items() if v)
          or "none"),
-        ("time", f"{_hours(e.total_hours)} ({_hours(e.train_hours)} training + "
-                 f"{_hours(e.total_hours - e.train_hours)} overheads)"),
+        ("time", f"{fmt_hours(e.total_hours)} ({fmt_hours(e.train_hours)} training + "
+                 f"{fmt_hours(e.total_hours - e.train_hours)} overheads)"),
         ("cost", f"${e.total_dollars:,.2f} (${e.train_dollars:,.2f} training + ${e.overhead_dollars:,.2f} overheads) "
                  f"at ${e.price_per_gpu_hour:.2f}/GPU-h"),
     ]

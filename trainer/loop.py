@@ -224,6 +224,22 @@ def _save(plan, stage, step, model, optimizer, loader, loop, rank, world, metric
     if chaos:  # fault tests: wait until Ray has registered this checkpoint, so "the last one" is certain
         ray.train.get_all_reported_checkpoints(timeout_s=120)
     metrics.on_checkpoint(time.perf_counter() - t0)
+    if rank == 0 and os.environ.get("LLMCTL_RUN"):
+        _report_progress(plan, stage, step, loop)
+
+
+def _report_progress(plan, stage, step, loop) -> None:
+    """In a cluster, write progress onto the RayJob (annotation read by `llmctl status`); never fatal."""
+    try:
+        from cli.cluster import report_progress
+
+        s = plan.stage(stage)
+        rate = loop["seconds"] / max(step, 1)
+        report_progress({"stage": stage, "step": step, "steps": s.steps, "tokens": loop["tokens"],
+                         "cost_dollars": loop["seconds"] / 3600 * plan.spec.gpus * plan.estimate.price_per_gpu_hour,
+                         "eta_seconds": (s.steps - step) * rate})
+    except Exception as e:  # noqa: BLE001 - progress is a courtesy; training goes on
+        print(f"[{stage}] could not report progress to the RayJob: {e}", flush=True)
 
 
 def _write_summary(plan, stage, step, loop, status, metrics, opts) -> None:
