@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 
 from cli.main import main as llmctl
 from tests.conftest import S3Server
-from trainer.data import (DataError, DocBuffer, PretrainLoader, ShardError, build_sample_corpus, iter_python_docs,
-                          list_shards, storage_options_from_env, write_shards)
+from trainer.data import (DataError, DocBuffer, PretrainLoader, ShardError, iter_python_docs, list_shards,
+                          storage_options_from_env, write_shards)
 from trainer.tokenizer import Tokenizer
 
 B, T = 4, 96
@@ -239,22 +239,6 @@ def test_bad_locations_and_settings_fail_with_one_clear_line(tmp_path, tok):
     loader = PretrainLoader(str(tmp_path / "two"), tok, batch_size=1, seq_len=8, rank=1, world_size=2)
     with pytest.raises(DataError, match="rank 1 of 2 gets no row groups"):
         next(loader)
-
-
-def test_shard_layout_is_the_reference(tmp_path):
-    import pyarrow.parquet as pq
-
-    urls = build_sample_corpus(str(tmp_path / "s"), mb=0.3, shards=3, row_group_size=32)
-    assert len(urls) >= 2 and all(u.endswith(".parquet") for u in urls)
-    md = pq.ParquetFile(urls[0]).metadata
-    assert md.schema.names == ["text"]
-    sizes = [md.row_group(i).num_rows for i in range(md.num_row_groups)]
-    assert set(sizes[:-1]) == {32} and sizes[-1] <= 32 and len(pq.read_table(urls[0])) % 32 == 0
-    col = md.row_group(0).column(0)
-    assert col.compression == "ZSTD" and not col.has_dictionary_page and col.statistics is None
-    # everything in one shard's worth: the tail still becomes a val shard
-    one = write_shards([f"doc {i}" for i in range(30)], str(tmp_path / "one"), row_group_size=8)
-    assert len(one) == 2 and len(pq.read_table(one[1])) == 3
 
 
 def test_storage_options_from_env():

@@ -24,7 +24,8 @@ import json
 import os
 import random
 import re
-from trainer.data import DataError, DocBuffer, _progress, filesystem
+from trainer.corpus import _progress
+from trainer.data import DataError, DocBuffer, filesystem
 
 LETTERS = "ABCD"
 REFERENCE_REPEATS = {"smoltalk": 1, "mmlu": 3, "gsm8k": 4}  # nanochat chat_sft.py mixture (LOG 2026-02-16)

@@ -282,7 +282,8 @@ def iter_shard_texts(data_url: str, *, split: str = "train", max_chars: int | No
                      storage_options: dict | None = None, show_progress: bool = False) -> Iterable[str]:
     """Documents of the train (all shards but the last) or val (the last) split, in order, each cropped to
     `doc_cap` characters, until `max_chars` characters were yielded."""
-    from trainer.data import _progress, _Shards, list_shards
+    from trainer.corpus import _progress
+    from trainer.data import _Shards, list_shards
 
     urls = list_shards(data_url, storage_options)
     urls = urls[-1:] if split == "val" else urls[:-1] or urls
