@@ -59,10 +59,13 @@ def wait_until(condition: Callable[[], T], what: str, timeout: float = 60.0) -> 
 
 
 class Prometheus:
-    """One Prometheus server scraping `targets` (host:port, path /metrics) as job `job`, every `interval`."""
+    """One Prometheus server scraping `targets` (host:port, path /metrics) as job `job`, every `interval`.
+
+    The default job is what prometheus-operator names the chart's trainer PodMonitor's job
+    (<namespace>/<fullname>-trainer), which the exporter-down alert selects on."""
 
     def __init__(self, workdir: Path, targets: Iterable[str], *, rule_files: Iterable[Path] = (),
-                 job: str = "llmctl", interval: str = "1s") -> None:
+                 job: str = "default/llmctl-trainer", interval: str = "1s") -> None:
         if shutil.which("prometheus") is None:
             raise PrometheusError("prometheus is not installed (python -m tests.tools installs it)")
         self.workdir = Path(workdir)
