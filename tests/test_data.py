@@ -245,3 +245,19 @@ def test_storage_options_from_env():
     assert storage_options_from_env({}) == {}
     assert storage_options_from_env({"AWS_ENDPOINT_URL": "http://minio:9000"}) == {"endpoint_url": "http://minio:9000"}
     assert storage_options_from_env({"AWS_ENDPOINT_URL": "a", "AWS_ENDPOINT_URL_S3": "b"}) == {"endpoint_url": "b"}
+
+
+def test_a_dropped_loader_stops_reading_ahead(tmp_path, tok, docs):
+    import gc
+    import threading
+
+    url = str(tmp_path / "d")
+    write_shards(docs[:200], url, shard_chars=20_000, row_group_size=8)
+    loader = PretrainLoader(url, tok, batch_size=2, seq_len=32, buffer_size=4, prefetch=1)  # epochs=None: endless
+    next(loader)
+    mine = [t for t in threading.enumerate() if url in t.name]
+    assert len(mine) == 1 and mine[0].is_alive()
+    del loader  # an eval's val loader, say, that nobody closes
+    gc.collect()
+    mine[0].join(timeout=30)
+    assert not mine[0].is_alive()

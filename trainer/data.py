@@ -36,6 +36,7 @@ import os
 import queue
 import threading
 import time
+import weakref
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator
@@ -287,9 +288,103 @@ class DocBuffer:
         return [self._items[s][1] for s in sorted(self._items)]
 
 
-# --------------------------------------------------------------------------- the loader
+# --------------------------------------------------------------------------- reading ahead (producer thread)
 _END = object()
 
+
+class _Reader:
+    """One rank's row-group stream: fetches ahead on I/O threads and tokenizes on a producer thread, handing
+    `((epoch, shard, rg), arrays)` to the loader through a bounded queue. It holds no reference to the loader,
+    so a loader dropped without `close()` is collected, and its finalizer stops this thread."""
+
+    def __init__(self, shards: _Shards, *, rank: int, world_size: int, epochs: int | None, prefetch: int,
+                 io_threads: int, encode: Callable, tokenizer_threads: int, skip_corrupt: bool, where: str):
+        self.shards, self.names = shards, [os.path.basename(u) for u in shards.urls]
+        self.rank, self.world_size, self.epochs, self.prefetch = rank, world_size, epochs, prefetch
+        self.encode, self.tokenizer_threads, self.skip_corrupt, self.where = encode, tokenizer_threads, skip_corrupt, where
+        self.io = ThreadPoolExecutor(io_threads, thread_name_prefix="shard-io")
+        self.queue: queue.Queue = queue.Queue(maxsize=prefetch)
+        self.stop = threading.Event()
+        self.skipped: list[list] = []
+        self.thread: threading.Thread | None = None
+
+    def start(self, after) -> None:
+        self.thread = threading.Thread(target=self._produce, args=(after,), daemon=True, name=f"loader-{self.where}")
+        self.thread.start()
+
+    def shutdown(self) -> None:
+        self.stop.set()
+        if self.thread is not None and self.thread is not threading.current_thread():
+            self.thread.join(timeout=10)
+        self.io.shutdown(wait=False, cancel_futures=True)
+
+    def positions(self, after) -> Iterator[tuple[int, int, int]]:
+        """(epoch, shard, row group) this rank reads next, strictly after `after`: row groups r, r+W, ..."""
+        W, r = self.world_size, self.rank
+        epoch, s0, rg0 = after if after else (1, 0, None)
+        while self.epochs is None or epoch <= self.epochs:
+            full_pass, found = s0 == 0 and rg0 is None, False
+            for s in range(s0, len(self.names)):
+                try:
+                    n = self.shards.num_row_groups(s)
+                except ShardError as e:
+                    if not self.skip_corrupt:
+                        raise
+                    self.skip(e, s, -1)
+                    continue
+                first = r if rg0 is None or s != s0 else rg0 + W
+                for rg in range(first, n, W):
+                    found = True
+                    yield epoch, s, rg
+            if full_pass and not found:
+                raise DataError(f"rank {r} of {W} gets no row groups from {self.where}: "
+                                f"use more/smaller row groups or fewer ranks")
+            epoch, s0, rg0 = epoch + 1, 0, None
+
+    def skip(self, error: Exception, s: int, rg: int) -> None:
+        """Log and count an undecodable shard (rg = -1) or row group, once per location."""
+        entry = [self.names[s], rg]
+        if entry not in self.skipped:
+            log.warning("skipping %s%s: %s", self.names[s], f" row group {rg}" if rg >= 0 else "", error)
+            self.skipped.append(entry)
+
+    def _put(self, item) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _produce(self, after) -> None:
+        try:
+            positions = self.positions(after)
+            pending: deque = deque()
+            while not self.stop.is_set():
+                while len(pending) < self.prefetch:
+                    pos = next(positions, None)
+                    if pos is None:
+                        break
+                    pending.append((pos, self.io.submit(self.shards.read_row_group, pos[1], pos[2])))
+                if not pending:
+                    self._put(_END)
+                    return
+                pos, fut = pending.popleft()
+                try:
+                    arrays = self.encode(fut.result(), num_threads=self.tokenizer_threads)
+                except ShardError as e:
+                    if not self.skip_corrupt:
+                        raise
+                    self.skip(e, pos[1], pos[2])
+                    arrays = None
+                if not self._put((pos, arrays)):
+                    return
+        except BaseException as e:  # handed to the consumer, raised there with its own message
+            self._put(e)
+
+
+# --------------------------------------------------------------------------- the loader
 
 class PretrainLoader:
     """Yields `(inputs, targets)` LongTensors of shape (batch_size, seq_len); see the module docstring."""
@@ -318,23 +413,23 @@ class PretrainLoader:
             shards = shards[:-1]
         self.url, self.tokenizer, self.split = url, tokenizer, split
         self.B, self.T, self.rank, self.world_size = batch_size, seq_len, rank, world_size
-        self.buffer_size, self.tokenizer_threads, self.prefetch, self.epochs = buffer_size, tokenizer_threads, prefetch, epochs
-        self.skip_corrupt = skip_corrupt
+        self.buffer_size, self.epochs = buffer_size, epochs
         self.bos = tokenizer.bos_id
-        self._shards = _Shards(shards, storage_options, retries, retry_backoff, on_retry)
-        self._names = [os.path.basename(u) for u in shards]
-        self._io = ThreadPoolExecutor(io_threads, thread_name_prefix="shard-io")
-        self._encode = getattr(tokenizer, "encode_batch_arrays", None) or (
+        encode = getattr(tokenizer, "encode_batch_arrays", None) or (
             lambda texts, num_threads: tokenizer.encode_batch(texts, num_threads=num_threads))
+        self._reader = _Reader(_Shards(shards, storage_options, retries, retry_backoff, on_retry), rank=rank,
+                               world_size=world_size, epochs=epochs, prefetch=prefetch, io_threads=io_threads,
+                               encode=encode, tokenizer_threads=tokenizer_threads, skip_corrupt=skip_corrupt,
+                               where=f"the {split} split of {url} (rank {rank})")
+        self._finalizer = weakref.finalize(self, self._reader.shutdown)  # a dropped loader stops its threads
+        self._names = self._reader.names
         self._buffer = DocBuffer(length=lambda a: len(a) + 1)  # +1: the BOS written in front
         self._after: tuple[int, int, int] | None = None  # (epoch, shard, row group) last taken into the buffer
         self._exhausted = False
-        self._queue: queue.Queue | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._started = False
         self.batches = 0
         self.wait_seconds = 0.0  # time __next__ spent waiting for data (metric llmctl_data_wait_seconds_total)
-        self.stats = {"docs": 0, "tokens": 0, "cropped_tokens": 0, "row_groups": 0, "skipped": []}
+        self.stats = {"docs": 0, "tokens": 0, "cropped_tokens": 0, "row_groups": 0, "skipped": self._reader.skipped}
         import torch
 
         self._torch = torch
@@ -378,96 +473,27 @@ class PretrainLoader:
             self._after = (epoch, shard(name), rg)
         wanted = [(shard(name), rg, docs) for name, rg, docs in state["buffer"]]
         groups = list(dict.fromkeys((s, rg) for s, rg, _ in wanted))
-        texts = dict(zip(groups, self._io.map(lambda g: self._shards.read_row_group(*g), groups)))
+        reader = self._reader
+        texts = dict(zip(groups, reader.io.map(lambda g: reader.shards.read_row_group(*g), groups)))
         for s, rg, docs in wanted:
-            arrays = self._encode([texts[(s, rg)][j] for j in docs], num_threads=self.tokenizer_threads)
+            arrays = reader.encode([texts[(s, rg)][j] for j in docs], num_threads=reader.tokenizer_threads)
             for j, a in zip(docs, arrays):
                 self._buffer.add(a, (s, rg, j))
         self.batches = state["batches"]
-        self.stats["skipped"] = list(state.get("skipped", []))
-
-    # ----------------------------------------------------------- reading (producer thread)
-    def _positions(self, after) -> Iterator[tuple[int, int, int]]:
-        """(epoch, shard, row group) this rank reads next, strictly after `after`."""
-        W, r = self.world_size, self.rank
-        epoch, s0, rg0 = after if after else (1, 0, None)
-        while self.epochs is None or epoch <= self.epochs:
-            full_pass, found = s0 == 0 and rg0 is None, False
-            for s in range(s0, len(self._names)):
-                try:
-                    n = self._shards.num_row_groups(s)
-                except ShardError as e:
-                    if not self.skip_corrupt:
-                        raise
-                    self._skip(e, epoch, s, -1)
-                    continue
-                first = r if rg0 is None or s != s0 else rg0 + W
-                for rg in range(first, n, W):
-                    found = True
-                    yield epoch, s, rg
-            if full_pass and not found:
-                raise DataError(f"rank {r} of {W} gets no row groups from the {self.split} split of {self.url}: "
-                                f"use more/smaller row groups or fewer ranks")
-            epoch, s0, rg0 = epoch + 1, 0, None
-
-    def _skip(self, error: Exception, epoch: int, s: int, rg: int) -> None:
-        """Log and count an undecodable shard (rg = -1) or row group, once per location."""
-        entry = [self._names[s], rg]
-        if entry not in self.stats["skipped"]:
-            log.warning("skipping %s%s: %s", self._names[s], f" row group {rg}" if rg >= 0 else "", error)
-            self.stats["skipped"].append(entry)
-
-    def _produce(self, after) -> None:
-        q, stop = self._queue, self._stop
-
-        def put(item) -> bool:
-            while not stop.is_set():
-                try:
-                    q.put(item, timeout=0.1)
-                    return True
-                except queue.Full:
-                    continue
-            return False
-
-        try:
-            positions = self._positions(after)
-            pending: deque = deque()
-            while True:
-                while len(pending) < self.prefetch:
-                    pos = next(positions, None)
-                    if pos is None:
-                        break
-                    pending.append((pos, self._io.submit(self._shards.read_row_group, pos[1], pos[2])))
-                if not pending:
-                    put(_END)
-                    return
-                pos, fut = pending.popleft()
-                try:
-                    arrays = self._encode(fut.result(), num_threads=self.tokenizer_threads)
-                except ShardError as e:
-                    if not self.skip_corrupt:
-                        raise
-                    self._skip(e, pos[0], pos[1], pos[2])
-                    arrays = None
-                if not put((pos, arrays)):
-                    return
-        except BaseException as e:  # handed to the consumer, raised there with its own message
-            put(e)
+        self._reader.skipped[:] = state.get("skipped", [])
 
     def _take_row_group(self) -> None:
-        if self._thread is None:
-            self._queue = queue.Queue(maxsize=self.prefetch)
-            self._thread = threading.Thread(target=self._produce, args=(self._after,), daemon=True,
-                                            name=f"loader-{self.split}-r{self.rank}")
-            self._thread.start()
+        if not self._started:
+            self._reader.start(self._after)
+            self._started = True
         t0 = time.perf_counter()
-        item = self._queue.get()
+        item = self._reader.queue.get()
         self.wait_seconds += time.perf_counter() - t0
         if item is _END:
             self._exhausted = True
             return
         if isinstance(item, BaseException):
-            self._queue.put(item)  # keep failing on every call, not just the first
+            self._reader.queue.put(item)  # keep failing on every call, not just the first
             raise item
         (epoch, s, rg), arrays = item
         self._after = (epoch, s, rg)
@@ -523,22 +549,14 @@ class PretrainLoader:
         return x, y
 
     def close(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-        self._io.shutdown(wait=False, cancel_futures=True)
+        """Stop reading ahead (also done when the loader is garbage-collected)."""
+        self._finalizer()
 
     def __enter__(self) -> "PretrainLoader":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-    def __del__(self):
-        try:
-            self._stop.set()
-        except AttributeError:
-            pass
 
 
 _CORPUS = ("ShardWriter", "write_shards", "iter_source_texts", "iter_python_docs", "build_sample_corpus")
