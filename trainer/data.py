@@ -511,6 +511,7 @@ class PretrainLoader:
         cap = self.T + 1
         rows = np.empty((self.B, cap), dtype=np.int64)
         taken: list[tuple] = []
+        cropped = 0
         try:
             for r in range(self.B):
                 pos = 0
@@ -526,7 +527,7 @@ class PretrainLoader:
                     n = min(len(doc) + 1, space)
                     rows[r, pos] = self.bos
                     rows[r, pos + 1:pos + n] = doc[:n - 1]
-                    self.stats["cropped_tokens"] += len(doc) + 1 - n
+                    cropped += len(doc) + 1 - n
                     pos += n
         except BaseException:
             for item in taken:  # leave the buffer as it was, so state_dict() still skips nothing
@@ -534,6 +535,7 @@ class PretrainLoader:
             raise
         self.batches += 1
         self.stats["docs"] += len(taken)
+        self.stats["cropped_tokens"] += cropped
         self.stats["tokens"] += self.B * self.T
         return self._to_device(rows)
 
