@@ -155,3 +155,27 @@ def test_pretrain_then_sft_end_to_end_on_s3(ray_cluster, inputs, s3_server):
     assert sorted(f.rsplit("/", 1)[1] for f in fs.ls(ckpt, detail=False)) == [
         "loader_rank0.json", "loader_rank1.json", "meta.json", "model.pt", "optim_rank0.pt", "optim_rank1.pt"]
     assert any(d.rsplit("/", 1)[1].startswith("sft_step") for d in fs.ls(f"{run_dir}/sft", detail=False))
+
+
+@pytest.mark.slow
+def test_budget_cap_stops_cleanly_with_a_checkpoint(ray_cluster, inputs):
+    from trainer import checkpoint
+    from trainer.launch import run
+
+    # $720,000 per GPU-hour on 2 workers = $400/s of wall time: a $50 cap is reached within the first steps.
+    p = tiny_plan(inputs, "capped", price_per_gpu_hour=720_000.0, budget_cap=50.0)
+    summary = run(p, storage_options={})
+    pre = summary["stages"]["pretrain"]
+    assert summary["status"] == "stopped" and pre["status"] == "budget_cap_reached"
+    assert 0 < pre["steps"] < 30 and "sft" not in summary["stages"]
+    latest = checkpoint.latest(f"{p.urls['run']}/pretrain")
+    assert latest and latest.endswith(checkpoint.dir_name("pretrain", pre["steps"]))
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_the_run_with_a_clear_error(ray_cluster, inputs, tmp_path):
+    from trainer.launch import LaunchError, run
+
+    p = tiny_plan(inputs, "diverged", stages=("pretrain",))
+    with pytest.raises(LaunchError, match=r"stage pretrain stopped at step 5: the loss became NaN/inf"):
+        run(p, storage_options={}, chaos={"nan_at_step": 5, "marker": str(tmp_path / "unused")})

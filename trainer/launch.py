@@ -109,6 +109,8 @@ def run(p: RunPlan, *, storage_options: dict | None = None, max_failures: int = 
         config = {"plan": p.to_json(), "stage": st.name, "storage_options": opts, "log_every": log_every,
                   "metrics_port_base": metrics_port_base, "checkpoint_upload": checkpoint_upload,
                   "trace": trace, "chaos": chaos}
+        config["prior_seconds"] = sum(s["seconds"] for s in stages.values())
+        config["prior_tokens"] = sum(s["tokens"] for s in stages.values())
         if st.name == "sft" and "pretrain" in stages:
             config["init_model"] = checkpoint.latest(f"{p.urls['run']}/pretrain", storage_options=opts)
         storage_path, storage_fs = ray_storage(p.urls["run"], opts)

@@ -9,7 +9,7 @@ trainer/plan.py; nothing here invents a hyperparameter.
 config keys: plan (RunPlan JSON), stage, storage_options, init_model (checkpoint URL to start SFT from),
 metrics_port_base (None = no HTTP exporter), log_every, trace (a local JSONL path: per-step data
 fingerprints, for the exact-resume tests), checkpoint_upload (async | sync), chaos (fault injection for the fault tests: kill_at_step, rank,
-marker, during_save).
+marker, during_save; nan_at_step).
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ def train_loop(config: dict) -> None:
         torch.set_float32_matmul_precision("high")
     torch.manual_seed(plan.spec.seed)
     opts = config.get("storage_options") or {}
+    # Earlier stages' wall time and tokens: spend, the budget cap and the dashboards cover the whole run.
+    prior_seconds, prior_tokens = config.get("prior_seconds", 0.0), config.get("prior_tokens", 0)
     log_every = config.get("log_every", 10)
 
     # ---------------------------------------------------------------- model and optimizer
@@ -81,7 +83,7 @@ def train_loop(config: dict) -> None:
     metrics = RunMetrics(plan, stage.name, rank=rank, local_rank=local_rank, world_size=world,
                          device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                          port=None if port_base is None else port_base + local_rank,
-                         prior_seconds=loop["seconds"], prior_tokens=loop["tokens"])
+                         prior_seconds=prior_seconds + loop["seconds"], prior_tokens=prior_tokens + loop["tokens"])
     trace = open(config["trace"], "a") if config.get("trace") else None
     chaos = config.get("chaos") or {}
     price = plan.estimate.price_per_gpu_hour * plan.spec.gpus / 3600  # dollars per second, whole run
@@ -100,7 +102,7 @@ def train_loop(config: dict) -> None:
         data_wait = time.perf_counter() - t0
         if trace and batches:
             _trace(trace, step, rank, batches)
-        spent = loop["seconds"] * price
+        spent = (prior_seconds + loop["seconds"]) * price
         stop = _agree(device, exhausted, cap is not None and spent >= cap)
         if stop[0]:
             break  # SFT: one epoch done on some rank
@@ -123,10 +125,13 @@ def train_loop(config: dict) -> None:
             loss_sum += loss.detach()
         optimizer.step()
         model.zero_grad(set_to_none=True)
+        if chaos.get("nan_at_step") == step:
+            loss_sum.fill_(float("nan"))  # fault tests: a diverged step
         if world > 1:
             dist.all_reduce(loss_sum)  # SUM: gloo has no AVG
         loss_value = loss_sum.item() / world
         if not math.isfinite(loss_value):
+            metrics.on_step(step + 1, 0, time.perf_counter() - t0, data_wait, loss_value)  # the NaN alert sees it
             status = STATUS_NONFINITE
             _say(rank, f"[{stage.name}] loss is {loss_value} at step {step}: stopping (lower the LR or check data)")
             break
@@ -219,7 +224,7 @@ def _save(plan, stage, step, model, optimizer, loader, loop, rank, world, metric
     _maybe_die(chaos, step, rank, during_save=True)
     # ASYNC: the upload overlaps the next steps (ray PR #55637); the last save waits so the stage ends whole.
     mode = ray.train.CheckpointUploadMode.SYNC if sync else ray.train.CheckpointUploadMode.ASYNC
-    ray.train.report({"step": step, **metrics.snapshot()}, checkpoint=ray.train.Checkpoint.from_directory(path),
+    ray.train.report({**metrics.snapshot(), "step": step}, checkpoint=ray.train.Checkpoint.from_directory(path),
                      checkpoint_dir_name=checkpoint.dir_name(stage, step), checkpoint_upload_mode=mode)
     if chaos:  # fault tests: wait until Ray has registered this checkpoint, so "the last one" is certain
         ray.train.get_all_reported_checkpoints(timeout_s=120)
