@@ -210,6 +210,7 @@ def _evaluate(model, plan, stage, tokenizer, token_bytes, rank, world, device, o
         bpb = evaluate_bpb(model, loader, max(1, stage.eval_tokens // (B * T * world)), token_bytes)
     finally:
         model.train()
+        getattr(loader, "close", lambda: None)()  # stop its prefetch threads
     loop["val_bpb"] = bpb
     loop["val_history"].append([step, bpb])
     metrics.on_val(bpb)

@@ -249,7 +249,7 @@ class Architecture:
     padded_vocab_size: int
     seq_len: int
     window_pattern: str
-    windows: tuple[int, ...]  # per layer: tokens a query sees (itself included), <= seq_len
+    windows: tuple[int, ...]  # per layer: w, a query sees itself and the w tokens before it (FA3 window_size=(w, 0))
     value_embed_layers: tuple[int, ...]
 
 
