@@ -8,7 +8,8 @@ trainer/plan.py; nothing here invents a hyperparameter.
 
 config keys: plan (RunPlan JSON), stage, storage_options, init_model (checkpoint URL to start SFT from),
 metrics_port_base (None = no HTTP exporter), log_every, trace (a local JSONL path: per-step data
-fingerprints, for the exact-resume tests), checkpoint_upload (async | sync), chaos (fault injection for the fault tests: kill_at_step, rank,
+fingerprints and wall-clock stamps, for the exact-resume tests and bench/ray_overhead.py),
+checkpoint_upload (async | sync), chaos (fault injection for the fault tests: kill_at_step, rank,
 marker, during_save; nan_at_step).
 """
 
@@ -285,7 +286,7 @@ def _trace(f, step: int, rank: int, batches) -> None:
     h = hashlib.sha256()
     for x, _ in batches:
         h.update(x.cpu().numpy().tobytes())
-    f.write(json.dumps({"step": step, "rank": rank, "fp": h.hexdigest()[:16]}) + "\n")
+    f.write(json.dumps({"step": step, "rank": rank, "fp": h.hexdigest()[:16], "t": time.time()}) + "\n")
     f.flush()
 
 
