@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 
@@ -246,7 +247,7 @@ def _report_progress(plan, stage, step, loop) -> None:
                          "cost_dollars": loop["seconds"] / 3600 * plan.spec.gpus * plan.estimate.price_per_gpu_hour,
                          "eta_seconds": (s.steps - step) * rate})
     except Exception as e:  # noqa: BLE001 - progress is a courtesy; training goes on
-        print(f"[{stage}] could not report progress to the RayJob: {e}", flush=True)
+        _say(0, f"[{stage}] could not report progress to the RayJob: {e}")
 
 
 def _write_summary(plan, stage, step, loop, status, metrics, opts) -> None:
@@ -266,8 +267,11 @@ def _write_summary(plan, stage, step, loop, status, metrics, opts) -> None:
 
 
 def _say(rank: int, msg: str) -> None:
+    """A progress line from rank 0. Written to stdout directly: Ray Train patches `print` into its logger,
+    which would show every line twice on the driver (stdout and the logger's stderr)."""
     if rank == 0:
-        print(msg, flush=True)
+        sys.stdout.write(msg + "\n")
+        sys.stdout.flush()
 
 
 def _log(rank, stage, step, loop, loss, dt, tokens, metrics) -> None:
@@ -277,9 +281,9 @@ def _log(rank, stage, step, loop, loss, dt, tokens, metrics) -> None:
     tps = tokens / dt if dt > 0 else 0.0
     remaining = (stage.steps - step) * loop["seconds"] / max(step, 1)
     mfu = snap.get("mfu")
-    print(f"[{stage.name}] step {step}/{stage.steps} ({step / stage.steps:.0%}) loss {loss:.4f} "
-          f"dt {dt * 1e3:.0f}ms tok/s {tps:,.0f}" + (f" mfu {mfu:.1%}" if mfu else "")
-          + f" eta {remaining / 60:.1f}m", flush=True)
+    _say(rank, f"[{stage.name}] step {step}/{stage.steps} ({step / stage.steps:.0%}) loss {loss:.4f} "
+               f"dt {dt * 1e3:.0f}ms tok/s {tps:,.0f}" + (f" mfu {mfu:.1%}" if mfu else "")
+               + f" eta {remaining / 60:.1f}m")
 
 
 def _trace(f, step: int, rank: int, batches) -> None:
