@@ -348,3 +348,32 @@ def test_bad_eval_specs_name_the_field(fields, bad):
 
     with pytest.raises(PlanError, match=f"^{bad}"):
         RunSpec(depth=4, **fields)
+
+
+# -------------------------------------------------------------------------------------------- the eval stage, for real
+
+
+def test_the_eval_stage_on_a_local_ray_cluster(tmp_path_factory):
+    """tests/finished_run.py ran pretraining, SFT and then `eval_loop` on 2 Ray workers (gloo); check what it left."""
+    from tests.finished_run import finished_run
+
+    p = finished_run(tmp_path_factory)
+    run = p.urls["run"][len("file://"):]
+    results = json.loads(open(f"{run}/eval/results.json").read())
+    summary = json.loads(open(f"{run}/eval/summary.json").read())
+    assert summary["status"] == "completed" and summary["steps"] == 2 and summary["tokens"] == 0
+    assert results["world_size"] == 2 and set(results["models"]) == {"base", "chat"}
+    base, chat = results["models"]["base"], results["models"]["chat"]
+    # The same val tokens as each stage's own last val pass, on the same checkpoint: the same bpb, exactly.
+    for model, stage in ((base, "pretrain"), (chat, "sft")):
+        trained = json.loads(open(f"{run}/{stage}/summary.json").read())
+        assert model["stage"] == stage and model["step"] == trained["steps"]
+        assert model["val_bpb"] == trained["val_bpb"]
+        assert model["bpb_tokens"] == p.stage(stage).eval_tokens
+    core = base["core"]
+    assert core["smoke_test"] and [t for t in core["tasks"]] == ["smoke_lm", "smoke_mc", "smoke_schema"]
+    assert all(t["examples"] == 24 for t in core["tasks"].values())
+    assert core["core"] == pytest.approx(sum(t["centered"] for t in core["tasks"].values()) / 3)
+    assert summary["core"] == core["core"] and summary["val_bpb"] == base["val_bpb"]
+    assert [s["prompt"] for s in base["samples"]] == list(ev.BASE_PROMPTS)
+    assert [s["prompt"] for s in chat["samples"]] == list(ev.CHAT_PROMPTS) and "core" not in chat

@@ -1,0 +1,173 @@
+"""`llmctl chat RUN`: talk to a finished run's model, streamed token by token from a KV-cache engine.
+
+Loads the run's newest whole SFT checkpoint (`--stage base`: the pretrained model; `--step N`: that step) from
+the run's storage (a local path, file:// or s3:// through fsspec), renders the conversation exactly as SFT
+rendered it (trainer/tokenizer.py `render_for_completion`), and streams the reply until `<|assistant_end|>`.
+One-shot with `--prompt`; otherwise interactive, keeping the history (`/clear` starts over, `/quit` leaves).
+Runs on CPU, or on a GPU when there is one. A missing run, checkpoint or stage is one line on stderr, exit 2.
+The base model gets the bare text (BOS first) and continues it.
+
+Examples:
+  llmctl chat gpt-d4-2xcpu-1a2b3c4d --prompt "What does the json module do?"
+  llmctl chat s3://bucket/runs/my-run --temperature 0 --max-tokens 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from cli.main import UsageError
+
+STAGES = {"sft": "sft", "chat": "sft", "base": "pretrain", "pretrain": "pretrain"}  # --stage -> plan stage
+HELP = "/clear starts a new conversation, /quit (or Ctrl-D) leaves"
+
+
+def register(sub) -> None:
+    p = sub.add_parser("chat", help="talk to a run's model (streams the reply)", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", metavar="RUN", help="run name (under --storage) or the run's URL/path")
+    p.add_argument("-p", "--prompt", help="one message, one reply, exit (default: interactive)")
+    p.add_argument("--stage", default="sft", choices=sorted(STAGES), help="sft/chat (default) or base/pretrain")
+    p.add_argument("--step", type=int, help="checkpoint step (default: the newest whole one)")
+    p.add_argument("-t", "--temperature", type=float, default=0.6, help="0 = greedy (default 0.6)")
+    p.add_argument("-k", "--top-k", type=int, default=50, help="sample among the k likeliest tokens (default 50)")
+    p.add_argument("-m", "--max-tokens", type=int, default=256, help="tokens per reply at most (default 256)")
+    p.add_argument("--seed", type=int, default=42, help="sampling seed (default 42)")
+    p.add_argument("--storage", default="file://~/.cache/llmctl", help="storage root where run names are looked up")
+    p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:N")
+    p.set_defaults(func=cmd_chat)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    if args.temperature < 0:
+        raise UsageError(f"--temperature must be >= 0, got {args.temperature}")
+    if args.top_k < 1 or args.max_tokens < 1:
+        raise UsageError("--top-k and --max-tokens must be >= 1")
+    session = Session.open(args)
+    if args.prompt is not None:
+        session.reply(args.prompt, sys.stdout)
+        return 0
+    return session.interactive(sys.stdin, sys.stdout)
+
+
+class Session:
+    """A loaded model, its tokenizer and engine, and the conversation so far."""
+
+    def __init__(self, args, plan: dict, model, tokenizer, label: str) -> None:
+        from trainer.engine import Engine
+
+        self.args, self.plan, self.model, self.tokenizer, self.label = args, plan, model, tokenizer, label
+        self.chat = STAGES[args.stage] == "sft"
+        self.engine = Engine.for_chat(model, tokenizer) if self.chat else Engine(model, stop_tokens=[tokenizer.bos_id])
+        self.history: list[dict] = []
+        self.turn = 0
+
+    @classmethod
+    def open(cls, args) -> Session:
+        from trainer.data import storage_options_from_env
+        from trainer.report import RunNotFound, read_plan, run_url
+
+        url = run_url(args.run, args.storage)
+        opts = storage_options_from_env() if url.startswith("s3") else {}
+        try:
+            plan = read_plan(url, opts)
+        except RunNotFound:
+            raise UsageError(f"run {args.run!r} not found: no plan.json at {url}") from None
+        stage = STAGES[args.stage]
+        if stage not in [s["name"] for s in plan["stages"]]:
+            other = "base" if stage == "sft" else "sft"
+            raise UsageError(f"run {plan['name']} has no {stage} stage (it has "
+                             f"{', '.join(s['name'] for s in plan['stages'])}); try --stage {other}")
+
+        import torch
+
+        from trainer import checkpoint
+        from trainer.model import build_model
+        from trainer.plan import Architecture
+        from trainer.tokenizer import Tokenizer
+
+        ckpt = checkpoint.latest(f"{url}/{stage}", storage_options=opts, step=args.step)
+        if ckpt is None:
+            which = f"at step {args.step}" if args.step is not None else "yet"
+            raise UsageError(f"run {plan['name']} has no whole {stage} checkpoint {which} under {url}/{stage}")
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+        arch = plan["arch"]
+        arch = Architecture(**{**arch, "windows": tuple(arch["windows"]),
+                               "value_embed_layers": tuple(arch["value_embed_layers"])})
+        state, meta = checkpoint.load_model_state(ckpt, storage_options=opts, device=device)
+        model = build_model(arch, device, compile=False)
+        model.load_state_dict(state)
+        model.eval()
+        tokenizer = Tokenizer.load(plan["urls"]["tokenizer"], storage_options=opts)
+        return cls(args, plan, model, tokenizer, f"{plan['name']} ({stage} step {meta.step})")
+
+    def prompt_ids(self, text: str) -> list[int]:
+        """The conversation so far plus `text`, rendered as SFT rendered it, ending in <|assistant_start|>.
+        The oldest turns are dropped while the prompt and a full reply would not fit the model's context."""
+        if not self.chat:
+            return self.tokenizer.encode(text, prepend_bos=True)
+        context = self.plan["arch"]["seq_len"]
+        while True:
+            conv = {"messages": [*self.history, {"role": "user", "content": text},
+                                 {"role": "assistant", "content": ""}]}
+            ids = self.tokenizer.render_for_completion(conv)
+            if len(ids) + self.args.max_tokens <= context or not self.history:
+                return ids
+            self.history = self.history[2:]
+
+    def reply(self, text: str, out) -> str:
+        """Stream the reply to `text` to `out`; remember the exchange; return the reply."""
+        from trainer.engine import stream_text
+
+        ids = self.prompt_ids(text)
+        stop = self.engine.stop_tokens
+
+        def tokens():
+            for column in self.engine.generate(ids, max_tokens=self.args.max_tokens,
+                                               temperature=self.args.temperature, top_k=self.args.top_k,
+                                               seed=self.args.seed + self.turn):
+                if column[0] in stop:
+                    return
+                yield column[0]
+
+        pieces = []
+        try:
+            for piece in stream_text(self.tokenizer, tokens()):
+                pieces.append(piece)
+                out.write(piece)
+                out.flush()
+        except KeyboardInterrupt:  # Ctrl-C cuts the reply short, not the session
+            out.write(" [interrupted]")
+        out.write("\n")
+        out.flush()
+        reply = "".join(pieces).strip()
+        self.turn += 1
+        if self.chat:
+            self.history += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
+        return reply
+
+    def interactive(self, inp, out) -> int:
+        out.write(f"llmctl chat: {self.label}. {HELP}.\n")
+        out.flush()
+        while True:
+            out.write("you> ")
+            out.flush()
+            line = inp.readline()
+            if not line:  # EOF (Ctrl-D, or the end of a pipe)
+                out.write("\n")
+                return 0
+            text = line.strip()
+            if not text:
+                continue
+            if text in ("/quit", "/exit"):
+                return 0
+            if text == "/clear":
+                self.history, self.turn = [], 0
+                out.write("(conversation cleared)\n")
+                continue
+            if text.startswith("/"):
+                out.write(f"(unknown command {text.split()[0]}; {HELP})\n")
+                continue
+            out.write("assistant> ")
+            self.reply(text, out)

@@ -1,0 +1,161 @@
+"""`llmctl chat` on a run made by the local pipeline: one-shot, interactive through a pipe and a pseudo-terminal,
+history and /clear, s3:// storage, and the one-line errors (exit 2).
+
+The run is tests/finished_run.py's (pretraining, SFT and eval on a local Ray cluster, built once per session).
+Run: .venv/bin/pytest tests/test_cli_chat.py
+"""
+
+import argparse
+import os
+import pty
+import select
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.finished_run import finished_run
+
+LLMCTL = str(Path(sys.executable).parent / "llmctl")
+PROMPT = "What does the json module do?"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return finished_run(tmp_path_factory)
+
+
+def llmctl(*args, env=None, stdin=None):
+    return subprocess.run([LLMCTL, *args], capture_output=True, text=True, input=stdin, timeout=300,
+                          env={**os.environ, **(env or {})})
+
+
+def expected_reply(p, text, max_tokens=24):
+    """The reply the engine gives in-process: the SFT checkpoint, SFT's rendering, greedy."""
+    import torch
+
+    from trainer import checkpoint
+    from trainer.engine import Engine
+    from trainer.model import build_model
+    from trainer.tokenizer import Tokenizer
+
+    state, _ = checkpoint.load_model_state(checkpoint.latest(f"{p.urls['run']}/sft"))
+    model = build_model(p.arch, "cpu")
+    model.load_state_dict(state)
+    tok = Tokenizer.load(p.urls["tokenizer"])
+    ids = tok.render_for_completion({"messages": [{"role": "user", "content": text},
+                                                  {"role": "assistant", "content": ""}]})
+    with torch.no_grad():
+        out = Engine.for_chat(model.eval(), tok).generate_batch(ids, max_tokens=max_tokens, temperature=0.0)[0]
+    return tok.decode(out).strip()
+
+
+def test_one_shot_prints_the_reply(run):
+    r = llmctl("chat", run.urls["run"], "--prompt", PROMPT, "-t", "0", "-m", "24")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == expected_reply(run, PROMPT)
+    assert r.stdout.strip(), "the run's chat model should say something"
+    # By name under --storage, and sampling at T > 0 with a seed is repeatable.
+    root = run.urls["runs_root"][: -len("/runs")]
+    a = llmctl("chat", run.name, "--storage", root, "-p", PROMPT, "-t", "0.8", "--seed", "5", "-m", "16")
+    b = llmctl("chat", run.name, "--storage", root, "-p", PROMPT, "-t", "0.8", "--seed", "5", "-m", "16")
+    assert a.returncode == b.returncode == 0 and a.stdout == b.stdout
+
+
+def test_interactive_through_a_pipe(run):
+    r = llmctl("chat", run.urls["run"], "-t", "0", "-m", "24", stdin=f"{PROMPT}\n/clear\n{PROMPT}\n/quit\n")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "/clear starts a new conversation" in out and "(conversation cleared)" in out
+    replies = [part.split("\nyou> ", 1)[0].strip() for part in out.split("assistant> ")[1:]]
+    # After /clear the same question is asked afresh: the same greedy reply as the one-shot command.
+    assert replies == [expected_reply(run, PROMPT)] * 2
+
+
+def test_interactive_in_a_pseudo_terminal(run):
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([LLMCTL, "chat", run.urls["run"], "-t", "0", "-m", "12"], stdin=slave, stdout=slave,
+                            stderr=slave, close_fds=True)
+    os.close(slave)
+    buf = b""
+
+    def read_until(marker: bytes, timeout=120.0) -> str:
+        nonlocal buf
+        deadline = time.monotonic() + timeout
+        while marker not in buf:
+            ready, _, _ = select.select([master], [], [], max(0.0, deadline - time.monotonic()))
+            assert ready, f"no {marker!r} within {timeout} s; got {buf!r}"
+            buf += os.read(master, 4096)
+        seen, buf = buf.split(marker, 1)
+        return seen.decode(errors="replace")
+
+    try:
+        read_until(b"you> ")
+        os.write(master, b"hello there\n")
+        turn = read_until(b"you> ")
+        assert "assistant> " in turn
+        os.write(master, b"/bogus\n")
+        assert "unknown command /bogus" in read_until(b"you> ")
+        os.write(master, b"\x04")  # Ctrl-D at the start of a line: end of input
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
+
+
+def test_history_is_kept_and_cleared(run):
+    from cli.chat import Session
+
+    args = argparse.Namespace(run=run.urls["run"], storage="file://~/.cache/llmctl", stage="sft", step=None,
+                              temperature=0.0, top_k=50, max_tokens=8, seed=42, device="cpu")
+    s = Session.open(args)
+    first = s.reply("hi", open(os.devnull, "w"))
+    want = s.tokenizer.render_for_completion({"messages": [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": first},
+        {"role": "user", "content": "and then?"}, {"role": "assistant", "content": ""}]})
+    assert s.prompt_ids("and then?") == want
+    # A context that cannot hold the history and a full reply drops the oldest turns first.
+    s.args.max_tokens = run.arch.seq_len - len(s.prompt_ids("x" * 20)) + 1
+    s.prompt_ids("x" * 20)
+    assert s.history == []
+
+
+def test_chat_from_s3(run, s3_server, tmp_path):
+    bucket = s3_server.bucket("runs")
+    fs = s3_server.fs()
+    local = run.urls["run"][len("file://"):]
+    fs.put(local, f"{bucket[5:]}/runs/{run.name}", recursive=True)
+    r = llmctl("chat", f"{bucket}/runs/{run.name}", "-p", PROMPT, "-t", "0", "-m", "24",
+               env={"AWS_ENDPOINT_URL": s3_server.endpoint_url})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == expected_reply(run, PROMPT)
+
+
+def test_errors_are_one_line_and_exit_2(run, tmp_path):
+    missing = llmctl("chat", "no-such-run", "--storage", f"file://{tmp_path}", "-p", "hi")
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "not found" in missing.stderr
+    assert not (tmp_path / "runs").exists(), "a failed chat creates nothing"
+    step = llmctl("chat", run.urls["run"], "--step", "999", "-p", "hi")
+    assert step.returncode == 2 and step.stderr.count("\n") == 1 and "no whole sft checkpoint at step 999" in step.stderr
+    # A run that only pretrained has no chat model: asking for one names the way out.
+    base_only = tmp_path / "base-only"
+    base_only.mkdir()
+    local = Path(run.urls["run"][len("file://"):])
+    plan = (local / "plan.json").read_text().replace('"name": "sft"', '"name": "sft-removed"')
+    (base_only / "plan.json").write_text(plan)
+    shutil.copytree(local / "pretrain", base_only / "pretrain")
+    wrong = llmctl("chat", str(base_only), "-p", "hi")
+    assert wrong.returncode == 2 and wrong.stderr.count("\n") == 1 and "--stage base" in wrong.stderr
+    ok = llmctl("chat", str(base_only), "--stage", "base", "-p", "The capital of France is", "-t", "0", "-m", "8")
+    assert ok.returncode == 0 and ok.stdout.strip()
+    empty = tmp_path / "no-ckpt"
+    empty.mkdir()
+    (empty / "plan.json").write_text((local / "plan.json").read_text())
+    none = llmctl("chat", str(empty), "-p", "hi")
+    assert none.returncode == 2 and "no whole sft checkpoint yet" in none.stderr
+    bad = llmctl("chat", run.urls["run"], "-p", "hi", "--temperature", "-1")
+    assert bad.returncode == 2 and "--temperature" in bad.stderr

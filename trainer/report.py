@@ -1,0 +1,228 @@
+"""The run's report card: what was planned, what happened, how good the model is, and what it says.
+
+`write_report(run_url)` reads what a run leaves in its directory and writes `report.md` (for people) and
+`report.json` (the same facts, for tools) beside it:
+
+    plan.json                  the RunPlan (trainer/launch.py write_plan)
+    summary.json               the run's totals against the estimate (launch.summarize)
+    <stage>/summary.json       each training stage's steps, tokens, seconds, dollars, loss, val bpb (loop.py)
+    eval/results.json          the eval stage: val bpb per model, CORE per task, samples (evaluate.py)
+
+Sections: the plan; measured time, tokens, throughput, MFU and dollars against the estimate; loss and bits per
+byte; CORE per task with GPT-2's reference scores (a smoke-test bundle is labelled as such: it checks the
+pipeline, it does not measure capability); samples from the base and chat models. Missing pieces (a run still
+going, no eval stage) are said plainly rather than failing. Torch-free: `llmctl report` imports it.
+
+Also here, for `llmctl chat` and `llmctl report`: `run_url` (a run name or URL -> the run's URL) and
+`read_plan` (the stored plan as a dict, readable even when a newer version would plan it differently).
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+
+DEFAULT_STORAGE = "file://~/.cache/llmctl"
+REPORT_FORMAT = "llmctl.report/v1"
+# CORE of the reference models (nanochat-facts.md §9); GPT-2 XL is the speedrun's target.
+GPT2_CORE = (("GPT-2 124M", 0.1139), ("GPT-2 355M", 0.1849), ("GPT-2 774M", 0.2146), ("GPT-2 XL 1.5B", 0.256525))
+SMOKE_NOTE = ("Smoke test: this CORE figure comes from a tiny bundle the local run built from held-out text, "
+              "scored through the same code path as the DCLM bundle. It shows the pipeline works; it is not a "
+              "capability score and is not comparable with GPT-2's.")
+
+
+class RunNotFound(LookupError):
+    """No run (no plan.json) at the resolved URL."""
+
+
+def _expand(url: str) -> str:
+    import os
+
+    if url.startswith("file://"):
+        return "file://" + os.path.abspath(os.path.expanduser(url[len("file://"):]))
+    if "://" not in url:
+        return "file://" + os.path.abspath(os.path.expanduser(url))
+    return url
+
+
+def run_url(run: str, storage: str = DEFAULT_STORAGE) -> str:
+    """A run name -> `<storage>/runs/<name>`; a URL (`s3://…`, `file://…`) or a path -> itself, expanded."""
+    if "://" in run or run.startswith(("/", ".", "~")):
+        return _expand(run).rstrip("/")
+    return f"{_expand(storage).rstrip('/')}/runs/{run}"
+
+
+def _fs(url: str, storage_options: dict | None):
+    import fsspec
+
+    return fsspec.core.url_to_fs(url, **(storage_options or {}))
+
+
+def read_json(url: str, storage_options: dict | None = None) -> dict | None:
+    """The JSON document at `url`, or None when there is none."""
+    fs, path = _fs(url, storage_options)
+    try:
+        return json.loads(fs.cat_file(path))
+    except FileNotFoundError:
+        return None
+
+
+def read_plan(url: str, storage_options: dict | None = None) -> dict:
+    """The run's stored plan as a dict (not re-planned: a run made by an older version still opens)."""
+    plan = read_json(f"{url}/plan.json", storage_options)
+    if plan is None:
+        raise RunNotFound(f"no run at {url} (no plan.json there)")
+    return plan
+
+
+# -------------------------------------------------------------------------------------------- gathering
+
+
+def gather(url: str, storage_options: dict | None = None) -> dict:
+    """Everything the report shows, as one JSON-able dict (this is report.json)."""
+    plan = read_plan(url, storage_options)
+    summary = read_json(f"{url}/summary.json", storage_options)
+    stages = {}
+    for st in plan["stages"]:
+        done = read_json(f"{url}/{st['name']}/summary.json", storage_options)
+        stages[st["name"]] = {"planned": {k: st[k] for k in ("steps", "tokens", "hours", "dollars")},
+                              "measured": done}
+    evals = read_json(f"{url}/eval/results.json", storage_options)
+    if evals is not None and "eval" not in stages:  # evaluated outside the plan (e.g. a plan from before eval)
+        stages["eval"] = {"planned": None, "measured": read_json(f"{url}/eval/summary.json", storage_options)}
+    spec, arch, est = plan["spec"], plan["arch"], plan["estimate"]
+    return {"format": REPORT_FORMAT, "run": plan["name"], "url": url, "status": (summary or {}).get("status", "unfinished"),
+            "spec": {k: spec[k] for k in ("depth", "gpus", "gpu_type", "precision", "ratio", "seq_len")},
+            "model": {"n_layer": arch["n_layer"], "n_embd": arch["n_embd"], "n_head": arch["n_head"],
+                      "vocab_size": arch["vocab_size"], "seq_len": arch["seq_len"],
+                      "window_pattern": arch["window_pattern"], "params": plan["params"]["total"],
+                      "scaling_params": plan["params"]["scaling"], "flops_per_token": plan["flops_per_token"]},
+            "estimate": {k: est[k] for k in ("mfu", "mfu_source", "peak_flops_per_gpu", "tokens_per_second",
+                                             "train_hours", "total_hours", "total_dollars", "price_per_gpu_hour")},
+            "stages": stages, "totals": summary, "eval": evals}
+
+
+# -------------------------------------------------------------------------------------------- rendering
+
+
+def _hours(h: float | None) -> str:
+    if h is None:
+        return "–"
+    s = h * 3600
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min" if s < 7200 else f"{h:.2f} h"
+
+
+def _num(x: float | None, fmt: str = ",.0f") -> str:
+    return "–" if x is None else format(x, fmt)
+
+
+def _cell(text: str) -> str:
+    """Text safe inside a markdown table cell: one line, pipes escaped."""
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", "⏎ ").strip() or "(empty)"
+
+
+def _measured_row(name: str, s: dict, d: dict) -> str:
+    planned, m = s["planned"], s["measured"]
+    if m is None:
+        return f"| {name} | not run | | | {_hours(planned and planned['hours'])} | | | | ${_num(planned and planned['dollars'], ',.2f')} |"
+    secs = m.get("seconds") or 0.0
+    tokens = m.get("tokens", 0)
+    tps = tokens / secs if secs and name != "eval" else None  # eval: forward passes of mixed kinds, no rate
+    gpus, peak = d["spec"]["gpus"], d["estimate"]["peak_flops_per_gpu"]
+    mfu = d["model"]["flops_per_token"] * tps / (gpus * peak) if tps and peak else None
+    if name == "eval":
+        tokens = m.get("tokens_evaluated", 0)
+    steps = f"{m.get('steps', '–')}" + (f"/{planned['steps']}" if planned else "")
+    return (f"| {name} | {m.get('status', '–')} | {steps} | {_num(tokens)} | {_hours(secs / 3600)} / "
+            f"{_hours(planned and planned['hours'])} | {_num(tps)} | {_num(mfu, '.1%') if mfu is not None else '–'} | "
+            f"${_num(m.get('dollars'), ',.2f')} | ${_num(planned and planned['dollars'], ',.2f')} |")
+
+
+def render(d: dict) -> str:
+    """report.md from `gather`'s dict."""
+    sp, mo, est = d["spec"], d["model"], d["estimate"]
+    out = [f"# Run report: {d['run']}", "",
+           f"Status **{d['status']}** · d{sp['depth']} on {sp['gpus']} x {sp['gpu_type']} · `{d['url']}`", "",
+           "## Plan", "",
+           f"- model: {mo['n_layer']} layers, {mo['n_embd']} wide, {mo['n_head']} heads, vocab {mo['vocab_size']:,}, "
+           f"context {mo['seq_len']}, windows {mo['window_pattern']}; {mo['params']:,} parameters "
+           f"({mo['scaling_params']:,} scaling), {mo['flops_per_token']:.4g} FLOPs/token",
+           f"- recipe: ratio {sp['ratio']} tokens per scaling parameter, {sp['precision']}",
+           f"- estimate: {_hours(est['total_hours'])} ({_hours(est['train_hours'])} training), "
+           f"${est['total_dollars']:,.2f} at ${est['price_per_gpu_hour']:.2f}/GPU-h, "
+           f"{est['tokens_per_second']:,.0f} tok/s at {est['mfu']:.0%} MFU ({est['mfu_source']})", "",
+           "## Measured against the estimate", "",
+           "| stage | status | steps | tokens | time / estimate | tok/s | MFU | $ | $ estimate |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    out += [_measured_row(name, s, d) for name, s in d["stages"].items()]
+    t = d["totals"]
+    if t:
+        out += ["", f"Whole run: {t.get('tokens', 0):,} tokens trained in {_hours(t.get('hours'))} "
+                    f"(estimate {_hours(t['estimate']['total_hours'])}), ${t.get('dollars', 0):,.2f} "
+                    f"(estimate ${t['estimate']['total_dollars']:,.2f})."]
+    out += ["", "tok/s and MFU are wall-clock averages over the stage (evaluations and checkpoints included), "
+                "against the plan's peak per GPU" + (" (a nominal CPU peak on local runs)" if sp["gpu_type"] == "cpu"
+                                                     else "") + ". The eval stage's tokens are those of its bpb "
+                "passes (CORE's are not counted); its steps are the models it scored."]
+
+    out += ["", "## Loss and bits per byte", "", "| model | stage | train loss (EMA) | val bpb |", "|---|---|---|---|"]
+    models = (d["eval"] or {}).get("models", {})
+    for name, model in (("base", "pretrain"), ("chat", "sft")):
+        m = d["stages"].get(model, {}).get("measured")
+        ev = models.get(name)
+        if m is None and ev is None:
+            continue
+        bpb = ev["val_bpb"] if ev else (m or {}).get("val_bpb")
+        loss = (m or {}).get("train_loss_ema")
+        out.append(f"| {name} | {model} | {_num(loss, '.4f')} | {_num(bpb, '.4f')} |")
+    if models:
+        out += ["", "val bpb: the eval stage's figure on the stage's validation tokens (the same definition and "
+                    "tokens as training's val pass)."]
+
+    out += ["", "## CORE", ""]
+    core = models.get("base", {}).get("core")
+    if core is None:
+        out.append("CORE not measured: " + ("the run has no eval stage results yet." if not d["eval"]
+                                            else "no base model was evaluated."))
+    elif "skipped" in core:
+        out.append(f"CORE not measured: {core['skipped']}")
+    else:
+        if core.get("smoke_test"):
+            out += [f"> {SMOKE_NOTE}", ""]
+        out += ["| task | type | shots | examples | accuracy | random baseline | centered |", "|---|---|---|---|---|---|---|"]
+        for label, r in core["tasks"].items():
+            out.append(f"| {label} | {r['type']} | {r['shots']} | {r['examples']} | {r['accuracy']:.4f} | "
+                       f"{r['baseline'] / 100:.2f} | {r['centered']:.4f} |")
+        refs = ", ".join(f"{n} {v:.4f}" for n, v in GPT2_CORE)
+        out += ["", f"**CORE {core['core']:.4f}** (mean centered accuracy over {len(core['tasks'])} tasks; "
+                    f"bundle `{core['bundle']}`). Reference: {refs} (the speedrun's target)."]
+
+    out += ["", "## Samples", ""]
+    if not models:
+        out.append("No samples: the eval stage has not run.")
+    for name, title in (("base", "Base model"), ("chat", "Chat model")):
+        m = models.get(name)
+        if not m or not m.get("samples"):
+            continue
+        out += [f"### {title} ({m['stage']} step {m['step']}, greedy)", ""]
+        if name == "base":
+            out += ["| prompt | continuation |", "|---|---|"]
+            out += [f"| {_cell(s['prompt'])} | {_cell(s['completion'])} |" for s in m["samples"]]
+        else:
+            for s in m["samples"]:
+                out += [f"**user:** {_cell(s['prompt'])}  ", f"**assistant:** {_cell(s['reply'])}", ""]
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def write_report(run_url: str, storage_options: dict | None = None) -> str:
+    """Write `<run>/report.md` and `<run>/report.json` from what the run left behind; return the markdown."""
+    d = gather(run_url.rstrip("/"), storage_options)
+    text = render(d)
+    fs, root = _fs(run_url, storage_options)
+    for name, body in (("report.json", json.dumps(d, indent=2)), ("report.md", text)):
+        path = posixpath.join(root, name)
+        with fs.open(path + ".tmp", "w") as f:
+            f.write(body)
+        fs.mv(path + ".tmp", path)
+    return text
