@@ -1,0 +1,287 @@
+"""Ray Train's cost over torchrun on the same training loop, and the stall a checkpoint causes — one run.
+
+    .venv/bin/python bench/ray_overhead.py [--pairs 3] [--steps 60] [--config local|tiny] [--storage file|s3]
+
+The loop is `trainer.loop.train_loop` itself, with one plan and one config, on two launchers:
+- **Ray**: `trainer.launch.run(plan)`, i.e. `TorchTrainer(train_loop)` with 2 CPU workers and gloo on a local
+  Ray cluster (started once here; its start is reported on its own line);
+- **torchrun**: `torchrun --nproc_per_node 2 bench/ray_overhead.py --worker <config>`; each process runs
+  `TorchTrainer(train_loop, ScalingConfig(num_workers=0))`, Ray Train's local mode, which takes rank, world
+  size and the gloo process group from torchrun's environment and calls train_loop in-process (no Ray
+  cluster; `ray.train.report` keeps a checkpoint where it was written instead of uploading it).
+
+Step times come from the loop's data trace: one record per step and rank, stamped as the step begins, so the
+gap between two records is one whole iteration (compute, gradient all-reduce, logging, any checkpoint save,
+and the next fetch); the two ranks' gaps are averaged. The first `--warmup` steps are dropped.
+1. per-step ratio, Ray / torchrun: median gap of each run, with checkpoints only at the end (outside the
+   timed steps); pairs alternate which launcher goes first; the median ratio over pairs and its spread.
+   Setup (launch to the first step, which includes the step-0 val pass) and teardown (last step to exit)
+   are reported apart (goal for the steady state: <= 1.03; perf-anchors §3: Ray's parity run +0.9-2.3%).
+2. checkpoint stall: a Ray run saving every `--every` steps with ASYNC upload (the loop's default). Stall of
+   one checkpoint = the gaps from the one holding the save through the next `--window - 1` (the upload runs
+   in the background there) minus as many clean-step medians, in steps (goal <= 1 step). For reference, the
+   same with SYNC upload and under torchrun (a local save, no upload). Keep checkpoints >= ~2 s apart, as
+   in real runs (minutes): Ray Train's controller takes one report per worker per poll, every 2 s
+   (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S), so a report sooner than that waits for the previous one (the
+   training thread under SYNC, the upload thread under ASYNC); the script warns when the cadence is shorter.
+
+Checkpoints land in `--storage`: local files, or S3 (moto's server in its own process on loopback, through
+s3fs; uploads cost CPU on this machine, as a real object store's client does). The machine's load average is
+printed with every run: on a shared machine, compare figures only from one quiet run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+BENCH = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(BENCH))
+
+from trainer.plan import RunSpec, plan  # noqa: E402
+
+WORKERS = 2
+POLL_S = 2.0  # ray.train.v2 DEFAULT_HEALTH_CHECK_INTERVAL_S: how often the controller collects reports
+TINY = dict(depth=2, vocab_size=512, seq_len=64, device_batch_size=4)  # tests/test_launch.py's model
+
+
+def spec(args, name: str, root: str, every: int) -> RunSpec:
+    """The embedded default (cli/local.py LOCAL) or the tests' tiny model, for `--steps` steps, with val
+    passes only at the first and last step and checkpoints every `every` steps (and at the last)."""
+    from cli.local import LOCAL
+
+    fields = {**LOCAL, **(TINY if args.config == "tiny" else {})}
+    fields["total_batch_size"] = WORKERS * fields["device_batch_size"] * fields["seq_len"]
+    fields["eval_tokens"] = fields["total_batch_size"]
+    fields.update(num_iterations=args.steps, eval_every=args.steps, checkpoint_every=every, gpus=WORKERS,
+                  gpu_type="cpu", keep_checkpoints=2)
+    return RunSpec(storage_root=root, name=name, dataset="sample", sft_dataset="sample-sft",
+                   tokenizer=f"sample-{fields['vocab_size']}", stages=("pretrain",), **fields)
+
+
+# ------------------------------------------------------------------ the two launchers
+
+
+def launch_ray(p, opts, trace: str, upload: str) -> dict:
+    from trainer.launch import run
+
+    t0 = time.time()
+    summary = run(p, storage_options=opts, log_every=10**6, checkpoint_upload=upload, trace=trace,
+                  metrics_port_base=None, max_failures=0)
+    assert summary["status"] == "completed", summary
+    return {"start": t0, "end": time.time()}
+
+
+def launch_torchrun(p, opts, trace: str, upload: str, work: str) -> dict:
+    import fsspec
+
+    from trainer.launch import write_plan
+
+    write_plan(p, opts)  # as run() does; the loop writes the stage summary beside it
+    fs, root = fsspec.core.url_to_fs(f"{p.urls['run']}/pretrain", **opts)
+    fs.makedirs(root, exist_ok=True)
+    # The same keys trainer.launch.run gives each stage.
+    config = {"plan": p.to_json(), "stage": "pretrain", "storage_options": opts, "log_every": 10**6,
+              "metrics_port_base": None, "checkpoint_upload": upload, "trace": trace, "chaos": None}
+    path = os.path.join(work, f"{p.name}.json")
+    with open(path, "w") as f:
+        json.dump(config, f)
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    cmd = [torchrun, "--nproc_per_node", str(WORKERS), "--master_addr", "127.0.0.1", "--master_port",
+           str(free_port()), os.path.abspath(__file__), "--worker", path]
+    env = {**os.environ, "TMPDIR": work}  # local mode never deletes its checkpoint folders
+    log = os.path.join(work, f"{p.name}.log")
+    t0 = time.time()
+    with open(log, "w") as f:
+        rc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+    end = time.time()
+    if rc:
+        with open(log) as f:
+            raise SystemExit(f"torchrun exited with {rc}:\n{f.read()[-4000:]}")
+    return {"start": t0, "end": end}
+
+
+def worker(config_path: str) -> None:
+    """One torchrun process: train_loop under Ray Train's local mode (ranks from torchrun's environment)."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from trainer.loop import train_loop
+
+    with open(config_path) as f:
+        config = json.load(f)
+    TorchTrainer(train_loop, train_loop_config=config, scaling_config=ScalingConfig(num_workers=0),
+                 run_config=RunConfig(name="bench-torchrun", storage_path=os.path.dirname(config_path))).fit()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------ reading the trace
+
+
+def gaps(trace: str) -> tuple[dict[int, float], float, float]:
+    """{step: seconds from this step's start to the next one's}, averaged over ranks; and the first and
+    last stamps (any rank)."""
+    t: dict[int, dict[int, float]] = {}
+    with open(trace) as f:
+        for line in f:
+            r = json.loads(line)
+            t.setdefault(r["rank"], {})[r["step"]] = r["t"]
+    ranks = list(t.values())
+    steps = sorted(set.intersection(*(set(r) for r in ranks)))
+    out = {s: statistics.fmean(r[s + 1] - r[s] for r in ranks) for s in steps if s + 1 in steps}
+    stamps = [v for r in ranks for v in r.values()]
+    return out, min(stamps), max(stamps)
+
+
+def measure(kind: str, launch, args, root, opts, work, n: int, every: int, upload: str) -> dict:
+    name = f"bench-{kind}-{upload}-{every}-{n}"
+    p = plan(spec(args, name, root, every))
+    trace = os.path.join(work, f"{name}.jsonl")
+    load0 = os.getloadavg()[0]
+    t = launch(p, opts, trace, upload) if kind == "ray" else launch(p, opts, trace, upload, work)
+    g, first, last = gaps(trace)
+    steady = {s: v for s, v in g.items() if s >= args.warmup}
+    return {"kind": kind, "upload": upload, "every": every, "gaps": steady,
+            "median": statistics.median(steady.values()), "setup": first - t["start"], "teardown": t["end"] - last,
+            "load": (load0, os.getloadavg()[0])}
+
+
+def stall(r: dict, window: int) -> dict:
+    """Excess time of each checkpoint's window over clean steps, in units of the clean median step."""
+    g, every = r["gaps"], r["every"]
+    ckpt = [s for s in g if (s + 1) % every == 0]  # gap s holds the save of checkpoint s + 1
+    hit = {s + j for s in ckpt for j in range(window)}
+    clean = statistics.median(v for s, v in g.items() if s not in hit)
+    excess = [sum(g[s + j] for j in range(window)) - window * clean
+              for s in ckpt if all(s + j in g for j in range(window))]
+    first = [g[s] / clean for s in ckpt]
+    return {"clean": clean, "n": len(excess), "steps": [e / clean for e in excess], "save_gap": first}
+
+
+# ------------------------------------------------------------------ main
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--pairs", type=int, default=3, help="Ray/torchrun pairs for the ratio (order alternates)")
+    ap.add_argument("--steps", type=int, default=60, help="training steps per run")
+    ap.add_argument("--warmup", type=int, default=5, help="leading steps left out of every statistic")
+    ap.add_argument("--every", type=int, default=8, help="checkpoint cadence of the stall runs (steps)")
+    ap.add_argument("--window", type=int, default=4, help="gaps charged to one checkpoint (save + upload)")
+    ap.add_argument("--config", choices=("local", "tiny"), default="local",
+                    help="local: the embedded default model (cli/local.py); tiny: the tests' model")
+    ap.add_argument("--storage", choices=("file", "s3"), default="file")
+    ap.add_argument("--skip-ratio", action="store_true", help="only the checkpoint-stall runs")
+    args = ap.parse_args()
+    if args.worker:
+        return worker(args.worker)
+
+    import ray
+
+    from cli.local import ensure_inputs
+
+    work = tempfile.mkdtemp(prefix="bench-ray-overhead-")
+    moto = None
+    try:
+        if args.storage == "s3":
+            sys.path.insert(0, BENCH)
+            from loader import start_moto
+
+            import s3fs
+
+            moto, endpoint = start_moto()
+            opts = {"key": "bench", "secret": "bench", "endpoint_url": endpoint}
+            s3fs.S3FileSystem(**opts).mkdir("bench")
+            root = "s3://bench"
+        else:
+            opts, root = {}, f"file://{work}/root"
+        t0 = time.perf_counter()
+        ensure_inputs(plan(spec(args, "inputs", root, args.steps)), opts, mb=2, conversations=10,
+                      say=lambda *_: None)
+        print(f"inputs (2 MB corpus, tokenizer) built in {time.perf_counter() - t0:.0f} s; "
+              f"{os.cpu_count()} cores; load average {os.getloadavg()[0]:.1f}", flush=True)
+        t0 = time.perf_counter()
+        ray.init(num_cpus=WORKERS, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"TMPDIR": work}})  # checkpoint folders of SYNC saves stay here
+        print(f"ray.init (once, not counted below): {time.perf_counter() - t0:.1f} s", flush=True)
+        launchers = {"ray": launch_ray, "torchrun": launch_torchrun}
+
+        def go(kind, every, upload):
+            r = measure(kind, launchers[kind], args, root, opts, work, len(runs), every, upload)
+            runs.append(r)
+            print(f"  {kind:<8} upload={upload:<5} ckpt every {every:>3}: median step {r['median'] * 1e3:7.1f} ms "
+                  f"(IQR {iqr(r['gaps'].values())}), setup {r['setup']:5.1f} s, teardown {r['teardown']:5.1f} s, "
+                  f"load {r['load'][0]:.1f}->{r['load'][1]:.1f}", flush=True)
+            return r
+
+        runs: list[dict] = []
+        pairs = []
+        if not args.skip_ratio:
+            print(f"\n1. per-step time, {args.config} model, {args.steps} steps, checkpoint only at the end",
+                  flush=True)
+            for i in range(args.pairs):
+                order = ("ray", "torchrun") if i % 2 == 0 else ("torchrun", "ray")
+                res = {k: go(k, args.steps, "async") for k in order}
+                pairs.append(res)
+        print(f"\n2. checkpoint stall, every {args.every} steps", flush=True)
+        st = {label: go(kind, args.every, upload) for label, kind, upload in
+              (("ray async", "ray", "async"), ("ray sync", "ray", "sync"), ("torchrun", "torchrun", "async"))}
+        ray.shutdown()
+
+        print(f"\nsummary ({args.config} model, {args.storage} storage, {args.steps} steps/run, first "
+              f"{args.warmup} left out)")
+        out = {"config": args.config, "storage": args.storage}
+        if pairs:
+            ratios = [r["ray"]["median"] / r["torchrun"]["median"] for r in pairs]
+            med = statistics.median(ratios)
+            print(f"per-step time Ray / torchrun: {med:.3f} (pairs: {', '.join(f'{x:.3f}' for x in ratios)}; "
+                  f"goal <= 1.03)")
+            for k in ("ray", "torchrun"):
+                print(f"  {k:<8} median step {statistics.median(r[k]['median'] for r in pairs) * 1e3:.1f} ms; setup "
+                      f"{statistics.median(r[k]['setup'] for r in pairs):.1f} s; teardown "
+                      f"{statistics.median(r[k]['teardown'] for r in pairs):.1f} s")
+            out["ratio"] = {"median": med, "pairs": ratios,
+                            "setup": {k: [r[k]["setup"] for r in pairs] for k in ("ray", "torchrun")},
+                            "teardown": {k: [r[k]["teardown"] for r in pairs] for k in ("ray", "torchrun")},
+                            "step_ms": {k: [r[k]["median"] * 1e3 for r in pairs] for k in ("ray", "torchrun")}}
+        out["stall"] = {}
+        for label, r in st.items():
+            s = stall(r, args.window)
+            if label.startswith("ray") and args.every * s["clean"] < POLL_S:
+                print(f"warning: checkpoints every {args.every * s['clean']:.1f} s are closer than Ray Train's "
+                      f"{POLL_S:g} s poll; raise --every for a figure that applies to real runs")
+            out["stall"][label] = s
+            print(f"checkpoint stall, {label:<9}: median {statistics.median(s['steps']):+.2f} steps over "
+                  f"{args.window} gaps (each: {', '.join(f'{x:+.2f}' for x in s['steps'])}); the gap holding the "
+                  f"save is {statistics.median(s['save_gap']):.2f}x a clean step ({s['clean'] * 1e3:.0f} ms)"
+                  + ("; goal <= 1 step" if label == "ray async" else ""))
+        print(json.dumps(out))
+    finally:
+        if moto is not None:
+            moto.kill()
+            moto.wait()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def iqr(values) -> str:
+    q = statistics.quantiles(list(values), n=4)
+    return f"{q[0] * 1e3:.0f}-{q[2] * 1e3:.0f} ms"
+
+
+if __name__ == "__main__":
+    main()
