@@ -474,7 +474,10 @@ def eval_loop(config: dict) -> None:
         t0 = time.perf_counter()
         steps = max(1, stage.eval_tokens // (B * T * world))  # the stage's own val pass (trainer/loop.py)
         loader = _val_loader(plan, stage.name, tokenizer, B, T, rank, world, device, opts)
-        entry["val_bpb"] = evaluate_bpb(model, loader, steps, token_bytes)
+        try:
+            entry["val_bpb"] = evaluate_bpb(model, loader, steps, token_bytes)
+        finally:
+            getattr(loader, "close", lambda: None)()  # stop the pretraining loader's read-ahead
         entry["bpb_tokens"] = steps * B * T * world
         entry["bpb_seconds"] = time.perf_counter() - t0
         metrics.on_val(entry["val_bpb"])
