@@ -91,7 +91,8 @@ class Session:
         if ckpt is None:
             which = f"at step {args.step}" if args.step is not None else "yet"
             raise UsageError(f"run {plan['name']} has no whole {stage} checkpoint {which} under {url}/{stage}")
-        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+        auto = "cuda" if torch.cuda.is_available() else "cpu"
+        device = torch.device(auto if args.device == "auto" else args.device)
         arch = plan["arch"]
         arch = Architecture(**{**arch, "windows": tuple(arch["windows"]),
                                "value_embed_layers": tuple(arch["value_embed_layers"])})

@@ -140,7 +140,8 @@ def test_errors_are_one_line_and_exit_2(run, tmp_path):
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "not found" in missing.stderr
     assert not (tmp_path / "runs").exists(), "a failed chat creates nothing"
     step = llmctl("chat", run.urls["run"], "--step", "999", "-p", "hi")
-    assert step.returncode == 2 and step.stderr.count("\n") == 1 and "no whole sft checkpoint at step 999" in step.stderr
+    assert step.returncode == 2 and step.stderr.count("\n") == 1
+    assert "no whole sft checkpoint at step 999" in step.stderr
     # A run that only pretrained has no chat model: asking for one names the way out.
     base_only = tmp_path / "base-only"
     base_only.mkdir()

@@ -112,4 +112,5 @@ def test_run_url():
     assert run_url("my-run", "s3://b/llmctl") == "s3://b/llmctl/runs/my-run"
     assert run_url("s3://b/x/runs/r/") == "s3://b/x/runs/r"
     assert run_url("/tmp/r") == "file:///tmp/r"
-    assert run_url("r", "file://~/root").startswith("file:///") and run_url("r", "file://~/root").endswith("/root/runs/r")
+    home = run_url("r", "file://~/root")
+    assert home.startswith("file:///") and "~" not in home and home.endswith("/root/runs/r")

@@ -48,9 +48,6 @@ FEWSHOT_SEED = 1234  # few-shot examples for item idx: Random(1234 + idx).sample
 DEFAULT_DELIMITER = " "  # continuation_delimiter when core.yaml gives none
 SMOKE_KEY = "llmctl_smoke_test"  # core.yaml flag of a bundle built from held-out text (build_smoke_bundle)
 
-# CORE of the reference models (nanochat-facts.md §9): GPT-2 sizes, and GPT-2 XL the speedrun's target.
-GPT2_CORE = {"GPT-2 124M": 0.1139, "GPT-2 355M": 0.1849, "GPT-2 774M": 0.2146, "GPT-2 XL 1.5B": 0.256525}
-
 # Greedy 16-token continuations of these prompts show what the base model knows (nanochat base_eval).
 BASE_PROMPTS = ("The capital of France is", "The chemical symbol of gold is",
                 "If yesterday was Friday, then tomorrow will be", "The opposite of hot is",
@@ -494,7 +491,7 @@ def eval_loop(config: dict) -> None:
         if rank == 0:
             entry["samples"] = base_samples(model, tokenizer) if name == "base" else chat_samples(model, tokenizer)
         results["models"][name] = entry
-        ray.train.report({"step": n, **metrics.snapshot()})
+        ray.train.report({**metrics.snapshot(), "step": n})  # step: models scored so far
         del model, state
 
     # ---------------------------------------------------------------- results

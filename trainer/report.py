@@ -91,7 +91,8 @@ def gather(url: str, storage_options: dict | None = None) -> dict:
     if evals is not None and "eval" not in stages:  # evaluated outside the plan (e.g. a plan from before eval)
         stages["eval"] = {"planned": None, "measured": read_json(f"{url}/eval/summary.json", storage_options)}
     spec, arch, est = plan["spec"], plan["arch"], plan["estimate"]
-    return {"format": REPORT_FORMAT, "run": plan["name"], "url": url, "status": (summary or {}).get("status", "unfinished"),
+    status = (summary or {}).get("status", "unfinished")
+    return {"format": REPORT_FORMAT, "run": plan["name"], "url": url, "status": status,
             "spec": {k: spec[k] for k in ("depth", "gpus", "gpu_type", "precision", "ratio", "seq_len")},
             "model": {"n_layer": arch["n_layer"], "n_embd": arch["n_embd"], "n_head": arch["n_head"],
                       "vocab_size": arch["vocab_size"], "seq_len": arch["seq_len"],
@@ -123,8 +124,9 @@ def _cell(text: str) -> str:
 
 def _measured_row(name: str, s: dict, d: dict) -> str:
     planned, m = s["planned"], s["measured"]
+    est_time, est_dollars = _hours(planned and planned["hours"]), _num(planned and planned["dollars"], ",.2f")
     if m is None:
-        return f"| {name} | not run | | | {_hours(planned and planned['hours'])} | | | | ${_num(planned and planned['dollars'], ',.2f')} |"
+        return f"| {name} | not run | | | {est_time} | | | | ${est_dollars} |"
     secs = m.get("seconds") or 0.0
     tokens = m.get("tokens", 0)
     tps = tokens / secs if secs and name != "eval" else None  # eval: forward passes of mixed kinds, no rate
@@ -133,9 +135,8 @@ def _measured_row(name: str, s: dict, d: dict) -> str:
     if name == "eval":
         tokens = m.get("tokens_evaluated", 0)
     steps = f"{m.get('steps', '–')}" + (f"/{planned['steps']}" if planned else "")
-    return (f"| {name} | {m.get('status', '–')} | {steps} | {_num(tokens)} | {_hours(secs / 3600)} / "
-            f"{_hours(planned and planned['hours'])} | {_num(tps)} | {_num(mfu, '.1%') if mfu is not None else '–'} | "
-            f"${_num(m.get('dollars'), ',.2f')} | ${_num(planned and planned['dollars'], ',.2f')} |")
+    return (f"| {name} | {m.get('status', '–')} | {steps} | {_num(tokens)} | {_hours(secs / 3600)} / {est_time} | "
+            f"{_num(tps)} | {_num(mfu, '.1%')} | ${_num(m.get('dollars'), ',.2f')} | ${est_dollars} |")
 
 
 def render(d: dict) -> str:
@@ -189,7 +190,8 @@ def render(d: dict) -> str:
     else:
         if core.get("smoke_test"):
             out += [f"> {SMOKE_NOTE}", ""]
-        out += ["| task | type | shots | examples | accuracy | random baseline | centered |", "|---|---|---|---|---|---|---|"]
+        out += ["| task | type | shots | examples | accuracy | random baseline | centered |",
+                "|---|---|---|---|---|---|---|"]
         for label, r in core["tasks"].items():
             out.append(f"| {label} | {r['type']} | {r['shots']} | {r['examples']} | {r['accuracy']:.4f} | "
                        f"{r['baseline'] / 100:.2f} | {r['centered']:.4f} |")
