@@ -107,13 +107,25 @@ def test_interactive_in_a_pseudo_terminal(run):
         os.close(master)
 
 
-def test_history_is_kept_and_cleared(run):
+def test_replies_stream_and_history_is_kept_and_trimmed(run):
     from cli.chat import Session
 
     args = argparse.Namespace(run=run.urls["run"], storage="file://~/.cache/llmctl", stage="sft", step=None,
                               temperature=0.0, top_k=50, max_tokens=8, seed=42, device="cpu")
     s = Session.open(args)
-    first = s.reply("hi", open(os.devnull, "w"))
+
+    class Recorder:  # what reaches the terminal, write by write
+        writes: list = []
+
+        def write(self, text):
+            self.writes.append(text)
+
+        def flush(self):
+            pass
+
+    first = s.reply("hi", Recorder())
+    pieces = [w for w in Recorder.writes if w.strip()]
+    assert len(pieces) > 1 and "".join(Recorder.writes).strip() == first  # streamed, not printed at the end
     want = s.tokenizer.render_for_completion({"messages": [
         {"role": "user", "content": "hi"}, {"role": "assistant", "content": first},
         {"role": "user", "content": "and then?"}, {"role": "assistant", "content": ""}]})

@@ -377,3 +377,28 @@ def test_the_eval_stage_on_a_local_ray_cluster(tmp_path_factory):
     assert summary["core"] == core["core"] and summary["val_bpb"] == base["val_bpb"]
     assert [s["prompt"] for s in base["samples"]] == list(ev.BASE_PROMPTS)
     assert [s["prompt"] for s in chat["samples"]] == list(ev.CHAT_PROMPTS) and "core" not in chat
+
+
+def test_results_are_exported_as_metrics():
+    """The eval stage's figures reach a real /metrics endpoint under the design's names."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from trainer.metrics import RunMetrics
+
+    p = plan(RunSpec(depth=2, gpus=1, gpu_type="cpu", vocab_size=512, seq_len=64, head_dim=64,
+                     stages=("pretrain", "eval")))
+    entry = {"val_bpb": 1.25, "core": {"core": 0.3, "tasks": {
+        "hellaswag": {"centered": 0.2}, "arc_easy": {"centered": 0.4}, "smoke_mc": {"centered": 0.9}}}}
+    with RunMetrics(p, "eval", rank=0, local_rank=0, world_size=1, device_name=None, port=0,
+                    addr="127.0.0.1") as m:
+        ev.export_metrics(m, entry)
+        body = urllib.request.urlopen(m.url, timeout=10).read().decode()
+    samples = {(s.name, s.labels.get("task")): (s.value, s.labels) for fam in text_string_to_metric_families(body)
+               for s in fam.samples if s.name in ("llmctl_val_bpb", "llmctl_core_score", "llmctl_core_task_centered")}
+    assert {k: v for k, (v, _) in samples.items()} == {
+        ("llmctl_val_bpb", None): 1.25, ("llmctl_core_score", None): 0.3,
+        ("llmctl_core_task_centered", "hellaswag"): 0.2, ("llmctl_core_task_centered", "arc_easy"): 0.4}
+    assert all(lb["run"] == p.name and lb["stage"] == "eval" and lb["rank"] == "0" for _, lb in samples.values())
+    # smoke_mc is not a standard CORE task: no series for it (the label set stays bounded)

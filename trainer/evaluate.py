@@ -429,7 +429,7 @@ def eval_loop(config: dict) -> None:
 
     import ray.train
     from trainer import checkpoint
-    from trainer.metrics import CORE_TASKS, RunMetrics
+    from trainer.metrics import RunMetrics
     from trainer.model import build_model
     from trainer.plan import RunPlan
     from trainer.tokenizer import Tokenizer
@@ -477,7 +477,6 @@ def eval_loop(config: dict) -> None:
             getattr(loader, "close", lambda: None)()  # stop the pretraining loader's read-ahead
         entry["bpb_tokens"] = steps * B * T * world
         entry["bpb_seconds"] = time.perf_counter() - t0
-        metrics.on_val(entry["val_bpb"])
         if say:
             say(f"[eval] {name} val bpb {entry['val_bpb']:.4f} ({entry['bpb_tokens']:,} tokens)")
 
@@ -485,9 +484,7 @@ def eval_loop(config: dict) -> None:
             t0 = time.perf_counter()
             entry["core"] = _core(model, tokenizer, plan, opts, rank, world, say)
             entry["core"]["seconds"] = time.perf_counter() - t0
-            if "core" in entry["core"]:
-                metrics.on_core(entry["core"]["core"], {k: v["centered"] for k, v in entry["core"]["tasks"].items()
-                                                        if k in CORE_TASKS})
+        export_metrics(metrics, entry)
         if rank == 0:
             entry["samples"] = base_samples(model, tokenizer) if name == "base" else chat_samples(model, tokenizer)
         results["models"][name] = entry
@@ -511,6 +508,18 @@ def eval_loop(config: dict) -> None:
                 f.write(json.dumps(doc, indent=2))
         say(f"[eval] done in {results['seconds']:.0f} s; results at {run}/eval/results.json")
     metrics.close()
+
+
+def export_metrics(metrics, entry: dict) -> None:
+    """One scored model onto the worker's exporter (trainer/metrics.py RunMetrics): `llmctl_val_bpb`, and for
+    the base model `llmctl_core_score` and `llmctl_core_task_centered{task}`. Only tasks of the standard CORE
+    set get a series (the label set stays fixed); the score is exported whatever the bundle."""
+    from trainer.metrics import CORE_TASKS
+
+    metrics.on_val(entry["val_bpb"])
+    core = entry.get("core") or {}
+    if "core" in core:
+        metrics.on_core(core["core"], {k: v["centered"] for k, v in core["tasks"].items() if k in CORE_TASKS})
 
 
 def _val_loader(plan, stage: str, tokenizer, B, T, rank, world, device, opts):
