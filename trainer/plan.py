@@ -14,7 +14,6 @@ the formula and its source sit next to each constant. Cross-checks (tests/test_p
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import re
@@ -514,6 +513,8 @@ def _run_name(spec: RunSpec) -> str:
     d = spec.to_dict()
     for k in ("name", "namespace", "image", "queue", "price_per_gpu_hour", "budget_cap"):
         d.pop(k)  # do not change what is trained
+    import hashlib  # here: ~8 ms the CLI's start-up need not pay
+
     digest = hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
     return f"gpt-d{spec.depth}-{spec.gpus}x{spec.gpu_type}-{digest}"
 
