@@ -2,9 +2,10 @@
 
 Builds what a cluster would already have (a small real-text corpus and conversation set made from the
 documentation installed with Python, and a small BPE tokenizer trained on it), plans a tiny model for
-CPU workers, runs pretraining then SFT on a local Ray cluster, and ends by saying where the checkpoints
-are and showing a reply from the chat model. Everything lands under the storage root
-(default file://~/.cache/llmctl), in the same layout a cluster run uses.
+CPU workers, runs pretraining, SFT and the eval stage on a local Ray cluster, and ends by printing the run's
+report card (bpb, a smoke CORE figure, samples from the base and chat models) and where the checkpoints are.
+Everything lands under the storage root (default file://~/.cache/llmctl), in the same layout a cluster run
+uses.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ LOCAL = dict(depth=2, gpus=2, gpu_type="cpu", vocab_size=4096, seq_len=256, head
 SAMPLE_MB = 8  # corpus size: ~2M tokens at 4K vocab, enough for 200 steps of 4K tokens without repeats
 SAMPLE_ROW_GROUP = 64  # docs per row group: small, so every rank gets row groups of the one val shard
 SFT_CONVERSATIONS = 3000
-PROMPT = "What does the json module do?"
+SMOKE_CORE_PER_TASK = 40  # examples per task of the smoke CORE bundle built from held-out text
 
 
 def local_spec(args: argparse.Namespace):
@@ -40,6 +41,7 @@ def ensure_inputs(p, opts: dict | None = None, *, mb: float = SAMPLE_MB, convers
     """Sample corpus, conversations and tokenizer at the plan's URLs, each built once (idempotent)."""
     from trainer.chat import build_sample_conversations
     from trainer.data import build_sample_corpus
+    from trainer.evaluate import build_smoke_bundle_from_val
     from trainer.tokenizer import Tokenizer
 
     data, sft, tok = p.urls["data"], p.urls["sft_data"], p.urls["tokenizer"]
@@ -53,6 +55,9 @@ def ensure_inputs(p, opts: dict | None = None, *, mb: float = SAMPLE_MB, convers
     if not _exists(tok, opts):
         say(f"training a {p.spec.vocab_size}-token BPE tokenizer at {tok}")
         Tokenizer.train_from_shards(data, p.spec.vocab_size, storage_options=opts).save(tok, storage_options=opts)
+    if "eval" in p.spec.stages and not _exists(p.urls["eval_bundle"], opts):
+        say(f"building a smoke CORE bundle at {p.urls['eval_bundle']} from held-out text (not a capability score)")
+        build_smoke_bundle_from_val(data, p.urls["eval_bundle"], per_task=SMOKE_CORE_PER_TASK, storage_options=opts)
 
 
 def _exists(url: str, opts: dict) -> bool:
@@ -76,40 +81,11 @@ def run_local(args: argparse.Namespace) -> int:
     from trainer.launch import run
 
     summary = run(p, storage_options={}, metrics_port_base=None)
+    from trainer.report import write_report
+
     print(flush=True)
-    print(f"run {p.name}: {summary['status']} in {time.perf_counter() - t0:.0f} s, "
-          f"{summary['tokens']:,} tokens; checkpoints under {p.urls['run']}/<stage>/", flush=True)
-    for name, s in summary["stages"].items():
-        print(f"  {name}: {s['steps']} steps, val bpb {s['val_bpb']:.3f}, final loss {s['train_loss_ema']:.3f}")
-    reply = sample_reply(p, PROMPT)
-    print(f"\nuser: {PROMPT}\nassistant: {reply}")
+    print(write_report(p.urls["run"]), flush=True)  # the report card, samples from both models included
+    print(f"run {p.name}: {summary['status']} in {time.perf_counter() - t0:.0f} s, {summary['tokens']:,} tokens; "
+          f"checkpoints under {p.urls['run']}/<stage>/", flush=True)
+    print(f"talk to it: llmctl chat {p.name} --storage {args.storage}", flush=True)
     return 0 if summary["status"] == "completed" else 1
-
-
-def sample_reply(p, prompt: str, max_tokens: int = 48) -> str:
-    """A greedy reply from the run's newest SFT (else pretraining) checkpoint."""
-    import torch
-
-    from trainer import checkpoint
-    from trainer.model import build_model
-    from trainer.tokenizer import Tokenizer
-
-    stage = "sft" if "sft" in [s.name for s in p.stages] else "pretrain"
-    url = checkpoint.latest(f"{p.urls['run']}/{stage}")
-    state, _ = checkpoint.load_model_state(url)
-    model = build_model(p.arch, "cpu")
-    model.load_state_dict(state)
-    model.eval()
-    tok = Tokenizer.load(p.urls["tokenizer"])
-    ids = tok.render_for_completion({"messages": [{"role": "user", "content": prompt},
-                                                  {"role": "assistant", "content": ""}]})
-    stop = {tok.encode_special("<|assistant_end|>"), tok.bos_id}
-    out: list[int] = []
-    with torch.no_grad():
-        for _ in range(max_tokens):
-            x = torch.tensor([(ids + out)[-p.arch.seq_len:]])
-            nxt = int(model(x)[0, -1].argmax())
-            if nxt in stop:
-                break
-            out.append(nxt)
-    return tok.decode(out).strip()

@@ -17,12 +17,15 @@ def add_spec_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("what to train")
     g.add_argument("--depth", type=int, required=True, help="transformer layers; sets every other hyperparameter")
     g.add_argument("--ratio", type=float, default=12.0, help="training tokens per scaling parameter (default 12)")
-    g.add_argument("--stages", default="pretrain,sft", help=f"comma-separated subset of {','.join(STAGES)}")
+    g.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
     g.add_argument("--precision", default="bf16", choices=("bf16", "fp8"), help="matmul precision (default bf16)")
     g.add_argument("--seq-len", type=int, default=2048, help="context length in tokens (default 2048)")
     g.add_argument("--device-batch-size", type=int, help="sequences per GPU per micro-step (default: by depth)")
     g.add_argument("--total-batch-size", type=int, help="tokens per optimizer step (default: Power-Lines rule)")
     g.add_argument("--num-iterations", type=int, help="fix the step count instead of using --ratio")
+    g.add_argument("--core-bundle", help="CORE eval bundle URL (core.yaml, eval_data/, eval_meta_data.csv); "
+                   "default <storage>/eval_bundle")
+    g.add_argument("--core-max-per-task", type=int, help="CORE examples per task in the eval stage (default all)")
     g = p.add_argument_group("where and at what price")
     g.add_argument("--gpus", type=int, default=1, help="GPUs in total (8 per worker pod)")
     g.add_argument("--gpu-type", default="h100", help=f"one of {', '.join(GPUS)} (default h100)")
@@ -39,6 +42,7 @@ def spec_from_args(args: argparse.Namespace, **overrides) -> RunSpec:
         ratio=args.ratio, seq_len=args.seq_len, device_batch_size=args.device_batch_size,
         total_batch_size=args.total_batch_size, num_iterations=args.num_iterations, precision=args.precision,
         price_per_gpu_hour=args.price, budget_cap=args.max_cost, storage_root=args.storage, name=args.name,
+        core_bundle=args.core_bundle, core_max_per_task=args.core_max_per_task,
     )
     fields.update(overrides)
     return RunSpec(**fields)

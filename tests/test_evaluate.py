@@ -321,7 +321,7 @@ def test_two_ranks_equal_one_rank(tok, tmp_path):
 
 
 def test_the_eval_stage_is_planned_and_priced():
-    train = plan(RunSpec(depth=24, gpus=8, ratio=8))
+    train = plan(RunSpec(depth=24, gpus=8, ratio=8, stages=("pretrain", "sft")))
     full = plan(RunSpec(depth=24, gpus=8, ratio=8, stages=("pretrain", "sft", "eval")))
     e = full.stage("eval")
     assert [s.name for s in full.stages] == ["pretrain", "sft", "eval"] and e.steps == 2  # base and chat

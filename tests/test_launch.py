@@ -1,6 +1,7 @@
 """trainer/launch.py + loop.py on a real local Ray cluster (2 CPU workers, gloo): the run path end to end.
 
-- pretrain then SFT complete; plan.json, checkpoints and summaries land in storage; val bpb falls;
+- pretrain, SFT and the eval stage complete; plan.json, checkpoints, summaries and the report card land in
+  storage; val bpb falls;
 - a worker killed between checkpoints: Ray restarts the group, the run resumes from the last checkpoint
   and the data after the resume is exactly what an uninterrupted run saw (per-step fingerprints);
 - a worker killed during a checkpoint save: the previous checkpoint stays the latest and the run finishes.
@@ -63,7 +64,7 @@ def test_pretrain_then_sft_end_to_end(ray_cluster, inputs, tmp_path):
     p = tiny_plan(inputs, "e2e")
     summary = run(p, storage_options={}, log_every=4)
     run_dir = p.urls["run"][len("file://"):]
-    assert summary["status"] == "completed" and set(summary["stages"]) == {"pretrain", "sft"}
+    assert summary["status"] == "completed" and set(summary["stages"]) == {"pretrain", "sft", "eval"}
     assert json.load(open(f"{run_dir}/plan.json"))["name"] == "e2e"
     assert json.load(open(f"{run_dir}/summary.json"))["tokens"] == summary["tokens"] > 0
     pre = summary["stages"]["pretrain"]
@@ -77,6 +78,10 @@ def test_pretrain_then_sft_end_to_end(ray_cluster, inputs, tmp_path):
     sft = summary["stages"]["sft"]
     assert sft["status"] == "completed" and sft["steps"] >= 1
     assert any(d.startswith("sft_step") for d in os.listdir(f"{run_dir}/sft"))
+    evaluated = summary["stages"]["eval"]
+    assert evaluated["status"] == "completed" and evaluated["core"] is not None
+    report = open(f"{run_dir}/report.md").read()
+    assert "smoke" in report.lower() and "bpb" in report.lower()
     # Running the finished plan again resumes nothing and trains nothing.
     again = run(p, storage_options={})
     assert again["stages"] == summary["stages"]
@@ -144,7 +149,7 @@ def test_pretrain_then_sft_end_to_end_on_s3(ray_cluster, inputs, s3_server):
         fs.put(f"{local}/{sub}", f"{root[len('s3://'):]}/{sub}", recursive=True)
     p = tiny_plan(root, "e2e-s3")
     summary = run(p, storage_options=s3_server.storage_options, log_every=4)
-    assert summary["status"] == "completed" and set(summary["stages"]) == {"pretrain", "sft"}
+    assert summary["status"] == "completed" and set(summary["stages"]) == {"pretrain", "sft", "eval"}
     run_dir = p.urls["run"][len("s3://"):]
     fs.invalidate_cache()
     assert json.loads(fs.cat_file(f"{run_dir}/plan.json"))["name"] == "e2e-s3"

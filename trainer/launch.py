@@ -5,7 +5,9 @@ Ray Train `TorchTrainer.fit()` over `plan.spec.gpus` workers. Storage is `<runs 
 the run name is derived from the spec, so a retried RayJob (a fresh Ray cluster) finds the same directory
 and Ray Train resumes the stage from its latest checkpoint; a finished stage is skipped. SFT starts from
 the newest whole pretraining checkpoint. The run ends by writing `<run>/summary.json`: tokens, time,
-measured throughput, dollars, against the plan's estimate.
+measured throughput, dollars, against the plan's estimate, and the report card (`report.md`, trainer/report.py).
+The eval stage (val bpb of each model, CORE of the base model) runs `trainer.evaluate.eval_loop` on the same
+workers.
 
 Custom S3 endpoints (MinIO, a test's moto server) reach Ray through an fsspec filesystem wrapped for pyarrow
 (`storage_filesystem`); credentials come from the environment (a Kubernetes Secret by reference).
@@ -90,7 +92,9 @@ def run(p: RunPlan, *, storage_options: dict | None = None, max_failures: int = 
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from trainer import checkpoint
+    from trainer.evaluate import eval_loop
     from trainer.loop import STATUS_COMPLETED, STATUS_NONFINITE, train_loop
+    from trainer.report import write_report
 
     from trainer.data import storage_options_from_env
 
@@ -115,7 +119,7 @@ def run(p: RunPlan, *, storage_options: dict | None = None, max_failures: int = 
             config["init_model"] = checkpoint.latest(f"{p.urls['run']}/pretrain", storage_options=opts)
         storage_path, storage_fs = ray_storage(p.urls["run"], opts)
         trainer = TorchTrainer(
-            train_loop, train_loop_config=config,
+            eval_loop if st.name == "eval" else train_loop, train_loop_config=config,
             scaling_config=ScalingConfig(num_workers=p.spec.gpus, use_gpu=not local),
             torch_config=TorchConfig(backend="gloo" if local else "nccl", timeout_s=1800),
             run_config=RunConfig(
@@ -136,6 +140,7 @@ def run(p: RunPlan, *, storage_options: dict | None = None, max_failures: int = 
     fs, root = _fs(p.urls["run"], opts)
     with fs.open(f"{root}/summary.json", "w") as f:
         f.write(json.dumps(result, indent=2))
+    write_report(p.urls["run"], opts)  # report.md / report.json: what a person reads first
     return result
 
 

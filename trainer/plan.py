@@ -141,7 +141,7 @@ class RunSpec:
     depth: int
     gpus: int = 1
     gpu_type: str = "h100"
-    stages: tuple[str, ...] = ("pretrain", "sft")
+    stages: tuple[str, ...] = STAGES  # pretrain, sft, eval
     ratio: float = RATIO  # tokens per scaling parameter
     seq_len: int = SEQ_LEN
     device_batch_size: int | None = None  # sequences per GPU per micro-step; None = by depth and memory
