@@ -19,11 +19,12 @@ import time
 # 256-token context: ~0.9M matmul parameters, about 5 s per 10 steps of 4,096 tokens on 2 cores.
 LOCAL = dict(depth=2, gpus=2, gpu_type="cpu", vocab_size=4096, seq_len=256, head_dim=64,
              device_batch_size=8, total_batch_size=2 * 8 * 256, num_iterations=200, eval_every=50,
-             eval_tokens=2 * 8 * 256 * 4, checkpoint_every=50, sft_tokens=2 * 8 * 256 * 40)
+             eval_tokens=2 * 8 * 256 * 4, checkpoint_every=50, sft_tokens=2 * 8 * 256 * 40,
+             core_max_per_task=40)  # the smoke CORE bundle holds 40 examples per task
 SAMPLE_MB = 8  # corpus size: ~2M tokens at 4K vocab, enough for 200 steps of 4K tokens without repeats
 SAMPLE_ROW_GROUP = 64  # docs per row group: small, so every rank gets row groups of the one val shard
 SFT_CONVERSATIONS = 3000
-SMOKE_CORE_PER_TASK = 40  # examples per task of the smoke CORE bundle built from held-out text
+SMOKE_CORE_PER_TASK = LOCAL["core_max_per_task"]  # examples per task of the smoke bundle from held-out text
 
 
 def local_spec(args: argparse.Namespace):

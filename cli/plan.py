@@ -56,6 +56,10 @@ def fmt_count(x: float) -> str:
     return f"{x:g}"
 
 
+def _flops(x: float) -> str:
+    return f"{x / 1e12:,.0f} TFLOP/s" if x >= 1e12 else f"{x / 1e9:,.0f} GFLOP/s"
+
+
 def fmt_hours(h: float) -> str:
     return f"{h * 60:.0f} min" if h < 1 else f"{h:.2f} h"
 
@@ -74,11 +78,12 @@ def render_table(p: RunPlan) -> str:
                            f"head {p.optim.lr_lm_head:.3g}; weight decay {p.optim.weight_decay:.4g}"),
     ]
     for st in p.stages:
-        rows.append((st.name, f"{st.steps:,} steps, {fmt_count(st.tokens)} tokens, {st.flops:.3g} FLOPs, "
+        what = f"{st.steps} models scored (bpb, CORE)" if st.name == "eval" else f"{st.steps:,} steps"
+        rows.append((st.name, f"{what}, {fmt_count(st.tokens)} tokens, {st.flops:.3g} FLOPs, "
                               f"{fmt_hours(st.hours)}, ${st.dollars:,.2f}"))
     rows += [
         ("throughput", f"{fmt_count(e.tokens_per_second)} tok/s on {s.gpus} x {s.gpu_type} at {e.mfu:.0%} MFU "
-                       f"(peak {fmt_count(e.peak_flops_per_gpu)}FLOP/s)"),
+                       f"(peak {_flops(e.peak_flops_per_gpu)})"),
         ("overheads", ", ".join(f"{k.replace('_', ' ')} {fmt_hours(v)}" for k, v in e.overhead_hours.items() if v)
          or "none"),
         ("time", f"{fmt_hours(e.total_hours)} ({fmt_hours(e.train_hours)} training + "

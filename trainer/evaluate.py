@@ -428,7 +428,10 @@ def eval_loop(config: dict) -> None:
     import fsspec
 
     import ray.train
+
     from trainer import checkpoint
+    from trainer.loop import say as say_once
+    from trainer.loop import worker_context
     from trainer.metrics import RunMetrics
     from trainer.model import build_model
     from trainer.plan import RunPlan
@@ -437,13 +440,9 @@ def eval_loop(config: dict) -> None:
     # ---------------------------------------------------------------- context
     t_start = time.perf_counter()
     plan = RunPlan.from_json(config["plan"])
-    ctx = ray.train.get_context()
-    rank, world, local_rank = ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank()
-    device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    rank, world, local_rank, device = worker_context()
     opts = config.get("storage_options") or {}
-    say = (lambda msg: print(msg, flush=True)) if rank == 0 else None
+    say = (lambda msg: say_once(0, msg)) if rank == 0 else None
     port_base = config.get("metrics_port_base")
     metrics = RunMetrics(plan, "eval", rank=rank, local_rank=local_rank, world_size=world,
                          device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else None,

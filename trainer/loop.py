@@ -33,16 +33,22 @@ from trainer.plan import RunPlan, lr_multiplier, muon_momentum, muon_weight_deca
 STATUS_COMPLETED, STATUS_BUDGET, STATUS_NONFINITE = "completed", "budget_cap_reached", "non_finite_loss"
 
 
-def train_loop(config: dict) -> None:
-    # ---------------------------------------------------------------- context
-    plan = RunPlan.from_json(config["plan"])
-    stage = plan.stage(config["stage"])
+def worker_context() -> tuple[int, int, int, torch.device]:
+    """(rank, world size, local rank, device) of this Ray Train worker; its GPU selected when there is one."""
     ctx = ray.train.get_context()
     rank, world, local_rank = ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank()
     device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.set_float32_matmul_precision("high")
+    return rank, world, local_rank, device
+
+
+def train_loop(config: dict) -> None:
+    # ---------------------------------------------------------------- context
+    plan = RunPlan.from_json(config["plan"])
+    stage = plan.stage(config["stage"])
+    rank, world, local_rank, device = worker_context()
     torch.manual_seed(plan.spec.seed)
     opts = config.get("storage_options") or {}
     # Earlier stages' wall time and tokens: spend, the budget cap and the dashboards cover the whole run.
@@ -65,11 +71,11 @@ def train_loop(config: dict) -> None:
             meta, loader_state = checkpoint.restore(d, model=model, optimizer=optimizer, rank=rank,
                                                     world_size=world)
         start_step, loop = meta.step, dict(meta.loop_state)
-        _say(rank, f"[{stage.name}] resumed at step {start_step}/{stage.steps} from {ckpt.path}")
+        say(rank, f"[{stage.name}] resumed at step {start_step}/{stage.steps} from {ckpt.path}")
     elif config.get("init_model"):
         state, meta = checkpoint.load_model_state(config["init_model"], storage_options=opts, device=device)
         getattr(model, "_orig_mod", model).load_state_dict(state)
-        _say(rank, f"[{stage.name}] starting from {meta.stage} step {meta.step}: {config['init_model']}")
+        say(rank, f"[{stage.name}] starting from {meta.stage} step {meta.step}: {config['init_model']}")
 
     # ---------------------------------------------------------------- data
     from trainer.tokenizer import Tokenizer
@@ -110,7 +116,7 @@ def train_loop(config: dict) -> None:
             break  # SFT: one epoch done on some rank
         if stop[1]:
             status = STATUS_BUDGET
-            _say(rank, f"[{stage.name}] budget cap ${cap:.2f} reached (${spent:.2f} spent); stopping")
+            say(rank, f"[{stage.name}] budget cap ${cap:.2f} reached (${spent:.2f} spent); stopping")
             break
 
         progress = getattr(loader, "progress", None)
@@ -135,7 +141,7 @@ def train_loop(config: dict) -> None:
         if not math.isfinite(loss_value):
             metrics.on_step(step + 1, 0, time.perf_counter() - t0, data_wait, loss_value)  # the NaN alert sees it
             status = STATUS_NONFINITE
-            _say(rank, f"[{stage.name}] loss is {loss_value} at step {step}: stopping (lower the LR or check data)")
+            say(rank, f"[{stage.name}] loss is {loss_value} at step {step}: stopping (lower the LR or check data)")
             break
         dt = time.perf_counter() - t0
         step += 1
@@ -216,7 +222,7 @@ def _evaluate(model, plan, stage, tokenizer, token_bytes, rank, world, device, o
     loop["val_bpb"] = bpb
     loop["val_history"].append([step, bpb])
     metrics.on_val(bpb)
-    _say(rank, f"[{stage.name}] step {step}: val bpb {bpb:.4f}")
+    say(rank, f"[{stage.name}] step {step}: val bpb {bpb:.4f}")
 
 
 def _save(plan, stage, step, model, optimizer, loader, loop, rank, world, metrics, chaos, *, sync: bool) -> None:
@@ -247,7 +253,7 @@ def _report_progress(plan, stage, step, loop) -> None:
                          "cost_dollars": loop["seconds"] / 3600 * plan.spec.gpus * plan.estimate.price_per_gpu_hour,
                          "eta_seconds": (s.steps - step) * rate})
     except Exception as e:  # noqa: BLE001 - progress is a courtesy; training goes on
-        _say(0, f"[{stage}] could not report progress to the RayJob: {e}")
+        say(0, f"[{stage}] could not report progress to the RayJob: {e}")
 
 
 def _write_summary(plan, stage, step, loop, status, metrics, opts) -> None:
@@ -266,7 +272,7 @@ def _write_summary(plan, stage, step, loop, status, metrics, opts) -> None:
 # -------------------------------------------------------------------- logging, tracing, chaos
 
 
-def _say(rank: int, msg: str) -> None:
+def say(rank: int, msg: str) -> None:
     """A progress line from rank 0. Written to stdout directly: Ray Train patches `print` into its logger,
     which would show every line twice on the driver (stdout and the logger's stderr)."""
     if rank == 0:
@@ -281,7 +287,7 @@ def _log(rank, stage, step, loop, loss, dt, tokens, metrics) -> None:
     tps = tokens / dt if dt > 0 else 0.0
     remaining = (stage.steps - step) * loop["seconds"] / max(step, 1)
     mfu = snap.get("mfu")
-    _say(rank, f"[{stage.name}] step {step}/{stage.steps} ({step / stage.steps:.0%}) loss {loss:.4f} "
+    say(rank, f"[{stage.name}] step {step}/{stage.steps} ({step / stage.steps:.0%}) loss {loss:.4f} "
                f"dt {dt * 1e3:.0f}ms tok/s {tps:,.0f}" + (f" mfu {mfu:.1%}" if mfu else "")
                + f" eta {remaining / 60:.1f}m")
 

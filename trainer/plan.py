@@ -549,7 +549,8 @@ def _eval_stage(spec: RunSpec, trained: tuple[StagePlan, ...], batch: int, dbs: 
     bpb_tokens = sum(s.eval_tokens for s in trained)
     examples = CORE_EXAMPLES if spec.core_max_per_task is None else min(CORE_EXAMPLES,
                                                                          CORE_TASKS * spec.core_max_per_task)
-    core_tokens = examples * CORE_TOKENS_PER_EXAMPLE if any(s.name == "pretrain" for s in trained) else 0
+    per_example = min(CORE_TOKENS_PER_EXAMPLE, 3 * spec.seq_len)  # prompts are cut to the context
+    core_tokens = examples * per_example if any(s.name == "pretrain" for s in trained) else 0
     tokens = bpb_tokens + core_tokens
     hours = tokens / (3 * throughput) / 3600
     return StagePlan(name="eval", steps=len(trained), tokens=tokens, flops=float(fpt / 3 * tokens), grad_accum=1,

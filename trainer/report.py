@@ -22,6 +22,8 @@ from __future__ import annotations
 import json
 import posixpath
 
+from trainer.launch import expand
+
 DEFAULT_STORAGE = "file://~/.cache/llmctl"
 REPORT_FORMAT = "llmctl.report/v1"
 # CORE of the reference models (nanochat-facts.md §9); GPT-2 XL is the speedrun's target.
@@ -35,21 +37,11 @@ class RunNotFound(LookupError):
     """No run (no plan.json) at the resolved URL."""
 
 
-def _expand(url: str) -> str:
-    import os
-
-    if url.startswith("file://"):
-        return "file://" + os.path.abspath(os.path.expanduser(url[len("file://"):]))
-    if "://" not in url:
-        return "file://" + os.path.abspath(os.path.expanduser(url))
-    return url
-
-
 def run_url(run: str, storage: str = DEFAULT_STORAGE) -> str:
     """A run name -> `<storage>/runs/<name>`; a URL (`s3://…`, `file://…`) or a path -> itself, expanded."""
     if "://" in run or run.startswith(("/", ".", "~")):
-        return _expand(run).rstrip("/")
-    return f"{_expand(storage).rstrip('/')}/runs/{run}"
+        return expand(run).rstrip("/")
+    return f"{expand(storage).rstrip('/')}/runs/{run}"
 
 
 def _fs(url: str, storage_options: dict | None):
