@@ -3,20 +3,26 @@
     .venv/bin/python bench/ray_overhead.py [--pairs 3] [--steps 60] [--config local|tiny] [--storage file|s3]
 
 The loop is `trainer.loop.train_loop` itself, with one plan and one config, on two launchers:
-- **Ray**: `trainer.launch.run(plan)`, i.e. `TorchTrainer(train_loop)` with 2 CPU workers and gloo on a local
-  Ray cluster (started once here; its start is reported on its own line);
+- **Ray**: `trainer.launch.run(plan)`, i.e. `TorchTrainer(train_loop)` with 2 CPU workers and gloo, on a
+  local Ray cluster started for that run alone (`ray.init` is timed apart), so that Ray's daemons are not
+  running while torchrun is measured;
 - **torchrun**: `torchrun --nproc_per_node 2 bench/ray_overhead.py --worker <config>`; each process runs
   `TorchTrainer(train_loop, ScalingConfig(num_workers=0))`, Ray Train's local mode, which takes rank, world
   size and the gloo process group from torchrun's environment and calls train_loop in-process (no Ray
   cluster; `ray.train.report` keeps a checkpoint where it was written instead of uploading it).
+Both give each worker one torch thread (Ray: OMP_NUM_THREADS=1 for a 1-CPU actor; torchrun: its default).
 
 Step times come from the loop's data trace: one record per step and rank, stamped as the step begins, so the
 gap between two records is one whole iteration (compute, gradient all-reduce, logging, any checkpoint save,
-and the next fetch); the two ranks' gaps are averaged. The first `--warmup` steps are dropped.
+and the next fetch); the ranks' stamps are averaged. The first `--warmup` steps are dropped. A sampler
+reads /proc for the CPU seconds of every process the run starts: the training workers, and the launcher's
+own (Ray: GCS, raylet, agents, Train controller; torchrun: its agent), over the same steady-state steps.
 1. per-step ratio, Ray / torchrun: median gap of each run, with checkpoints only at the end (outside the
-   timed steps); pairs alternate which launcher goes first; the median ratio over pairs and its spread.
-   Setup (launch to the first step, which includes the step-0 val pass) and teardown (last step to exit)
-   are reported apart (goal for the steady state: <= 1.03; perf-anchors §3: Ray's parity run +0.9-2.3%).
+   timed steps); pairs alternate which launcher goes first; the median ratio over pairs and its spread
+   (goal <= 1.03; perf-anchors §3: Ray's own parity runs +0.9-2.3%). Less sensitive to a busy machine: the
+   ratio of worker CPU seconds per step, and the cores the launcher's processes use while training (on 2
+   cores that both workers need, that share is taken from training). Setup (launch to the first step,
+   which includes the step-0 val pass) and teardown (last step, final val pass and save, exit) apart.
 2. checkpoint stall: a Ray run saving every `--every` steps with ASYNC upload (the loop's default). Stall of
    one checkpoint = the gaps from the one holding the save through the next `--window - 1` (the upload runs
    in the background there) minus as many clean-step medians, in steps (goal <= 1 step). For reference, the
@@ -26,8 +32,9 @@ and the next fetch); the two ranks' gaps are averaged. The first `--warmup` step
    training thread under SYNC, the upload thread under ASYNC); the script warns when the cadence is shorter.
 
 Checkpoints land in `--storage`: local files, or S3 (moto's server in its own process on loopback, through
-s3fs; uploads cost CPU on this machine, as a real object store's client does). The machine's load average is
-printed with every run: on a shared machine, compare figures only from one quiet run.
+s3fs; uploads cost CPU on this machine, as a real object store's client does; the server's own CPU is not
+counted as the launcher's). The load average is printed with every run: on a shared machine, compare
+figures only from one quiet run.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
@@ -69,14 +77,24 @@ def spec(args, name: str, root: str, every: int) -> RunSpec:
 # ------------------------------------------------------------------ the two launchers
 
 
-def launch_ray(p, opts, trace: str, upload: str) -> dict:
+def launch_ray(p, opts, trace: str, upload: str, work: str) -> dict:
+    """A local Ray cluster started for this run only (so its daemons do not run during torchrun's runs)."""
+    import ray
+
     from trainer.launch import run
 
     t0 = time.time()
-    summary = run(p, storage_options=opts, log_every=10**6, checkpoint_upload=upload, trace=trace,
-                  metrics_port_base=None, max_failures=0)
+    ray.init(num_cpus=WORKERS, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"TMPDIR": work}})  # checkpoint folders of SYNC saves stay here
+    t1 = time.time()
+    try:
+        summary = run(p, storage_options=opts, log_every=10**6, checkpoint_upload=upload, trace=trace,
+                      metrics_port_base=None, max_failures=0)
+    finally:
+        end = time.time()
+        ray.shutdown()
     assert summary["status"] == "completed", summary
-    return {"start": t0, "end": time.time()}
+    return {"init": t1 - t0, "start": t1, "end": end}
 
 
 def launch_torchrun(p, opts, trace: str, upload: str, work: str) -> dict:
@@ -132,9 +150,8 @@ def free_port() -> int:
 # ------------------------------------------------------------------ reading the trace
 
 
-def gaps(trace: str) -> tuple[dict[int, float], float, float]:
-    """{step: seconds from this step's start to the next one's}, averaged over ranks; and the first and
-    last stamps (any rank)."""
+def stamps(trace: str) -> dict[int, float]:
+    """{step: when it began}, the mean over ranks (they move in lockstep: every step ends in an all-reduce)."""
     t: dict[int, dict[int, float]] = {}
     with open(trace) as f:
         for line in f:
@@ -142,21 +159,105 @@ def gaps(trace: str) -> tuple[dict[int, float], float, float]:
             t.setdefault(r["rank"], {})[r["step"]] = r["t"]
     ranks = list(t.values())
     steps = sorted(set.intersection(*(set(r) for r in ranks)))
-    out = {s: statistics.fmean(r[s + 1] - r[s] for r in ranks) for s in steps if s + 1 in steps}
-    stamps = [v for r in ranks for v in r.values()]
-    return out, min(stamps), max(stamps)
+    return {s: statistics.fmean(r[s] for r in ranks) for s in steps}
 
 
-def measure(kind: str, launch, args, root, opts, work, n: int, every: int, upload: str) -> dict:
+class TreeCPU:
+    """CPU seconds of every process below this one, sampled in a thread: the training workers apart from the
+    launcher's own processes (Ray: GCS, raylet, agents, the Train controller; torchrun: its agent). Reads
+    /proc (Linux); a process's last reading stands after it exits; processes that were already running
+    count only what they use from now on."""
+
+    TICK = os.sysconf("SC_CLK_TCK")
+
+    def __init__(self, exclude=(), period: float = 0.2, rescan: float = 1.0):
+        self.exclude, self.period, self.rescan = set(exclude), period, rescan
+        self.base: dict[int, float] = {}
+        self.last: dict[int, float] = {}
+        self.worker: dict[int, bool] = {}
+        self.samples: list[tuple[float, float, float]] = []  # (time, worker CPU s, launcher CPU s)
+        self._stop = threading.Event()
+        self._scan()
+        self.base = dict(self.last)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _stat(pid: int) -> list[str] | None:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()  # fields from the 3rd on (state, ppid, ...)
+        except (OSError, IndexError):
+            return None
+
+    def _scan(self) -> None:
+        children: dict[int, list[int]] = {}
+        for d in os.listdir("/proc"):
+            if d.isdigit() and (st := self._stat(int(d))):
+                children.setdefault(int(st[1]), []).append(int(d))
+        todo = [p for p in children.get(os.getpid(), []) if p not in self.exclude]
+        while todo:
+            pid = todo.pop()
+            todo += children.get(pid, [])
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            self.worker[pid] = "RayTrainWorker" in cmd or ("--worker" in cmd and "bin/torchrun" not in cmd)
+            self._read(pid)
+
+    def _read(self, pid: int) -> None:
+        if st := self._stat(pid):
+            self.last[pid] = (int(st[11]) + int(st[12])) / self.TICK  # utime + stime
+
+    def _run(self) -> None:
+        scanned = time.time()
+        while not self._stop.wait(self.period):
+            if time.time() - scanned > self.rescan:
+                self._scan()
+                scanned = time.time()
+            for pid in list(self.worker):
+                self._read(pid)
+            self.sample()
+
+    def sample(self) -> None:
+        use = {pid: self.last.get(pid, 0.0) - self.base.get(pid, 0.0) for pid in self.worker}
+        self.samples.append((time.time(), sum(v for p, v in use.items() if self.worker[p]),
+                             sum(v for p, v in use.items() if not self.worker[p])))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def at(self, t: float) -> tuple[float, float]:
+        """(worker, launcher) CPU seconds at time t, interpolated between samples."""
+        for (t0, w0, o0), (t1, w1, o1) in zip(self.samples, self.samples[1:]):
+            if t0 <= t <= t1:
+                f = (t - t0) / (t1 - t0) if t1 > t0 else 0.0
+                return w0 + f * (w1 - w0), o0 + f * (o1 - o0)
+        raise ValueError(f"no CPU samples around {t}")
+
+
+def measure(kind: str, launch, args, root, opts, work, n: int, every: int, upload: str, exclude=()) -> dict:
     name = f"bench-{kind}-{upload}-{every}-{n}"
     p = plan(spec(args, name, root, every))
     trace = os.path.join(work, f"{name}.jsonl")
     load0 = os.getloadavg()[0]
-    t = launch(p, opts, trace, upload) if kind == "ray" else launch(p, opts, trace, upload, work)
-    g, first, last = gaps(trace)
-    steady = {s: v for s, v in g.items() if s >= args.warmup}
-    return {"kind": kind, "upload": upload, "every": every, "gaps": steady,
-            "median": statistics.median(steady.values()), "setup": first - t["start"], "teardown": t["end"] - last,
+    cpu = TreeCPU(exclude)
+    try:
+        t = launch(p, opts, trace, upload, work)
+    finally:
+        cpu.stop()
+    at = stamps(trace)
+    g = {s: at[s + 1] - at[s] for s in at if s + 1 in at and s >= args.warmup}
+    # Steady state for CPU: from the first step after warm-up to the start of the last step (which is
+    # followed by the final val pass and the final checkpoint).
+    a, b = args.warmup, max(at)
+    (w0, o0), (w1, o1) = cpu.at(at[a]), cpu.at(at[b])
+    return {"kind": kind, "upload": upload, "every": every, "gaps": g, "median": statistics.median(g.values()),
+            "worker_cpu_step": (w1 - w0) / (b - a) / WORKERS, "launcher_cores": (o1 - o0) / (at[b] - at[a]),
+            "init": t.get("init"), "setup": at[0] - t["start"], "teardown": t["end"] - at[b],
             "load": (load0, os.getloadavg()[0])}
 
 
@@ -191,8 +292,6 @@ def main() -> None:
     if args.worker:
         return worker(args.worker)
 
-    import ray
-
     from cli.local import ensure_inputs
 
     work = tempfile.mkdtemp(prefix="bench-ray-overhead-")
@@ -215,18 +314,17 @@ def main() -> None:
                       say=lambda *_: None)
         print(f"inputs (2 MB corpus, tokenizer) built in {time.perf_counter() - t0:.0f} s; "
               f"{os.cpu_count()} cores; load average {os.getloadavg()[0]:.1f}", flush=True)
-        t0 = time.perf_counter()
-        ray.init(num_cpus=WORKERS, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"TMPDIR": work}})  # checkpoint folders of SYNC saves stay here
-        print(f"ray.init (once, not counted below): {time.perf_counter() - t0:.1f} s", flush=True)
         launchers = {"ray": launch_ray, "torchrun": launch_torchrun}
+        exclude = {moto.pid} if moto else set()
 
         def go(kind, every, upload):
-            r = measure(kind, launchers[kind], args, root, opts, work, len(runs), every, upload)
+            r = measure(kind, launchers[kind], args, root, opts, work, len(runs), every, upload, exclude)
             runs.append(r)
-            print(f"  {kind:<8} upload={upload:<5} ckpt every {every:>3}: median step {r['median'] * 1e3:7.1f} ms "
-                  f"(IQR {iqr(r['gaps'].values())}), setup {r['setup']:5.1f} s, teardown {r['teardown']:5.1f} s, "
-                  f"load {r['load'][0]:.1f}->{r['load'][1]:.1f}", flush=True)
+            init = f"ray.init {r['init']:4.1f} s, " if r["init"] is not None else ""
+            print(f"  {kind:<8} upload={upload:<5} ckpt every {every:>3}: step {r['median'] * 1e3:6.1f} ms "
+                  f"(IQR {iqr(r['gaps'].values())}), worker CPU/step {r['worker_cpu_step'] * 1e3:6.1f} ms, "
+                  f"launcher {r['launcher_cores']:.3f} cores; {init}setup {r['setup']:4.1f} s, teardown "
+                  f"{r['teardown']:4.1f} s; load {r['load'][0]:.1f}->{r['load'][1]:.1f}", flush=True)
             return r
 
         runs: list[dict] = []
@@ -241,24 +339,30 @@ def main() -> None:
         print(f"\n2. checkpoint stall, every {args.every} steps", flush=True)
         st = {label: go(kind, args.every, upload) for label, kind, upload in
               (("ray async", "ray", "async"), ("ray sync", "ray", "sync"), ("torchrun", "torchrun", "async"))}
-        ray.shutdown()
 
         print(f"\nsummary ({args.config} model, {args.storage} storage, {args.steps} steps/run, first "
               f"{args.warmup} left out)")
-        out = {"config": args.config, "storage": args.storage}
+        out = {"config": args.config, "storage": args.storage, "runs": [
+            {k: v for k, v in r.items() if k != "gaps"} for r in runs]}
         if pairs:
-            ratios = [r["ray"]["median"] / r["torchrun"]["median"] for r in pairs]
-            med = statistics.median(ratios)
-            print(f"per-step time Ray / torchrun: {med:.3f} (pairs: {', '.join(f'{x:.3f}' for x in ratios)}; "
+            def ratio(key):
+                xs = [r["ray"][key] / r["torchrun"][key] for r in pairs]
+                return statistics.median(xs), xs
+
+            wall, walls = ratio("median")
+            cpu, cpus = ratio("worker_cpu_step")
+            print(f"per-step time Ray / torchrun: {wall:.3f} (pairs: {', '.join(f'{x:.3f}' for x in walls)}; "
                   f"goal <= 1.03)")
+            print(f"worker CPU per step Ray / torchrun: {cpu:.3f} (pairs: {', '.join(f'{x:.3f}' for x in cpus)})")
             for k in ("ray", "torchrun"):
-                print(f"  {k:<8} median step {statistics.median(r[k]['median'] for r in pairs) * 1e3:.1f} ms; setup "
-                      f"{statistics.median(r[k]['setup'] for r in pairs):.1f} s; teardown "
-                      f"{statistics.median(r[k]['teardown'] for r in pairs):.1f} s")
-            out["ratio"] = {"median": med, "pairs": ratios,
-                            "setup": {k: [r[k]["setup"] for r in pairs] for k in ("ray", "torchrun")},
-                            "teardown": {k: [r[k]["teardown"] for r in pairs] for k in ("ray", "torchrun")},
-                            "step_ms": {k: [r[k]["median"] * 1e3 for r in pairs] for k in ("ray", "torchrun")}}
+                med = {key: statistics.median(r[k][key] for r in pairs)
+                       for key in ("median", "launcher_cores", "setup", "teardown")}
+                init = statistics.median(r[k]["init"] for r in pairs) if k == "ray" else None
+                print(f"  {k:<8} step {med['median'] * 1e3:.1f} ms; launcher processes {med['launcher_cores']:.3f} "
+                      f"cores while training; setup {med['setup']:.1f} s"
+                      + (f" (+ ray.init {init:.1f} s)" if init is not None else "")
+                      + f"; teardown {med['teardown']:.1f} s")
+            out["ratio"] = {"wall": wall, "wall_pairs": walls, "worker_cpu": cpu, "worker_cpu_pairs": cpus}
         out["stall"] = {}
         for label, r in st.items():
             s = stall(r, args.window)
