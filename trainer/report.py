@@ -140,7 +140,8 @@ def render(d: dict) -> str:
            f"- model: {mo['n_layer']} layers, {mo['n_embd']} wide, {mo['n_head']} heads, vocab {mo['vocab_size']:,}, "
            f"context {mo['seq_len']}, windows {mo['window_pattern']}; {mo['params']:,} parameters "
            f"({mo['scaling_params']:,} scaling), {mo['flops_per_token']:.4g} FLOPs/token",
-           f"- recipe: ratio {sp['ratio']} tokens per scaling parameter, {sp['precision']}",
+           f"- recipe: ratio {sp['ratio']} tokens per scaling parameter, "
+           + ("float32 (CPU)" if sp["gpu_type"] == "cpu" else sp["precision"]),
            f"- estimate: {_hours(est['total_hours'])} ({_hours(est['train_hours'])} training), "
            f"${est['total_dollars']:,.2f} at ${est['price_per_gpu_hour']:.2f}/GPU-h, "
            f"{est['tokens_per_second']:,.0f} tok/s at {est['mfu']:.0%} MFU ({est['mfu_source']})", "",
