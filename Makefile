@@ -24,7 +24,7 @@ setup: $(BIN)/llmctl tools
 tools: $(BIN)/llmctl
 	@$(BIN)/python -m tests.tools
 
-run: setup
+run: $(BIN)/llmctl
 	$(BIN)/llmctl submit --local
 
 test: setup
