@@ -56,6 +56,7 @@ sys.path.insert(0, os.path.dirname(BENCH))
 from trainer.plan import RunSpec, plan  # noqa: E402
 
 WORKERS = 2
+RAY_TMP = os.path.join(tempfile.gettempdir(), "ray")  # Ray's default session root, before TMPDIR moves
 POLL_S = 2.0  # ray.train.v2 DEFAULT_HEALTH_CHECK_INTERVAL_S: how often the controller collects reports
 TINY = dict(depth=2, vocab_size=512, seq_len=64, device_batch_size=4)  # tests/test_launch.py's model
 
@@ -84,8 +85,7 @@ def launch_ray(p, opts, trace: str, upload: str, work: str) -> dict:
     from trainer.launch import run
 
     t0 = time.time()
-    ray.init(num_cpus=WORKERS, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"TMPDIR": work}})  # checkpoint folders of SYNC saves stay here
+    ray.init(num_cpus=WORKERS, include_dashboard=False, log_to_driver=False, _temp_dir=RAY_TMP)
     t1 = time.time()
     try:
         summary = run(p, storage_options=opts, log_every=10**6, checkpoint_upload=upload, trace=trace,
@@ -114,11 +114,10 @@ def launch_torchrun(p, opts, trace: str, upload: str, work: str) -> dict:
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     cmd = [torchrun, "--nproc_per_node", str(WORKERS), "--master_addr", "127.0.0.1", "--master_port",
            str(free_port()), os.path.abspath(__file__), "--worker", path]
-    env = {**os.environ, "TMPDIR": work}  # local mode never deletes its checkpoint folders
     log = os.path.join(work, f"{p.name}.log")
     t0 = time.time()
     with open(log, "w") as f:
-        rc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
     end = time.time()
     if rc:
         with open(log) as f:
@@ -175,6 +174,8 @@ class TreeCPU:
         self.base: dict[int, float] = {}
         self.last: dict[int, float] = {}
         self.worker: dict[int, bool] = {}
+        self.name: dict[int, str] = {}
+        self.names: list[dict[str, float]] = []  # launcher CPU seconds by process name, per sample
         self.samples: list[tuple[float, float, float]] = []  # (time, worker CPU s, launcher CPU s)
         self._stop = threading.Event()
         self._scan()
@@ -205,6 +206,7 @@ class TreeCPU:
             except OSError:
                 continue
             self.worker[pid] = "RayTrainWorker" in cmd or ("--worker" in cmd and "bin/torchrun" not in cmd)
+            self.name[pid] = short_name(cmd)
             self._read(pid)
 
     def _read(self, pid: int) -> None:
@@ -223,12 +225,24 @@ class TreeCPU:
 
     def sample(self) -> None:
         use = {pid: self.last.get(pid, 0.0) - self.base.get(pid, 0.0) for pid in self.worker}
+        names: dict[str, float] = {}
+        for pid, v in use.items():
+            if not self.worker[pid]:
+                names[self.name[pid]] = names.get(self.name[pid], 0.0) + v
         self.samples.append((time.time(), sum(v for p, v in use.items() if self.worker[p]),
                              sum(v for p, v in use.items() if not self.worker[p])))
+        self.names.append(names)
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
+
+    def launcher_by_name(self, t0: float, t1: float) -> dict[str, float]:
+        """Cores each kind of launcher process used between the samples nearest t0 and t1."""
+        i, j = (min(range(len(self.samples)), key=lambda k: abs(self.samples[k][0] - t)) for t in (t0, t1))
+        dt = self.samples[j][0] - self.samples[i][0]
+        a, b = self.names[i], self.names[j]
+        return {k: (b[k] - a.get(k, 0.0)) / dt for k in sorted(b, key=lambda k: a.get(k, 0.0) - b[k])}
 
     def at(self, t: float) -> tuple[float, float]:
         """(worker, launcher) CPU seconds at time t, interpolated between samples."""
@@ -237,6 +251,17 @@ class TreeCPU:
                 f = (t - t0) / (t1 - t0) if t1 > t0 else 0.0
                 return w0 + f * (w1 - w0), o0 + f * (o1 - o0)
         raise ValueError(f"no CPU samples around {t}")
+
+
+def short_name(cmd: str) -> str:
+    """`ray::TrainController`, `raylet`, `agent.py`, ...: what a process is, from its command line."""
+    words = cmd.split()
+    if not words:
+        return "?"
+    if words[0].startswith("ray::"):
+        return words[0]
+    script = next((w for w in words[1:] if w.endswith(".py") or w.endswith("/torchrun")), words[0])
+    return os.path.basename(script)
 
 
 def measure(kind: str, launch, args, root, opts, work, n: int, every: int, upload: str, exclude=()) -> dict:
@@ -255,8 +280,9 @@ def measure(kind: str, launch, args, root, opts, work, n: int, every: int, uploa
     # followed by the final val pass and the final checkpoint).
     a, b = args.warmup, max(at)
     (w0, o0), (w1, o1) = cpu.at(at[a]), cpu.at(at[b])
-    return {"kind": kind, "upload": upload, "every": every, "gaps": g, "median": statistics.median(g.values()),
-            "worker_cpu_step": (w1 - w0) / (b - a) / WORKERS, "launcher_cores": (o1 - o0) / (at[b] - at[a]),
+    return {"kind": kind, "run": p.urls["run"], "upload": upload, "every": every, "gaps": g,
+            "median": statistics.median(g.values()), "worker_cpu_step": (w1 - w0) / (b - a) / WORKERS,
+            "launcher_cores": (o1 - o0) / (at[b] - at[a]), "by_name": cpu.launcher_by_name(at[a], at[b]),
             "init": t.get("init"), "setup": at[0] - t["start"], "teardown": t["end"] - at[b],
             "load": (load0, os.getloadavg()[0])}
 
@@ -295,6 +321,9 @@ def main() -> None:
     from cli.local import ensure_inputs
 
     work = tempfile.mkdtemp(prefix="bench-ray-overhead-")
+    # Workers' checkpoint folders (SYNC saves under Ray, every save under torchrun's local mode) are left
+    # where they were written: put them in `work`, removed at the end. Ray's own files stay where they were.
+    os.environ["TMPDIR"] = work
     moto = None
     try:
         if args.storage == "s3":
@@ -362,8 +391,17 @@ def main() -> None:
                       f"cores while training; setup {med['setup']:.1f} s"
                       + (f" (+ ray.init {init:.1f} s)" if init is not None else "")
                       + f"; teardown {med['teardown']:.1f} s")
+            names: dict[str, list[float]] = {}
+            for r in pairs:
+                for k, v in r["ray"]["by_name"].items():
+                    names.setdefault(k, []).append(v)
+            top = sorted(((statistics.median(v), k) for k, v in names.items()), reverse=True)[:6]
+            print("  Ray's launcher processes, cores while training (median): "
+                  + ", ".join(f"{k} {c:.3f}" for c, k in top))
             out["ratio"] = {"wall": wall, "wall_pairs": walls, "worker_cpu": cpu, "worker_cpu_pairs": cpus}
-        out["stall"] = {}
+        out["stall"] = {"checkpoint_mb": checkpoint_mb(st["ray async"]["run"], opts)}
+        print(f"one checkpoint (model, 2 optimizer shards, loader states, meta): "
+              f"{out['stall']['checkpoint_mb']:.1f} MB")
         for label, r in st.items():
             s = stall(r, args.window)
             if label.startswith("ray") and args.every * s["clean"] < POLL_S:
@@ -380,6 +418,16 @@ def main() -> None:
             moto.kill()
             moto.wait()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def checkpoint_mb(run_url: str, opts: dict) -> float:
+    import fsspec
+
+    from trainer import checkpoint
+
+    url = checkpoint.latest(f"{run_url}/pretrain", storage_options=opts)
+    fs, path = fsspec.core.url_to_fs(url, **opts)
+    return fs.du(path) / 1e6
 
 
 def iqr(values) -> str:
