@@ -7,6 +7,7 @@
 - a worker killed during a checkpoint save: the previous checkpoint stays the latest and the run finishes.
 
 Fault tests upload checkpoints synchronously so which checkpoint is "the last" does not depend on timing.
+The fault tests run by default (CI proves resume on every change); the S3 variant is marked slow.
 Run: .venv/bin/pytest tests/test_launch.py   (slow ones: -m slow)
 """
 
@@ -105,7 +106,6 @@ def _assert_exact_resume(trace, base, resumed_from):
     assert repeated and repeated[0] == resumed_from, f"re-executed steps {repeated}, expected from {resumed_from}"
 
 
-@pytest.mark.slow
 def test_worker_killed_between_checkpoints_resumes_exactly(baseline, inputs, tmp_path):
     from trainer.launch import run
 
@@ -122,7 +122,6 @@ def test_worker_killed_between_checkpoints_resumes_exactly(baseline, inputs, tmp
     assert a["val_bpb"] == pytest.approx(b["val_bpb"], rel=1e-4)
 
 
-@pytest.mark.slow
 def test_crash_during_checkpoint_save_keeps_the_previous_one(baseline, inputs, tmp_path):
     from trainer.launch import run
 
@@ -162,7 +161,6 @@ def test_pretrain_then_sft_end_to_end_on_s3(ray_cluster, inputs, s3_server):
     assert any(d.rsplit("/", 1)[1].startswith("sft_step") for d in fs.ls(f"{run_dir}/sft", detail=False))
 
 
-@pytest.mark.slow
 def test_budget_cap_stops_cleanly_with_a_checkpoint(ray_cluster, inputs):
     from trainer import checkpoint
     from trainer.launch import run
@@ -177,7 +175,6 @@ def test_budget_cap_stops_cleanly_with_a_checkpoint(ray_cluster, inputs):
     assert latest and latest.endswith(checkpoint.dir_name("pretrain", pre["steps"]))
 
 
-@pytest.mark.slow
 def test_non_finite_loss_stops_the_run_with_a_clear_error(ray_cluster, inputs, tmp_path):
     from trainer.launch import LaunchError, run
 
