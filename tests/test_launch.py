@@ -144,7 +144,7 @@ def test_pretrain_then_sft_end_to_end_on_s3(ray_cluster, inputs, s3_server):
     fs = s3_server.fs()
     root = s3_server.bucket("e2e")
     local = inputs[len("file://"):]
-    for sub in ("data", "tokenizers"):  # the module's inputs, uploaded as they are
+    for sub in ("data", "tokenizers", "eval_bundle"):  # the module's inputs, uploaded as they are
         fs.put(f"{local}/{sub}", f"{root[len('s3://'):]}/{sub}", recursive=True)
     p = tiny_plan(root, "e2e-s3")
     summary = run(p, storage_options=s3_server.storage_options, log_every=4)
@@ -159,6 +159,7 @@ def test_pretrain_then_sft_end_to_end_on_s3(ray_cluster, inputs, s3_server):
     assert sorted(f.rsplit("/", 1)[1] for f in fs.ls(ckpt, detail=False)) == [
         "loader_rank0.json", "loader_rank1.json", "meta.json", "model.pt", "optim_rank0.pt", "optim_rank1.pt"]
     assert any(d.rsplit("/", 1)[1].startswith("sft_step") for d in fs.ls(f"{run_dir}/sft", detail=False))
+    assert summary["stages"]["eval"]["core"] is not None and fs.exists(f"{run_dir}/report.md")
 
 
 def test_budget_cap_stops_cleanly_with_a_checkpoint(ray_cluster, inputs):
