@@ -1,6 +1,6 @@
 """Ray Train's cost over torchrun on the same training loop, and the stall a checkpoint causes — one run.
 
-    .venv/bin/python bench/ray_overhead.py [--pairs 3] [--steps 60] [--config local|tiny] [--storage file|s3]
+    .venv/bin/python bench/ray_overhead.py [--pairs 4] [--steps 50] [--every 10] [--config local|tiny] [--storage file|s3]
 
 The loop is `trainer.loop.train_loop` itself, with one plan and one config, on two launchers:
 - **Ray**: `trainer.launch.run(plan)`, i.e. `TorchTrainer(train_loop)` with 2 CPU workers and gloo, on a
@@ -305,10 +305,10 @@ def stall(r: dict, window: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--worker", help=argparse.SUPPRESS)
-    ap.add_argument("--pairs", type=int, default=3, help="Ray/torchrun pairs for the ratio (order alternates)")
-    ap.add_argument("--steps", type=int, default=60, help="training steps per run")
+    ap.add_argument("--pairs", type=int, default=4, help="Ray/torchrun pairs for the ratio (order alternates)")
+    ap.add_argument("--steps", type=int, default=50, help="training steps per run")
     ap.add_argument("--warmup", type=int, default=5, help="leading steps left out of every statistic")
-    ap.add_argument("--every", type=int, default=8, help="checkpoint cadence of the stall runs (steps)")
+    ap.add_argument("--every", type=int, default=10, help="checkpoint cadence of the stall runs (steps)")
     ap.add_argument("--window", type=int, default=4, help="gaps charged to one checkpoint (save + upload)")
     ap.add_argument("--config", choices=("local", "tiny"), default="local",
                     help="local: the embedded default model (cli/local.py); tiny: the tests' model")
