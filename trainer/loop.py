@@ -234,7 +234,8 @@ def _save(plan, stage, step, model, optimizer, loader, loop, rank, world, metric
     # ASYNC: the upload overlaps the next steps (ray PR #55637); the last save waits so the stage ends whole.
     mode = ray.train.CheckpointUploadMode.SYNC if sync else ray.train.CheckpointUploadMode.ASYNC
     ray.train.report({**metrics.snapshot(), "step": step}, checkpoint=ray.train.Checkpoint.from_directory(path),
-                     checkpoint_dir_name=checkpoint.dir_name(stage, step), checkpoint_upload_mode=mode)
+                     checkpoint_dir_name=checkpoint.dir_name(stage, step), checkpoint_upload_mode=mode,
+                     delete_local_checkpoint_after_upload=True)  # SYNC would otherwise leave it in /tmp
     if chaos:  # fault tests: wait until Ray has registered this checkpoint, so "the last one" is certain
         ray.train.get_all_reported_checkpoints(timeout_s=120)
     metrics.on_checkpoint(time.perf_counter() - t0)
