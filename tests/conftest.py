@@ -88,3 +88,14 @@ def s3_server():
     server = S3Server().start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Small matmuls on a shared 2-core box: one torch thread avoids oversubscription stalls (10-50x under load)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

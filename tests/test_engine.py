@@ -19,13 +19,7 @@ VOCAB = 300
 WINDOW = 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small matmuls on a shared 2-core box: one thread avoids oversubscription stalls (10-50x under load)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def random_model(seed=0, *, n_kv_head=None, windows=(WINDOW, WINDOW, WINDOW, 128)):

@@ -22,13 +22,7 @@ WORDS = ("apple river stone green quick house light dark music table paper cloud
          "horse glass silver winter summer garden window letter mountain forest ocean candle mirror").split()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small matmuls on a shared 2-core box: one thread avoids oversubscription stalls."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def sentence(rng, n):
