@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cli.main import UsageError
+from cli.errors import UsageError
 
 STAGES = {"sft": "sft", "chat": "sft", "base": "pretrain", "pretrain": "pretrain"}  # --stage -> plan stage
 HELP = "/clear starts a new conversation, /quit (or Ctrl-D) leaves"

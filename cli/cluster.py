@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cli.main import CLIError, UsageError
+from cli.errors import CLIError, UsageError
 
 CONFIGMAP = "llmctl-config"  # installed by charts/llmctl; one per namespace
 CONFIG_KEY = "config.yaml"

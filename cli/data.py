@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 
-from cli.main import CLIError, UsageError
+from cli.errors import CLIError, UsageError
 
 
 def register(sub) -> None:

@@ -19,7 +19,7 @@ import sys
 
 from cli.cluster import (PROGRESS_ANNOTATION, ClusterConfig, add_cluster_args, connect, load_config_file,
                          read_config, resolve_namespace)
-from cli.main import CLIError, UsageError
+from cli.errors import CLIError, UsageError
 from cli.plan import fmt_hours, add_spec_args, render_table, spec_from_args
 from trainer.plan import RunSpec, plan
 

@@ -4,7 +4,7 @@ Each command module exposes `register(subparsers)`, which adds its sub-commands 
 Start-up must stay fast: this module and every `register` import nothing heavy (no torch, ray, kubernetes);
 the commands import what they need inside their function body.
 
-Errors: `UsageError` and the plan's `PlanError` (bad input) print one line on stderr and exit 2;
+Errors (cli/errors.py): `UsageError` and the plan's `PlanError` (bad input) print one line on stderr and exit 2;
 `CLIError` (a known failure: cluster unreachable, run missing) prints one line and exits 1. Set
 LLMCTL_DEBUG=1 to see the traceback instead.
 """
@@ -16,20 +16,10 @@ import importlib
 import os
 import sys
 
+from cli.errors import CLIError, UsageError
+
 # Command modules, in the order they appear in --help.
 COMMANDS = ("cli.plan", "cli.top", "cli.data", "cli.tokenizer", "cli.jobs", "cli.chat", "cli.report")
-
-
-class CLIError(Exception):
-    """A known failure, reported as one actionable line (exit 1)."""
-
-    exit_code = 1
-
-
-class UsageError(CLIError):
-    """Bad input from the user (exit 2); nothing was created."""
-
-    exit_code = 2
 
 
 class _Parser(argparse.ArgumentParser):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from cli.main import UsageError
+from cli.errors import UsageError
 
 
 def register(sub) -> None:

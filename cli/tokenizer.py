@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 
-from cli.main import CLIError, UsageError
+from cli.errors import CLIError, UsageError
 
 
 def register(sub) -> None:

@@ -23,7 +23,7 @@ import re
 import time
 from dataclasses import dataclass, field
 
-from cli.main import CLIError, UsageError
+from cli.errors import CLIError, UsageError
 
 METRICS_PORT_BASE = 9400  # trainer/metrics.py; repeated so this module stays free of trainer imports
 TIMEOUT = 5.0  # seconds per HTTP request

@@ -83,3 +83,13 @@ def test_bad_input_is_one_line_exit_2_and_creates_nothing(tmp_path, capsys, argv
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+def test_prepare_bad_layout_via_python_m_cli_main_is_one_line_exit_2(tmp_path):
+    # `python -m cli.main` runs main.py as __main__; a command module importing cli.main loaded it a second time,
+    # so its UsageError was another class and escaped as a traceback (exit 1).
+    r = subprocess.run([sys.executable, "-m", "cli.main", "data", "prepare", "--source", "x", "--out",
+                        str(tmp_path / "y"), "--shard-chars", "0"], capture_output=True, text=True)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines() == ["llmctl: error: --shard-chars, --row-group-size and --max-docs must be >= 1"]
+    assert not (tmp_path / "y").exists()
