@@ -65,8 +65,7 @@ class Session:
 
     @classmethod
     def open(cls, args) -> Session:
-        from trainer.data import storage_options_from_env
-        from trainer.report import RunNotFound, read_plan, run_url
+        from trainer.storage import RunNotFound, read_plan, run_url, storage_options_from_env
 
         url = run_url(args.run, args.storage)
         opts = storage_options_from_env() if url.startswith("s3") else {}

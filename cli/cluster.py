@@ -23,13 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from cli.errors import CLIError, UsageError
+from trainer.progress import IN_CLUSTER_NAMESPACE
 
 CONFIGMAP = "llmctl-config"  # installed by charts/llmctl; one per namespace
 CONFIG_KEY = "config.yaml"
 # The trainer image built from images/trainer/Dockerfile; its Ray must equal RAY_VERSION (tests check both).
 IMAGE = "ghcr.io/llmctl/trainer:0.1.0"
 RAY_VERSION = "2.60.0"
-IN_CLUSTER_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 # GPU Feature Discovery's product label on NVIDIA nodes (installed by the GPU Operator). The values are the
 # marketing names GFD reports on common SKUs; an assumption per cluster, so the ConfigMap can override them.
@@ -458,38 +458,3 @@ def read_config(kube: Kube) -> tuple[ClusterConfig, list[str]]:
                            f"{getattr(e, 'reason', None) or e}; check --context and KUBECONFIG") from None
         raise
     return config_from_configmap(kube.api_client.sanitize_for_serialization(cm))
-
-
-# ---------------------------------------------------------------------------------------------
-# Progress reports from inside a run
-
-
-PROGRESS_ANNOTATION = "llmctl.dev/progress"
-
-
-def report_progress(progress: dict, *, name: str | None = None, namespace: str | None = None,
-                    kubeconfig: str | None = None) -> None:
-    """Called by the run (rank 0, every few minutes): merge-patch its RayJob's progress annotation.
-
-    `progress` keys read by `llmctl status`: stage, step, steps, tokens, cost_dollars, eta_seconds (all
-    optional). Needs the head pod's service account (the chart's `llmctl-run`, set as `runServiceAccount`)
-    and the env the RayJob sets: LLMCTL_RUN, LLMCTL_NAMESPACE. Errors propagate: the caller decides whether
-    a failed report matters (it should not stop training).
-    """
-    import datetime
-
-    from kubernetes import client, config
-
-    name = name or os.environ["LLMCTL_RUN"]
-    namespace = namespace or os.environ.get("LLMCTL_NAMESPACE") or IN_CLUSTER_NAMESPACE.read_text().strip()
-    conf = client.Configuration()
-    if os.environ.get("KUBERNETES_SERVICE_HOST") and not kubeconfig:
-        config.load_incluster_config(client_configuration=conf)
-    else:  # outside a cluster (tests, a laptop): the kubeconfig
-        config.load_kube_config(config_file=kubeconfig or os.environ.get("KUBECONFIG"), client_configuration=conf,
-                                persist_config=False)
-    body = dict(progress, updated=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
-    patch = {"metadata": {"annotations": {PROGRESS_ANNOTATION: json.dumps(body, sort_keys=True)}}}
-    api = client.CustomObjectsApi(client.ApiClient(conf))
-    api.patch_namespaced_custom_object("ray.io", "v1", namespace, "rayjobs", name, patch,
-                                       _content_type="application/merge-patch+json", _request_timeout=(10, 30))

@@ -63,7 +63,7 @@ def _add_layout_args(p, shard_chars_default: int) -> None:
 
 
 def _check_out(url: str, force: bool, pattern: str = "*.parquet") -> None:
-    from trainer.data import filesystem
+    from trainer.storage import filesystem
 
     try:
         fs, root = filesystem(url)
@@ -79,7 +79,8 @@ def _check_out(url: str, force: bool, pattern: str = "*.parquet") -> None:
 def cmd_prepare(args) -> int:
     if args.shard_chars < 1 or args.row_group_size < 1 or (args.max_docs is not None and args.max_docs < 1):
         raise UsageError("--shard-chars, --row-group-size and --max-docs must be >= 1")
-    from trainer.data import DataError, iter_source_texts, write_shards
+    from trainer.corpus import iter_source_texts
+    from trainer.shards import DataError, write_shards
 
     _check_out(args.out, args.force)
     try:
@@ -103,7 +104,7 @@ def cmd_sample(args) -> int:
         for split, urls in files.items():
             print(f"{split}: {', '.join(urls)}")
         return 0
-    from trainer.data import build_sample_corpus
+    from trainer.corpus import build_sample_corpus
 
     _report(build_sample_corpus(args.out, mb=args.mb, shards=args.shards, row_group_size=args.row_group_size,
                                 seed=args.seed, show_progress=True))

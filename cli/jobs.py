@@ -17,9 +17,10 @@ import datetime
 import json
 import sys
 
-from cli.cluster import (PROGRESS_ANNOTATION, ClusterConfig, add_cluster_args, connect, load_config_file,
+from cli.cluster import (ClusterConfig, add_cluster_args, connect, load_config_file,
                          read_config, resolve_namespace)
 from cli.errors import CLIError, UsageError
+from trainer.progress import PROGRESS_ANNOTATION
 from cli.plan import fmt_hours, add_spec_args, render_table, spec_from_args
 from trainer.plan import RunSpec, plan
 

@@ -41,7 +41,7 @@ def ensure_inputs(p, opts: dict | None = None, *, mb: float = SAMPLE_MB, convers
                   say=print) -> None:
     """Sample corpus, conversations and tokenizer at the plan's URLs, each built once (idempotent)."""
     from trainer.chat import build_sample_conversations
-    from trainer.data import build_sample_corpus
+    from trainer.corpus import build_sample_corpus
     from trainer.evaluate import build_smoke_bundle_from_val
     from trainer.tokenizer import Tokenizer
 
@@ -70,7 +70,7 @@ def _exists(url: str, opts: dict) -> bool:
 
 def run_local(args: argparse.Namespace) -> int:
     from cli.plan import render_table
-    from trainer.launch import expand
+    from trainer.storage import expand
     from trainer.plan import plan
 
     args.storage = expand(args.storage)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from trainer.plan import GPUS, STAGES, RunPlan, RunSpec, plan
 

@@ -28,12 +28,13 @@ def register(sub) -> None:
 def cmd_report(args: argparse.Namespace) -> int:
     import json
 
-    from trainer.report import RunNotFound, gather, read_json, read_plan, run_url, write_report
+    from trainer.report import gather, write_report
+    from trainer.storage import RunNotFound, read_json, read_plan, run_url
 
     url = run_url(args.run, args.storage)
     opts = {}
     if url.startswith("s3"):
-        from trainer.data import storage_options_from_env
+        from trainer.storage import storage_options_from_env
 
         opts = storage_options_from_env()
     try:

@@ -35,7 +35,7 @@ def cmd_train(args) -> int:
         raise UsageError(f"--vocab must be >= 265 (256 byte tokens + 9 special tokens), got {args.vocab}")
     if args.max_chars < 1 or args.doc_cap < 1:
         raise UsageError("--max-chars and --doc-cap must be >= 1")
-    from trainer.data import DataError, StorageError
+    from trainer.shards import DataError, StorageError
     from trainer.tokenizer import Tokenizer, iter_shard_texts
 
     t0 = time.perf_counter()

@@ -15,7 +15,8 @@ import pytest
 
 from trainer.chat import (REFERENCE_REPEATS, SFTLoader, build_sample_conversations, gsm8k_conversation,
                           load_conversations, mmlu_conversation, render_mc)
-from trainer.data import DataError, iter_python_docs
+from trainer.corpus import iter_python_docs
+from trainer.shards import DataError
 from trainer.tokenizer import Tokenizer
 
 

@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from cli.main import main as llmctl
-from trainer.data import list_shards
+from trainer.shards import list_shards
 
 
 def test_modules_import_nothing_heavy():

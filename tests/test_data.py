@@ -22,8 +22,10 @@ from hypothesis import strategies as st
 
 from cli.main import main as llmctl
 from tests.conftest import S3Server
-from trainer.data import (DataError, DocBuffer, PretrainLoader, ShardError, iter_python_docs, list_shards,
-                          storage_options_from_env, write_shards)
+from trainer.corpus import iter_python_docs
+from trainer.data import DocBuffer, PretrainLoader
+from trainer.shards import DataError, ShardError, list_shards, write_shards
+from trainer.storage import storage_options_from_env
 from trainer.tokenizer import Tokenizer
 
 B, T = 4, 96

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from tests.finished_run import finished_run
-from trainer.report import gather, render, run_url, write_report
+from trainer.report import gather, render, write_report
+from trainer.storage import run_url
 
 LLMCTL = str(Path(sys.executable).parent / "llmctl")
 

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trainer.data import iter_python_docs
+from trainer.corpus import iter_python_docs
 from trainer.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, TokenizerError, iter_shard_texts
 
 VOCAB = 512
@@ -143,7 +143,7 @@ def test_incomplete_or_tampered_directories_fail_clearly(tok, tmp_path):
 
 
 def test_train_from_shards_reads_train_split_capped(tmp_path, corpus):
-    from trainer.data import write_shards
+    from trainer.shards import write_shards
 
     write_shards([f"doc{i} " + t for i, t in enumerate(corpus[:200])], str(tmp_path / "d"), shard_chars=20_000,
                  row_group_size=16)

@@ -24,8 +24,10 @@ import json
 import os
 import random
 import re
-from trainer.corpus import _progress
-from trainer.data import DataError, DocBuffer, filesystem
+from trainer.data import DocBuffer
+from trainer.progress import progress_bar
+from trainer.shards import DataError
+from trainer.storage import filesystem
 
 LETTERS = "ABCD"
 REFERENCE_REPEATS = {"smoltalk": 1, "mmlu": 3, "gsm8k": 4}  # nanochat chat_sft.py mixture (LOG 2026-02-16)
@@ -315,7 +317,7 @@ def build_sample_conversations(out_url: str, n: int = 2000, *, val_fraction: flo
     fs, root = filesystem(out_url, storage_options)
     out: dict[str, list[str]] = {}
     n_val = max(1, int(n * val_fraction))
-    with _progress(show_progress, "writing conversations", n) as advance:
+    with progress_bar(show_progress, "writing conversations", n) as advance:
         for split, count in (("train", n - n_val), ("val", n_val)):
             fs.makedirs(f"{root}/{split}", exist_ok=True)
             out[split] = []

@@ -1,30 +1,22 @@
-"""Pretraining data: parquet shards at any fsspec URL -> BOS-aligned, best-fit packed (B, T) batches.
-
-Layout (nanochat/ClimbMix, reference/nanochat-facts.md §5): `<url>/shard_00000.parquet …`, one `text` column,
-row groups of 1024 documents, a shard closed at the first row-group boundary past ~250M characters, zstd
-level 3, no dictionary, no statistics. Sorted by name, the last shard is the validation split, the rest train.
+"""Pretraining batches: shards of text (trainer/shards.py) -> BOS-aligned, best-fit packed (B, T) batches.
 
 `PretrainLoader` (one per rank):
 - rank r of W reads row groups r, r+W, r+2W, … of every shard, epoch after epoch (each document is read by
-  exactly one rank per epoch);
-- only the `text` column chunk of a row group is fetched, with one ranged GET (`fs.cat_file`); fetching runs
+  exactly one rank per epoch); the last shard is the validation split, the rest train;
+- only the `text` column chunk of a row group is fetched, with one ranged GET (`ShardReader`); fetching runs
   ahead on I/O threads and tokenizing (tiktoken, numpy output, GIL released) on a producer thread, so both
   overlap the training step;
-- packing follows the reference: every row of T+1 tokens starts at a document boundary (BOS); repeatedly
-  place the largest buffered document that fits whole, else crop the shortest one to fill the row (the rest
-  of it is dropped); the buffer is refilled to >= `buffer_size` documents (one row group at a time; the
-  reference refills in 128-document slices) before every placement;
+- packing follows the reference (docs/recipe.md, data): every row of T+1 tokens starts at a document boundary
+  (BOS); repeatedly place the largest buffered document that fits whole, else crop the shortest one to fill
+  the row (the rest of it is dropped); the buffer is refilled to >= `buffer_size` documents (one row group at
+  a time; the reference refills in 128-document slices) before every placement;
 - exact resume, stricter than the reference (which skips ahead): `state_dict()` names the last row group
   taken into the buffer and every buffered-but-unused document by (shard, row group, index). A loader built
   with `state=` refetches those documents and continues with exactly the next batch. The state is small
   JSON (a few KB) because it holds references, not tokens;
-- storage errors: s3fs/botocore retry what they retry; on top, each fetch is retried with exponential backoff
-  (`retries`, default 8 attempts over ~2 min), enough to ride out an object-store restart. A shard whose
-  bytes do not decode (truncated, corrupt, no `text` column) raises `ShardError` naming it, or with
-  `skip_corrupt=True` is skipped, logged and counted in `stats["skipped"]`.
-
-Writing (`ShardWriter`, `write_shards`, `iter_source_texts`, `build_sample_corpus`) lives in trainer/corpus.py
-and is re-exported here.
+- storage errors are retried by `ShardReader` (`retries`, default 8 attempts over ~2 min). A shard whose
+  bytes do not decode raises `ShardError` naming it, or with `skip_corrupt=True` is skipped, logged and
+  counted in `stats["skipped"]`.
 """
 
 from __future__ import annotations
@@ -35,211 +27,14 @@ import math
 import os
 import queue
 import threading
-import time
 import weakref
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator
 
-import fsspec
+from trainer.shards import DataError, ShardError, ShardReader, list_shards
 
 log = logging.getLogger(__name__)
-
-ROW_GROUP_DOCS = 1024  # documents per parquet row group (nanochat repackage_data_reference.py)
-SHARD_CHARS = 250_000_000  # a shard is closed at the first row-group boundary past this many characters
-SHARD_NAME = "shard_{:05d}.parquet"
-TEXT_COLUMN = "text"
-FOOTER_GUESS = 1 << 16  # bytes read from a shard's end to find its footer in one request (pyarrow does the same)
-
-
-class DataError(ValueError):
-    """Bad data location or loader configuration (one line, names the URL or field)."""
-
-
-class ShardError(DataError):
-    """A shard that cannot be decoded: truncated, corrupt or missing the text column."""
-
-
-class StorageError(OSError):
-    """Storage kept failing after every retry."""
-
-
-# --------------------------------------------------------------------------- storage
-def storage_options_from_env(env: dict | None = None) -> dict:
-    """s3fs options from the environment, so a custom endpoint (MinIO, moto, a cloud's S3 API) works in pods
-    and tests alike. Keys and region are read by botocore itself (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
-    AWS_REGION); in pods they come from a Secret by reference."""
-    env = os.environ if env is None else env
-    endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
-    return {"endpoint_url": endpoint} if endpoint else {}
-
-
-def filesystem(url: str, storage_options: dict | None = None):
-    """(fsspec filesystem, path without protocol) for `url`. Without explicit options, s3:// URLs get
-    `storage_options_from_env()`; other protocols get none."""
-    protocol = fsspec.core.split_protocol(url)[0] or "file"
-    if storage_options is None:
-        storage_options = storage_options_from_env() if protocol in ("s3", "s3a") else {}
-    fs, path = fsspec.core.url_to_fs(url, **storage_options)
-    return fs, path.rstrip("/") or path
-
-
-def list_shards(url: str, storage_options: dict | None = None) -> list[str]:
-    """URLs of the `*.parquet` shards directly under `url`, sorted by name."""
-    fs, root = filesystem(url, storage_options)
-    fs.invalidate_cache(root)
-    try:
-        names = fs.ls(root, detail=False)
-    except FileNotFoundError:
-        raise DataError(f"no data at {url} (build shards with `llmctl data prepare` or `llmctl data sample`)") from None
-    shards = sorted(os.path.basename(p) for p in names if p.endswith(".parquet"))
-    if not shards:
-        raise DataError(f"no .parquet shards under {url} (build some with `llmctl data prepare` or `llmctl data sample`)")
-    return [f"{url.rstrip('/')}/{name}" for name in shards]
-
-
-def _permanent(e: BaseException) -> bool:
-    """Errors that another attempt cannot fix: missing object, no access, a bad request (s3fs maps S3's 4xx
-    answers such as InvalidRange to EINVAL), programming errors. Everything else (connection refused or
-    reset, timeouts, 5xx = EIO) is worth retrying."""
-    import errno
-
-    if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
-                      ValueError, TypeError, AttributeError, KeyError)):
-        return True
-    return type(e) is OSError and e.errno == errno.EINVAL
-
-
-class _Missing(Exception):
-    """Raised by `_Sparse` when pyarrow asks for bytes not fetched yet: (start, end)."""
-
-
-class _Sparse:
-    """A read-only, seekable file of `size` bytes of which only some ranges are in memory. pyarrow decodes
-    from it; a read outside the ranges raises `_Missing` so the caller can fetch that range and retry. This
-    keeps network I/O (retried) apart from decoding (never retried: bad bytes stay bad)."""
-
-    def __init__(self, size: int, chunks: dict[int, bytes]):
-        self._size, self.chunks, self._pos, self.closed = size, chunks, 0, False
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def writable(self) -> bool:
-        return False
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        self._pos = (offset, self._pos + offset, self._size + offset)[whence]
-        return self._pos
-
-    def read(self, n: int = -1) -> bytes:
-        end = self._size if n is None or n < 0 else min(self._size, self._pos + n)
-        for start, data in self.chunks.items():
-            if start <= self._pos and end <= start + len(data):
-                out = data[self._pos - start:end - start]
-                self._pos = end
-                return out
-        raise _Missing(self._pos, end)
-
-    def close(self) -> None:
-        self.closed = True
-
-
-class _Shards:
-    """Reads row groups of a fixed list of shards: footers cached, ranged fetches retried."""
-
-    def __init__(self, urls: list[str], storage_options, retries: int, backoff: float,
-                 on_retry: Callable[[str, BaseException, int], None] | None):
-        self.urls = urls
-        self.fs, _ = filesystem(urls[0], storage_options)
-        self.paths = [self.fs._strip_protocol(u) for u in urls]
-        self.retries, self.backoff, self.on_retry = max(1, retries), backoff, on_retry
-        self.retry_count = 0
-        self._footers: dict[int, tuple] = {}
-        self._lock = threading.Lock()
-
-    def _retry(self, fn: Callable, what: str):
-        delay = self.backoff
-        for attempt in range(1, self.retries + 1):
-            try:
-                return fn()
-            except Exception as e:  # network and server errors: s3fs/botocore already retried what they know
-                if _permanent(e):
-                    raise
-                if attempt == self.retries:
-                    raise StorageError(f"{what}: {type(e).__name__}: {e} (gave up after {attempt} attempts)") from e
-                self.retry_count += 1
-                log.warning("%s failed (%s: %s); retry %d/%d in %.1fs", what, type(e).__name__, e,
-                            attempt, self.retries - 1, delay)
-                if self.on_retry is not None:
-                    self.on_retry(what, e, attempt)
-                time.sleep(delay)
-                delay = min(delay * 2, 60.0)
-
-    def _decode(self, i: int, size: int, chunks: dict[int, bytes], fn: Callable):
-        """Run `fn(sparse_file)`, fetching whatever ranges pyarrow asks for; decode errors name the shard."""
-        for _ in range(16):
-            try:
-                return fn(_Sparse(size, chunks))
-            except _Missing as m:
-                start, end = m.args
-                chunks[start] = self._retry(lambda: self.fs.cat_file(self.paths[i], start=start, end=end), f"read {self.urls[i]}")
-            except (DataError, StorageError):
-                raise
-            except Exception as e:  # pyarrow: ArrowInvalid, OSError("... decompression failed"), ...
-                raise ShardError(f"corrupt or truncated shard {self.urls[i]}: {e}") from e
-        raise ShardError(f"shard {self.urls[i]}: reader kept asking for more byte ranges")
-
-    def footer(self, i: int):
-        """(size, footer chunk, parquet metadata, index of the text column) of shard i."""
-        with self._lock:
-            if i in self._footers:
-                return self._footers[i]
-        import pyarrow.parquet as pq
-
-        url = self.urls[i]
-        size = self._retry(lambda: self.fs.size(self.paths[i]), f"stat {url}")
-        if size < 12:
-            raise ShardError(f"corrupt or truncated shard {url}: only {size} bytes")
-        start = max(0, size - FOOTER_GUESS)
-        chunks = {start: self._retry(lambda: self.fs.cat_file(self.paths[i], start=start, end=size), f"read {url}")}
-        md = self._decode(i, size, chunks, lambda f: pq.ParquetFile(f).metadata)
-        names = md.schema.names
-        if TEXT_COLUMN not in names:
-            raise ShardError(f"shard {url} has no {TEXT_COLUMN!r} column (columns: {names})")
-        entry = (size, dict(chunks), md, names.index(TEXT_COLUMN))
-        with self._lock:
-            self._footers[i] = entry
-            while len(self._footers) > 8:
-                self._footers.pop(next(iter(self._footers)))
-        return entry
-
-    def num_row_groups(self, i: int) -> int:
-        return self.footer(i)[2].num_row_groups
-
-    def read_row_group(self, i: int, rg: int) -> list[str]:
-        """Texts of row group `rg` of shard `i` (None becomes "")."""
-        import pyarrow.parquet as pq
-
-        size, footer, md, col = self.footer(i)
-        if rg >= md.num_row_groups:
-            raise ShardError(f"shard {self.urls[i]} has {md.num_row_groups} row groups, no row group {rg}")
-        cc = md.row_group(rg).column(col)
-        start = cc.dictionary_page_offset if cc.has_dictionary_page and cc.dictionary_page_offset else cc.data_page_offset
-        end = start + cc.total_compressed_size
-        if not 0 <= start < end <= size:
-            raise ShardError(f"corrupt shard {self.urls[i]}: row group {rg} points at bytes {start}..{end} of {size}")
-        chunks = {**footer, start: self._retry(lambda: self.fs.cat_file(self.paths[i], start=start, end=end),
-                                               f"read {self.urls[i]} row group {rg}")}
-        texts = self._decode(i, size, chunks, lambda f: pq.ParquetFile(f, metadata=md)
-                             .read_row_group(rg, columns=[TEXT_COLUMN]).column(0).to_pylist())
-        return [t if t is not None else "" for t in texts]
 
 
 # --------------------------------------------------------------------------- packing buffer
@@ -297,7 +92,7 @@ class _Reader:
     `((epoch, shard, rg), arrays)` to the loader through a bounded queue. It holds no reference to the loader,
     so a loader dropped without `close()` is collected, and its finalizer stops this thread."""
 
-    def __init__(self, shards: _Shards, *, rank: int, world_size: int, epochs: int | None, prefetch: int,
+    def __init__(self, shards: ShardReader, *, rank: int, world_size: int, epochs: int | None, prefetch: int,
                  io_threads: int, encode: Callable, tokenizer_threads: int, skip_corrupt: bool, where: str):
         self.shards, self.names = shards, [os.path.basename(u) for u in shards.urls]
         self.rank, self.world_size, self.epochs, self.prefetch = rank, world_size, epochs, prefetch
@@ -417,7 +212,7 @@ class PretrainLoader:
         self.bos = tokenizer.bos_id
         encode = getattr(tokenizer, "encode_batch_arrays", None) or (
             lambda texts, num_threads: tokenizer.encode_batch(texts, num_threads=num_threads))
-        self._reader = _Reader(_Shards(shards, storage_options, retries, retry_backoff, on_retry), rank=rank,
+        self._reader = _Reader(ShardReader(shards, storage_options, retries, retry_backoff, on_retry), rank=rank,
                                world_size=world_size, epochs=epochs, prefetch=prefetch, io_threads=io_threads,
                                encode=encode, tokenizer_threads=tokenizer_threads, skip_corrupt=skip_corrupt,
                                where=f"the {split} split of {url} (rank {rank})")
@@ -428,7 +223,6 @@ class PretrainLoader:
         self._exhausted = False
         self._started = False
         self.batches = 0
-        self.wait_seconds = 0.0  # time __next__ spent waiting for data (metric llmctl_data_wait_seconds_total)
         self.stats = {"docs": 0, "tokens": 0, "cropped_tokens": 0, "row_groups": 0, "skipped": self._reader.skipped}
         import torch
 
@@ -486,9 +280,7 @@ class PretrainLoader:
         if not self._started:
             self._reader.start(self._after)
             self._started = True
-        t0 = time.perf_counter()
         item = self._reader.queue.get()
-        self.wait_seconds += time.perf_counter() - t0
         if item is _END:
             self._exhausted = True
             return
@@ -559,15 +351,3 @@ class PretrainLoader:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-_CORPUS = ("ShardWriter", "write_shards", "iter_source_texts", "iter_python_docs", "build_sample_corpus")
-
-
-def __getattr__(name: str):
-    """The writing side lives in trainer/corpus.py; its names resolve here too (lazily: corpus imports data)."""
-    if name in _CORPUS:
-        from trainer import corpus
-
-        return getattr(corpus, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -21,21 +21,16 @@ import os
 import sys
 
 from trainer.plan import PlanError, RunPlan
+from trainer.storage import expand, filesystem, read_json, storage_options_from_env, write_json, write_text
 
 
 class LaunchError(RuntimeError):
     """The run could not finish: a stage failed or stopped on a non-finite loss."""
 
 
-def _fs(url: str, opts: dict | None):
-    from trainer.data import filesystem
-
-    return filesystem(url, opts)
-
-
 def ray_storage(url: str, opts: dict):
     """(storage_path, storage_filesystem) for Ray Train's RunConfig from any fsspec URL."""
-    fs, path = _fs(url, opts)
+    fs, path = filesystem(url, opts)
     if fs.protocol in ("file", "local") or "file" in fs.protocol:
         return os.path.abspath(path), None
     import pyarrow.fs as pafs
@@ -43,19 +38,10 @@ def ray_storage(url: str, opts: dict):
     return path, pafs.PyFileSystem(pafs.FSSpecHandler(fs))
 
 
-def expand(url: str) -> str:
-    """`file://~/x` -> `file:///home/me/x`; other URLs unchanged."""
-    if url.startswith("file://"):
-        return "file://" + os.path.abspath(os.path.expanduser(url[len("file://"):]))
-    if "://" not in url:
-        return "file://" + os.path.abspath(os.path.expanduser(url))
-    return url
-
-
 def load_plan(source: str, opts: dict | None = None) -> RunPlan:
     """A RunPlan from a file path or any fsspec URL holding its JSON."""
     try:
-        fs, path = _fs(expand(source), opts)
+        fs, path = filesystem(expand(source), opts)
         return RunPlan.from_json(fs.cat_file(path).decode())
     except FileNotFoundError:
         raise PlanError(f"plan: {source} does not exist") from None
@@ -63,23 +49,14 @@ def load_plan(source: str, opts: dict | None = None) -> RunPlan:
 
 def write_plan(p: RunPlan, opts: dict) -> None:
     """Store the plan at <run>/plan.json; refuse to reuse a run directory that holds a different plan."""
-    fs, root = _fs(p.urls["run"], opts)
-    path = f"{root}/plan.json"
-    if fs.exists(path):
-        stored = json.loads(fs.cat_file(path))
+    url = f"{p.urls['run']}/plan.json"
+    stored = read_json(url, opts)
+    if stored is not None:
         if stored != json.loads(p.to_json()):
             raise PlanError(f"name: run {p.name} already exists at {p.urls['run']} with a different plan; "
                             "pick another --name")
         return
-    fs.makedirs(root, exist_ok=True)
-    with fs.open(path + ".tmp", "w") as f:
-        f.write(p.to_json())
-    fs.mv(path + ".tmp", path)
-
-
-def read_json(url: str, opts: dict) -> dict | None:
-    fs, path = _fs(url, opts)
-    return json.loads(fs.cat_file(path)) if fs.exists(path) else None
+    write_text(url, p.to_json(), opts)
 
 
 def run(p: RunPlan, *, storage_options: dict | None = None, max_failures: int = 3,
@@ -95,8 +72,6 @@ def run(p: RunPlan, *, storage_options: dict | None = None, max_failures: int = 
     from trainer.evaluate import eval_loop
     from trainer.loop import STATUS_COMPLETED, STATUS_NONFINITE, train_loop
     from trainer.report import write_report
-
-    from trainer.data import storage_options_from_env
 
     opts = dict(storage_options if storage_options is not None else storage_options_from_env())
     write_plan(p, opts)
@@ -137,9 +112,7 @@ def run(p: RunPlan, *, storage_options: dict | None = None, max_failures: int = 
         if summary["status"] != STATUS_COMPLETED:
             break  # budget cap: later stages do not start
     result = summarize(p, stages)
-    fs, root = _fs(p.urls["run"], opts)
-    with fs.open(f"{root}/summary.json", "w") as f:
-        f.write(json.dumps(result, indent=2))
+    write_json(f"{p.urls['run']}/summary.json", result, opts)
     write_report(p.urls["run"], opts)  # report.md / report.json: what a person reads first
     return result
 

@@ -13,58 +13,21 @@ byte; CORE per task with GPT-2's reference scores (a smoke-test bundle is labell
 pipeline, it does not measure capability); samples from the base and chat models. Missing pieces (a run still
 going, no eval stage) are said plainly rather than failing. Torch-free: `llmctl report` imports it.
 
-Also here, for `llmctl chat` and `llmctl report`: `run_url` (a run name or URL -> the run's URL) and
-`read_plan` (the stored plan as a dict, readable even when a newer version would plan it differently).
+Reading and writing the run directory goes through trainer/storage.py (`read_json`, `read_plan`, `write_text`).
 """
 
 from __future__ import annotations
 
 import json
-import posixpath
 
-from trainer.launch import expand
+from trainer.storage import read_json, read_plan, write_text
 
-DEFAULT_STORAGE = "file://~/.cache/llmctl"
 REPORT_FORMAT = "llmctl.report/v1"
 # CORE of the reference models (nanochat-facts.md §9); GPT-2 XL is the speedrun's target.
 GPT2_CORE = (("GPT-2 124M", 0.1139), ("GPT-2 355M", 0.1849), ("GPT-2 774M", 0.2146), ("GPT-2 XL 1.5B", 0.256525))
 SMOKE_NOTE = ("Smoke test: this CORE figure comes from a tiny bundle the local run built from held-out text, "
               "scored through the same code path as the DCLM bundle. It shows the pipeline works; it is not a "
               "capability score and is not comparable with GPT-2's.")
-
-
-class RunNotFound(LookupError):
-    """No run (no plan.json) at the resolved URL."""
-
-
-def run_url(run: str, storage: str = DEFAULT_STORAGE) -> str:
-    """A run name -> `<storage>/runs/<name>`; a URL (`s3://…`, `file://…`) or a path -> itself, expanded."""
-    if "://" in run or run.startswith(("/", ".", "~")):
-        return expand(run).rstrip("/")
-    return f"{expand(storage).rstrip('/')}/runs/{run}"
-
-
-def _fs(url: str, storage_options: dict | None):
-    import fsspec
-
-    return fsspec.core.url_to_fs(url, **(storage_options or {}))
-
-
-def read_json(url: str, storage_options: dict | None = None) -> dict | None:
-    """The JSON document at `url`, or None when there is none."""
-    fs, path = _fs(url, storage_options)
-    try:
-        return json.loads(fs.cat_file(path))
-    except FileNotFoundError:
-        return None
-
-
-def read_plan(url: str, storage_options: dict | None = None) -> dict:
-    """The run's stored plan as a dict (not re-planned: a run made by an older version still opens)."""
-    plan = read_json(f"{url}/plan.json", storage_options)
-    if plan is None:
-        raise RunNotFound(f"no run at {url} (no plan.json there)")
-    return plan
 
 
 # -------------------------------------------------------------------------------------------- gathering
@@ -214,10 +177,6 @@ def write_report(run_url: str, storage_options: dict | None = None) -> str:
     """Write `<run>/report.md` and `<run>/report.json` from what the run left behind; return the markdown."""
     d = gather(run_url.rstrip("/"), storage_options)
     text = render(d)
-    fs, root = _fs(run_url, storage_options)
     for name, body in (("report.json", json.dumps(d, indent=2)), ("report.md", text)):
-        path = posixpath.join(root, name)
-        with fs.open(path + ".tmp", "w") as f:
-            f.write(body)
-        fs.mv(path + ".tmp", path)
+        write_text(f"{run_url.rstrip('/')}/{name}", body, storage_options)
     return text

@@ -104,7 +104,7 @@ class Tokenizer:
     # ---------------------------------------------------------------- storage
     def save(self, url: str, storage_options: dict | None = None) -> None:
         """Write the three files under directory `url` (file://, s3://, memory://, plain path)."""
-        from trainer.data import filesystem
+        from trainer.storage import filesystem
 
         fs, root = filesystem(url, storage_options)
         ranks = "".join(f"{base64.b64encode(tok).decode()} {rank}\n"
@@ -123,7 +123,7 @@ class Tokenizer:
     @classmethod
     def load(cls, url: str, storage_options: dict | None = None) -> "Tokenizer":
         """Read a tokenizer written by `save`; checks format, checksums and that the ids line up."""
-        from trainer.data import filesystem
+        from trainer.storage import filesystem
 
         fs, root = filesystem(url, storage_options)
         try:
@@ -282,14 +282,14 @@ def iter_shard_texts(data_url: str, *, split: str = "train", max_chars: int | No
                      storage_options: dict | None = None, show_progress: bool = False) -> Iterable[str]:
     """Documents of the train (all shards but the last) or val (the last) split, in order, each cropped to
     `doc_cap` characters, until `max_chars` characters were yielded."""
-    from trainer.corpus import _progress
-    from trainer.data import _Shards, list_shards
+    from trainer.progress import progress_bar
+    from trainer.shards import ShardReader, list_shards
 
     urls = list_shards(data_url, storage_options)
     urls = urls[-1:] if split == "val" else urls[:-1] or urls
-    shards = _Shards(urls, storage_options, retries=8, backoff=1.0, on_retry=None)
+    shards = ShardReader(urls, storage_options, retries=8, backoff=1.0, on_retry=None)
     total = 0
-    with _progress(show_progress, f"reading {split} text (chars)", None) as advance:
+    with progress_bar(show_progress, f"reading {split} text (chars)", None) as advance:
         for i in range(len(urls)):
             for rg in range(shards.num_row_groups(i)):
                 for text in shards.read_row_group(i, rg):
