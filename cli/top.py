@@ -24,8 +24,8 @@ import time
 from dataclasses import dataclass, field
 
 from cli.errors import CLIError, UsageError
+from trainer.metrics import METRICS_PORT_BASE  # light: stdlib and trainer.plan at import time
 
-METRICS_PORT_BASE = 9400  # trainer/metrics.py; repeated so this module stays free of trainer imports
 TIMEOUT = 5.0  # seconds per HTTP request
 
 _LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)(?:\s+-?\d+)?\s*$")

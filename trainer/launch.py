@@ -20,6 +20,7 @@ import json
 import os
 import sys
 
+from trainer.metrics import METRICS_PORT_BASE
 from trainer.plan import PlanError, RunPlan
 from trainer.storage import expand, filesystem, read_json, storage_options_from_env, write_json, write_text
 
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--plan", help="RunPlan JSON: a file path or an fsspec URL (s3://...)")
     src.add_argument("--plan-json", help="RunPlan JSON inline (e.g. from an environment variable)")
     ap.add_argument("--max-failures", type=int, default=3, help="worker-group restarts per stage")
-    ap.add_argument("--metrics-port-base", type=int, default=9400, help="exporter port = base + local rank; -1 = off")
+    ap.add_argument("--metrics-port-base", type=int, default=METRICS_PORT_BASE, help="exporter port = base + local rank; -1 = off")
     args = ap.parse_args(argv)
     try:
         p = RunPlan.from_json(args.plan_json) if args.plan_json else load_plan(args.plan)

@@ -34,22 +34,14 @@ import sys
 import time
 from collections.abc import Callable
 
-from trainer.plan import GPUS, RunPlan
+from trainer.costs import CORE_TASKS, GPUS
+from trainer.plan import RunPlan
+from trainer.recipe import STAGES  # the plan's stages: pretrain, sft and the eval stage (CORE)
 
 METRICS_PORT_BASE = 9400  # port = 9400 + local_rank; the pod declares 9400-9407 as llm-m0..llm-m7
-STAGES = ("pretrain", "sft", "eval")  # the plan's stages plus the eval stage (CORE)
 LABELS = ("run", "stage", "rank")
 INFO_LABELS = ("depth", "gpus", "gpu_type", "price_per_gpu_hour", "peak_gpu", "mfu_reason")
 MFU_REASONS = ("ok", "cpu", "unknown_gpu")
-
-# DCLM CORE's 22 tasks (arXiv 2406.11794; nanochat core_eval.py with the eval bundle's core.yaml, see
-# shared/reference/nanochat-facts.md §9). Fixed, so `llmctl_core_task_centered{task}` stays bounded.
-CORE_TASKS = (
-    "hellaswag_zeroshot", "jeopardy", "bigbench_qa_wikidata", "arc_easy", "arc_challenge", "copa",
-    "commonsense_qa", "piqa", "openbook_qa", "lambada_openai", "hellaswag", "winograd", "winogrande",
-    "bigbench_dyck_languages", "agi_eval_lsat_ar", "bigbench_cs_algorithms", "bigbench_operators",
-    "bigbench_repeat_copy_logic", "squad", "coqa", "boolq", "bigbench_language_identification",
-)
 
 # Step-time histogram buckets (seconds): 10 ms (tiny CPU runs) to ~2 min (a d32 step of 2^20 tokens on one
 # H100 at 50% MFU is ~1.2e16 FLOPs / 4.9e14 FLOP/s = 25 s; with grad accumulation on a slow GPU, more).

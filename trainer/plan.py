@@ -6,8 +6,9 @@ schedule constants, gradient accumulation for the requested GPUs, and the time a
 The trainer runs exactly this plan, the RayJob is rendered from it, the dashboards compare it with
 reality. Stdlib only: the CLI imports this module and must not pull torch or ray.
 
-Every rule reproduces nanochat's recipe (karpathy/nanochat, `scripts/base_train.py`, `nanochat/gpt.py`);
-the formula and its source sit next to each constant. Cross-checks (tests/test_plan.py): d24 has
+Every rule reproduces nanochat's recipe (karpathy/nanochat, `scripts/base_train.py`, `nanochat/gpt.py`;
+docs/recipe.md). Its neighbours: trainer/spec.py (the `RunSpec` asked for), trainer/recipe.py (the constants,
+each with its source), trainer/costs.py (GPU catalog, MFU prior, overheads, dollars). Cross-checks (tests/test_plan.py): d24 has
 729,810,624 scaling params and 4.775e9 FLOPs/token; d24 at ratio 8 is 5,568 steps of 2^20 tokens.
 """
 
@@ -16,225 +17,24 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
 from dataclasses import dataclass, field
+
+from trainer.costs import GPU, GPUS, core_tokens, dollars, mfu_prior, overhead_hours
+from trainer.recipe import (ASPECT_RATIO, HEAD_DIM, VOCAB_SIZE, VOCAB_PAD, SEQ_LEN, WINDOW_PATTERN, REFERENCE_DEPTH,
+                            B_REF, POWER_LINES_EXPONENT, WEIGHT_DECAY_REF, EMBEDDING_LR, UNEMBEDDING_LR, MATRIX_LR,
+                            SCALAR_LR, VALUE_EMBED_LR_FRAC, RESID_LR_FRAC, SMEAR_LR, LR_WIDTH_REF, WARMUP_STEPS,
+                            WARMDOWN_RATIO, FINAL_LR_FRAC, MUON_MOMENTUM, MUON_MOMENTUM_WARMUP_STEPS, EVAL_EVERY,
+                            EVAL_TOKENS, CHECKPOINT_MINUTES, SFT_INIT_LR_FRAC, SFT_WARMDOWN_RATIO, SFT_FINAL_LR_FRAC,
+                            SFT_MOMENTUM, SFT_MOMENTUM_WARMUP_STEPS)
+# Also importable from here, for callers that know only the plan (plain imports, no re-export machinery):
+from trainer.recipe import SMEAR_GATE_CHANNELS, STAGES, VE_GATE_CHANNELS  # noqa: F401
+from trainer.spec import PlanError, RunSpec
 
 SCHEMA = "llmctl.runplan/v1"
 
 
-class PlanError(ValueError):
-    """A spec that cannot be planned; the message names the bad field and says why."""
-
-
 # ---------------------------------------------------------------------------------------------
-# Recipe constants (nanochat scripts/base_train.py defaults unless stated)
-
-ASPECT_RATIO = 64  # model_dim = depth * 64 (--aspect-ratio 64; LOG Jan 17: 64 beats 128 at 1e18 FLOPs)
-HEAD_DIM = 128  # --head-dim 128 (LOG Jan 17: 128 beats 64); model_dim rounded up to a multiple of it
-VOCAB_SIZE = 32_768  # 2^15: 256 bytes + 32,503 merges + 9 specials (tokenizer.py, since Jan 7 2026)
-VOCAB_PAD = 64  # lm_head/wte rows padded to a multiple of 64 (gpt.py pad_vocab_size_to)
-SEQ_LEN = 2048  # --max-seq-len
-WINDOW_PATTERN = "SSSL"  # tiled over layers, last layer forced to L (gpt.py)
-VE_GATE_CHANNELS = 12  # value-embedding gate reads x[..., :12] (gpt.py CausalSelfAttention)
-SMEAR_GATE_CHANNELS = 24  # smear gate reads x[..., :24] (gpt.py, added Mar 14 2026)
-RATIO = 12.0  # --target-param-data-ratio 12 (Mar 24 2026 re-run of the scaling laws)
-REFERENCE_DEPTH = 12  # the batch/WD reference model: B_REF tokens at d12
-B_REF = 2**19  # 524,288 tokens per step at d12 (base_train.py)
-POWER_LINES_EXPONENT = 0.383  # B_opt ∝ D^0.383 (Bergsma et al., "Power Lines", arXiv 2505.13738)
-WEIGHT_DECAY_REF = 0.28  # Muon weight decay at d12 (--weight-decay 0.28)
-EMBEDDING_LR = 0.3  # --embedding-lr (AdamW, wte)
-UNEMBEDDING_LR = 0.008  # --unembedding-lr (AdamW, lm_head)
-MATRIX_LR = 0.02  # --matrix-lr (Muon)
-SCALAR_LR = 0.5  # --scalar-lr (AdamW, x0 lambdas; resid lambdas get 0.01x)
-VALUE_EMBED_LR_FRAC = 0.5  # value embeddings at half the embedding LR (gpt.py setup_optimizer)
-RESID_LR_FRAC = 0.01  # resid_lambdas at 0.01 x scalar LR
-SMEAR_LR = 0.2  # smear gate, smear/backout lambdas: fixed, not batch-scaled
-LR_WIDTH_REF = 768  # AdamW embedding/unembedding LRs x (n_embd/768)^-0.5 (gpt.py setup_optimizer)
-WARMUP_STEPS = 40  # --warmup-steps
-WARMDOWN_RATIO = 0.65  # --warmdown-ratio: last 65% of steps decay linearly ...
-FINAL_LR_FRAC = 0.05  # ... to 5% of the peak (--final-lr-frac)
-MUON_MOMENTUM = (0.85, 0.97, 0.90)  # start, after warm-up, end of warmdown (base_train.get_muon_momentum)
-MUON_MOMENTUM_WARMUP_STEPS = 400
-EVAL_EVERY = 250  # val bpb cadence (--eval-every)
-EVAL_TOKENS = 80 * 524_288  # tokens per val bpb pass (--eval-tokens)
-CHECKPOINT_MINUTES = 20  # a dead pod costs at most this much work (nanochat saves only at the end)
-KEEP_CHECKPOINTS = 3  # last K checkpoints kept per stage
-
-# SFT (nanochat scripts/chat_sft.py): one epoch over the mixture, LRs inherited un-batch-scaled.
-SFT_INIT_LR_FRAC = 0.8  # --init-lr-frac
-SFT_WARMDOWN_RATIO = 0.5  # constant to 50% of the data, then linear ...
-SFT_FINAL_LR_FRAC = 0.0  # ... to zero
-SFT_MOMENTUM = (0.85, 0.95)  # Muon momentum 0.85 -> 0.95 over the first 300 steps
-SFT_MOMENTUM_WARMUP_STEPS = 300
-# The default mixture (SmolTalk 460K + 3 x MMLU aux 100K + 4 x GSM8K 8K, about 790K conversations) at
-# an assumed ~500 tokens per conversation once best-fit packed with padding. Not measured by nanochat;
-# override with RunSpec.sft_tokens when the mixture is known.
-SFT_TOKENS = 400_000_000
-
-# The eval stage (trainer/evaluate.py) scores the trained checkpoints after the training stages: val bpb and
-# samples for each, CORE for the base model. It trains nothing; its time goes into the "evals" overhead.
-STAGES = ("pretrain", "sft", "eval")
-TRAINING_STAGES = ("pretrain", "sft")
-
-# CORE (DCLM's 22 ICL tasks, nanochat core_eval.py): forward tokens of one full pass, for the estimate only.
-# Assumption, not a measurement: about 90,000 examples in the 22 tasks (approximate dataset sizes, hellaswag
-# counted twice for its 0- and 10-shot variants), each scored as 1-4 sequences of few-shot prompt + answer,
-# about 1,500 tokens per example in total. The report card shows the measured time beside it.
-CORE_EXAMPLES = 90_000
-CORE_TASKS = 22
-CORE_TOKENS_PER_EXAMPLE = 1_500
-
-
-# ---------------------------------------------------------------------------------------------
-# GPU catalog: dense bf16 peak (no 2:4 sparsity), memory, default price. Sources:
-# shared/reference/perf-anchors.md §1 (NVIDIA sheets; nanochat common.get_peak_flops) and §4 (prices).
-
-
-@dataclass(frozen=True)
-class GPU:
-    name: str
-    peak_bf16: float  # FLOP/s, dense
-    memory_gib: int
-    price_per_hour: float  # $/GPU-hour, on-demand default; override with --price or the cluster ConfigMap
-    price_source: str
-    local: bool = False  # runs on the laptop's local Ray cluster, not on Kubernetes
-
-
-GPUS: dict[str, GPU] = {
-    g.name: g
-    for g in (
-        GPU("h100", 989.4e12, 80, 3.00, "nanochat README: ~$24/h for 8xH100 (market $2.5-5, May 2026)"),
-        GPU("h100-pcie", 756e12, 80, 2.86, "Lambda 1xH100 PCIe, May 2026 (3rd-party listing)"),
-        GPU("h200", 989.5e12, 141, 3.80, "H200 ~ +25% over H100 (market ranges, May 2026)"),
-        GPU("a100", 312e12, 80, 1.80, "assumption (no anchor gathered): set --price"),
-        # A CPU worker: a nominal peak of 2 cores x 2 FMA units x 8 fp32 lanes x 2 FLOPs x 2.5 GHz.
-        GPU("cpu", 160e9, 0, 0.0, "local machine: no charge", local=True),
-    )
-}
-
-# MFU prior (bf16 model FLOPs / dense bf16 peak) by depth, from published 8xH100 measurements of this
-# recipe (perf-anchors.md §2): d12 41% (nanochat LOG 2026-01-12), d18 46% (LOG 2026-02-19, dense
-# baseline), d24 50.0% (leaderboard run 1, 4.33e19 FLOPs / 10,949 s), d26 47.7% (LOG 2026-02-02,
-# 630K tok/s). Linear in between, flat outside. Multi-node runs are assumed to match (not measured).
-MFU_ANCHORS = ((12, 0.41), (18, 0.46), (24, 0.50), (26, 0.477))
-MFU_SOURCE = "nanochat 8xH100 bf16: d12 41%, d18 46%, d24 50%, d26 47.7% (perf-anchors §2)"
-FP8_SPEEDUP = 1.17  # tensorwise fp8 at d26: 740K vs 630K tok/s (LOG 2026-02-02); bf16-equivalent MFU
-CPU_MFU = 0.25  # rough prior for the eager fp32 CPU path of the local run
-
-# Fixed overheads (hours), estimated separately from training (perf-anchors.md §3): pod scheduling and a
-# ~10 GB image pull at ~100 MB/s, Ray worker-group start (<=60 s, ray PR #60376) and NCCL init,
-# torch.compile warm-up (modded-nanogpt: ~7 min the first time), and the final checkpoint upload.
-SCHEDULING_HOURS = 5 / 60
-RAY_START_HOURS = 2 / 60
-COMPILE_HOURS = 5 / 60
-CHECKPOINT_BANDWIDTH = 200e6  # bytes/s to object storage (s3fs measured 11 MB/s-1 GB/s; ASYNC hides the rest)
-
-
-# ---------------------------------------------------------------------------------------------
-# What was asked
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    """What the user asked for. Everything else is derived by `plan()`."""
-
-    depth: int
-    gpus: int = 1
-    gpu_type: str = "h100"
-    stages: tuple[str, ...] = STAGES  # pretrain, sft, eval
-    ratio: float = RATIO  # tokens per scaling parameter
-    seq_len: int = SEQ_LEN
-    device_batch_size: int | None = None  # sequences per GPU per micro-step; None = by depth and memory
-    total_batch_size: int | None = None  # tokens per optimizer step; None = Power-Lines rule
-    num_iterations: int | None = None  # fixes the step count (overrides ratio), for smoke runs
-    precision: str = "bf16"  # bf16 | fp8
-    vocab_size: int = VOCAB_SIZE
-    head_dim: int = HEAD_DIM
-    window_pattern: str = WINDOW_PATTERN
-    sft_tokens: int = SFT_TOKENS
-    price_per_gpu_hour: float | None = None  # None = the catalog's default for gpu_type
-    budget_cap: float | None = None  # dollars; the run stops cleanly with a checkpoint when reached
-    storage_root: str = "file://~/.cache/llmctl"
-    dataset: str = "climbmix"
-    sft_dataset: str = "smoltalk"  # conversations under <root>/data/ (llmctl data prepare)
-    eval_every: int | None = None  # steps between val bpb passes; None = 250
-    eval_tokens: int | None = None  # tokens per val bpb pass; None = min(80 x 2^19, 8 steps' worth)
-    checkpoint_every: int | None = None  # steps; None = about every 20 minutes at the estimated speed
-    keep_checkpoints: int = KEEP_CHECKPOINTS
-    core_bundle: str | None = None  # CORE eval bundle URL (core.yaml, eval_data/, eval_meta_data.csv); None = <root>/eval_bundle
-    core_max_per_task: int | None = None  # examples per CORE task in the eval stage; None = all
-    tokenizer: str | None = None  # name under <root>/tokenizers/; None = "bpe-<vocab>"
-    name: str | None = None  # None = deterministic from the spec, so a retried job resumes the same run
-    namespace: str = "default"
-    image: str | None = None
-    queue: str | None = None
-    seed: int = 42
-
-    def __post_init__(self) -> None:
-        def bad(fld: str, why: str) -> None:
-            raise PlanError(f"{fld}: {why}")
-
-        if not isinstance(self.depth, int) or self.depth < 1 or self.depth > 64:
-            bad("depth", f"must be an integer from 1 to 64, got {self.depth!r}")
-        if not isinstance(self.gpus, int) or self.gpus < 1:
-            bad("gpus", f"must be a positive integer, got {self.gpus!r}")
-        if self.gpu_type not in GPUS:
-            bad("gpu_type", f"unknown GPU type {self.gpu_type!r}; known: {', '.join(GPUS)}")
-        if not self.stages or any(s not in STAGES for s in self.stages):
-            bad("stages", f"must be a non-empty subset of {','.join(STAGES)}, got {','.join(self.stages) or '(none)'}")
-        if list(self.stages) != sorted(self.stages, key=STAGES.index) or len(set(self.stages)) != len(self.stages):
-            bad("stages", f"must be listed once each in run order ({','.join(STAGES)}), got {','.join(self.stages)}")
-        if not (isinstance(self.ratio, (int, float)) and math.isfinite(self.ratio) and self.ratio > 0):
-            bad("ratio", f"must be a positive number of tokens per parameter, got {self.ratio!r}")
-        if self.seq_len < 16 or self.seq_len & (self.seq_len - 1):
-            bad("seq_len", f"must be a power of two >= 16, got {self.seq_len}")
-        if "eval" in self.stages and not set(self.stages) & set(TRAINING_STAGES):
-            bad("stages", "eval scores the run's own checkpoints: list pretrain and/or sft before it")
-        for fld in ("device_batch_size", "total_batch_size", "num_iterations", "eval_every", "eval_tokens",
-                    "checkpoint_every", "keep_checkpoints", "core_max_per_task"):
-            v = getattr(self, fld)
-            if v is not None and (not isinstance(v, int) or v < 1):
-                bad(fld, f"must be a positive integer, got {v!r}")
-        if self.precision not in ("bf16", "fp8"):
-            bad("precision", f"must be bf16 or fp8, got {self.precision!r}")
-        if self.vocab_size < 265:
-            bad("vocab_size", f"must hold 256 bytes + 9 specials, got {self.vocab_size}")
-        if self.head_dim < 8 or self.head_dim % 2:
-            bad("head_dim", f"must be an even number >= 8, got {self.head_dim}")
-        if not self.window_pattern or set(self.window_pattern) - {"S", "L"}:
-            bad("window_pattern", f"must be a string of S and L, got {self.window_pattern!r}")
-        if self.price_per_gpu_hour is not None and not self.price_per_gpu_hour >= 0:
-            bad("price_per_gpu_hour", f"must be >= 0, got {self.price_per_gpu_hour!r}")
-        if self.budget_cap is not None and not self.budget_cap > 0:
-            bad("budget_cap", f"must be > 0 dollars, got {self.budget_cap!r}")
-        if self.sft_tokens < 1:
-            bad("sft_tokens", f"must be positive, got {self.sft_tokens}")
-        if self.name is not None and not _DNS1035.fullmatch(self.name):
-            bad("name", f"must be a DNS-1035 label of at most 47 chars (a-z, 0-9, '-'), got {self.name!r}")
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["stages"] = list(self.stages)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> RunSpec:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise PlanError(f"spec: unknown field(s) {', '.join(unknown)}")
-        d = dict(d)
-        if "stages" in d:
-            d["stages"] = tuple(d["stages"])
-        return cls(**d)
-
-
-# RayJob names are DNS-1035 and at most 47 chars (KubeRay: 53-char RayCluster limit minus 6).
-_DNS1035 = re.compile(r"[a-z]([-a-z0-9]{0,45}[a-z0-9])?")
-
-
-# ---------------------------------------------------------------------------------------------
-# What follows from it
+# What follows from the spec
 
 
 @dataclass(frozen=True)
@@ -343,6 +143,10 @@ class RunPlan:
             if s.name == name:
                 return s
         raise KeyError(f"plan {self.name} has no stage {name!r}; it has {[s.name for s in self.stages]}")
+
+    def cost_of(self, seconds: float) -> float:
+        """Dollars for `seconds` of this run's wall time: all its GPUs at its price (trainer/costs.py)."""
+        return dollars(seconds, self.spec.gpus, self.estimate.price_per_gpu_hour)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -487,26 +291,6 @@ def _split_batch(spec: RunSpec, batch: int, a: Architecture, gpu: GPU) -> tuple[
     return dbs, per_gpu // dbs
 
 
-def mfu_prior(depth: int, gpu: GPU, precision: str) -> tuple[float, str]:
-    if gpu.local:
-        return CPU_MFU, "rough prior for eager fp32 on CPU (local run)"
-    pts = MFU_ANCHORS
-    if depth <= pts[0][0]:
-        mfu = pts[0][1]
-    elif depth >= pts[-1][0]:
-        mfu = pts[-1][1]
-    else:
-        for (d0, m0), (d1, m1) in zip(pts, pts[1:]):
-            if d0 <= depth <= d1:
-                mfu = m0 + (m1 - m0) * (depth - d0) / (d1 - d0)
-                break
-    source = MFU_SOURCE
-    if precision == "fp8":
-        mfu *= FP8_SPEEDUP
-        source += "; x1.17 for fp8 tensorwise (LOG 2026-02-02)"
-    return mfu, source
-
-
 def _run_name(spec: RunSpec) -> str:
     if spec.name:
         return spec.name
@@ -538,7 +322,8 @@ def _stage(name: str, spec: RunSpec, steps: int, batch: int, dbs: int, accum: in
                      momentum_warmup_steps=SFT_MOMENTUM_WARMUP_STEPS)
     return StagePlan(name=name, steps=steps, tokens=tokens, flops=float(fpt * tokens), grad_accum=accum,
                      device_batch_size=dbs, total_batch_size=batch, lr_frac=lr_frac,
-                     weight_decay=weight_decay, hours=hours, dollars=hours * spec.gpus * price, **sched, **cadence)
+                     weight_decay=weight_decay, hours=hours, dollars=dollars(hours * 3600, spec.gpus, price), **sched,
+                     **cadence)
 
 
 def _eval_stage(spec: RunSpec, trained: tuple[StagePlan, ...], batch: int, dbs: int, fpt: float,
@@ -547,17 +332,14 @@ def _eval_stage(spec: RunSpec, trained: tuple[StagePlan, ...], batch: int, dbs: 
     model's figure equals pretraining's last val bpb) and CORE on the base model. Forward only: a third of a
     training token's FLOPs. `steps` = models scored; `tokens` = tokens forwarded."""
     bpb_tokens = sum(s.eval_tokens for s in trained)
-    examples = CORE_EXAMPLES if spec.core_max_per_task is None else min(CORE_EXAMPLES,
-                                                                         CORE_TASKS * spec.core_max_per_task)
-    per_example = min(CORE_TOKENS_PER_EXAMPLE, 3 * spec.seq_len)  # prompts are cut to the context
-    core_tokens = examples * per_example if any(s.name == "pretrain" for s in trained) else 0
-    tokens = bpb_tokens + core_tokens
+    core = core_tokens(spec.core_max_per_task, spec.seq_len) if any(s.name == "pretrain" for s in trained) else 0
+    tokens = bpb_tokens + core
     hours = tokens / (3 * throughput) / 3600
     return StagePlan(name="eval", steps=len(trained), tokens=tokens, flops=float(fpt / 3 * tokens), grad_accum=1,
                      device_batch_size=dbs, total_batch_size=batch, lr_frac=0.0, warmup_steps=0, warmdown_steps=0,
                      final_lr_frac=0.0, momentum=(), momentum_warmup_steps=0, weight_decay=0.0, eval_every=1,
                      eval_tokens=bpb_tokens, checkpoint_every=len(trained), hours=hours,
-                     dollars=hours * spec.gpus * price)
+                     dollars=dollars(hours * 3600, spec.gpus, price))
 
 
 def plan(spec: RunSpec) -> RunPlan:
@@ -609,20 +391,15 @@ def plan(spec: RunSpec) -> RunPlan:
     eval_hours += sum(s.hours for s in stages if s.name == "eval")
     ckpt_bytes = 4 * p.transformer_matrices + 2 * (p.wte + p.value_embeds) + 4 * p.lm_head
     ckpt_bytes *= 3  # model + optimizer state (moments) across ranks; uploads are ASYNC except the last
-    overhead = {
-        "scheduling_and_image_pull": 0.0 if gpu.local else SCHEDULING_HOURS,
-        "ray_start": 0.0 if gpu.local else RAY_START_HOURS * len(stages),
-        "compile": 0.0 if gpu.local else COMPILE_HOURS * len(trained),
-        "evals": eval_hours,
-        "checkpoint_upload": len(trained) * ckpt_bytes / CHECKPOINT_BANDWIDTH / 3600,
-    }
-    overhead_hours = sum(overhead.values())
-    train_dollars = train_hours * spec.gpus * price
-    overhead_dollars = overhead_hours * spec.gpus * price
+    overhead = overhead_hours(gpu, stages=len(stages), trained=len(trained), eval_hours=eval_hours,
+                              checkpoint_bytes=ckpt_bytes)
+    overhead_total = sum(overhead.values())
+    train_dollars = dollars(train_hours * 3600, spec.gpus, price)
+    overhead_dollars = dollars(overhead_total * 3600, spec.gpus, price)
     total_dollars = train_dollars + overhead_dollars
     est = Estimate(
         mfu=mfu, mfu_source=mfu_source, peak_flops_per_gpu=gpu.peak_bf16, tokens_per_second=throughput,
-        train_hours=train_hours, overhead_hours=overhead, total_hours=train_hours + overhead_hours,
+        train_hours=train_hours, overhead_hours=overhead, total_hours=train_hours + overhead_total,
         price_per_gpu_hour=price, price_source=price_source, train_dollars=train_dollars,
         overhead_dollars=overhead_dollars, total_dollars=total_dollars,
         within_budget=None if spec.budget_cap is None else total_dollars <= spec.budget_cap,
