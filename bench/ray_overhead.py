@@ -53,12 +53,14 @@ import time
 BENCH = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(BENCH))
 
+from tests.finished_run import TINY as TESTS_TINY  # noqa: E402
 from trainer.plan import RunSpec, plan  # noqa: E402
 
 WORKERS = 2
 RAY_TMP = os.path.join(tempfile.gettempdir(), "ray")  # Ray's default session root, before TMPDIR moves
 POLL_S = 2.0  # ray.train.v2 DEFAULT_HEALTH_CHECK_INTERVAL_S: how often the controller collects reports
-TINY = dict(depth=2, vocab_size=512, seq_len=64, device_batch_size=4)  # tests/test_launch.py's model
+# The tests' tiny model (tests/finished_run.py TINY), on the local run's other settings.
+TINY = {k: TESTS_TINY[k] for k in ("depth", "vocab_size", "seq_len", "head_dim", "device_batch_size")}
 
 
 def spec(args, name: str, root: str, every: int) -> RunSpec:

@@ -99,3 +99,20 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_inputs(tmp_path_factory) -> str:
+    """A storage root (file:// URL) holding the tiny run's inputs: corpus, conversations, tokenizer, CORE bundle."""
+    from tests.finished_run import build_inputs
+
+    return build_inputs(f"file://{tmp_path_factory.mktemp('tiny-root')}")
+
+
+@pytest.fixture(scope="session")
+def finished_run(tiny_inputs):
+    """The plan of a tiny run that pretrained, fine-tuned, was evaluated and has its report written, built
+    once per session (tests/finished_run.py) and only read by the tests that use it."""
+    from tests.finished_run import build_finished_run
+
+    return build_finished_run(tiny_inputs)

@@ -1,7 +1,8 @@
 """`llmctl chat` on a run made by the local pipeline: one-shot, interactive through a pipe and a pseudo-terminal,
 history and /clear, s3:// storage, and the one-line errors (exit 2).
 
-The run is tests/finished_run.py's (pretraining, SFT and eval on a local Ray cluster, built once per session).
+The run is the session's `finished_run` (tests/finished_run.py: pretraining, SFT and eval on a local Ray
+cluster, built once per session).
 Run: .venv/bin/pytest tests/test_cli_chat.py
 """
 
@@ -17,15 +18,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.finished_run import finished_run
 
 LLMCTL = str(Path(sys.executable).parent / "llmctl")
 PROMPT = "What does the json module do?"
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    return finished_run(tmp_path_factory)
+def run(finished_run):
+    return finished_run
 
 
 def llmctl(*args, env=None, stdin=None):

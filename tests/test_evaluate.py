@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from trainer import eval_stage
 from trainer import evaluate as ev
 from trainer.evaluate import Bundle, CoreTask
 from trainer.plan import RunSpec, plan
@@ -347,11 +348,10 @@ def test_bad_eval_specs_name_the_field(fields, bad):
 # -------------------------------------------------------------------------------------------- the eval stage, for real
 
 
-def test_the_eval_stage_on_a_local_ray_cluster(tmp_path_factory):
-    """tests/finished_run.py ran pretraining, SFT and then `eval_loop` on 2 Ray workers (gloo); check what it left."""
-    from tests.finished_run import finished_run
-
-    p = finished_run(tmp_path_factory)
+def test_the_eval_stage_on_a_local_ray_cluster(finished_run):
+    """The session's finished run (tests/finished_run.py) ran pretraining, SFT and then the eval stage's
+    `eval_loop` on 2 Ray workers (gloo); check what it left."""
+    p = finished_run
     run = p.urls["run"][len("file://"):]
     results = json.loads(open(f"{run}/eval/results.json").read())
     summary = json.loads(open(f"{run}/eval/summary.json").read())
@@ -369,8 +369,8 @@ def test_the_eval_stage_on_a_local_ray_cluster(tmp_path_factory):
     assert all(t["examples"] == 24 for t in core["tasks"].values())
     assert core["core"] == pytest.approx(sum(t["centered"] for t in core["tasks"].values()) / 3)
     assert summary["core"] == core["core"] and summary["val_bpb"] == base["val_bpb"]
-    assert [s["prompt"] for s in base["samples"]] == list(ev.BASE_PROMPTS)
-    assert [s["prompt"] for s in chat["samples"]] == list(ev.CHAT_PROMPTS) and "core" not in chat
+    assert [s["prompt"] for s in base["samples"]] == list(eval_stage.BASE_PROMPTS)
+    assert [s["prompt"] for s in chat["samples"]] == list(eval_stage.CHAT_PROMPTS) and "core" not in chat
 
 
 def test_results_are_exported_as_metrics():
@@ -387,7 +387,7 @@ def test_results_are_exported_as_metrics():
         "hellaswag": {"centered": 0.2}, "arc_easy": {"centered": 0.4}, "smoke_mc": {"centered": 0.9}}}}
     with RunMetrics(p, "eval", rank=0, local_rank=0, world_size=1, device_name=None, port=0,
                     addr="127.0.0.1") as m:
-        ev.export_metrics(m, entry)
+        eval_stage.export_metrics(m, entry)
         body = urllib.request.urlopen(m.url, timeout=10).read().decode()
     samples = {(s.name, s.labels.get("task")): (s.value, s.labels) for fam in text_string_to_metric_families(body)
                for s in fam.samples if s.name in ("llmctl_val_bpb", "llmctl_core_score", "llmctl_core_task_centered")}

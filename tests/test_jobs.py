@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cli.cluster import ClusterConfig, report_progress
+from cli.cluster import ClusterConfig
+from trainer.progress import report_progress
 from cli.jobs import describe
 from cli.main import main
 from tests import schemas

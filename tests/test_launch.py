@@ -1,7 +1,7 @@
 """trainer/launch.py + loop.py on a real local Ray cluster (2 CPU workers, gloo): the run path end to end.
 
 - pretrain, SFT and the eval stage complete; plan.json, checkpoints, summaries and the report card land in
-  storage; val bpb falls;
+  storage; val bpb falls (checked on the session's shared `finished_run`, tests/finished_run.py);
 - a worker killed between checkpoints: Ray restarts the group, the run resumes from the last checkpoint
   and the data after the resume is exactly what an uninterrupted run saw (per-step fingerprints);
 - a worker killed during a checkpoint save: the previous checkpoint stays the latest and the run finishes.
@@ -17,15 +17,9 @@ from collections import defaultdict
 
 import pytest
 
-from trainer.plan import RunSpec, plan
+from tests.finished_run import tiny_plan
 
 import ray
-
-# A tiny model: 2 layers, 128 wide, 512-token vocabulary, 64-token context, 2 workers x 4 rows x 64 tokens.
-TINY = dict(depth=2, gpus=2, gpu_type="cpu", vocab_size=512, seq_len=64, head_dim=64, device_batch_size=4,
-            total_batch_size=2 * 4 * 64, num_iterations=30, eval_every=10, eval_tokens=2 * 4 * 64 * 2,
-            checkpoint_every=4, sft_tokens=2 * 4 * 64 * 6, dataset="sample", sft_dataset="sample-sft",
-            tokenizer="sample-512")
 
 
 @pytest.fixture(scope="module")
@@ -36,17 +30,9 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    """Corpus, conversations and tokenizer built once for the module, shared by every run."""
-    from cli.local import ensure_inputs
-
-    root = f"file://{tmp_path_factory.mktemp('root')}"
-    ensure_inputs(plan(RunSpec(storage_root=root, **TINY)), mb=0.5, conversations=300, say=lambda *_: None)
-    return root
-
-
-def tiny_plan(root, name, **over):
-    return plan(RunSpec(storage_root=root, name=name, **{**TINY, **over}))
+def inputs(tiny_inputs):
+    """Corpus, conversations, tokenizer and CORE bundle, built once per session and shared by every run."""
+    return tiny_inputs
 
 
 def read_trace(path):
@@ -59,15 +45,16 @@ def read_trace(path):
     return seen
 
 
-def test_pretrain_then_sft_end_to_end(ray_cluster, inputs, tmp_path):
-    from trainer.launch import run
+def test_pretrain_then_sft_end_to_end(ray_cluster, finished_run):
+    from trainer.launch import run, summarize
 
-    p = tiny_plan(inputs, "e2e")
-    summary = run(p, storage_options={}, log_every=4)
+    p = finished_run  # the session's run of the tiny plan through launch.run (tests/finished_run.py)
     run_dir = p.urls["run"][len("file://"):]
+    summary = json.load(open(f"{run_dir}/summary.json"))
     assert summary["status"] == "completed" and set(summary["stages"]) == {"pretrain", "sft", "eval"}
-    assert json.load(open(f"{run_dir}/plan.json"))["name"] == "e2e"
-    assert json.load(open(f"{run_dir}/summary.json"))["tokens"] == summary["tokens"] > 0
+    assert json.load(open(f"{run_dir}/plan.json"))["name"] == p.name
+    stages = {name: json.load(open(f"{run_dir}/{name}/summary.json")) for name in ("pretrain", "sft", "eval")}
+    assert summarize(p, stages) == summary and summary["tokens"] > 0  # the run's totals are its stages' sums
     pre = summary["stages"]["pretrain"]
     assert pre["steps"] == 30 and pre["tokens"] == 30 * 512
     history = [bpb for _, bpb in pre["val_history"]]

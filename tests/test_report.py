@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.finished_run import finished_run
 from trainer.report import gather, render, write_report
 from trainer.storage import run_url
 
@@ -21,8 +20,8 @@ LLMCTL = str(Path(sys.executable).parent / "llmctl")
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    return finished_run(tmp_path_factory)
+def run(finished_run):
+    return finished_run
 
 
 def local(p):
@@ -34,18 +33,18 @@ def test_the_report_card_of_a_finished_run(run):
     d = json.loads((local(run) / "report.json").read_text())
     assert (local(run) / "report.md").read_text() == text
     for heading in ("## Plan", "## Measured against the estimate", "## Loss and bits per byte", "## CORE",
-                    "## Samples", "### Base model (pretrain step 12, greedy)", "### Chat model (sft step 6, greedy)"):
+                    "## Samples", "### Base model (pretrain step 30, greedy)", "### Chat model (sft step 6, greedy)"):
         assert heading in text
     # The plan and what happened, against the estimate.
     assert "2 layers, 128 wide" in text and f"{run.params.total:,} parameters" in text
     pre = json.loads((local(run) / "pretrain/summary.json").read_text())
-    assert "| pretrain | completed | 12/12 | 6,144 |" in text and "| sft | completed |" in text
-    assert d["stages"]["pretrain"]["measured"]["tokens"] == pre["tokens"] == 12 * 512
-    assert d["stages"]["pretrain"]["planned"]["steps"] == 12 and "| eval | completed | 2" in text
+    assert "| pretrain | completed | 30/30 | 15,360 |" in text and "| sft | completed |" in text
+    assert d["stages"]["pretrain"]["measured"]["tokens"] == pre["tokens"] == 30 * 512
+    assert d["stages"]["pretrain"]["planned"]["steps"] == 30 and "| eval | completed | 2" in text
     # Loss and bpb: the eval stage's figures, equal to the training stages' last val passes.
     base, chat = d["eval"]["models"]["base"], d["eval"]["models"]["chat"]
     assert f"| base | pretrain | {pre['train_loss_ema']:.4f} | {base['val_bpb']:.4f} |" in text
-    assert f"| chat | sft |" in text and f"{chat['val_bpb']:.4f} |" in text
+    assert "| chat | sft |" in text and f"{chat['val_bpb']:.4f} |" in text
     # CORE per task, labelled as a smoke test, with GPT-2's references beside it.
     assert "Smoke test" in text and "not a capability score" in text
     for task in ("smoke_lm", "smoke_mc", "smoke_schema"):

@@ -188,6 +188,9 @@ class SFTLoader:
             if self._cursor >= n:
                 self._cursor, self._epoch = self._cursor % n, self._epoch + 1
 
+    def close(self) -> None:
+        """Nothing to stop: the conversations are in memory (the `Loader` protocol, trainer/worker.py)."""
+
     def state_dict(self) -> dict:
         return {"kind": "sft", "version": 1, "rank": self.rank, "world_size": self.world_size,
                 "conversations": len(self.conversations), "cursor": self._cursor, "epoch": self._epoch,

@@ -184,6 +184,8 @@ class _Reader:
 class PretrainLoader:
     """Yields `(inputs, targets)` LongTensors of shape (batch_size, seq_len); see the module docstring."""
 
+    progress = None  # the `Loader` protocol (trainer/worker.py): pretraining's schedule goes by step, not data
+
     def __init__(self, url: str, tokenizer, *, batch_size: int, seq_len: int, rank: int = 0, world_size: int = 1,
                  split: str = "train", device="cpu", state: dict | None = None, storage_options: dict | None = None,
                  buffer_size: int = 1000, tokenizer_threads: int = 4, prefetch: int = 4, io_threads: int = 2,

@@ -1,4 +1,4 @@
-"""Evaluation: bits per byte on held-out text, the DCLM CORE score, and the run's `eval` stage.
+"""Scoring a model: bits per byte on held-out text and the DCLM CORE score.
 
 **bpb** = (nats summed over target tokens) / (ln 2 x bytes of those tokens), counting only targets that are
 real text: special tokens (0 bytes) and ignored targets (-1) are left out of both sums. Sums are
@@ -20,10 +20,7 @@ lines; every prompt starts with BOS; a task's items are shuffled with `Random(13
 cuts them. Items are strided across ranks and the correct counts summed. Centered accuracy =
 (acc - b) / (1 - b) with b the random baseline as a fraction; CORE = mean of the centered values.
 
-**The eval stage** (`eval_loop`, one Ray Train worker per GPU, after the training stages) loads each trained
-stage's newest checkpoint, measures its val bpb on its stage's validation tokens, runs CORE on the base
-model, samples a few completions (rank 0), exports the results as metrics and writes
-`<run>/eval/results.json` and `<run>/eval/summary.json`.
+The run's eval stage, which calls these on trained checkpoints, is trainer/eval_stage.py.
 """
 
 from __future__ import annotations
@@ -48,12 +45,6 @@ FEWSHOT_SEED = 1234  # few-shot examples for item idx: Random(1234 + idx).sample
 DEFAULT_DELIMITER = " "  # continuation_delimiter when core.yaml gives none
 SMOKE_KEY = "llmctl_smoke_test"  # core.yaml flag of a bundle built from held-out text (build_smoke_bundle)
 
-# Greedy 16-token continuations of these prompts show what the base model knows (nanochat base_eval).
-BASE_PROMPTS = ("The capital of France is", "The chemical symbol of gold is",
-                "If yesterday was Friday, then tomorrow will be", "The opposite of hot is",
-                "The planets of the solar system are:", "My favorite color is", "If 5*x + 3 = 13, then x is")
-CHAT_PROMPTS = ("Hello! Who are you?", "What does the json module do?", "Write a haiku about the sea.")
-BASE_SAMPLE_TOKENS, CHAT_SAMPLE_TOKENS = 16, 64
 
 
 def _reduce_sum(t: torch.Tensor) -> torch.Tensor:
@@ -386,165 +377,3 @@ def build_smoke_bundle_from_val(data_url: str, bundle_url: str, *, per_task: int
     with fsspec.open(shard, "rb", **(storage_options or {})) as f:
         texts = pq.read_table(f, columns=["text"]).column("text").to_pylist()
     return build_smoke_bundle(bundle_url, texts, per_task=per_task, storage_options=storage_options)
-
-
-# -------------------------------------------------------------------------------------------- samples
-
-
-def base_samples(model, tokenizer, prompts=BASE_PROMPTS, max_tokens: int = BASE_SAMPLE_TOKENS) -> list[dict]:
-    """Greedy continuations of `prompts` (BOS first), as {prompt, completion}."""
-    from trainer.engine import Engine
-
-    engine = Engine(model, stop_tokens=[tokenizer.bos_id])
-    out = []
-    for p in prompts:
-        ids = engine.generate_batch(tokenizer.encode(p, prepend_bos=True), max_tokens=max_tokens, temperature=0.0)[0]
-        out.append({"prompt": p, "completion": tokenizer.decode(ids)})
-    return out
-
-
-def chat_samples(model, tokenizer, prompts=CHAT_PROMPTS, max_tokens: int = CHAT_SAMPLE_TOKENS) -> list[dict]:
-    """Greedy replies of the chat model to one-turn conversations, rendered as SFT rendered them."""
-    from trainer.engine import Engine
-
-    engine = Engine.for_chat(model, tokenizer)
-    out = []
-    for p in prompts:
-        conv = {"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": ""}]}
-        ids = engine.generate_batch(tokenizer.render_for_completion(conv), max_tokens=max_tokens, temperature=0.0)[0]
-        out.append({"prompt": p, "reply": tokenizer.decode(ids).strip()})
-    return out
-
-
-# -------------------------------------------------------------------------------------------- the eval stage
-
-RESULTS_FORMAT = "llmctl.eval/v1"
-MODEL_OF_STAGE = {"pretrain": "base", "sft": "chat"}  # which model each training stage leaves behind
-
-
-def eval_loop(config: dict) -> None:
-    """The eval stage on one Ray Train worker. config keys (as trainer/loop.py's `train_loop`): plan (RunPlan
-    JSON), stage ("eval"), storage_options, metrics_port_base (None = no HTTP exporter)."""
-    import fsspec
-
-    import ray.train
-
-    from trainer import checkpoint
-    from trainer.loop import say as say_once
-    from trainer.loop import worker_context
-    from trainer.metrics import RunMetrics
-    from trainer.model import build_model
-    from trainer.plan import RunPlan
-    from trainer.tokenizer import Tokenizer
-
-    # ---------------------------------------------------------------- context
-    t_start = time.perf_counter()
-    plan = RunPlan.from_json(config["plan"])
-    rank, world, local_rank, device = worker_context()
-    opts = config.get("storage_options") or {}
-    say = (lambda msg: say_once(0, msg)) if rank == 0 else None
-    port_base = config.get("metrics_port_base")
-    metrics = RunMetrics(plan, "eval", rank=rank, local_rank=local_rank, world_size=world,
-                         device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-                         port=None if port_base is None else port_base + local_rank)
-    tokenizer = Tokenizer.load(plan.urls["tokenizer"], storage_options=opts)
-    token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.int64, device=device)
-    results: dict = {"format": RESULTS_FORMAT, "run": plan.name, "world_size": world, "models": {}}
-    B, T = plan.device_batch_size, plan.arch.seq_len
-
-    # ---------------------------------------------------------------- each trained model
-    trained = [s for s in plan.stages if s.name in MODEL_OF_STAGE]
-    for n, stage in enumerate(trained, start=1):
-        url = checkpoint.latest(f"{plan.urls['run']}/{stage.name}", storage_options=opts)
-        if url is None:
-            raise RuntimeError(f"eval: no whole {stage.name} checkpoint under {plan.urls['run']}/{stage.name}")
-        state, meta = checkpoint.load_model_state(url, storage_options=opts, device=device)
-        model = build_model(plan.arch, device, compile=False)
-        model.load_state_dict(state)
-        model.eval()
-        name = MODEL_OF_STAGE[stage.name]
-        entry: dict = {"stage": stage.name, "checkpoint": url, "step": meta.step}
-        if say:
-            say(f"[eval] {name} model: {stage.name} step {meta.step} ({url})")
-
-        t0 = time.perf_counter()
-        steps = max(1, stage.eval_tokens // (B * T * world))  # the stage's own val pass (trainer/loop.py)
-        loader = _val_loader(plan, stage.name, tokenizer, B, T, rank, world, device, opts)
-        try:
-            entry["val_bpb"] = evaluate_bpb(model, loader, steps, token_bytes)
-        finally:
-            getattr(loader, "close", lambda: None)()  # stop the pretraining loader's read-ahead
-        entry["bpb_tokens"] = steps * B * T * world
-        entry["bpb_seconds"] = time.perf_counter() - t0
-        if say:
-            say(f"[eval] {name} val bpb {entry['val_bpb']:.4f} ({entry['bpb_tokens']:,} tokens)")
-
-        if stage.name == "pretrain":
-            t0 = time.perf_counter()
-            entry["core"] = _core(model, tokenizer, plan, opts, rank, world, say)
-            entry["core"]["seconds"] = time.perf_counter() - t0
-        export_metrics(metrics, entry)
-        if rank == 0:
-            entry["samples"] = base_samples(model, tokenizer) if name == "base" else chat_samples(model, tokenizer)
-        results["models"][name] = entry
-        ray.train.report({**metrics.snapshot(), "step": n})  # step: models scored so far
-        del model, state
-
-    # ---------------------------------------------------------------- results
-    results["seconds"] = time.perf_counter() - t_start
-    if rank == 0:
-        run = plan.urls["run"]
-        base = results["models"].get("base", {})
-        summary = {"stage": "eval", "status": "completed", "steps": len(trained), "planned_steps": len(trained),
-                   "tokens": 0,  # trained tokens: none (the run's token count stays the training count)
-                   "tokens_evaluated": sum(m["bpb_tokens"] for m in results["models"].values()),
-                   "seconds": results["seconds"],
-                   "dollars": results["seconds"] / 3600 * plan.spec.gpus * plan.estimate.price_per_gpu_hour,
-                   "val_bpb": base.get("val_bpb", results["models"].get("chat", {}).get("val_bpb")),
-                   "core": base.get("core", {}).get("core"), "results": f"{run}/eval/results.json"}
-        for fname, doc in (("results.json", results), ("summary.json", summary)):
-            with fsspec.open(f"{run}/eval/{fname}", "w", **opts) as f:
-                f.write(json.dumps(doc, indent=2))
-        say(f"[eval] done in {results['seconds']:.0f} s; results at {run}/eval/results.json")
-    metrics.close()
-
-
-def export_metrics(metrics, entry: dict) -> None:
-    """One scored model onto the worker's exporter (trainer/metrics.py RunMetrics): `llmctl_val_bpb`, and for
-    the base model `llmctl_core_score` and `llmctl_core_task_centered{task}`. Only tasks of the standard CORE
-    set get a series (the label set stays fixed); the score is exported whatever the bundle."""
-    from trainer.metrics import CORE_TASKS
-
-    metrics.on_val(entry["val_bpb"])
-    core = entry.get("core") or {}
-    if "core" in core:
-        metrics.on_core(core["core"], {k: v["centered"] for k, v in core["tasks"].items() if k in CORE_TASKS})
-
-
-def _val_loader(plan, stage: str, tokenizer, B, T, rank, world, device, opts):
-    """The validation batches the training loop scores for `stage` (same loader, split="val")."""
-    if stage == "pretrain":
-        from trainer.data import PretrainLoader
-
-        return PretrainLoader(plan.urls["data"], tokenizer, batch_size=B, seq_len=T, rank=rank, world_size=world,
-                              split="val", device=device, state=None, storage_options=opts)
-    from trainer.chat import SFTLoader
-
-    return SFTLoader(plan.urls["sft_data"], tokenizer, batch_size=B, seq_len=T, rank=rank, world_size=world,
-                     device=device, state=None, split="val", storage_options=opts)
-
-
-def _core(model, tokenizer, plan, opts, rank, world, say) -> dict:
-    """CORE on the plan's bundle; a missing bundle is recorded (the run's training is not lost over it)."""
-    url = plan.urls["eval_bundle"]
-    try:
-        bundle = load_bundle(url, storage_options=opts, max_per_task=plan.spec.core_max_per_task)
-    except BundleError as e:
-        if say:
-            say(f"[eval] CORE skipped: {e}")
-        return {"bundle": url, "skipped": str(e)}
-    result = evaluate_core(model, tokenizer, bundle, rank=rank, world_size=world, say=say)
-    if say:
-        say(f"[eval] CORE {result['core']:.4f} over {len(bundle.tasks)} tasks"
-            + (" (smoke-test bundle: not a capability score)" if bundle.smoke_test else ""))
-    return result

@@ -6,8 +6,8 @@ the run name is derived from the spec, so a retried RayJob (a fresh Ray cluster)
 and Ray Train resumes the stage from its latest checkpoint; a finished stage is skipped. SFT starts from
 the newest whole pretraining checkpoint. The run ends by writing `<run>/summary.json`: tokens, time,
 measured throughput, dollars, against the plan's estimate, and the report card (`report.md`, trainer/report.py).
-The eval stage (val bpb of each model, CORE of the base model) runs `trainer.evaluate.eval_loop` on the same
-workers.
+The eval stage (val bpb of each model, CORE of the base model) runs `trainer.eval_stage.eval_loop` on the same
+workers. Each stage's workers get a `trainer.worker.StageConfig`.
 
 Custom S3 endpoints (MinIO, a test's moto server) reach Ray through an fsspec filesystem wrapped for pyarrow
 (`storage_filesystem`); credentials come from the environment (a Kubernetes Secret by reference).
@@ -70,9 +70,10 @@ def run(p: RunPlan, *, storage_options: dict | None = None, max_failures: int = 
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from trainer import checkpoint
-    from trainer.evaluate import eval_loop
+    from trainer.eval_stage import eval_loop
     from trainer.loop import STATUS_COMPLETED, STATUS_NONFINITE, train_loop
     from trainer.report import write_report
+    from trainer.worker import StageConfig
 
     opts = dict(storage_options if storage_options is not None else storage_options_from_env())
     write_plan(p, opts)
@@ -86,13 +87,14 @@ def run(p: RunPlan, *, storage_options: dict | None = None, max_failures: int = 
             print(f"[{st.name}] already complete ({done['steps']} steps); skipping", flush=True)
             stages[st.name] = done
             continue
-        config = {"plan": p.to_json(), "stage": st.name, "storage_options": opts, "log_every": log_every,
-                  "metrics_port_base": metrics_port_base, "checkpoint_upload": checkpoint_upload,
-                  "trace": trace, "chaos": chaos}
-        config["prior_seconds"] = sum(s["seconds"] for s in stages.values())
-        config["prior_tokens"] = sum(s["tokens"] for s in stages.values())
+        init_model = None
         if st.name == "sft" and "pretrain" in stages:
-            config["init_model"] = checkpoint.latest(f"{p.urls['run']}/pretrain", storage_options=opts)
+            init_model = checkpoint.latest(f"{p.urls['run']}/pretrain", storage_options=opts)
+        config = StageConfig(plan=p.to_json(), stage=st.name, storage_options=opts, log_every=log_every,
+                             metrics_port_base=metrics_port_base, checkpoint_upload=checkpoint_upload, trace=trace,
+                             chaos=chaos, init_model=init_model,
+                             prior_seconds=sum(s["seconds"] for s in stages.values()),
+                             prior_tokens=sum(s["tokens"] for s in stages.values())).to_dict()
         storage_path, storage_fs = ray_storage(p.urls["run"], opts)
         trainer = TorchTrainer(
             eval_loop if st.name == "eval" else train_loop, train_loop_config=config,

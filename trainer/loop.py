@@ -1,16 +1,12 @@
-"""The per-worker training loop for both stages (pretrain, SFT), run by Ray Train on every rank.
+"""The per-worker training loop for both training stages (pretrain, SFT), run by Ray Train on every rank.
 
-`train_loop(config)` reads as one story: context -> model -> optimizer -> resume -> data -> steps. Each step
-fetches its micro-batches, agrees with the other ranks on whether to go on (non-finite loss, budget cap,
-SFT data exhausted), runs forward/backward with gradient accumulation, lets the optimizer reduce and
-update the shards, then logs, evaluates and checkpoints on the plan's cadence. Schedules come from
-trainer/plan.py; nothing here invents a hyperparameter.
-
-config keys: plan (RunPlan JSON), stage, storage_options, init_model (checkpoint URL to start SFT from),
-metrics_port_base (None = no HTTP exporter), log_every, trace (a local JSONL path: per-step data
-fingerprints and wall-clock stamps, for the exact-resume tests and bench/ray_overhead.py),
-checkpoint_upload (async | sync), chaos (fault injection for the fault tests: kill_at_step, rank,
-marker, during_save; nan_at_step).
+`train_loop(config)` reads as the story of a stage: set up (model, optimizer, resume, data, metrics), then
+`run_steps` until the stage's step count, a budget stop or the end of SFT's epoch, then finish (keep the
+last work, write the stage summary). One step (`_step`) fetches its micro-batches, agrees with the other
+ranks on whether to go on, sets the scheduled hyperparameters, runs forward/backward with gradient
+accumulation and lets the optimizer reduce and update the shards; then the loop logs, evaluates and
+checkpoints on the plan's cadence. Schedules come from trainer/plan.py; nothing here invents a
+hyperparameter. The config is `trainer.worker.StageConfig`.
 """
 
 from __future__ import annotations
@@ -19,176 +15,190 @@ import hashlib
 import json
 import math
 import os
-import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
 import ray.train
 from trainer import checkpoint
-from trainer.plan import RunPlan, lr_multiplier, muon_momentum, muon_weight_decay
+from trainer.plan import RunPlan, StagePlan, lr_multiplier, muon_momentum, muon_weight_decay
+from trainer.worker import (Loader, StageConfig, Worker, agree, make_loader, say, stage_summary, start_metrics,
+                            worker_context, write_stage_summary)
 
 STATUS_COMPLETED, STATUS_BUDGET, STATUS_NONFINITE = "completed", "budget_cap_reached", "non_finite_loss"
+LOSS_EMA_BETA = 0.9  # the console's smoothed train loss (nanochat base_train.py ema_beta)
 
 
-def worker_context() -> tuple[int, int, int, torch.device]:
-    """(rank, world size, local rank, device) of this Ray Train worker; its GPU selected when there is one."""
-    ctx = ray.train.get_context()
-    rank, world, local_rank = ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank()
-    device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.set_float32_matmul_precision("high")
-    return rank, world, local_rank, device
+@dataclass
+class Stage:
+    """Everything one worker holds while it trains a stage."""
+
+    cfg: StageConfig
+    plan: RunPlan
+    stage: StagePlan
+    w: Worker
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    tokenizer: object
+    token_bytes: torch.Tensor
+    loader: Loader
+    metrics: object
+    trace: object | None
+    start_step: int
+    loop: dict = field(default_factory=dict)  # checkpointed loop state: seconds, tokens, val bpb, loss EMA
+
+    @property
+    def opts(self) -> dict:
+        return self.cfg.storage_options
 
 
 def train_loop(config: dict) -> None:
-    # ---------------------------------------------------------------- context
-    plan = RunPlan.from_json(config["plan"])
-    stage = plan.stage(config["stage"])
-    rank, world, local_rank, device = worker_context()
-    torch.manual_seed(plan.spec.seed)
-    opts = config.get("storage_options") or {}
-    # Earlier stages' wall time and tokens: spend, the budget cap and the dashboards cover the whole run.
-    prior_seconds, prior_tokens = config.get("prior_seconds", 0.0), config.get("prior_tokens", 0)
-    log_every = config.get("log_every", 10)
+    st = set_up(StageConfig.from_dict(config))
+    try:
+        if st.start_step == 0:
+            evaluate(st, 0)
+        status, step, saved_at = run_steps(st)
+        if status != STATUS_NONFINITE and saved_at != step:  # budget stop or SFT epoch end: keep the work
+            save(st, step, sync=True, chaos={})
+        if st.w.rank == 0:
+            write_stage_summary(st.plan, summarize(st, step, status), st.opts)
+    finally:
+        if st.trace:
+            st.trace.close()
+        st.metrics.close()
 
-    # ---------------------------------------------------------------- model and optimizer
+
+# -------------------------------------------------------------------- setting up
+
+
+def set_up(cfg: StageConfig) -> Stage:
+    """Model and optimizer on this worker's device, resumed from Ray's checkpoint (or SFT's starting model),
+    the tokenizer and the stage's loader (at the resumed position), and the metrics exporter."""
     from trainer.model import build_model
     from trainer.optim import build_optimizer
+    from trainer.tokenizer import Tokenizer
 
-    model = build_model(plan.arch, device)
-    optimizer = build_optimizer(model, plan.optim, world_size=world, rank=rank)
+    plan = RunPlan.from_json(cfg.plan)
+    stage = plan.stage(cfg.stage)
+    w = worker_context()
+    torch.manual_seed(plan.spec.seed)
+    model = build_model(plan.arch, w.device)
+    optimizer = build_optimizer(model, plan.optim, world_size=w.world, rank=w.rank)
+    start_step, loop, loader_state = resume(cfg, stage.name, w, model, optimizer)
+    tokenizer = Tokenizer.load(plan.urls["tokenizer"], storage_options=cfg.storage_options)
+    token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.int64, device=w.device)
+    loader = make_loader(plan, stage.name, tokenizer, w, state=loader_state, storage_options=cfg.storage_options)
+    metrics = start_metrics(plan, stage.name, w, cfg.metrics_port_base,
+                            prior_seconds=cfg.prior_seconds + loop["seconds"], prior_tokens=cfg.prior_tokens + loop["tokens"])
+    trace = open(cfg.trace, "a") if cfg.trace else None
+    return Stage(cfg, plan, stage, w, model, optimizer, tokenizer, token_bytes, loader, metrics, trace, start_step, loop)
 
-    # ---------------------------------------------------------------- resume, or start
-    start_step, loader_state = 0, None
+
+def resume(cfg: StageConfig, stage: str, w: Worker, model, optimizer) -> tuple[int, dict, dict | None]:
+    """(start step, loop state, loader state): from Ray Train's latest checkpoint of this stage if there is
+    one; else a fresh start, from `cfg.init_model`'s weights when given (SFT starts from pretraining)."""
     loop = {"seconds": 0.0, "train_seconds": 0.0, "tokens": 0, "val_bpb": None, "val_history": [], "loss_ema": 0.0}
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            meta, loader_state = checkpoint.restore(d, model=model, optimizer=optimizer, rank=rank,
-                                                    world_size=world)
-        start_step, loop = meta.step, dict(meta.loop_state)
-        say(rank, f"[{stage.name}] resumed at step {start_step}/{stage.steps} from {ckpt.path}")
-    elif config.get("init_model"):
-        state, meta = checkpoint.load_model_state(config["init_model"], storage_options=opts, device=device)
+            meta, loader_state = checkpoint.restore(d, model=model, optimizer=optimizer, rank=w.rank,
+                                                    world_size=w.world)
+        say(w.rank, f"[{stage}] resumed at step {meta.step} from {ckpt.path}")
+        return meta.step, dict(meta.loop_state), loader_state
+    if cfg.init_model:
+        state, meta = checkpoint.load_model_state(cfg.init_model, storage_options=cfg.storage_options, device=w.device)
         getattr(model, "_orig_mod", model).load_state_dict(state)
-        say(rank, f"[{stage.name}] starting from {meta.stage} step {meta.step}: {config['init_model']}")
+        say(w.rank, f"[{stage}] starting from {meta.stage} step {meta.step}: {cfg.init_model}")
+    return 0, loop, None
 
-    # ---------------------------------------------------------------- data
-    from trainer.tokenizer import Tokenizer
 
-    tokenizer = Tokenizer.load(plan.urls["tokenizer"], storage_options=opts)
-    token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.int64, device=device)
-    B, T = plan.device_batch_size, plan.arch.seq_len
-    loader = _make_loader(plan, stage.name, tokenizer, B, T, rank, world, device, loader_state, opts)
+# -------------------------------------------------------------------- the steps
 
-    from trainer.metrics import RunMetrics
 
-    port_base = config.get("metrics_port_base")
-    metrics = RunMetrics(plan, stage.name, rank=rank, local_rank=local_rank, world_size=world,
-                         device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-                         port=None if port_base is None else port_base + local_rank,
-                         prior_seconds=prior_seconds + loop["seconds"], prior_tokens=prior_tokens + loop["tokens"])
-    trace = open(config["trace"], "a") if config.get("trace") else None
-    chaos = config.get("chaos") or {}
-    price = plan.estimate.price_per_gpu_hour * plan.spec.gpus / 3600  # dollars per second, whole run
-    cap = plan.spec.budget_cap
-
-    # ---------------------------------------------------------------- steps
-    status, step, saved_at = STATUS_COMPLETED, start_step, start_step
-    upload = config.get("checkpoint_upload", "async")
-    if start_step == 0:
-        _evaluate(model, plan, stage, tokenizer, token_bytes, rank, world, device, opts, loop, metrics, 0)
+def run_steps(st: Stage) -> tuple[str, int, int]:
+    """Train until the stage's last step or a stop; (status, steps done, step of the last checkpoint)."""
+    stage, loop, chaos = st.stage, st.loop, st.cfg.chaos or {}
+    step = saved_at = st.start_step
     t_wall = time.perf_counter()
     while step < stage.steps:
-        _maybe_die(chaos, step, rank, during_save=False)
+        _maybe_die(chaos, step, st.w.rank, during_save=False)
         t0 = time.perf_counter()
-        batches, exhausted = _fetch(loader, stage.grad_accum)
+        batches, exhausted = _fetch(st.loader, stage.grad_accum)
         data_wait = time.perf_counter() - t0
-        if trace and batches:
-            _trace(trace, step, rank, batches)
-        spent = (prior_seconds + loop["seconds"]) * price
-        stop = _agree(device, exhausted, cap is not None and spent >= cap)
-        if stop[0]:
-            break  # SFT: one epoch done on some rank
-        if stop[1]:
-            status = STATUS_BUDGET
-            say(rank, f"[{stage.name}] budget cap ${cap:.2f} reached (${spent:.2f} spent); stopping")
-            break
-
-        progress = getattr(loader, "progress", None)
-        lrm = lr_multiplier(stage, step, progress)
-        for group in optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * lrm
-            if "momentum" in group:  # Muon groups
-                group["momentum"] = muon_momentum(stage, step)
-                group["weight_decay"] = muon_weight_decay(stage, step)
-        loss_sum = torch.zeros((), device=device)
-        for x, y in batches:
-            loss = model(x, y) / stage.grad_accum
-            loss.backward()
-            loss_sum += loss.detach()
-        optimizer.step()
-        model.zero_grad(set_to_none=True)
+        if st.trace and batches:
+            _trace(st.trace, step, st.w.rank, batches)
+        stop = _should_stop(st, exhausted)
+        if stop:
+            return stop, step, saved_at
+        loss = _step(st, step, batches)
         if chaos.get("nan_at_step") == step:
-            loss_sum.fill_(float("nan"))  # fault tests: a diverged step
-        if world > 1:
-            dist.all_reduce(loss_sum)  # SUM: gloo has no AVG
-        loss_value = loss_sum.item() / world
-        if not math.isfinite(loss_value):
-            metrics.on_step(step + 1, 0, time.perf_counter() - t0, data_wait, loss_value)  # the NaN alert sees it
-            status = STATUS_NONFINITE
-            say(rank, f"[{stage.name}] loss is {loss_value} at step {step}: stopping (lower the LR or check data)")
-            break
+            loss = float("nan")  # fault tests: a diverged step
+        if not math.isfinite(loss):
+            st.metrics.on_step(step + 1, 0, time.perf_counter() - t0, data_wait, loss)  # the NaN alert sees it
+            say(st.w.rank, f"[{stage.name}] loss is {loss} at step {step}: stopping (lower the LR or check data)")
+            return STATUS_NONFINITE, step, saved_at
         dt = time.perf_counter() - t0
         step += 1
-        tokens = B * T * stage.grad_accum  # this rank's tokens in the step
+        tokens = st.plan.device_batch_size * st.plan.arch.seq_len * stage.grad_accum  # this rank's, this step
         now = time.perf_counter()
         loop["seconds"] += now - t_wall  # wall time, evals and checkpoints included: what is billed
         loop["train_seconds"] += dt
         t_wall = now
-        loop["tokens"] += tokens * world
-        loop["loss_ema"] = 0.9 * loop["loss_ema"] + 0.1 * loss_value
-        metrics.on_step(step, tokens, dt, data_wait, loss_value)
+        loop["tokens"] += tokens * st.w.world
+        loop["loss_ema"] = LOSS_EMA_BETA * loop["loss_ema"] + (1 - LOSS_EMA_BETA) * loss
+        st.metrics.on_step(step, tokens, dt, data_wait, loss)
 
         last = step == stage.steps
-        if step % log_every == 0 or last or step == start_step + 1:
-            _log(rank, stage, step, loop, loss_value, dt, tokens * world, metrics)
+        if step % st.cfg.log_every == 0 or last or step == st.start_step + 1:
+            _log(st, step, loss, dt, tokens * st.w.world)
         if step % stage.eval_every == 0 or last:
-            _evaluate(model, plan, stage, tokenizer, token_bytes, rank, world, device, opts, loop, metrics, step)
+            evaluate(st, step)
         if step % stage.checkpoint_every == 0 or last:
-            _save(plan, stage.name, step, model, optimizer, loader, loop, rank, world, metrics, chaos,
-                  sync=last or upload == "sync")
+            save(st, step, sync=last or st.cfg.checkpoint_upload == "sync", chaos=chaos)
             saved_at = step
-
-    if status != STATUS_NONFINITE and saved_at != step:  # budget stop or SFT epoch end: keep the work
-        _save(plan, stage.name, step, model, optimizer, loader, loop, rank, world, metrics, {}, sync=True)
-    if rank == 0:
-        _write_summary(plan, stage.name, step, loop, status, metrics, opts)
-    if trace:
-        trace.close()
-    metrics.close()
+    return STATUS_COMPLETED, step, saved_at
 
 
-# -------------------------------------------------------------------- pieces of a step
+def _should_stop(st: Stage, exhausted: bool) -> str | None:
+    """Whether every rank stops before this step: SFT's epoch ran out on some rank (a normal end), or the
+    whole run's spend reached the budget cap."""
+    cap = st.plan.spec.budget_cap
+    spent = st.plan.cost_of(st.cfg.prior_seconds + st.loop["seconds"])
+    epoch_done, over_budget = agree(st.w.device, exhausted, cap is not None and spent >= cap)
+    if epoch_done:
+        return STATUS_COMPLETED
+    if over_budget:
+        say(st.w.rank, f"[{st.stage.name}] budget cap ${cap:.2f} reached (${spent:.2f} spent); stopping")
+        return STATUS_BUDGET
+    return None
 
 
-def _make_loader(plan, stage, tokenizer, B, T, rank, world, device, state, opts, split="train"):
-    if stage == "pretrain":
-        from trainer.data import PretrainLoader
+def _step(st: Stage, step: int, batches) -> float:
+    """One optimizer step over the micro-batches at the scheduled LR, momentum and weight decay; the mean
+    loss over ranks."""
+    stage = st.stage
+    lrm = lr_multiplier(stage, step, st.loader.progress)
+    for group in st.optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * lrm
+        if "momentum" in group:  # Muon groups
+            group["momentum"] = muon_momentum(stage, step)
+            group["weight_decay"] = muon_weight_decay(stage, step)
+    loss_sum = torch.zeros((), device=st.w.device)
+    for x, y in batches:
+        loss = st.model(x, y) / stage.grad_accum
+        loss.backward()
+        loss_sum += loss.detach()
+    st.optimizer.step()
+    st.model.zero_grad(set_to_none=True)
+    if st.w.world > 1:
+        dist.all_reduce(loss_sum)  # SUM: gloo has no AVG
+    return loss_sum.item() / st.w.world
 
-        return PretrainLoader(plan.urls["data"], tokenizer, batch_size=B, seq_len=T, rank=rank, world_size=world,
-                              split=split, device=device, state=state, storage_options=opts)
-    from trainer.chat import SFTLoader
 
-    return SFTLoader(plan.urls["sft_data"], tokenizer, batch_size=B, seq_len=T, rank=rank, world_size=world,
-                     device=device, state=state, split=split, storage_options=opts)
-
-
-def _fetch(loader, n: int):
+def _fetch(loader: Loader, n: int):
     """The step's n micro-batches, or (partial, True) when the loader ran dry (SFT's single epoch)."""
     batches = []
     try:
@@ -199,98 +209,82 @@ def _fetch(loader, n: int):
     return batches, False
 
 
-def _agree(device, *flags: bool) -> list[bool]:
-    """Every rank learns whether any rank raised each flag (one small all-reduce), so all stop together."""
-    t = torch.tensor([float(f) for f in flags], device=device)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return [bool(v) for v in t.tolist()]
+# -------------------------------------------------------------------- evaluating, saving, finishing
 
 
-def _evaluate(model, plan, stage, tokenizer, token_bytes, rank, world, device, opts, loop, metrics, step) -> None:
+def evaluate(st: Stage, step: int) -> None:
     """Bits per byte on the stage's validation split, reduced over ranks (trainer/evaluate.py)."""
     from trainer.evaluate import evaluate_bpb
 
-    B, T = plan.device_batch_size, plan.arch.seq_len
-    loader = _make_loader(plan, stage.name, tokenizer, B, T, rank, world, device, None, opts, split="val")
-    model.eval()
+    plan, stage = st.plan, st.stage
+    loader = make_loader(plan, stage.name, st.tokenizer, st.w, split="val", storage_options=st.opts)
+    st.model.eval()
     try:
-        bpb = evaluate_bpb(model, loader, max(1, stage.eval_tokens // (B * T * world)), token_bytes)
+        batches = max(1, stage.eval_tokens // (plan.device_batch_size * plan.arch.seq_len * st.w.world))
+        bpb = evaluate_bpb(st.model, loader, batches, st.token_bytes)
     finally:
-        model.train()
-        getattr(loader, "close", lambda: None)()  # stop its prefetch threads
-    loop["val_bpb"] = bpb
-    loop["val_history"].append([step, bpb])
-    metrics.on_val(bpb)
-    say(rank, f"[{stage.name}] step {step}: val bpb {bpb:.4f}")
+        st.model.train()
+        loader.close()  # stop its prefetch threads
+    st.loop["val_bpb"] = bpb
+    st.loop["val_history"].append([step, bpb])
+    st.metrics.on_val(bpb)
+    say(st.w.rank, f"[{stage.name}] step {step}: val bpb {bpb:.4f}")
 
 
-def _save(plan, stage, step, model, optimizer, loader, loop, rank, world, metrics, chaos, *, sync: bool) -> None:
+def save(st: Stage, step: int, *, sync: bool, chaos: dict) -> None:
+    """A checkpoint of every rank's shard, reported to Ray Train (which uploads it to the run's storage)."""
     t0 = time.perf_counter()
-    path = tempfile.mkdtemp(prefix=f"llmctl-{stage}-{step}-")
-    checkpoint.save(path, model=model, optimizer=optimizer, loader_state=loader.state_dict(), rank=rank,
-                    world_size=world, step=step, stage=stage, run=plan.name, loop_state=loop)
-    _maybe_die(chaos, step, rank, during_save=True)
+    name = st.stage.name
+    path = tempfile.mkdtemp(prefix=f"llmctl-{name}-{step}-")
+    checkpoint.save(path, model=st.model, optimizer=st.optimizer, loader_state=st.loader.state_dict(), rank=st.w.rank,
+                    world_size=st.w.world, step=step, stage=name, run=st.plan.name, loop_state=st.loop)
+    _maybe_die(chaos, step, st.w.rank, during_save=True)
     # ASYNC: the upload overlaps the next steps (ray PR #55637); the last save waits so the stage ends whole.
     mode = ray.train.CheckpointUploadMode.SYNC if sync else ray.train.CheckpointUploadMode.ASYNC
-    ray.train.report({**metrics.snapshot(), "step": step}, checkpoint=ray.train.Checkpoint.from_directory(path),
-                     checkpoint_dir_name=checkpoint.dir_name(stage, step), checkpoint_upload_mode=mode,
+    ray.train.report({**st.metrics.snapshot(), "step": step}, checkpoint=ray.train.Checkpoint.from_directory(path),
+                     checkpoint_dir_name=checkpoint.dir_name(name, step), checkpoint_upload_mode=mode,
                      delete_local_checkpoint_after_upload=True)  # SYNC would otherwise leave it in /tmp
     if chaos:  # fault tests: wait until Ray has registered this checkpoint, so "the last one" is certain
         ray.train.get_all_reported_checkpoints(timeout_s=120)
-    metrics.on_checkpoint(time.perf_counter() - t0)
-    if rank == 0 and os.environ.get("LLMCTL_RUN"):
-        _report_progress(plan, stage, step, loop)
+    st.metrics.on_checkpoint(time.perf_counter() - t0)
+    if st.w.rank == 0 and os.environ.get("LLMCTL_RUN"):
+        _report_progress(st, step)
 
 
-def _report_progress(plan, stage, step, loop) -> None:
+def _report_progress(st: Stage, step: int) -> None:
     """In a cluster, write progress onto the RayJob (annotation read by `llmctl status`); never fatal."""
+    from trainer.progress import report_progress
+
     try:
-        from cli.cluster import report_progress
-
-        s = plan.stage(stage)
-        rate = loop["seconds"] / max(step, 1)
-        report_progress({"stage": stage, "step": step, "steps": s.steps, "tokens": loop["tokens"],
-                         "cost_dollars": loop["seconds"] / 3600 * plan.spec.gpus * plan.estimate.price_per_gpu_hour,
-                         "eta_seconds": (s.steps - step) * rate})
+        rate = st.loop["seconds"] / max(step, 1)
+        report_progress({"stage": st.stage.name, "step": step, "steps": st.stage.steps, "tokens": st.loop["tokens"],
+                         "cost_dollars": st.plan.cost_of(st.loop["seconds"]),
+                         "eta_seconds": (st.stage.steps - step) * rate})
     except Exception as e:  # noqa: BLE001 - progress is a courtesy; training goes on
-        say(0, f"[{stage}] could not report progress to the RayJob: {e}")
+        say(0, f"[{st.stage.name}] could not report progress to the RayJob: {e}")
 
 
-def _write_summary(plan, stage, step, loop, status, metrics, opts) -> None:
-    import fsspec
-
-    summary = {"stage": stage, "status": status, "steps": step, "planned_steps": plan.stage(stage).steps,
-               "tokens": loop["tokens"], "seconds": loop["seconds"], "train_seconds": loop["train_seconds"],
-               "val_bpb": loop["val_bpb"], "val_history": loop["val_history"],
-               "train_loss_ema": loop["loss_ema"],
-               "dollars": loop["seconds"] / 3600 * plan.spec.gpus * plan.estimate.price_per_gpu_hour,
-               **{k: v for k, v in metrics.snapshot().items() if k in ("mfu", "tokens_per_second")}}
-    with fsspec.open(f"{plan.urls['run']}/{stage}/summary.json", "w", **opts) as f:
-        f.write(json.dumps(summary, indent=2))
+def summarize(st: Stage, step: int, status: str) -> dict:
+    loop = st.loop
+    return stage_summary(st.plan, st.stage.name, status=status, steps=step, planned_steps=st.stage.steps,
+                         tokens=loop["tokens"], seconds=loop["seconds"], train_seconds=loop["train_seconds"],
+                         val_bpb=loop["val_bpb"], val_history=loop["val_history"], train_loss_ema=loop["loss_ema"],
+                         **{k: v for k, v in st.metrics.snapshot().items() if k in ("mfu", "tokens_per_second")})
 
 
 # -------------------------------------------------------------------- logging, tracing, chaos
 
 
-def say(rank: int, msg: str) -> None:
-    """A progress line from rank 0. Written to stdout directly: Ray Train patches `print` into its logger,
-    which would show every line twice on the driver (stdout and the logger's stderr)."""
-    if rank == 0:
-        sys.stdout.write(msg + "\n")
-        sys.stdout.flush()
-
-
-def _log(rank, stage, step, loop, loss, dt, tokens, metrics) -> None:
-    if rank:
+def _log(st: Stage, step: int, loss: float, dt: float, tokens: int) -> None:
+    if st.w.rank:
         return
-    snap = metrics.snapshot()
+    stage = st.stage
     tps = tokens / dt if dt > 0 else 0.0
-    remaining = (stage.steps - step) * loop["seconds"] / max(step, 1)
-    mfu = snap.get("mfu")
-    say(rank, f"[{stage.name}] step {step}/{stage.steps} ({step / stage.steps:.0%}) loss {loss:.4f} "
-               f"dt {dt * 1e3:.0f}ms tok/s {tps:,.0f}" + (f" mfu {mfu:.1%}" if mfu else "")
-               + f" eta {remaining / 60:.1f}m")
+    remaining = (stage.steps - step) * st.loop["seconds"] / max(step, 1)
+    mfu = st.metrics.snapshot().get("mfu")
+    say(0, f"[{stage.name}] step {step}/{stage.steps} ({step / stage.steps:.0%}) loss {loss:.4f} "
+           f"dt {dt * 1e3:.0f}ms tok/s {tps:,.0f}" + (f" mfu {mfu:.1%}" if mfu else "")
+           + f" eta {remaining / 60:.1f}m")
 
 
 def _trace(f, step: int, rank: int, batches) -> None:

@@ -1,0 +1,163 @@
+"""The run's eval stage: score every trained model once, after the training stages, on the same workers.
+
+`eval_loop` (one Ray Train worker per GPU, started by trainer/launch.py like a training stage) loads each
+trained stage's newest checkpoint, measures its val bpb on its stage's validation tokens (the same tokens as
+training's own val pass), runs CORE on the base model, samples a few greedy completions (rank 0), exports the
+results as metrics and writes `<run>/eval/results.json` and `<run>/eval/summary.json`. The scoring itself
+(bpb, CORE) is trainer/evaluate.py.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from trainer.costs import CORE_TASKS
+from trainer.evaluate import BundleError, evaluate_bpb, evaluate_core, load_bundle
+from trainer.plan import RunPlan
+from trainer.storage import write_json
+from trainer.worker import StageConfig, make_loader, stage_summary, start_metrics, worker_context, write_stage_summary
+from trainer.worker import say as say_once
+
+# Greedy 16-token continuations of these prompts show what the base model knows (nanochat base_eval).
+BASE_PROMPTS = ("The capital of France is", "The chemical symbol of gold is",
+                "If yesterday was Friday, then tomorrow will be", "The opposite of hot is",
+                "The planets of the solar system are:", "My favorite color is", "If 5*x + 3 = 13, then x is")
+CHAT_PROMPTS = ("Hello! Who are you?", "What does the json module do?", "Write a haiku about the sea.")
+BASE_SAMPLE_TOKENS, CHAT_SAMPLE_TOKENS = 16, 64
+
+
+def base_samples(model, tokenizer, prompts=BASE_PROMPTS, max_tokens: int = BASE_SAMPLE_TOKENS) -> list[dict]:
+    """Greedy continuations of `prompts` (BOS first), as {prompt, completion}."""
+    from trainer.engine import Engine
+
+    engine = Engine(model, stop_tokens=[tokenizer.bos_id])
+    out = []
+    for p in prompts:
+        ids = engine.generate_batch(tokenizer.encode(p, prepend_bos=True), max_tokens=max_tokens, temperature=0.0)[0]
+        out.append({"prompt": p, "completion": tokenizer.decode(ids)})
+    return out
+
+
+def chat_samples(model, tokenizer, prompts=CHAT_PROMPTS, max_tokens: int = CHAT_SAMPLE_TOKENS) -> list[dict]:
+    """Greedy replies of the chat model to one-turn conversations, rendered as SFT rendered them."""
+    from trainer.engine import Engine
+
+    engine = Engine.for_chat(model, tokenizer)
+    out = []
+    for p in prompts:
+        conv = {"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": ""}]}
+        ids = engine.generate_batch(tokenizer.render_for_completion(conv), max_tokens=max_tokens, temperature=0.0)[0]
+        out.append({"prompt": p, "reply": tokenizer.decode(ids).strip()})
+    return out
+
+
+# -------------------------------------------------------------------------------------------- the eval stage
+
+RESULTS_FORMAT = "llmctl.eval/v1"
+MODEL_OF_STAGE = {"pretrain": "base", "sft": "chat"}  # which model each training stage leaves behind
+
+
+def eval_loop(config: dict) -> None:
+    """The eval stage on one Ray Train worker; `config` is a `trainer.worker.StageConfig` as a dict (plan,
+    stage "eval", storage_options, metrics_port_base)."""
+    import ray.train
+
+    from trainer import checkpoint
+    from trainer.model import build_model
+    from trainer.tokenizer import Tokenizer
+
+    # ---------------------------------------------------------------- context
+    t_start = time.perf_counter()
+    cfg = StageConfig.from_dict(config)
+    plan = RunPlan.from_json(cfg.plan)
+    w = worker_context()
+    rank, world, device = w.rank, w.world, w.device
+    opts = cfg.storage_options
+    say = (lambda msg: say_once(0, msg)) if rank == 0 else None
+    metrics = start_metrics(plan, "eval", w, cfg.metrics_port_base)
+    tokenizer = Tokenizer.load(plan.urls["tokenizer"], storage_options=opts)
+    token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.int64, device=device)
+    results: dict = {"format": RESULTS_FORMAT, "run": plan.name, "world_size": world, "models": {}}
+    B, T = plan.device_batch_size, plan.arch.seq_len
+
+    # ---------------------------------------------------------------- each trained model
+    trained = [s for s in plan.stages if s.name in MODEL_OF_STAGE]
+    for n, stage in enumerate(trained, start=1):
+        url = checkpoint.latest(f"{plan.urls['run']}/{stage.name}", storage_options=opts)
+        if url is None:
+            raise RuntimeError(f"eval: no whole {stage.name} checkpoint under {plan.urls['run']}/{stage.name}")
+        state, meta = checkpoint.load_model_state(url, storage_options=opts, device=device)
+        model = build_model(plan.arch, device, compile=False)
+        model.load_state_dict(state)
+        model.eval()
+        name = MODEL_OF_STAGE[stage.name]
+        entry: dict = {"stage": stage.name, "checkpoint": url, "step": meta.step}
+        if say:
+            say(f"[eval] {name} model: {stage.name} step {meta.step} ({url})")
+
+        t0 = time.perf_counter()
+        steps = max(1, stage.eval_tokens // (B * T * world))  # the stage's own val pass (trainer/loop.py)
+        loader = make_loader(plan, stage.name, tokenizer, w, split="val", storage_options=opts)
+        try:
+            entry["val_bpb"] = evaluate_bpb(model, loader, steps, token_bytes)
+        finally:
+            loader.close()  # stop the pretraining loader's read-ahead
+        entry["bpb_tokens"] = steps * B * T * world
+        entry["bpb_seconds"] = time.perf_counter() - t0
+        if say:
+            say(f"[eval] {name} val bpb {entry['val_bpb']:.4f} ({entry['bpb_tokens']:,} tokens)")
+
+        if stage.name == "pretrain":
+            t0 = time.perf_counter()
+            entry["core"] = _core(model, tokenizer, plan, opts, rank, world, say)
+            entry["core"]["seconds"] = time.perf_counter() - t0
+        export_metrics(metrics, entry)
+        if rank == 0:
+            entry["samples"] = base_samples(model, tokenizer) if name == "base" else chat_samples(model, tokenizer)
+        results["models"][name] = entry
+        ray.train.report({**metrics.snapshot(), "step": n})  # step: models scored so far
+        del model, state
+
+    # ---------------------------------------------------------------- results
+    results["seconds"] = time.perf_counter() - t_start
+    if rank == 0:
+        run = plan.urls["run"]
+        base = results["models"].get("base", {})
+        summary = stage_summary(plan, "eval", status="completed", steps=len(trained), planned_steps=len(trained),
+                                tokens=0,  # trained tokens: none (the run's token count stays the training count)
+                                seconds=results["seconds"],
+                                tokens_evaluated=sum(m["bpb_tokens"] for m in results["models"].values()),
+                                val_bpb=base.get("val_bpb", results["models"].get("chat", {}).get("val_bpb")),
+                                core=base.get("core", {}).get("core"), results=f"{run}/eval/results.json")
+        write_json(f"{run}/eval/results.json", results, opts)
+        write_stage_summary(plan, summary, opts)
+        say(f"[eval] done in {results['seconds']:.0f} s; results at {run}/eval/results.json")
+    metrics.close()
+
+
+def export_metrics(metrics, entry: dict) -> None:
+    """One scored model onto the worker's exporter (trainer/metrics.py RunMetrics): `llmctl_val_bpb`, and for
+    the base model `llmctl_core_score` and `llmctl_core_task_centered{task}`. Only tasks of the standard CORE
+    set get a series (the label set stays fixed); the score is exported whatever the bundle."""
+    metrics.on_val(entry["val_bpb"])
+    core = entry.get("core") or {}
+    if "core" in core:
+        metrics.on_core(core["core"], {k: v["centered"] for k, v in core["tasks"].items() if k in CORE_TASKS})
+
+
+def _core(model, tokenizer, plan, opts, rank, world, say) -> dict:
+    """CORE on the plan's bundle; a missing bundle is recorded (the run's training is not lost over it)."""
+    url = plan.urls["eval_bundle"]
+    try:
+        bundle = load_bundle(url, storage_options=opts, max_per_task=plan.spec.core_max_per_task)
+    except BundleError as e:
+        if say:
+            say(f"[eval] CORE skipped: {e}")
+        return {"bundle": url, "skipped": str(e)}
+    result = evaluate_core(model, tokenizer, bundle, rank=rank, world_size=world, say=say)
+    if say:
+        say(f"[eval] CORE {result['core']:.4f} over {len(bundle.tasks)} tasks"
+            + (" (smoke-test bundle: not a capability score)" if bundle.smoke_test else ""))
+    return result

@@ -1,0 +1,153 @@
+"""What every Ray Train worker does the same way, whether it trains (trainer/loop.py) or evaluates
+(trainer/eval_stage.py): find its rank and device, print from rank 0, build the stage's data loader, start
+its metrics exporter, agree with the other ranks, and write the stage's summary.json.
+
+`Loader` is the small protocol both loaders meet (trainer/data.py `PretrainLoader`, trainer/chat.py
+`SFTLoader`): batches by `next()`, a resumable `state_dict()`, `close()`, and `progress`, the share of an
+epoch consumed (SFT's LR schedule follows it; None where the schedule goes by step).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, dataclass, field, fields
+from typing import Iterator, NamedTuple, Protocol
+
+import torch
+import torch.distributed as dist
+
+from trainer.plan import RunPlan
+from trainer.storage import write_json
+
+
+class Loader(Protocol):
+    """What the training loop and the val passes need from a data loader."""
+
+    progress: float | None  # share of the epoch consumed (0..1), or None: the schedule goes by step
+
+    def __iter__(self) -> Iterator: ...
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def state_dict(self) -> dict: ...
+
+    def close(self) -> None: ...
+
+
+class Worker(NamedTuple):
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+
+
+def worker_context() -> Worker:
+    """(rank, world size, local rank, device) of this Ray Train worker; its GPU selected when there is one."""
+    import ray.train
+
+    ctx = ray.train.get_context()
+    rank, world, local_rank = ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank()
+    device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.set_float32_matmul_precision("high")
+    return Worker(rank, world, local_rank, device)
+
+
+def say(rank: int, msg: str) -> None:
+    """A progress line from rank 0. Written to stdout directly: Ray Train patches `print` into its logger,
+    which would show every line twice on the driver (stdout and the logger's stderr)."""
+    if rank == 0:
+        sys.stdout.write(msg + "\n")
+        sys.stdout.flush()
+
+
+def make_loader(plan: RunPlan, stage: str, tokenizer, w: Worker, *, split: str = "train", state: dict | None = None,
+                storage_options: dict | None = None) -> Loader:
+    """The stage's loader on this rank: pretraining shards or SFT conversations, `split` train or val."""
+    B, T = plan.device_batch_size, plan.arch.seq_len
+    common = dict(batch_size=B, seq_len=T, rank=w.rank, world_size=w.world, split=split, device=w.device,
+                  state=state, storage_options=storage_options)
+    if stage == "pretrain":
+        from trainer.data import PretrainLoader
+
+        return PretrainLoader(plan.urls["data"], tokenizer, **common)
+    from trainer.chat import SFTLoader
+
+    return SFTLoader(plan.urls["sft_data"], tokenizer, **common)
+
+
+def start_metrics(plan: RunPlan, stage: str, w: Worker, port_base: int | None, *, prior_seconds: float = 0.0,
+                  prior_tokens: int = 0):
+    """This worker's metrics (trainer/metrics.py), served on `port_base + local rank` unless port_base is None."""
+    from trainer.metrics import RunMetrics
+
+    return RunMetrics(plan, stage, rank=w.rank, local_rank=w.local_rank, world_size=w.world,
+                      device_name=torch.cuda.get_device_name(w.device) if w.device.type == "cuda" else None,
+                      port=None if port_base is None else port_base + w.local_rank,
+                      prior_seconds=prior_seconds, prior_tokens=prior_tokens)
+
+
+def agree(device: torch.device, *flags: bool) -> list[bool]:
+    """Every rank learns whether any rank raised each flag (one small all-reduce), so all stop together."""
+    t = torch.tensor([float(f) for f in flags], device=device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
+def stage_summary(plan: RunPlan, stage: str, *, status: str, steps: int, planned_steps: int, tokens: int,
+                  seconds: float, **extra) -> dict:
+    """`<run>/<stage>/summary.json`: what the stage did and what it cost; read by trainer/launch.py (skip a
+    finished stage, sum the run) and trainer/report.py. `extra`: the stage's own figures (val bpb, ...)."""
+    return {"stage": stage, "status": status, "steps": steps, "planned_steps": planned_steps, "tokens": tokens,
+            "seconds": seconds, "dollars": plan.cost_of(seconds), **extra}
+
+
+def write_stage_summary(plan: RunPlan, summary: dict, storage_options: dict | None) -> None:
+    write_json(f"{plan.urls['run']}/{summary['stage']}/summary.json", summary, storage_options)
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """What trainer/launch.py hands each worker of a stage (Ray Train's `train_loop_config`, as a dict: `to_dict`).
+
+    plan: the RunPlan as JSON; stage: its name; storage_options: fsspec options for the run's storage;
+    metrics_port_base: exporter port of local rank 0 (None: no HTTP exporter); log_every: steps between
+    progress lines; checkpoint_upload: "async" (the upload overlaps the next steps) or "sync";
+    init_model: checkpoint URL SFT starts from; prior_seconds / prior_tokens: earlier stages' wall time and
+    tokens, so spend, the budget cap and the dashboards cover the whole run; trace: a local JSONL path for
+    per-step data fingerprints and wall-clock stamps (the exact-resume tests, bench/ray_overhead.py); chaos:
+    fault injection for the fault tests (kill_at_step, rank, marker, during_save; nan_at_step).
+    """
+
+    plan: str
+    stage: str
+    storage_options: dict = field(default_factory=dict)
+    metrics_port_base: int | None = None
+    log_every: int = 10
+    checkpoint_upload: str = "async"
+    init_model: str | None = None
+    prior_seconds: float = 0.0
+    prior_tokens: int = 0
+    trace: str | None = None
+    chaos: dict | None = None
+
+    def __post_init__(self) -> None:
+        if self.checkpoint_upload not in ("async", "sync"):
+            raise ValueError(f"checkpoint_upload: must be async or sync, got {self.checkpoint_upload!r}")
+        if not isinstance(self.log_every, int) or self.log_every < 1:
+            raise ValueError(f"log_every: must be a positive integer, got {self.log_every!r}")
+        if self.prior_seconds < 0 or self.prior_tokens < 0:
+            raise ValueError(f"prior_seconds, prior_tokens: must be >= 0, got {self.prior_seconds}, {self.prior_tokens}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "StageConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"stage config: unknown key(s) {', '.join(unknown)}")
+        return cls(**{**d, "storage_options": d.get("storage_options") or {}})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
