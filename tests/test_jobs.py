@@ -1,4 +1,4 @@
-"""cli/jobs.py and cli/cluster.py's client: `llmctl submit/status/list/logs/cancel` against a Kubernetes API
+"""cli/submit.py, cli/jobs.py and cli/cluster.py's client: `llmctl submit/status/list/logs/cancel` against a Kubernetes API
 server on loopback (tests/kube_fake.py), through the real kubernetes client. Each test asserts the exact
 requests; refusals and --dry-run must make none.
 
@@ -131,6 +131,9 @@ REFUSED = [
     (["--depth", "20", "--gpus", "8", "--env", "AWS_SECRET_ACCESS_KEY=x", "--yes"], "looks like a credential"),
     (["--depth", "20", "--gpus", "8", "--queue", "h100", "--ray-cluster", "warm", "--yes"], "cannot be queued"),
     (["--gpus", "8", "--yes"], "--depth is required"),
+    (["--depth", "26", "--gpus", "8", "--dry-run", "--namespace", "Bad_NS"],
+     r"namespace: 'Bad_NS' is not a valid Kubernetes namespace \(RFC 1123 label"),
+    (["--depth", "26", "--gpus", "8", "--dry-run", "--namespace", "a" * 64], "at most 63 characters"),
     (["--depth", "20", "--gpus", "8"], "stdin is not a terminal, so nobody can confirm; pass --yes"),
     (["--depth", "20", "--gpus", "8", "--yes", "--cluster-config", "/nonexistent.yaml"], "cannot read"),
 ]

@@ -95,6 +95,11 @@ class RunSpec:
             bad("budget_cap", f"must be > 0 dollars, got {self.budget_cap!r}")
         if self.sft_tokens < 1:
             bad("sft_tokens", f"must be positive, got {self.sft_tokens}")
+        if len(self.namespace) > 63:
+            bad("namespace", f"must be at most 63 characters (RFC 1123 label), got {len(self.namespace)}")
+        if not _RFC1123_LABEL.fullmatch(self.namespace):
+            bad("namespace", f"{self.namespace!r} is not a valid Kubernetes namespace (RFC 1123 label: lower-case "
+                "letters, digits and '-', starting and ending with a letter or digit)")
         if self.name is not None and not _DNS1035.fullmatch(self.name):
             bad("name", f"must be a DNS-1035 label of at most 47 chars (a-z, 0-9, '-'), got {self.name!r}")
 
@@ -115,5 +120,7 @@ class RunSpec:
         return cls(**d)
 
 
+# Namespace names are RFC 1123 labels: at most 63 chars of [a-z0-9-], alphanumeric at both ends.
+_RFC1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 # RayJob names are DNS-1035 and at most 47 chars (KubeRay: 53-char RayCluster limit minus 6).
 _DNS1035 = re.compile(r"[a-z]([-a-z0-9]{0,45}[a-z0-9])?")
