@@ -1,0 +1,51 @@
+"""Imports run one way: `cli` -> `trainer`, never back, and no cycle among the modules of `trainer/` or of
+`cli/`, imports inside functions included. The contracts live in pyproject.toml ([tool.importlinter]);
+import-linter (grimp) checks them here, so a new cycle or a trainer -> cli import fails the suite.
+
+Run: .venv/bin/pytest tests/test_imports.py
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def lint_imports(cwd: Path) -> subprocess.CompletedProcess:
+    """import-linter on the packages under `cwd`, with `cwd`'s pyproject.toml, resolved from `cwd` only."""
+    code = "import sys; from importlinter.cli import lint_imports; sys.exit(lint_imports(no_cache=True))"
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(cwd)})
+
+
+def test_import_contracts_are_kept():
+    r = lint_imports(ROOT)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "2 kept, 0 broken" in r.stdout, r.stdout
+
+
+BREAKS = [  # (module to edit, import added inside a function, what the report must name)
+    ("trainer/storage.py", "from trainer import plan", "No cycles are allowed in trainer."),  # plan -> spec -> storage -> plan
+    ("cli/errors.py", "from cli import main", "No cycles are allowed in cli."),  # main -> errors -> main
+    ("trainer/progress.py", "from cli import errors", "trainer.progress -> cli.errors"),  # a pod importing the CLI
+]
+
+
+@pytest.mark.parametrize("path, statement, named", BREAKS, ids=[b[2] for b in BREAKS])
+def test_a_deliberate_break_inside_a_function_fails(tmp_path, path, statement, named):
+    """The same contracts on a copy of the packages with one bad import, hidden inside a function body."""
+    for pkg in ("trainer", "cli"):
+        shutil.copytree(ROOT / pkg, tmp_path / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    module = tmp_path / path
+    module.write_text(module.read_text() + f"\n\ndef _deliberate():\n    {statement}  # noqa: F401\n")
+    r = lint_imports(tmp_path)
+    assert r.returncode == 1 and "1 kept, 1 broken" in r.stdout, r.stdout + r.stderr
+    assert named in r.stdout, r.stdout
