@@ -224,3 +224,20 @@ def test_schedules_follow_the_reference():
     assert lr_multiplier(f, 0, progress=0.75) == pytest.approx(0.4, rel=0.01)
     assert lr_multiplier(f, 0, progress=1.0) == pytest.approx(0.0)
     assert muon_momentum(f, 300) == pytest.approx(0.95) and muon_weight_decay(f, 10) == 0.0
+
+
+def test_muon_momentum_ramp_wins_inside_the_warm_down_of_a_short_run():
+    """The reference (base_train.py get_muon_momentum): 0.85 -> 0.97 linearly over the first 400 steps, and
+    that ramp is what a step below 400 gets even inside the warm-down; from step 400 on, the warm-down takes
+    momentum linearly from 0.97 (at its start) to 0.90 (at the last step). Here 1,000 steps: warm-down 650,
+    starting after step 350, so steps 351-399 are in both."""
+    from trainer.plan import muon_momentum
+
+    s = plan(RunSpec(depth=24, gpus=8, num_iterations=1000)).stage("pretrain")
+    assert (s.steps, s.warmdown_steps) == (1000, 650)
+    assert muon_momentum(s, 200) == pytest.approx(0.85 + 0.5 * 0.12)
+    assert muon_momentum(s, 380) == pytest.approx(0.85 + 380 / 400 * 0.12)  # the ramp, not blended
+    assert muon_momentum(s, 399) == pytest.approx(0.85 + 399 / 400 * 0.12)
+    for step in (400, 500, 1000):
+        p = (step - 350) / 650
+        assert muon_momentum(s, step) == pytest.approx(0.97 * (1 - p) + 0.90 * p)

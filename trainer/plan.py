@@ -448,16 +448,19 @@ def lr_multiplier(s: StagePlan, step: int, progress: float | None = None) -> flo
 
 
 def muon_momentum(s: StagePlan, step: int) -> float:
-    """Muon momentum: start -> peak over `momentum_warmup_steps`; pretraining then decays to the end value
-    over the LR warm-down (base_train.get_muon_momentum: 0.85 -> 0.97 over 400 steps, -> 0.90)."""
+    """Muon momentum (base_train.get_muon_momentum; docs/recipe.md, schedules): start -> peak linearly over
+    `momentum_warmup_steps`, and a step inside that ramp gets the ramp's value even when it falls in the LR
+    warm-down (short runs). Pretraining, from then on: the peak until the warm-down starts, then linearly to
+    the end value at the last step (0.85 -> 0.97 over 400 steps; 0.97 -> 0.90 over the warm-down)."""
     start, peak = s.momentum[0], s.momentum[1]
-    frac = min(step / s.momentum_warmup_steps, 1.0)
-    m = (1 - frac) * start + frac * peak
+    if step < s.momentum_warmup_steps:
+        frac = step / s.momentum_warmup_steps
+        return (1 - frac) * start + frac * peak
     warmdown_start = s.steps - s.warmdown_steps
     if len(s.momentum) > 2 and s.warmdown_steps and step > warmdown_start:
         p = min((step - warmdown_start) / s.warmdown_steps, 1.0)
-        m = (1 - p) * m + p * s.momentum[2]
-    return m
+        return (1 - p) * peak + p * s.momentum[2]
+    return peak
 
 
 def muon_weight_decay(s: StagePlan, step: int) -> float:
