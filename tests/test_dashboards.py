@@ -150,3 +150,30 @@ def test_helm_ships_each_dashboard_in_a_configmap_with_the_sidecar_label():
     shipped = [json.loads(v) for m in maps for k, v in (m.get("data") or {}).items() if k.endswith(".json")]
     for name in UIDS:
         assert load(name) in shipped, f"{name} is not shipped unchanged in a grafana_dashboard ConfigMap"
+
+
+def _unit_of(panel: dict, target: dict) -> str | None:
+    """The unit Grafana shows a target's values in: an override for its column (a table renames `Value #<ref>`),
+    else the panel's default."""
+    fc = panel.get("fieldConfig") or {}
+    names = {f"Value #{target['refId']}"}
+    for t in panel.get("transformations", []):
+        if t["id"] == "organize":
+            names |= {new for old, new in t["options"].get("renameByName", {}).items() if old in names}
+    for o in fc.get("overrides", []):
+        if o["matcher"]["id"] in ("byName", "byFrameRefID") and o["matcher"]["options"] in names | {target["refId"]}:
+            for prop in o["properties"]:
+                if prop["id"] == "unit":
+                    return prop["value"]
+    return fc.get("defaults", {}).get("unit")
+
+
+@pytest.mark.parametrize("name", sorted(UIDS))
+def test_every_dollar_figure_is_shown_in_dollars(name):
+    """A cost value (llmctl_cost_*) is labelled as money, in tables too (each column has its own unit)."""
+    shown = [(p["title"], t["refId"], _unit_of(p, t)) for p, t in targets(load(name))
+             if re.search(r"\bllmctl_cost_(dollars|estimated_dollars|cap_dollars)\b", t["expr"])
+             and "deriv(" not in t["expr"]]  # a burn rate is $/hour: also money, checked below
+    assert shown and all(unit == "currencyUSD" for *_, unit in shown), shown
+    burn = [(p["title"], _unit_of(p, t)) for p, t in targets(load(name)) if "deriv(llmctl_cost_dollars" in t["expr"]]
+    assert all(unit == "currencyUSD" for _, unit in burn), burn
