@@ -97,7 +97,6 @@ def test_rules_wrapped_as_a_prometheusrule_validate_against_the_operator_crd():
         assert re.fullmatch(r"\d+[smh]", r.get("for", "0s")), r["alert"]
 
 
-@pytest.mark.skipif(not (CHART / "Chart.yaml").exists(), reason="the chart (charts/llmctl/Chart.yaml) is not written yet")
 def test_helm_renders_these_rules_into_a_valid_prometheusrule():
     from tests.schemas import validate
     from tests.tools import ensure_helm

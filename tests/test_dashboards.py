@@ -139,7 +139,6 @@ def test_every_expression_is_valid_promql(tmp_path):
     assert f"SUCCESS: {len(queries)} rules found" in out.stdout
 
 
-@pytest.mark.skipif(not (CHART / "Chart.yaml").exists(), reason="the chart (charts/llmctl/Chart.yaml) is not written yet")
 def test_helm_ships_each_dashboard_in_a_configmap_with_the_sidecar_label():
     from tests.tools import ensure_helm
 

@@ -7,7 +7,6 @@ Run: .venv/bin/pytest tests/test_metrics.py -v
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import math
 import socket
@@ -451,13 +450,6 @@ def test_real_prometheus_scrapes_a_run_and_every_dashboard_and_alert_query_retur
         run.close()
 
 
-def _real_loop_missing() -> str | None:
-    for module in ("trainer.loop", "trainer.launch", "trainer.data", "trainer.tokenizer", "cli.local"):
-        if importlib.util.find_spec(module) is None:
-            return f"{module} is not written yet"
-    return None
-
-
 def _free_port_pair() -> int:
     """A base port with base and base + 1 free on loopback (the loop binds base + local rank)."""
     for _ in range(20):
@@ -472,23 +464,19 @@ def _free_port_pair() -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(_real_loop_missing() is not None, reason=str(_real_loop_missing()))
-def test_the_real_training_loop_answers_every_dashboard_and_alert_query(tmp_path, prometheus_tools):
+def test_the_real_training_loop_answers_every_dashboard_and_alert_query(tmp_path, prometheus_tools, tiny_inputs):
     """The same check with trainer/loop.py's own exporters: a 2-worker CPU pretraining run on a local Ray
     cluster (trainer.launch.run), scraped by a real Prometheus. The stage ends before the queries run, so
     they are evaluated at the last moments when both ranks were still being scraped. The CORE pair comes
     from the eval stage, which this run leaves out; the in-test loop above covers it."""
     import ray
 
-    from cli.local import ensure_inputs
+    from tests.finished_run import tiny_plan
     from trainer.launch import run as launch
 
-    spec = dict(depth=2, gpus=2, gpu_type="cpu", vocab_size=512, seq_len=64, head_dim=64, device_batch_size=4,
-                total_batch_size=2 * 4 * 64, num_iterations=80, eval_every=10, eval_tokens=2 * 4 * 64 * 2,
-                checkpoint_every=20, stages=("pretrain",), dataset="sample", tokenizer="sample-512",
-                budget_cap=50.0, name="obs-real", storage_root=f"file://{tmp_path / 'root'}")
-    p = plan(RunSpec(**spec))
-    ensure_inputs(p, mb=0.5, conversations=50, say=lambda *_: None)
+    # The tests' tiny model (tests/finished_run.py) on the session's inputs, pretraining only, 80 steps.
+    p = tiny_plan(tiny_inputs, "obs-real", num_iterations=80, checkpoint_every=20, stages=("pretrain",),
+                  budget_cap=50.0)
     base = _free_port_pair()
     targets = [f"127.0.0.1:{base}", f"127.0.0.1:{base + 1}"]
     with promlib.Prometheus(tmp_path / "prom", targets, rule_files=[ALERTS]) as prom:
