@@ -15,6 +15,7 @@ import sys
 from cli.cluster import add_cluster_args, connect
 from cli.errors import CLIError, UsageError
 from cli.plan import fmt_hours
+from trainer.costs import dollars
 from trainer.progress import PROGRESS_ANNOTATION
 
 GROUP, VERSION, PLURAL = "ray.io", "v1", "rayjobs"
@@ -140,7 +141,7 @@ def summary(rj: dict, now: datetime.datetime | None = None) -> dict:
         "estimate_hours": num("llmctl.dev/estimate-hours"), "estimate_dollars": num("llmctl.dev/estimate-dollars"),
         "budget_cap_dollars": num("llmctl.dev/budget-cap-dollars"), "price_per_gpu_hour": price,
         # GPU time paid so far at the plan's price: wall clock since the cluster started x GPUs x price
-        "spent_dollars": None if elapsed is None or price is None else elapsed / 3600 * gpus * price,
+        "spent_dollars": None if elapsed is None or price is None else dollars(elapsed / 3600, gpus, price),
         "storage": ann.get("llmctl.dev/storage"), "progress": None,
     }
     try:

@@ -7,7 +7,7 @@ model); each constant names its source here too.
 - `GPUS`: dense bf16 peak FLOP/s (no 2:4 sparsity), memory and default on-demand price per GPU type;
 - `mfu_prior(depth, gpu, precision)`: the expected model FLOPs utilisation, from published runs;
 - `overhead_hours(...)`: scheduling and image pull, Ray start, compile warm-up, evals, checkpoint upload;
-- `dollars(seconds, gpus, price_per_gpu_hour)`: the one dollars formula (plan, loop, eval stage, status).
+- `dollars(hours, gpus, price_per_gpu_hour)`: the one dollars formula (plan, loop, eval stage, metrics, status).
 """
 
 from __future__ import annotations
@@ -46,7 +46,9 @@ GPUS: dict[str, GPU] = {
 # dense baseline), d24 50.0% (leaderboard run 1, 4.33e19 FLOPs / 10,949 s), d26 47.7% (LOG 2026-02-02,
 # 630K tok/s). Linear in between, flat outside. Multi-node runs are assumed to match (not measured).
 MFU_ANCHORS = ((12, 0.41), (18, 0.46), (24, 0.50), (26, 0.477))
-MFU_SOURCE = "nanochat 8xH100 bf16: d12 41%, d18 46%, d24 50%, d26 47.7% (docs/recipe.md)"
+# Shown in every plan (and stored in it): the k8s/examples golden plans carry this exact text, so a change
+# here means regenerating them (LLMCTL_REGEN=1 pytest tests/test_rayjob.py -k golden).
+MFU_SOURCE = "nanochat 8xH100 bf16: d12 41%, d18 46%, d24 50%, d26 47.7% (perf-anchors §2)"
 FP8_SPEEDUP = 1.17  # tensorwise fp8 at d26: 740K vs 630K tok/s (LOG 2026-02-02); bf16-equivalent MFU
 CPU_MFU = 0.25  # rough prior for the eager fp32 CPU path of the local run
 
@@ -74,9 +76,9 @@ CORE_EXAMPLES = 90_000
 CORE_TOKENS_PER_EXAMPLE = 1_500
 
 
-def dollars(seconds: float, gpus: int, price_per_gpu_hour: float) -> float:
-    """What `seconds` of wall time on `gpus` GPUs costs: GPU-hours x the price per GPU-hour."""
-    return seconds / 3600 * gpus * price_per_gpu_hour
+def dollars(hours: float, gpus: int, price_per_gpu_hour: float) -> float:
+    """What `hours` of wall time on `gpus` GPUs costs: GPU-hours x the price per GPU-hour."""
+    return hours * gpus * price_per_gpu_hour
 
 
 def mfu_prior(depth: int, gpu: GPU, precision: str) -> tuple[float, str]:

@@ -34,7 +34,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from trainer.costs import CORE_TASKS, GPUS
+from trainer.costs import CORE_TASKS, GPUS, dollars
 from trainer.plan import RunPlan
 from trainer.recipe import STAGES  # the plan's stages: pretrain, sft and the eval stage (CORE)
 
@@ -273,7 +273,7 @@ class RunMetrics:
 
     def cost_dollars(self) -> float:
         """This rank's GPU: elapsed hours x price per GPU-hour (read live, also at scrape time)."""
-        return self.elapsed_seconds() / 3600 * self.price_per_gpu_hour
+        return dollars(self.elapsed_seconds() / 3600, 1, self.price_per_gpu_hour)
 
     def snapshot(self) -> dict:
         """The exporter's numbers as plain floats (for ray.train.report and `llmctl status`).

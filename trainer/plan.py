@@ -146,7 +146,7 @@ class RunPlan:
 
     def cost_of(self, seconds: float) -> float:
         """Dollars for `seconds` of this run's wall time: all its GPUs at its price (trainer/costs.py)."""
-        return dollars(seconds, self.spec.gpus, self.estimate.price_per_gpu_hour)
+        return dollars(seconds / 3600, self.spec.gpus, self.estimate.price_per_gpu_hour)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -322,7 +322,7 @@ def _stage(name: str, spec: RunSpec, steps: int, batch: int, dbs: int, accum: in
                      momentum_warmup_steps=SFT_MOMENTUM_WARMUP_STEPS)
     return StagePlan(name=name, steps=steps, tokens=tokens, flops=float(fpt * tokens), grad_accum=accum,
                      device_batch_size=dbs, total_batch_size=batch, lr_frac=lr_frac,
-                     weight_decay=weight_decay, hours=hours, dollars=dollars(hours * 3600, spec.gpus, price), **sched,
+                     weight_decay=weight_decay, hours=hours, dollars=dollars(hours, spec.gpus, price), **sched,
                      **cadence)
 
 
@@ -339,7 +339,7 @@ def _eval_stage(spec: RunSpec, trained: tuple[StagePlan, ...], batch: int, dbs: 
                      device_batch_size=dbs, total_batch_size=batch, lr_frac=0.0, warmup_steps=0, warmdown_steps=0,
                      final_lr_frac=0.0, momentum=(), momentum_warmup_steps=0, weight_decay=0.0, eval_every=1,
                      eval_tokens=bpb_tokens, checkpoint_every=len(trained), hours=hours,
-                     dollars=dollars(hours * 3600, spec.gpus, price))
+                     dollars=dollars(hours, spec.gpus, price))
 
 
 def plan(spec: RunSpec) -> RunPlan:
@@ -394,8 +394,8 @@ def plan(spec: RunSpec) -> RunPlan:
     overhead = overhead_hours(gpu, stages=len(stages), trained=len(trained), eval_hours=eval_hours,
                               checkpoint_bytes=ckpt_bytes)
     overhead_total = sum(overhead.values())
-    train_dollars = dollars(train_hours * 3600, spec.gpus, price)
-    overhead_dollars = dollars(overhead_total * 3600, spec.gpus, price)
+    train_dollars = dollars(train_hours, spec.gpus, price)
+    overhead_dollars = dollars(overhead_total, spec.gpus, price)
     total_dollars = train_dollars + overhead_dollars
     est = Estimate(
         mfu=mfu, mfu_source=mfu_source, peak_flops_per_gpu=gpu.peak_bf16, tokens_per_second=throughput,
