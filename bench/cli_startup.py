@@ -1,6 +1,6 @@
 """Start-up time of `llmctl --help` and `llmctl plan` relative to `python -c pass`, measured in one run.
 
-The CLI must start fast (DESIGN §5): nothing heavy is imported before a command needs it. Goal <= 3x.
+The CLI must start fast (README, "the CLI imports neither torch nor ray on start-up"): nothing heavy is imported before a command needs it. Goal <= 3x.
 Each command runs N times, interleaved so machine noise hits all three alike; medians are compared.
 
 Run: .venv/bin/python bench/cli_startup.py [--runs 30]

@@ -19,7 +19,7 @@ reads /proc for the CPU seconds of every process the run starts: the training wo
 own (Ray: GCS, raylet, agents, Train controller; torchrun: its agent), over the same steady-state steps.
 1. per-step ratio, Ray / torchrun: median gap of each run, with checkpoints only at the end (outside the
    timed steps); pairs alternate which launcher goes first; the median ratio over pairs and its spread
-   (goal <= 1.03; perf-anchors §3: Ray's own parity runs +0.9-2.3%). Less sensitive to a busy machine: the
+   (goal <= 1.03; Ray's own parity benchmark, docs.ray.io "Pytorch Training Parity": +0.9-2.3%). Less sensitive to a busy machine: the
    ratio of worker CPU seconds per step, and the cores the launcher's processes use while training (on 2
    cores that both workers need, that share is taken from training). Setup (launch to the first step,
    which includes the step-0 val pass) and teardown (last step, final val pass and save, exit) apart.

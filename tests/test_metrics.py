@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 ALERTS = ROOT / "charts/llmctl/files/alerts.yaml"
 DASHBOARDS = sorted((ROOT / "charts/llmctl/dashboards").glob("*.json"))
 
-# DESIGN.md §3: the names shared by exporter, dashboards and alerts (a histogram serves _bucket/_sum/_count).
+# docs/observability.md: the names shared by exporter, dashboards and alerts (a histogram serves
+# _bucket/_sum/_count).
 DESIGN_NAMES = (
     "llmctl_tokens_total", "llmctl_tokens_per_second", "llmctl_mfu_ratio", "llmctl_step",
     "llmctl_steps_total_planned", "llmctl_train_loss", "llmctl_val_bpb", "llmctl_step_seconds",
@@ -75,7 +76,7 @@ def series(m: RunMetrics) -> list[tuple[str, dict]]:
 
 
 def test_mfu_of_d24_on_8xh100_at_800k_tokens_per_second_is_about_half():
-    """The nanochat leaderboard run: d24 on 8xH100 at 800K tok/s is ~50% MFU (perf-anchors.md §2).
+    """The nanochat leaderboard run: d24 on 8xH100 at 800K tok/s is ~50% MFU (LEADERBOARD run 1; docs/recipe.md, cost model).
 
     By hand: 4,775,225,616 FLOPs/token (plan) x 100,000 tok/s per GPU / 989.4e12 FLOP/s = 0.48264.
     """
@@ -205,7 +206,7 @@ def test_exporter_serves_exactly_the_contract_names():
     m.on_core(0.1, dict.fromkeys(CORE_TASKS, 0.1))
     served = {name for name, _ in series(m)}
     assert served == set(METRIC_NAMES)
-    for name in DESIGN_NAMES:  # DESIGN.md §3, histogram by its parts
+    for name in DESIGN_NAMES:  # docs/observability.md, histogram by its parts
         assert name in served or f"{name}_bucket" in served, name
 
 

@@ -11,7 +11,8 @@ import pytest
 from trainer.plan import (GPUS, SCHEMA, PlanError, RunPlan, RunSpec, architecture, auto_batch_size,
                           param_counts, plan)
 
-# nanochat-facts.md §2: (depth, n_embd, total params, scaling params, FLOPs/token)
+# Derived from nanochat gpt.py's counting rules (docs/recipe.md): (depth, n_embd, total params, scaling params,
+# FLOPs/token)
 REFERENCE = [
     (4, 256, 36_700_242, 11_534_384, 8.022e7),
     (8, 512, 125_829_354, 41_943_232, 2.957e8),

@@ -1,7 +1,7 @@
 """SFT data: conversation datasets -> rendered, masked, best-fit packed (B, T) batches.
 
 Rows become conversations (`{"messages": [...]}`) the way the reference's tasks do
-(reference/nanochat-facts.md §7):
+(`scripts/chat_sft.py` and `tasks/` of the reference; docs/recipe.md):
 - SmolTalk style: a `messages` column, used as is;
 - MMLU style (`question`, `choices`, `answer` index): the user turn is `render_mc` ("Multiple Choice question:
   …", one `- {choice}={letter}` line per choice, letter after the choice with no space), the answer a bare letter;

@@ -103,10 +103,6 @@ class KVCache:
         out.prev_embedding = None if self.prev_embedding is None else self.prev_embedding.repeat(n, 1, 1)
         return out
 
-    def reset(self) -> None:
-        self.pos = 0
-        self.prev_embedding = None
-
 
 def sample_next(logits: torch.Tensor, generator: torch.Generator, temperature: float = 1.0,
                 top_k: int | None = None) -> torch.Tensor:

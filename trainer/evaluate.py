@@ -6,7 +6,7 @@ all-reduced over ranks before the division, so 2 ranks give the same figure as 1
 Independent of the tokenizer's vocabulary, unlike loss (nanochat loss_eval.evaluate_bpb). The training loop
 calls `evaluate_bpb` for its val passes; the eval stage calls it on the same val tokens.
 
-**CORE** (DCLM, arXiv 2406.11794; nanochat core_eval.py, facts §9) reads an eval bundle in the standard
+**CORE** (DCLM, arXiv 2406.11794; nanochat core_eval.py; docs/recipe.md, evaluation) reads an eval bundle in the standard
 layout at any fsspec URL: `core.yaml` (the `icl_tasks` list: label, dataset_uri under `eval_data/`,
 num_fewshot, icl_task_type, continuation_delimiter), `eval_data/**.jsonl`, and `eval_meta_data.csv`
 (`Eval Task`, `Random baseline` in percent). Three task formats:

@@ -7,7 +7,7 @@ PodMonitor scrapes them); `snapshot()` returns the same numbers as plain floats 
 `llmctl status` can show them without Prometheus.
 
 The metric names are a contract shared with the dashboards (charts/llmctl/dashboards/) and the alert rules
-(charts/llmctl/files/alerts.yaml); see DESIGN.md §3 and docs/observability.md. Labels are `run`, `stage` and
+(charts/llmctl/files/alerts.yaml); see docs/observability.md. Labels are `run`, `stage` and
 `rank` only (plus the fixed labels of `llmctl_run_info` and the fixed CORE `task` set), so the number of
 series per worker is a constant: nothing that grows with steps, time or data becomes a label.
 
@@ -64,7 +64,7 @@ METRIC_NAMES = (
 # (nanochat common.get_peak_flops does the same). None = a GPU we know but whose peak is not in the catalog:
 # H100 NVL (835 TFLOP/s) and H200 NVL (836) would otherwise fall through to the SXM peak and show a
 # wrong MFU. An SXM H100 reports "NVIDIA H100 80GB HBM3" (no "SXM" in the name); GH200 carries the same
-# Hopper die at 989 TFLOP/s dense bf16 (perf-anchors.md §1).
+# Hopper die at 989 TFLOP/s dense bf16 (NVIDIA's data sheets; docs/recipe.md, cost model).
 DEVICE_PATTERNS: tuple[tuple[tuple[str, ...], str | None], ...] = (
     (("h100", "pcie"), "h100-pcie"),
     (("h100", "nvl"), None),

@@ -1,7 +1,7 @@
 """The GPT: nanochat's architecture, built from a RunPlan's `Architecture`.
 
-Every choice reproduces karpathy/nanochat `nanochat/gpt.py` (HEAD 92d63d4, digest in
-shared/reference/nanochat-facts.md §1), so its published results carry over to our runs:
+Every choice reproduces karpathy/nanochat `nanochat/gpt.py` (commit 92d63d4; docs/recipe.md, model shape),
+so its published results carry over to our runs:
 
 - token embedding `wte` -> parameter-free RMSNorm -> smear (the previous token's normed embedding,
   gated by its first 24 channels) -> x0 = x
@@ -238,7 +238,7 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Write the reference's initial values (nanochat-facts.md §1, 'Init'), then cast embeddings.
+        """Write the reference's initial values (`gpt.py init_weights`; docs/recipe.md), then cast embeddings.
 
         | tensor                              | init                                   |
         | wte                                 | Normal(0, 0.8)                         |

@@ -1,6 +1,6 @@
 """Muon for the transformer matrices, AdamW for everything else; one optimizer, sharded across ranks.
 
-Reproduces karpathy/nanochat `nanochat/optim.py` MuonAdamW (HEAD 92d63d4; nanochat-facts.md §4).
+Reproduces karpathy/nanochat `nanochat/optim.py` MuonAdamW (commit 92d63d4; docs/recipe.md).
 
 AdamW (embeddings, lm_head, scalars): decoupled decay p *= 1 - lr * wd first, moments by lerp, bias
 corrected step, math in fp32 even for bf16 parameters, state in the parameter's dtype. Groups, with

@@ -23,7 +23,8 @@ import json
 from trainer.storage import read_json, read_plan, write_text
 
 REPORT_FORMAT = "llmctl.report/v1"
-# CORE of the reference models (nanochat-facts.md §9); GPT-2 XL is the speedrun's target.
+# CORE of the reference models (nanochat `core_eval.py` / README; docs/recipe.md, evaluation); GPT-2 XL is
+# the speedrun's target.
 GPT2_CORE = (("GPT-2 124M", 0.1139), ("GPT-2 355M", 0.1849), ("GPT-2 774M", 0.2146), ("GPT-2 XL 1.5B", 0.256525))
 SMOKE_NOTE = ("Smoke test: this CORE figure comes from a tiny bundle the local run built from held-out text, "
               "scored through the same code path as the DCLM bundle. It shows the pipeline works; it is not a "

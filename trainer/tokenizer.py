@@ -1,12 +1,12 @@
 """BPE tokenizer: trained with rustbpe, served by tiktoken, stored as text/JSON at any fsspec URL.
 
-The recipe is nanochat's (reference/nanochat-facts.md §6):
+The recipe is nanochat's (`nanochat/tokenizer.py`; docs/recipe.md, tokenizer):
 - byte-level BPE with the GPT-4 split pattern, except digit runs split in chunks of 1-2 (`\\p{N}{1,2}`,
   GPT-4 uses 1-3; nanochat LOG 2026-01-13: d12 val_bpb 0.965 for {1,2} vs 0.972 for {1,3});
 - vocab 32,768 = 256 byte tokens + merges + the nine special tokens appended at the end of the id space;
 - pretraining uses only BOS, prepended to every document; the other eight delimit chat turns and tool calls.
 
-Storage (DESIGN.md §3), a directory URL holding three text files; `tokenizer.json` is written last and names
+Storage: a directory URL holding three text files; `tokenizer.json` is written last and names
 the SHA-256 of the other two, so a half-written directory fails to load instead of loading wrong:
     tokenizer.tiktoken   one `base64(token_bytes) rank` line per mergeable token (tiktoken's own format)
     token_bytes.json     raw UTF-8 byte length of every id, 0 for specials (the bpb denominator)
