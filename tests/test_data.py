@@ -25,7 +25,6 @@ from tests.conftest import S3Server
 from trainer.corpus import iter_python_docs
 from trainer.data import DocBuffer, PretrainLoader
 from trainer.shards import DataError, ShardError, list_shards, write_shards
-from trainer.storage import storage_options_from_env
 from trainer.tokenizer import Tokenizer
 
 B, T = 4, 96
@@ -241,12 +240,6 @@ def test_bad_locations_and_settings_fail_with_one_clear_line(tmp_path, tok):
     loader = PretrainLoader(str(tmp_path / "two"), tok, batch_size=1, seq_len=8, rank=1, world_size=2)
     with pytest.raises(DataError, match="rank 1 of 2 gets no row groups"):
         next(loader)
-
-
-def test_storage_options_from_env():
-    assert storage_options_from_env({}) == {}
-    assert storage_options_from_env({"AWS_ENDPOINT_URL": "http://minio:9000"}) == {"endpoint_url": "http://minio:9000"}
-    assert storage_options_from_env({"AWS_ENDPOINT_URL": "a", "AWS_ENDPOINT_URL_S3": "b"}) == {"endpoint_url": "b"}
 
 
 def test_a_dropped_loader_stops_reading_ahead(tmp_path, tok, docs):

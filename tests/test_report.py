@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from trainer.report import gather, render, write_report
-from trainer.storage import run_url
 
 LLMCTL = str(Path(sys.executable).parent / "llmctl")
 
@@ -106,11 +105,3 @@ def test_report_on_s3(run, s3_server):
                        env={**os.environ, "AWS_ENDPOINT_URL": s3_server.endpoint_url})
     assert r.returncode == 0, r.stderr
     assert "## CORE" in r.stdout and fs.exists(f"{bucket[5:]}/runs/{run.name}/report.md")
-
-
-def test_run_url():
-    assert run_url("my-run", "s3://b/llmctl") == "s3://b/llmctl/runs/my-run"
-    assert run_url("s3://b/x/runs/r/") == "s3://b/x/runs/r"
-    assert run_url("/tmp/r") == "file:///tmp/r"
-    home = run_url("r", "file://~/root")
-    assert home.startswith("file:///") and "~" not in home and home.endswith("/root/runs/r")
