@@ -1,0 +1,39 @@
+"""trainer/costs.py: the one dollars formula, the MFU prior between its published anchors, the overheads.
+
+Run: .venv/bin/pytest tests/test_costs.py
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from trainer.costs import CORE_TASKS, GPUS, MFU_ANCHORS, core_tokens, dollars, mfu_prior, overhead_hours
+from trainer.plan import RunSpec, plan
+
+
+def test_dollars_is_gpu_hours_times_price_and_the_plan_uses_it():
+    assert dollars(1.5, 8, 3.0) == 36.0
+    p = plan(RunSpec(depth=12, gpus=8))
+    pre = p.stage("pretrain")
+    assert pre.dollars == dollars(pre.hours, 8, p.estimate.price_per_gpu_hour)
+    assert p.cost_of(3600) == dollars(1.0, 8, p.estimate.price_per_gpu_hour) == 24.0
+
+
+def test_mfu_prior_interpolates_the_anchors_and_is_flat_outside():
+    h100 = GPUS["h100"]
+    for depth, mfu in MFU_ANCHORS:
+        assert mfu_prior(depth, h100, "bf16")[0] == pytest.approx(mfu)
+    assert mfu_prior(15, h100, "bf16")[0] == pytest.approx((0.41 + 0.46) / 2)
+    assert mfu_prior(4, h100, "bf16")[0] == 0.41 and mfu_prior(40, h100, "bf16")[0] == 0.477
+    assert mfu_prior(24, h100, "fp8")[0] == pytest.approx(0.50 * 1.17)
+    assert mfu_prior(24, GPUS["cpu"], "bf16")[0] == 0.25
+
+
+def test_overheads_and_the_core_estimate():
+    o = overhead_hours(GPUS["h100"], stages=3, trained=2, eval_hours=0.1, checkpoint_bytes=720e9)
+    assert o == pytest.approx({"scheduling_and_image_pull": 5 / 60, "ray_start": 3 * 2 / 60, "compile": 2 * 5 / 60,
+                               "evals": 0.1, "checkpoint_upload": 2 * 720e9 / 200e6 / 3600})
+    local = overhead_hours(GPUS["cpu"], stages=3, trained=2, eval_hours=0.0, checkpoint_bytes=0)
+    assert sum(local.values()) == 0.0
+    assert len(CORE_TASKS) == 22 and core_tokens(None, 2048) == 90_000 * 1_500
+    assert core_tokens(10, 256) == 22 * 10 * 3 * 256  # capped per task; prompts cut to 3 sequences of the context
