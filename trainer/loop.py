@@ -59,7 +59,7 @@ def train_loop(config: dict) -> None:
     from trainer.model import build_model
     from trainer.optim import build_optimizer
 
-    model = build_model(plan.arch, device)
+    model = build_model(plan.arch, device, fp8=plan.spec.precision == "fp8")
     optimizer = build_optimizer(model, plan.optim, world_size=world, rank=rank)
 
     # ---------------------------------------------------------------- resume, or start

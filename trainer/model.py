@@ -378,17 +378,24 @@ class GPT(nn.Module):
         return loss.view(targets.shape) if loss_reduction == "none" else loss
 
 
-def build_model(arch: Architecture, device: torch.device | str, *, compile: bool | None = None) -> GPT:
-    """Meta construction -> to_empty(device) -> init_weights(); compiled in place on CUDA by default.
+def build_model(arch: Architecture, device: torch.device | str, *, compile: bool | None = None,
+                fp8: bool = False) -> GPT:
+    """Meta construction -> to_empty(device) -> init_weights() -> (fp8) -> compiled in place on CUDA by default.
 
     `compile` None = compile on CUDA, eager elsewhere. Compiling in place (`Module.compile`) keeps the
-    class and the state_dict keys unchanged. Seed torch before calling for reproducible weights.
+    class and the state_dict keys unchanged. `fp8` switches the large Linear layers to trainer.fp8's
+    Float8Linear (same parameters; bf16 with one message where the GPU has no fp8). Seed torch before
+    calling for reproducible weights.
     """
     device = torch.device(device)
     with torch.device("meta"):
         model = GPT(arch)
     model.to_empty(device=device)
     model.init_weights()
+    if fp8:
+        from trainer.fp8 import convert_to_fp8  # here: trainer.fp8 imports this module
+
+        convert_to_fp8(model, device)
     if compile if compile is not None else device.type == "cuda":
         model.compile(dynamic=False)
     return model

@@ -19,6 +19,8 @@ import math
 import re
 from dataclasses import dataclass, field
 
+from trainer import memory
+
 SCHEMA = "llmctl.runplan/v1"
 
 
@@ -337,6 +339,7 @@ class RunPlan:
     estimate: Estimate
     warnings: tuple[str, ...] = field(default_factory=tuple)
     urls: dict[str, str] = field(default_factory=dict)
+    memory: dict = field(default_factory=dict)  # trainer/memory.py MemoryEstimate.to_dict() at the device batch
 
     def stage(self, name: str) -> StagePlan:
         for s in self.stages:
@@ -479,12 +482,24 @@ def _split_batch(spec: RunSpec, batch: int, a: Architecture, gpu: GPU) -> tuple[
             f"gpus: the optimizer shards the {a.padded_vocab_size:,}-row embeddings across GPUs, which needs "
             f"the GPU count to divide it; {W} does not (use a power of two)")
     per_gpu = seqs // W
-    dbs = spec.device_batch_size or min(default_device_batch_size(spec.depth, gpu), per_gpu)
+    if gpu.local:
+        dbs = spec.device_batch_size or min(default_device_batch_size(spec.depth, gpu), per_gpu)
+    else:
+        dbs = spec.device_batch_size or _fitting_batch(spec, a, gpu, per_gpu)
     if per_gpu % dbs:
         raise PlanError(
             f"device_batch_size: {per_gpu} sequences per GPU per step (= {batch:,} / {T} / {W}) is not a "
             f"multiple of {dbs}; pick a power of two <= {per_gpu}")
     return dbs, per_gpu // dbs
+
+
+def _fitting_batch(spec: RunSpec, a: Architecture, gpu: GPU, per_gpu: int) -> int:
+    """The largest power-of-two device batch the memory model fits on this GPU, or a one-line PlanError."""
+    dbs = memory.largest_device_batch(a, param_counts(a), limit=per_gpu, world_size=spec.gpus,
+                                      precision=spec.precision, memory_gib=gpu.memory_gib)
+    if dbs is None:
+        raise PlanError(memory.refusal(spec, gpu, architecture, param_counts, GPUS))
+    return dbs
 
 
 def mfu_prior(depth: int, gpu: GPU, precision: str) -> tuple[float, str]:
@@ -641,8 +656,22 @@ def plan(spec: RunSpec) -> RunPlan:
         schema=SCHEMA, spec=spec, name=name, arch=a, params=p, flops_per_token=float(fpt),
         target_tokens=target, total_batch_size=batch, device_batch_size=dbs, grad_accum=accum,
         optim=opt, stages=tuple(stages), total_flops=sum(s.flops for s in trained), estimate=est,
-        warnings=tuple(warnings), urls=urls,
+        warnings=tuple(warnings), urls=urls, memory=_memory(spec, a, p, dbs, gpu),
     )
+
+
+def _memory(spec: RunSpec, a: Architecture, p: ParamCounts, dbs: int, gpu: GPU) -> dict:
+    """The memory model's prediction at the chosen device batch; refuses a given batch that cannot fit."""
+    est = memory.estimate(a, p, device_batch_size=dbs, world_size=spec.gpus, precision=spec.precision,
+                          compiled=not gpu.local, act_bytes=4 if gpu.local else 2, memory_gib=gpu.memory_gib)
+    if not est.fits:
+        best = memory.largest_device_batch(a, p, limit=dbs, world_size=spec.gpus, precision=spec.precision,
+                                           memory_gib=gpu.memory_gib)
+        raise PlanError(f"device_batch_size: {dbs} sequences of {spec.seq_len} need ~{est.peak / memory.GIB:.0f} "
+                        f"GiB per GPU, {gpu.name} has {est.capacity / memory.GIB:.0f} usable; "
+                        + (f"at most {best} fit" if best else memory.refusal(spec, gpu, architecture, param_counts,
+                                                                                GPUS)))
+    return est.to_dict()
 
 
 # ---------------------------------------------------------------------------------------------
