@@ -58,22 +58,21 @@ class _Fp8Matmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        xq, x_inv = to_fp8(x, E4M3)
+        xq, x_inv = to_fp8(x.contiguous(), E4M3)
         wq, w_inv = to_fp8(weight, E4M3)
         ctx.save_for_backward(xq, x_inv, wq, w_inv)
-        ctx.weight_dtype = weight.dtype
         return torch._scaled_mm(xq, wq.t(), scale_a=x_inv, scale_b=w_inv, out_dtype=x.dtype,
                                 use_fast_accum=True)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         xq, x_inv, wq, w_inv = ctx.saved_tensors
-        gq, g_inv = to_fp8(grad, E5M2)
+        gq, g_inv = to_fp8(grad.contiguous(), E5M2)
         grad_x = torch._scaled_mm(gq, _col_major(wq), scale_a=g_inv, scale_b=w_inv, out_dtype=grad.dtype,
                                   use_fast_accum=False)
         grad_w = torch._scaled_mm(gq.t().contiguous(), _col_major(xq), scale_a=g_inv, scale_b=x_inv,
                                   out_dtype=torch.float32, use_fast_accum=False)
-        return grad_x, grad_w.to(ctx.weight_dtype)
+        return grad_x, grad_w  # fp32, the master weight's dtype (autograd casts if a weight were not)
 
 
 class Float8Linear(Linear):
