@@ -11,7 +11,8 @@ The recipe of karpathy/nanochat `nanochat/fp8.py` (its speed records since Feb 2
 - Formats: inputs and weights in e4m3 (more mantissa), gradients in e5m2 (more range). The forward
   matmul uses fast accumulation; the two backward matmuls do not (the reference's choice).
 - Three matmuls per layer and step: out = x W^T (e4m3 x e4m3), grad_x = g W (e5m2 x e4m3), grad_W =
-  g^T x (e5m2 x e4m3, written in fp32 for the fp32 master weight).
+  g^T x (e5m2 x e4m3), each written in the activation dtype; autograd casts grad_W to the fp32 master.
+- torch.compile sees the matmul function as one opaque node (`allow_in_graph`), as in the reference.
 - Only the fp8 copies of x and W are kept for backward: half the bytes of the bf16 input.
 
 `Float8Linear` subclasses trainer.model.Linear and keeps its one `weight` parameter, so state dicts,
@@ -39,6 +40,7 @@ AMAX_EPS = 1e-12  # an all-zero tensor (c_proj at init) gets a finite scale and 
 MIN_CAPABILITY = (8, 9)  # CUDA fp8 tensor cores: Ada (8.9) and Hopper (9.0) onwards
 
 
+@torch.no_grad()
 def to_fp8(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(t * scale saturated and cast to `dtype`, 1 / scale as an fp32 scalar): tensorwise dynamic scaling."""
     fmax = torch.finfo(dtype).max
@@ -53,6 +55,7 @@ def _col_major(t: torch.Tensor) -> torch.Tensor:
     return t.t().contiguous().t()
 
 
+@torch.compiler.allow_in_graph  # one opaque node for torch.compile, as the reference does: no tracing inside
 class _Fp8Matmul(torch.autograd.Function):
     """y = x @ W^T with x (M, K) and W (N, K) in fp8; backward in fp8 too (see the module docstring)."""
 
@@ -71,8 +74,8 @@ class _Fp8Matmul(torch.autograd.Function):
         grad_x = torch._scaled_mm(gq, _col_major(wq), scale_a=g_inv, scale_b=w_inv, out_dtype=grad.dtype,
                                   use_fast_accum=False)
         grad_w = torch._scaled_mm(gq.t().contiguous(), _col_major(xq), scale_a=g_inv, scale_b=x_inv,
-                                  out_dtype=torch.float32, use_fast_accum=False)
-        return grad_x, grad_w  # fp32, the master weight's dtype (autograd casts if a weight were not)
+                                  out_dtype=grad.dtype, use_fast_accum=False)
+        return grad_x, grad_w  # in the gradient's dtype; autograd casts it to the fp32 master weight's
 
 
 class Float8Linear(Linear):
