@@ -10,7 +10,8 @@ Stdlib only (the CLI imports the planner, which imports this). Bytes per rank, w
 |             | 1024; trainer/optim.py); Muon momentum (m, n) + factored second moment in fp32 for |
 |             | the ceil(K / W) matrices of each K-matrix shape group this rank owns               |
 | activations | what autograd keeps for backward, per token: per layer ACT_BYTES x n_embd, plus    |
-|             | LOGIT_BYTES x padded vocab for the logits/softcap/cross-entropy chain              |
+|             | LOGIT_BYTES x padded vocab for the logits/softcap/cross-entropy chain; under fp8    |
+|             | also the 1-byte e4m3 copy of every converted weight (saved for backward)           |
 | workspace   | WORKSPACE_BYTES fixed: cuBLAS/NCCL workspaces, compile scratch, allocator slack    |
 
 Peak = max(static + activations + workspace, static + optimizer-step transients + workspace), where
@@ -133,6 +134,8 @@ def estimate(arch, params, *, device_batch_size: int, world_size: int = 1, preci
     else:  # the largest group's stacked gradients and params, and a bf16 copy for the orthogonalisation
         step_transient = 3 * largest
     acts = int(device_batch_size * arch.seq_len * activation_bytes_per_token(arch, precision, compiled, act_bytes))
+    if precision == "fp8":  # each fp8 layer also keeps its weight's 1-byte e4m3 copy for backward
+        acts += params.scaling
     static = 2 * p_bytes + adam + muon
     peak = static + max(acts, step_transient) + WORKSPACE_BYTES
     return MemoryEstimate(device_batch_size=device_batch_size, seq_len=arch.seq_len, world_size=W,
