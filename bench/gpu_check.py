@@ -26,6 +26,7 @@ import argparse
 import gc
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -299,25 +300,41 @@ def fmt_row(name: str, r: dict | None, err: str | None) -> str:
             f"after 2 sharded steps, losses {', '.join(f'{x:.3f}' for x in r['losses'])}, {r['seconds']:.1f}s")
 
 
-def run_one(name: str, kind: str, depth: int, precision: str, timeout: float, quick: bool) -> tuple:
+_EXCEPTION = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Failed|Interrupt)\b.*")
+
+
+def error_line(stderr: str, returncode: int | None) -> str:
+    """The most telling line of a failed child's stderr: the last exception line (torch appends hints after it)."""
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    found = [ln for ln in lines if _EXCEPTION.match(ln)]
+    msg = found[-1] if found else (lines[-1] if lines else f"exit code {returncode}, no output")
+    return msg[:300]
+
+
+def run_one(name: str, kind: str, depth: int, precision: str, timeout: float, quick: bool, out_dir: str) -> tuple:
+    """Run one row in a child process; its stdout/stderr are kept in out_dir/<row>.log for diagnosis."""
     spec = json.dumps(dict(kind=kind, depth=depth, precision=precision, quick=quick))
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child", spec], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    timed_out = False
     try:
         out, errs = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        timed_out = True
         os.killpg(proc.pid, signal.SIGKILL)  # the child and anything it spawned (ranks, compile workers)
-        proc.communicate()
+        out, errs = proc.communicate()
+    with open(os.path.join(out_dir, re.sub(r"\W+", "_", name) + ".log"), "w") as f:
+        f.write(f"$ {kind} d{depth} {precision} (rc {proc.returncode})\n--- stdout\n{out[-20000:]}\n"
+                f"--- stderr\n{errs[-60000:]}\n")
+    if timed_out:
         return None, f"timed out after {timeout:.0f}s"
     for line in out.splitlines():
         if line.startswith("RESULT "):
             r = json.loads(line[len("RESULT "):])
             r["_kind"] = kind
             return r, None
-    tail = [ln for ln in errs.strip().splitlines() if ln.strip()]
-    msg = tail[-1] if tail else f"exit code {proc.returncode}, no output"
-    return None, msg[:300]
+    return None, error_line(errs, proc.returncode)
 
 
 def environment(quick: bool) -> dict:
@@ -363,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         if left < 20:
             r, err = None, "skipped: the time budget is spent"
         else:
-            r, err = run_one(name, kind, depth, precision, min(timeout, left), args.quick)
+            r, err = run_one(name, kind, depth, precision, min(timeout, left), args.quick, out)
         line = fmt_row(name, r, err)
         print(line, flush=True)
         lines.append(line)
