@@ -121,6 +121,8 @@ GPUS: dict[str, GPU] = {
 MFU_ANCHORS = ((12, 0.41), (18, 0.46), (24, 0.50), (26, 0.477))
 MFU_SOURCE = "nanochat 8xH100 bf16: d12 41%, d18 46%, d24 50%, d26 47.7% (perf-anchors §2)"
 FP8_SPEEDUP = 1.17  # tensorwise fp8 at d26: 740K vs 630K tok/s (LOG 2026-02-02); bf16-equivalent MFU
+FP8_GPUS = ("h100", "h200")  # fp8 tensor cores (compute capability >= 8.9) in the catalog
+FP8_MIN_USEFUL_DEPTH = 20  # nanochat dev/LOG.md: fp8 was slower at d12; its gain was measured at d26
 CPU_MFU = 0.25  # rough prior for the eager fp32 CPU path of the local run
 
 # Fixed overheads (hours), estimated separately from training (perf-anchors.md §3): pod scheduling and a
@@ -516,7 +518,7 @@ def mfu_prior(depth: int, gpu: GPU, precision: str) -> tuple[float, str]:
                 mfu = m0 + (m1 - m0) * (depth - d0) / (d1 - d0)
                 break
     source = MFU_SOURCE
-    if precision == "fp8":
+    if precision == "fp8" and gpu.name in FP8_GPUS:
         mfu *= FP8_SPEEDUP
         source += "; x1.17 for fp8 tensorwise (LOG 2026-02-02)"
     return mfu, source
@@ -582,8 +584,11 @@ def plan(spec: RunSpec) -> RunPlan:
     if spec.depth % 2:
         warnings.append(f"odd depth {spec.depth}: model_dim {model_dim(spec.depth, spec.head_dim)} is not "
                         f"depth x 64; the recipe is tuned on even depths")
-    if spec.precision == "fp8" and gpu.name not in ("h100", "h200"):
+    if spec.precision == "fp8" and gpu.name not in FP8_GPUS:
         warnings.append(f"fp8 needs Hopper-class GPUs; {gpu.name} will fall back to bf16 speed")
+    elif spec.precision == "fp8" and spec.depth < FP8_MIN_USEFUL_DEPTH:
+        warnings.append(f"fp8 at d{spec.depth}: the reference measured no speed-up at d12 (its matmuls are too "
+                        f"small); the x{FP8_SPEEDUP} prior comes from d26")
 
     shape = dict(vocab_size=spec.vocab_size, seq_len=spec.seq_len, head_dim=spec.head_dim,
                  window_pattern=spec.window_pattern)
