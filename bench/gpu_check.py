@@ -327,13 +327,13 @@ def run_one(name: str, kind: str, depth: int, precision: str, timeout: float, qu
     with open(os.path.join(out_dir, re.sub(r"\W+", "_", name) + ".log"), "w") as f:
         f.write(f"$ {kind} d{depth} {precision} (rc {proc.returncode})\n--- stdout\n{out[-20000:]}\n"
                 f"--- stderr\n{errs[-60000:]}\n")
-    if timed_out:
-        return None, f"timed out after {timeout:.0f}s"
     for line in out.splitlines():
-        if line.startswith("RESULT "):
+        if line.startswith("RESULT "):  # measured, even if the child then hung on its way out
             r = json.loads(line[len("RESULT "):])
             r["_kind"] = kind
             return r, None
+    if timed_out:
+        return None, f"timed out after {timeout:.0f}s"
     return None, error_line(errs, proc.returncode)
 
 
@@ -361,7 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.child:
         child(json.loads(args.child))
-        return 0
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)  # the result is out: skip interpreter teardown (compile worker pools can take a while)
     out = args.out or tempfile.mkdtemp(prefix="gpu_check-")
     os.makedirs(out, exist_ok=True)
     env = environment(args.quick)
