@@ -411,6 +411,15 @@ def summarize(results: list[dict]) -> list[str]:
                          f"(goal >= 1.3); bf16 MFU {b['mfu']:.1%}, fp8 bf16-equivalent MFU {f['mfu']:.1%}")
     if (20, "bf16") in train:
         lines.append(f"summary: d20 bf16 MFU {train[(20, 'bf16')]['mfu']:.1%} (goal >= 50%)")
+    for (depth, prec), r in sorted(train.items()):
+        if r.get("measured_gib"):  # calibration of trainer/memory.py's activation coefficients
+            m = r["predicted"]
+            static = m["params"] + m["grads"] + m["optimizer"]
+            act = r["measured_gib"] * 2**30 - static
+            lines.append(f"summary: d{depth} {prec} memory: measured {r['measured_gib']:.1f} GiB = static "
+                         f"{static / 2**30:.1f} + activations {act / 2**30:.1f}; predicted activations "
+                         f"{m['activations'] / 2**30:.1f} (measured/predicted {act / m['activations']:.2f}: scale "
+                         f"trainer/memory.py COMPILED_ACT_BYTES/COMPILED_LOGIT_BYTES by it)")
     return lines
 
 
