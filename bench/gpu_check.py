@@ -26,6 +26,7 @@ import argparse
 import gc
 import json
 import os
+import queue
 import re
 import signal
 import subprocess
@@ -249,12 +250,17 @@ def run_dist(depth: int, quick: bool) -> dict:
     procs = [ctx.Process(target=_dist_rank, args=(r, 2, port, depth, quick, q)) for r in range(2)]
     for pr in procs:
         pr.start()
+    r = None
+    while r is None and any(pr.is_alive() for pr in procs):  # read before joining: a queue's writer waits for it
+        try:
+            r = q.get(timeout=1)
+        except queue.Empty:
+            pass
     for pr in procs:
         pr.join()
     codes = [pr.exitcode for pr in procs]
-    if any(codes):
-        raise RuntimeError(f"rank exit codes {codes}")
-    r = q.get(timeout=5)
+    if any(codes) or r is None:
+        raise RuntimeError(f"rank exit codes {codes}, result {r}")
     if not r["same_weights"]:
         raise RuntimeError(f"ranks disagree on the weights after 2 steps: {r}")
     return r
