@@ -256,6 +256,11 @@ def run_dist(depth: int, quick: bool) -> dict:
             r = q.get(timeout=1)
         except queue.Empty:
             pass
+    if r is None:  # the ranks may have exited between two reads
+        try:
+            r = q.get(timeout=2)
+        except queue.Empty:
+            pass
     for pr in procs:
         pr.join()
     codes = [pr.exitcode for pr in procs]
