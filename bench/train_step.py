@@ -10,6 +10,7 @@ The last line is the same result as JSON.
 
 Run: .venv/bin/python bench/train_step.py                      (CPU default: d4, seq 512, batch 2)
      python bench/train_step.py --depth 20 --seq 2048 --batch 0  (GPU; batch 0 = largest power of two that fits)
+     add --fp8 for trainer/fp8.py's fp8 matmuls; bench/gpu_check.sh runs bf16 and fp8 side by side
 """
 
 from __future__ import annotations
@@ -43,11 +44,12 @@ def _sync(device: torch.device) -> None:
 
 
 def measure(depth: int, batch: int, seq: int, vocab: int, steps: int, warmup: int, device: torch.device,
-            compile: bool | None) -> dict:
+            compile: bool | None, fp8: bool = False) -> dict:
     p = plan(RunSpec(depth=depth, seq_len=seq, vocab_size=vocab, device_batch_size=batch,
-                     total_batch_size=batch * seq, gpu_type=gpu_type(device) or "h100"))
+                     total_batch_size=batch * seq, gpu_type=gpu_type(device) or "h100",
+                     precision="fp8" if fp8 else "bf16"))
     torch.manual_seed(0)
-    model = build_model(p.arch, device, compile=compile)
+    model = build_model(p.arch, device, compile=compile, fp8=fp8)
     opt = build_optimizer(model, p.optim)
     g = torch.Generator().manual_seed(1)
     data = torch.randint(0, vocab, (batch, seq + 1), generator=g).to(device)
@@ -68,6 +70,7 @@ def measure(depth: int, batch: int, seq: int, vocab: int, steps: int, warmup: in
             opt_s.append(t2 - t1)
     med = statistics.median(step_s)
     return dict(depth=depth, batch=batch, seq=seq, vocab=vocab, device=str(device), dtype=str(compute_dtype(device)),
+                fp8=fp8,
                 threads=torch.get_num_threads(), steps=steps, step_s_median=med, step_s_min=min(step_s),
                 step_s_max=max(step_s), tokens_per_s=batch * seq / med,
                 optimizer_share=statistics.median(opt_s) / med, flops_per_token=p.flops_per_token,
@@ -79,7 +82,8 @@ def largest_batch(args, device: torch.device) -> dict:
     """Try batch 64, 32, ... on CUDA; the first that runs without running out of memory wins."""
     for b in (64, 32, 16, 8, 4, 2, 1):
         try:
-            return measure(args.depth, b, args.seq, args.vocab, args.steps, args.warmup, device, args.compile)
+            return measure(args.depth, b, args.seq, args.vocab, args.steps, args.warmup, device, args.compile,
+                           args.fp8)
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             print(f"batch {b}: out of memory")
@@ -98,6 +102,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5 if cuda else 2, help="untimed steps first (compile on CUDA)")
     ap.add_argument("--device", default="cuda" if cuda else "cpu")
     ap.add_argument("--compile", type=int, choices=(0, 1), default=None, help="default: 1 on CUDA, 0 on CPU")
+    ap.add_argument("--fp8", action="store_true", help="fp8 matmuls (trainer/fp8.py) for the large Linear layers")
     args = ap.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -106,7 +111,7 @@ def main() -> None:
         r = largest_batch(args, device)
     else:
         r = measure(args.depth, args.batch or 1, args.seq, args.vocab, args.steps, args.warmup, device,
-                    None if args.compile is None else bool(args.compile))
+                    None if args.compile is None else bool(args.compile), args.fp8)
 
     kind = gpu_type(device)
     peak = GPUS[kind].peak_bf16 if kind else None

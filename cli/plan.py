@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from trainer.plan import GPUS, STAGES, RunPlan, RunSpec, plan
+import dataclasses
+
+from trainer.plan import GPUS, STAGES, PlanError, RunPlan, RunSpec, plan
 
 
 def add_spec_args(p: argparse.ArgumentParser) -> None:
@@ -18,8 +20,11 @@ def add_spec_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ratio", type=float, default=12.0, help="training tokens per scaling parameter (default 12)")
     g.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
     g.add_argument("--precision", default="bf16", choices=("bf16", "fp8"), help="matmul precision (default bf16)")
+    g.add_argument("--fp8", action="store_const", const="fp8", dest="precision",
+                   help="train with fp8 matmuls (tensorwise scaling, Hopper GPUs): same as --precision fp8")
     g.add_argument("--seq-len", type=int, default=2048, help="context length in tokens (default 2048)")
-    g.add_argument("--device-batch-size", type=int, help="sequences per GPU per micro-step (default: by depth)")
+    g.add_argument("--device-batch-size", type=int,
+                   help="sequences per GPU per micro-step (default: the largest power of two that fits in memory)")
     g.add_argument("--total-batch-size", type=int, help="tokens per optimizer step (default: Power-Lines rule)")
     g.add_argument("--num-iterations", type=int, help="fix the step count instead of using --ratio")
     g.add_argument("--core-bundle", help="CORE eval bundle URL (core.yaml, eval_data/, eval_meta_data.csv); "
@@ -80,6 +85,14 @@ def render_table(p: RunPlan) -> str:
         what = f"{st.steps} models scored (bpb, CORE)" if st.name == "eval" else f"{st.steps:,} steps"
         rows.append((st.name, f"{what}, {fmt_count(st.tokens)} tokens, {st.flops:.3g} FLOPs, "
                               f"{fmt_hours(st.hours)}, ${st.dollars:,.2f}"))
+    rows += _precision_rows(p)
+    m = p.memory
+    if m and m.get("capacity"):
+        rows.append(("memory", f"~{m['peak_gib']:.0f} GiB per GPU predicted at {p.device_batch_size} x {a.seq_len} "
+                               f"tokens ({s.precision}) of {m['capacity_gib']:.0f} usable on {s.gpu_type}: params "
+                               f"{m['params'] / 2**30:.1f}, grads {m['grads'] / 2**30:.1f}, optimizer "
+                               f"{m['optimizer'] / 2**30:.1f}, activations {m['activations'] / 2**30:.1f}, "
+                               f"workspace {m['workspace'] / 2**30:.0f}"))
     rows += [
         ("throughput", f"{fmt_count(e.tokens_per_second)} tok/s on {s.gpus} x {s.gpu_type} at {e.mfu:.0%} MFU "
                        f"(peak {_flops(e.peak_flops_per_gpu)})"),
@@ -99,6 +112,33 @@ def render_table(p: RunPlan) -> str:
     rows += [("warning", w) for w in p.warnings]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _precision_rows(p: RunPlan) -> list[tuple[str, str]]:
+    """Training time and dollars in bf16 and in fp8, side by side (the other precision planned alike)."""
+    s = p.spec
+    if GPUS[s.gpu_type].local:
+        return []
+    other = "fp8" if s.precision == "bf16" else "bf16"
+    plans = {s.precision: p}
+    try:
+        plans[other] = plan(dataclasses.replace(s, precision=other))
+    except PlanError as e:  # e.g. a given device batch that fits in fp8 but not in bf16
+        plans[other] = str(e)
+    rows = []
+    for prec in ("bf16", "fp8"):
+        q = plans[prec]
+        if isinstance(q, str):
+            rows.append((prec, f"does not plan: {q}"))
+            continue
+        e = q.estimate
+        ratio = e.tokens_per_second / plans["bf16"].estimate.tokens_per_second if prec == "fp8" and not isinstance(
+            plans["bf16"], str) else None
+        rows.append((prec, f"{fmt_hours(e.train_hours)} training, {fmt_hours(e.total_hours)} in all, "
+                           f"${e.train_dollars:,.2f} training, ${e.total_dollars:,.2f} in all"
+                           + (f" ({ratio:.2f}x bf16 tok/s)" if ratio else "")
+                           + (" <- this plan" if prec == s.precision else "")))
+    return rows
 
 
 def dump(p: RunPlan, fmt: str) -> str:

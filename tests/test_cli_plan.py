@@ -24,6 +24,19 @@ def test_plan_table(capsys):
     assert "cost" in out and "$" in out and "MFU prior" in out
 
 
+def test_plan_fp8_shows_fp8_hours_and_dollars_beside_bf16(capsys):
+    assert main(["plan", "--depth", "24", "--ratio", "8", "--gpus", "8", "--fp8"]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.strip()}
+    assert "h training" in rows["bf16"] and "$" in rows["bf16"] and "this plan" not in rows["bf16"]
+    assert "(1.17x bf16 tok/s) <- this plan" in rows["fp8"]
+    assert rows["memory"].startswith("memory") and "GiB per GPU predicted" in rows["memory"] and "(fp8)" in rows["memory"]
+    hours = {k: float(rows[k].split()[1]) for k in ("bf16", "fp8")}
+    assert hours["fp8"] < hours["bf16"]
+    assert main(["plan", "--depth", "24", "--ratio", "8", "--gpus", "8", "-o", "json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["spec"]["precision"] == "bf16" and d["memory"]["peak_gib"] > 0 and d["memory"]["fits"]
+
+
 def test_plan_json_and_yaml(capsys):
     assert main(["plan", "--depth", "24", "--gpus", "8", "--ratio", "8", "--stages", "pretrain", "-o", "json"]) == 0
     d = json.loads(capsys.readouterr().out)
@@ -40,6 +53,8 @@ def test_plan_json_and_yaml(capsys):
     (["--depth", "24", "--gpus", "6"], "cannot share"),
     (["--depth", "twelve"], "invalid int"),
     ([], "required"),
+    (["--depth", "48", "--gpus", "8"], "does not fit on h100"),  # memory: says what would fit
+    (["--depth", "26", "--gpus", "8", "--device-batch-size", "32"], "at most 16 fit"),
 ])
 def test_bad_input_is_one_line_exit_2(args, needle):
     r = llmctl("plan", *args)

@@ -58,7 +58,7 @@ def test_power_lines_batch_per_depth_band(depths, batch):
         assert plan(RunSpec(depth=d, gpus=8)).total_batch_size == batch, d
 
 
-@pytest.mark.parametrize("depth", range(2, 49, 2))
+@pytest.mark.parametrize("depth", range(2, 47, 2))  # d48 does not fit 8 x H100: tests/test_memory.py
 def test_every_even_depth_plans_cleanly(depth):
     p = plan(RunSpec(depth=depth, gpus=8))
     a = p.arch

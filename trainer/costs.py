@@ -50,6 +50,8 @@ MFU_ANCHORS = ((12, 0.41), (18, 0.46), (24, 0.50), (26, 0.477))
 # here means regenerating them (LLMCTL_REGEN=1 pytest tests/test_rayjob.py -k golden).
 MFU_SOURCE = "nanochat 8xH100 bf16: d12 41%, d18 46%, d24 50%, d26 47.7% (perf-anchors §2)"
 FP8_SPEEDUP = 1.17  # tensorwise fp8 at d26: 740K vs 630K tok/s (LOG 2026-02-02); bf16-equivalent MFU
+FP8_GPUS = ("h100", "h200")  # fp8 tensor cores (compute capability >= 8.9) in the catalog
+FP8_MIN_USEFUL_DEPTH = 20  # nanochat dev/LOG.md: fp8 was slower at d12; its gain was measured at d26
 CPU_MFU = 0.25  # rough prior for the eager fp32 CPU path of the local run
 
 # Fixed overheads (hours), estimated separately from training (docs/recipe.md, cost model): pod scheduling
@@ -96,7 +98,7 @@ def mfu_prior(depth: int, gpu: GPU, precision: str) -> tuple[float, str]:
                 mfu = m0 + (m1 - m0) * (depth - d0) / (d1 - d0)
                 break
     source = MFU_SOURCE
-    if precision == "fp8":
+    if precision == "fp8" and gpu.name in FP8_GPUS:
         mfu *= FP8_SPEEDUP
         source += "; x1.17 for fp8 tensorwise (LOG 2026-02-02)"
     return mfu, source

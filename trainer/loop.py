@@ -85,7 +85,7 @@ def set_up(cfg: StageConfig) -> Stage:
     stage = plan.stage(cfg.stage)
     w = worker_context()
     torch.manual_seed(plan.spec.seed)
-    model = build_model(plan.arch, w.device)
+    model = build_model(plan.arch, w.device, fp8=plan.spec.precision == "fp8")
     optimizer = build_optimizer(model, plan.optim, world_size=w.world, rank=w.rank)
     start_step, loop, loader_state = resume(cfg, stage.name, w, model, optimizer)
     tokenizer = Tokenizer.load(plan.urls["tokenizer"], storage_options=cfg.storage_options)

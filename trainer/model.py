@@ -32,10 +32,13 @@ w tokens before it (FA3's `window_size=(w, 0)`, the reference's semantics).
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from trainer import fp8
 
 from trainer.plan import SMEAR_GATE_CHANNELS, VE_GATE_CHANNELS, Architecture
 
@@ -378,17 +381,77 @@ class GPT(nn.Module):
         return loss.view(targets.shape) if loss_reduction == "none" else loss
 
 
-def build_model(arch: Architecture, device: torch.device | str, *, compile: bool | None = None) -> GPT:
-    """Meta construction -> to_empty(device) -> init_weights(); compiled in place on CUDA by default.
+class Float8Linear(Linear):
+    """Linear with trainer.fp8 matmuls in training mode; same parameter, same state dict."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = fp8.fp8_matmul(x, self.weight) if self.training else None
+        return super().forward(x) if out is None else out
+
+
+def convertible(m: nn.Module) -> bool:
+    """True for the Linear layers the reference runs in fp8 (both sides multiples of 16, the smaller >= 128)."""
+    if not isinstance(m, Linear):
+        return False
+    k, n = m.in_features, m.out_features
+    return k % FP8_ALIGN == 0 and n % FP8_ALIGN == 0 and min(k, n) >= FP8_MIN_DIM
+
+
+def convertible(m: nn.Module) -> bool:
+    """True for the Linear layers the reference runs in fp8 (both sides multiples of 16, the smaller >= 128)."""
+    if not isinstance(m, Linear):
+        return False
+    k, n = m.in_features, m.out_features
+    return k % fp8.FP8_ALIGN == 0 and n % fp8.FP8_ALIGN == 0 and min(k, n) >= fp8.FP8_MIN_DIM
+
+
+def convert_to_fp8(model: nn.Module, device: torch.device | str | None = None) -> int:
+    """Switch the reference's Linear layers to Float8Linear in place; returns how many were converted.
+
+    Call before compiling. Parameters are kept (only the class changes), so an optimizer built before
+    or after sees the same tensors. On a device without fp8 matmuls nothing changes and one line on
+    stderr says the run continues in bf16.
+    """
+    if device is None:
+        device = next(model.parameters()).device
+    ok, why = fp8.fp8_supported(device)
+    if not ok:
+        print(f"fp8: {why}; training continues in bf16", file=sys.stderr)
+        return 0
+    n = 0
+    for m in model.modules():
+        if convertible(m) and type(m) is Linear:
+            m.__class__ = Float8Linear
+            n += 1
+    return n
+
+
+def convert_to_bf16(model: nn.Module) -> int:
+    """Undo convert_to_fp8 (same parameters); returns how many layers were switched back."""
+    n = 0
+    for m in model.modules():
+        if type(m) is Float8Linear:
+            m.__class__ = Linear
+            n += 1
+    return n
+
+
+def build_model(arch: Architecture, device: torch.device | str, *, compile: bool | None = None,
+                fp8: bool = False) -> GPT:
+    """Meta construction -> to_empty(device) -> init_weights() -> (fp8) -> compiled in place on CUDA by default.
 
     `compile` None = compile on CUDA, eager elsewhere. Compiling in place (`Module.compile`) keeps the
-    class and the state_dict keys unchanged. Seed torch before calling for reproducible weights.
+    class and the state_dict keys unchanged. `fp8` switches the large Linear layers to trainer.fp8's
+    Float8Linear (same parameters; bf16 with one message where the GPU has no fp8). Seed torch before
+    calling for reproducible weights.
     """
     device = torch.device(device)
     with torch.device("meta"):
         model = GPT(arch)
     model.to_empty(device=device)
     model.init_weights()
+    if fp8:
+        convert_to_fp8(model, device)
     if compile if compile is not None else device.type == "cuda":
         model.compile(dynamic=False)
     return model

@@ -19,7 +19,9 @@ import json
 import math
 from dataclasses import dataclass, field
 
-from trainer.costs import GPU, GPUS, core_tokens, dollars, mfu_prior, overhead_hours
+from trainer import memory
+from trainer.costs import (FP8_GPUS, FP8_MIN_USEFUL_DEPTH, FP8_SPEEDUP, GPU, GPUS, core_tokens, dollars,
+                          mfu_prior, overhead_hours)
 from trainer.recipe import (ASPECT_RATIO, HEAD_DIM, VOCAB_SIZE, VOCAB_PAD, SEQ_LEN, WINDOW_PATTERN, REFERENCE_DEPTH,
                             B_REF, POWER_LINES_EXPONENT, WEIGHT_DECAY_REF, EMBEDDING_LR, UNEMBEDDING_LR, MATRIX_LR,
                             SCALAR_LR, VALUE_EMBED_LR_FRAC, RESID_LR_FRAC, SMEAR_LR, LR_WIDTH_REF, WARMUP_STEPS,
@@ -137,6 +139,7 @@ class RunPlan:
     estimate: Estimate
     warnings: tuple[str, ...] = field(default_factory=tuple)
     urls: dict[str, str] = field(default_factory=dict)
+    memory: dict = field(default_factory=dict)  # trainer/memory.py MemoryEstimate.to_dict() at the device batch
 
     def stage(self, name: str) -> StagePlan:
         for s in self.stages:
@@ -283,12 +286,24 @@ def _split_batch(spec: RunSpec, batch: int, a: Architecture, gpu: GPU) -> tuple[
             f"gpus: the optimizer shards the {a.padded_vocab_size:,}-row embeddings across GPUs, which needs "
             f"the GPU count to divide it; {W} does not (use a power of two)")
     per_gpu = seqs // W
-    dbs = spec.device_batch_size or min(default_device_batch_size(spec.depth, gpu), per_gpu)
+    if gpu.local:
+        dbs = spec.device_batch_size or min(default_device_batch_size(spec.depth, gpu), per_gpu)
+    else:
+        dbs = spec.device_batch_size or _fitting_batch(spec, a, gpu, per_gpu)
     if per_gpu % dbs:
         raise PlanError(
             f"device_batch_size: {per_gpu} sequences per GPU per step (= {batch:,} / {T} / {W}) is not a "
             f"multiple of {dbs}; pick a power of two <= {per_gpu}")
     return dbs, per_gpu // dbs
+
+
+def _fitting_batch(spec: RunSpec, a: Architecture, gpu: GPU, per_gpu: int) -> int:
+    """The largest power-of-two device batch the memory model fits on this GPU, or a one-line PlanError."""
+    dbs = memory.largest_device_batch(a, param_counts(a), limit=per_gpu, world_size=spec.gpus,
+                                      precision=spec.precision, memory_gib=gpu.memory_gib)
+    if dbs is None:
+        raise PlanError(memory.refusal(spec, gpu, architecture, param_counts, GPUS))
+    return dbs
 
 
 def _run_name(spec: RunSpec) -> str:
@@ -349,8 +364,11 @@ def plan(spec: RunSpec) -> RunPlan:
     if spec.depth % 2:
         warnings.append(f"odd depth {spec.depth}: model_dim {model_dim(spec.depth, spec.head_dim)} is not "
                         f"depth x 64; the recipe is tuned on even depths")
-    if spec.precision == "fp8" and gpu.name not in ("h100", "h200"):
+    if spec.precision == "fp8" and gpu.name not in FP8_GPUS:
         warnings.append(f"fp8 needs Hopper-class GPUs; {gpu.name} will fall back to bf16 speed")
+    elif spec.precision == "fp8" and spec.depth < FP8_MIN_USEFUL_DEPTH:
+        warnings.append(f"fp8 at d{spec.depth}: the reference measured no speed-up at d12 (its matmuls are too "
+                        f"small); the x{FP8_SPEEDUP} prior comes from d26")
 
     shape = dict(vocab_size=spec.vocab_size, seq_len=spec.seq_len, head_dim=spec.head_dim,
                  window_pattern=spec.window_pattern)
@@ -418,8 +436,22 @@ def plan(spec: RunSpec) -> RunPlan:
         schema=SCHEMA, spec=spec, name=name, arch=a, params=p, flops_per_token=float(fpt),
         target_tokens=target, total_batch_size=batch, device_batch_size=dbs, grad_accum=accum,
         optim=opt, stages=tuple(stages), total_flops=sum(s.flops for s in trained), estimate=est,
-        warnings=tuple(warnings), urls=urls,
+        warnings=tuple(warnings), urls=urls, memory=_memory(spec, a, p, dbs, gpu),
     )
+
+
+def _memory(spec: RunSpec, a: Architecture, p: ParamCounts, dbs: int, gpu: GPU) -> dict:
+    """The memory model's prediction at the chosen device batch; refuses a given batch that cannot fit."""
+    est = memory.estimate(a, p, device_batch_size=dbs, world_size=spec.gpus, precision=spec.precision,
+                          compiled=not gpu.local, act_bytes=4 if gpu.local else 2, memory_gib=gpu.memory_gib)
+    if not est.fits:
+        best = memory.largest_device_batch(a, p, limit=dbs, world_size=spec.gpus, precision=spec.precision,
+                                           memory_gib=gpu.memory_gib)
+        raise PlanError(f"device_batch_size: {dbs} sequences of {spec.seq_len} need ~{est.peak / memory.GIB:.0f} "
+                        f"GiB per GPU, {gpu.name} has {est.capacity / memory.GIB:.0f} usable; "
+                        + (f"at most {best} fit" if best else memory.refusal(spec, gpu, architecture, param_counts,
+                                                                                GPUS)))
+    return est.to_dict()
 
 
 # ---------------------------------------------------------------------------------------------
