@@ -99,3 +99,6 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+from tests.serve_app import served  # noqa: E402,F401 - one Ray Serve app per session (tests/test_serve*.py)

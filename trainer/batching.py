@@ -162,7 +162,8 @@ class BatchEngine:
     """A model served to many callers: `submit` from any thread; one thread prefills, decodes and samples."""
 
     def __init__(self, model, *, max_len: int, stop_tokens: Iterable[int] = (), max_batch: int = DEFAULT_MAX_BATCH,
-                 max_queue: int = DEFAULT_MAX_QUEUE) -> None:
+                 max_queue: int = DEFAULT_MAX_QUEUE, vocab_size: int | None = None) -> None:
+        """`vocab_size`: sample only ids below it (a tokenizer smaller than the model's vocabulary)."""
         self.model = getattr(model, "_orig_mod", model)
         limit = self.model.cos.size(1)
         if not 1 < max_len <= limit:
@@ -171,6 +172,7 @@ class BatchEngine:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
         self.max_len, self.max_batch, self.max_queue = max_len, max_batch, max_queue
         self.stop_tokens = frozenset(stop_tokens)
+        self.vocab_size = vocab_size
         self.stats = Stats()
         self._waiting: collections.deque[Request] = collections.deque()
         self._active: list[Request] = []
@@ -291,6 +293,8 @@ class BatchEngine:
         """Sample the request's next token and hand it over; True when the request is finished."""
         if req.cancelled:
             return True
+        if self.vocab_size is not None:
+            logits = logits[:, : self.vocab_size]
         tok = int(sample_next(logits, req.rng, req.temperature, req.top_k)[0])
         req.generated += 1
         if tok in self.stop_tokens:
