@@ -91,8 +91,7 @@ def parse_params(body: dict, served_model: str, *, chat: bool) -> Params:
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise APIError(400, f"stream must be true or false, got {stream!r}", param="stream", code="invalid_value")
-    if _number(body, "n", 1, 1, 1, integer=True) != 1:  # pragma: no cover - _number raises first
-        raise APIError(400, "n must be 1", param="n")
+    _number(body, "n", 1, 1, 1, integer=True)  # one choice per request
     for unsupported in ("tools", "functions", "logprobs"):
         if body.get(unsupported):
             raise APIError(400, f"{unsupported} is not supported by this server", param=unsupported,

@@ -17,13 +17,8 @@ end at max_tokens or the context; at most `max_batch` requests decode together a
 which the openai client retries). Every refusal is a JSON error body; a failing request never takes the
 replica down.
 
-Metrics (prometheus_client, one registry per replica, served on `metrics_port`, 9500 by default: the pod port
-`llm-serve` the chart's PodMonitor scrapes; 0 picks a free port, reported by /healthz):
-    llmctl_serve_requests_total{model,code}              answered requests by HTTP status
-    llmctl_serve_tokens_total{model}                     generated tokens (rate() = tokens/s)
-    llmctl_serve_time_to_first_token_seconds{model}      arrival -> first token, histogram
-    llmctl_serve_queue_depth{model}                      requests waiting for a batch row
-    llmctl_serve_active_requests{model}                  requests decoding now
+Metrics: trainer/serve_metrics.py (requests by status, tokens, time to first token, queue depth), on the
+replica's own port `metrics_port` (9500; 0 picks a free one, reported by /healthz) and on GET /metrics.
 
 `build_app(args)` is the Serve application builder named in the RayService (`trainer.serve:build_app`);
 `run_local` is `llmctl serve --local`.
@@ -43,13 +38,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from trainer.api import (DEFAULT_MAX_TOKENS, APIError, Params, TextStream, chat_chunk, chat_response,
                          completion_response, models_response, new_id, parse_body, parse_params, sse, usage)
+from trainer.serve_metrics import METRICS_PORT, ServeMetrics
 
 APP_NAME = "llmctl"
 SERVE_PORT = 8000  # Ray Serve's default HTTP port; the pods' `serve` port
-METRICS_PORT = 9500  # next to the trainer's 9400 + rank (cli/rayjob.py); pod port `llm-serve`
 PAGE = Path(__file__).parent / "static" / "chat.html"
-# Time to first token buckets: a CPU toy answers in milliseconds, a queued GPU request in seconds.
-TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 def load_run(run_url: str, stage: str = "sft", step: int | None = None, *, storage_options: dict | None = None,
@@ -82,39 +75,6 @@ def load_run(run_url: str, stage: str = "sft", step: int | None = None, *, stora
     return plan, model, tokenizer, meta.step
 
 
-class Metrics:
-    def __init__(self, model: str, engine) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-
-        self.registry = r = CollectorRegistry()
-        self.requests = Counter("llmctl_serve_requests", "Requests answered, by HTTP status code",
-                                ["model", "code"], registry=r)
-        self.tokens = Counter("llmctl_serve_tokens", "Tokens generated", ["model"], registry=r).labels(model)
-        self.ttft = Histogram("llmctl_serve_time_to_first_token_seconds", "Request arrival to first token",
-                              ["model"], buckets=TTFT_BUCKETS, registry=r).labels(model)
-        Gauge("llmctl_serve_queue_depth", "Requests waiting for a batch row", ["model"],
-              registry=r).labels(model).set_function(lambda: engine.queue_depth)
-        Gauge("llmctl_serve_active_requests", "Requests decoding now", ["model"],
-              registry=r).labels(model).set_function(lambda: engine.active)
-        self.model = model
-        self.port: int | None = None
-
-    def count(self, code: int) -> None:
-        self.requests.labels(self.model, str(code)).inc()
-
-    def serve_http(self, port: int) -> None:
-        """Expose the registry on `port` (0: any free one); if it is taken, the next of 8 ports, else none."""
-        from prometheus_client import start_http_server
-
-        for p in ([0] if port == 0 else range(port, port + 8)):
-            try:
-                server, _ = start_http_server(p, registry=self.registry)
-            except OSError:
-                continue
-            self.port = server.server_port
-            return
-
-
 class Service:
     """The model, its tokenizer and engine, and the request handling shared by every route."""
 
@@ -131,7 +91,7 @@ class Service:
         stops = [tokenizer.encode_special(s) for s in CHAT_STOP_TOKENS]
         self.engine = BatchEngine(model, max_len=self.context, stop_tokens=stops, max_batch=max_batch,
                                   max_queue=max_queue, vocab_size=tokenizer.vocab_size).start()
-        self.metrics = Metrics(self.model_id, self.engine)
+        self.metrics = ServeMetrics(self.model_id, self.engine)
         if metrics_port is not None:
             self.metrics.serve_http(metrics_port)
 
