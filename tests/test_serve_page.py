@@ -9,7 +9,6 @@ Run: .venv/bin/pytest tests/test_serve_page.py
 from __future__ import annotations
 
 import re
-import shutil
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,6 @@ ARTIFACTS = Path(__file__).parent / "artifacts"
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--disable-dev-shm-usage", "--window-size=1100,800")
-CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
 
 def test_the_page_has_no_external_assets():
@@ -32,14 +30,16 @@ def browser(tmp_path):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
-    assert CHROMIUM and DRIVER, "chromium/chromedriver missing: run `python -m tests.tools` (installs them)"
+    from tests.tools import ensure_chromium
+
+    chromium, driver_path = ensure_chromium()
     opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
+    opts.binary_location = chromium
     for flag in FLAGS:
         opts.add_argument(flag)
     opts.add_argument(f"--user-data-dir={tmp_path / 'profile'}")  # a fresh profile every time
     opts.set_capability("goog:loggingPrefs", {"performance": "ALL"})
-    driver = webdriver.Chrome(options=opts, service=Service(DRIVER))
+    driver = webdriver.Chrome(options=opts, service=Service(driver_path))
     driver.set_page_load_timeout(60)
     try:
         yield driver
