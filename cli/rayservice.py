@@ -128,7 +128,8 @@ def build_rayservice(run: dict, cfg: ClusterConfig, *, namespace: str, stage: st
         },
     }
     annotations = {"llmctl.dev/storage": run_url, "llmctl.dev/stage": stage,
-                   "llmctl.dev/replicas": str(replicas), "llmctl.dev/gpus-per-replica": str(gpus_per_replica)}
+                   "llmctl.dev/replicas": str(replicas), "llmctl.dev/gpus-per-replica": str(gpus_per_replica),
+                   "llmctl.dev/gpu-type": gpu_type if gpu else "cpu"}
     if step is not None:
         annotations["llmctl.dev/step"] = str(step)
     obj = {"apiVersion": API_VERSION, "kind": KIND,
@@ -136,3 +137,80 @@ def build_rayservice(run: dict, cfg: ClusterConfig, *, namespace: str, stage: st
                         "annotations": annotations},
            "spec": spec}
     return json.loads(json.dumps(obj))  # a plain tree, exactly what the API receives
+
+
+# ---------------------------------------------------------------------------------------------
+# status and list (cli/jobs.py shows services next to runs)
+
+
+def describe_service(svc: dict) -> tuple[str, str]:
+    """(state, detail) of a RayService: serving, starting or failed, in words (status fields of KubeRay 1.3+)."""
+    st = svc.get("status") or {}
+    name = (svc.get("metadata") or {}).get("name", "?")
+    apps = ((st.get("activeServiceStatus") or {}).get("applicationStatuses") or {})
+    app = apps.get(APP_NAME) or {}
+    if app.get("status") in ("DEPLOY_FAILED", "UNHEALTHY"):
+        return "failed", f"Serve application {app['status']}" + (f": {app['message']}" if app.get("message") else "")
+    ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in st.get("conditions") or [])
+    if ready or st.get("serviceStatus") == "Running":
+        return "serving", f"OpenAI API and chat page on Service {name}-serve-svc port {SERVE_PORT}"
+    if app.get("status") == "DEPLOYING":
+        return "starting", "Serve replicas loading the model"
+    return "starting", "creating the Ray cluster and the Serve application (pods scheduling, image pulling)"
+
+
+def service_summary(svc: dict) -> dict:
+    """A RayService as a row of `llmctl list` / the fields of `llmctl status` (same keys as a run's summary)."""
+    meta = svc.get("metadata") or {}
+    labels, ann = meta.get("labels") or {}, meta.get("annotations") or {}
+    state, detail = describe_service(svc)
+    replicas = int(ann.get("llmctl.dev/replicas", "0") or 0)
+    per = int(ann.get("llmctl.dev/gpus-per-replica", "0") or 0)
+    return {"kind": "service", "name": meta.get("name"), "namespace": meta.get("namespace"), "state": state,
+            "detail": detail, "depth": int(labels["llmctl.dev/depth"]) if "llmctl.dev/depth" in labels else None,
+            "gpus": replicas * per, "gpu_type": ann.get("llmctl.dev/gpu-type", "?"),
+            "replicas": replicas, "stage": ann.get("llmctl.dev/stage"), "step": ann.get("llmctl.dev/step"),
+            "created": meta.get("creationTimestamp"), "estimate_dollars": None, "storage": ann.get("llmctl.dev/storage")}
+
+
+def get_service(kube, name: str) -> dict | None:
+    """The RayService `name` in the namespace, or None when there is none (or KubeRay serves no RayServices)."""
+    from kubernetes.client.rest import ApiException
+
+    try:
+        return kube.custom.get_namespaced_custom_object("ray.io", "v1", kube.namespace, PLURAL, name,
+                                                        _request_timeout=(10, 60))
+    except ApiException as e:
+        if e.status == 404:
+            return None
+        raise
+
+
+def list_services(kube, all_namespaces: bool, selector: str) -> list[dict]:
+    """llmctl's RayServices; none when the cluster does not serve the RayService API."""
+    from cli.main import CLIError
+
+    try:
+        if all_namespaces:
+            res = kube.call(kube.custom.list_cluster_custom_object, "ray.io", "v1", PLURAL, label_selector=selector,
+                            what="list services in all namespaces", verb="list", resource=PLURAL, group="ray.io")
+        else:
+            res = kube.call(kube.custom.list_namespaced_custom_object, "ray.io", "v1", kube.namespace, PLURAL,
+                            label_selector=selector, what=f"list services in namespace {kube.namespace}",
+                            verb="list", resource=PLURAL, group="ray.io")
+    except CLIError as e:
+        if "is not served" in str(e):
+            return []
+        raise
+    return res.get("items", [])
+
+
+def service_status_lines(s: dict) -> str:
+    rows = [("service", f"{s['name']} (namespace {s['namespace']})"), ("state", f"{s['state']}: {s['detail']}"),
+            ("model", f"{s['stage'] or 'sft'} checkpoint" + (f" step {s['step']}" if s["step"] else ", newest")
+             + (f" of a d{s['depth']} run" if s["depth"] is not None else "")),
+            ("replicas", f"{s['replicas']} x " + (f"{s['gpus'] // max(1, s['replicas'])} GPU" if s["gpus"] else "CPU"))]
+    if s["storage"]:
+        rows.append(("storage", s["storage"]))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -220,10 +220,34 @@ def test_create_then_delete_on_the_cluster(s3_run, env, capsys, tmp_path, monkey
         assert req.line == f"POST {SERVICES}"
         rayservice_crds.validate(req.body, "v1.7.0")
 
+        # status and list show the service next to runs
+        kube.requests.clear()
+        assert main(["list"]) == 0
+        out = capsys.readouterr().out.splitlines()
+        assert out[0].split() == ["NAME", "STATE", "DEPTH", "GPUS", "AGE", "ESTIMATE"]
+        assert out[1].split()[:4] == ["chatbot", "starting", "d12", "0xcpu"]
+        assert main(["status", "chatbot"]) == 0
+        out = capsys.readouterr().out
+        assert "starting: creating the Ray cluster" in out and "1 x CPU" in out and "sft checkpoint" in out
+        svc = kube.objects[("rayservices", "team", "chatbot")]
+        svc["status"] = {"conditions": [{"type": "Ready", "status": "True"}],
+                         "activeServiceStatus": {"applicationStatuses": {"llmctl": {"status": "RUNNING"}}}}
+        assert main(["status", "chatbot", "-o", "json"]) == 0
+        s = json.loads(capsys.readouterr().out)
+        assert s["kind"] == "service" and s["state"] == "serving" and "chatbot-serve-svc port 8000" in s["detail"]
+        svc["status"] = {"activeServiceStatus": {"applicationStatuses": {"llmctl": {
+            "status": "DEPLOY_FAILED", "message": "no whole sft checkpoint"}}}}
+        assert main(["status", "chatbot"]) == 0
+        assert "failed: Serve application DEPLOY_FAILED: no whole sft checkpoint" in capsys.readouterr().out
+        assert main(["status", "nothing"]) == 1
+        assert "no rayjob 'nothing' in namespace team" in capsys.readouterr().err
+        kube.requests.clear()
+
         rc = main(["serve", "chatbot", "--delete", "--yes"])
         out, err = capsys.readouterr()
-        assert rc == 0, err and out.strip() == "rayservice.ray.io/chatbot deleted in namespace team"
-        assert [r.line for r in kube.requests[1:]] == [f"GET {SERVICES}/chatbot", f"DELETE {SERVICES}/chatbot"]
+        assert rc == 0, err
+        assert out.strip() == "rayservice.ray.io/chatbot deleted in namespace team"
+        assert [r.line for r in kube.requests] == [f"GET {SERVICES}/chatbot", f"DELETE {SERVICES}/chatbot"]
 
         rc = main(["serve", "chatbot", "--delete", "--yes"])
         assert rc == 1 and "chatbot" in capsys.readouterr().err  # gone: one line, no traceback
