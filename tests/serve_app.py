@@ -72,8 +72,10 @@ def served(tmp_path_factory):
     p = tiny_run(tmp_path_factory.mktemp("serve-runs"))
     port = free_port()
     started = not ray.is_initialized()
-    start_local({"run_url": p.urls["run"], "max_batch": 4, "max_queue": 8, "metrics_port": 0},
-                port=port, num_cpus=2)
+    # The replica reserves no CPU, so a Ray Train run later in the session (tests/finished_run.py, on this same
+    # 2-CPU local cluster) still finds both CPUs free.
+    start_local({"run_url": p.urls["run"], "max_batch": 4, "max_queue": 8, "metrics_port": 0,
+                 "cpus_per_replica": 0}, port=port, num_cpus=2)
     try:
         yield Served(f"http://127.0.0.1:{port}", p.name, p.urls["run"])
     finally:

@@ -36,7 +36,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from trainer.api import (DEFAULT_MAX_TOKENS, APIError, Params, TextStream, chat_chunk, chat_response,
+from trainer.api import (DEFAULT_MAX_TOKENS, MAX_BODY_BYTES, APIError, Params, TextStream, chat_chunk, chat_response,
                          completion_response, models_response, new_id, parse_body, parse_params, sse, usage)
 from trainer.serve_metrics import METRICS_PORT, ServeMetrics
 
@@ -230,7 +230,27 @@ api = FastAPI(title="llmctl serve", docs_url=None, redoc_url=None, openapi_url=N
 @api.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     """Unknown paths and methods answer in the OpenAI error shape too."""
-    return JSONResponse(APIError(exc.status_code, str(exc.detail), code="not_found").body(), exc.status_code)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    return JSONResponse(APIError(exc.status_code, str(exc.detail), code=code).body(), exc.status_code)
+
+
+async def _read_body(request: Request) -> bytes:
+    """The body, refused (413) past MAX_BODY_BYTES without reading the rest into memory."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        _too_large(int(declared))
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            _too_large(size)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(size: int):
+    raise APIError(413, f"request body of {size} bytes or more is over the limit of {MAX_BODY_BYTES}",
+                   code="request_too_large")
 
 
 def _error(e: APIError) -> JSONResponse:
@@ -256,7 +276,7 @@ class LLMServer:
     async def _guarded(self, request: Request, chat: bool) -> Response:
         svc = self.service
         try:
-            p = parse_params(parse_body(await request.body()), svc.model_id, chat=chat)
+            p = parse_params(parse_body(await _read_body(request)), svc.model_id, chat=chat)
             ids, max_tokens = svc.chat_prompt(p) if chat else svc.completion_prompt(p)
             resp = await svc.answer(p, ids, max_tokens, chat=chat)
         except APIError as e:
