@@ -84,7 +84,7 @@ def _number(body: dict, name: str, default, lo: float, hi: float | None, *, inte
 
 def parse_params(body: dict, served_model: str, *, chat: bool) -> Params:
     """Validate a /v1/chat/completions (chat=True) or /v1/completions body."""
-    model = body.get("model", served_model)
+    model = body.get("model") or served_model  # absent, null or "": the one model served
     if model != served_model:
         raise APIError(404, f"the model {model!r} does not exist; this server serves {served_model!r}",
                        param="model", code="model_not_found")
