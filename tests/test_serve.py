@@ -206,25 +206,6 @@ def test_metrics_are_exported(served):
 
 
 # ---------------------------------------------------------------------------------------------
-# Unit level: special tokens never reach a reply
-
-
-def test_text_stream_never_shows_special_tokens():
-    from trainer.api import TextStream
-    from trainer.tokenizer import Tokenizer
-
-    tok = Tokenizer.train(["hello <|assistant_end|> world <|bos|> " * 50], vocab_size=300)
-    ts = TextStream(tok)
-    ids = tok.encode("hi <|assistant_end|> there <|") + [tok.encode_special("<|python_start|>")] + tok.encode("bos|>!")
-    out = "".join(ts.push(i) for i in ids) + ts.flush()
-    # the special id is dropped; the specials spelled by ordinary tokens (one across the dropped id) removed
-    assert out == "hi  there !"
-    ts = TextStream(tok)
-    assert "".join(ts.push(i) for i in tok.encode("ok <|assistant")) == "ok "  # a special's prefix is held back
-    assert ts.flush() == "<|assistant"  # and shown at the end, once it cannot become one
-
-
-# ---------------------------------------------------------------------------------------------
 # End to end: `llmctl serve --local` on the run the suite trained
 
 
