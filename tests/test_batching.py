@@ -128,3 +128,20 @@ def test_cancelled_requests_leave_the_batch(model):
         engine.stop()
     assert gone.tokens == [] and engine.stats.prefills == 1
     assert torch.is_tensor(engine.model.cos)
+
+
+def test_a_consumer_that_raises_leaves_the_batch_alone(model):
+    engine = BatchEngine(model, max_len=128)
+
+    def broken(token, finish):
+        raise RuntimeError("client gone")
+
+    ok = Collector()
+    engine.submit(prompt_of(5), max_tokens=10, emit=broken, temperature=0.0)
+    engine.submit(prompt_of(7), max_tokens=10, emit=ok, temperature=0.0)
+    engine.start()
+    try:
+        assert ok.done.wait(60)
+    finally:
+        engine.stop()
+    assert ok.finish == "length" and len(ok.tokens) == 10 and engine.stats.errors == 0

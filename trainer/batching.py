@@ -273,7 +273,12 @@ class BatchEngine:
         self.stats.steps += 1
         self.stats.rows += n
         self.stats.max_rows = max(self.stats.max_rows, n)
-        finished = [i for i, req in enumerate(list(self._active)) if self._take(req, logits[i:i + 1])]
+        if self.vocab_size is not None:
+            logits = logits[:, : self.vocab_size]
+        # greedy rows: one argmax over the batch, one device sync; sampling rows draw from their own generators
+        greedy = logits.argmax(dim=-1).tolist() if any(r.temperature == 0 for r in self._active) else None
+        finished = [i for i, req in enumerate(list(self._active))
+                    if self._take(req, logits[i:i + 1], greedy[i] if greedy and req.temperature == 0 else None)]
         for i in reversed(finished):
             self._release(i)
 
@@ -289,19 +294,25 @@ class BatchEngine:
         self._cache.put(row, single)
         self._active.append(req)
 
-    def _take(self, req: Request, logits: torch.Tensor) -> bool:
-        """Sample the request's next token and hand it over; True when the request is finished."""
+    def _take(self, req: Request, logits: torch.Tensor, token: int | None = None) -> bool:
+        """Sample the request's next token (unless `token` is its argmax, already taken) and hand it over;
+        True when the request is finished."""
         if req.cancelled:
             return True
-        if self.vocab_size is not None:
-            logits = logits[:, : self.vocab_size]
-        tok = int(sample_next(logits, req.rng, req.temperature, req.top_k)[0])
+        if token is None:
+            if self.vocab_size is not None:
+                logits = logits[:, : self.vocab_size]
+            token = int(sample_next(logits, req.rng, req.temperature, req.top_k)[0])
+        tok = token
         req.generated += 1
         if tok in self.stop_tokens:
             self._finish(req, "stop")
             return True
         req.last = tok
-        req.emit(tok, None)
+        try:
+            req.emit(tok, None)
+        except Exception:  # noqa: BLE001 - a broken consumer leaves the batch; the others carry on
+            return True
         if req.generated >= req.max_tokens:
             self._finish(req, "length")
             return True
