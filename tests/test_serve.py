@@ -240,3 +240,16 @@ def test_llmctl_serve_local_on_the_finished_run(tmp_path_factory):
             os.killpg(proc.pid, signal.SIGKILL)
             raise
     assert rc == 0
+
+
+def test_local_serve_refuses_a_missing_run_stage_or_step_before_starting_ray(tmp_path, capsys):
+    from cli.main import main
+    from tests.serve_app import tiny_run
+
+    tiny_run(tmp_path)
+    for argv, words in [(["nope"], "run 'nope' not found"), (["tiny", "--step", "99"], "no whole sft checkpoint at "
+                                                                                       "step 99"),
+                        (["tiny", "--port", "0"], "--port"), (["tiny", "--max-batch", "0"], "--max-batch")]:
+        rc = main(["serve", *argv, "--storage", f"file://{tmp_path}", "--local"])
+        err = capsys.readouterr().err
+        assert rc == 2 and words in err and len(err.strip().splitlines()) == 1, err
