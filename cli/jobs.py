@@ -174,8 +174,18 @@ def _pods_line(pods: list[dict]) -> str | None:
 
 def cmd_status(args) -> int:
     kube = connect(args)
-    rj = kube.call(kube.custom.get_namespaced_custom_object, GROUP, VERSION, kube.namespace, PLURAL, args.run,
-                   what=f"get run {args.run}", verb="get", resource=PLURAL, name=args.run, group=GROUP)
+    try:
+        rj = kube.call(kube.custom.get_namespaced_custom_object, GROUP, VERSION, kube.namespace, PLURAL, args.run,
+                       what=f"get run {args.run}", verb="get", resource=PLURAL, name=args.run, group=GROUP)
+    except CLIError as e:  # not a run: maybe a service (llmctl serve)
+        from cli.rayservice import get_service, service_status_lines, service_summary
+
+        svc = get_service(kube, args.run) if f"no rayjob {args.run!r}" in str(e) else None
+        if svc is None:
+            raise
+        s = service_summary(svc)
+        print(json.dumps(s, indent=2) if args.output == "json" else service_status_lines(s))
+        return 0
     s = summary(rj)
     if s["state"] in ("submitted", "queued", "starting", "running", "retrying"):
         pods = kube.call(kube.core.list_namespaced_pod, kube.namespace, label_selector=f"llmctl.dev/run={args.run}",
@@ -227,7 +237,11 @@ def cmd_list(args) -> int:
                         label_selector=MANAGED, what=f"list runs in namespace {kube.namespace}", verb="list",
                         resource=PLURAL, group=GROUP)
     now = datetime.datetime.now(datetime.timezone.utc)
-    rows = sorted((summary(rj, now) for rj in res.get("items", [])), key=lambda s: s["created"] or "", reverse=True)
+    from cli.rayservice import list_services, service_summary
+
+    rows = [summary(rj, now) for rj in res.get("items", [])]
+    rows += [service_summary(svc) for svc in list_services(kube, args.all_namespaces, MANAGED)]  # llmctl serve
+    rows.sort(key=lambda s: s["created"] or "", reverse=True)
     if args.output == "json":
         print(json.dumps(rows, indent=2))
         return 0
@@ -329,7 +343,8 @@ def register(sub) -> None:
     add_cluster_args(p)
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("list", help="list runs", description="List llmctl runs (RayJobs it created), newest first.",
+    p = sub.add_parser("list", help="list runs and services", description="List llmctl runs (RayJobs it created) "
+                       "and served models (RayServices of `llmctl serve`), newest first.",
                        epilog="Example: llmctl list -A")
     p.add_argument("-A", "--all-namespaces", action="store_true", help="list runs in every namespace")
     p.add_argument("-o", "--output", choices=("table", "json"), default="table", help="output format")

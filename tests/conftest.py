@@ -116,3 +116,6 @@ def finished_run(tiny_inputs):
     from tests.finished_run import build_finished_run
 
     return build_finished_run(tiny_inputs)
+
+
+from tests.serve_app import served  # noqa: E402,F401 - one Ray Serve app per session (tests/test_serve*.py)

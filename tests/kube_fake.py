@@ -39,6 +39,7 @@ RESOURCES = {
     "configmaps": ("", "v1", "ConfigMap"),
     "pods": ("", "v1", "Pod"),
     "rayjobs": ("ray.io", "v1", "RayJob"),
+    "rayservices": ("ray.io", "v1", "RayService"),  # llmctl serve
 }
 
 

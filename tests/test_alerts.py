@@ -18,6 +18,7 @@ import yaml
 
 from tests.prom import alert_rules, as_bool
 from trainer.metrics import METRIC_NAMES
+from trainer.serve_metrics import SERVE_METRIC_NAMES
 
 ROOT = Path(__file__).resolve().parent.parent
 ALERTS = ROOT / "charts/llmctl/files/alerts.yaml"
@@ -26,7 +27,8 @@ CHART = ROOT / "charts/llmctl"
 
 # The issue's list: stalled, MFU drop, NaN/inf loss, spend over estimate, cap reached, straggler, exporter down.
 EXPECTED = {"LlmctlTrainingStalled", "LlmctlMFUDropped", "LlmctlLossNotFinite", "LlmctlSpendOverEstimate",
-            "LlmctlBudgetCapReached", "LlmctlRankStraggling", "LlmctlExporterDown"}
+            "LlmctlBudgetCapReached", "LlmctlRankStraggling", "LlmctlExporterDown",
+            "LlmctlServeErrorRate"}  # the last one: served models (llmctl serve), tests/test_serve_metrics.py
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +75,7 @@ def test_alerts_are_the_issue_list_with_severity_and_words():
 
 
 def test_alerts_use_only_contract_metrics():
-    names = set(METRIC_NAMES) | {"up"}
+    names = set(METRIC_NAMES) | set(SERVE_METRIC_NAMES) | {"up"}
     for alert, expr in alert_rules(ALERTS):
         used = set(re.findall(r"\bllmctl_[a-z_]+\b", expr)) | ({"up"} if re.search(r"\bup\{", expr) else set())
         assert used, alert

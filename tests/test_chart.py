@@ -111,7 +111,7 @@ def test_ci_values_turn_every_option_on_and_render_valid(ci_docs):
     assert schemas.validate_all(ci_docs) == len(ci_docs)
     assert {d["kind"] for d in ci_docs} == {"ConfigMap", "ServiceAccount", "Role", "RoleBinding", "PodMonitor",
                                            "PrometheusRule", "RayCluster", "LocalQueue"}
-    assert len(find(ci_docs, "PodMonitor")) == 2 and len(find(ci_docs, "Role")) == 2
+    assert len(find(ci_docs, "PodMonitor")) == 3 and len(find(ci_docs, "Role")) == 2
 
 
 def test_the_kubernetes_validate_tool_agrees(helm, chart, ci_docs, tmp_path):

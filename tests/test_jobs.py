@@ -357,13 +357,13 @@ def test_list_shows_only_llmctl_runs(kube, capsys):
     kube.requests.clear()
     rc, out, _ = run(capsys, "list")
     assert rc == 0
-    assert kube.lines() == [f"GET {RAYJOBS}"]
+    assert kube.lines() == [f"GET {RAYJOBS}", "GET /apis/ray.io/v1/namespaces/team/rayservices"]  # runs, services
     assert kube.requests[0].query == {"labelSelector": "app.kubernetes.io/managed-by=llmctl"}
     lines = out.splitlines()
     assert lines[0].split() == ["NAME", "STATE", "DEPTH", "GPUS", "AGE", "ESTIMATE"] and len(lines) == 3
     assert "someone-elses" not in out and "d20" in out and "16xh100" in out
     rc, out, _ = run(capsys, "list", "-A", "-o", "json")
-    assert kube.lines()[-1] == "GET /apis/ray.io/v1/rayjobs"
+    assert kube.lines()[-2:] == ["GET /apis/ray.io/v1/rayjobs", "GET /apis/ray.io/v1/rayservices"]
     assert {r["state"] for r in json.loads(out)} == {"submitted"}
 
 

