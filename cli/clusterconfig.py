@@ -209,8 +209,8 @@ class ClusterConfig:
             if fname is None:
                 warnings.append(f"{source}: ignoring unknown key {path} (newer chart than this llmctl?)")
                 continue
-            if value in ("", None):  # an empty value in the chart means "not set"
-                continue
+            if value in ("", None) or (fname == "gpu_node_selectors" and value == {}):
+                continue  # an empty value in the chart means "not set" (selectors: gpuLabels' defaults)
             kwargs[fname] = _coerce(fname, value)
         return cls(**kwargs), warnings
 
