@@ -111,11 +111,17 @@ class Kube:
         from urllib3.exceptions import HTTPError as Urllib3Error
 
         kw.setdefault("_request_timeout", (10, 60))
+        fname = getattr(fn, "__name__", "")
+        if fname.startswith(("create_", "patch_", "replace_")) and "custom_object" in fname:
+            # a field the installed KubeRay does not serve is a 400 naming it, not a silent prune (the default
+            # Warn; AS endpoints/handlers/create.go, https://kubernetes.io/docs/reference/using-api/api-concepts/
+            # #field-validation)
+            kw.setdefault("field_validation", "Strict")
         try:
             return fn(*a, **kw)
         except ApiException as e:
             raise api_error(e, what=what, verb=verb, resource=resource, name=name, group=group,
-                            namespace=self.namespace) from None
+                            namespace=None if "_cluster_" in fname else self.namespace) from None
         except (Urllib3Error, OSError) as e:
             reason = getattr(e, "reason", None) or e
             raise CLIError(f"cannot reach the Kubernetes API ({self.where}) to {what}: {reason}; check --context "
@@ -165,7 +171,37 @@ def connect(args) -> Kube:
     return Kube(client.ApiClient(conf), namespace, where)
 
 
-def api_error(e, *, what: str, verb: str, resource: str, name: str | None, group: str, namespace: str) -> CLIError:
+# What the chart's objects grant, for 403 hints: (verb, group, resource) -> where it comes from.
+_CHART_ROLE = {("create", "ray.io", "rayjobs"), ("get", "ray.io", "rayjobs"), ("list", "ray.io", "rayjobs"),
+               ("watch", "ray.io", "rayjobs"), ("delete", "ray.io", "rayjobs"), ("get", "", "pods"),
+               ("list", "", "pods"), ("watch", "", "pods"), ("get", "", "pods/log"), ("get", "", "configmaps")}
+_CHART_CLUSTER_ROLE = {("list", "ray.io", "rayjobs"), ("watch", "ray.io", "rayjobs"), ("list", "", "nodes"),
+                       ("get", "apiextensions.k8s.io", "customresourcedefinitions")}
+
+
+def permission(verb: str, resource: str, group: str, namespace: str | None) -> str:
+    """The exact RBAC rule a request needs, in words: 'list on rayjobs.ray.io at cluster scope'."""
+    full = f"{resource}.{group}" if group else resource
+    return f"{verb} on {full} " + (f"in namespace {namespace}" if namespace else "at cluster scope")
+
+
+def forbidden_hint(verb: str, resource: str, group: str, namespace: str | None) -> str:
+    """Which of the chart's objects grants the permission, and how to bind it (or that none does)."""
+    need = permission(verb, resource, group, namespace)
+    if namespace is None:
+        if (verb, group, resource) in _CHART_CLUSTER_ROLE:
+            return (f"it needs {need}, which only a ClusterRole bound by a ClusterRoleBinding grants; ask a cluster "
+                    f"admin to install the chart with --set rbac.clusterScope=true (and your user in rbac.subjects)")
+        return f"it needs {need} (a ClusterRole + ClusterRoleBinding); the llmctl chart does not grant it"
+    if (verb, group, resource) in _CHART_ROLE:
+        return (f"it needs {need}, which the llmctl chart's Role grants; ask an admin of namespace {namespace} "
+                f"to bind you: helm upgrade --install llmctl charts/llmctl -n {namespace} "
+                f"--set rbac.subjects[0].kind=User,rbac.subjects[0].name=<you>")
+    return f"it needs {need}; the llmctl chart's Role does not grant it"
+
+
+def api_error(e, *, what: str, verb: str, resource: str, name: str | None, group: str,
+              namespace: str | None) -> CLIError:
     """Map an ApiException to one line that says what went wrong and what to do about it."""
     try:
         body = json.loads(e.body or "{}")
@@ -178,18 +214,25 @@ def api_error(e, *, what: str, verb: str, resource: str, name: str | None, group
         return CLIError(f"cannot {what}: the API server rejected your credentials (401); log in again or refresh "
                         f"the kubeconfig token")
     if e.status == 403:
-        return CLIError(f"cannot {what}: forbidden ({message}); ask a cluster admin to bind the llmctl Role in "
-                        f"namespace {namespace} (helm install llmctl charts/llmctl -n {namespace} "
-                        f"--set rbac.subjects[0].kind=User,rbac.subjects[0].name=<you>)")
+        return CLIError(f"cannot {what}: forbidden ({message}); {forbidden_hint(verb, resource, group, namespace)}")
     if e.status == 404:
+        if details.get("kind") == "namespaces":  # create in a missing namespace (namespace lifecycle admission)
+            return CLIError(f"cannot {what}: namespace {details.get('name') or namespace} does not exist; check -n "
+                            f"and the kubeconfig context's namespace (kubectl get namespaces)")
         if group == "ray.io" and not details.get("name"):
             return CLIError(f"cannot {what}: the {full} API is not served by this cluster; KubeRay is not "
-                            f"installed (install the kuberay-operator chart, version >= 1.6)")
+                            f"installed (install the kuberay-operator chart, a release from 1.3 to 1.7)")
         if name:
             return CLIError(f"cannot {what}: no {resource[:-1]} {name!r} in namespace {namespace}; "
                             f"see `llmctl list -n {namespace}`")
         return CLIError(f"cannot {what}: {message}")
+    if e.status == 400 and "strict decoding error" in message:
+        return CLIError(f"cannot {what}: the installed KubeRay does not serve a field llmctl sent ({message}); set "
+                        f"kuberay.version in the cluster config to the operator's release, or upgrade KubeRay")
     if e.status == 409:
+        if message.startswith("object is being deleted"):
+            return CLIError(f"cannot {what}: {resource[:-1]} {name!r} in namespace {namespace} is still being "
+                            f"deleted (KubeRay stops its Ray job first); try again in a minute")
         return CLIError(f"cannot {what}: {resource[:-1]} {name!r} already exists in namespace {namespace}; "
                         f"`llmctl status {name}` shows it, or pass --name for a new run")
     if e.status == 422:
@@ -198,7 +241,14 @@ def api_error(e, *, what: str, verb: str, resource: str, name: str | None, group
 
 
 def read_config(kube: Kube) -> tuple[ClusterConfig, list[str]]:
-    """The namespace's `llmctl-config`; built-in defaults (with a warning) when the chart is not installed."""
+    """The namespace's `llmctl-config` (built-in defaults, with a warning, when the chart is not installed), with
+    the KubeRay release the cluster serves filled in (discover_kuberay)."""
+    cfg, warnings = _read_configmap(kube)
+    cfg, more = discover_kuberay(kube, cfg)
+    return cfg, warnings + more
+
+
+def _read_configmap(kube: Kube) -> tuple[ClusterConfig, list[str]]:
     from kubernetes.client.rest import ApiException
 
     try:
@@ -217,7 +267,57 @@ def read_config(kube: Kube) -> tuple[ClusterConfig, list[str]]:
             raise CLIError(f"cannot reach the Kubernetes API ({kube.where}) to read ConfigMap {CONFIGMAP}: "
                            f"{getattr(e, 'reason', None) or e}; check --context and KUBECONFIG") from None
         raise
-    return config_from_configmap(kube.api_client.sanitize_for_serialization(cm))
+    cfg, warnings = config_from_configmap(kube.api_client.sanitize_for_serialization(cm))
+    return cfg, warnings
+
+
+def read_crd(kube: Kube, name: str) -> dict | None:
+    """GET one CustomResourceDefinition; None when absent. 403 propagates as ApiException."""
+    from kubernetes.client.rest import ApiException
+
+    from kubernetes import client
+
+    try:
+        crd = client.ApiextensionsV1Api(kube.api_client).read_custom_resource_definition(
+            name, _request_timeout=(10, 60))
+    except ApiException as e:
+        if e.status == 404:
+            return None
+        raise
+    return kube.api_client.sanitize_for_serialization(crd)
+
+
+def discover_kuberay(kube: Kube, cfg: ClusterConfig) -> tuple[ClusterConfig, list[str]]:
+    """The config with `kuberay_version` set to the release the cluster serves (read off the RayJob CRD),
+    falling back to the configured `kuberay.version`, else to the oldest supported release, with a warning."""
+    from kubernetes.client.rest import ApiException
+
+    from cli.kubeversions import KUBERAY_OLDEST, fmt, kuberay_release_from_crd
+
+    try:
+        crd = read_crd(kube, "rayjobs.ray.io")
+    except ApiException as e:
+        if e.status not in (401, 403):
+            raise api_error(e, what="read the RayJob CRD", verb="get", resource="customresourcedefinitions",
+                            name="rayjobs.ray.io", group="apiextensions.k8s.io", namespace=None) from None
+        if cfg.kuberay_version:
+            return cfg, []
+        need = permission("get", "customresourcedefinitions", "apiextensions.k8s.io", None)
+        return cfg.replace(kuberay_version=fmt(KUBERAY_OLDEST)), [
+            f"cannot read the RayJob CRD to learn the KubeRay release ({need} is not granted): rendering for "
+            f"KubeRay {fmt(KUBERAY_OLDEST)}, without newer fields such as preRunningDeadlineSeconds; set "
+            f"kuberay.version in the cluster config (or rbac.clusterScope=true in the chart)"]
+    if crd is None:
+        return cfg, []  # KubeRay is not installed: the create says so
+    found = kuberay_release_from_crd(crd)
+    if found is None:
+        return cfg.replace(kuberay_version=fmt(KUBERAY_OLDEST)), [
+            "the RayJob CRD predates KubeRay 1.3, which llmctl does not support; upgrade the operator"]
+    warnings = []
+    if cfg.kuberay_version and cfg.kuberay_version.split(".")[:2] != list(map(str, found[:2])):
+        warnings.append(f"kuberay.version {cfg.kuberay_version} in the cluster config, but the cluster serves the "
+                        f"CRD of KubeRay {fmt(found)}: using {fmt(found)}")
+    return cfg.replace(kuberay_version=".".join(map(str, found))), warnings
 
 
 # ---------------------------------------------------------------------------------------------
