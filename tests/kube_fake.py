@@ -174,6 +174,11 @@ class FakeKube:
         self.rbac: list[dict] | None = None if rbac is None else list(rbac)
         self.namespaces = set(namespaces)
         self.operator = operator  # the simulated KubeRay operator adds its finalizer to every RayJob
+        # Deterministic time, no sleeps: a container waiting to start starts after this many log requests
+        # answered 400, and the operator finishes a RayJob's deletion after this many reads of it while terminating.
+        self.starts_after: dict[tuple[str, str], int] = {}  # (namespace, pod) -> log requests still refused
+        self.finalize_after: int | None = None
+        self._reads: dict[tuple[str, str, str], int] = {}
         self.objects: dict[tuple[str, str, str], dict] = {}  # (plural, namespace or "", name) -> object
         self.logs: dict[tuple[str, str, str], str] = {}  # (namespace, pod, container) -> text
         self.requests: list[Request] = []
@@ -409,6 +414,13 @@ class FakeKube:
             if sub == "log":
                 return self._log(obj, namespace, name, query)
             if verb == "get":
+                if plural == "rayjobs" and obj["metadata"].get("deletionTimestamp") and self.finalize_after is not None:
+                    reads = self._reads.get(key, 0) + 1
+                    self._reads[key] = reads
+                    if reads > self.finalize_after:
+                        del self._reads[key], self.objects[key]  # the operator got there first
+                        return 404, status(404, "NotFound", f'{full} "{name}" not found',
+                                           {"name": name, "group": group, "kind": plural}), "application/json"
                 return 200, copy.deepcopy(obj), "application/json"
             if verb == "patch":
                 new = merge_patch(obj, body)
@@ -511,6 +523,13 @@ class FakeKube:
                 return 400, status(400, "BadRequest", f"a container name must be specified for pod {name}, choose "
                                    f"one of: [{' '.join(containers)}]"), "application/json"
             container = containers[0]
+        left = self.starts_after.get((namespace, name))
+        if left == 0:  # it started: Running from now on
+            pod["status"] = {"phase": "Running", "containerStatuses": [
+                {"name": c, "state": {"running": {"startedAt": _now()}}} for c in containers]}
+            del self.starts_after[(namespace, name)]
+        elif left is not None:
+            self.starts_after[(namespace, name)] = left - 1
         for cs in (pod.get("status") or {}).get("containerStatuses") or []:
             waiting = (cs.get("state") or {}).get("waiting")
             if cs.get("name") == container and waiting:  # kubelet_pods.go, as BadRequest via the API server
