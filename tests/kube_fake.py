@@ -369,6 +369,16 @@ class FakeKube:
         with self._lock:
             if plural == "customresourcedefinitions":
                 return self._crd(verb, name)
+            if plural == "namespaces" and verb in ("get", "list"):  # the namespaces this server knows
+                items = [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": n},
+                          "status": {"phase": "Active"}} for n in sorted(self.namespaces)]
+                if verb == "list":
+                    return 200, {"apiVersion": "v1", "kind": "NamespaceList", "metadata": {}, "items": items}, \
+                        "application/json"
+                if name not in self.namespaces:
+                    return 404, status(404, "NotFound", f'namespaces "{name}" not found',
+                                       {"name": name, "kind": "namespaces"}), "application/json"
+                return 200, next(i for i in items if i["metadata"]["name"] == name), "application/json"
             if verb == "list":
                 items = [copy.deepcopy(o) for (p, ns, _), o in sorted(self.objects.items())
                          if p == plural and (namespace is None or ns == namespace)
@@ -526,7 +536,8 @@ class FakeKube:
         left = self.starts_after.get((namespace, name))
         if left == 0:  # it started: Running from now on
             pod["status"] = {"phase": "Running", "containerStatuses": [
-                {"name": c, "state": {"running": {"startedAt": _now()}}} for c in containers]}
+                {"name": c, "image": "x", "imageID": "", "ready": True, "restartCount": 0,
+                 "state": {"running": {"startedAt": _now()}}} for c in containers]}
             del self.starts_after[(namespace, name)]
         elif left is not None:
             self.starts_after[(namespace, name)] = left - 1
