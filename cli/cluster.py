@@ -174,7 +174,8 @@ def connect(args) -> Kube:
 # What the chart's objects grant, for 403 hints: (verb, group, resource) -> where it comes from.
 _CHART_ROLE = {("create", "ray.io", "rayjobs"), ("get", "ray.io", "rayjobs"), ("list", "ray.io", "rayjobs"),
                ("watch", "ray.io", "rayjobs"), ("delete", "ray.io", "rayjobs"), ("get", "", "pods"),
-               ("list", "", "pods"), ("watch", "", "pods"), ("get", "", "pods/log"), ("get", "", "configmaps")}
+               ("list", "", "pods"), ("watch", "", "pods"), ("get", "", "pods/log"), ("get", "", "configmaps"),
+               ("get", "kueue.x-k8s.io", "localqueues"), ("list", "kueue.x-k8s.io", "localqueues")}
 _CHART_CLUSTER_ROLE = {("list", "ray.io", "rayjobs"), ("watch", "ray.io", "rayjobs"), ("list", "", "nodes"),
                        ("get", "apiextensions.k8s.io", "customresourcedefinitions")}
 
@@ -243,12 +244,12 @@ def api_error(e, *, what: str, verb: str, resource: str, name: str | None, group
 def read_config(kube: Kube) -> tuple[ClusterConfig, list[str]]:
     """The namespace's `llmctl-config` (built-in defaults, with a warning, when the chart is not installed), with
     the KubeRay release the cluster serves filled in (discover_kuberay)."""
-    cfg, warnings = _read_configmap(kube)
+    cfg, warnings = read_configmap(kube)
     cfg, more = discover_kuberay(kube, cfg)
     return cfg, warnings + more
 
 
-def _read_configmap(kube: Kube) -> tuple[ClusterConfig, list[str]]:
+def read_configmap(kube: Kube) -> tuple[ClusterConfig, list[str]]:
     from kubernetes.client.rest import ApiException
 
     try:

@@ -17,7 +17,7 @@ import os
 import sys
 
 # Command modules, in the order they appear in --help.
-COMMANDS = ("cli.plan", "cli.top", "cli.data", "cli.tokenizer", "cli.jobs", "cli.chat", "cli.report")
+COMMANDS = ("cli.plan", "cli.top", "cli.data", "cli.tokenizer", "cli.jobs", "cli.doctor", "cli.chat", "cli.report")
 
 
 class CLIError(Exception):

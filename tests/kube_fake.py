@@ -335,6 +335,29 @@ class FakeKube:
             if reason:
                 st["reason"] = reason
             return 201, dict(body, status=st, metadata={}), "application/json"
+        if method == "POST" and path == "/apis/authorization.k8s.io/v1/subjectaccessreviews":
+            # about another subject: needs create on subjectaccessreviews at cluster scope
+            if not self.authorize(user, groups, "create", "authorization.k8s.io", "subjectaccessreviews", None,
+                                  None)[0]:
+                return self._forbidden(user, "create", "authorization.k8s.io", "subjectaccessreviews", None, None)
+            spec = body.get("spec") or {}
+            ra = spec.get("resourceAttributes") or {}
+            resource = ra.get("resource", "") + (f"/{ra['subresource']}" if ra.get("subresource") else "")
+            allowed, reason = self.authorize(spec.get("user", ""), spec.get("groups") or [], ra.get("verb", ""),
+                                             ra.get("group", ""), resource, ra.get("namespace") or None,
+                                             ra.get("name") or None)
+            st = {"allowed": allowed, **({"reason": reason} if reason else {})}
+            return 201, dict(body, status=st, metadata={}), "application/json"
+        m = re.fullmatch(r"/apis/([^/]+)/([^/]+)", path)
+        if m and method == "GET":  # API discovery of one group version (APIResourceList)
+            served = [(p, k, ns) for p, (g, vs, k, ns) in self.resources.items() if g == m[1] and m[2] in vs]
+            if not served:
+                return 404, status(404, "NotFound", "the server could not find the requested resource"), \
+                    "application/json"
+            return 200, {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": f"{m[1]}/{m[2]}",
+                         "resources": [{"name": p, "singularName": k.lower(), "namespaced": ns, "kind": k,
+                                        "verbs": ["create", "delete", "get", "list", "patch", "update", "watch"]}
+                                       for p, k, ns in served]}, "application/json"
         m = re.fullmatch(r"/apis/([^/]+)", path)
         if m and method == "GET":  # API discovery (system:discovery)
             versions = sorted({v for g, vs, _, _ in self.resources.values() if g == m[1] for v in vs})
