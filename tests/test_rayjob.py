@@ -512,3 +512,20 @@ def test_dry_run_renders_for_the_kuberay_version_given(capsys, monkeypatch, tmp_
     (rj,) = schemas.load_yaml_stream(capsys.readouterr().out)
     assert "preRunningDeadlineSeconds" not in rj["spec"]
     schemas.validate(rj, {"kuberay": "1.5.2"})
+
+
+def test_dockerfile_network_variants_carry_the_fabric_userspace():
+    """Issue 13 item 9: without RDMA userspace or the OFI plugin NCCL falls back to TCP sockets between nodes."""
+    text = DOCKERFILE.read_text()
+    assert re.search(r"^ARG NETWORK=tcp$", text, re.M) and re.search(r"^ARG EFA_INSTALLER_VERSION=[\d.]+$", text, re.M)
+    ib = re.search(r'"\$\{NETWORK\}" = ib \]; then\s*\\\s*apt-get install[^\n]*', text).group(0)
+    assert all(p in ib for p in ("rdma-core", "ibverbs-providers", "libibverbs1"))
+    efa = text[text.index('"${NETWORK}" = efa'):]
+    assert "efa_installer.sh -y --skip-kmod" in efa and "aws-efa-installer-${EFA_INSTALLER_VERSION}" in efa
+    assert "/opt/amazon/ofi-nccl/lib" in text  # where NCCL finds the aws-ofi-nccl plugin
+    bad = subprocess.run(["sh", "-c", re.search(r"case .*? esac", text).group(0)], env={"NETWORK": "roce"},
+                         capture_output=True, text=True)
+    assert bad.returncode == 1 and "NETWORK must be tcp, ib or efa" in bad.stderr
+    docs = (ROOT / "docs" / "kubernetes.md").read_text()
+    for word in ("NETWORK=efa", "FI_PROVIDER", "NCCL_IB_HCA", "vpc.amazonaws.com/efa", "memlock"):
+        assert word in docs, f"docs/kubernetes.md must explain {word}"
