@@ -210,19 +210,28 @@ class Doctor:
                      f"(kueue.x-k8s.io is not served)", "install Kueue 0.13 to 0.19, or set config.queue to ''")
             return
         version = served[-1]
+        storage = None
+        try:  # the storage version tells 0.15 (v1beta1) from 0.16+ (v1beta2), where the CRD is readable
+            from cli.cluster import read_crd
+
+            crd = read_crd(self.kube, "localqueues.kueue.x-k8s.io") or {}
+            storage = next((v["name"] for v in crd.get("spec", {}).get("versions", []) if v.get("storage")), None)
+        except self._api_exc():
+            pass
+        release = kueue_release_from_api(served, storage)
         try:
             custom.get_namespaced_custom_object("kueue.x-k8s.io", version, self.kube.namespace, "localqueues", queue,
                                                 _request_timeout=(10, 30))
         except self._api_exc() as e:
             if e.status == 404:
-                self.add("kueue", "fail", f"Kueue {kueue_release_from_api(served)} serves {', '.join(served)}, but "
+                self.add("kueue", "fail", f"Kueue {release} serves {', '.join(served)}, but "
                          f"LocalQueue {queue} does not exist in {self.kube.namespace}: runs would wait forever",
                          "helm upgrade llmctl charts/llmctl --set kueue.localQueue.create=true")
                 return
-            self.add("kueue", "warn", f"Kueue {kueue_release_from_api(served)} ({', '.join(served)}); cannot read "
+            self.add("kueue", "warn", f"Kueue {release} ({', '.join(served)}); cannot read "
                      f"LocalQueue {queue} (HTTP {e.status})", "")
             return
-        self.add("kueue", "ok", f"Kueue {kueue_release_from_api(served)} serves {', '.join(served)}; "
+        self.add("kueue", "ok", f"Kueue {release} serves {', '.join(served)}; "
                  f"LocalQueue {queue} exists")
 
     def check_permissions(self) -> None:

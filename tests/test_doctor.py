@@ -76,6 +76,8 @@ def test_a_ready_cluster_passes_on_every_supported_release(kuberay, kueue, tmp_p
         assert f"KubeRay {'.'.join(kuberay.split('.')[:2])}" in got["kuberay"] and got["kuberay"].startswith("✓")
         if kueue:
             assert "LocalQueue h100 exists" in got["kueue"] and got["kueue"].startswith("✓")
+            expected = {"0.13.4": "0.13-0.14", "0.14.2": "0.13-0.14", "0.15.0": "0.15", "0.19.2": ">=0.16"}[kueue]
+            assert f"Kueue {expected} serves" in got["kueue"]
         assert got["gpu"].startswith("✓") and "h100: 2 node(s) nvidia.com/gpu.product=NVIDIA-H100-80GB-HBM3, 8 GPUs" \
             in got["gpu"]
         assert got["run"].startswith("!")  # asking about another subject needs more than the chart grants
