@@ -16,8 +16,13 @@ https://kubernetes.io/docs/reference/access-authn-authz/rbac/):
 - Deletion keeps objects with finalizers (deletionTimestamp set) until the finalizers go; the simulated KubeRay
   operator adds `ray.io/rayjob-finalizer` to every RayJob it sees, and `reconcile()` lets it finish deletions.
 - 404 `namespaces "x" not found` on create in a missing namespace; 409 AlreadyExists (prefixed "object is being
-  deleted: " while the old one terminates); 400 for logs of a container waiting to start; `dryRun=All` runs
-  everything but persistence.
+  deleted: " while the old one terminates); 409 Conflict on a stale resourceVersion; 422 for a finalizer added
+  during deletion; Foreground/Orphan deletion add their garbage-collector finalizer; 400 for logs of a container
+  waiting to start; `dryRun=All` runs everything but persistence.
+- Custom resources have a status subresource: writes to the main resource keep the old status, `/status` writes
+  change only it, and a spec change bumps `metadata.generation`.
+- With Kueue installed, its RayJob webhooks: a RayJob naming a queue is created suspended, and one that keeps
+  its cluster after finishing is denied (403 from `vrayjob.kb.io`).
 
 Every request is recorded (`server.requests`: method, path, query, body, headers) so tests assert exactly what was
 sent, and that refusals send nothing.
@@ -294,8 +299,9 @@ class FakeKube:
         with self._lock:
             for key, obj in list(self.objects.items()):
                 meta = obj["metadata"]
-                if key[0] == "rayjobs" and meta.get("deletionTimestamp"):
-                    meta["finalizers"] = [f for f in meta.get("finalizers", []) if f != RAYJOB_FINALIZER]
+                if key[0] == "rayjobs" and meta.get("deletionTimestamp"):  # and the garbage collector's own
+                    meta["finalizers"] = [f for f in meta.get("finalizers", [])
+                                          if f not in (RAYJOB_FINALIZER, "foregroundDeletion", "orphan")]
                     if not meta["finalizers"]:
                         del self.objects[key]
                         gone.append(key[2])
@@ -420,6 +426,10 @@ class FakeKube:
                 code, obj = self._validate_custom(group, version, kind, body, query, name)
                 if code:
                     return code, obj, "application/json"
+                denied = self._kueue_webhooks(plural, obj)
+                if denied:
+                    return 403, status(403, "Forbidden", f'admission webhook "vrayjob.kb.io" denied the request: '
+                                       f'{denied}'), "application/json"
                 old = self.objects.get(key)
                 if old is not None:  # AS registry/generic/registry/store.go
                     prefix = "object is being deleted: " if old["metadata"].get("deletionTimestamp") else ""
@@ -456,7 +466,27 @@ class FakeKube:
                                            {"name": name, "group": group, "kind": plural}), "application/json"
                 return 200, copy.deepcopy(obj), "application/json"
             if verb == "patch":
+                want_rv = ((body or {}).get("metadata") or {}).get("resourceVersion")
+                if want_rv and want_rv != obj["metadata"].get("resourceVersion"):  # AS store.go precondition
+                    return 409, status(409, "Conflict", f'Operation cannot be fulfilled on {full} "{name}": the object '
+                                       f'has been modified; please apply your changes to the latest version and try '
+                                       f'again', {"name": name, "group": group, "kind": plural}), "application/json"
                 new = merge_patch(obj, body)
+                if group in ("ray.io", "kueue.x-k8s.io"):  # status subresource (AX registry/customresource/strategy.go)
+                    if sub == "status":
+                        new = dict(copy.deepcopy(obj), status=new.get("status"))
+                    else:
+                        new["status"] = copy.deepcopy(obj.get("status"))
+                        if new.get("spec") != obj.get("spec"):
+                            new["metadata"]["generation"] = obj["metadata"].get("generation", 1) + 1
+                    if new.get("status") is None:
+                        new.pop("status")
+                added = set(new["metadata"].get("finalizers") or []) - set(obj["metadata"].get("finalizers") or [])
+                if obj["metadata"].get("deletionTimestamp") and added:  # AM api/validation/objectmeta.go
+                    return 422, status(422, "Invalid", f'{kind}.{group} "{name}" is invalid: metadata.finalizers: '
+                                       f'Forbidden: no new finalizers can be added if the object is being deleted, '
+                                       f'found new finalizers []string{{{", ".join(repr(f) for f in sorted(added))}}}'
+                                       .replace("'", '"')), "application/json"
                 code, checked = self._validate_custom(group, version, kind, new, query, name, patch=True)
                 if code:
                     return code, checked, "application/json"
@@ -467,7 +497,13 @@ class FakeKube:
                     else:
                         self.objects[key] = checked
                 return 200, copy.deepcopy(checked), "application/json"
-            # delete (AS registry/generic/registry/store.go markAsDeleting / finalizeDelete)
+            # delete (AS registry/generic/registry/store.go markAsDeleting / finalizeDelete); Foreground and Orphan
+            # add their own finalizer for the garbage collector (AM apis/meta/v1/types.go DeletionPropagation)
+            policy = query.get("propagationPolicy") or (body or {}).get("propagationPolicy")
+            gc = {"Foreground": "foregroundDeletion", "Orphan": "orphan"}.get(policy)
+            if gc and gc not in (obj["metadata"].get("finalizers") or []):
+                obj = dict(obj, metadata=dict(obj["metadata"], finalizers=[*(obj["metadata"].get("finalizers") or []),
+                                                                             gc]))
             if obj["metadata"].get("finalizers"):
                 marked = copy.deepcopy(obj)
                 if not marked["metadata"].get("deletionTimestamp"):
@@ -547,6 +583,22 @@ class FakeKube:
             return 422, status(422, "Invalid", f'{kind}.{group} "{name}" is invalid: {text}',
                                {"name": name, "group": group, "kind": kind})
         return 0, obj
+
+    def _kueue_webhooks(self, plural: str, obj: dict) -> str | None:
+        """Kueue's RayJob webhooks when Kueue is installed and the RayJob names a queue (KQ
+        pkg/controller/jobs/rayjob/rayjob_webhook.go; https://kueue.sigs.k8s.io/docs/tasks/run/rayjobs/):
+        mrayjob.kb.io suspends it (Kueue un-suspends on admission); vrayjob.kb.io refuses one that keeps its
+        cluster after finishing. Returns the denial, else None (and mutates `obj`)."""
+        if plural != "rayjobs" or not self.kueue:
+            return None
+        if not (obj["metadata"].get("labels") or {}).get("kueue.x-k8s.io/queue-name"):
+            return None
+        spec = obj.setdefault("spec", {})
+        if not spec.get("shutdownAfterJobFinishes"):
+            return ("spec.shutdownAfterJobFinishes: Invalid value: false: a kueue managed job should delete the "
+                    "cluster after finishing")
+        spec["suspend"] = True
+        return None
 
     def _log(self, pod: dict, namespace: str, name: str, query: dict):
         containers = [c["name"] for c in pod["spec"]["containers"]]

@@ -249,3 +249,61 @@ def test_submit_to_a_missing_namespace_names_the_namespace(tmp_path, monkeypatch
         rc, _, err = _cli(kube, tmp_path, monkeypatch, capsys, kube.token, "submit", "--depth", "12", "--gpus", "8",
                           "--storage", "s3://b", "--yes", "-n", "nope")
         assert rc == 1 and "namespace nope does not exist" in err and "no rayjob" not in err
+
+
+# ---------------------------------------------------------------------------------------------
+# Status subresource, preconditions, deletion policies, Kueue's webhooks
+
+
+def test_status_is_a_subresource_and_spec_changes_bump_the_generation():
+    with FakeKube() as kube:
+        custom = client.CustomObjectsApi(api(kube))
+        rj = rayjob()
+        name = rj["metadata"]["name"]
+        custom.create_namespaced_custom_object("ray.io", "v1", "team", "rayjobs", rj)
+        out = custom.patch_namespaced_custom_object("ray.io", "v1", "team", "rayjobs", name,
+                                                    {"status": {"jobStatus": "RUNNING"}})
+        assert "status" not in out and out["metadata"]["generation"] == 1  # the main resource ignores status
+        out = custom.patch_namespaced_custom_object_status("ray.io", "v1", "team", "rayjobs", name,
+                                                           {"status": {"jobStatus": "RUNNING"}})
+        assert out["status"] == {"jobStatus": "RUNNING"}
+        out = custom.patch_namespaced_custom_object("ray.io", "v1", "team", "rayjobs", name, {"spec": {"suspend": True}})
+        assert out["metadata"]["generation"] == 2 and out["status"] == {"jobStatus": "RUNNING"}
+
+
+def test_stale_resource_version_conflicts_and_no_finalizer_joins_a_deletion():
+    with FakeKube() as kube:
+        custom = client.CustomObjectsApi(api(kube))
+        rj = rayjob()
+        name = rj["metadata"]["name"]
+        custom.create_namespaced_custom_object("ray.io", "v1", "team", "rayjobs", rj)
+        with pytest.raises(ApiException) as e:
+            custom.patch_namespaced_custom_object("ray.io", "v1", "team", "rayjobs", name,
+                                                  {"metadata": {"resourceVersion": "1", "labels": {"a": "b"}}})
+        assert e.value.status == 409 and "the object has been modified" in body_of(e.value)["message"]
+        custom.delete_namespaced_custom_object("ray.io", "v1", "team", "rayjobs", name, propagation_policy="Foreground")
+        stored = kube.get("rayjobs", "team", name)["metadata"]
+        assert stored["finalizers"] == [RAYJOB_FINALIZER, "foregroundDeletion"]
+        with pytest.raises(ApiException) as e:
+            custom.patch_namespaced_custom_object("ray.io", "v1", "team", "rayjobs", name,
+                                                  {"metadata": {"finalizers": [*stored["finalizers"], "mine"]}})
+        assert e.value.status == 422 and "no new finalizers can be added" in body_of(e.value)["message"]
+        assert kube.reconcile() == [name]
+
+
+@pytest.mark.parametrize("release", schemas.KUEUE_RELEASES)
+def test_kueue_webhooks_suspend_queued_runs_and_refuse_ones_that_keep_their_cluster(release):
+    with FakeKube(kueue=release) as kube:
+        custom = client.CustomObjectsApi(api(kube))
+        p = plan(RunSpec(depth=12, gpus=8, storage_root="s3://b"))
+        queued = build_rayjob(p, ClusterConfig(queue="h100"), namespace="team")
+        made = custom.create_namespaced_custom_object("ray.io", "v1", "team", "rayjobs", queued,
+                                                      field_validation="Strict")
+        assert made["spec"]["suspend"] is True
+        keeps = dict(queued, metadata=dict(queued["metadata"], name="keeps"),
+                     spec=dict(queued["spec"], shutdownAfterJobFinishes=False, suspend=False))
+        keeps["spec"].pop("ttlSecondsAfterFinished")
+        with pytest.raises(ApiException) as e:
+            custom.create_namespaced_custom_object("ray.io", "v1", "team", "rayjobs", keeps)
+        assert e.value.status == 403 and body_of(e.value)["message"].startswith(
+            'admission webhook "vrayjob.kb.io" denied the request: spec.shutdownAfterJobFinishes')
