@@ -249,7 +249,9 @@ def worker_template(plan: RunPlan, cfg: ClusterConfig, gpus_per_pod: int, extra_
     ports = [{"name": f"llm-m{i}", "containerPort": METRICS_PORT_BASE + i, "protocol": "TCP"}
              for i in range(gpus_per_pod)]
     ports.append({"name": "metrics", "containerPort": RAY_METRICS_PORT, "protocol": "TCP"})
-    env = _env(plan, cfg, {"TMPDIR": SCRATCH, **extra_env})  # checkpoints are staged under tempfile's dir
+    # Checkpoints are staged under tempfile's directory (TMPDIR); Ray's own session files stay in /tmp, because
+    # Ray also follows TMPDIR unless RAY_TMPDIR is set (ray._common.utils.get_user_temp_dir).
+    env = _env(plan, cfg, {"TMPDIR": SCRATCH, "RAY_TMPDIR": "/tmp", **extra_env})
     c = _container(CONTAINERS["worker"], cfg, env, resources, ports, "worker")
     selector = cfg.gpu_node_selectors.get(plan.spec.gpu_type, {})
     return {"metadata": _template_metadata(plan, cfg, "worker"),

@@ -236,6 +236,7 @@ def test_every_config_option_renders_a_valid_rayjob():
     env = {e["name"]: e.get("value") for e in c["env"]}
     assert env["NCCL_DEBUG"] == "INFO" and env["NCCL_SOCKET_IFNAME"] == "eth0"  # --env beats the default
     assert env["TMPDIR"] == "/scratch"  # checkpoints are staged on the sized scratch volume, not /tmp
+    assert env["RAY_TMPDIR"] == "/tmp"  # Ray's own files stay where tmpSize accounts for them
     assert [e["name"] for e in c["env"]].count("NCCL_DEBUG") == 1
     assert rj["spec"]["submitterPodTemplate"]["spec"]["imagePullSecrets"] == [{"name": "regcred"}]
     assert pod["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}
