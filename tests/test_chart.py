@@ -1,5 +1,5 @@
 """charts/llmctl and k8s/: rendered with the real helm binary, every object validated offline (Kubernetes
-schemas, the CRDs, KubeRay's rules), `helm lint --strict`, one case per value that changes the output, and the
+schemas, the CRDs of every supported KubeRay and Kueue release, KubeRay's rules), `helm lint --strict`, one case per value that changes the output, and the
 contracts with the CLI (the ConfigMap it reads, the pods the PodMonitors scrape, the warm RayCluster matching
 what `llmctl submit` renders).
 

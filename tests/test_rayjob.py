@@ -1,5 +1,6 @@
-"""cli/rayjob.py and cli/cluster.py's config: the RayJob a plan becomes, checked against KubeRay's CRD, the
-Kubernetes schemas and KubeRay's admission rules; the plan's trip through three shells; the golden examples
+"""cli/rayjob.py and cli/clusterconfig.py: the RayJob a plan becomes, checked strictly against the CRD of every
+supported KubeRay release (1.3-1.7; only the fields each release serves), the Kubernetes schemas and KubeRay's
+admission rules; the plan's trip through three shells; the golden examples
 in k8s/examples/; the trainer Dockerfile (hadolint, Ray version agreement).
 
 Run: .venv/bin/pytest tests/test_rayjob.py -v
