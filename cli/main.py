@@ -19,8 +19,8 @@ import sys
 from cli.errors import CLIError, UsageError
 
 # Command modules, in the order they appear in --help.
-COMMANDS = ("cli.plan", "cli.top", "cli.data", "cli.tokenizer", "cli.submit", "cli.jobs", "cli.chat", "cli.serve",
-            "cli.report")
+COMMANDS = ("cli.plan", "cli.top", "cli.data", "cli.tokenizer", "cli.submit", "cli.jobs", "cli.doctor", "cli.chat",
+            "cli.serve", "cli.report")
 
 
 class _Parser(argparse.ArgumentParser):

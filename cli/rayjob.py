@@ -1,11 +1,21 @@
 """RunPlan + cluster config -> a KubeRay `ray.io/v1` RayJob, built as plain data (dicts), never as text.
 
-Shape (k8s-anchors.md §G, §I): a CPU-only head (`num-gpus: 0`) and one worker group of ceil(gpus/8) pods
+Shape (docs/kubernetes.md; KubeRay RayJob API reference): a CPU-only head (`num-gpus: 0`) and one worker group of ceil(gpus/8) pods
 holding min(gpus, 8) GPUs each, requests = limits, so one pod takes one whole 8-GPU node. The cluster is
 created for this run and deleted when it ends (`shutdownAfterJobFinishes` + TTL); retries (`backoffLimit`)
 build a fresh cluster and resume from the last checkpoint, because the run name (and so the storage path)
 is the same. `activeDeadlineSeconds` is the plan's estimate with a margin; `preRunningDeadlineSeconds` fails
 runs whose pods never start. With a Kueue queue the RayJob is created suspended and Kueue admits it.
+
+Versions: the RayJob holds only fields the installed KubeRay serves (cli/kubeversions.py): from 1.6
+`preRunningDeadlineSeconds`, from 1.5.1 `authOptions` (Ray token authentication: KubeRay makes a Secret and
+gives every Ray container and the submitter RAY_AUTH_MODE/RAY_AUTH_TOKEN, so port 8265 answers only callers
+holding the token). `cfg.kuberay_version` says which release (discovered by `submit`, or configured); None
+renders for the newest supported release.
+
+Disk: Ray pods write /tmp (Ray's logs and sockets) to a sized emptyDir; workers also get /scratch, a sized
+emptyDir where checkpoints are staged before upload (TMPDIR), and request the sum as ephemeral-storage, so
+the scheduler places them only where the disk fits and the kubelet never evicts them for DiskPressure.
 
 How the plan reaches the pod: inline, in the entrypoint, `python -m trainer.launch --plan-json '<RunPlan JSON>'`.
 Nothing is written to storage before the run starts, and `--dry-run` shows the complete truth. The string
@@ -26,12 +36,13 @@ import math
 
 import yaml
 
-from cli.cluster import ClusterConfig
+from cli.clusterconfig import ClusterConfig
+from cli.kubeversions import RAY_TOKEN_AUTH_MIN, has, kuberay_release, parse_version
+from trainer.metrics import METRICS_PORT_BASE  # light: stdlib and trainer.plan at import time
 from trainer.plan import GPUS, RunPlan
 
 API_VERSION = "ray.io/v1"
 LAUNCH = "python -m trainer.launch"
-METRICS_PORT_BASE = 9400  # + local_rank; DESIGN.md §3
 RAY_METRICS_PORT = 8080  # KubeRay's default --metrics-export-port
 HEAD_PORTS = (("gcs-server", 6379), ("dashboard", 8265), ("client", 10001), ("metrics", RAY_METRICS_PORT),
               ("as-metrics", 44217), ("dash-metrics", 44227))  # autoscaler and dashboard metrics (kuberay#1493)
@@ -47,6 +58,7 @@ QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 ANNOTATION_PREFIX = "llmctl.dev/"
 SUBMITTER_CONTAINER = "ray-job-submitter"
 CONTAINERS = {"head": "ray-head", "worker": "ray-worker", "submitter": SUBMITTER_CONTAINER}
+SCRATCH = "/scratch"  # workers' sized emptyDir for staged checkpoints (TMPDIR)
 
 
 class LayoutError(ValueError):
@@ -115,12 +127,10 @@ def annotations_for(plan: RunPlan) -> dict[str, str]:
 # Pod templates
 
 
-def _security(cfg: ClusterConfig, add_caps: tuple[str, ...] = ()) -> dict:
-    caps: dict = {"drop": ["ALL"]}
-    if add_caps:
-        caps["add"] = list(add_caps)
+def _security(cfg: ClusterConfig) -> dict:
+    """Pod Security "restricted": nothing added (an added capability is not effective for uid 1000 anyway)."""
     return {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": cfg.read_only_root_filesystem,
-            "capabilities": caps}
+            "capabilities": {"drop": ["ALL"]}}
 
 
 POD_SECURITY = {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
@@ -147,7 +157,7 @@ def _env(plan: RunPlan, cfg: ClusterConfig, extra: dict[str, str]) -> list[dict]
 
 
 def _pod_spec(plan: RunPlan, cfg: ClusterConfig, container: dict, *, node_selector: dict, tolerations,
-              service_account: str | None = None, api_token: bool = False) -> dict:
+              service_account: str | None = None, api_token: bool = False, role: str = "submitter") -> dict:
     """`service_account` gives cloud identity (IRSA, workload identity: S3 from every Ray pod);
     `api_token` mounts its Kubernetes API token, which only the head needs (progress reports)."""
     spec: dict = {}
@@ -158,18 +168,28 @@ def _pod_spec(plan: RunPlan, cfg: ClusterConfig, container: dict, *, node_select
         spec["priorityClassName"] = cfg.priority_class
     if node_selector:
         spec["nodeSelector"] = dict(node_selector)
+    if cfg.affinity and role != "submitter":
+        spec["affinity"] = cfg.affinity
     if tolerations:
         spec["tolerations"] = [dict(t) for t in tolerations]
+    if cfg.topology_spread and role == "worker":
+        spec["topologySpreadConstraints"] = [
+            {"labelSelector": {"matchLabels": {RUN_LABEL: plan.name, ROLE_LABEL: "worker"}}, **t}
+            for t in cfg.topology_spread]
     if cfg.image_pull_secrets:
         spec["imagePullSecrets"] = [{"name": n} for n in cfg.image_pull_secrets]
     spec["securityContext"] = dict(POD_SECURITY)
     spec["containers"] = [container]
-    spec["volumes"] = [{"name": "tmp", "emptyDir": {}}]
+    spec["volumes"] = [{"name": "tmp", "emptyDir": {"sizeLimit": cfg.tmp_size}}]
+    if role == "worker":
+        spec["volumes"].append({"name": "scratch", "emptyDir": {"sizeLimit": cfg.scratch_size}})
+    if role != "submitter":
+        spec["volumes"] += [dict(v) for v in cfg.extra_volumes]
     return spec
 
 
 def _container(name: str, cfg: ClusterConfig, env: list[dict], resources: dict, ports: list[dict],
-               caps: tuple[str, ...] = ()) -> dict:
+               role: str = "submitter") -> dict:
     c: dict = {"name": name, "image": cfg.image, "imagePullPolicy": cfg.image_pull_policy}
     if ports:
         c["ports"] = ports
@@ -177,32 +197,66 @@ def _container(name: str, cfg: ClusterConfig, env: list[dict], resources: dict, 
     if cfg.s3_secret:
         c["envFrom"] = [{"secretRef": {"name": cfg.s3_secret}}]  # credentials by reference, never by value
     c["resources"] = {"requests": dict(resources), "limits": dict(resources)}
-    c["securityContext"] = _security(cfg, caps)
+    c["securityContext"] = _security(cfg)
     c["volumeMounts"] = [{"name": "tmp", "mountPath": "/tmp"}]
+    if role == "worker":
+        c["volumeMounts"].append({"name": "scratch", "mountPath": SCRATCH})
+    if role != "submitter":
+        c["volumeMounts"] += [dict(m) for m in cfg.extra_volume_mounts]
     return c
+
+
+def _template_metadata(plan: RunPlan, cfg: ClusterConfig, role: str) -> dict:
+    meta: dict = {"labels": labels_for(plan, cfg, role)}
+    if cfg.pod_annotations:
+        meta["annotations"] = dict(cfg.pod_annotations)
+    return meta
+
+
+_BYTES = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30,
+          "Ti": 2**40, "Pi": 2**50}
+
+
+def add_quantities(*qs: str) -> str:
+    """Sum of byte quantities ("200Gi" + "20Gi" = "220Gi"), written in Gi/Mi when whole, else bytes."""
+    import re
+
+    total = 0
+    for q in qs:
+        m = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)([kMGTP]i?|)", q)
+        if not m:
+            raise ValueError(f"not a byte quantity: {q!r}")
+        total += int(float(m[1]) * _BYTES[m[2]])
+    for unit in ("Gi", "Mi"):
+        if total % _BYTES[unit] == 0:
+            return f"{total // _BYTES[unit]}{unit}"
+    return str(total)
 
 
 def head_template(plan: RunPlan, cfg: ClusterConfig, extra_env: dict[str, str]) -> dict:
     resources = {"cpu": cfg.head_cpu, "memory": cfg.head_memory}
     ports = [{"name": n, "containerPort": p, "protocol": "TCP"} for n, p in HEAD_PORTS]
-    c = _container(CONTAINERS["head"], cfg, _env(plan, cfg, extra_env), resources, ports)
-    return {"metadata": {"labels": labels_for(plan, cfg, "head")},
+    c = _container(CONTAINERS["head"], cfg, _env(plan, cfg, extra_env), resources, ports, "head")
+    return {"metadata": _template_metadata(plan, cfg, "head"),
             "spec": _pod_spec(plan, cfg, c, node_selector=cfg.head_node_selector, tolerations=cfg.head_tolerations,
-                              service_account=cfg.run_service_account, api_token=True)}
+                              service_account=cfg.run_service_account, api_token=True, role="head")}
 
 
 def worker_template(plan: RunPlan, cfg: ClusterConfig, gpus_per_pod: int, extra_env: dict[str, str]) -> dict:
     resources = {"cpu": str(cfg.cpu_per_gpu * gpus_per_pod), "memory": f"{cfg.memory_per_gpu_gi * gpus_per_pod}Gi",
-                 "nvidia.com/gpu": str(gpus_per_pod), **cfg.worker_extra_resources}
+                 "nvidia.com/gpu": str(gpus_per_pod), "ephemeral-storage": add_quantities(cfg.scratch_size, cfg.tmp_size),
+                 **cfg.worker_extra_resources}
     ports = [{"name": f"llm-m{i}", "containerPort": METRICS_PORT_BASE + i, "protocol": "TCP"}
              for i in range(gpus_per_pod)]
     ports.append({"name": "metrics", "containerPort": RAY_METRICS_PORT, "protocol": "TCP"})
-    c = _container(CONTAINERS["worker"], cfg, _env(plan, cfg, extra_env), resources, ports,
-                   cfg.worker_capabilities)
+    # Checkpoints are staged under tempfile's directory (TMPDIR); Ray's own session files stay in /tmp, because
+    # Ray also follows TMPDIR unless RAY_TMPDIR is set (ray._common.utils.get_user_temp_dir).
+    env = _env(plan, cfg, {"TMPDIR": SCRATCH, "RAY_TMPDIR": "/tmp", **extra_env})
+    c = _container(CONTAINERS["worker"], cfg, env, resources, ports, "worker")
     selector = cfg.gpu_node_selectors.get(plan.spec.gpu_type, {})
-    return {"metadata": {"labels": labels_for(plan, cfg, "worker")},
+    return {"metadata": _template_metadata(plan, cfg, "worker"),
             "spec": _pod_spec(plan, cfg, c, node_selector=selector, tolerations=cfg.gpu_tolerations,
-                              service_account=cfg.run_service_account)}
+                              service_account=cfg.run_service_account, role="worker")}
 
 
 def submitter_template(plan: RunPlan, cfg: ClusterConfig) -> dict:
@@ -238,6 +292,7 @@ def build_rayjob(plan: RunPlan, cfg: ClusterConfig, *, namespace: str, extra_env
         raise ValueError(f"gpu_type: {s.gpu_type} runs on this machine, not on Kubernetes (use --local)")
     pods, per_pod = worker_layout(s.gpus, cfg.gpus_per_node)
     extra_env = dict(extra_env or {})
+    release = kuberay_release(cfg.kuberay_version)
 
     labels = labels_for(plan, cfg)
     runtime_env = {"env_vars": {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(WORKER_GROUP_START_TIMEOUT_S)}}
@@ -260,7 +315,6 @@ def build_rayjob(plan: RunPlan, cfg: ClusterConfig, *, namespace: str, extra_env
         spec.update({
             "shutdownAfterJobFinishes": True,
             "ttlSecondsAfterFinished": cfg.ttl_seconds_after_finished,
-            "preRunningDeadlineSeconds": cfg.pre_running_deadline_seconds,
             "rayClusterSpec": {
                 "rayVersion": cfg.ray_version,
                 "enableInTreeAutoscaling": False,
@@ -277,6 +331,11 @@ def build_rayjob(plan: RunPlan, cfg: ClusterConfig, *, namespace: str, extra_env
         })
         if cfg.backoff_limit:
             spec["backoffLimit"] = cfg.backoff_limit
+        if has(release, "spec.preRunningDeadlineSeconds"):
+            spec["preRunningDeadlineSeconds"] = cfg.pre_running_deadline_seconds
+        if (cfg.ray_auth == "token" and has(release, "spec.rayClusterSpec.authOptions")
+                and parse_version(cfg.ray_version) >= RAY_TOKEN_AUTH_MIN):
+            spec["rayClusterSpec"]["authOptions"] = {"mode": "token"}
     rayjob = {
         "apiVersion": API_VERSION,
         "kind": "RayJob",

@@ -13,7 +13,8 @@ import argparse
 import dataclasses
 import json
 
-from cli.cluster import ClusterConfig, add_cluster_args, connect, load_config_file, read_config, resolve_namespace
+from cli.cluster import (ClusterConfig, add_cluster_args, add_version_args, connect, load_config_file, read_config,
+                         resolve_namespace, version_flags)
 from cli.errors import UsageError
 from cli.jobs import GROUP, PLURAL, VERSION, confirm, require_yes, say
 from cli.plan import add_spec_args, fmt_hours, render_table, spec_from_args
@@ -41,6 +42,7 @@ def apply_flags(cfg: ClusterConfig, args) -> ClusterConfig:
         changes["image"] = args.image
     if args.queue is not None:
         changes["queue"] = args.queue or None  # --queue '' turns a configured queue off
+    changes.update(version_flags(args))
     return cfg.replace(**changes) if changes else cfg
 
 
@@ -158,5 +160,6 @@ def register(sub) -> None:
                    "instead of a new one per run")
     g.add_argument("--cluster-config", metavar="FILE",
                    help="cluster config file (the ConfigMap's config.yaml shape) used instead of the ConfigMap")
+    add_version_args(g)
     add_cluster_args(p)
     p.set_defaults(func=cmd_submit)

@@ -1,13 +1,19 @@
-"""Offline validation of the Kubernetes objects we render (submit --dry-run, helm template, k8s/).
+"""Offline validation of the Kubernetes objects we render (submit --dry-run, helm template, k8s/), for every
+KubeRay and Kueue release llmctl supports.
 
 - Built-in kinds: kubernetes-validate's schemas for Kubernetes 1.30, strict mode (unknown fields fail).
 - CRD kinds (RayJob, RayCluster, LocalQueue, ClusterQueue, ResourceFlavor, PodMonitor, PrometheusRule):
-  jsonschema against the CRD's served openAPIV3Schema, kept in tests/crds/ (the one API version we emit,
-  extracted from the upstream CRD files; provenance in tests/crds/SOURCE.md). The API server prunes unknown
-  fields from custom resources silently, so we check stricter than it does: every schema object that lists
-  `properties` and says nothing about extra keys gets `additionalProperties: false`, and a typo fails here
-  instead of vanishing there. `metadata` and every embedded PodTemplateSpec are checked against the strict
-  Kubernetes schemas too (the CRDs leave metadata untyped).
+  jsonschema against the served openAPIV3Schema of the release under test, kept in tests/crds/<product>/
+  v<release>/ (extracted from the upstream CRD files; provenance in tests/crds/SOURCE.md). Judged as a server
+  with `fieldValidation=Strict` judges (kubernetes apiserver `endpoints/handlers/create.go`; the CRD
+  structural-schema rules in https://kubernetes.io/docs/tasks/extend-kubernetes/custom-resources/
+  custom-resource-definitions/#field-pruning): every schema object that lists `properties` and does not
+  say `x-kubernetes-preserve-unknown-fields` gets `additionalProperties: false`, so a field the installed
+  release does not know fails here instead of being pruned there (the default `Warn`). `metadata` and every
+  embedded PodTemplateSpec are checked against the strict Kubernetes schemas too (the CRDs leave the
+  top-level metadata untyped).
+- An apiVersion the release does not serve (kueue.x-k8s.io/v1beta2 before Kueue 0.15) fails like the API
+  server's "no matches for kind".
 - KubeRay's own admission rules (ray-operator/controllers/ray/utils/validation.go, restated): name length
   and DNS-1035, suspend needs shutdownAfterJobFinishes, TTL needs shutdown, clusterSelector excludes suspend,
   positive deadlines. CEL rules in the CRDs (`x-kubernetes-validations`) are not evaluated; none of them
@@ -32,26 +38,82 @@ import yaml
 K8S_VERSION = "1.30.0"
 CRD_DIR = Path(__file__).parent / "crds"
 
-# (apiVersion, kind) -> (source file under shared/schemas, served version kept)
-CRDS = {
-    ("ray.io/v1", "RayJob"): ("kuberay/ray.io_rayjobs.yaml", "v1"),
-    ("ray.io/v1", "RayCluster"): ("kuberay/ray.io_rayclusters.yaml", "v1"),
-    ("kueue.x-k8s.io/v1beta2", "LocalQueue"): ("kueue/kueue.x-k8s.io_localqueues.yaml", "v1beta2"),
-    ("kueue.x-k8s.io/v1beta2", "ClusterQueue"): ("kueue/kueue.x-k8s.io_clusterqueues.yaml", "v1beta2"),
-    ("kueue.x-k8s.io/v1beta2", "ResourceFlavor"): ("kueue/kueue.x-k8s.io_resourceflavors.yaml", "v1beta2"),
-    ("monitoring.coreos.com/v1", "PodMonitor"): ("prometheus-operator/monitoring.coreos.com_podmonitors.yaml", "v1"),
-    ("monitoring.coreos.com/v1", "PrometheusRule"):
-        ("prometheus-operator/monitoring.coreos.com_prometheusrules.yaml", "v1"),
+# The supported matrix: every release here is tested (README, docs/kubernetes.md). Kueue 0.16-0.18 serve the
+# same two API versions as 0.19 with the same storage version; the snapshot holds the releases listed.
+KUBERAY_RELEASES = ("1.3.2", "1.4.2", "1.5.2", "1.6.2", "1.7.0")
+KUEUE_RELEASES = ("0.13.4", "0.14.2", "0.15.0", "0.19.2")
+PROMETHEUS_OPERATOR_RELEASE = "0.93.0"
+LATEST = {"kuberay": KUBERAY_RELEASES[-1], "kueue": KUEUE_RELEASES[-1],
+          "prometheus-operator": PROMETHEUS_OPERATOR_RELEASE}
+RELEASES = {"kuberay": KUBERAY_RELEASES, "kueue": KUEUE_RELEASES,
+            "prometheus-operator": (PROMETHEUS_OPERATOR_RELEASE,)}
+
+# (group, kind) -> (product, CRD file name upstream, plural)
+KINDS = {
+    ("ray.io", "RayJob"): ("kuberay", "ray.io_rayjobs.yaml", "rayjobs"),
+    ("ray.io", "RayCluster"): ("kuberay", "ray.io_rayclusters.yaml", "rayclusters"),
+    ("ray.io", "RayService"): ("kuberay", "ray.io_rayservices.yaml", "rayservices"),  # llmctl serve
+    ("kueue.x-k8s.io", "LocalQueue"): ("kueue", "kueue.x-k8s.io_localqueues.yaml", "localqueues"),
+    ("kueue.x-k8s.io", "ClusterQueue"): ("kueue", "kueue.x-k8s.io_clusterqueues.yaml", "clusterqueues"),
+    ("kueue.x-k8s.io", "ResourceFlavor"): ("kueue", "kueue.x-k8s.io_resourceflavors.yaml", "resourceflavors"),
+    ("monitoring.coreos.com", "PodMonitor"):
+        ("prometheus-operator", "monitoring.coreos.com_podmonitors.yaml", "podmonitors"),
+    ("monitoring.coreos.com", "PrometheusRule"):
+        ("prometheus-operator", "monitoring.coreos.com_prometheusrules.yaml", "prometheusrules"),
 }
+# Where the prometheus-operator CRDs sit in the shared snapshot (one release, no version folder).
+_FLAT_SOURCES = {"prometheus-operator"}
 
 
 class Invalid(AssertionError):
     """An object that the API server (or KubeRay) would reject; the message names the object and field."""
 
 
-def _crd_file(api_version: str, kind: str) -> Path:
-    group, version = api_version.split("/")
-    return CRD_DIR / f"{kind.lower()}.{group}.{version}.json"
+def _release_dir(product: str, release: str) -> Path:
+    return CRD_DIR / product / f"v{release}"
+
+
+def _crd_file(group: str, kind: str, version: str, product: str, release: str) -> Path:
+    return _release_dir(product, release) / f"{kind.lower()}.{group}.{version}.json"
+
+
+def served_versions(group: str, kind: str, release: str | None = None) -> list[str]:
+    """API versions of (group, kind) that `release` of its product serves (newest last), from the files."""
+    product = KINDS[(group, kind)][0]
+    release = release or LATEST[product]
+    files = sorted(_release_dir(product, release).glob(f"{kind.lower()}.{group}.*.json"))
+    return [f.name[len(f"{kind.lower()}.{group}."):-len(".json")] for f in files]
+
+
+def crd_schema(group: str, kind: str, version: str, release: str | None = None) -> dict | None:
+    """The served openAPIV3Schema, or None when that release does not serve that version."""
+    product = KINDS[(group, kind)][0]
+    f = _crd_file(group, kind, version, product, release or LATEST[product])
+    return json.loads(f.read_text()) if f.exists() else None
+
+
+def crd_object(group: str, kind: str, release: str | None = None) -> dict:
+    """A CustomResourceDefinition as the API server serves it (GET .../customresourcedefinitions/<name>),
+    rebuilt from the kept schemas: names, scope, and each served version with its schema."""
+    product, _, plural = KINDS[(group, kind)]
+    release = release or LATEST[product]
+    meta = json.loads((_release_dir(product, release) / "crds.json").read_text())[f"{plural}.{group}"]
+    versions = [{"name": v, "served": True, "storage": v == meta["storage"],
+                 "schema": {"openAPIV3Schema": crd_schema(group, kind, v, release)}}
+                for v in served_versions(group, kind, release)]
+    return {"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+            "metadata": {"name": f"{plural}.{group}"},
+            "spec": {"group": group, "names": {"kind": kind, "plural": plural}, "scope": meta["scope"],
+                     "versions": versions}}
+
+
+# Every (apiVersion, kind) served by some supported release: what tests treat as a custom resource.
+def _all_crds() -> set[tuple[str, str]]:
+    out = set()
+    for (group, kind), (product, _, _) in KINDS.items():
+        for release in RELEASES[product]:
+            out |= {(f"{group}/{v}", kind) for v in served_versions(group, kind, release)}
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -59,26 +121,44 @@ def _crd_file(api_version: str, kind: str) -> Path:
 
 
 def extract(shared: Path) -> None:
-    CRD_DIR.mkdir(exist_ok=True)
     rows = []
-    for (api_version, kind), (rel, version) in CRDS.items():
-        src = shared / rel
-        raw = src.read_bytes()
-        crd = yaml.load(raw, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-        assert crd["spec"]["names"]["kind"] == kind, f"{src}: kind {crd['spec']['names']['kind']} != {kind}"
-        served = {v["name"]: v for v in crd["spec"]["versions"]}
-        schema = served[version]["schema"]["openAPIV3Schema"]
-        out = _crd_file(api_version, kind)
-        out.write_text(json.dumps(schema, separators=(",", ":"), sort_keys=True) + "\n")
-        rows.append(f"| {out.name} | {rel} (version {version}) | {hashlib.sha256(raw).hexdigest()} |")
+    for (group, kind), (product, fname, plural) in KINDS.items():
+        for release in RELEASES[product]:
+            src = shared / product / fname if product in _FLAT_SOURCES else shared / product / f"v{release}" / fname
+            raw = src.read_bytes()
+            crd = yaml.load(raw, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+            assert crd["spec"]["names"]["kind"] == kind, f"{src}: kind {crd['spec']['names']['kind']} != {kind}"
+            out_dir = _release_dir(product, release)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            served = [v for v in crd["spec"]["versions"] if v.get("served")]
+            if product == "kuberay":  # ray.io/v1alpha1 is deprecated and never emitted: keep v1 only
+                served = [v for v in served if v["name"] == "v1"]
+            for v in served:
+                out = _crd_file(group, kind, v["name"], product, release)
+                out.write_text(json.dumps(v["schema"]["openAPIV3Schema"], separators=(",", ":"), sort_keys=True)
+                               + "\n")
+            index_file = out_dir / "crds.json"
+            index = json.loads(index_file.read_text()) if index_file.exists() else {}
+            index[f"{plural}.{group}"] = {"scope": crd["spec"]["scope"],
+                                          "storage": next(v["name"] for v in crd["spec"]["versions"]
+                                                          if v.get("storage"))}
+            index_file.write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
+            rows.append(f"| {product}/v{release}/ | {src.relative_to(shared)} | "
+                        f"{', '.join(v['name'] for v in served)} | {hashlib.sha256(raw).hexdigest()} |")
     (CRD_DIR / "SOURCE.md").write_text(
-        "# CRD schemas used by tests/schemas.py\n\n"
-        "Each file is the `openAPIV3Schema` of one served version, taken unmodified (re-serialised as compact\n"
-        "JSON) from the CRD files in the shared snapshot (`shared/schemas/*/SOURCE.md` names the upstream\n"
-        "release and commit: KubeRay v1.7.0, Kueue v0.19.2, prometheus-operator v0.93.0; Apache-2.0).\n"
-        "Regenerate with `python -m tests.schemas extract ../shared/schemas`.\n\n"
-        "| file | source (shared/schemas/...) | sha256 of the source file |\n|---|---|---|\n"
+        "# CRD schemas used by tests/schemas.py and tests/kube_fake.py\n\n"
+        "`<product>/v<release>/<kind>.<group>.<version>.json` is the `openAPIV3Schema` of one served API version,\n"
+        "taken unmodified (re-serialised as compact JSON) from the CRD file of that upstream release:\n"
+        "ray-project/kuberay `ray-operator/config/crd/bases/` at tags v1.3.2, v1.4.2, v1.5.2, v1.6.2, v1.7.0;\n"
+        "kubernetes-sigs/kueue `config/components/crd/bases/` at v0.13.4, v0.14.2, v0.15.0, v0.19.2;\n"
+        "prometheus-operator `example/prometheus-operator-crd/` at v0.93.0 (all Apache-2.0). `crds.json` keeps\n"
+        "each CRD's scope and storage version. KubeRay's deprecated `v1alpha1` is left out (never emitted).\n"
+        "Regenerate with `python -m tests.schemas extract <snapshot of those files>`.\n\n"
+        "| folder | source file | versions kept | sha256 of the source file |\n|---|---|---|---|\n"
         + "\n".join(rows) + "\n")
+
+
+CRDS = _all_crds() if CRD_DIR.exists() else set()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,8 +179,12 @@ def _strict(schema):
 
 
 @functools.lru_cache(maxsize=None)
-def _crd_validator(api_version: str, kind: str):
-    schema = _strict(json.loads(_crd_file(api_version, kind).read_text()))
+def _crd_validator(api_version: str, kind: str, release: str):
+    group, version = api_version.split("/")
+    schema = crd_schema(group, kind, version, release)
+    if schema is None:
+        return None
+    schema = _strict(schema)
     schema["properties"]["metadata"] = {"type": "object"}  # checked against ObjectMeta separately
     return jsonschema.Draft202012Validator(schema)
 
@@ -156,12 +240,27 @@ def name_of(obj: dict) -> str:
     return f"{obj.get('kind')}/{(obj.get('metadata') or {}).get('name')}"
 
 
-def validate(obj: dict) -> None:
-    """Raise Invalid unless `obj` would be accepted (schema + KubeRay rules)."""
+def release_of(obj: dict, releases: dict | None = None) -> str | None:
+    """The product release `obj` is judged against: `releases` ({"kuberay": "1.5.2", ...}) else the latest."""
+    group = (obj.get("apiVersion") or "").rpartition("/")[0]
+    known = KINDS.get((group, obj.get("kind")))
+    if known is None:
+        return None
+    return (releases or {}).get(known[0]) or LATEST[known[0]]
+
+
+def validate(obj: dict, releases: dict | None = None) -> None:
+    """Raise Invalid unless `obj` would be accepted (strict schema + KubeRay rules) by the releases given,
+    e.g. {"kuberay": "1.5.2", "kueue": "0.13.4"}; missing products mean the latest supported release."""
     api_version, kind = obj.get("apiVersion"), obj.get("kind")
     where = name_of(obj)
-    if (api_version, kind) in CRDS:
-        _errors(_crd_validator(api_version, kind), obj, where)
+    release = release_of(obj, releases)
+    if release is not None:
+        validator = _crd_validator(api_version, kind, release)
+        if validator is None:
+            raise Invalid(f"{where}: no matches for kind {kind!r} in version {api_version!r} "
+                          f"(release {release} serves {', '.join(served_versions(*_gk(obj), release)) or 'none'})")
+        _errors(validator, obj, where)
         _errors(_k8s_definition_validator("io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"), obj["metadata"],
                 f"{where} metadata")
         for path, template in pod_templates(obj):
@@ -178,12 +277,39 @@ def validate(obj: dict) -> None:
     _errors(validator, obj, where)
 
 
-def validate_all(objs) -> int:
+def _gk(obj: dict) -> tuple[str, str]:
+    return obj["apiVersion"].rpartition("/")[0], obj["kind"]
+
+
+def validate_all(objs, releases: dict | None = None) -> int:
     n = 0
     for obj in objs:
-        validate(obj)
+        validate(obj, releases)
         n += 1
     return n
+
+
+def unknown_fields(obj, schema: dict, path: str = "") -> list[str]:
+    """Fields of `obj` that `schema` does not declare, as the API server's strict decoder names them
+    ("spec.foo"; apimachinery `runtime/serializer` strict errors, pruning rules of apiextensions
+    `pkg/apiserver/schema/pruning/algorithm.go`): an object schema with `properties` and neither
+    `additionalProperties` nor `x-kubernetes-preserve-unknown-fields` keeps only those properties."""
+    out: list[str] = []
+    if isinstance(obj, dict) and isinstance(schema, dict):
+        props = schema.get("properties")
+        extra = schema.get("additionalProperties")
+        for k, v in obj.items():
+            p = f"{path}.{k}" if path else k
+            if props is not None and k in props:
+                out += unknown_fields(v, props[k], p)
+            elif isinstance(extra, dict):
+                out += unknown_fields(v, extra, p)
+            elif props is not None and not extra and not schema.get("x-kubernetes-preserve-unknown-fields"):
+                out.append(p)
+    elif isinstance(obj, list) and isinstance(schema, dict) and isinstance(schema.get("items"), dict):
+        for i, v in enumerate(obj):
+            out += unknown_fields(v, schema["items"], f"{path}[{i}]")
+    return out
 
 
 def pod_templates(obj: dict):
@@ -263,6 +389,6 @@ def load_yaml_stream(text: str) -> list[dict]:
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "extract":
         extract(Path(sys.argv[2]))
-        print(f"wrote {', '.join(sorted(p.name for p in CRD_DIR.glob('*.json')))}")
+        print(f"wrote {len(list(CRD_DIR.rglob('*.json')))} files under {CRD_DIR}")
     else:
         raise SystemExit("usage: python -m tests.schemas extract <shared/schemas>")

@@ -1,5 +1,5 @@
 """charts/llmctl and k8s/: rendered with the real helm binary, every object validated offline (Kubernetes
-schemas, the CRDs, KubeRay's rules), `helm lint --strict`, one case per value that changes the output, and the
+schemas, the CRDs of every supported KubeRay and Kueue release, KubeRay's rules), `helm lint --strict`, one case per value that changes the output, and the
 contracts with the CLI (the ConfigMap it reads, the pods the PodMonitors scrape, the warm RayCluster matching
 what `llmctl submit` renders).
 
@@ -110,7 +110,8 @@ def test_default_render_is_valid(default_docs):
 def test_ci_values_turn_every_option_on_and_render_valid(ci_docs):
     assert schemas.validate_all(ci_docs) == len(ci_docs)
     assert {d["kind"] for d in ci_docs} == {"ConfigMap", "ServiceAccount", "Role", "RoleBinding", "PodMonitor",
-                                           "PrometheusRule", "RayCluster", "LocalQueue"}
+                                           "PrometheusRule", "RayCluster", "LocalQueue", "ClusterQueue",
+                                           "ResourceFlavor", "ClusterRole", "ClusterRoleBinding", "NetworkPolicy"}
     assert len(find(ci_docs, "PodMonitor")) == 3 and len(find(ci_docs, "Role")) == 2
 
 
@@ -128,13 +129,92 @@ def test_the_kubernetes_validate_tool_agrees(helm, chart, ci_docs, tmp_path):
 
 
 def test_cluster_manifests_in_k8s_are_valid():
-    files = sorted((ROOT / "k8s").rglob("*.yaml"))
+    # *.cluster-config.yaml are llmctl cluster configs (the ConfigMap's config.yaml shape), not objects
+    files = sorted(f for f in (ROOT / "k8s").rglob("*.yaml") if not f.name.endswith(".cluster-config.yaml"))
     kinds = set()
     for f in files:
         for d in schemas.load_yaml_stream(f.read_text()):
             schemas.validate(d)
             kinds.add(d["kind"])
     assert {"ClusterQueue", "LocalQueue", "ResourceFlavor", "PriorityClass", "RayJob"} <= kinds
+
+
+@pytest.mark.parametrize("release", schemas.KUEUE_RELEASES)
+def test_k8s_kueue_manifests_apply_on_every_supported_kueue(release):
+    """They use kueue.x-k8s.io/v1beta1, served by every supported release (v1beta2 only from 0.15)."""
+    for f in sorted((ROOT / "k8s" / "kueue").glob("*.yaml")):
+        for d in schemas.load_yaml_stream(f.read_text()):
+            schemas.validate(d, {"kueue": release})
+    cq = [d for d in schemas.load_yaml_stream((ROOT / "k8s" / "kueue" / "cluster-queue.yaml").read_text())][0]
+    assert "ephemeral-storage" in cq["spec"]["resourceGroups"][0]["coveredResources"]  # the workers' scratch
+
+
+# ---------------------------------------------------------------------------------------------
+# The supported matrix: every object the chart renders, on every KubeRay and Kueue release
+
+
+def _api_versions_args(kueue_release: str) -> list[str]:
+    """What a cluster with that Kueue release tells `helm install` through .Capabilities.APIVersions."""
+    out = []
+    for v in schemas.served_versions("kueue.x-k8s.io", "LocalQueue", kueue_release):
+        out += ["--api-versions", f"kueue.x-k8s.io/{v}"]
+    return out
+
+
+@pytest.mark.parametrize("kuberay", schemas.KUBERAY_RELEASES)
+@pytest.mark.parametrize("kueue", schemas.KUEUE_RELEASES)
+def test_chart_validates_strictly_on_every_supported_release(helm, chart, kuberay, kueue):
+    docs = render(helm, chart, "-f", str(CI_VALUES), "--set", f"config.kuberay.version={kuberay}",
+                  *_api_versions_args(kueue))
+    releases = {"kuberay": kuberay, "kueue": kueue}
+    assert schemas.validate_all(docs, releases) == len(docs)
+    want = "kueue.x-k8s.io/v1beta2" if "v1beta2" in schemas.served_versions("kueue.x-k8s.io", "LocalQueue", kueue) \
+        else "kueue.x-k8s.io/v1beta1"
+    assert {d["apiVersion"] for d in docs if d["apiVersion"].startswith("kueue")} == {want}
+    rc = one(docs, "RayCluster")
+    assert ("authOptions" in rc["spec"]) == (tuple(map(int, kuberay.split("."))) >= (1, 5, 1))
+
+
+def test_kueue_api_version_follows_the_cluster(helm, chart):
+    """Issue 13 item 2: v1beta2 is served only from Kueue 0.15; without it the chart must emit v1beta1."""
+    args = ["--set", "kueue.localQueue.create=true"]
+    assert one(render(helm, chart, *args), "LocalQueue")["apiVersion"] == "kueue.x-k8s.io/v1beta1"
+    lq = one(render(helm, chart, *args, "--api-versions", "kueue.x-k8s.io/v1beta2"), "LocalQueue")
+    assert lq["apiVersion"] == "kueue.x-k8s.io/v1beta2"
+    with pytest.raises(schemas.Invalid, match="no matches for kind"):
+        schemas.validate(lq, {"kueue": "0.13.4"})
+
+
+@pytest.mark.parametrize("choice", ["gpu-operator", "gke"])
+def test_one_gpu_label_choice_for_runs_warm_cluster_and_kueue_flavors(helm, chart, choice):
+    from cli.cluster import default_gpu_node_selectors
+
+    for gpu in ("h100", "h100-pcie", "h200", "a100"):
+        docs = render(helm, chart, "--set", f"config.workers.gpuLabels={choice}", "--set", "rayCluster.enabled=true",
+                      "--set", f"rayCluster.gpuType={gpu}", "--set", "kueue.clusterQueue.create=true",
+                      "--set", f"kueue.clusterQueue.gpuType={gpu}")
+        expected = default_gpu_node_selectors(choice)[gpu]
+        assert _worker(docs)["template"]["spec"]["nodeSelector"] == expected
+        assert one(docs, "ResourceFlavor", f"h100-{gpu}")["spec"]["nodeLabels"] == expected
+        cfg = cluster_config(docs)
+        rj = build_rayjob(plan(RunSpec(depth=12, gpus=8, gpu_type=gpu, storage_root="s3://b")), cfg, namespace="team")
+        assert rj["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["nodeSelector"] == expected
+
+
+def test_network_policy_opens_ray_ports_only_to_the_namespace_operator_and_prometheus(default_docs):
+    np = one(default_docs, "NetworkPolicy")["spec"]
+    assert np["policyTypes"] == ["Ingress"]
+    sel = np["podSelector"]
+    head = {"app.kubernetes.io/part-of": "llmctl", "ray.io/node-type": "head"}
+    submitter = {"app.kubernetes.io/part-of": "llmctl", "llmctl.dev/role": "submitter"}
+    assert _selects(sel, head) and _selects(sel, dict(head, **{"ray.io/node-type": "worker"}))
+    assert not _selects(sel, submitter)
+    same_ns, operator, metrics = np["ingress"]
+    assert same_ns == {"from": [{"podSelector": {}}]}  # no ports: Ray's own traffic inside the namespace
+    assert operator["ports"] == [{"port": 8265, "protocol": "TCP"}]
+    assert operator["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kuberay-system"}}}]
+    assert 8265 not in {p["port"] for p in metrics["ports"]} and {"port": 9400, "endPort": 9407, "protocol": "TCP"} \
+        in metrics["ports"]
 
 
 def test_notes_say_what_to_do_next(helm, chart):
@@ -162,7 +242,7 @@ def test_values_config_has_the_shape_the_cli_reads():
     def keys(d, prefix=""):
         out = set()
         for k, v in d.items():
-            if isinstance(v, dict) and k in ("s3", "head", "workers", "lifecycle"):
+            if isinstance(v, dict) and k in ("s3", "head", "workers", "lifecycle", "placement", "kuberay"):
                 out |= keys(v, f"{k}.")
             else:
                 out.add(prefix + k)
@@ -182,7 +262,10 @@ def test_ci_configmap_carries_every_config_value(ci_docs):
     assert cfg.env == {"NCCL_SOCKET_IFNAME": "eth0", "NCCL_IB_HCA": "mlx5"}
     assert (cfg.head_cpu, cfg.head_memory, cfg.head_node_selector) == ("16", "64Gi", {"node-pool": "on-demand-cpu"})
     assert cfg.cpu_per_gpu == 20 and cfg.memory_per_gpu_gi == 200 and cfg.worker_extra_resources == {"rdma/ib": "1"}
-    assert cfg.worker_capabilities == ("IPC_LOCK",) and cfg.gpu_node_selectors["h100"]["node-pool"] == "h100"
+    assert cfg.gpu_node_selectors["h100"]["node-pool"] == "h100" and cfg.gpu_labels == "gpu-operator"
+    assert (cfg.scratch_size, cfg.tmp_size, cfg.kuberay_version, cfg.ray_auth) == ("500Gi", "10Gi", "1.6", "token")
+    assert cfg.topology_spread[0]["topologyKey"] == "kubernetes.io/hostname" and cfg.extra_volumes[0]["name"] == "cache"
+    assert cfg.pod_annotations == {"cluster-autoscaler.kubernetes.io/safe-to-evict": "false"} and cfg.affinity
     assert (cfg.backoff_limit, cfg.ttl_seconds_after_finished, cfg.pre_running_deadline_seconds) == (3, 300, 3600)
     assert (cfg.deadline_factor, cfg.deadline_slack_seconds) == (2, 3600)
     # and a run submitted with it is valid
@@ -259,14 +342,53 @@ CASES = {
     "config.workers sizes": (WARM + ["--set", "config.workers.cpuPerGpu=10", "--set", "config.workers.memoryPerGpuGi=100",
                                      "--set", "config.workers.extraResources.rdma/ib=1"],
                              lambda d: _worker_c(d)["resources"]["limits"]
-                             == {"cpu": "80", "memory": "800Gi", "nvidia.com/gpu": "8", "rdma/ib": "1"}),
+                             == {"cpu": "80", "memory": "800Gi", "nvidia.com/gpu": "8", "rdma/ib": "1",
+                                 "ephemeral-storage": "220Gi"}),
     "config.workers.gpusPerNode": (["--set", "config.workers.gpusPerNode=4"], lambda d: _cm(d)["workers"]["gpusPerNode"] == 4),
     "config.workers.nodeSelectors": (WARM + ["--set", "config.workers.nodeSelectors.h100.pool=gpu"],
                                      lambda d: _worker(d)["template"]["spec"]["nodeSelector"]["pool"] == "gpu"),
     "config.workers.tolerations": (WARM + ["--set-json", "config.workers.tolerations=[]"],
                                    lambda d: "tolerations" not in _worker(d)["template"]["spec"]),
-    "config.workers.capabilities": (WARM + ["--set-json", 'config.workers.capabilities=["IPC_LOCK"]'],
-                                    lambda d: _worker_c(d)["securityContext"]["capabilities"]["add"] == ["IPC_LOCK"]),
+    "config.workers.gpuLabels": (WARM + ["--set", "config.workers.gpuLabels=gke"],
+                                 lambda d: _worker(d)["template"]["spec"]["nodeSelector"]
+                                 == {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}),
+    "config.workers.scratchSize+tmpSize": (WARM + ["--set", "config.workers.scratchSize=100Gi", "--set", "config.tmpSize=5Gi"],
+                                           lambda d: _worker_c(d)["resources"]["limits"]["ephemeral-storage"] == "105Gi"
+                                           and {"name": "scratch", "emptyDir": {"sizeLimit": "100Gi"}}
+                                           in _worker(d)["template"]["spec"]["volumes"]),
+    "config.placement": (WARM + ["--set-json", 'config.placement={"podAnnotations": {"a": "b"}, "topologySpreadConstraints": '
+                                 '[{"maxSkew": 1, "topologyKey": "zone", "whenUnsatisfiable": "ScheduleAnyway"}], '
+                                 '"affinity": {"podAntiAffinity": {}}}'],
+                         lambda d: _worker(d)["template"]["metadata"]["annotations"] == {"a": "b"}
+                         and _worker(d)["template"]["spec"]["topologySpreadConstraints"][0]["labelSelector"]
+                         == {"matchLabels": {"app.kubernetes.io/instance": "r", "llmctl.dev/role": "worker"}}
+                         and _worker(d)["template"]["spec"]["affinity"] == {"podAntiAffinity": {}}),
+    "config.extraVolumes+Mounts": (WARM + ["--set-json", 'config.extraVolumes=[{"name": "c", "emptyDir": {}}]',
+                                           "--set-json", 'config.extraVolumeMounts=[{"name": "c", "mountPath": "/c"}]'],
+                                   lambda d: {"name": "c", "emptyDir": {}} in _worker(d)["template"]["spec"]["volumes"]
+                                   and {"name": "c", "mountPath": "/c"} in _worker_c(d)["volumeMounts"]),
+    "config.kuberay.version+rayAuth": (WARM + ["--set", "config.kuberay.version=1.6"],
+                                       lambda d: _rc(d)["spec"]["authOptions"] == {"mode": "token"}
+                                       and _cm(d)["kuberay"]["version"] == "1.6"),
+    "config.rayAuth": (["--set", "config.rayAuth=disabled"], lambda d: _cm(d)["rayAuth"] == "disabled"),
+    "rbac.clusterScope": (["--set", "rbac.clusterScope=true"],
+                          lambda d: one(d, "ClusterRole")["rules"][0] == {"apiGroups": ["ray.io"],
+                                                                          "resources": ["rayjobs", "rayservices"],
+                                                                          "verbs": ["list", "watch"]}
+                          and one(d, "ClusterRoleBinding")["roleRef"]["name"] == one(d, "ClusterRole")["metadata"]["name"]),
+    "networkPolicy.enabled": (["--set", "networkPolicy.enabled=false"], lambda d: not find(d, "NetworkPolicy")),
+    "networkPolicy.operatorNamespace+metricsFrom": (
+        ["--set", "networkPolicy.operatorNamespace=ray", "--set-json", "networkPolicy.metricsFrom=[]"],
+        lambda d: [r["from"] for r in one(d, "NetworkPolicy")["spec"]["ingress"]]
+        == [[{"podSelector": {}}], [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ray"}}}]]),
+    "kueue.clusterQueue": (["--set", "kueue.clusterQueue.create=true", "--set", "kueue.clusterQueue.nodes=2",
+                            "--set", "kueue.clusterQueue.runs=3", "--set", "config.workers.extraResources.vpc\\.amazonaws\\.com/efa=32"],
+                           lambda d: one(d, "ClusterQueue")["spec"]["resourceGroups"][0]["coveredResources"]
+                           == ["cpu", "memory", "nvidia.com/gpu", "ephemeral-storage", "vpc.amazonaws.com/efa"]
+                           and {"name": "vpc.amazonaws.com/efa", "nominalQuota": "64"}
+                           in one(d, "ClusterQueue")["spec"]["resourceGroups"][0]["flavors"][1]["resources"]
+                           and one(d, "ResourceFlavor", "h100-h100")["spec"]["nodeLabels"]
+                           == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}),
     "config.lifecycle": (["--set", "config.lifecycle.backoffLimit=0", "--set", "config.lifecycle.deadlineFactor=3"],
                          lambda d: _cm(d)["lifecycle"]["backoffLimit"] == 0 and _cm(d)["lifecycle"]["deadlineFactor"] == 3),
     "rbac.create": (["--set", "rbac.create=false"], lambda d: not find(d, "Role") and not find(d, "RoleBinding")),
@@ -338,7 +460,11 @@ CONFIG_SAMPLES = {  # a non-default value for every leaf under `config` in value
     "head.memory": "16Gi", "head.nodeSelector": {"pool": "cpu"},
     "head.tolerations": [{"key": "k", "operator": "Exists"}], "workers.gpusPerNode": 4, "workers.cpuPerGpu": 10,
     "workers.memoryPerGpuGi": 100, "workers.nodeSelectors": {"h100": {"pool": "gpu"}}, "workers.tolerations": [],
-    "workers.extraResources": {"rdma/ib": "1"}, "workers.capabilities": ["IPC_LOCK"],
+    "workers.extraResources": {"rdma/ib": "1"}, "workers.gpuLabels": "gke", "workers.scratchSize": "50Gi",
+    "tmpSize": "5Gi", "rayAuth": "disabled", "kuberay.version": "1.5", "placement.affinity": {"podAffinity": {}},
+    "placement.topologySpreadConstraints": [{"maxSkew": 2, "topologyKey": "zone", "whenUnsatisfiable": "DoNotSchedule"}],
+    "placement.podAnnotations": {"a": "b"}, "extraVolumes": [{"name": "c", "emptyDir": {}}],
+    "extraVolumeMounts": [{"name": "c", "mountPath": "/c"}],
     "lifecycle.backoffLimit": 0, "lifecycle.ttlSecondsAfterFinished": 60, "lifecycle.preRunningDeadlineSeconds": 600,
     "lifecycle.deadlineFactor": 2.5, "lifecycle.deadlineSlackSeconds": 0,
 }
@@ -532,4 +658,4 @@ def test_rendered_pods_are_locked_down_and_labelled(ci_docs):
     assert (("rayjobs",), ("create", "get", "list", "watch", "delete")) in verbs
     assert all("*" not in r["verbs"] and "*" not in r["resources"] for r in role["rules"])
     run_role = one(ci_docs, "Role", "llmctl-ci-run")
-    assert run_role["rules"] == [{"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["get", "patch"]}]
+    assert run_role["rules"] == [{"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["patch"]}]

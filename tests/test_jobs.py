@@ -26,6 +26,7 @@ from tests.kube_fake import FakeKube
 ROOT = Path(__file__).resolve().parents[1]
 RAYJOBS = "/apis/ray.io/v1/namespaces/team/rayjobs"
 CONFIGMAP = "/api/v1/namespaces/team/configmaps/llmctl-config"
+CRD = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/rayjobs.ray.io"  # KubeRay release discovery
 
 
 @pytest.fixture
@@ -152,7 +153,7 @@ def test_budget_at_the_cluster_price_is_checked_after_reading_the_config_and_cre
     kube.add(configmap({"prices": {"h100": 9.0}}))
     rc, _, err = run(capsys, "submit", "--depth", "20", "--gpus", "8", "--max-cost", "100", "--yes")
     assert rc == 2 and "at $9.00/GPU-h) exceeds --max-cost $100.00" in err
-    assert kube.lines() == [f"GET {CONFIGMAP}"]  # a read, and no POST
+    assert kube.lines() == [f"GET {CONFIGMAP}", f"GET {CRD}"]  # reads, and no POST
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,8 +167,9 @@ def test_submit_posts_exactly_the_dry_run_object(kube, capsys):
     name = expected["metadata"]["name"]
     assert out == f"rayjob.ray.io/{name} created in namespace team\n"
     assert f"llmctl status {name} -n team" in err and "no ConfigMap llmctl-config" in err
-    assert kube.lines() == [f"GET {CONFIGMAP}", f"POST {RAYJOBS}"]
-    post = kube.requests[1]
+    assert kube.lines() == [f"GET {CONFIGMAP}", f"GET {CRD}", f"POST {RAYJOBS}"]
+    post = kube.requests[2]
+    assert post.query == {"fieldValidation": "Strict"}  # an unknown field is a loud 400, never a silent prune
     assert post.body == expected
     schemas.validate(post.body)
 
@@ -199,7 +201,7 @@ def test_submit_uses_the_namespace_configmap_and_flags_override_it(kube, capsys)
 def test_submit_asks_on_a_terminal(kube, capsys, monkeypatch):
     rc, _, err = run(capsys, "submit", "--depth", "12", "--gpus", "8", stdin="n\n", tty=True, monkeypatch=monkeypatch)
     assert rc == 1 and "[y/N]" in err and "nothing was created" in err
-    assert kube.lines() == [f"GET {CONFIGMAP}"]
+    assert kube.lines() == [f"GET {CONFIGMAP}", f"GET {CRD}"]
     rc, out, _ = run(capsys, "submit", "--depth", "12", "--gpus", "8", stdin="y\n", tty=True, monkeypatch=monkeypatch)
     assert rc == 0 and "created" in out
     assert kube.lines()[-1] == f"POST {RAYJOBS}"
@@ -223,7 +225,8 @@ def test_forbidden_and_unauthorized_are_one_actionable_line(capsys, tmp_path, mo
     with FakeKube(forbid={("create", "rayjobs")}) as k:
         monkeypatch.setenv("KUBECONFIG", str(k.kubeconfig(tmp_path / "kc")))
         rc, _, err = run(capsys, "submit", "--depth", "12", "--gpus", "8", "--yes")
-        assert rc == 1 and "forbidden" in err and "bind the llmctl Role in namespace team" in err
+        assert rc == 1 and "forbidden" in err
+        assert "needs create on rayjobs.ray.io in namespace team, which the llmctl chart's Role grants" in err
         monkeypatch.setenv("KUBECONFIG", str(k.kubeconfig(tmp_path / "kc2", token="stale")))
         rc, _, err = run(capsys, "list")
         assert rc == 1 and "rejected your credentials (401)" in err
@@ -408,7 +411,9 @@ def test_cancel_deletes_the_rayjob_in_the_background(kube, capsys):
     assert rc == 0 and out == f"rayjob.ray.io/{name} deleted in namespace team\n" and "resumes" in err
     assert kube.lines() == [f"GET {RAYJOBS}/{name}", f"DELETE {RAYJOBS}/{name}"]
     assert kube.requests[1].query == {"propagationPolicy": "Background"}
-    assert kube.get("rayjobs", "team", name) is None
+    # a real server keeps it, terminating, until KubeRay removes its finalizer (tests/kube_fake.py reconcile)
+    assert kube.get("rayjobs", "team", name)["metadata"]["deletionTimestamp"]
+    assert kube.reconcile() == [name] and kube.get("rayjobs", "team", name) is None
 
 
 def test_cancel_refusals_make_no_delete(kube, capsys, monkeypatch):

@@ -1,5 +1,6 @@
-"""cli/rayjob.py and cli/cluster.py's config: the RayJob a plan becomes, checked against KubeRay's CRD, the
-Kubernetes schemas and KubeRay's admission rules; the plan's trip through three shells; the golden examples
+"""cli/rayjob.py and cli/clusterconfig.py: the RayJob a plan becomes, checked strictly against the CRD of every
+supported KubeRay release (1.3-1.7; only the fields each release serves), the Kubernetes schemas and KubeRay's
+admission rules; the plan's trip through three shells; the golden examples
 in k8s/examples/; the trainer Dockerfile (hadolint, Ray version agreement).
 
 Run: .venv/bin/pytest tests/test_rayjob.py -v
@@ -153,7 +154,7 @@ def test_refuses_local_storage_and_local_gpu_type():
 
 
 def test_every_container_is_non_root_and_locked_down():
-    cfg = ClusterConfig(worker_capabilities=("IPC_LOCK",), s3_secret="llmctl-s3", s3_endpoint="http://minio:9000")
+    cfg = ClusterConfig(s3_secret="llmctl-s3", s3_endpoint="http://minio:9000")
     _, rj = rayjob(26, 16, cfg)
     for tpl in schemas.pod_templates(rj):
         pod = tpl[1]["spec"]
@@ -163,9 +164,16 @@ def test_every_container_is_non_root_and_locked_down():
         assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
         assert sc["capabilities"]["drop"] == ["ALL"]
         assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]
-    worker_c = workers(rj)[0]["template"]["spec"]["containers"][0]
-    assert worker_c["securityContext"]["capabilities"]["add"] == ["IPC_LOCK"]
+        # Pod Security "restricted" allows adding only NET_BIND_SERVICE; we add nothing
+        assert "add" not in sc["capabilities"]
     schemas.validate(rj)
+
+
+def test_ipc_lock_option_is_refused_with_the_reason():
+    """Issue 13 item 9: IPC_LOCK did nothing for uid 1000 and Pod Security baseline/restricted reject it."""
+    with pytest.raises(UsageError, match="workers.capabilities: removed: .*non-root.*memlock"):
+        ClusterConfig.from_dict({"workers": {"capabilities": ["IPC_LOCK"]}})
+    ClusterConfig.from_dict({"workers": {"capabilities": []}})  # the old chart's empty default still loads
 
 
 def test_credentials_only_by_reference():
@@ -206,19 +214,128 @@ def test_every_config_option_renders_a_valid_rayjob():
         head_cpu="16", head_memory="64Gi", head_node_selector={"pool": "cpu"},
         head_tolerations=({"key": "dedicated", "operator": "Equal", "value": "head", "effect": "NoSchedule"},),
         gpus_per_node=4, cpu_per_gpu=20, memory_per_gpu_gi=200, worker_extra_resources={"rdma/ib": "1"},
-        worker_capabilities=("IPC_LOCK",), backoff_limit=5, ttl_seconds_after_finished=0,
+        gpu_labels="gke", scratch_size="500Gi", tmp_size="10Gi",
+        affinity={"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+            {"matchExpressions": [{"key": "topology.kubernetes.io/zone", "operator": "In", "values": ["a"]}]}]}}},
+        topology_spread=({"maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
+                          "whenUnsatisfiable": "DoNotSchedule"},),
+        pod_annotations={"cluster-autoscaler.kubernetes.io/safe-to-evict": "false"},
+        extra_volumes=({"name": "cache", "persistentVolumeClaim": {"claimName": "hf-cache"}},),
+        extra_volume_mounts=({"name": "cache", "mountPath": "/cache", "readOnly": True},),
+        kuberay_version="1.6", ray_auth="token",
+        backoff_limit=5, ttl_seconds_after_finished=0,
         pre_running_deadline_seconds=60, deadline_factor=3.0, deadline_slack_seconds=0)
     p = plan(RunSpec(depth=20, gpus=16, storage_root=STORAGE))
     rj = build_rayjob(p, cfg, namespace="team", extra_env={"NCCL_DEBUG": "INFO"})
-    schemas.validate(rj)
+    schemas.validate(rj, {"kuberay": "1.6.2"})
     (group,) = workers(rj)
     assert group["replicas"] == 4
-    c = group["template"]["spec"]["containers"][0]
-    assert c["resources"]["limits"] == {"cpu": "80", "memory": "800Gi", "nvidia.com/gpu": "4", "rdma/ib": "1"}
+    pod = group["template"]["spec"]
+    c = pod["containers"][0]
+    assert c["resources"]["limits"] == {"cpu": "80", "memory": "800Gi", "nvidia.com/gpu": "4", "rdma/ib": "1",
+                                        "ephemeral-storage": "510Gi"}
     env = {e["name"]: e.get("value") for e in c["env"]}
     assert env["NCCL_DEBUG"] == "INFO" and env["NCCL_SOCKET_IFNAME"] == "eth0"  # --env beats the default
+    assert env["TMPDIR"] == "/scratch"  # checkpoints are staged on the sized scratch volume, not /tmp
+    assert env["RAY_TMPDIR"] == "/tmp"  # Ray's own files stay where tmpSize accounts for them
     assert [e["name"] for e in c["env"]].count("NCCL_DEBUG") == 1
     assert rj["spec"]["submitterPodTemplate"]["spec"]["imagePullSecrets"] == [{"name": "regcred"}]
+    assert pod["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}
+    assert pod["affinity"] == cfg.affinity
+    assert pod["topologySpreadConstraints"] == [dict(cfg.topology_spread[0], labelSelector={
+        "matchLabels": {"llmctl.dev/run": p.name, "llmctl.dev/role": "worker"}})]
+    assert group["template"]["metadata"]["annotations"] == cfg.pod_annotations
+    assert {"name": "scratch", "emptyDir": {"sizeLimit": "500Gi"}} in pod["volumes"]
+    assert {"name": "tmp", "emptyDir": {"sizeLimit": "10Gi"}} in pod["volumes"]
+    assert cfg.extra_volumes[0] in pod["volumes"] and cfg.extra_volume_mounts[0] in c["volumeMounts"]
+    assert {"name": "scratch", "mountPath": "/scratch"} in c["volumeMounts"]
+    head = rj["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    assert "topologySpreadConstraints" not in head and cfg.extra_volumes[0] in head["volumes"]
+    assert rj["spec"]["rayClusterSpec"]["authOptions"] == {"mode": "token"}
+    assert rj["spec"]["preRunningDeadlineSeconds"] == 60
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"placement": {"topologySpreadConstraints": [{"maxSkew": 1}]}}, "placement.topologySpreadConstraints"),
+    ({"placement": {"affinity": {"nodeAfinity": {}}}}, "placement.affinity"),
+    ({"extraVolumeMounts": [{"name": "x", "mountPath": "/x"}]}, "'x' is not in extraVolumes"),
+    ({"extraVolumes": [{"name": "scratch", "emptyDir": {}}]}, "taken by llmctl's own volume"),
+    ({"workers": {"scratchSize": "big"}}, "workers.scratchSize"),
+    ({"workers": {"gpuLabels": "aws"}}, "workers.gpuLabels: must be one of gpu-operator, gke"),
+    ({"kuberay": {"version": 1.6}}, "kuberay.version: must be a quoted string"),
+    ({"kuberay": {"version": "latest"}}, "kuberay.version: must be X.Y"),
+    ({"rayAuth": "on"}, "rayAuth: must be token or disabled"),
+])
+def test_placement_and_version_keys_name_the_bad_key(data, message):
+    with pytest.raises(UsageError, match=re.escape(message)):
+        ClusterConfig.from_dict(data)
+
+
+def test_gpu_label_choice_sets_every_default_selector():
+    for choice, label in (("gpu-operator", "nvidia.com/gpu.product"), ("gke", "cloud.google.com/gke-accelerator")):
+        cfg, _ = ClusterConfig.from_dict({"workers": {"gpuLabels": choice}})
+        assert {tuple(sel) for sel in cfg.gpu_node_selectors.values()} == {(label,)}
+    cfg, _ = ClusterConfig.from_dict({"workers": {"gpuLabels": "gke", "nodeSelectors": {"h100": {"pool": "x"}}}})
+    assert cfg.gpu_node_selectors == {"h100": {"pool": "x"}}  # explicit selectors win
+
+
+# ---------------------------------------------------------------------------------------------
+# The supported version matrix: the RayJob holds exactly what each KubeRay release serves
+
+
+@pytest.mark.parametrize("release", schemas.KUBERAY_RELEASES)
+@pytest.mark.parametrize("queue", [None, "h100"])
+def test_rayjob_validates_strictly_against_every_supported_kuberay(release, queue):
+    major_minor = ".".join(release.split(".")[:2])
+    for cfg in (ClusterConfig(kuberay_version=release, queue=queue),
+                ClusterConfig(kuberay_version=major_minor, queue=queue, run_service_account="llmctl-run",
+                              s3_secret="s3", topology_spread=({"maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
+                                                                "whenUnsatisfiable": "DoNotSchedule"},))):
+        _, rj = rayjob(26, 16, cfg)
+        schemas.validate(rj, {"kuberay": release})
+    version = tuple(map(int, release.split(".")))
+    assert ("preRunningDeadlineSeconds" in rj["spec"]) == (version >= (1, 6, 0))
+    _, rj = rayjob(26, 16, ClusterConfig(kuberay_version=release))
+    assert ("authOptions" in rj["spec"]["rayClusterSpec"]) == (version >= (1, 5, 1))
+    p = plan(RunSpec(depth=20, gpus=8, storage_root=STORAGE))
+    warm = build_rayjob(p, ClusterConfig(kuberay_version=release), namespace="team", ray_cluster="llmctl-warm")
+    schemas.validate(warm, {"kuberay": release})
+
+
+def test_the_newest_kuberay_fields_are_what_older_releases_reject():
+    """Item 1 of issue 13: the 1.7 rendering sent to a 1.5 server is a strict-decoding error, not a prune."""
+    _, rj = rayjob(26, 8)  # no version known: the newest supported
+    schemas.validate(rj, {"kuberay": "1.7.0"})
+    with pytest.raises(schemas.Invalid, match="preRunningDeadlineSeconds"):
+        schemas.validate(rj, {"kuberay": "1.5.2"})
+    unknown = schemas.unknown_fields(rj, schemas.crd_schema("ray.io", "RayJob", "v1", "1.4.2"))
+    assert sorted(unknown) == ["spec.preRunningDeadlineSeconds", "spec.rayClusterSpec.authOptions"]
+
+
+def test_versions_outside_the_matrix_are_refused():
+    for bad in ("1.2", "1.8.0", "2.0"):
+        with pytest.raises(ValueError, match="KubeRay .* is not supported: llmctl renders RayJobs for KubeRay 1.3 to 1.7"):
+            rayjob(26, 8, ClusterConfig(kuberay_version=bad))
+
+
+def test_ray_auth_only_where_kuberay_and_ray_support_it():
+    _, rj = rayjob(26, 8, ClusterConfig(ray_auth="disabled"))
+    assert "authOptions" not in rj["spec"]["rayClusterSpec"]
+    _, rj = rayjob(26, 8, ClusterConfig(ray_version="2.51.0"))
+    assert "authOptions" not in rj["spec"]["rayClusterSpec"]  # KubeRay refuses token mode below Ray 2.52
+
+
+@pytest.mark.parametrize("release", schemas.KUBERAY_RELEASES)
+def test_the_installed_release_is_read_off_its_crd(release):
+    from cli.kubeversions import kuberay_release_from_crd
+
+    crd = schemas.crd_object("ray.io", "RayJob", release)
+    found = kuberay_release_from_crd(crd)
+    expected = tuple(map(int, release.split(".")))[:2]
+    assert found[:2] == expected
+    # rendering for the inferred release is valid on that release
+    _, rj = rayjob(26, 8, ClusterConfig(kuberay_version=".".join(map(str, found))))
+    schemas.validate(rj, {"kuberay": release})
 
 
 def _head_container(rj):
@@ -317,22 +434,34 @@ def test_configmap_without_config_key_is_an_actionable_error():
 # Golden examples: `llmctl submit --dry-run` output, regenerated and compared
 
 
+ANY_KUBERAY = "k8s/examples/any-kuberay/kuberay-1.3.cluster-config.yaml"
 GOLDEN = {
     "d12-1xh100.yaml": ["--depth", "12", "--gpus", "1"],
     "d20-8xh100.yaml": ["--depth", "20", "--gpus", "8"],
     "d26-8xh100.yaml": ["--depth", "26", "--gpus", "8"],
     "d32-16xh100-kueue.yaml": ["--depth", "32", "--gpus", "16", "--queue", "h100"],
+    # rendered for KubeRay 1.3: valid on every supported release (kubectl apply validates strictly)
+    "any-kuberay/d26-8xh100.yaml": ["--depth", "26", "--gpus", "8", "--cluster-config", ANY_KUBERAY],
+    "any-kuberay/d32-16xh100-kueue.yaml": ["--depth", "32", "--gpus", "16", "--queue", "h100",
+                                           "--cluster-config", ANY_KUBERAY],
 }
 
 
 @pytest.mark.parametrize("name", sorted(GOLDEN))
 def test_golden_examples(name, capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "none"))  # no cluster, no kubeconfig
+    monkeypatch.chdir(ROOT)  # --cluster-config paths are relative to the repository
     argv = ["submit", *GOLDEN[name], "--dry-run", "-o", "yaml", "-n", "llmctl"]
     assert main(argv) == 0
     out = capsys.readouterr().out
+    portable = "--cluster-config" in argv
     header = (f"# Generated by `llmctl {' '.join(argv)}`; tests/test_rayjob.py regenerates it and compares.\n"
               f"# Do not edit: after a deliberate change, LLMCTL_REGEN=1 pytest tests/test_rayjob.py -k golden\n")
+    if portable:
+        header += "# Rendered for KubeRay 1.3, so valid on every supported release (1.3 to 1.7).\n"
+    else:
+        header += ("# For KubeRay >= 1.6 (the newest supported release's fields); any-kuberay/ has examples for\n"
+                   "# 1.3 to 1.7, and `llmctl submit` renders for the release it finds installed.\n")
     text = header + out
     path = EXAMPLES / name
     if os.environ.get("LLMCTL_REGEN"):
@@ -340,7 +469,12 @@ def test_golden_examples(name, capsys, monkeypatch, tmp_path):
     assert path.exists(), f"{path} missing: LLMCTL_REGEN=1 pytest tests/test_rayjob.py -k golden"
     assert path.read_text() == text, f"{path} drifted from `llmctl submit --dry-run`; review, then regenerate"
     (rj,) = schemas.load_yaml_stream(text)
-    schemas.validate(rj)
+    for release in schemas.KUBERAY_RELEASES:  # strictly, as `kubectl apply` (--validate=strict) judges
+        if portable or tuple(map(int, release.split("."))) >= (1, 6, 0):
+            schemas.validate(rj, {"kuberay": release})
+        else:  # exactly the version-gated fields, which any-kuberay/ leaves out
+            unknown = schemas.unknown_fields(rj, schemas.crd_schema("ray.io", "RayJob", "v1", release))
+            assert set(unknown) <= {"spec.preRunningDeadlineSeconds", "spec.rayClusterSpec.authOptions"}, unknown
     pods, per_pod = worker_layout(int(GOLDEN[name][3]))
     assert workers(rj)[0]["replicas"] == pods
 
@@ -380,3 +514,28 @@ def test_dockerfile_pins_and_matches_the_ray_version():
     for pkg in ("tiktoken", "datasets", "pyarrow", "kubernetes", "prometheus-client"):
         key = next(k for k in pinned if k.lower() == pkg)
         assert pinned[key] == md.version(pkg), f"Dockerfile pins {key}=={pinned[key]}, tests run {md.version(pkg)}"
+
+
+def test_dry_run_renders_for_the_kuberay_version_given(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "none"))
+    assert main(["submit", "--depth", "20", "--gpus", "8", "--dry-run", "-o", "yaml", "--kuberay-version", "1.5"]) == 0
+    (rj,) = schemas.load_yaml_stream(capsys.readouterr().out)
+    assert "preRunningDeadlineSeconds" not in rj["spec"]
+    schemas.validate(rj, {"kuberay": "1.5.2"})
+
+
+def test_dockerfile_network_variants_carry_the_fabric_userspace():
+    """Issue 13 item 9: without RDMA userspace or the OFI plugin NCCL falls back to TCP sockets between nodes."""
+    text = DOCKERFILE.read_text()
+    assert re.search(r"^ARG NETWORK=tcp$", text, re.M) and re.search(r"^ARG EFA_INSTALLER_VERSION=[\d.]+$", text, re.M)
+    ib = re.search(r'"\$\{NETWORK\}" = ib \]; then\s*\\\s*apt-get install[^\n]*', text).group(0)
+    assert all(p in ib for p in ("rdma-core", "ibverbs-providers", "libibverbs1"))
+    efa = text[text.index('"${NETWORK}" = efa'):]
+    assert "efa_installer.sh -y --skip-kmod" in efa and "aws-efa-installer-${EFA_INSTALLER_VERSION}" in efa
+    assert "/opt/amazon/ofi-nccl/lib" in text  # where NCCL finds the aws-ofi-nccl plugin
+    bad = subprocess.run(["sh", "-c", re.search(r"case .*? esac", text).group(0)], env={"NETWORK": "roce"},
+                         capture_output=True, text=True)
+    assert bad.returncode == 1 and "NETWORK must be tcp, ib or efa" in bad.stderr
+    docs = (ROOT / "docs" / "kubernetes.md").read_text()
+    for word in ("NETWORK=efa", "FI_PROVIDER", "NCCL_IB_HCA", "vpc.amazonaws.com/efa", "memlock"):
+        assert word in docs, f"docs/kubernetes.md must explain {word}"

@@ -48,7 +48,7 @@ GPUS: dict[str, GPU] = {
 MFU_ANCHORS = ((12, 0.41), (18, 0.46), (24, 0.50), (26, 0.477))
 # Shown in every plan (and stored in it): the k8s/examples golden plans carry this exact text, so a change
 # here means regenerating them (LLMCTL_REGEN=1 pytest tests/test_rayjob.py -k golden).
-MFU_SOURCE = "nanochat 8xH100 bf16: d12 41%, d18 46%, d24 50%, d26 47.7% (perf-anchors §2)"
+MFU_SOURCE = "nanochat 8xH100 bf16: d12 41%, d18 46%, d24 50%, d26 47.7% (nanochat README and dev/LOG.md; docs/recipe.md)"
 FP8_SPEEDUP = 1.17  # tensorwise fp8 at d26: 740K vs 630K tok/s (LOG 2026-02-02); bf16-equivalent MFU
 FP8_GPUS = ("h100", "h200")  # fp8 tensor cores (compute capability >= 8.9) in the catalog
 FP8_MIN_USEFUL_DEPTH = 20  # nanochat dev/LOG.md: fp8 was slower at d12; its gain was measured at d26

@@ -2,7 +2,7 @@
 
 Without a cache, every new token re-runs the whole sequence through the model (quadratic work). With
 one, the prompt is run once (prefill) and each later step feeds only the newest token, whose query
-attends to keys and values stored from earlier steps (nanochat `engine.py`, facts §8):
+attends to keys and values stored from earlier steps (nanochat `engine.py`; docs/recipe.md):
 
 - `KVCache` preallocates, per layer, keys and values of shape (B, n_kv_head, max_len, head_dim) in the
   model's compute dtype: the (B, H, T, D) layout SDPA reads, so a layer's view needs no transpose.
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 DEFAULT_SEED = 42  # nanochat Engine.generate's default seed
-CHAT_STOP_TOKENS = ("<|assistant_end|>", "<|bos|>")  # a chat reply ends at either (facts §8)
+CHAT_STOP_TOKENS = ("<|assistant_end|>", "<|bos|>")  # a chat reply ends at either (nanochat engine.py)
 
 
 class KVCache:

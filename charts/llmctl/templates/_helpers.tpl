@@ -118,10 +118,48 @@ allowPrivilegeEscalation: false
 readOnlyRootFilesystem: {{ .readOnly }}
 capabilities:
   drop: ["ALL"]
-  {{- with .add }}
-  add:
-    {{- toYaml . | nindent 4 }}
-  {{- end }}
+{{- end }}
+
+{{/*
+Node selector of GPU nodes of one type (dict "root" $ "gpuType" "h100"), as YAML (empty when none):
+config.workers.nodeSelectors when set (only the types listed there), else config.workers.gpuLabels' label
+with the usual value for the type. The same table as cli/clusterconfig.py (tests/test_chart.py compares).
+*/}}
+{{- define "llmctl.gpuSelector" -}}
+{{- $w := .root.Values.config.workers }}
+{{- if $w.nodeSelectors }}
+{{- with get $w.nodeSelectors .gpuType }}{{ toYaml . }}{{ end }}
+{{- else }}
+{{- $tables := dict
+  "gpu-operator" (dict "label" "nvidia.com/gpu.product" "h100" "NVIDIA-H100-80GB-HBM3" "h100-pcie" "NVIDIA-H100-PCIe" "h200" "NVIDIA-H200" "a100" "NVIDIA-A100-SXM4-80GB")
+  "gke" (dict "label" "cloud.google.com/gke-accelerator" "h100" "nvidia-h100-80gb" "h100-pcie" "nvidia-h100-80gb" "h200" "nvidia-h200-141gb" "a100" "nvidia-a100-80gb") }}
+{{- $t := get $tables $w.gpuLabels }}
+{{- with get $t .gpuType }}{{ get $t "label" }}: {{ . }}{{ end }}
+{{- end }}
+{{- end }}
+
+{{/*
+The Kueue API version this cluster serves: v1beta2 from Kueue 0.15, else v1beta1 (served by 0.13 to 0.19).
+`helm template` without a cluster sees no Kueue: pass --api-versions kueue.x-k8s.io/v1beta2 to choose.
+*/}}
+{{- define "llmctl.kueueAPI" -}}
+{{- if .Capabilities.APIVersions.Has "kueue.x-k8s.io/v1beta2" }}kueue.x-k8s.io/v1beta2{{ else }}kueue.x-k8s.io/v1beta1{{ end }}
+{{- end }}
+
+{{/*
+A "<n>Gi" quantity as the integer n (the schema allows only that form for the sizes summed here).
+*/}}
+{{- define "llmctl.gi" -}}
+{{- trimSuffix "Gi" (toString .) | int }}
+{{- end }}
+
+{{/*
+Whether the warm cluster gets Ray token authentication: rayAuth token, a known KubeRay >= 1.5.1 (the chart
+cannot read the operator's release; config.kuberay.version says it) and Ray >= 2.52.
+*/}}
+{{- define "llmctl.rayAuth" -}}
+{{- $cfg := .Values.config }}
+{{- if and (eq $cfg.rayAuth "token") $cfg.kuberay.version (semverCompare ">=1.5.1-0" $cfg.kuberay.version) (semverCompare ">=2.52.0-0" $cfg.rayVersion) }}true{{ end }}
 {{- end }}
 
 {{/*
@@ -141,6 +179,9 @@ Fail early, naming the key and the value, for combinations the schema cannot exp
 {{- if and .Values.rayCluster.autoscaling.enabled (gt (int .Values.rayCluster.autoscaling.minReplicas) (int .Values.rayCluster.autoscaling.maxReplicas)) }}
 {{- fail (printf "rayCluster.autoscaling.minReplicas (%d) is above maxReplicas (%d)" (int .Values.rayCluster.autoscaling.minReplicas) (int .Values.rayCluster.autoscaling.maxReplicas)) }}
 {{- end }}
+{{- end }}
+{{- if and .Values.kueue.clusterQueue.create (not (regexMatch "^[0-9]+Gi$" (toString .Values.config.head.memory))) }}
+{{- fail (printf "config.head.memory must be whole Gi (e.g. 32Gi) when kueue.clusterQueue.create sizes quota from it; got %q" (toString .Values.config.head.memory)) }}
 {{- end }}
 {{- range $k, $v := .Values.config.env }}
 {{- if regexMatch "(?i)(SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|PRIVATE_KEY|ACCESS_KEY)" $k }}

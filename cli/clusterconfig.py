@@ -1,0 +1,357 @@
+"""The cluster config: defaults, the `llmctl-config` ConfigMap's `config.yaml` shape, and its validation.
+
+Three layers, later ones win:
+  1. `ClusterConfig()` defaults (below), enough for `submit --dry-run` on a machine with no cluster;
+  2. the `config.yaml` key of the `llmctl-config` ConfigMap that the Helm chart installs in the namespace
+     (or a local file of the same shape, `--cluster-config FILE`, which replaces the ConfigMap lookup);
+  3. flags (`--image`, `--queue`, `--storage`, `--price`, `--env`).
+
+Every key names itself in errors (`cluster config workers.gpusPerNode: must be ...`); keys this llmctl does
+not know are warnings (a newer chart), keys it removed on purpose are errors that say what replaced them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cli.errors import CLIError, UsageError
+
+CONFIGMAP = "llmctl-config"  # installed by charts/llmctl; one per namespace
+CONFIG_KEY = "config.yaml"
+# The trainer image built from images/trainer/Dockerfile; its Ray must equal RAY_VERSION (tests check both).
+IMAGE = "ghcr.io/llmctl/trainer:0.1.0"
+RAY_VERSION = "2.60.0"
+
+# GPU node labels: one choice per cluster, used by the RayJob's worker nodeSelector, the chart's warm cluster
+# and the chart's Kueue ResourceFlavors. "gpu-operator": NVIDIA GPU Feature Discovery's product label
+# (installed by the GPU Operator; values are the product names GFD reports,
+# https://github.com/NVIDIA/k8s-device-plugin/tree/main/docs/gpu-feature-discovery). "gke": the label GKE puts
+# on every GPU node itself (https://cloud.google.com/kubernetes-engine/docs/how-to/gpus#multiple_gpus; GFD is
+# not installed there by default). The values are assumptions per SKU; the ConfigMap can override each.
+GPU_LABELS = {"gpu-operator": "nvidia.com/gpu.product", "gke": "cloud.google.com/gke-accelerator"}
+GPU_PRODUCT_LABEL = GPU_LABELS["gpu-operator"]
+_GPU_LABEL_VALUES = {
+    "gpu-operator": {"h100": "NVIDIA-H100-80GB-HBM3", "h100-pcie": "NVIDIA-H100-PCIe", "h200": "NVIDIA-H200",
+                     "a100": "NVIDIA-A100-SXM4-80GB"},
+    "gke": {"h100": "nvidia-h100-80gb", "h100-pcie": "nvidia-h100-80gb", "h200": "nvidia-h200-141gb",
+            "a100": "nvidia-a100-80gb"},
+}
+
+
+def default_gpu_node_selectors(gpu_labels: str = "gpu-operator") -> dict[str, dict[str, str]]:
+    label = GPU_LABELS[gpu_labels]
+    return {gpu: {label: value} for gpu, value in _GPU_LABEL_VALUES[gpu_labels].items()}
+
+
+DEFAULT_GPU_NODE_SELECTORS = default_gpu_node_selectors()
+# The NVIDIA device plugin's conventional taint on GPU nodes.
+DEFAULT_GPU_TOLERATIONS = ({"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},)
+
+# Environment variable names that would put a credential into a manifest: refused, use a Secret.
+_SECRETISH = re.compile(r"(SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|PRIVATE_KEY|ACCESS_KEY)", re.I)
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_DNS1123 = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_QUANTITY = re.compile(r"[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?")
+
+
+# ---------------------------------------------------------------------------------------------
+# The config
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Everything about the target cluster that the plan does not decide. Validates itself, naming the key."""
+
+    image: str = IMAGE
+    image_pull_policy: str = "IfNotPresent"
+    image_pull_secrets: tuple[str, ...] = ()
+    ray_version: str = RAY_VERSION
+    storage_root: str = "s3://llmctl"  # shared storage every pod reaches; file:// cannot work across pods
+    s3_endpoint: str | None = None  # AWS_ENDPOINT_URL for MinIO/Ceph; None = AWS
+    s3_region: str | None = None
+    s3_secret: str | None = None  # Secret whose keys become env (AWS_ACCESS_KEY_ID, ...); None = ambient (IRSA)
+    prices: dict[str, float] = field(default_factory=dict)  # $/GPU-hour by GPU type, over the plan's catalog
+    queue: str | None = None  # Kueue LocalQueue; the RayJob is created suspended and Kueue admits it
+    priority_class: str | None = None
+    run_service_account: str | None = None  # head pod's account, allowed to annotate its RayJob with progress
+    labels: dict[str, str] = field(default_factory=dict)  # extra labels on the RayJob and its pods (cost centre)
+    env: dict[str, str] = field(default_factory=dict)  # extra env on Ray containers (NCCL_SOCKET_IFNAME, ...)
+    read_only_root_filesystem: bool = True  # /tmp is an emptyDir, HOME=/tmp
+    head_cpu: str = "8"
+    head_memory: str = "32Gi"
+    head_node_selector: dict[str, str] = field(default_factory=dict)
+    head_tolerations: tuple[dict, ...] = ()
+    gpus_per_node: int = 8  # one worker pod takes a whole node (KubeRay's sizing advice)
+    cpu_per_gpu: int = 12  # 8 GPUs -> 96 CPUs, 1000 GiB: fits H100 nodes' allocatable (H100 node sizes: docs/kubernetes.md)
+    memory_per_gpu_gi: int = 125
+    gpu_node_selectors: dict[str, dict[str, str]] | None = None  # None: the defaults of gpu_labels
+    gpu_tolerations: tuple[dict, ...] = DEFAULT_GPU_TOLERATIONS
+    gpu_labels: str = "gpu-operator"  # which node labels pick GPU nodes (GPU_LABELS); sets the default selectors
+    worker_extra_resources: dict[str, str] = field(default_factory=dict)  # per pod, e.g. RDMA devices
+    # Checkpoints are staged on local disk before upload (TMPDIR); a sized emptyDir at /scratch with a matching
+    # ephemeral-storage request keeps a node with a small root disk from DiskPressure eviction.
+    scratch_size: str = "200Gi"
+    tmp_size: str = "20Gi"  # /tmp (Ray's logs and sockets, HOME) on every Ray pod
+    # Placement and extras for every Ray pod (head, workers, submitter): Kubernetes shapes, passed through.
+    affinity: dict = field(default_factory=dict)
+    topology_spread: tuple[dict, ...] = ()  # topologySpreadConstraints of worker pods
+    pod_annotations: dict[str, str] = field(default_factory=dict)
+    extra_volumes: tuple[dict, ...] = ()  # pod volumes on head and workers (e.g. a dataset cache PVC)
+    extra_volume_mounts: tuple[dict, ...] = ()  # their mounts in the Ray containers
+    kuberay_version: str | None = None  # installed KubeRay "X.Y[.Z]" where CRDs cannot be read; None: discover
+    ray_auth: str = "token"  # Ray token authentication (KubeRay >= 1.5.1, Ray >= 2.52); "disabled" to turn off
+    backoff_limit: int = 2  # RayJob retries; each is a new RayCluster that resumes from the last checkpoint
+    ttl_seconds_after_finished: int = 600  # keep the finished cluster this long (logs, dashboard)
+    pre_running_deadline_seconds: int = 1800  # fail a run whose pods are not running 30 min after admission
+    deadline_factor: float = 1.5  # activeDeadlineSeconds = estimate x factor + slack
+    deadline_slack_seconds: int = 1800
+
+    def __post_init__(self) -> None:
+        def bad(key: str, why: str) -> None:
+            raise UsageError(f"cluster config {key}: {why}")
+
+        if not self.image or any(c.isspace() for c in self.image):
+            bad("image", f"must be an image reference, got {self.image!r}")
+        if self.image_pull_policy not in ("Always", "IfNotPresent", "Never"):
+            bad("imagePullPolicy", f"must be Always, IfNotPresent or Never, got {self.image_pull_policy!r}")
+        if not re.fullmatch(r"\d+\.\d+\.\d+", self.ray_version):
+            bad("rayVersion", f"must be X.Y.Z, got {self.ray_version!r}")
+        if "://" not in self.storage_root:
+            bad("storageRoot", f"must be a URL such as s3://bucket/prefix, got {self.storage_root!r}")
+        for key, name in (("s3.credentialsSecret", self.s3_secret), ("priorityClass", self.priority_class),
+                          ("runServiceAccount", self.run_service_account), ("queue", self.queue)):
+            if name is not None and not (_DNS1123.fullmatch(name) and len(name) <= 253):
+                bad(key, f"must be a Kubernetes object name (lower-case DNS-1123), got {name!r}")
+        for gpu, price in self.prices.items():
+            if not isinstance(price, (int, float)) or isinstance(price, bool) or price < 0:
+                bad(f"prices.{gpu}", f"must be a number of dollars >= 0, got {price!r}")
+        for k, v in self.env.items():
+            if not _ENV_NAME.fullmatch(k):
+                bad(f"env.{k}", "is not a valid environment variable name")
+            if _SECRETISH.search(k):
+                bad(f"env.{k}", "looks like a credential; put it in a Secret and name it in s3.credentialsSecret")
+            if not isinstance(v, str):
+                bad(f"env.{k}", f"must be a string, got {v!r}")
+        for key, q in (("head.cpu", self.head_cpu), ("head.memory", self.head_memory),
+                       *((f"workers.extraResources.{k}", v) for k, v in self.worker_extra_resources.items())):
+            if not isinstance(q, str) or not _QUANTITY.fullmatch(q):
+                bad(key, f"must be a Kubernetes quantity string such as '8' or '32Gi', got {q!r}")
+        for key, n, lo in (("workers.gpusPerNode", self.gpus_per_node, 1), ("workers.cpuPerGpu", self.cpu_per_gpu, 1),
+                           ("workers.memoryPerGpuGi", self.memory_per_gpu_gi, 1),
+                           ("lifecycle.backoffLimit", self.backoff_limit, 0),
+                           ("lifecycle.ttlSecondsAfterFinished", self.ttl_seconds_after_finished, 0),
+                           ("lifecycle.preRunningDeadlineSeconds", self.pre_running_deadline_seconds, 1),
+                           ("lifecycle.deadlineSlackSeconds", self.deadline_slack_seconds, 0)):
+            if not isinstance(n, int) or isinstance(n, bool) or n < lo:
+                bad(key, f"must be an integer >= {lo}, got {n!r}")
+        if not isinstance(self.deadline_factor, (int, float)) or self.deadline_factor < 1:
+            bad("lifecycle.deadlineFactor", f"must be a number >= 1, got {self.deadline_factor!r}")
+        for key, tols in (("head.tolerations", self.head_tolerations), ("workers.tolerations", self.gpu_tolerations)):
+            for t in tols:
+                if not isinstance(t, dict) or set(t) - {"key", "operator", "value", "effect", "tolerationSeconds"}:
+                    bad(key, f"each entry must be a toleration (key, operator, value, effect), got {t!r}")
+        if self.gpu_labels not in GPU_LABELS:
+            bad("workers.gpuLabels", f"must be one of {', '.join(GPU_LABELS)}, got {self.gpu_labels!r}")
+        if self.gpu_node_selectors is None:
+            object.__setattr__(self, "gpu_node_selectors", default_gpu_node_selectors(self.gpu_labels))
+        for key, q in (("workers.scratchSize", self.scratch_size), ("tmpSize", self.tmp_size)):
+            if not isinstance(q, str) or not _QUANTITY.fullmatch(q):
+                bad(key, f"must be a Kubernetes quantity string such as '200Gi', got {q!r}")
+        if not isinstance(self.affinity, dict) or set(self.affinity) - {"nodeAffinity", "podAffinity",
+                                                                          "podAntiAffinity"}:
+            bad("placement.affinity", f"must be a Kubernetes affinity (nodeAffinity, podAffinity, "
+                                      f"podAntiAffinity), got {self.affinity!r}")
+        for t in self.topology_spread:
+            if not isinstance(t, dict) or not {"maxSkew", "topologyKey", "whenUnsatisfiable"} <= set(t):
+                bad("placement.topologySpreadConstraints", f"each entry needs maxSkew, topologyKey and "
+                                                           f"whenUnsatisfiable, got {t!r}")
+        for k, v in self.pod_annotations.items():
+            if not isinstance(v, str):
+                bad(f"placement.podAnnotations.{k}", f"must be a string, got {v!r}")
+        names = set()
+        for v in self.extra_volumes:
+            if not isinstance(v, dict) or not v.get("name") or len(v) != 2:
+                bad("extraVolumes", f"each entry is a pod volume (name + one source), got {v!r}")
+            if v["name"] in ("tmp", "scratch"):
+                bad("extraVolumes", f"the name {v['name']!r} is taken by llmctl's own volume")
+            names.add(v["name"])
+        for m in self.extra_volume_mounts:
+            if not isinstance(m, dict) or not m.get("name") or not m.get("mountPath"):
+                bad("extraVolumeMounts", f"each entry needs name and mountPath, got {m!r}")
+            if m["name"] not in names:
+                bad("extraVolumeMounts", f"{m['name']!r} is not in extraVolumes")
+        if self.kuberay_version is not None and not re.fullmatch(r"\d+\.\d+(\.\d+)?", self.kuberay_version):
+            bad("kuberay.version", f"must be X.Y or X.Y.Z (the installed KubeRay operator), got "
+                                   f"{self.kuberay_version!r}")
+        if self.ray_auth not in ("token", "disabled"):
+            bad("rayAuth", f"must be token or disabled, got {self.ray_auth!r}")
+
+    # -- the ConfigMap's YAML shape (nested, camelCase) <-> this flat dataclass ----------------------------
+
+    @classmethod
+    def from_dict(cls, data: dict, *, source: str = "config") -> tuple[ClusterConfig, list[str]]:
+        """Build from the nested YAML shape; returns the config and warnings for keys this llmctl ignores."""
+        if not isinstance(data, dict):
+            raise UsageError(f"{source}: expected a YAML mapping, got {type(data).__name__}")
+        flat = _flatten(data)
+        kwargs: dict[str, Any] = {}
+        warnings = []
+        for path, value in flat.items():
+            fname = _KEY_TO_FIELD.get(path)
+            if path in _REMOVED_KEYS:
+                if value in ("", None, []):
+                    continue  # an older chart's empty default
+                raise UsageError(f"{source} {path}: {_REMOVED_KEYS[path]}")
+            if fname is None:
+                warnings.append(f"{source}: ignoring unknown key {path} (newer chart than this llmctl?)")
+                continue
+            if value in ("", None) or (fname == "gpu_node_selectors" and value == {}):
+                continue  # an empty value in the chart means "not set" (selectors: gpuLabels' defaults)
+            kwargs[fname] = _coerce(fname, value)
+        return cls(**kwargs), warnings
+
+    def to_dict(self) -> dict:
+        """The nested YAML shape, as the chart renders it (round-trips through from_dict)."""
+        out: dict = {}
+        for path, fname in _KEY_TO_FIELD.items():
+            value = getattr(self, fname)
+            if isinstance(value, tuple):
+                value = list(value)
+            node = out
+            *parents, leaf = path.split(".")
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[leaf] = "" if value is None else value
+        return out
+
+    def replace(self, **changes) -> ClusterConfig:
+        return dataclasses.replace(self, **changes)
+
+
+# Dotted key in config.yaml -> dataclass field. Keys whose values are free-form maps (prices, env, labels,
+# selectors, extraResources) stop here; their contents are not flattened further.
+_KEY_TO_FIELD = {
+    "image": "image", "imagePullPolicy": "image_pull_policy", "imagePullSecrets": "image_pull_secrets",
+    "rayVersion": "ray_version", "storageRoot": "storage_root",
+    "s3.endpoint": "s3_endpoint", "s3.region": "s3_region", "s3.credentialsSecret": "s3_secret",
+    "prices": "prices", "queue": "queue", "priorityClass": "priority_class",
+    "runServiceAccount": "run_service_account", "labels": "labels", "env": "env",
+    "readOnlyRootFilesystem": "read_only_root_filesystem",
+    "head.cpu": "head_cpu", "head.memory": "head_memory", "head.nodeSelector": "head_node_selector",
+    "head.tolerations": "head_tolerations",
+    "workers.gpusPerNode": "gpus_per_node", "workers.cpuPerGpu": "cpu_per_gpu",
+    "workers.memoryPerGpuGi": "memory_per_gpu_gi", "workers.nodeSelectors": "gpu_node_selectors",
+    "workers.tolerations": "gpu_tolerations", "workers.extraResources": "worker_extra_resources",
+    "workers.gpuLabels": "gpu_labels", "workers.scratchSize": "scratch_size", "tmpSize": "tmp_size",
+    "placement.affinity": "affinity", "placement.topologySpreadConstraints": "topology_spread",
+    "placement.podAnnotations": "pod_annotations", "extraVolumes": "extra_volumes",
+    "extraVolumeMounts": "extra_volume_mounts", "kuberay.version": "kuberay_version", "rayAuth": "ray_auth",
+    "lifecycle.backoffLimit": "backoff_limit", "lifecycle.ttlSecondsAfterFinished": "ttl_seconds_after_finished",
+    "lifecycle.preRunningDeadlineSeconds": "pre_running_deadline_seconds",
+    "lifecycle.deadlineFactor": "deadline_factor", "lifecycle.deadlineSlackSeconds": "deadline_slack_seconds",
+}
+_SECTIONS = {k.split(".")[0] for k in _KEY_TO_FIELD if "." in k}  # s3, head, workers, lifecycle
+
+
+def _flatten(d: dict) -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if k in _SECTIONS and isinstance(v, dict):
+            out.update({f"{k}.{k2}": v2 for k2, v2 in v.items()})
+        else:
+            out[k] = v
+    return out
+
+
+_LIST_FIELDS = {"image_pull_secrets", "head_tolerations", "gpu_tolerations", "topology_spread", "extra_volumes",
+                "extra_volume_mounts"}
+_MAP_FIELDS = {"prices", "labels", "env", "head_node_selector", "gpu_node_selectors", "worker_extra_resources",
+               "affinity", "pod_annotations"}
+# Keys this llmctl refused on purpose (not merely unknown): the reason names the replacement.
+_REMOVED_KEYS = {
+    "workers.capabilities": "removed: an added capability such as IPC_LOCK does nothing for a non-root "
+                            "container (uid 1000 gets no effective capabilities) and Pod Security baseline and "
+                            "restricted reject it; RDMA needs an unlimited memlock limit from the container "
+                            "runtime instead (docs/kubernetes.md, EFA and InfiniBand)",
+}
+_INT_FIELDS = {"gpus_per_node", "cpu_per_gpu", "memory_per_gpu_gi", "backoff_limit", "ttl_seconds_after_finished",
+               "pre_running_deadline_seconds", "deadline_slack_seconds"}
+
+
+def _coerce(fname: str, value: Any) -> Any:
+    """YAML value -> field value; wrong shapes name the key (numbers for quantities become strings)."""
+    key = f"cluster config {_field_key(fname)}"
+    if fname in _LIST_FIELDS:
+        if not isinstance(value, list):
+            raise UsageError(f"{key}: must be a list, got {value!r}")
+        if fname == "image_pull_secrets":  # accept both [name] and [{name: ...}] (the Kubernetes shape)
+            value = [v.get("name") if isinstance(v, dict) else v for v in value]
+        return tuple(value)
+    if fname in _MAP_FIELDS:
+        if not isinstance(value, dict):
+            raise UsageError(f"{key}: must be a mapping, got {value!r}")
+        if fname == "prices":
+            return {str(k): v for k, v in value.items() if v not in ("", None)}
+        if fname == "gpu_node_selectors":
+            if not all(isinstance(v, dict) for v in value.values()):
+                raise UsageError(f"{key}: must map GPU type -> {{label: value}}, got {value!r}")
+            return {str(k): {str(a): str(b) for a, b in v.items()} for k, v in value.items()}
+        if fname == "affinity":
+            return value
+        return {str(k): _scalar_str(v) for k, v in value.items()}
+    if fname in ("head_cpu", "head_memory", "scratch_size", "tmp_size"):
+        return _scalar_str(value)
+    if fname == "kuberay_version" and not isinstance(value, str):
+        raise UsageError(f"{key}: must be a quoted string such as \"1.6\" (YAML reads 1.10 as 1.1), "
+                         f"got {value!r}")
+    if fname in _INT_FIELDS and not (isinstance(value, int) and not isinstance(value, bool)):
+        raise UsageError(f"{key}: must be an integer, got {value!r}")
+    if fname == "read_only_root_filesystem" and not isinstance(value, bool):
+        raise UsageError(f"{key}: must be true or false, got {value!r}")
+    if fname in ("image", "image_pull_policy", "ray_version", "storage_root", "s3_endpoint", "s3_region",
+                 "s3_secret", "queue", "priority_class", "run_service_account", "gpu_labels", "ray_auth") \
+            and not isinstance(value, str):
+        raise UsageError(f"{key}: must be a string, got {value!r}")
+    return value
+
+
+def _scalar_str(v: Any) -> Any:
+    """YAML turns `cpu: 8` into an int; Kubernetes quantities and label values are strings."""
+    return str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+
+
+def _field_key(fname: str) -> str:
+    return next(k for k, f in _KEY_TO_FIELD.items() if f == fname)
+
+
+def load_config_file(path: str) -> tuple[ClusterConfig, list[str]]:
+    """A local file in the ConfigMap's `config.yaml` shape (`--cluster-config`)."""
+    import yaml
+
+    try:
+        text = Path(path).expanduser().read_text()
+    except OSError as e:
+        raise UsageError(f"--cluster-config: cannot read {path}: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise UsageError(f"--cluster-config: {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    return ClusterConfig.from_dict(data, source=path)
+
+
+def config_from_configmap(cm: dict) -> tuple[ClusterConfig, list[str]]:
+    import yaml
+
+    text = (cm.get("data") or {}).get(CONFIG_KEY)
+    source = f"ConfigMap {CONFIGMAP}"
+    if text is None:
+        raise CLIError(f"{source} has no {CONFIG_KEY} key; reinstall the chart (helm upgrade llmctl charts/llmctl)")
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise CLIError(f"{source}: {CONFIG_KEY} is not valid YAML ({str(e).splitlines()[0]})") from None
+    return ClusterConfig.from_dict(data, source=source)
