@@ -13,12 +13,14 @@ import json
 
 import pytest
 
+from cli import jobs
 from cli.main import main
 from tests.kube_fake import FakeKube
 
 
 @pytest.fixture
 def kube(tmp_path, monkeypatch):
+    monkeypatch.setattr(jobs, "POLL_SECONDS", 0.0)  # the stand-in's clock is its request count, not time
     with FakeKube() as k:
         monkeypatch.setenv("KUBECONFIG", str(k.kubeconfig(tmp_path / "kubeconfig")))
         yield k
@@ -76,9 +78,6 @@ def test_spend_survives_a_retry(kube, capsys, tmp_path):
     assert json.loads(out)["spent_dollars"] >= 6 * 8 * 2.0 - 1  # 6 GPU-node-hours at $2/GPU-h, not 1
 
 
-@pytest.mark.xfail(strict=True, reason="fixed in phase 2 (item 6): cli/jobs.py cmd_logs gets HTTP 400 'container ... "
-                   "is waiting to start' right after submit and fails; it must say it is waiting, poll (bounded), "
-                   "then follow")
 def test_logs_follow_waits_for_a_pod_that_has_not_started(kube, capsys):
     kube.add({"apiVersion": "v1", "kind": "Pod",
               "metadata": {"name": "r3-submitter", "labels": {"llmctl.dev/run": "r3", "llmctl.dev/role": "submitter"}},
@@ -93,9 +92,6 @@ def test_logs_follow_waits_for_a_pod_that_has_not_started(kube, capsys):
     assert out == "step 1\n" and "waiting" in err and "ContainerCreating" in err
 
 
-@pytest.mark.xfail(strict=True, reason="fixed in phase 2 (item 7): after cancel the RayJob keeps KubeRay's finalizer "
-                   "until the operator stops the Ray job, so an immediate resubmit gets 409 'object is being deleted'; "
-                   "cli/jobs.py cmd_submit must wait (bounded, saying so) for the old object to go, then create")
 def test_cancel_then_resubmit_waits_for_the_finalizer(kube, capsys):
     argv = ("submit", "--depth", "12", "--gpus", "8", "--storage", "s3://b", "--yes")
     assert run(capsys, *argv)[0] == 0
@@ -107,9 +103,6 @@ def test_cancel_then_resubmit_waits_for_the_finalizer(kube, capsys):
     assert "created" in out and "being deleted" in err
 
 
-@pytest.mark.xfail(strict=True, reason="fixed in phase 2 (item 8, read paths): GET of a run in a missing namespace is a "
-                   "plain 404 'rayjobs.ray.io \"x\" not found'; cli/jobs.py cmd_status (and logs/cancel) should then "
-                   "check the namespace (GET /api/v1/namespaces/<ns>) and say it does not exist")
 def test_status_in_a_missing_namespace_names_the_namespace(kube, capsys):
     rc, _, err = run(capsys, "status", "r1", "-n", "nope")
     assert rc == 1 and "namespace nope does not exist" in err
