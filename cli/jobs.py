@@ -16,7 +16,6 @@ from cli.cluster import add_cluster_args, connect
 from cli.errors import CLIError, UsageError
 from cli.plan import fmt_hours
 from trainer.costs import dollars
-from trainer.progress import PROGRESS_ANNOTATION
 
 GROUP, VERSION, PLURAL = "ray.io", "v1", "rayjobs"
 MANAGED = "app.kubernetes.io/managed-by=llmctl"
@@ -188,11 +187,61 @@ def summary(rj: dict, now: datetime.datetime | None = None) -> dict:
         "spent_dollars": None if elapsed is None or price is None else dollars(elapsed / 3600, gpus, price),
         "storage": ann.get("llmctl.dev/storage"), "progress": None,
     }
-    try:
-        out["progress"] = json.loads(ann[PROGRESS_ANNOTATION])
-    except (KeyError, ValueError):
-        pass
     return out
+
+
+def storage_options_for_cli(url: str) -> dict | None:
+    """fsspec options for reading a run's storage from the CLI: the environment's S3 endpoint, and short
+    timeouts with one retry, so an unreachable bucket costs `status` seconds, not minutes."""
+    if not url.startswith(("s3://", "s3a://")):
+        return None
+    from trainer.storage import storage_options_from_env
+
+    return {**storage_options_from_env(), "config_kwargs": {"connect_timeout": 5, "read_timeout": 10,
+                                                             "retries": {"max_attempts": 2}}}
+
+
+def add_storage_view(s: dict, now: datetime.datetime | None = None) -> dict:
+    """Fill `s` (a `summary`) from the run's storage: progress (progress.json, written by rank 0 at each
+    checkpoint) and spend (spend.json, the launcher's ledger of attempts), both read as untrusted documents
+    (trainer/progress.py, trainer/spend.py). Spend then counts every attempt: KubeRay resets status.startTime
+    on each retry, so the wall clock alone forgets the earlier ones. A storage that cannot be read becomes
+    `storage_error` (a warning), never a failure of `status`."""
+    from trainer.progress import read_progress
+    from trainer.spend import lost_seconds, parse_iso, read_spend
+
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    url = s.get("storage")
+    if not url or not isinstance(url, str) or "://" not in url:
+        return s
+    opts = storage_options_for_cli(url)
+    spend = None
+    try:
+        s["progress"] = read_progress(url, opts)
+        spend = read_spend(url, opts)
+    except Exception as e:  # noqa: BLE001 - any storage failure is a warning here (auth, network, bad file)
+        s["storage_error"] = _clean(f"{type(e).__name__}: {e}", 300)
+    prog = s["progress"] or {}
+    gpus, price = s["gpus"], s["price_per_gpu_hour"]
+    candidates = [prog.get("spent_gpu_seconds") or 0.0]
+    if s["elapsed_hours"] is not None:
+        candidates.append(s["elapsed_hours"] * 3600 * gpus)  # this attempt's wall clock (KubeRay's startTime)
+    if spend and spend["attempts"]:
+        rows = spend["attempts"]
+        candidates.append(spend["totals"]["gpu_seconds"])
+        if rows[-1]["state"] == "running" and s["elapsed_hours"] is not None:  # earlier rows + the live clock
+            earlier = sum(a["seconds"] * a["gpus"] for a in rows[:-1])
+            candidates.append(earlier + s["elapsed_hours"] * 3600 * gpus)
+        last = parse_iso(rows[-1]["last"])
+        s["spend"] = dict(spend["totals"], last_heartbeat=rows[-1]["last"],
+                          heartbeat_age_seconds=(now - last).total_seconds() if last else None)
+        lost = lost_seconds(spend, prog.get("kept_seconds"))
+        s["lost_hours"] = None if lost is None else lost / 3600
+    spent = max(candidates)
+    s["spent_gpu_seconds"] = spent if (spent or s["elapsed_hours"] is not None or spend) else None
+    if s["spent_gpu_seconds"] is not None and price is not None:
+        s["spent_dollars"] = s["spent_gpu_seconds"] / 3600 * price
+    return s
 
 
 def _pods_line(pods: list[dict]) -> str | None:
@@ -230,6 +279,11 @@ def cmd_status(args) -> int:
         print(json.dumps(s, indent=2) if args.output == "json" else service_status_lines(s))
         return 0
     s = summary(rj)
+    if not args.no_storage:
+        add_storage_view(s)
+        if s.get("storage_error"):
+            say(f"warning: could not read progress and spend from {s['storage']}: {s['storage_error']} "
+                f"(--no-storage skips it)")
     if s["state"] in ("submitted", "queued", "starting", "running", "retrying"):
         pods = kube.call(kube.core.list_namespaced_pod, kube.namespace, label_selector=f"llmctl.dev/run={args.run}",
                          what=f"list the pods of {args.run}", verb="list", resource="pods")
@@ -252,7 +306,17 @@ def cmd_status(args) -> int:
             line += f", ETA {fmt_hours(prog['eta_seconds'] / 3600)}"
         rows.append(("progress", line + (f" (reported {prog['updated']})" if prog.get("updated") else "")))
     cost = []
-    if prog.get("cost_dollars") is not None:
+    spend = s.get("spend")
+    if spend and s["spent_dollars"] is not None:
+        line = f"${s['spent_dollars']:,.2f} spent over {spend['attempts']} attempt(s)"
+        if spend["restarts"]:
+            line += f" ({spend['restarts']} restart(s)"
+            line += f", {fmt_hours(s['lost_hours'])} lost)" if s.get("lost_hours") is not None else ")"
+        elif s.get("lost_hours") is not None:
+            line += f" ({fmt_hours(s['lost_hours'])} not kept: start-up, redone steps)"
+        cost.append(line)
+    elif prog.get("cost_dollars") is not None and (s["spent_dollars"] is None
+                                                    or prog["cost_dollars"] >= s["spent_dollars"]):
         cost.append(f"${prog['cost_dollars']:,.2f} reported by the run")
     elif s["spent_dollars"] is not None:
         cost.append(f"${s['spent_dollars']:,.2f} so far ({s['gpus']} GPUs x ${s['price_per_gpu_hour']:.2f}/GPU-h "
@@ -424,6 +488,8 @@ def register(sub) -> None:
                        epilog="Example: llmctl status gpt-d26-8xh100-1a2b3c4d -n team")
     p.add_argument("run", help="run name (llmctl list shows them)")
     p.add_argument("-o", "--output", choices=("table", "json"), default="table", help="output format")
+    p.add_argument("--no-storage", action="store_true", help="do not read progress.json and spend.json from the "
+                   "run's storage (the RayJob's status only)")
     add_cluster_args(p)
     p.set_defaults(func=cmd_status)
 

@@ -45,10 +45,6 @@ def _run(kube, name: str, storage: str, status: dict) -> None:
               "spec": {"backoffLimit": 2}, "status": status})
 
 
-@pytest.mark.xfail(strict=True, reason="fixed in phase 2 (item 3): worker pods run with automountServiceAccountToken: "
-                   "false, so rank 0's cli.cluster.report_progress cannot log in and the error is swallowed. Proposed: "
-                   "the trainer writes runs/<name>/progress.json to the run's storage (every pod already reaches it) "
-                   "and cli/jobs.py summary()/cmd_status read it there; the run account then needs no API token")
 def test_status_shows_progress_written_to_the_runs_storage_by_a_pod_without_an_api_token(kube, capsys, tmp_path):
     run_dir = tmp_path / "runs" / "r1"
     run_dir.mkdir(parents=True)
@@ -61,10 +57,6 @@ def test_status_shows_progress_written_to_the_runs_storage_by_a_pod_without_an_a
     assert (json.loads(out)["progress"] or {}).get("step") == 1200
 
 
-@pytest.mark.xfail(strict=True, reason="fixed in phase 2 (item 4): cli/jobs.py summary() takes spend from "
-                   "status.startTime, which KubeRay resets on every retry (checkBackoffLimitAndUpdateStatusIfNeeded), "
-                   "so the budget cap can be overrun. Spend must accumulate across attempts, e.g. spent_gpu_seconds "
-                   "in runs/<name>/progress.json, carried by the run in its checkpoint")
 def test_spend_survives_a_retry(kube, capsys, tmp_path):
     run_dir = tmp_path / "runs" / "r2"
     run_dir.mkdir(parents=True)

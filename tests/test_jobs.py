@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from cli.cluster import ClusterConfig
-from trainer.progress import report_progress
+from trainer.progress import write_progress
 from cli.jobs import describe
 from cli.main import main
 from tests import schemas
@@ -31,6 +31,9 @@ CRD = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/rayjobs.ray.io"  
 
 @pytest.fixture
 def kube(tmp_path, monkeypatch):
+    # status reads the run's storage: the runs here name s3://b, so point S3 at a closed loopback port (a fast
+    # "connection refused" warning) rather than at AWS
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
     with FakeKube() as k:
         k.kc = str(k.kubeconfig(tmp_path / "kubeconfig"))
         monkeypatch.setenv("KUBECONFIG", k.kc)
@@ -270,13 +273,16 @@ def _set_status(kube, rj: dict, status: dict, annotations: dict | None = None) -
     kube.objects[("rayjobs", "team", rj["metadata"]["name"])] = rj
 
 
-def test_status_of_a_running_run_shows_progress_cost_and_pods(kube, capsys):
+def test_status_of_a_running_run_shows_progress_cost_and_pods(kube, capsys, tmp_path):
     rj = _submitted(kube, capsys)
     name = rj["metadata"]["name"]
+    run_dir = tmp_path / "runs" / name
+    run_dir.mkdir(parents=True)
+    (run_dir / "progress.json").write_text(json.dumps({"stage": "pretrain", "step": 1200, "steps": 4800,
+                                                       "eta_seconds": 5400, "updated": "2026-01-01T02:00:00Z"}))
     _set_status(kube, rj, {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING", "rayClusterName": f"{name}-x1y2z",
                            "startTime": "2026-01-01T00:00:00Z", "endTime": "2026-01-01T02:00:00Z"},
-                {"llmctl.dev/progress": json.dumps({"stage": "pretrain", "step": 1200, "steps": 4800,
-                                                    "eta_seconds": 5400, "updated": "2026-01-01T02:00:00Z"})})
+                {"llmctl.dev/storage": f"file://{run_dir}"})
     for i, phase in enumerate(["Running", "Pending"]):
         kube.add({"apiVersion": "v1", "kind": "Pod", "metadata": {
             "name": f"{name}-worker-{i}", "labels": {"llmctl.dev/run": name, "llmctl.dev/role": "worker"}},
@@ -337,16 +343,43 @@ def test_describe_maps_rayjob_status_to_words(status, spec, state, words):
     assert got_state == state and words in detail
 
 
-def test_progress_reported_from_inside_the_run_reaches_status(kube, capsys, monkeypatch):
+def test_progress_written_by_the_run_to_its_storage_reaches_status(kube, capsys, tmp_path):
+    """Item 3 of issue 13: the trainer needs no API token; status reads <run>/progress.json from storage."""
     rj = _submitted(kube, capsys)
     name = rj["metadata"]["name"]
-    report_progress({"stage": "sft", "step": 10, "steps": 40, "cost_dollars": 12.5}, name=name, namespace="team",
-                    kubeconfig=kube.kc)
-    patch = kube.requests[-1]
-    assert patch.line == f"PATCH {RAYJOBS}/{name}" and patch.content_type == "application/merge-patch+json"
-    assert set(patch.body) == {"metadata"}  # only the annotation, nothing else of the object
+    url = f"file://{tmp_path}/runs/{name}"
+    write_progress(url, {"stage": "sft", "step": 10, "steps": 40, "cost_dollars": 12.5})
+    _set_status(kube, rj, {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}, {"llmctl.dev/storage": url})
     rc, out, _ = run(capsys, "status", name)
     assert "sft step 10 / 40 (25%)" in out and "$12.50 reported by the run" in out
+    assert kube.lines() == [f"GET {RAYJOBS}/{name}", "GET /api/v1/namespaces/team/pods"]  # no PATCH anywhere
+
+
+def test_status_treats_the_stored_progress_as_untrusted(kube, capsys, tmp_path):
+    rj = _submitted(kube, capsys)
+    name = rj["metadata"]["name"]
+    run_dir = tmp_path / "runs" / name
+    run_dir.mkdir(parents=True)
+    (run_dir / "progress.json").write_text(json.dumps({
+        "stage": "pre\x1b[2Jtrain\nEVIL" + "x" * 500, "step": "12", "steps": -4, "tokens": float("inf"),
+        "eta_seconds": True, "unknown": "dropped", "cost_dollars": 1e300}))
+    _set_status(kube, rj, {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"},
+                {"llmctl.dev/storage": f"file://{run_dir}"})
+    rc, out, err = run(capsys, "status", name, "-o", "json")
+    prog = json.loads(out)["progress"]
+    assert rc == 0 and set(prog) == {"stage"}  # every other field had the wrong kind or range
+    assert "\x1b" not in prog["stage"] and "\n" not in prog["stage"] and len(prog["stage"]) == 64
+    (run_dir / "progress.json").write_text(" " * (64 * 1024 + 1))  # over the bound: not read at all
+    rc, out, err = run(capsys, "status", name, "-o", "json")
+    assert rc == 0 and json.loads(out)["progress"] is None and "over the 65,536 this reader accepts" in err
+    rc, out, err = run(capsys, "status", name, "--no-storage", "-o", "json")
+    assert rc == 0 and err == ""
+
+
+def test_missing_namespace_is_named_by_logs_and_cancel(kube, capsys):
+    for argv in (("logs", "r1", "-n", "nope"), ("cancel", "r1", "-n", "nope", "--yes")):
+        rc, _, err = run(capsys, *argv)
+        assert rc == 1 and "namespace nope does not exist" in err, argv
 
 
 # ---------------------------------------------------------------------------------------------
