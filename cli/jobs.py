@@ -19,6 +19,7 @@ from trainer.costs import dollars
 
 GROUP, VERSION, PLURAL = "ray.io", "v1", "rayjobs"
 MANAGED = "app.kubernetes.io/managed-by=llmctl"
+IDLE_AFTER = "2h"  # `list --idle-after`'s default (cli/idle.py); the same window as the LlmctlRayClusterIdle alert
 POLL_SECONDS = 2.0  # between polls of a pending pod's log or a RayJob being deleted (tests set 0)
 WAIT_SECONDS = 300.0  # the most `logs -f` waits for a pod to start, or submit for a deleted run to go
 
@@ -190,60 +191,6 @@ def summary(rj: dict, now: datetime.datetime | None = None) -> dict:
     return out
 
 
-def storage_options_for_cli(url: str) -> dict | None:
-    """fsspec options for reading a run's storage from the CLI: the environment's S3 endpoint, and short
-    timeouts with one retry, so an unreachable bucket costs `status` seconds, not minutes."""
-    if not url.startswith(("s3://", "s3a://")):
-        return None
-    from trainer.storage import storage_options_from_env
-
-    return {**storage_options_from_env(), "config_kwargs": {"connect_timeout": 5, "read_timeout": 10,
-                                                             "retries": {"max_attempts": 2}}}
-
-
-def add_storage_view(s: dict, now: datetime.datetime | None = None) -> dict:
-    """Fill `s` (a `summary`) from the run's storage: progress (progress.json, written by rank 0 at each
-    checkpoint) and spend (spend.json, the launcher's ledger of attempts), both read as untrusted documents
-    (trainer/progress.py, trainer/spend.py). Spend then counts every attempt: KubeRay resets status.startTime
-    on each retry, so the wall clock alone forgets the earlier ones. A storage that cannot be read becomes
-    `storage_error` (a warning), never a failure of `status`."""
-    from trainer.progress import read_progress
-    from trainer.spend import lost_seconds, parse_iso, read_spend
-
-    now = now or datetime.datetime.now(datetime.timezone.utc)
-    url = s.get("storage")
-    if not url or not isinstance(url, str) or "://" not in url:
-        return s
-    opts = storage_options_for_cli(url)
-    spend = None
-    try:
-        s["progress"] = read_progress(url, opts)
-        spend = read_spend(url, opts)
-    except Exception as e:  # noqa: BLE001 - any storage failure is a warning here (auth, network, bad file)
-        s["storage_error"] = _clean(f"{type(e).__name__}: {e}", 300)
-    prog = s["progress"] or {}
-    gpus, price = s["gpus"], s["price_per_gpu_hour"]
-    candidates = [prog.get("spent_gpu_seconds") or 0.0]
-    if s["elapsed_hours"] is not None:
-        candidates.append(s["elapsed_hours"] * 3600 * gpus)  # this attempt's wall clock (KubeRay's startTime)
-    if spend and spend["attempts"]:
-        rows = spend["attempts"]
-        candidates.append(spend["totals"]["gpu_seconds"])
-        if rows[-1]["state"] == "running" and s["elapsed_hours"] is not None:  # earlier rows + the live clock
-            earlier = sum(a["seconds"] * a["gpus"] for a in rows[:-1])
-            candidates.append(earlier + s["elapsed_hours"] * 3600 * gpus)
-        last = parse_iso(rows[-1]["last"])
-        s["spend"] = dict(spend["totals"], last_heartbeat=rows[-1]["last"],
-                          heartbeat_age_seconds=(now - last).total_seconds() if last else None)
-        lost = lost_seconds(spend, prog.get("kept_seconds"))
-        s["lost_hours"] = None if lost is None else lost / 3600
-    spent = max(candidates)
-    s["spent_gpu_seconds"] = spent if (spent or s["elapsed_hours"] is not None or spend) else None
-    if s["spent_gpu_seconds"] is not None and price is not None:
-        s["spent_dollars"] = s["spent_gpu_seconds"] / 3600 * price
-    return s
-
-
 def _pods_line(pods: list[dict]) -> str | None:
     """'head Running; worker 1 Running, 1 Pending (0/12 nodes are available: ...)'."""
     by_role: dict[str, list[dict]] = {}
@@ -280,6 +227,8 @@ def cmd_status(args) -> int:
         return 0
     s = summary(rj)
     if not args.no_storage:
+        from cli.runview import add_storage_view
+
         add_storage_view(s)
         if s.get("storage_error"):
             say(f"warning: could not read progress and spend from {s['storage']}: {s['storage_error']} "
@@ -347,6 +296,11 @@ def cmd_list(args) -> int:
     from cli.rayservice import list_services, service_summary
 
     rows = [summary(rj, now) for rj in res.get("items", [])]
+    from cli.idle import idle_warnings, list_clusters, parse_duration
+
+    for warning in idle_warnings(list_clusters(kube, args.all_namespaces), res.get("items", []), now,
+                                 parse_duration(args.idle_after), describe):
+        say(f"warning: {warning}")
     rows += [service_summary(svc) for svc in list_services(kube, args.all_namespaces, MANAGED)]  # llmctl serve
     rows.sort(key=lambda s: s["created"] or "", reverse=True)
     if args.output == "json":
@@ -497,6 +451,8 @@ def register(sub) -> None:
                        "and served models (RayServices of `llmctl serve`), newest first.",
                        epilog="Example: llmctl list -A")
     p.add_argument("-A", "--all-namespaces", action="store_true", help="list runs in every namespace")
+    p.add_argument("--idle-after", default=IDLE_AFTER, metavar="DURATION", help="warn about Ray clusters that ran "
+                   f"no job for longer than this, e.g. 30m, 2h (default {IDLE_AFTER})")
     p.add_argument("-o", "--output", choices=("table", "json"), default="table", help="output format")
     add_cluster_args(p)
     p.set_defaults(func=cmd_list)

@@ -373,7 +373,8 @@ CASES = {
     "config.rayAuth": (["--set", "config.rayAuth=disabled"], lambda d: _cm(d)["rayAuth"] == "disabled"),
     "rbac.clusterScope": (["--set", "rbac.clusterScope=true"],
                           lambda d: one(d, "ClusterRole")["rules"][0] == {"apiGroups": ["ray.io"],
-                                                                          "resources": ["rayjobs", "rayservices"],
+                                                                          "resources": ["rayjobs", "rayservices",
+                                                                                        "rayclusters"],
                                                                           "verbs": ["list", "watch"]}
                           and one(d, "ClusterRoleBinding")["roleRef"]["name"] == one(d, "ClusterRole")["metadata"]["name"]),
     "networkPolicy.enabled": (["--set", "networkPolicy.enabled=false"], lambda d: not find(d, "NetworkPolicy")),

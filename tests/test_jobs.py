@@ -393,13 +393,15 @@ def test_list_shows_only_llmctl_runs(kube, capsys):
     kube.requests.clear()
     rc, out, _ = run(capsys, "list")
     assert rc == 0
-    assert kube.lines() == [f"GET {RAYJOBS}", "GET /apis/ray.io/v1/namespaces/team/rayservices"]  # runs, services
+    assert kube.lines() == [f"GET {RAYJOBS}", "GET /apis/ray.io/v1/namespaces/team/rayclusters",
+                            "GET /apis/ray.io/v1/namespaces/team/rayservices"]  # runs, idle clusters, services
     assert kube.requests[0].query == {"labelSelector": "app.kubernetes.io/managed-by=llmctl"}
     lines = out.splitlines()
     assert lines[0].split() == ["NAME", "STATE", "DEPTH", "GPUS", "AGE", "ESTIMATE"] and len(lines) == 3
     assert "someone-elses" not in out and "d20" in out and "16xh100" in out
     rc, out, _ = run(capsys, "list", "-A", "-o", "json")
-    assert kube.lines()[-2:] == ["GET /apis/ray.io/v1/rayjobs", "GET /apis/ray.io/v1/rayservices"]
+    assert kube.lines()[-3:] == ["GET /apis/ray.io/v1/rayjobs", "GET /apis/ray.io/v1/rayclusters",
+                                 "GET /apis/ray.io/v1/rayservices"]
     assert {r["state"] for r in json.loads(out)} == {"submitted"}
 
 
@@ -456,3 +458,53 @@ def test_cancel_refusals_make_no_delete(kube, capsys, monkeypatch):
     kube.requests.clear()
     rc, _, err = run(capsys, "cancel", "theirs", monkeypatch=monkeypatch)  # off a terminal, no --yes
     assert rc == 2 and "pass --yes" in err and kube.requests == []
+
+
+# ---------------------------------------------------------------------------------------------
+# list: idle Ray clusters (issue 18)
+
+
+def _ago(hours: float) -> str:
+    import datetime
+
+    t = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(hours=hours)
+    return t.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _cluster(name: str, created_hours_ago: float, gpus: int = 8) -> dict:
+    return {"apiVersion": "ray.io/v1", "kind": "RayCluster",
+            "metadata": {"name": name, "namespace": "team", "creationTimestamp": _ago(created_hours_ago)},
+            "spec": {"headGroupSpec": {"template": {"spec": {"containers": [{"name": "ray-head", "image": "x"}]}}},
+                     "workerGroupSpecs": [{"groupName": "gpu", "replicas": 2, "template": {"spec": {"containers": [
+                         {"name": "ray-worker", "image": "x", "resources": {"limits": {"nvidia.com/gpu": str(gpus)}}}]}}}]}}
+
+
+def _job_on(name: str, cluster: str, status: dict) -> dict:
+    return {"apiVersion": "ray.io/v1", "kind": "RayJob",
+            "metadata": {"name": name, "namespace": "team", "labels": {"app.kubernetes.io/managed-by": "llmctl"}},
+            "spec": {"clusterSelector": {"ray.io/cluster": cluster}}, "status": status}
+
+
+def test_list_warns_about_a_cluster_that_ran_no_job_for_longer_than_idle_after(kube, capsys):
+    kube.add(_cluster("warm", created_hours_ago=10))
+    kube.add(_job_on("done", "warm", {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED",
+                                      "endTime": _ago(3)}))
+    kube.add(_cluster("busy", created_hours_ago=10))
+    kube.add(_job_on("training", "busy", {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}))
+    kube.add(_cluster("fresh", created_hours_ago=0.5))
+    rc, out, err = run(capsys, "list")
+    assert rc == 0 and "done" in out and "training" in out
+    (line,) = [ln for ln in err.splitlines() if ln.startswith("warning:")]
+    assert "RayCluster warm in team has run no job for 3.0h and holds 16 GPU(s)" in line
+    assert "kubectl delete raycluster warm -n team" in line
+    rc, out, err = run(capsys, "list", "--idle-after", "4h")
+    assert rc == 0 and "warning" not in err
+    rc, out, err = run(capsys, "list", "--idle-after", "soon")
+    assert rc == 2 and "--idle-after: expected a duration like 30m" in err
+
+
+def test_list_without_permission_to_list_clusters_still_lists_runs(kube, capsys):
+    kube.add(_cluster("warm", created_hours_ago=10))
+    kube.forbid.add(("list", "rayclusters"))  # an older chart's Role: idle detection is skipped, not an error
+    rc, out, err = run(capsys, "list")
+    assert rc == 0 and "warning" not in err and "GET /apis/ray.io/v1/namespaces/team/rayclusters" in kube.lines()
