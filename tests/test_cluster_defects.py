@@ -1,7 +1,8 @@
-"""Defects a source-level review found (issue 13) whose fixes live in cli/jobs.py or trainer/, pinned as failing
-tests against the strict stand-in (tests/kube_fake.py), marked xfail(strict=True) until phase 2 fixes the code:
-each reason names the function to change. When a fix lands, its test passes, strict xfail turns that into a
-failure, and the marker comes off.
+"""Defects a source-level review found (issue 13) whose fixes live in cli/jobs.py, cli/submit.py or trainer/,
+pinned against the strict stand-in (tests/kube_fake.py). Each was first a strict xfail naming the function to
+change; the markers came off as the fixes landed: progress and spend read from the run's storage (items 3, 4),
+`logs -f` waiting for a pending pod (6), submit waiting for a cancelled run's finalizer (7), and the missing
+namespace named on the read paths (8).
 
 Run: .venv/bin/pytest tests/test_cluster_defects.py -v
 """
