@@ -213,6 +213,10 @@ def _pods_line(pods: list[dict]) -> str | None:
 
 
 def cmd_status(args) -> int:
+    if args.local:  # a run's storage alone, no cluster (cli/runview.py)
+        from cli.runview import cmd_status_local
+
+        return cmd_status_local(args)
     kube = connect(args)
     try:
         rj = get_run(kube, args.run)
@@ -444,6 +448,10 @@ def register(sub) -> None:
     p.add_argument("-o", "--output", choices=("table", "json"), default="table", help="output format")
     p.add_argument("--no-storage", action="store_true", help="do not read progress.json and spend.json from the "
                    "run's storage (the RayJob's status only)")
+    p.add_argument("--local", action="store_true", help="read the run from its storage only, no cluster (a "
+                   "`submit --local` run, or any run whose storage you can read)")
+    p.add_argument("--storage", help="with --local: storage root where run names are looked up (default "
+                   "file://~/.cache/llmctl); a run URL works too")
     add_cluster_args(p)
     p.set_defaults(func=cmd_status)
 

@@ -64,3 +64,91 @@ def add_storage_view(s: dict, now: datetime.datetime | None = None) -> dict:
     if s["spent_gpu_seconds"] is not None and price is not None:
         s["spent_dollars"] = s["spent_gpu_seconds"] / 3600 * price
     return s
+
+
+def local_summary(url: str, opts: dict | None, now: datetime.datetime | None = None) -> dict:
+    """A run's status from its storage alone (`llmctl status RUN --local`: a laptop run, or any run whose
+    storage you can read): the plan's estimate, progress, the spend ledger and the run summary, all read
+    bounded and validated. The state: succeeded/stopped from summary.json; else running while the ledger's
+    last attempt heartbeats, else interrupted."""
+    from trainer.progress import read_progress
+    from trainer.spend import HEARTBEAT_SECONDS, lost_seconds, parse_iso, read_spend
+    from trainer.storage import read_small_json
+
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    plan = read_small_json(f"{url}/plan.json", 1024 * 1024, opts)
+    if not isinstance(plan, dict):
+        return {}
+    summary = read_small_json(f"{url}/summary.json", 1024 * 1024, opts)
+    summary = summary if isinstance(summary, dict) else {}
+    progress, spend = read_progress(url, opts), read_spend(url, opts)
+    est = plan.get("estimate") if isinstance(plan.get("estimate"), dict) else {}
+    spec = plan.get("spec") if isinstance(plan.get("spec"), dict) else {}
+    state = {"completed": "succeeded", "stopped": "stopped"}.get(summary.get("status"))
+    rows = (spend or {}).get("attempts") or []
+    if state is None:
+        last = parse_iso(rows[-1]["last"]) if rows else None
+        alive = rows and rows[-1]["state"] == "running" and last and \
+            (now - last).total_seconds() < 3 * HEARTBEAT_SECONDS
+        state = "running" if alive else "interrupted" if rows else "not started"
+    kept = progress.get("kept_seconds") if progress else None
+    hours = summary.get("hours")
+    if isinstance(hours, (int, float)) and not isinstance(hours, bool):
+        kept = hours * 3600
+    lost = lost_seconds(spend, kept)
+
+    def num(d: dict, key: str):
+        v = d.get(key)
+        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+    return {"name": _clean(plan.get("name") or url.rsplit("/", 1)[-1]), "storage": url, "state": state,
+            "gpus": spec.get("gpus") if isinstance(spec.get("gpus"), int) else None,
+            "gpu_type": _clean(spec.get("gpu_type") or "?"), "progress": progress,
+            "spend": (spend or {}).get("totals"), "spent_dollars": (spend or {}).get("totals", {}).get("dollars"),
+            "lost_hours": None if lost is None else lost / 3600,
+            "estimate_dollars": num(est, "total_dollars"), "estimate_hours": num(est, "total_hours")}
+
+
+def cmd_status_local(args) -> int:
+    """`llmctl status RUN --local [--storage URL]`: print `local_summary` (table or JSON)."""
+    import json
+
+    from cli.errors import UsageError
+    from cli.plan import fmt_hours
+    from trainer.storage import run_url
+
+    url = run_url(args.run, args.storage or "file://~/.cache/llmctl")
+    opts = None
+    if url.startswith(("s3://", "s3a://")):
+        from trainer.storage import storage_options_from_env
+
+        opts = storage_options_from_env()
+    try:
+        s = local_summary(url, opts)
+    except (ValueError, OSError) as e:
+        raise UsageError(f"status: cannot read the run at {url}: {_clean(e, 300)}") from None
+    if not s:
+        raise UsageError(f"status: no run at {url} (no plan.json there)")
+    if args.output == "json":
+        print(json.dumps(s, indent=2))
+        return 0
+    rows = [("run", f"{s['name']} ({url})"), ("state", s["state"])]
+    prog = s["progress"] or {}
+    if prog.get("step") is not None and prog.get("steps"):
+        rows.append(("progress", f"{prog.get('stage', 'step')} step {prog['step']:,} / {prog['steps']:,} "
+                                 f"({prog['step'] / prog['steps']:.0%})"
+                     + (f", ETA {fmt_hours(prog['eta_seconds'] / 3600)}" if prog.get("eta_seconds") is not None
+                        and s["state"] == "running" else "")))
+    cost = []
+    if s["spend"]:
+        sp = s["spend"]
+        cost.append(f"${sp['dollars']:,.2f} over {sp['attempts']} attempt(s), {sp['gpu_seconds'] / 3600:,.2f} GPU-h"
+                    + (f", {fmt_hours(s['lost_hours'])} not kept (restarts, start-up)"
+                       if s["lost_hours"] is not None else ""))
+    if s["estimate_dollars"] is not None:
+        cost.append(f"estimate ${s['estimate_dollars']:,.2f}")
+    if cost:
+        rows.append(("cost", ", ".join(cost)))
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+    return 0

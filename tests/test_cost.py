@@ -85,3 +85,30 @@ def test_a_finished_run_appears_with_its_one_attempt(finished_run, capsys):
     rc, out, _ = run(capsys, "cost", "--storage", root, "-o", "json")
     (r,) = [r for r in json.loads(out)["runs"] if r["run"] == finished_run.name]
     assert r["attempts"] == 1 and r["restarts"] == 0 and not r["running"] and r["gpu_hours"] > 0
+
+
+def test_status_local_reads_the_run_from_storage_without_a_cluster(tmp_path, capsys, monkeypatch):
+    import datetime
+
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "absent"))  # no cluster: --local must not need one
+    d = tmp_path / "runs" / "r"
+    d.mkdir(parents=True)
+    (d / "plan.json").write_text(json.dumps({"name": "r", "spec": {"gpus": 2, "gpu_type": "cpu"},
+                                             "estimate": {"total_dollars": 1.5, "total_hours": 0.1}}))
+    (d / "progress.json").write_text(json.dumps({"stage": "pretrain", "step": 20, "steps": 40, "kept_seconds": 30}))
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    (d / "spend.json").write_text(json.dumps({"price_per_gpu_hour": 3600.0, "attempts": [
+        row("2026-11-01T00:00:00Z", "2026-11-01T00:00:40Z", 40, gpus=2, state="lost"),
+        row(now, now, 20, gpus=2, state="running")]}))
+    rc, out, err = run(capsys, "status", "r", "--local", "--storage", f"file://{tmp_path}", "-o", "json")
+    assert rc == 0, err
+    s = json.loads(out)
+    assert s["state"] == "running" and s["progress"]["step"] == 20 and s["spend"]["attempts"] == 2
+    assert s["spent_dollars"] == pytest.approx(60 * 2) and s["lost_hours"] == pytest.approx(30 / 3600)
+    rc, out, _ = run(capsys, "status", str(d), "--local")
+    assert "pretrain step 20 / 40 (50%)" in out and "$120.00 over 2 attempt(s)" in out and "estimate $1.50" in out
+    (d / "summary.json").write_text(json.dumps({"status": "completed", "hours": 50 / 3600}))
+    rc, out, _ = run(capsys, "status", "r", "--local", "--storage", str(tmp_path), "-o", "json")
+    assert json.loads(out)["state"] == "succeeded" and json.loads(out)["lost_hours"] == pytest.approx(10 / 3600)
+    rc, _, err = run(capsys, "status", "nope", "--local", "--storage", str(tmp_path))
+    assert rc == 2 and "no run at" in err
