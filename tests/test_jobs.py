@@ -476,7 +476,8 @@ def _cluster(name: str, created_hours_ago: float, gpus: int = 8) -> dict:
             "metadata": {"name": name, "namespace": "team", "creationTimestamp": _ago(created_hours_ago)},
             "spec": {"headGroupSpec": {"template": {"spec": {"containers": [{"name": "ray-head", "image": "x"}]}}},
                      "workerGroupSpecs": [{"groupName": "gpu", "replicas": 2, "template": {"spec": {"containers": [
-                         {"name": "ray-worker", "image": "x", "resources": {"limits": {"nvidia.com/gpu": str(gpus)}}}]}}}]}}
+                         {"name": "ray-worker", "image": "x",
+                          "resources": {"limits": {"nvidia.com/gpu": str(gpus)}}}]}}}]}}
 
 
 def _job_on(name: str, cluster: str, status: dict) -> dict:

@@ -263,7 +263,8 @@ def _write_progress(st: Stage, step: int) -> None:
         rate = st.loop["seconds"] / max(step, 1)
         kept = st.cfg.prior_seconds + st.loop["seconds"]
         write_progress(st.plan.urls["run"], {
-            "stage": st.stage.name, "step": step, "steps": st.stage.steps, "tokens": st.cfg.prior_tokens + st.loop["tokens"],
+            "stage": st.stage.name, "step": step, "steps": st.stage.steps,
+            "tokens": st.cfg.prior_tokens + st.loop["tokens"],
             "cost_dollars": st.plan.cost_of(kept + st.lost_seconds), "kept_seconds": kept,
             "eta_seconds": (st.stage.steps - step) * rate}, st.opts)
     except Exception as e:  # noqa: BLE001 - progress is a courtesy; training goes on
