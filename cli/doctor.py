@@ -273,11 +273,12 @@ class Doctor:
             self.add("run account", "warn", f"{account}: cannot check its permissions (asking about another subject "
                      f"needs {permission('create', 'subjectaccessreviews', 'authorization.k8s.io', None)})", "")
             return
-        if review.status.allowed:
-            self.add("run account", "ok", f"{account} may patch rayjobs (progress reports)")
+        if review.status.allowed:  # runs report to their storage; an old chart's Role is a needless grant
+            self.add("run account", "warn", f"{account} may patch rayjobs, which no run needs any more (progress "
+                     f"and spend go to the run's storage)", f"helm upgrade llmctl charts/llmctl -n {ns} (this chart "
+                     f"version ships no Role for the run account)")
         else:
-            self.add("run account", "warn", f"{account} may not patch rayjobs: `llmctl status` shows no progress",
-                     "helm upgrade llmctl charts/llmctl --set runServiceAccount.create=true")
+            self.add("run account", "ok", f"{account} holds no RayJob permissions (runs need none)")
 
     def check_nodes(self) -> None:
         cfg = self.cfg

@@ -16,10 +16,12 @@ from cli.cluster import add_cluster_args, connect
 from cli.errors import CLIError, UsageError
 from cli.plan import fmt_hours
 from trainer.costs import dollars
-from trainer.progress import PROGRESS_ANNOTATION
 
 GROUP, VERSION, PLURAL = "ray.io", "v1", "rayjobs"
 MANAGED = "app.kubernetes.io/managed-by=llmctl"
+IDLE_AFTER = "2h"  # `list --idle-after`'s default (cli/idle.py); the same window as the LlmctlRayClusterIdle alert
+POLL_SECONDS = 2.0  # between polls of a pending pod's log or a RayJob being deleted (tests set 0)
+WAIT_SECONDS = 300.0  # the most `logs -f` waits for a pod to start, or submit for a deleted run to go
 
 
 def say(*lines: str) -> None:
@@ -43,6 +45,48 @@ def require_yes(args, action: str) -> None:
     """Never prompt off a terminal: without --yes there, refuse before touching the cluster."""
     if not args.yes and not interactive():
         raise UsageError(f"{action}: stdin is not a terminal, so nobody can confirm; pass --yes")
+
+
+def wait_until(done, *, timeout: float = None, interval: float = None) -> bool:
+    """Poll `done()` until it returns true or `timeout` seconds pass (bounded waits, never forever)."""
+    import time
+
+    timeout = WAIT_SECONDS if timeout is None else timeout
+    interval = POLL_SECONDS if interval is None else interval
+    deadline = time.monotonic() + timeout
+    while True:
+        if done():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+
+
+def get_run(kube, name: str) -> dict:
+    """GET the RayJob `name`; a plain 404 whose namespace does not exist says so (a real server answers
+    `rayjobs.ray.io "x" not found` for both cases, so the namespace is asked for separately)."""
+    try:
+        return kube.call(kube.custom.get_namespaced_custom_object, GROUP, VERSION, kube.namespace, PLURAL, name,
+                         what=f"get run {name}", verb="get", resource=PLURAL, name=name, group=GROUP)
+    except CLIError as e:
+        if f"no rayjob {name!r}" in str(e):
+            check_namespace(kube)
+        raise
+
+
+def check_namespace(kube) -> None:
+    """Raise a CLIError when the namespace does not exist (GET /api/v1/namespaces/<ns> answers 404
+    `namespaces "x" not found`); anything else (403: the user may not read namespaces) says nothing."""
+    from kubernetes.client.rest import ApiException
+
+    try:
+        kube.core.read_namespace(kube.namespace, _request_timeout=(10, 30))
+    except ApiException as e:
+        if e.status == 404:
+            raise CLIError(f"namespace {kube.namespace} does not exist; check -n and the kubeconfig context's "
+                           f"namespace (kubectl get namespaces)") from None
+    except Exception:  # noqa: BLE001 - only a hint; the caller's own error stands
+        return
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,10 +188,6 @@ def summary(rj: dict, now: datetime.datetime | None = None) -> dict:
         "spent_dollars": None if elapsed is None or price is None else dollars(elapsed / 3600, gpus, price),
         "storage": ann.get("llmctl.dev/storage"), "progress": None,
     }
-    try:
-        out["progress"] = json.loads(ann[PROGRESS_ANNOTATION])
-    except (KeyError, ValueError):
-        pass
     return out
 
 
@@ -173,10 +213,13 @@ def _pods_line(pods: list[dict]) -> str | None:
 
 
 def cmd_status(args) -> int:
+    if args.local:  # a run's storage alone, no cluster (cli/runview.py)
+        from cli.runview import cmd_status_local
+
+        return cmd_status_local(args)
     kube = connect(args)
     try:
-        rj = kube.call(kube.custom.get_namespaced_custom_object, GROUP, VERSION, kube.namespace, PLURAL, args.run,
-                       what=f"get run {args.run}", verb="get", resource=PLURAL, name=args.run, group=GROUP)
+        rj = get_run(kube, args.run)
     except CLIError as e:  # not a run: maybe a service (llmctl serve)
         from cli.rayservice import get_service, service_status_lines, service_summary
 
@@ -187,6 +230,13 @@ def cmd_status(args) -> int:
         print(json.dumps(s, indent=2) if args.output == "json" else service_status_lines(s))
         return 0
     s = summary(rj)
+    if not args.no_storage:
+        from cli.runview import add_storage_view
+
+        add_storage_view(s)
+        if s.get("storage_error"):
+            say(f"warning: could not read progress and spend from {s['storage']}: {s['storage_error']} "
+                f"(--no-storage skips it)")
     if s["state"] in ("submitted", "queued", "starting", "running", "retrying"):
         pods = kube.call(kube.core.list_namespaced_pod, kube.namespace, label_selector=f"llmctl.dev/run={args.run}",
                          what=f"list the pods of {args.run}", verb="list", resource="pods")
@@ -209,7 +259,17 @@ def cmd_status(args) -> int:
             line += f", ETA {fmt_hours(prog['eta_seconds'] / 3600)}"
         rows.append(("progress", line + (f" (reported {prog['updated']})" if prog.get("updated") else "")))
     cost = []
-    if prog.get("cost_dollars") is not None:
+    spend = s.get("spend")
+    if spend and s["spent_dollars"] is not None:
+        line = f"${s['spent_dollars']:,.2f} spent over {spend['attempts']} attempt(s)"
+        if spend["restarts"]:
+            line += f" ({spend['restarts']} restart(s)"
+            line += f", {fmt_hours(s['lost_hours'])} lost)" if s.get("lost_hours") is not None else ")"
+        elif s.get("lost_hours") is not None:
+            line += f" ({fmt_hours(s['lost_hours'])} not kept: start-up, redone steps)"
+        cost.append(line)
+    elif prog.get("cost_dollars") is not None and (s["spent_dollars"] is None
+                                                    or prog["cost_dollars"] >= s["spent_dollars"]):
         cost.append(f"${prog['cost_dollars']:,.2f} reported by the run")
     elif s["spent_dollars"] is not None:
         cost.append(f"${s['spent_dollars']:,.2f} so far ({s['gpus']} GPUs x ${s['price_per_gpu_hour']:.2f}/GPU-h "
@@ -240,6 +300,11 @@ def cmd_list(args) -> int:
     from cli.rayservice import list_services, service_summary
 
     rows = [summary(rj, now) for rj in res.get("items", [])]
+    from cli.idle import idle_warnings, list_clusters, parse_duration
+
+    for warning in idle_warnings(list_clusters(kube, args.all_namespaces), res.get("items", []), now,
+                                 parse_duration(args.idle_after), describe):
+        say(f"warning: {warning}")
     rows += [service_summary(svc) for svc in list_services(kube, args.all_namespaces, MANAGED)]  # llmctl serve
     rows.sort(key=lambda s: s["created"] or "", reverse=True)
     if args.output == "json":
@@ -275,8 +340,7 @@ def cmd_logs(args) -> int:
                      what=f"find the {args.role} pod of {args.run}", verb="list", resource="pods")
     items = kube.api_client.sanitize_for_serialization(pods).get("items", [])
     if not items:
-        rj = kube.call(kube.custom.get_namespaced_custom_object, GROUP, VERSION, kube.namespace, PLURAL, args.run,
-                       what=f"get run {args.run}", verb="get", resource=PLURAL, name=args.run, group=GROUP)
+        rj = get_run(kube, args.run)
         state, detail = describe(rj)
         raise CLIError(f"run {args.run} has no {args.role} pod yet ({state}: {detail}); "
                        f"try again later, or `llmctl status {args.run}`")
@@ -292,8 +356,7 @@ def cmd_logs(args) -> int:
     if args.follow:
         kw["follow"] = True
         kw["_request_timeout"] = (10, 7 * 86400)  # a followed log may be quiet for hours (eval, checkpoint)
-    resp = kube.call(kube.core.read_namespaced_pod_log, pod, kube.namespace, what=f"read the log of {pod}",
-                     verb="get", resource="pods/log", name=pod, **kw)
+    resp = _open_log(kube, pod, kw, wait=args.follow, run=args.run)
     from urllib3.exceptions import HTTPError as Urllib3Error
 
     try:
@@ -307,11 +370,54 @@ def cmd_logs(args) -> int:
     return 0
 
 
+def _open_log(kube, pod: str, kw: dict, *, wait: bool, run: str):
+    """The log stream of `pod`. With `wait` (logs -f), a container still waiting to start (the API server's
+    400 `container "c" in pod "p" is waiting to start: ContainerCreating`, kubelet_pods.go) is polled, bounded
+    by WAIT_SECONDS and said once per reason on stderr, instead of failing right after submit."""
+    from kubernetes.client.rest import ApiException
+
+    said, result = set(), {}
+
+    def attempt() -> bool:
+        try:
+            result["resp"] = kube.core.read_namespaced_pod_log(pod, kube.namespace, **kw)
+            return True
+        except ApiException as e:
+            message = _api_message(e)
+            if not (wait and e.status == 400 and "is waiting to start" in message):
+                raise
+            reason = _clean(message.rsplit(":", 1)[-1].strip(), 80)
+            if reason not in said:
+                said.add(reason)
+                say(f"waiting for pod {pod} to start ({reason}); up to {WAIT_SECONDS:.0f} s")
+            return False
+
+    try:
+        if wait_until(attempt):
+            return result["resp"]
+    except ApiException:  # not a wait: the usual one-line mapping (permissions, a missing pod, ...)
+        return kube.call(kube.core.read_namespaced_pod_log, pod, kube.namespace, what=f"read the log of {pod}",
+                         verb="get", resource="pods/log", name=pod, **kw)
+    raise CLIError(f"pod {pod} did not start within {WAIT_SECONDS:.0f} s; `llmctl status {run}` "
+                   f"shows why (kubectl describe pod {pod} -n {kube.namespace} for its events)")
+
+
+def _api_message(e) -> str:
+    try:
+        return str(json.loads(e.body or "{}").get("message") or "")
+    except (TypeError, ValueError, AttributeError):
+        return ""
+
+
+def _clean(text: str, limit: int = 200) -> str:
+    """An untrusted string fit for one terminal line: control characters dropped, length bounded."""
+    return "".join(c for c in str(text) if c.isprintable())[:limit]
+
+
 def cmd_cancel(args) -> int:
     require_yes(args, "cancel")
     kube = connect(args)
-    rj = kube.call(kube.custom.get_namespaced_custom_object, GROUP, VERSION, kube.namespace, PLURAL, args.run,
-                   what=f"get run {args.run}", verb="get", resource=PLURAL, name=args.run, group=GROUP)
+    rj = get_run(kube, args.run)
     labels = rj.get("metadata", {}).get("labels") or {}
     if labels.get("app.kubernetes.io/managed-by") != "llmctl":
         raise CLIError(f"RayJob {args.run} was not created by llmctl; delete it with kubectl if you mean to")
@@ -340,6 +446,12 @@ def register(sub) -> None:
                        epilog="Example: llmctl status gpt-d26-8xh100-1a2b3c4d -n team")
     p.add_argument("run", help="run name (llmctl list shows them)")
     p.add_argument("-o", "--output", choices=("table", "json"), default="table", help="output format")
+    p.add_argument("--no-storage", action="store_true", help="do not read progress.json and spend.json from the "
+                   "run's storage (the RayJob's status only)")
+    p.add_argument("--local", action="store_true", help="read the run from its storage only, no cluster (a "
+                   "`submit --local` run, or any run whose storage you can read)")
+    p.add_argument("--storage", help="with --local: storage root where run names are looked up (default "
+                   "file://~/.cache/llmctl); a run URL works too")
     add_cluster_args(p)
     p.set_defaults(func=cmd_status)
 
@@ -347,6 +459,8 @@ def register(sub) -> None:
                        "and served models (RayServices of `llmctl serve`), newest first.",
                        epilog="Example: llmctl list -A")
     p.add_argument("-A", "--all-namespaces", action="store_true", help="list runs in every namespace")
+    p.add_argument("--idle-after", default=IDLE_AFTER, metavar="DURATION", help="warn about Ray clusters that ran "
+                   f"no job for longer than this, e.g. 30m, 2h (default {IDLE_AFTER})")
     p.add_argument("-o", "--output", choices=("table", "json"), default="table", help="output format")
     add_cluster_args(p)
     p.set_defaults(func=cmd_list)

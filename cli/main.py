@@ -20,7 +20,7 @@ from cli.errors import CLIError, UsageError
 
 # Command modules, in the order they appear in --help.
 COMMANDS = ("cli.plan", "cli.top", "cli.data", "cli.tokenizer", "cli.submit", "cli.jobs", "cli.doctor", "cli.chat",
-            "cli.serve", "cli.report")
+            "cli.serve", "cli.report", "cli.cost")
 
 
 class _Parser(argparse.ArgumentParser):

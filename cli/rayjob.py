@@ -159,7 +159,8 @@ def _env(plan: RunPlan, cfg: ClusterConfig, extra: dict[str, str]) -> list[dict]
 def _pod_spec(plan: RunPlan, cfg: ClusterConfig, container: dict, *, node_selector: dict, tolerations,
               service_account: str | None = None, api_token: bool = False, role: str = "submitter") -> dict:
     """`service_account` gives cloud identity (IRSA, workload identity: S3 from every Ray pod);
-    `api_token` mounts its Kubernetes API token, which only the head needs (progress reports)."""
+    `api_token` mounts its Kubernetes API token, which no pod of a run needs: progress and spend go to the
+    run's storage (trainer/progress.py, trainer/spend.py)."""
     spec: dict = {}
     if service_account:
         spec["serviceAccountName"] = service_account
@@ -239,7 +240,7 @@ def head_template(plan: RunPlan, cfg: ClusterConfig, extra_env: dict[str, str]) 
     c = _container(CONTAINERS["head"], cfg, _env(plan, cfg, extra_env), resources, ports, "head")
     return {"metadata": _template_metadata(plan, cfg, "head"),
             "spec": _pod_spec(plan, cfg, c, node_selector=cfg.head_node_selector, tolerations=cfg.head_tolerations,
-                              service_account=cfg.run_service_account, api_token=True, role="head")}
+                              service_account=cfg.run_service_account, role="head")}
 
 
 def worker_template(plan: RunPlan, cfg: ClusterConfig, gpus_per_pod: int, extra_env: dict[str, str]) -> dict:

@@ -15,7 +15,7 @@ import json
 
 from cli.cluster import (ClusterConfig, add_cluster_args, add_version_args, connect, load_config_file, read_config,
                          resolve_namespace, version_flags)
-from cli.errors import UsageError
+from cli.errors import CLIError, UsageError
 from cli.jobs import GROUP, PLURAL, VERSION, confirm, require_yes, say
 from cli.plan import add_spec_args, fmt_hours, render_table, spec_from_args
 from trainer.plan import RunSpec, plan
@@ -116,9 +116,7 @@ def cmd_submit(args) -> int:
                                      f"${e.total_dollars:,.2f}?"):
         say("not submitted; nothing was created")
         return 1
-    created = kube.call(kube.custom.create_namespaced_custom_object, GROUP, VERSION, kube.namespace, PLURAL,
-                        rayjob, what=f"create RayJob {p.name}", verb="create", resource=PLURAL, name=p.name,
-                        group=GROUP)
+    created = create_rayjob(kube, p.name, rayjob)
     if args.output:
         print(dump_objects([created], args.output))
     else:
@@ -126,6 +124,40 @@ def cmd_submit(args) -> int:
     ns = f" -n {kube.namespace}"
     say(f"next: llmctl status {p.name}{ns}   llmctl logs {p.name}{ns} -f   llmctl cancel {p.name}{ns}")
     return 0
+
+
+def create_rayjob(kube, name: str, rayjob: dict) -> dict:
+    """POST the RayJob. A 409 "object is being deleted" (a cancelled run of the same name still holds KubeRay's
+    finalizer while the operator stops its Ray job) waits, bounded and said on stderr, for the old object to go,
+    then creates."""
+    from cli import jobs
+
+    def create() -> dict:
+        return kube.call(kube.custom.create_namespaced_custom_object, GROUP, VERSION, kube.namespace, PLURAL,
+                         rayjob, what=f"create RayJob {name}", verb="create", resource=PLURAL, name=name,
+                         group=GROUP)
+
+    try:
+        return create()
+    except CLIError as e:
+        if "is still being deleted" not in str(e):
+            raise
+    say(f"RayJob {name} is still being deleted (KubeRay stops its Ray job before it lets go); waiting up to "
+        f"{jobs.WAIT_SECONDS:.0f} s for it to go, then creating")
+
+    def gone() -> bool:
+        try:
+            jobs.get_run(kube, name)
+        except CLIError as e:
+            if f"no rayjob {name!r}" in str(e):
+                return True
+            raise
+        return False
+
+    if not jobs.wait_until(gone):
+        raise CLIError(f"RayJob {name} in namespace {kube.namespace} was still being deleted after "
+                       f"{jobs.WAIT_SECONDS:.0f} s; is the KubeRay operator running? Try again later")
+    return create()
 
 
 def register(sub) -> None:

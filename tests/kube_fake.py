@@ -64,6 +64,7 @@ BUILTIN = {
     "customresourcedefinitions": ("apiextensions.k8s.io", "CustomResourceDefinition", False),
 }
 CUSTOM = {"rayjobs": ("ray.io", "RayJob", True), "rayservices": ("ray.io", "RayService", True),  # llmctl serve
+          "rayclusters": ("ray.io", "RayCluster", True),  # llmctl list: idle clusters
           "localqueues": ("kueue.x-k8s.io", "LocalQueue", True),
           "clusterqueues": ("kueue.x-k8s.io", "ClusterQueue", False),
           "resourceflavors": ("kueue.x-k8s.io", "ResourceFlavor", False)}

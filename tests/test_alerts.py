@@ -28,7 +28,9 @@ CHART = ROOT / "charts/llmctl"
 # The issue's list: stalled, MFU drop, NaN/inf loss, spend over estimate, cap reached, straggler, exporter down.
 EXPECTED = {"LlmctlTrainingStalled", "LlmctlMFUDropped", "LlmctlLossNotFinite", "LlmctlSpendOverEstimate",
             "LlmctlBudgetCapReached", "LlmctlRankStraggling", "LlmctlExporterDown",
-            "LlmctlServeErrorRate"}  # the last one: served models (llmctl serve), tests/test_serve_metrics.py
+            "LlmctlServeErrorRate",  # served models (llmctl serve), tests/test_serve_metrics.py
+            "LlmctlServeIdle", "LlmctlRayClusterIdle"}  # idle GPUs (issue 18): a served model, a Ray cluster
+RAY_METRICS = {"ray_resources"}  # Ray's own system metrics the cluster alerts read (docs.ray.io system-metrics)
 
 
 @pytest.fixture(scope="module")
@@ -71,13 +73,14 @@ def test_alerts_are_the_issue_list_with_severity_and_words():
     for r in rules():
         assert r["labels"]["severity"] in ("warning", "critical"), r["alert"]
         assert set(r["annotations"]) == {"summary", "description"}, r["alert"]
-        assert "{{ $labels.run }}" in r["annotations"]["summary"] or r["alert"] == "LlmctlExporterDown"
+        assert "{{ $labels.run }}" in r["annotations"]["summary"] or r["alert"] in (
+            "LlmctlExporterDown", "LlmctlRayClusterIdle")  # a cluster is named by {{ $labels.ray_io_cluster }}
 
 
 def test_alerts_use_only_contract_metrics():
-    names = set(METRIC_NAMES) | set(SERVE_METRIC_NAMES) | {"up"}
+    names = set(METRIC_NAMES) | set(SERVE_METRIC_NAMES) | {"up"} | RAY_METRICS
     for alert, expr in alert_rules(ALERTS):
-        used = set(re.findall(r"\bllmctl_[a-z_]+\b", expr)) | ({"up"} if re.search(r"\bup\{", expr) else set())
+        used = set(re.findall(r"\b(?:llmctl|ray)_[a-z_]+\b", expr)) - {"ray_io_cluster"} | ({"up"} if re.search(r"\bup\{", expr) else set())
         assert used, alert
         assert used <= names, f"{alert} uses names outside the contract: {used - names}"
 

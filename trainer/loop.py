@@ -49,6 +49,7 @@ class Stage:
     trace: object | None
     start_step: int
     loop: dict = field(default_factory=dict)  # checkpointed loop state: seconds, tokens, val bpb, loss EMA
+    lost_seconds: float = 0.0  # paid by earlier attempts, not kept (spend.json minus the resumed work)
 
     @property
     def opts(self) -> dict:
@@ -91,10 +92,13 @@ def set_up(cfg: StageConfig) -> Stage:
     tokenizer = Tokenizer.load(plan.urls["tokenizer"], storage_options=cfg.storage_options)
     token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.int64, device=w.device)
     loader = make_loader(plan, stage.name, tokenizer, w, state=loader_state, storage_options=cfg.storage_options)
+    lost = max(0.0, cfg.earlier_attempts_seconds - cfg.prior_seconds - loop["seconds"])  # trainer/spend.py
     metrics = start_metrics(plan, stage.name, w, cfg.metrics_port_base,
-                            prior_seconds=cfg.prior_seconds + loop["seconds"], prior_tokens=cfg.prior_tokens + loop["tokens"])
+                            prior_seconds=cfg.prior_seconds + loop["seconds"] + lost,
+                            prior_tokens=cfg.prior_tokens + loop["tokens"])
     trace = open(cfg.trace, "a") if cfg.trace else None
-    return Stage(cfg, plan, stage, w, model, optimizer, tokenizer, token_bytes, loader, metrics, trace, start_step, loop)
+    return Stage(cfg, plan, stage, w, model, optimizer, tokenizer, token_bytes, loader, metrics, trace, start_step, loop,
+                 lost)
 
 
 def resume(cfg: StageConfig, stage: str, w: Worker, model, optimizer) -> tuple[int, dict, dict | None]:
@@ -166,7 +170,7 @@ def _should_stop(st: Stage, exhausted: bool) -> str | None:
     """Whether every rank stops before this step: SFT's epoch ran out on some rank (a normal end), or the
     whole run's spend reached the budget cap."""
     cap = st.plan.spec.budget_cap
-    spent = st.plan.cost_of(st.cfg.prior_seconds + st.loop["seconds"])
+    spent = st.plan.cost_of(st.cfg.prior_seconds + st.loop["seconds"] + st.lost_seconds)
     epoch_done, over_budget = agree(st.w.device, exhausted, cap is not None and spent >= cap)
     if epoch_done:
         return STATUS_COMPLETED
@@ -247,21 +251,24 @@ def save(st: Stage, step: int, *, sync: bool, chaos: dict) -> None:
     if chaos:  # fault tests: wait until Ray has registered this checkpoint, so "the last one" is certain
         ray.train.get_all_reported_checkpoints(timeout_s=120)
     st.metrics.on_checkpoint(time.perf_counter() - t0)
-    if st.w.rank == 0 and os.environ.get("LLMCTL_RUN"):
-        _report_progress(st, step)
+    if st.w.rank == 0:
+        _write_progress(st, step)
 
 
-def _report_progress(st: Stage, step: int) -> None:
-    """In a cluster, write progress onto the RayJob (annotation read by `llmctl status`); never fatal."""
-    from trainer.progress import report_progress
+def _write_progress(st: Stage, step: int) -> None:
+    """`<run>/progress.json` in the run's storage (trainer/progress.py; read by `llmctl status`); never fatal."""
+    from trainer.progress import write_progress
 
     try:
         rate = st.loop["seconds"] / max(step, 1)
-        report_progress({"stage": st.stage.name, "step": step, "steps": st.stage.steps, "tokens": st.loop["tokens"],
-                         "cost_dollars": st.plan.cost_of(st.loop["seconds"]),
-                         "eta_seconds": (st.stage.steps - step) * rate})
+        kept = st.cfg.prior_seconds + st.loop["seconds"]
+        write_progress(st.plan.urls["run"], {
+            "stage": st.stage.name, "step": step, "steps": st.stage.steps,
+            "tokens": st.cfg.prior_tokens + st.loop["tokens"],
+            "cost_dollars": st.plan.cost_of(kept + st.lost_seconds), "kept_seconds": kept,
+            "eta_seconds": (st.stage.steps - step) * rate}, st.opts)
     except Exception as e:  # noqa: BLE001 - progress is a courtesy; training goes on
-        say(0, f"[{st.stage.name}] could not report progress to the RayJob: {e}")
+        say(0, f"[{st.stage.name}] could not write progress to {st.plan.urls['run']}: {e}")
 
 
 def summarize(st: Stage, step: int, status: str) -> dict:

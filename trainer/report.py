@@ -56,7 +56,24 @@ def gather(url: str, storage_options: dict | None = None) -> dict:
                       "scaling_params": plan["params"]["scaling"], "flops_per_token": plan["flops_per_token"]},
             "estimate": {k: est[k] for k in ("mfu", "mfu_source", "peak_flops_per_gpu", "tokens_per_second",
                                              "train_hours", "total_hours", "total_dollars", "price_per_gpu_hour")},
-            "stages": stages, "totals": summary, "eval": evals}
+            "stages": stages, "totals": summary, "eval": evals, "spend": spend_section(url, storage_options, summary)}
+
+
+def spend_section(url: str, storage_options: dict | None, summary: dict | None) -> dict | None:
+    """What the run paid across all its attempts (`<run>/spend.json`, trainer/spend.py) against the work it
+    kept (the run summary's hours): None for a run without a ledger or whose ledger cannot be read."""
+    from trainer.spend import lost_seconds, read_spend
+
+    try:
+        spend = read_spend(url, storage_options)
+    except (ValueError, OSError):
+        return None
+    if not spend or not spend["attempts"]:
+        return None
+    kept = (summary or {}).get("hours")
+    lost = lost_seconds(spend, kept * 3600 if isinstance(kept, (int, float)) else None)
+    return dict(spend["totals"], running=spend["attempts"][-1]["state"] == "running",
+                lost_hours=None if lost is None else lost / 3600)
 
 
 # -------------------------------------------------------------------------------------------- rendering
@@ -118,6 +135,13 @@ def render(d: dict) -> str:
         out += ["", f"Whole run: {t.get('tokens', 0):,} tokens trained in {_hours(t.get('hours'))} "
                     f"(estimate {_hours(t['estimate']['total_hours'])}), ${t.get('dollars', 0):,.2f} "
                     f"(estimate ${t['estimate']['total_dollars']:,.2f})."]
+    sd = d.get("spend")
+    if sd:
+        out += ["", f"Paid across {sd['attempts']} attempt(s) ({sd['restarts']} restart(s), spend.json"
+                    + (", so far" if sd["running"] else "") + f"): {sd['gpu_seconds'] / 3600:,.2f} GPU-hours, "
+                    f"${sd['dollars']:,.2f} against the estimate ${est['total_dollars']:,.2f}"
+                    + (f"; {_hours(sd['lost_hours'])} of it lost to restarts and start-up (paid, not kept)"
+                       if sd.get("lost_hours") is not None else "") + "."]
     out += ["", "tok/s and MFU are wall-clock averages over the stage (evaluations and checkpoints included), "
                 "against the plan's peak per GPU" + (" (a nominal CPU peak on local runs)" if sp["gpu_type"] == "cpu"
                                                      else "") + ". The eval stage's tokens are those of its bpb "

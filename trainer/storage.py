@@ -8,7 +8,9 @@ tests' moto server) is configured once and behaves the same for the CLI, the dri
 - `filesystem(url, opts)`: (fsspec filesystem, path); s3:// URLs get the environment's options by default;
 - `read_json` / `write_json` / `write_text`: documents read as None when absent, written atomically
   (a `.tmp` then a rename) so a reader never sees half a file;
-- `run_url(run, storage)`: a run name or URL -> the run's URL; `read_plan(url)`: its stored plan as a dict.
+- `run_url(run, storage)`: a run name or URL -> the run's URL; `read_plan(url)`: its stored plan as a dict;
+- `read_small_json(url, max_bytes)`: a document the CLI reads from a run it did not write itself (progress,
+  spend): refused above a size bound instead of read whole.
 
 Torch-free and light: the CLI imports it (fsspec is imported on first use).
 """
@@ -93,3 +95,26 @@ def read_plan(url: str, storage_options: dict | None = None) -> dict:
     if plan is None:
         raise RunNotFound(f"no run at {url} (no plan.json there)")
     return plan
+
+
+class DocumentTooLarge(ValueError):
+    """A stored document over the size its reader accepts."""
+
+
+def read_small_json(url: str, max_bytes: int, storage_options: dict | None = None):
+    """The JSON document at `url` (None when absent), read only when it is at most `max_bytes` long: stored
+    files are untrusted, and a reader must not be made to pull gigabytes. Invalid JSON raises ValueError."""
+    fs, path = filesystem(url, storage_options)
+    try:
+        size = fs.size(path)
+    except FileNotFoundError:
+        return None
+    if size is not None and size > max_bytes:
+        raise DocumentTooLarge(f"{url} is {size:,} bytes, over the {max_bytes:,} this reader accepts")
+    try:
+        data = fs.cat_file(path, start=0, end=max_bytes + 1)
+    except FileNotFoundError:
+        return None
+    if len(data) > max_bytes:
+        raise DocumentTooLarge(f"{url} is over the {max_bytes:,} bytes this reader accepts")
+    return json.loads(data)

@@ -116,7 +116,9 @@ class StageConfig:
     metrics_port_base: exporter port of local rank 0 (None: no HTTP exporter); log_every: steps between
     progress lines; checkpoint_upload: "async" (the upload overlaps the next steps) or "sync";
     init_model: checkpoint URL SFT starts from; prior_seconds / prior_tokens: earlier stages' wall time and
-    tokens, so spend, the budget cap and the dashboards cover the whole run; trace: a local JSONL path for
+    tokens, so spend, the budget cap and the dashboards cover the whole run; earlier_attempts_seconds: wall
+    seconds paid for by earlier attempts of the run (trainer/spend.py), so spend and the cap also count the
+    time restarts lost; trace: a local JSONL path for
     per-step data fingerprints and wall-clock stamps (the exact-resume tests, bench/ray_overhead.py); chaos:
     fault injection for the fault tests (kill_at_step, rank, marker, during_save; nan_at_step).
     """
@@ -130,6 +132,7 @@ class StageConfig:
     init_model: str | None = None
     prior_seconds: float = 0.0
     prior_tokens: int = 0
+    earlier_attempts_seconds: float = 0.0
     trace: str | None = None
     chaos: dict | None = None
 
@@ -138,6 +141,8 @@ class StageConfig:
             raise ValueError(f"checkpoint_upload: must be async or sync, got {self.checkpoint_upload!r}")
         if not isinstance(self.log_every, int) or self.log_every < 1:
             raise ValueError(f"log_every: must be a positive integer, got {self.log_every!r}")
+        if self.earlier_attempts_seconds < 0:
+            raise ValueError(f"earlier_attempts_seconds: must be >= 0, got {self.earlier_attempts_seconds}")
         if self.prior_seconds < 0 or self.prior_tokens < 0:
             raise ValueError(f"prior_seconds, prior_tokens: must be >= 0, got {self.prior_seconds}, {self.prior_tokens}")
 

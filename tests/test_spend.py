@@ -1,0 +1,97 @@
+"""trainer/spend.py (the run's spend ledger) and trainer/progress.py's storage document: attempts accumulate
+across a killed attempt (time up to its last heartbeat kept), readers refuse oversized or malformed files,
+and a real finished run leaves both documents in its storage.
+
+Run: .venv/bin/pytest tests/test_spend.py -v
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from trainer import spend
+from trainer.progress import read_progress, write_progress
+from trainer.storage import DocumentTooLarge, read_json
+
+
+class Clock:
+    def __init__(self, t: float = 1_800_000_000.0):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def ledger(url: str, clock, gpus: int = 8, opts=None) -> spend.Ledger:
+    return spend.Ledger(url, run="r", gpus=gpus, price_per_gpu_hour=2.0, storage_options=opts, clock=clock)
+
+
+def test_a_killed_attempt_keeps_its_time_up_to_the_last_heartbeat_and_the_next_adds_to_it(tmp_path):
+    url, clock = f"file://{tmp_path}/runs/r", Clock()
+    first = ledger(url, clock).begin()
+    clock.t += 5 * 3600
+    first.heartbeat()
+    clock.t += 50  # killed 50 s after its last heartbeat: those 50 s are not in the ledger
+    second = ledger(url, clock).begin()
+    assert second.earlier_seconds == 5 * 3600
+    clock.t += 3600
+    second.heartbeat()
+    doc = spend.read_spend(url)
+    assert [a["state"] for a in doc["attempts"]] == ["lost", "running"]
+    assert doc["totals"]["gpu_seconds"] == 8 * 6 * 3600 and doc["totals"]["dollars"] == pytest.approx(96.0)
+    assert doc["totals"]["restarts"] == 1 and doc["totals"]["lost_attempts"] == 1
+    second.end("finished")
+    assert spend.read_spend(url)["attempts"][-1]["state"] == "finished"
+    assert spend.lost_seconds(spend.read_spend(url), kept_seconds=5.5 * 3600) == pytest.approx(0.5 * 3600)
+
+
+def test_the_ledger_works_on_s3(s3_server):
+    url, clock = f"{s3_server.bucket('spend')}/runs/r", Clock()
+    with_opts = ledger(url, clock, gpus=16, opts=s3_server.storage_options).begin()
+    clock.t += 100
+    with_opts.end("failed")
+    doc = spend.read_spend(url, s3_server.storage_options)
+    assert doc["attempts"][0]["state"] == "failed" and doc["totals"]["gpu_seconds"] == 1600
+
+
+def test_the_attempt_context_closes_failed_on_an_exception(tmp_path):
+    url = f"file://{tmp_path}/runs/r"
+    with pytest.raises(RuntimeError):
+        with spend.attempt(url, run="r", gpus=2, price_per_gpu_hour=1.0):
+            raise RuntimeError("stage failed")
+    assert spend.read_spend(url)["attempts"][0]["state"] == "failed"
+
+
+def test_readers_treat_stored_files_as_untrusted(tmp_path):
+    url = f"file://{tmp_path}/runs/r"
+    (tmp_path / "runs" / "r").mkdir(parents=True)
+    good = {"start": "2026-01-01T00:00:00Z", "last": "2026-01-01T01:00:00Z", "gpus": 8, "seconds": 3600.0,
+            "state": "finished"}
+    (tmp_path / "runs/r/spend.json").write_text(json.dumps({
+        "run": "r\x1b]0;owned\x07", "price_per_gpu_hour": 2.0, "totals": {"dollars": 0.01},  # stored totals ignored
+        "attempts": [good, dict(good, gpus=-1), dict(good, seconds=float("nan")), dict(good, state="weird"),
+                     dict(good, start="yesterday"), "not a row", dict(good, gpus=True)]}))
+    doc = spend.read_spend(url)
+    assert doc["attempts"] == [good] and doc["totals"]["dollars"] == pytest.approx(16.0)
+    assert "\x1b" not in doc["run"] and "\x07" not in doc["run"]
+    (tmp_path / "runs/r/spend.json").write_text("[" * (spend.MAX_DOCUMENT_BYTES + 1))
+    with pytest.raises(DocumentTooLarge):
+        spend.read_spend(url)
+    (tmp_path / "runs/r/spend.json").write_text("{not json")
+    with pytest.raises(ValueError):
+        spend.read_spend(url)
+    with pytest.raises(ValueError, match="unknown key"):
+        write_progress(url, {"step": 1, "bogus": 2})
+
+
+def test_a_finished_run_leaves_its_progress_and_one_finished_attempt(finished_run):
+    url = finished_run.urls["run"]
+    doc = spend.read_spend(url)
+    (row,) = doc["attempts"]
+    assert row["state"] == "finished" and row["gpus"] == finished_run.spec.gpus and row["seconds"] > 0
+    summary = read_json(f"{url}/summary.json")
+    assert row["seconds"] >= summary["hours"] * 3600  # the attempt paid at least the time the stages kept
+    prog = read_progress(url)
+    assert prog["stage"] == "sft" and prog["step"] == prog["steps"] and prog["kept_seconds"] > 0

@@ -1,0 +1,181 @@
+"""What a run really cost: `<run>/spend.json`, a ledger of GPU time per attempt, kept in the run's storage.
+
+A run may take several attempts: a RayJob retry (a fresh Ray cluster after a failure; KubeRay resets the
+RayJob's `status.startTime` each time), a preemption, a cancel and resubmit. Each attempt's launcher
+(trainer/launch.py) opens a row when it starts, heartbeats it (every HEARTBEAT_SECONDS: `last` and
+`seconds` move on) and closes it when it ends. An attempt killed without a goodbye (a lost node, SIGKILL)
+keeps the time up to its last heartbeat: the next attempt marks it `lost`. So the ledger undercounts by at
+most one heartbeat per lost attempt, and never forgets an attempt.
+
+    {"schema": 1, "run": "...", "price_per_gpu_hour": 2.0,
+     "attempts": [{"start": ISO, "last": ISO, "gpus": 8, "seconds": 18000.0, "state": "lost"}, ...],
+     "totals": {...}}   # `totals(doc)`; readers recompute it and never trust the stored copy
+
+Dollars = GPU-seconds / 3600 x the plan's price per GPU-hour (trainer/costs.py's convention). Time lost to
+restarts = paid wall seconds - the seconds whose work the run kept (progress.json's kept_seconds while it
+runs, summary.json's hours once it ended): start-up, redone steps after a resume, the last minutes of a
+killed attempt. Readers (llmctl status, report, cost) treat the file as untrusted: `read_spend` bounds its
+size and validates every field (trainer/progress.py's rules).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import threading
+import time
+from contextlib import contextmanager
+
+from trainer.progress import clean_number, clean_text
+
+SPEND_FILE = "spend.json"
+SCHEMA = 1
+HEARTBEAT_SECONDS = 60.0  # a killed attempt loses at most this much from the ledger; env LLMCTL_SPEND_HEARTBEAT_SECONDS
+MAX_DOCUMENT_BYTES = 1024 * 1024  # ~150 bytes an attempt: thousands of attempts fit
+MAX_ATTEMPTS = 5000
+STATES = ("running", "finished", "failed", "lost")
+
+
+def _iso(t: float) -> str:
+    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_iso(ts) -> datetime.datetime | None:
+    if not isinstance(ts, str):
+        return None
+    try:
+        t = datetime.datetime.fromisoformat(ts.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return t if t.tzinfo else t.replace(tzinfo=datetime.timezone.utc)
+
+
+def totals(doc: dict) -> dict:
+    """attempts, restarts (attempts - 1), lost_attempts, seconds (wall, summed), gpu_seconds, dollars."""
+    rows = doc.get("attempts") or []
+    price = doc.get("price_per_gpu_hour") or 0.0
+    gpu_seconds = sum(a["seconds"] * a["gpus"] for a in rows)
+    return {"attempts": len(rows), "restarts": max(0, len(rows) - 1),
+            "lost_attempts": sum(a["state"] == "lost" for a in rows),
+            "seconds": sum(a["seconds"] for a in rows), "gpu_seconds": gpu_seconds,
+            "dollars": gpu_seconds / 3600 * price}
+
+
+def sanitize(doc) -> dict:
+    """The ledger's known fields, each checked; rows with a bad field are dropped. Totals recomputed."""
+    if not isinstance(doc, dict):
+        return {"attempts": [], "price_per_gpu_hour": None, "run": None, "totals": totals({})}
+    rows = []
+    for a in (doc.get("attempts") if isinstance(doc.get("attempts"), list) else [])[:MAX_ATTEMPTS]:
+        if not isinstance(a, dict):
+            continue
+        gpus, seconds = clean_number(a.get("gpus"), "int"), clean_number(a.get("seconds"), "num")
+        start, last = parse_iso(a.get("start")), parse_iso(a.get("last"))
+        if gpus is None or seconds is None or start is None or last is None or a.get("state") not in STATES:
+            continue
+        rows.append({"start": _iso(start.timestamp()), "last": _iso(last.timestamp()), "gpus": gpus,
+                     "seconds": seconds, "state": a["state"]})
+    out = {"run": clean_text(doc["run"]) if isinstance(doc.get("run"), str) else None,
+           "price_per_gpu_hour": clean_number(doc.get("price_per_gpu_hour"), "num"), "attempts": rows}
+    out["totals"] = totals(out)
+    return out
+
+
+def read_spend(run_url: str, storage_options: dict | None = None) -> dict | None:
+    """`<run>/spend.json`, validated, with fresh totals; None when the run has none. Raises ValueError/OSError
+    when it cannot be read (too large, not JSON, storage unreachable)."""
+    from trainer.storage import read_small_json
+
+    doc = read_small_json(f"{run_url}/{SPEND_FILE}", MAX_DOCUMENT_BYTES, storage_options)
+    return None if doc is None else sanitize(doc)
+
+
+class Ledger:
+    """One attempt's row in `<run>/spend.json`: `begin()`, `heartbeat()` (or `start_heartbeat()`), `end()`."""
+
+    def __init__(self, run_url: str, *, run: str, gpus: int, price_per_gpu_hour: float,
+                 storage_options: dict | None = None, clock=time.time):
+        self.url, self.run, self.gpus, self.price = f"{run_url}/{SPEND_FILE}", run, gpus, price_per_gpu_hour
+        self.opts, self.clock = storage_options, clock
+        self.doc: dict = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._t0 = 0.0
+
+    @property
+    def earlier_seconds(self) -> float:
+        """Wall seconds paid for by the attempts before this one."""
+        return sum(a["seconds"] for a in self.doc["attempts"][:-1])
+
+    def begin(self) -> "Ledger":
+        """Read the ledger, mark attempts that never said goodbye as lost, open this attempt's row."""
+        from trainer.storage import read_small_json
+
+        doc = sanitize(read_small_json(self.url, MAX_DOCUMENT_BYTES, self.opts) or {})
+        for a in doc["attempts"]:
+            if a["state"] == "running":
+                a["state"] = "lost"  # its pods went without closing the row: time up to its last heartbeat
+        self._t0 = self.clock()
+        doc["attempts"].append({"start": _iso(self._t0), "last": _iso(self._t0), "gpus": self.gpus, "seconds": 0.0,
+                                "state": "running"})
+        self.doc = {"schema": SCHEMA, "run": self.run, "price_per_gpu_hour": self.price,
+                    "attempts": doc["attempts"][-MAX_ATTEMPTS:]}
+        self._write()
+        return self
+
+    def heartbeat(self, state: str = "running") -> None:
+        """Move this attempt's `last` and `seconds` to now (and set its state)."""
+        with self._lock:
+            now = self.clock()
+            row = self.doc["attempts"][-1]
+            row.update(last=_iso(now), seconds=max(0.0, now - self._t0), state=state)
+            self._write()
+
+    def _write(self) -> None:
+        from trainer.storage import write_json
+
+        write_json(self.url, dict(self.doc, totals=totals(self.doc)), self.opts)
+
+    def start_heartbeat(self, interval: float | None = None) -> None:
+        interval = interval or float(os.environ.get("LLMCTL_SPEND_HEARTBEAT_SECONDS", HEARTBEAT_SECONDS))
+
+        def beat() -> None:
+            warned = False
+            while not self._stop.wait(interval):
+                try:
+                    self.heartbeat()
+                except Exception as e:  # noqa: BLE001 - storage hiccups must not stop training
+                    if not warned:
+                        print(f"[spend] could not update {self.url}: {e}", flush=True)
+                        warned = True
+
+        self._thread = threading.Thread(target=beat, name="llmctl-spend-heartbeat", daemon=True)
+        self._thread.start()
+
+    def end(self, state: str) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        self.heartbeat(state)
+
+
+@contextmanager
+def attempt(run_url: str, *, run: str, gpus: int, price_per_gpu_hour: float, storage_options: dict | None = None):
+    """The launcher's attempt: its row opened, heartbeated while the block runs, closed finished or failed."""
+    ledger = Ledger(run_url, run=run, gpus=gpus, price_per_gpu_hour=price_per_gpu_hour,
+                    storage_options=storage_options).begin()
+    ledger.start_heartbeat()
+    try:
+        yield ledger
+    except BaseException:
+        ledger.end("failed")
+        raise
+    ledger.end("finished")
+
+
+def lost_seconds(spend: dict | None, kept_seconds: float | None) -> float | None:
+    """Paid wall seconds whose work the run did not keep (restarts, start-up, redone steps); None if unknown."""
+    if not spend or kept_seconds is None:
+        return None
+    return max(0.0, spend["totals"]["seconds"] - kept_seconds)
