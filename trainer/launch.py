@@ -60,11 +60,34 @@ def write_plan(p: RunPlan, opts: dict) -> None:
     write_text(url, p.to_json(), opts)
 
 
+def local_ray_options(*, verbose: bool = False, num_cpus: int | None = None) -> dict:
+    """`ray.init` options for a local cluster that holds what a local run needs and no more: no dashboard
+    (nor its web server); the workers' and Ray's own output stay in the session's log files unless `verbose`
+    (`log_to_driver`: the driver would otherwise print every worker line, Ray Train's controller included);
+    no usage-stats reporting. Ray starts its log monitor and dashboard agent with every node started by
+    `ray.init` (no public option turns them off); with `log_to_driver=False` the monitor still tails the
+    files but nothing is sent to the console."""
+    opts = dict(include_dashboard=False, log_to_driver=verbose, configure_logging=False)
+    if num_cpus is not None:
+        opts["num_cpus"] = num_cpus
+    return opts
+
+
+def ray_logs_dir() -> str | None:
+    """Where this Ray session writes its log files (worker output, raylet, GCS), or None without a session."""
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)  # no public accessor for the local session dir
+    return node.get_logs_dir_path() if node is not None else None
+
+
 def run(p: RunPlan, *, storage_options: dict | None = None, max_failures: int = 3,
         metrics_port_base: int | None = None, log_every: int = 10, checkpoint_upload: str = "async",
-        trace: str | None = None, chaos: dict | None = None) -> dict:
+        trace: str | None = None, chaos: dict | None = None, progress_file: str | None = None,
+        quiet: bool = False) -> dict:
     """Run every stage of the plan on the current Ray cluster (starting a local one if none); return the
-    run summary. Idempotent: finished stages are skipped, interrupted ones resume."""
+    run summary. Idempotent: finished stages are skipped, interrupted ones resume. `progress_file`: a local
+    path the workers append progress to (trainer/progress.py); `quiet`: print nothing of our own either."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -78,13 +101,14 @@ def run(p: RunPlan, *, storage_options: dict | None = None, max_failures: int = 
     opts = dict(storage_options if storage_options is not None else storage_options_from_env())
     write_plan(p, opts)
     if not ray.is_initialized():
-        ray.init(log_to_driver=True, include_dashboard=False, configure_logging=False)
+        ray.init(**local_ray_options(verbose=True))
     local = p.spec.gpu_type == "cpu"
     stages = {}
     for st in p.stages:
         done = read_json(f"{p.urls['run']}/{st.name}/summary.json", opts)
         if done and done["status"] == STATUS_COMPLETED:
-            print(f"[{st.name}] already complete ({done['steps']} steps); skipping", flush=True)
+            if not quiet:
+                print(f"[{st.name}] already complete ({done['steps']} steps); skipping", flush=True)
             stages[st.name] = done
             continue
         init_model = None
@@ -92,7 +116,7 @@ def run(p: RunPlan, *, storage_options: dict | None = None, max_failures: int = 
             init_model = checkpoint.latest(f"{p.urls['run']}/pretrain", storage_options=opts)
         config = StageConfig(plan=p.to_json(), stage=st.name, storage_options=opts, log_every=log_every,
                              metrics_port_base=metrics_port_base, checkpoint_upload=checkpoint_upload, trace=trace,
-                             chaos=chaos, init_model=init_model,
+                             chaos=chaos, init_model=init_model, progress_file=progress_file,
                              prior_seconds=sum(s["seconds"] for s in stages.values()),
                              prior_tokens=sum(s["tokens"] for s in stages.values())).to_dict()
         storage_path, storage_fs = ray_storage(p.urls["run"], opts)
@@ -108,7 +132,8 @@ def run(p: RunPlan, *, storage_options: dict | None = None, max_failures: int = 
         trainer.fit()
         summary = read_json(f"{p.urls['run']}/{st.name}/summary.json", opts)
         if summary is None:
-            raise LaunchError(f"stage {st.name} ended without a summary; see the worker logs above")
+            raise LaunchError(f"stage {st.name} ended without a summary; see the worker logs"
+                              + (f" in {ray_logs_dir()}" if quiet else " above"))
         if summary["status"] == STATUS_NONFINITE:
             raise LaunchError(f"stage {st.name} stopped at step {summary['steps']}: the loss became NaN/inf")
         stages[st.name] = summary

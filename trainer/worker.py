@@ -118,7 +118,8 @@ class StageConfig:
     init_model: checkpoint URL SFT starts from; prior_seconds / prior_tokens: earlier stages' wall time and
     tokens, so spend, the budget cap and the dashboards cover the whole run; trace: a local JSONL path for
     per-step data fingerprints and wall-clock stamps (the exact-resume tests, bench/ray_overhead.py); chaos:
-    fault injection for the fault tests (kill_at_step, rank, marker, during_save; nan_at_step).
+    fault injection for the fault tests (kill_at_step, rank, marker, during_save; nan_at_step);
+    progress_file: a local JSONL path rank 0 appends progress to (trainer/progress.py; the local run's bars).
     """
 
     plan: str
@@ -132,6 +133,7 @@ class StageConfig:
     prior_tokens: int = 0
     trace: str | None = None
     chaos: dict | None = None
+    progress_file: str | None = None
 
     def __post_init__(self) -> None:
         if self.checkpoint_upload not in ("async", "sync"):
