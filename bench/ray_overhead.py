@@ -57,7 +57,8 @@ from tests.finished_run import TINY as TESTS_TINY  # noqa: E402
 from trainer.plan import RunSpec, plan  # noqa: E402
 
 WORKERS = 2
-RAY_TMP = os.path.join(tempfile.gettempdir(), "ray")  # Ray's default session root, before TMPDIR moves
+RAY_TMP = os.path.join(tempfile.gettempdir(), "ray")
+LEAN = True  # --plain-ray: ray.init's own cluster (log monitor and autoscaler monitor included) instead  # Ray's default session root, before TMPDIR moves
 POLL_S = 2.0  # ray.train.v2 DEFAULT_HEALTH_CHECK_INTERVAL_S: how often the controller collects reports
 # The tests' tiny model (tests/finished_run.py TINY), on the local run's other settings.
 TINY = {k: TESTS_TINY[k] for k in ("depth", "vocab_size", "seq_len", "head_dim", "device_batch_size")}
@@ -84,17 +85,20 @@ def launch_ray(p, opts, trace: str, upload: str, work: str) -> dict:
     """A local Ray cluster started for this run only (so its daemons do not run during torchrun's runs)."""
     import ray
 
-    from trainer.launch import run
+    from trainer.launch import LocalRay, run
 
     t0 = time.time()
-    ray.init(num_cpus=WORKERS, include_dashboard=False, log_to_driver=False, _temp_dir=RAY_TMP)
+    if LEAN:  # what `llmctl submit --local` starts: no dashboard, log monitor or autoscaler monitor
+        cluster = LocalRay(verbose=False, num_cpus=WORKERS)
+    else:
+        ray.init(num_cpus=WORKERS, include_dashboard=False, log_to_driver=False, _temp_dir=RAY_TMP)
     t1 = time.time()
     try:
         summary = run(p, storage_options=opts, log_every=10**6, checkpoint_upload=upload, trace=trace,
                       metrics_port_base=None, max_failures=0)
     finally:
         end = time.time()
-        ray.shutdown()
+        cluster.stop() if LEAN else ray.shutdown()
     assert summary["status"] == "completed", summary
     return {"init": t1 - t0, "start": t1, "end": end}
 
@@ -316,7 +320,11 @@ def main() -> None:
                     help="local: the embedded default model (cli/local.py); tiny: the tests' model")
     ap.add_argument("--storage", choices=("file", "s3"), default="file")
     ap.add_argument("--skip-ratio", action="store_true", help="only the checkpoint-stall runs")
+    ap.add_argument("--plain-ray", action="store_true", help="start Ray with ray.init (log monitor, autoscaler "
+                    "monitor) instead of the local run's lean cluster (trainer/launch.py LocalRay)")
     args = ap.parse_args()
+    global LEAN
+    LEAN = not args.plain_ray
     if args.worker:
         return worker(args.worker)
 

@@ -108,7 +108,7 @@ def run_plan_local(p, *, storage: str, verbose: bool = False, num_cpus: int | No
 
     import ray
 
-    from trainer.launch import local_ray_options, ray_logs_dir, run
+    from trainer.launch import LocalRay, ray_logs_dir, run
     from trainer.progress import StageBars
     from trainer.report import card, gather, write_report
 
@@ -122,9 +122,7 @@ def run_plan_local(p, *, storage: str, verbose: bool = False, num_cpus: int | No
         notice = logging.getLogger(AUTH_NOTICE_LOGGER)
         notice.addHandler(logging.FileHandler(os.path.join(run_dir, "ray-driver.log")))
         notice.propagate = False
-    started = not ray.is_initialized()
-    if started:
-        ray.init(**local_ray_options(verbose=verbose, num_cpus=num_cpus))
+    cluster = None if ray.is_initialized() else LocalRay(verbose=verbose, num_cpus=num_cpus)
     try:
         if not verbose:
             print(f"Ray's own logs (workers, Train controller, raylet): {ray_logs_dir()}  (--verbose shows them)",
@@ -132,8 +130,8 @@ def run_plan_local(p, *, storage: str, verbose: bool = False, num_cpus: int | No
         with StageBars(progress, [(s.name, s.steps) for s in p.stages], priced=p.estimate.price_per_gpu_hour > 0):
             summary = run(p, storage_options={}, metrics_port_base=None, progress_file=progress, quiet=not verbose)
     finally:
-        if started:
-            ray.shutdown()
+        if cluster is not None:
+            cluster.stop()
     write_report(p.urls["run"])  # report.md, report.html and the curves (trainer/report.py)
     print(flush=True)
     print(card(gather(p.urls["run"])), flush=True)

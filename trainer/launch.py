@@ -63,14 +63,51 @@ def write_plan(p: RunPlan, opts: dict) -> None:
 def local_ray_options(*, verbose: bool = False, num_cpus: int | None = None) -> dict:
     """`ray.init` options for a local cluster that holds what a local run needs and no more: no dashboard
     (nor its web server); the workers' and Ray's own output stay in the session's log files unless `verbose`
-    (`log_to_driver`: the driver would otherwise print every worker line, Ray Train's controller included);
-    no usage-stats reporting. Ray starts its log monitor and dashboard agent with every node started by
-    `ray.init` (no public option turns them off); with `log_to_driver=False` the monitor still tails the
-    files but nothing is sent to the console."""
+    (`log_to_driver`: the driver would otherwise print every worker line, Ray Train's controller included)."""
     opts = dict(include_dashboard=False, log_to_driver=verbose, configure_logging=False)
     if num_cpus is not None:
         opts["num_cpus"] = num_cpus
     return opts
+
+
+class LocalRay:
+    """A local Ray cluster started for one run, leaner than `ray.init()`'s: besides no dashboard, no log
+    monitor (it only forwards worker output to the driver, which a quiet run does not print; the workers'
+    files are written by the raylet either way) and no autoscaler monitor (a fixed single node). `ray.init`
+    has no option for either, so the head node is started the way `ray.init` starts it (ray._private.node.Node
+    with RayParams), with those two flags changed, and the driver connects to it. `stop()` ends the driver's
+    connection and exactly this cluster's processes (never other Ray instances on the machine).
+
+    Ray's private API moves between releases: if it does not have these names, the cluster is started by a
+    plain `ray.init(**local_ray_options(...))` instead (the same run, with the two daemons)."""
+
+    def __init__(self, *, verbose: bool = False, num_cpus: int | None = None):
+        import ray
+
+        self.node = None
+        try:
+            from ray._private.authentication.authentication_token_setup import (enable_token_auth_by_default,
+                                                                                ensure_token_if_auth_enabled)
+            from ray._private.node import Node
+            from ray._private.parameter import RayParams
+        except ImportError:
+            ray.init(**local_ray_options(verbose=verbose, num_cpus=num_cpus))
+            return
+        system_config: dict = {}
+        enable_token_auth_by_default()  # what ray.init does for a new local cluster (token auth on)
+        ensure_token_if_auth_enabled(system_config, create_token_if_missing=True)
+        params = RayParams(num_cpus=num_cpus, include_dashboard=False, include_log_monitor=verbose, no_monitor=True,
+                           _system_config=system_config)
+        self.node = Node(params, head=True, shutdown_at_exit=False, spawn_reaper=True, ray_init_cluster=True)
+        ray.init(address=self.node.address, log_to_driver=verbose, configure_logging=False)
+
+    def stop(self) -> None:
+        import ray
+
+        ray.shutdown()
+        if self.node is not None:
+            self.node.kill_all_processes(check_alive=False, allow_graceful=True)
+            self.node = None
 
 
 def ray_logs_dir() -> str | None:
