@@ -320,6 +320,7 @@ def main() -> None:
                     help="local: the embedded default model (cli/local.py); tiny: the tests' model")
     ap.add_argument("--storage", choices=("file", "s3"), default="file")
     ap.add_argument("--skip-ratio", action="store_true", help="only the checkpoint-stall runs")
+    ap.add_argument("--skip-stall", action="store_true", help="only the per-step ratio runs")
     ap.add_argument("--plain-ray", action="store_true", help="start Ray with ray.init (log monitor, autoscaler "
                     "monitor) instead of the local run's lean cluster (trainer/launch.py LocalRay)")
     args = ap.parse_args()
@@ -375,9 +376,11 @@ def main() -> None:
                 order = ("ray", "torchrun") if i % 2 == 0 else ("torchrun", "ray")
                 res = {k: go(k, args.steps, "async") for k in order}
                 pairs.append(res)
-        print(f"\n2. checkpoint stall, every {args.every} steps", flush=True)
-        st = {label: go(kind, args.every, upload) for label, kind, upload in
-              (("ray async", "ray", "async"), ("ray sync", "ray", "sync"), ("torchrun", "torchrun", "async"))}
+        st = {}
+        if not args.skip_stall:
+            print(f"\n2. checkpoint stall, every {args.every} steps", flush=True)
+            st = {label: go(kind, args.every, upload) for label, kind, upload in
+                  (("ray async", "ray", "async"), ("ray sync", "ray", "sync"), ("torchrun", "torchrun", "async"))}
 
         print(f"\nsummary ({args.config} model, {args.storage} storage, {args.steps} steps/run, first "
               f"{args.warmup} left out)")
@@ -409,8 +412,9 @@ def main() -> None:
             print("  Ray's launcher processes, cores while training (median): "
                   + ", ".join(f"{k} {c:.3f}" for c, k in top))
             out["ratio"] = {"wall": wall, "wall_pairs": walls, "worker_cpu": cpu, "worker_cpu_pairs": cpus}
-        out["stall"] = {"checkpoint_mb": checkpoint_mb(st["ray async"]["run"], opts)}
-        print(f"one checkpoint (model, 2 optimizer shards, loader states, meta): "
+        out["stall"] = {"checkpoint_mb": checkpoint_mb(st["ray async"]["run"], opts)} if st else {}
+        if st:
+            print(f"one checkpoint (model, 2 optimizer shards, loader states, meta): "
               f"{out['stall']['checkpoint_mb']:.1f} MB")
         for label, r in st.items():
             s = stall(r, args.window)
