@@ -57,7 +57,8 @@ from tests.finished_run import TINY as TESTS_TINY  # noqa: E402
 from trainer.plan import RunSpec, plan  # noqa: E402
 
 WORKERS = 2
-RAY_TMP = os.path.join(tempfile.gettempdir(), "ray")  # Ray's default session root, before TMPDIR moves
+RAY_TMP = os.path.join(tempfile.gettempdir(), "ray")
+LEAN = True  # --plain-ray: ray.init's own cluster (log monitor and autoscaler monitor included) instead  # Ray's default session root, before TMPDIR moves
 POLL_S = 2.0  # ray.train.v2 DEFAULT_HEALTH_CHECK_INTERVAL_S: how often the controller collects reports
 # The tests' tiny model (tests/finished_run.py TINY), on the local run's other settings.
 TINY = {k: TESTS_TINY[k] for k in ("depth", "vocab_size", "seq_len", "head_dim", "device_batch_size")}
@@ -84,17 +85,20 @@ def launch_ray(p, opts, trace: str, upload: str, work: str) -> dict:
     """A local Ray cluster started for this run only (so its daemons do not run during torchrun's runs)."""
     import ray
 
-    from trainer.launch import run
+    from trainer.launch import LocalRay, run
 
     t0 = time.time()
-    ray.init(num_cpus=WORKERS, include_dashboard=False, log_to_driver=False, _temp_dir=RAY_TMP)
+    if LEAN:  # what `llmctl submit --local` starts: no dashboard, log monitor or autoscaler monitor
+        cluster = LocalRay(verbose=False, num_cpus=WORKERS)
+    else:
+        ray.init(num_cpus=WORKERS, include_dashboard=False, log_to_driver=False, _temp_dir=RAY_TMP)
     t1 = time.time()
     try:
         summary = run(p, storage_options=opts, log_every=10**6, checkpoint_upload=upload, trace=trace,
                       metrics_port_base=None, max_failures=0)
     finally:
         end = time.time()
-        ray.shutdown()
+        cluster.stop() if LEAN else ray.shutdown()
     assert summary["status"] == "completed", summary
     return {"init": t1 - t0, "start": t1, "end": end}
 
@@ -316,7 +320,12 @@ def main() -> None:
                     help="local: the embedded default model (cli/local.py); tiny: the tests' model")
     ap.add_argument("--storage", choices=("file", "s3"), default="file")
     ap.add_argument("--skip-ratio", action="store_true", help="only the checkpoint-stall runs")
+    ap.add_argument("--skip-stall", action="store_true", help="only the per-step ratio runs")
+    ap.add_argument("--plain-ray", action="store_true", help="start Ray with ray.init (log monitor, autoscaler "
+                    "monitor) instead of the local run's lean cluster (trainer/launch.py LocalRay)")
     args = ap.parse_args()
+    global LEAN
+    LEAN = not args.plain_ray
     if args.worker:
         return worker(args.worker)
 
@@ -367,9 +376,11 @@ def main() -> None:
                 order = ("ray", "torchrun") if i % 2 == 0 else ("torchrun", "ray")
                 res = {k: go(k, args.steps, "async") for k in order}
                 pairs.append(res)
-        print(f"\n2. checkpoint stall, every {args.every} steps", flush=True)
-        st = {label: go(kind, args.every, upload) for label, kind, upload in
-              (("ray async", "ray", "async"), ("ray sync", "ray", "sync"), ("torchrun", "torchrun", "async"))}
+        st = {}
+        if not args.skip_stall:
+            print(f"\n2. checkpoint stall, every {args.every} steps", flush=True)
+            st = {label: go(kind, args.every, upload) for label, kind, upload in
+                  (("ray async", "ray", "async"), ("ray sync", "ray", "sync"), ("torchrun", "torchrun", "async"))}
 
         print(f"\nsummary ({args.config} model, {args.storage} storage, {args.steps} steps/run, first "
               f"{args.warmup} left out)")
@@ -401,8 +412,9 @@ def main() -> None:
             print("  Ray's launcher processes, cores while training (median): "
                   + ", ".join(f"{k} {c:.3f}" for c, k in top))
             out["ratio"] = {"wall": wall, "wall_pairs": walls, "worker_cpu": cpu, "worker_cpu_pairs": cpus}
-        out["stall"] = {"checkpoint_mb": checkpoint_mb(st["ray async"]["run"], opts)}
-        print(f"one checkpoint (model, 2 optimizer shards, loader states, meta): "
+        out["stall"] = {"checkpoint_mb": checkpoint_mb(st["ray async"]["run"], opts)} if st else {}
+        if st:
+            print(f"one checkpoint (model, 2 optimizer shards, loader states, meta): "
               f"{out['stall']['checkpoint_mb']:.1f} MB")
         for label, r in st.items():
             s = stall(r, args.window)

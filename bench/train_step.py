@@ -4,7 +4,7 @@ Builds the model and optimizer exactly as a run would (trainer.plan -> build_mod
 fixed random tokens, times whole steps after warm-up (compile included there on CUDA) and prints:
 - tokens/s = batch x seq / median step time, and the share of the step spent in the optimizer;
 - MFU = FLOPs/token (the planner's, equal to the model's) x tokens/s / peak, against the GPU's dense bf16
-  peak from trainer.plan.GPUS, or on CPU against the planner's nominal CPU peak (which the planner
+  peak from trainer.costs.GPUS, or on CPU against the planner's nominal CPU peak (which the planner
   assumes is reached at CPU_MFU = 0.25; this ratio is the measured counterpart).
 The last line is the same result as JSON.
 
@@ -24,7 +24,8 @@ import torch
 
 from trainer.model import build_model, compute_dtype
 from trainer.optim import build_optimizer
-from trainer.plan import CPU_MFU, GPUS, RunSpec, plan
+from trainer.costs import CPU_MFU, GPUS
+from trainer.plan import RunSpec, plan
 
 
 def gpu_type(device: torch.device) -> str | None:
@@ -128,7 +129,7 @@ def main() -> None:
         print(f"MFU against the {kind} dense bf16 peak ({peak / 1e12:.1f} TFLOP/s): {r['mfu']:.1%}; "
               f"peak memory {r['memory_gib']:.1f} GiB")
     else:
-        print(f"MFU: no peak in trainer.plan.GPUS for {torch.cuda.get_device_name(device)}")
+        print(f"MFU: no peak in trainer.costs.GPUS for {torch.cuda.get_device_name(device)}")
     print(json.dumps(r))
 
 

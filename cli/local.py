@@ -13,32 +13,44 @@ from __future__ import annotations
 import argparse
 import time
 
-# The embedded default: small enough to pretrain + SFT in a few minutes on 2 CPU cores, shaped by the same
-# recipe (SSSL windows, value embeddings, smear/backout, Muon + AdamW, the batch-scaled LRs). A 2-layer,
-# 128-wide model with head_dim 64 (nanochat's runcpu.sh uses 64 too), a 4,096-token vocabulary and a
-# 256-token context: ~0.9M matmul parameters, about 5 s per 10 steps of 4,096 tokens on 2 cores.
+# The embedded default ("quick", what `make run` does): small enough to pretrain + SFT in a few minutes on 2
+# CPU cores, shaped by the same recipe (SSSL windows, value embeddings, smear/backout, Muon + AdamW, the
+# batch-scaled LRs). A 2-layer, 128-wide model with head_dim 64 (nanochat's runcpu.sh uses 64 too), a
+# 4,096-token vocabulary and a 256-token context: ~0.9M matmul parameters, about 5 s per 10 steps of 4,096
+# tokens on 2 cores.
 LOCAL = dict(depth=2, gpus=2, gpu_type="cpu", vocab_size=4096, seq_len=256, head_dim=64,
              device_batch_size=8, total_batch_size=2 * 8 * 256, num_iterations=200, eval_every=50,
              eval_tokens=2 * 8 * 256 * 4, checkpoint_every=50, sft_tokens=2 * 8 * 256 * 40,
              core_max_per_task=40)  # the smoke CORE bundle holds 40 examples per task
-SAMPLE_MB = 8  # corpus size: ~2M tokens at 4K vocab, enough for 200 steps of 4K tokens without repeats
+# "demo": long enough (~20-30 min on 2 cores) for the samples to read like the corpus. d4 (256 wide, 4 heads
+# of 64, ~3.1M matmul + 1M lm_head parameters), 8,192 tokens a step; 700 steps = ~5.7M tokens (for scale,
+# nanochat's runcpu.sh trains d6 on ~82M tokens), over a 24 MB corpus so the steps see each document about
+# once; SFT then runs ~60 steps of the sample conversations.
+DEMO = dict(LOCAL, depth=4, device_batch_size=16, total_batch_size=2 * 16 * 256, num_iterations=700,
+            eval_every=100, eval_tokens=2 * 16 * 256 * 4, checkpoint_every=100, sft_tokens=2 * 16 * 256 * 60)
+# preset -> (spec fields, corpus MB, conversations, dataset name); the corpus of "quick": ~2M tokens at 4K
+# vocab, enough for 200 steps of 4K tokens without repeats.
+PRESETS = {"quick": (LOCAL, 8, 3000, "sample"), "demo": (DEMO, 24, 6000, "sample-demo")}
+SAMPLE_MB = PRESETS["quick"][1]
 SAMPLE_ROW_GROUP = 64  # docs per row group: small, so every rank gets row groups of the one val shard
-SFT_CONVERSATIONS = 3000
+SFT_CONVERSATIONS = PRESETS["quick"][2]
 SMOKE_CORE_PER_TASK = LOCAL["core_max_per_task"]  # examples per task of the smoke bundle from held-out text
 
 
 def local_spec(args: argparse.Namespace):
     from trainer.plan import RunSpec
 
-    fields = dict(LOCAL)
+    preset = getattr(args, "preset", None) or "quick"
+    base, _, _, dataset = PRESETS[preset]
+    fields = dict(base)
     if getattr(args, "steps", None):
         fields["num_iterations"] = args.steps
-    return RunSpec(storage_root=args.storage, dataset="sample", sft_dataset="sample-sft",
-                   tokenizer=f"sample-{fields['vocab_size']}", name=getattr(args, "name", None), **fields)
+    return RunSpec(storage_root=args.storage, dataset=dataset, sft_dataset=f"{dataset}-sft",
+                   tokenizer=f"{dataset}-{fields['vocab_size']}", name=getattr(args, "name", None), **fields)
 
 
 def ensure_inputs(p, opts: dict | None = None, *, mb: float = SAMPLE_MB, conversations: int = SFT_CONVERSATIONS,
-                  say=print) -> None:
+                  say=print, show_progress: bool = False) -> None:
     """Sample corpus, conversations and tokenizer at the plan's URLs, each built once (idempotent)."""
     from trainer.chat import build_sample_conversations
     from trainer.corpus import build_sample_corpus
@@ -49,13 +61,15 @@ def ensure_inputs(p, opts: dict | None = None, *, mb: float = SAMPLE_MB, convers
     opts = opts or {}
     if not _exists(data, opts):
         say(f"building the sample corpus at {data} (Python's own documentation, no download)")
-        build_sample_corpus(data, mb=mb, row_group_size=SAMPLE_ROW_GROUP, storage_options=opts)
+        build_sample_corpus(data, mb=mb, row_group_size=SAMPLE_ROW_GROUP, storage_options=opts,
+                            show_progress=show_progress)
     if not _exists(sft, opts):
         say(f"building sample conversations at {sft}")
-        build_sample_conversations(sft, n=conversations, storage_options=opts)
+        build_sample_conversations(sft, n=conversations, storage_options=opts, show_progress=show_progress)
     if not _exists(tok, opts):
         say(f"training a {p.spec.vocab_size}-token BPE tokenizer at {tok}")
-        Tokenizer.train_from_shards(data, p.spec.vocab_size, storage_options=opts).save(tok, storage_options=opts)
+        Tokenizer.train_from_shards(data, p.spec.vocab_size, storage_options=opts,
+                                    show_progress=show_progress).save(tok, storage_options=opts)
     if "eval" in p.spec.stages and not _exists(p.urls["eval_bundle"], opts):
         say(f"building a smoke CORE bundle at {p.urls['eval_bundle']} from held-out text (not a capability score)")
         build_smoke_bundle_from_val(data, p.urls["eval_bundle"], per_task=SMOKE_CORE_PER_TASK, storage_options=opts)
@@ -70,23 +84,58 @@ def _exists(url: str, opts: dict) -> bool:
 
 def run_local(args: argparse.Namespace) -> int:
     from cli.plan import render_table
-    from trainer.storage import expand
     from trainer.plan import plan
+    from trainer.storage import expand
 
     args.storage = expand(args.storage)
     p = plan(local_spec(args))
     print(render_table(p), flush=True)
     print(flush=True)
+    _, mb, conversations, _ = PRESETS[getattr(args, "preset", None) or "quick"]
+    ensure_inputs(p, {}, mb=mb, conversations=conversations, show_progress=True)
+    return run_plan_local(p, storage=args.storage, verbose=getattr(args, "verbose", False))
+
+
+AUTH_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"  # Ray 2.5x's auth notice
+
+
+def run_plan_local(p, *, storage: str, verbose: bool = False, num_cpus: int | None = None) -> int:
+    """Run a planned local run on a local Ray cluster started for it, with the console a person wants: one
+    bar per stage (trainer/progress.py StageBars), Ray's own lines kept in its log files (path printed) unless
+    `verbose`, then the report card's summary and the next commands. Exit status 0 when the run completed."""
+    import logging
+    import os
+
+    import ray
+
+    from trainer.launch import LocalRay, ray_logs_dir, run
+    from trainer.progress import StageBars
+    from trainer.report import card, gather, write_report
+
     t0 = time.perf_counter()
-    ensure_inputs(p, {})
-    from trainer.launch import run
-
-    summary = run(p, storage_options={}, metrics_port_base=None)
-    from trainer.report import write_report
-
+    run_dir = p.urls["run"].removeprefix("file://")
+    os.makedirs(run_dir, exist_ok=True)
+    progress = os.path.join(run_dir, "progress.jsonl")
+    open(progress, "w").close()  # this session's progress only
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage-stats notice, nothing sent
+    if not verbose:  # the notice every local cluster gets (token auth is on by default) goes to the run's log
+        notice = logging.getLogger(AUTH_NOTICE_LOGGER)
+        notice.addHandler(logging.FileHandler(os.path.join(run_dir, "ray-driver.log")))
+        notice.propagate = False
+    cluster = None if ray.is_initialized() else LocalRay(verbose=verbose, num_cpus=num_cpus)
+    try:
+        if not verbose:
+            print(f"Ray's own logs (workers, Train controller, raylet): {ray_logs_dir()}  (--verbose shows them)",
+                  flush=True)
+        with StageBars(progress, [(s.name, s.steps) for s in p.stages], priced=p.estimate.price_per_gpu_hour > 0):
+            summary = run(p, storage_options={}, metrics_port_base=None, progress_file=progress, quiet=not verbose)
+    finally:
+        if cluster is not None:
+            cluster.stop()
+    write_report(p.urls["run"])  # report.md, report.html and the curves (trainer/report.py)
     print(flush=True)
-    print(write_report(p.urls["run"]), flush=True)  # the report card, samples from both models included
-    print(f"run {p.name}: {summary['status']} in {time.perf_counter() - t0:.0f} s, {summary['tokens']:,} tokens; "
-          f"checkpoints under {p.urls['run']}/<stage>/", flush=True)
-    print(f"talk to it: llmctl chat {p.name} --storage {args.storage}", flush=True)
+    print(card(gather(p.urls["run"])), flush=True)
+    print(f"finished in {time.perf_counter() - t0:.0f} s; report, curves and checkpoints in {run_dir}/", flush=True)
+    print(f"next: llmctl report {p.name} --storage {storage} --open    "
+          f"llmctl chat {p.name} --storage {storage}", flush=True)
     return 0 if summary["status"] == "completed" else 1

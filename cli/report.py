@@ -1,10 +1,12 @@
 """`llmctl report RUN`: print a run's report card (plan vs measured, loss and bpb, CORE, samples).
 
-Prints `<run>/report.md`; builds it first (trainer/report.py `write_report`) when the run has none yet or
-with `--refresh` (e.g. while a run is still going). `-o json` prints report.json instead.
+Prints `<run>/report.md`; builds it first (trainer/report.py `write_report`: report.md, report.json, the
+curves loss.png and bpb.png, and the self-contained report.html) when the run has none yet or with
+`--refresh` (e.g. while a run is still going). `-o json` prints report.json instead. `--open` opens
+report.html in the web browser instead of printing (a run on object storage: a local copy of it).
 
 Examples:
-  llmctl report gpt-d4-2xcpu-1a2b3c4d
+  llmctl report gpt-d4-2xcpu-1a2b3c4d --open
   llmctl report s3://bucket/runs/my-run --refresh -o json
 """
 
@@ -21,6 +23,7 @@ def register(sub) -> None:
     p.add_argument("run", metavar="RUN", help="run name (under --storage) or the run's URL/path")
     p.add_argument("--refresh", action="store_true", help="rebuild the report from the run's files first")
     p.add_argument("-o", "--output", default="md", choices=("md", "json"), help="markdown (default) or json")
+    p.add_argument("--open", action="store_true", help="open report.html (curves embedded) in the web browser")
     p.add_argument("--storage", default="file://~/.cache/llmctl", help="storage root where run names are looked up")
     p.set_defaults(func=cmd_report)
 
@@ -42,8 +45,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     except RunNotFound:
         raise UsageError(f"run {args.run!r} not found: no plan.json at {url}") from None
     name = "report.json" if args.output == "json" else "report.md"
-    if args.refresh or read_json(f"{url}/report.json", opts) is None:
+    if args.refresh or read_json(f"{url}/report.json", opts) is None or (args.open and not _has_html(url, opts)):
         write_report(url, opts)
+    if args.open:
+        return open_html(url, opts)
     if args.output == "json":
         print(json.dumps(read_json(f"{url}/{name}", opts) or gather(url, opts), indent=2))
         return 0
@@ -51,4 +56,34 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     with fsspec.open(f"{url}/{name}", "r", **opts) as f:
         print(f.read(), end="")
+    return 0
+
+
+def _has_html(url: str, opts: dict) -> bool:
+    from trainer.storage import filesystem
+
+    fs, path = filesystem(f"{url}/report.html", opts)
+    return fs.exists(path)
+
+
+def open_html(url: str, opts: dict) -> int:
+    """Open the run's report.html with the `webbrowser` module (which honours $BROWSER); a run on object
+    storage is copied to a local temporary file first. Prints what it opened."""
+    import tempfile
+    import webbrowser
+
+    from trainer.storage import filesystem
+
+    fs, path = filesystem(f"{url}/report.html", opts)
+    if "file" in fs.protocol or fs.protocol in ("file", "local"):
+        local = path
+    else:
+        local = tempfile.NamedTemporaryFile(prefix="llmctl-report-", suffix=".html", delete=False).name
+        fs.get_file(path, local)
+    import pathlib
+
+    target = pathlib.Path(local).resolve().as_uri()
+    print(f"opening {target}")
+    if not webbrowser.open(target):
+        print("no web browser found; open that file yourself")
     return 0

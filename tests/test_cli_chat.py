@@ -50,7 +50,7 @@ def expected_reply(p, text, max_tokens=24):
                                                   {"role": "assistant", "content": ""}]})
     with torch.no_grad():
         out = Engine.for_chat(model.eval(), tok).generate_batch(ids, max_tokens=max_tokens, temperature=0.0)[0]
-    return tok.decode(out).strip()
+    return tok.decode_text(out).strip()
 
 
 def test_one_shot_prints_the_reply(run):
@@ -58,6 +58,7 @@ def test_one_shot_prints_the_reply(run):
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == expected_reply(run, PROMPT)
     assert r.stdout.strip(), "the run's chat model should say something"
+    assert "<|" not in r.stdout  # special tokens are never printed raw
     # By name under --storage, and sampling at T > 0 with a seed is repeatable.
     root = run.urls["runs_root"][: -len("/runs")]
     a = llmctl("chat", run.name, "--storage", root, "-p", PROMPT, "-t", "0.8", "--seed", "5", "-m", "16")

@@ -42,16 +42,22 @@ def test_the_report_card_of_a_finished_run(run):
     assert d["stages"]["pretrain"]["planned"]["steps"] == 30 and "| eval | completed | 2" in text
     # Loss and bpb: the eval stage's figures, equal to the training stages' last val passes.
     base, chat = d["eval"]["models"]["base"], d["eval"]["models"]["chat"]
-    assert f"| base | pretrain | {pre['train_loss_ema']:.4f} | {base['val_bpb']:.4f} |" in text
+    last_loss = pre["loss_history"][-1][1]  # the debiased EMA at the last logged step
+    assert f"| base | pretrain | {last_loss:.4f} | {base['val_bpb']:.4f} | {base['unigram_bpb']:.4f} |" in text
+    assert 0 < base["unigram_bpb"] < 16 and 0 < chat["unigram_bpb"] < 16
     assert "| chat | sft |" in text and f"{chat['val_bpb']:.4f} |" in text
     # CORE per task, labelled as a smoke test, with GPT-2's references beside it.
     assert "Smoke test" in text and "not a capability score" in text
     for task in ("smoke_lm", "smoke_mc", "smoke_schema"):
         assert f"| {task} |" in text
     assert f"**CORE {base['core']['core']:.4f}**" in text and "GPT-2 XL 1.5B 0.2565" in text
-    # Samples from both models.
-    assert "| The capital of France is |" in text and "**user:** What does the json module do?" in text
+    # Samples from both models, prompted in the sample corpus's domain, never with a raw special token.
+    assert "| Return a new list |" in text and "**user:** What does json.dumps do?" in text
     assert len(chat["samples"]) == 3 and len(base["samples"]) == 7
+    assert "<|" not in text and not any("<|" in s["reply"] for s in chat["samples"])
+    assert not any("<|" in s["completion"] for s in base["samples"])
+    # The curves, linked.
+    assert "![Training loss (EMA) by step](loss.png)" in text and "(bpb.png)" in text
 
 
 def test_llmctl_report_prints_it(run, tmp_path):
@@ -105,3 +111,73 @@ def test_report_on_s3(run, s3_server):
                        env={**os.environ, "AWS_ENDPOINT_URL": s3_server.endpoint_url})
     assert r.returncode == 0, r.stderr
     assert "## CORE" in r.stdout and fs.exists(f"{bucket[5:]}/runs/{run.name}/report.md")
+
+
+# ---------------------------------------------------------------- pictures: PNG curves and report.html
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from a PNG's IHDR chunk, after checking the signature and the chunk's place."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG signature"
+    assert data[12:16] == b"IHDR", "IHDR is not the first chunk"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_curves_are_valid_pngs_of_real_size(run):
+    write_report(run.urls["run"])
+    for name in ("loss.png", "bpb.png"):
+        data = (local(run) / name).read_bytes()
+        w, h = png_size(data)
+        assert w >= 400 and h >= 200, (name, w, h)
+        assert len(data) > 10_000, f"{name} is {len(data)} bytes: too small to hold a plotted curve"
+
+
+def test_curves_cover_both_stages_and_the_baseline(run):
+    from trainer.plots import _series
+
+    d = gather(run.urls["run"])
+    series = _series(d)
+    assert set(series) == {"pretrain", "sft"} and series["sft"][0] == 30  # SFT continues after pretraining
+    assert [p[0] for p in series["pretrain"][2]] == [0, 10, 20, 30]  # val bpb at each eval
+    assert series["pretrain"][1][-1][0] == 30 and series["sft"][1]  # loss EMA logged in both stages
+
+
+def test_report_html_is_self_contained(run):
+    write_report(run.urls["run"])
+    html = (local(run) / "report.html").read_text()
+    assert html.count('src="data:image/png;base64,') == 2
+    for ref in ("http://", "https://", "<script", "<link", "@import", 'src="loss.png"'):
+        assert ref not in html, ref
+    assert "<table>" in html and "unigram bpb" in html
+
+
+def test_report_html_renders_in_headless_chromium(run, tmp_path):
+    from tests.tools import ensure_chromium
+
+    chromium = ensure_chromium()
+    write_report(run.urls["run"])
+    out = Path(__file__).parent / "artifacts"
+    out.mkdir(exist_ok=True)
+    shot = out / "report.png"
+    shot.unlink(missing_ok=True)
+    r = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                        f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,1600",
+                        (local(run) / "report.html").resolve().as_uri()],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and shot.exists(), r.stderr[-2000:]
+    assert png_size(shot.read_bytes()) == (1200, 1600)
+    from PIL import Image
+
+    with Image.open(shot) as im:
+        colours = im.convert("RGB").getcolors(maxcolors=1 << 20)
+    assert colours is None or len(colours) > 50, "the screenshot is (nearly) one colour: nothing rendered"
+
+
+def test_report_open_opens_the_html(run, tmp_path):
+    # $BROWSER is what the webbrowser module runs: echo prints the URL it was given instead of opening it.
+    r = subprocess.run([LLMCTL, "report", run.urls["run"], "--open"], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "BROWSER": "echo"})
+    assert r.returncode == 0, r.stderr
+    target = (local(run) / "report.html").resolve().as_uri()
+    assert r.stdout.splitlines() == [f"opening {target}", target]

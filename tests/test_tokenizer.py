@@ -153,3 +153,33 @@ def test_train_from_shards_reads_train_split_capped(tmp_path, corpus):
     assert val and not set(val) & set(iter_shard_texts(str(tmp_path / "d"), doc_cap=None))
     t = Tokenizer.train_from_shards(str(tmp_path / "d"), 300)
     assert t.vocab_size == 300 and t.bytes_per_token(val) > 1.0
+
+
+# ---------------------------------------------------------------- text for people: no raw special tokens
+PIECES = ("It holds ", "12+3", "15", " items.", "x", " ünï ")
+MARKERS = ("<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>", "<|user_start|>",
+           "<|user_end|>", "<|assistant_start|>")
+
+
+def test_decode_text_renders_tool_calls_and_stops_at_the_end_token(tok):
+    sp = tok.special_tokens
+    ids = (tok.encode("It holds ") + [sp["<|python_start|>"]] + tok.encode("12+3") + [sp["<|python_end|>"],
+           sp["<|output_start|>"]] + tok.encode("15") + [sp["<|output_end|>"]] + tok.encode(" items")
+           + [sp["<|python_start|>"]] + tok.encode("1+1") + [sp["<|python_end|>"], sp["<|user_start|>"]]
+           + tok.encode(" ok") + [sp["<|assistant_end|>"]] + tok.encode("never shown"))
+    assert tok.decode_text(ids) == "It holds <<12+3=15>> items<<1+1>> ok"
+    assert tok.decode_text(tok.encode("a") + [tok.bos_id] + tok.encode("b")) == "a"
+    assert tok.decode_text([sp["<|output_start|>"]] + tok.encode("7") + [sp["<|output_end|>"]]) == "<<=7>>"
+    assert "<|" in tok.decode(ids)  # what decode_text exists to avoid
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(st.sampled_from(PIECES), st.sampled_from(MARKERS)), max_size=14))
+def test_decode_text_never_shows_special_tokens_and_streams_consistently(tok, parts):
+    from trainer.engine import stream_text
+
+    ids = [i for p in parts for i in ([tok.encode_special(p)] if p in MARKERS else tok.encode(p))]
+    text = tok.decode_text(ids)
+    assert "<|" not in text
+    pieces = list(stream_text(tok, ids))
+    assert "".join(pieces) == text  # streaming never takes back what it showed

@@ -191,16 +191,20 @@ class Engine:
 
 
 def stream_text(tokenizer, tokens: Iterable[int]) -> Iterator[str]:
-    """Text pieces for a stream of token ids, holding back bytes that do not yet form whole characters."""
+    """Text pieces for a stream of token ids, holding back bytes that do not yet form whole characters.
+    Rendered by `tokenizer.decode_text` when it has one (no raw special tokens: tool calls as `<<expr=value>>`);
+    a piece already shown is never taken back, so an open tool call shows as `<<expr` until it closes."""
+    final = getattr(tokenizer, "decode_text", tokenizer.decode)
+    partial = (lambda ids: tokenizer.decode_text(ids, partial=True)) if hasattr(tokenizer, "decode_text") else final
     ids: list[int] = []
     shown = 0
     for t in tokens:
         ids.append(t)
-        text = tokenizer.decode(ids)
+        text = partial(ids)
         stable = len(text.rstrip("\ufffd"))  # an incomplete UTF-8 sequence decodes to U+FFFD for now
         if stable > shown:
             yield text[shown:stable]
             shown = stable
-    text = tokenizer.decode(ids)
+    text = final(ids)
     if len(text) > shown:
         yield text[shown:]

@@ -16,6 +16,7 @@ import torch
 from trainer.costs import CORE_TASKS
 from trainer.evaluate import BundleError, evaluate_bpb, evaluate_core, load_bundle
 from trainer.plan import RunPlan
+from trainer.progress import ProgressFile
 from trainer.storage import write_json
 from trainer.worker import StageConfig, make_loader, stage_summary, start_metrics, worker_context, write_stage_summary
 from trainer.worker import say as say_once
@@ -24,8 +25,21 @@ from trainer.worker import say as say_once
 BASE_PROMPTS = ("The capital of France is", "The chemical symbol of gold is",
                 "If yesterday was Friday, then tomorrow will be", "The opposite of hot is",
                 "The planets of the solar system are:", "My favorite color is", "If 5*x + 3 = 13, then x is")
+# A model trained on the offline sample corpus (Python's own documentation, trainer/corpus.py) knows nothing of
+# France; prompts in its domain show what it learned instead.
+SAMPLE_BASE_PROMPTS = ("Return a new list", "The json module", "Raise ValueError if", "class collections.",
+                       "This function returns", "If the file does not exist,", "Module os.path\n\n")
 CHAT_PROMPTS = ("Hello! Who are you?", "What does the json module do?", "Write a haiku about the sea.")
-BASE_SAMPLE_TOKENS, CHAT_SAMPLE_TOKENS = 16, 64
+SAMPLE_CHAT_PROMPTS = ("What does json.dumps do?", "Explain os.path.join in one sentence.",
+                       "A queue holds 12 items. 30 more arrive, then 5 are processed. How many items are left?")
+BASE_SAMPLE_TOKENS, CHAT_SAMPLE_TOKENS = 24, 64
+
+
+def prompts_for(plan: RunPlan) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(base prompts, chat prompts) for the plan's data: in-domain ones for the offline sample corpus."""
+    if plan.spec.dataset.startswith("sample"):
+        return SAMPLE_BASE_PROMPTS, SAMPLE_CHAT_PROMPTS
+    return BASE_PROMPTS, CHAT_PROMPTS
 
 
 def base_samples(model, tokenizer, prompts=BASE_PROMPTS, max_tokens: int = BASE_SAMPLE_TOKENS) -> list[dict]:
@@ -36,7 +50,7 @@ def base_samples(model, tokenizer, prompts=BASE_PROMPTS, max_tokens: int = BASE_
     out = []
     for p in prompts:
         ids = engine.generate_batch(tokenizer.encode(p, prepend_bos=True), max_tokens=max_tokens, temperature=0.0)[0]
-        out.append({"prompt": p, "completion": tokenizer.decode(ids)})
+        out.append({"prompt": p, "completion": tokenizer.decode_text(ids)})
     return out
 
 
@@ -49,7 +63,7 @@ def chat_samples(model, tokenizer, prompts=CHAT_PROMPTS, max_tokens: int = CHAT_
     for p in prompts:
         conv = {"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": ""}]}
         ids = engine.generate_batch(tokenizer.render_for_completion(conv), max_tokens=max_tokens, temperature=0.0)[0]
-        out.append({"prompt": p, "reply": tokenizer.decode(ids).strip()})
+        out.append({"prompt": p, "reply": tokenizer.decode_text(ids).strip()})
     return out
 
 
@@ -104,10 +118,16 @@ def eval_loop(config: dict) -> None:
             entry["val_bpb"] = evaluate_bpb(model, loader, steps, token_bytes)
         finally:
             loader.close()  # stop the pretraining loader's read-ahead
+        loader = make_loader(plan, stage.name, tokenizer, w, split="val", storage_options=opts)
+        try:  # the same val tokens, scored by their own frequencies: the floor a model without context reaches
+            entry["unigram_bpb"] = unigram_bpb(loader, steps, token_bytes)
+        finally:
+            loader.close()
         entry["bpb_tokens"] = steps * B * T * world
         entry["bpb_seconds"] = time.perf_counter() - t0
         if say:
-            say(f"[eval] {name} val bpb {entry['val_bpb']:.4f} ({entry['bpb_tokens']:,} tokens)")
+            say(f"[eval] {name} val bpb {entry['val_bpb']:.4f} (unigram baseline {entry['unigram_bpb']:.4f}; "
+                f"{entry['bpb_tokens']:,} tokens)")
 
         if stage.name == "pretrain":
             t0 = time.perf_counter()
@@ -115,8 +135,12 @@ def eval_loop(config: dict) -> None:
             entry["core"]["seconds"] = time.perf_counter() - t0
         export_metrics(metrics, entry)
         if rank == 0:
-            entry["samples"] = base_samples(model, tokenizer) if name == "base" else chat_samples(model, tokenizer)
+            base_p, chat_p = prompts_for(plan)
+            entry["samples"] = (base_samples(model, tokenizer, base_p) if name == "base"
+                                else chat_samples(model, tokenizer, chat_p))
         results["models"][name] = entry
+        if rank == 0:
+            ProgressFile(cfg.progress_file).write(stage="eval", step=n, steps=len(trained), val_bpb=entry["val_bpb"])
         ray.train.report({**metrics.snapshot(), "step": n})  # step: models scored so far
         del model, state
 
@@ -135,6 +159,32 @@ def eval_loop(config: dict) -> None:
         write_stage_summary(plan, summary, opts)
         say(f"[eval] done in {results['seconds']:.0f} s; results at {run}/eval/results.json")
     metrics.close()
+
+
+def unigram_bpb(batches, steps: int, token_bytes: torch.Tensor) -> float:
+    """Bits per byte of the best context-free model of these very tokens: each target costs -log2 of its own
+    frequency among them. Counted as `evaluate_bpb` counts (targets with bytes, summed over ranks), so the two
+    figures are on the same tokens and a model's val bpb below it is what context bought."""
+    import torch.distributed as dist
+
+    counts = torch.zeros(token_bytes.numel(), dtype=torch.float64, device=token_bytes.device)
+    it = iter(batches)
+    for _ in range(steps):
+        try:
+            _, y = next(it)
+        except StopIteration:
+            break
+        y = y.reshape(-1)
+        y = y[y >= 0]
+        y = y[token_bytes[y] > 0]
+        counts += torch.bincount(y, minlength=counts.numel()).double()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(counts)
+    total, nbytes = counts.sum(), (counts * token_bytes.double()).sum()
+    if nbytes.item() == 0:
+        return float("nan")
+    seen = counts[counts > 0]
+    return float(-(seen * torch.log2(seen / total)).sum() / nbytes)
 
 
 def export_metrics(metrics, entry: dict) -> None:

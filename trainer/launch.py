@@ -60,6 +60,64 @@ def write_plan(p: RunPlan, opts: dict) -> None:
     write_text(url, p.to_json(), opts)
 
 
+def local_ray_options(*, verbose: bool = False, num_cpus: int | None = None) -> dict:
+    """`ray.init` options for a local cluster that holds what a local run needs and no more: no dashboard
+    (nor its web server); the workers' and Ray's own output stay in the session's log files unless `verbose`
+    (`log_to_driver`: the driver would otherwise print every worker line, Ray Train's controller included)."""
+    opts = dict(include_dashboard=False, log_to_driver=verbose, configure_logging=False)
+    if num_cpus is not None:
+        opts["num_cpus"] = num_cpus
+    return opts
+
+
+class LocalRay:
+    """A local Ray cluster started for one run, leaner than `ray.init()`'s: besides no dashboard, no log
+    monitor (it only forwards worker output to the driver, which a quiet run does not print; the workers'
+    files are written by the raylet either way) and no autoscaler monitor (a fixed single node). `ray.init`
+    has no option for either, so the head node is started the way `ray.init` starts it (ray._private.node.Node
+    with RayParams), with those two flags changed, and the driver connects to it. `stop()` ends the driver's
+    connection and exactly this cluster's processes (never other Ray instances on the machine).
+
+    Ray's private API moves between releases: if it does not have these names, the cluster is started by a
+    plain `ray.init(**local_ray_options(...))` instead (the same run, with the two daemons)."""
+
+    def __init__(self, *, verbose: bool = False, num_cpus: int | None = None):
+        import ray
+
+        self.node = None
+        try:
+            from ray._private.authentication.authentication_token_setup import (enable_token_auth_by_default,
+                                                                                ensure_token_if_auth_enabled)
+            from ray._private.node import Node
+            from ray._private.parameter import RayParams
+        except ImportError:
+            ray.init(**local_ray_options(verbose=verbose, num_cpus=num_cpus))
+            return
+        system_config: dict = {}
+        enable_token_auth_by_default()  # what ray.init does for a new local cluster (token auth on)
+        ensure_token_if_auth_enabled(system_config, create_token_if_missing=True)
+        params = RayParams(num_cpus=num_cpus, include_dashboard=False, include_log_monitor=verbose, no_monitor=True,
+                           _system_config=system_config)
+        self.node = Node(params, head=True, shutdown_at_exit=False, spawn_reaper=True, ray_init_cluster=True)
+        ray.init(address=self.node.address, log_to_driver=verbose, configure_logging=False)
+
+    def stop(self) -> None:
+        import ray
+
+        ray.shutdown()
+        if self.node is not None:
+            self.node.kill_all_processes(check_alive=False, allow_graceful=True)
+            self.node = None
+
+
+def ray_logs_dir() -> str | None:
+    """Where this Ray session writes its log files (worker output, raylet, GCS), or None without a session."""
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)  # no public accessor for the local session dir
+    return node.get_logs_dir_path() if node is not None else None
+
+
 def run(p: RunPlan, *, storage_options: dict | None = None, **kw) -> dict:
     """Run every stage of the plan on the current Ray cluster (starting a local one if none); return the
     run summary. Idempotent: finished stages are skipped, interrupted ones resume. This attempt's GPU time
@@ -75,8 +133,10 @@ def run(p: RunPlan, *, storage_options: dict | None = None, **kw) -> dict:
 
 def _run_stages(p: RunPlan, *, storage_options: dict | None = None, max_failures: int = 3,
                 metrics_port_base: int | None = None, log_every: int = 10, checkpoint_upload: str = "async",
-                trace: str | None = None, chaos: dict | None = None, earlier_attempts_seconds: float = 0.0) -> dict:
-    """`run`'s body: the stages in order, each one Ray Train fit."""
+                trace: str | None = None, chaos: dict | None = None, earlier_attempts_seconds: float = 0.0,
+                progress_file: str | None = None, quiet: bool = False) -> dict:
+    """`run`'s body: the stages in order, each one Ray Train fit. `progress_file`: a local path the workers
+    append progress to (trainer/progress.py); `quiet`: print nothing of our own either."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -90,13 +150,14 @@ def _run_stages(p: RunPlan, *, storage_options: dict | None = None, max_failures
     opts = dict(storage_options if storage_options is not None else storage_options_from_env())
     write_plan(p, opts)
     if not ray.is_initialized():
-        ray.init(log_to_driver=True, include_dashboard=False, configure_logging=False)
+        ray.init(**local_ray_options(verbose=True))
     local = p.spec.gpu_type == "cpu"
     stages = {}
     for st in p.stages:
         done = read_json(f"{p.urls['run']}/{st.name}/summary.json", opts)
         if done and done["status"] == STATUS_COMPLETED:
-            print(f"[{st.name}] already complete ({done['steps']} steps); skipping", flush=True)
+            if not quiet:
+                print(f"[{st.name}] already complete ({done['steps']} steps); skipping", flush=True)
             stages[st.name] = done
             continue
         init_model = None
@@ -105,6 +166,7 @@ def _run_stages(p: RunPlan, *, storage_options: dict | None = None, max_failures
         config = StageConfig(plan=p.to_json(), stage=st.name, storage_options=opts, log_every=log_every,
                              metrics_port_base=metrics_port_base, checkpoint_upload=checkpoint_upload, trace=trace,
                              chaos=chaos, init_model=init_model, earlier_attempts_seconds=earlier_attempts_seconds,
+                             progress_file=progress_file,
                              prior_seconds=sum(s["seconds"] for s in stages.values()),
                              prior_tokens=sum(s["tokens"] for s in stages.values())).to_dict()
         storage_path, storage_fs = ray_storage(p.urls["run"], opts)
@@ -120,7 +182,8 @@ def _run_stages(p: RunPlan, *, storage_options: dict | None = None, max_failures
         trainer.fit()
         summary = read_json(f"{p.urls['run']}/{st.name}/summary.json", opts)
         if summary is None:
-            raise LaunchError(f"stage {st.name} ended without a summary; see the worker logs above")
+            raise LaunchError(f"stage {st.name} ended without a summary; see the worker logs"
+                              + (f" in {ray_logs_dir()}" if quiet else " above"))
         if summary["status"] == STATUS_NONFINITE:
             raise LaunchError(f"stage {st.name} stopped at step {summary['steps']}: the loss became NaN/inf")
         stages[st.name] = summary

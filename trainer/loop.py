@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 import ray.train
 from trainer import checkpoint
+from trainer.progress import ProgressFile
 from trainer.plan import RunPlan, StagePlan, lr_multiplier, muon_momentum, muon_weight_decay
 from trainer.worker import (Loader, StageConfig, Worker, agree, make_loader, say, stage_summary, start_metrics,
                             worker_context, write_stage_summary)
@@ -157,6 +158,7 @@ def run_steps(st: Stage) -> tuple[str, int, int]:
 
         last = step == stage.steps
         if step % st.cfg.log_every == 0 or last or step == st.start_step + 1:
+            loop.setdefault("loss_history", []).append([step, _debiased_ema(loop["loss_ema"], step)])
             _log(st, step, loss, dt, tokens * st.w.world)
         if step % stage.eval_every == 0 or last:
             evaluate(st, step)
@@ -233,6 +235,8 @@ def evaluate(st: Stage, step: int) -> None:
     st.loop["val_history"].append([step, bpb])
     st.metrics.on_val(bpb)
     say(st.w.rank, f"[{stage.name}] step {step}: val bpb {bpb:.4f}")
+    if st.w.rank == 0:
+        ProgressFile(st.cfg.progress_file).write(stage=stage.name, step=step, steps=stage.steps, val_bpb=bpb)
 
 
 def save(st: Stage, step: int, *, sync: bool, chaos: dict) -> None:
@@ -276,6 +280,7 @@ def summarize(st: Stage, step: int, status: str) -> dict:
     return stage_summary(st.plan, st.stage.name, status=status, steps=step, planned_steps=st.stage.steps,
                          tokens=loop["tokens"], seconds=loop["seconds"], train_seconds=loop["train_seconds"],
                          val_bpb=loop["val_bpb"], val_history=loop["val_history"], train_loss_ema=loop["loss_ema"],
+                         loss_history=loop.get("loss_history", []),
                          **{k: v for k, v in st.metrics.snapshot().items() if k in ("mfu", "tokens_per_second")})
 
 
@@ -292,6 +297,15 @@ def _log(st: Stage, step: int, loss: float, dt: float, tokens: int) -> None:
     say(0, f"[{stage.name}] step {step}/{stage.steps} ({step / stage.steps:.0%}) loss {loss:.4f} "
            f"dt {dt * 1e3:.0f}ms tok/s {tps:,.0f}" + (f" mfu {mfu:.1%}" if mfu else "")
            + f" eta {remaining / 60:.1f}m")
+    ProgressFile(st.cfg.progress_file).write(
+        stage=stage.name, step=step, steps=stage.steps, loss=_debiased_ema(st.loop["loss_ema"], step),
+        tokens_per_second=tps, eta_seconds=remaining,
+        dollars=st.plan.cost_of(st.cfg.prior_seconds + st.loop["seconds"]))
+
+
+def _debiased_ema(ema: float, step: int) -> float:
+    """The loss EMA without its start-up bias towards 0 (nanochat base_train.py debiased_smooth_loss)."""
+    return ema / (1 - LOSS_EMA_BETA ** step)
 
 
 def _trace(f, step: int, rank: int, batches) -> None:

@@ -1,6 +1,11 @@
-"""Progress, as people see it while something runs: a console bar for the CLI's long commands, and
-`<run>/progress.json`, the document a run's rank 0 writes to the run's storage at each checkpoint and
-`llmctl status` reads back.
+"""Progress, as people see it while something runs: a console bar for the CLI's long commands, one bar per
+stage of a local run, and `<run>/progress.json`, the document a run's rank 0 writes to the run's storage at
+each checkpoint and `llmctl status` reads back.
+
+A local run's workers print nothing to the console (their output and Ray's stay in Ray's log files): rank 0
+appends one JSON line per log interval and per val pass to a local progress file (`ProgressFile`, named by
+`StageConfig.progress_file`), and the driver follows that file (`StageBars`) and draws one rich bar per stage:
+step/steps, tokens/s, loss, val bpb, dollars where priced, ETA.
 
 Why storage and not the RayJob: worker pods run without a Kubernetes API token
 (`automountServiceAccountToken: false`), but every pod already reaches the run's storage. So the run needs
@@ -14,6 +19,7 @@ and bounded in length. Anything else is dropped, never printed.
 from __future__ import annotations
 
 import datetime
+import json
 import math
 import sys
 from pathlib import Path
@@ -49,6 +55,105 @@ class progress_bar:
     def __exit__(self, *exc) -> None:
         if self._p is not None:
             self._p.stop()
+
+
+class ProgressFile:
+    """Rank 0's side: append one JSON object per line (opened per write, so a restarted worker just goes on)."""
+
+    def __init__(self, path: str | None):
+        self.path = path
+
+    def write(self, **fields) -> None:
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(fields) + "\n")
+
+
+POLL_S = 0.5  # how often the driver re-reads the progress file (a display refresh, not a synchronisation)
+
+
+class StageBars:
+    """The driver's side: follow a progress file in a thread and draw one rich bar per stage on `console`
+    (stderr by default). Off a terminal rich draws each bar once, when it is done, so a captured console
+    gets one line per stage. Use as a context manager around the run."""
+
+    def __init__(self, path: str, stages: list[tuple[str, int]], *, priced: bool, console=None):
+        from rich.console import Console
+
+        self.path, self.priced = path, priced
+        self.console = console or Console(file=sys.stderr)
+        self.stages = dict(stages)
+        self._offset, self._tasks, self._stop = 0, {}, None
+        self._progress = None
+
+    def __enter__(self) -> "StageBars":
+        import threading
+
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self._progress = Progress(TextColumn("{task.description:<9}"), BarColumn(bar_width=24), MofNCompleteColumn(),
+                                  TimeElapsedColumn(), TextColumn("{task.fields[info]}"), console=self.console,
+                                  transient=False, refresh_per_second=4)
+        self._progress.start()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._follow, name="llmctl-stage-bars", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.poll()  # the last lines
+        self._progress.stop()
+
+    def _follow(self) -> None:
+        while not self._stop.wait(POLL_S):
+            self.poll()
+
+    def poll(self) -> None:
+        """Read what the workers appended since the last poll and update the bars."""
+        try:
+            with open(self.path) as f:
+                f.seek(self._offset)
+                chunk = f.read()
+        except FileNotFoundError:
+            return
+        end = chunk.rfind("\n") + 1  # a half-written last line waits for the next poll
+        self._offset += len(chunk[:end].encode())
+        for line in chunk[:end].splitlines():
+            try:
+                self.update(json.loads(line))
+            except (ValueError, KeyError, TypeError):
+                continue  # a line we do not understand is not worth stopping the run's display for
+
+    def update(self, ev: dict) -> None:
+        stage = ev["stage"]
+        if stage not in self._tasks:
+            total = ev.get("steps") or self.stages.get(stage)
+            self._tasks[stage] = [self._progress.add_task(stage, total=total, info=""), {}]
+        task, state = self._tasks[stage]
+        state.update({k: v for k, v in ev.items() if v is not None})
+        self._progress.update(task, completed=state.get("step", 0), total=state.get("steps"),
+                              info=self.info(state))
+
+    def info(self, s: dict) -> str:
+        parts = []
+        if "tokens_per_second" in s:
+            parts.append(f"{s['tokens_per_second']:,.0f} tok/s")
+        if "loss" in s:
+            parts.append(f"loss {s['loss']:.3f}")
+        if "val_bpb" in s:
+            parts.append(f"val bpb {s['val_bpb']:.3f}")
+        if self.priced and "dollars" in s:
+            parts.append(f"${s['dollars']:,.2f}")
+        if s.get("eta_seconds") and s.get("step", 0) < (s.get("steps") or 0):
+            parts.append(f"ETA {_clock(s['eta_seconds'])}")
+        return "  ".join(parts)
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
 
 
 def utc_now() -> str:

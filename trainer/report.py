@@ -112,8 +112,8 @@ def _measured_row(name: str, s: dict, d: dict) -> str:
             f"{_num(tps)} | {_num(mfu, '.1%')} | ${_num(m.get('dollars'), ',.2f')} | ${est_dollars} |")
 
 
-def render(d: dict) -> str:
-    """report.md from `gather`'s dict."""
+def render(d: dict, curves: list[str] | tuple[str, ...] = (), curves_note: str | None = None) -> str:
+    """report.md from `gather`'s dict; `curves`: the PNG files beside it to link (trainer/plots.py)."""
     sp, mo, est = d["spec"], d["model"], d["estimate"]
     out = [f"# Run report: {d['run']}", "",
            f"Status **{d['status']}** · d{sp['depth']} on {sp['gpus']} x {sp['gpu_type']} · `{d['url']}`", "",
@@ -147,7 +147,8 @@ def render(d: dict) -> str:
                                                      else "") + ". The eval stage's tokens are those of its bpb "
                 "passes (CORE's are not counted); its steps are the models it scored."]
 
-    out += ["", "## Loss and bits per byte", "", "| model | stage | train loss (EMA) | val bpb |", "|---|---|---|---|"]
+    out += ["", "## Loss and bits per byte", "",
+            "| model | stage | train loss (EMA) | val bpb | unigram bpb (same tokens) |", "|---|---|---|---|---|"]
     models = (d["eval"] or {}).get("models", {})
     for name, model in (("base", "pretrain"), ("chat", "sft")):
         m = d["stages"].get(model, {}).get("measured")
@@ -155,11 +156,20 @@ def render(d: dict) -> str:
         if m is None and ev is None:
             continue
         bpb = ev["val_bpb"] if ev else (m or {}).get("val_bpb")
-        loss = (m or {}).get("train_loss_ema")
-        out.append(f"| {name} | {model} | {_num(loss, '.4f')} | {_num(bpb, '.4f')} |")
+        history = (m or {}).get("loss_history")  # debiased EMA at each log (trainer/loop.py); older runs: the raw EMA
+        loss = history[-1][1] if history else (m or {}).get("train_loss_ema")
+        uni = (ev or {}).get("unigram_bpb")
+        out.append(f"| {name} | {model} | {_num(loss, '.4f')} | {_num(bpb, '.4f')} | {_num(uni, '.4f')} |")
     if models:
         out += ["", "val bpb: the eval stage's figure on the stage's validation tokens (the same definition and "
-                    "tokens as training's val pass)."]
+                    "tokens as training's val pass). Unigram bpb: the same tokens priced by their own frequencies "
+                    "alone, the best a model that ignores context can do; the gap below it is what the model "
+                    "learned from context."]
+
+    if curves or curves_note:
+        out += ["", "## Curves", ""]
+        titles = {"loss.png": "Training loss (EMA) by step", "bpb.png": "Validation bits per byte at each eval"}
+        out += [f"![{titles.get(c, c)}]({c})" for c in curves] or [curves_note]
 
     out += ["", "## CORE", ""]
     core = models.get("base", {}).get("core")
@@ -198,10 +208,71 @@ def render(d: dict) -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
+def _gain(bpb: float, unigram: float) -> str:
+    share = 1 - bpb / unigram
+    return f"{share:.0%} fewer bits" if share >= 0 else f"{-share:.0%} more bits: not yet past the baseline"
+
+
+def card(d: dict, *, samples: int = 2) -> str:
+    """The report card's summary for a console: status and time, bpb against the unigram baseline, CORE, and
+    a few samples (report.md has everything)."""
+    t, models = d["totals"] or {}, (d["eval"] or {}).get("models", {})
+    lines = [f"run {d['run']}: {d['status']}, {t.get('tokens', 0):,} tokens trained in {_hours(t.get('hours'))}"
+             + (f", ${t['dollars']:,.2f}" if t.get("dollars") else "")]
+    for name, stage in (("base", "pretrain"), ("chat", "sft")):
+        ev = models.get(name)
+        if ev:
+            uni = ev.get("unigram_bpb")
+            lines.append(f"  {name} model ({stage} step {ev['step']}): val bpb {ev['val_bpb']:.3f}"
+                         + (f" vs {uni:.3f} for a unigram model of the same tokens ({_gain(ev['val_bpb'], uni)})"
+                            if uni else ""))
+    core = models.get("base", {}).get("core") or {}
+    if "core" in core:
+        lines.append(f"  CORE {core['core']:.4f}" + (" (smoke-test bundle: checks the pipeline, not a capability "
+                                                      "score)" if core.get("smoke_test") else ""))
+    for name, key in (("base", "completion"), ("chat", "reply")):
+        for smp in (models.get(name, {}).get("samples") or [])[:samples]:
+            text = _cell(smp[key])
+            lines.append(f"  {name}: {_cell(smp['prompt'])!r} -> {text[:100] + ('…' if len(text) > 100 else '')!r}")
+    return "\n".join(lines)
+
+
+def to_html(markdown: str, images: dict[str, bytes], title: str) -> str:
+    """report.html: the report's markdown as one self-contained page, each linked image embedded as a base64
+    data URI; no script, no stylesheet or font from the network."""
+    import base64
+    import html
+
+    from markdown_it import MarkdownIt
+
+    body = MarkdownIt("commonmark").enable("table").render(markdown)
+    for name, png in images.items():
+        uri = "data:image/png;base64," + base64.b64encode(png).decode()
+        body = body.replace(f'src="{name}"', f'src="{uri}"')
+    return (f"<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+            f"<style>{HTML_STYLE}</style></head>\n<body>\n{body}</body></html>\n")
+
+
+HTML_STYLE = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222;"
+              "background:#fff;line-height:1.45}table{border-collapse:collapse;margin:1em 0}"
+              "th,td{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:top}th{background:#f3f3f3}"
+              "img{max-width:100%;display:block;margin:1em 0}blockquote{border-left:4px solid #ddd;margin:1em 0;"
+              "padding:.2em 1em;color:#555}code{background:#f5f5f5;padding:0 .2em}")
+
+
 def write_report(run_url: str, storage_options: dict | None = None) -> str:
-    """Write `<run>/report.md` and `<run>/report.json` from what the run left behind; return the markdown."""
-    d = gather(run_url.rstrip("/"), storage_options)
-    text = render(d)
-    for name, body in (("report.json", json.dumps(d, indent=2)), ("report.md", text)):
-        write_text(f"{run_url.rstrip('/')}/{name}", body, storage_options)
+    """Write `<run>/report.md`, `report.json`, the curves (`loss.png`, `bpb.png`: trainer/plots.py) and the
+    self-contained `report.html` from what the run left behind; return the markdown."""
+    url = run_url.rstrip("/")
+    d = gather(url, storage_options)
+    try:
+        from trainer.plots import write_curves
+
+        images, note = write_curves(url, d, storage_options), None
+    except ImportError:  # the CLI-only install: no matplotlib
+        images, note = {}, "Curves need matplotlib: `pip install 'llmctl[train]'`, then `llmctl report RUN --refresh`."
+    text = render(d, curves=list(images), curves_note=note)
+    for name, body in (("report.json", json.dumps(d, indent=2)), ("report.md", text),
+                       ("report.html", to_html(text, images, f"Run report: {d['run']}"))):
+        write_text(f"{url}/{name}", body, storage_options)
     return text

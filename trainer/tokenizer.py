@@ -66,6 +66,7 @@ class Tokenizer:
         self.enc = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=mergeable_ranks,
                                      special_tokens=self.special_tokens)
         self.bos_id = self.special_tokens["<|bos|>"]
+        self._special_ids = frozenset(self.special_tokens.values())
         self._pool: ThreadPoolExecutor | None = None
         self._pool_size = 0
 
@@ -200,6 +201,43 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`; bytes that are not valid UTF-8 on their own (a split character) become U+FFFD."""
         return self.enc.decode(list(ids))
+
+    def decode_text(self, ids: Iterable[int], *, partial: bool = False) -> str:
+        """Text of `ids` as a person reads it: never a raw special token. A reply ends at its first
+        `<|assistant_end|>` or `<|bos|>`; a python tool call (`<|python_start|>expr<|python_end|>`, with the
+        tool's output `<|output_start|>value<|output_end|>` after it when there is one) is written back in
+        the calculator notation of the GSM8K answers it was made from, `<<expr=value>>`; any other special
+        token is dropped. `partial`: more tokens may follow (streaming), so a call that may still get its
+        output is left open; the text only ever grows as tokens arrive."""
+        sp = self.special_tokens
+        starts = {sp["<|python_start|>"]: "python", sp["<|output_start|>"]: "output"}
+        ends = {sp["<|python_end|>"], sp["<|output_end|>"]}
+        segments: list[list] = [["text", [], False]]  # [kind, ids, closed]
+        for t in ids:
+            if t in (sp["<|assistant_end|>"], self.bos_id):
+                break
+            if t in starts:
+                segments.append([starts[t], [], False])
+            elif t in ends:
+                segments[-1][2] = True
+                segments.append(["text", [], False])
+            elif t not in self._special_ids:
+                segments[-1][1].append(t)
+        segments = [seg for seg in segments if seg[0] != "text" or seg[1]]  # ends of calls leave empty ones
+        out: list[str] = []
+        for i, (kind, seg, closed) in enumerate(segments):
+            text = self.decode(seg)
+            nxt = segments[i + 1][0] if i + 1 < len(segments) else None
+            if kind == "python":
+                close = nxt != "output" and (nxt is not None or not partial)
+                out.append(f"<<{text}" + (">>" if close else ""))
+            elif kind == "output":
+                prev = segments[i - 1][0] if i else None
+                close = closed or nxt is not None or not partial
+                out.append(("=" if prev == "python" else "<<=") + text + (">>" if close else ""))
+            else:
+                out.append(text)
+        return "".join(out)
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         return self.enc.decode_bytes(list(ids))

@@ -120,7 +120,8 @@ class StageConfig:
     seconds paid for by earlier attempts of the run (trainer/spend.py), so spend and the cap also count the
     time restarts lost; trace: a local JSONL path for
     per-step data fingerprints and wall-clock stamps (the exact-resume tests, bench/ray_overhead.py); chaos:
-    fault injection for the fault tests (kill_at_step, rank, marker, during_save; nan_at_step).
+    fault injection for the fault tests (kill_at_step, rank, marker, during_save; nan_at_step);
+    progress_file: a local JSONL path rank 0 appends progress to (trainer/progress.py; the local run's bars).
     """
 
     plan: str
@@ -135,6 +136,7 @@ class StageConfig:
     earlier_attempts_seconds: float = 0.0
     trace: str | None = None
     chaos: dict | None = None
+    progress_file: str | None = None
 
     def __post_init__(self) -> None:
         if self.checkpoint_upload not in ("async", "sync"):

@@ -1,0 +1,55 @@
+"""trainer/progress.py: the local run's stage bars follow the workers' progress file (a real file, a real rich
+console), and `progress_bar`'s no-op. (The run's progress.json is tested in test_jobs.py and test_cluster_defects.py.)
+
+Run: .venv/bin/pytest tests/test_progress.py
+"""
+
+import io
+import json
+
+from rich.console import Console
+
+from trainer.progress import ProgressFile, StageBars, progress_bar
+
+
+def test_stage_bars_follow_the_progress_file(tmp_path):
+    path = str(tmp_path / "progress.jsonl")
+    out = io.StringIO()
+    bars = StageBars(path, [("pretrain", 40), ("sft", 5)], priced=True,
+                     console=Console(file=out, width=150, force_terminal=False))
+    pf = ProgressFile(path)
+    with bars:
+        bars.poll()  # no file yet: nothing to show, no error
+        pf.write(stage="pretrain", step=20, steps=40, loss=5.25, tokens_per_second=1234.0, eta_seconds=75,
+                 dollars=0.5)
+        with open(path, "a") as f:
+            f.write('{"stage": "pretrain", "st')  # a half-written line waits for the rest
+        bars.poll()
+        with open(path, "a") as f:
+            f.write('ep": 40, "steps": 40, "val_bpb": 1.75}\nnot json\n')
+        pf.write(stage="sft", step=5, steps=5, loss=2.0)
+        bars.poll()
+    lines = out.getvalue().splitlines()
+    pre = next(line for line in lines if line.startswith("pretrain"))
+    sft = next(line for line in lines if line.startswith("sft"))
+    assert "40/40" in pre and "1,234 tok/s" in pre and "loss 5.250" in pre and "val bpb 1.750" in pre
+    assert "$0.50" in pre and "ETA" not in pre  # done: no ETA left
+    assert "5/5" in sft and "loss 2.000" in sft
+    assert [json.loads(line)["stage"] for line in open(path) if line.startswith('{"stage": "pretrain", "step": 20')]
+
+
+def test_unpriced_runs_show_no_dollars_and_eta_while_running(tmp_path):
+    path = str(tmp_path / "p.jsonl")
+    out = io.StringIO()
+    with StageBars(path, [("pretrain", 100)], priced=False, console=Console(file=out, width=150)) as bars:
+        ProgressFile(path).write(stage="pretrain", step=10, steps=100, dollars=0.0, eta_seconds=3725)
+        bars.poll()
+    line = next(x for x in out.getvalue().splitlines() if x.startswith("pretrain"))
+    assert "10/100" in line and "$" not in line and "ETA 1:02:05" in line
+
+
+def test_progress_file_off_and_bar_off_do_nothing(tmp_path):
+    ProgressFile(None).write(stage="x", step=1)  # no path: nothing written, no error
+    assert not list(tmp_path.iterdir())
+    with progress_bar(False, "x", 10) as advance:
+        advance(5)
