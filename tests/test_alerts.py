@@ -28,7 +28,7 @@ CHART = ROOT / "charts/llmctl"
 # The list: stalled, MFU drop, NaN/inf loss, spend over estimate, cap reached, straggler, exporter down.
 EXPECTED = {"LlmctlTrainingStalled", "LlmctlMFUDropped", "LlmctlLossNotFinite", "LlmctlSpendOverEstimate",
             "LlmctlBudgetCapReached", "LlmctlRankStraggling", "LlmctlExporterDown",
-            "LlmctlServeErrorRate"}  # the last one: served models (llmctl serve), tests/test_serve_metrics.py
+            "LlmctlServeErrorRate", "LlmctlStepStale"}  # the last one: served models (llmctl serve), tests/test_serve_metrics.py
 
 
 @pytest.fixture(scope="module")

@@ -169,3 +169,27 @@ def test_non_finite_loss_stops_the_run_with_a_clear_error(ray_cluster, inputs, t
     p = tiny_plan(inputs, "diverged", stages=("pretrain",))
     with pytest.raises(LaunchError, match=r"stage pretrain stopped at step 5: the loss became NaN/inf"):
         run(p, storage_options={}, chaos={"nan_at_step": 5, "marker": str(tmp_path / "unused")})
+
+
+def test_sigterm_preempt_checkpoints_the_current_step_and_redoes_nothing(ray_cluster, inputs, tmp_path):
+    """A preemption notice (SIGTERM to a worker mid-run): every rank finishes its step, a checkpoint at that
+    step is written, the attempt ends, and the resumed attempt starts there, redoing zero steps."""
+    from trainer import checkpoint
+    from trainer.launch import run
+
+    trace = str(tmp_path / "trace.jsonl")
+    chaos = {"sigterm_at_step": 5, "rank": 1, "marker": str(tmp_path / "sigterm")}
+    p = tiny_plan(inputs, "preempted", stages=("pretrain",), keep_checkpoints=30)
+    summary = run(p, storage_options={}, checkpoint_upload="sync", trace=trace, chaos=chaos)
+    assert os.path.exists(chaos["marker"]), "SIGTERM was not sent"
+    assert summary["status"] == "completed" and summary["stages"]["pretrain"]["steps"] == 30
+    run_dir = p.urls["run"][len("file://"):]
+    events = sorted(os.listdir(f"{run_dir}/pretrain/preemptions"))
+    assert len(events) == 1 and events[0].endswith("_rank1.json"), events  # the rank that got the notice
+    event = json.load(open(f"{run_dir}/pretrain/preemptions/{events[0]}"))
+    step = event["step"]
+    assert event["reason"] == "SIGTERM" and 5 <= step < 30 and step % 4, event  # between the periodic saves
+    assert checkpoint.latest(f"{p.urls['run']}/pretrain", step=step), f"no whole checkpoint at step {step}"
+    seen = read_trace(trace)
+    assert set(seen) == {(s, r) for s in range(30) for r in (0, 1)}
+    assert not [k for k, fps in seen.items() if len(fps) > 1], "the resumed run redid steps"

@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass, field
 
 from trainer import memory
-from trainer.costs import (FP8_GPUS, FP8_MIN_USEFUL_DEPTH, FP8_SPEEDUP, GPU, GPUS, core_tokens, dollars,
+from trainer.costs import (FP8_GPUS, FP8_MIN_USEFUL_DEPTH, FP8_SPEEDUP, GPU, GPUS, checkpoint_bytes, core_tokens, dollars,
                           mfu_prior, overhead_hours)
 from trainer.recipe import (ASPECT_RATIO, HEAD_DIM, VOCAB_SIZE, VOCAB_PAD, SEQ_LEN, WINDOW_PATTERN, REFERENCE_DEPTH,
                             B_REF, POWER_LINES_EXPONENT, WEIGHT_DECAY_REF, EMBEDDING_LR, UNEMBEDDING_LR, MATRIX_LR,
@@ -407,8 +407,7 @@ def plan(spec: RunSpec) -> RunPlan:
     eval_tokens = sum((s.steps // s.eval_every + 1) * s.eval_tokens for s in trained)
     eval_hours = eval_tokens * (fpt / 3) / (spec.gpus * gpu.peak_bf16 * mfu) / 3600  # forward only: 1/3
     eval_hours += sum(s.hours for s in stages if s.name == "eval")
-    ckpt_bytes = 4 * p.transformer_matrices + 2 * (p.wte + p.value_embeds) + 4 * p.lm_head
-    ckpt_bytes *= 3  # model + optimizer state (moments) across ranks; uploads are ASYNC except the last
+    ckpt_bytes = checkpoint_bytes(p)  # uploads are ASYNC except the last
     overhead = overhead_hours(gpu, stages=len(stages), trained=len(trained), eval_hours=eval_hours,
                               checkpoint_bytes=ckpt_bytes)
     overhead_total = sum(overhead.values())
