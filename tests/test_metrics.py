@@ -204,6 +204,8 @@ def test_exporter_serves_exactly_the_contract_names():
     m.on_val(1.7)
     m.on_checkpoint(1.0)
     m.on_core(0.1, dict.fromkeys(CORE_TASKS, 0.1))
+    m.on_collective(1)  # the watchdog's pair (trainer/watchdog.py)
+    m.on_hang_bound(300.0)
     served = {name for name, _ in series(m)}
     assert served == set(METRIC_NAMES)
     for name in DESIGN_NAMES:  # docs/observability.md, histogram by its parts

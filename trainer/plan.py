@@ -20,6 +20,7 @@ import math
 from dataclasses import dataclass, field
 
 from trainer import memory
+from trainer.network import extra_step_seconds
 from trainer.costs import (FP8_GPUS, FP8_MIN_USEFUL_DEPTH, FP8_SPEEDUP, GPU, GPUS, checkpoint_bytes, core_tokens, dollars,
                           mfu_prior, overhead_hours)
 from trainer.recipe import (ASPECT_RATIO, HEAD_DIM, VOCAB_SIZE, VOCAB_PAD, SEQ_LEN, WINDOW_PATTERN, REFERENCE_DEPTH,
@@ -388,7 +389,10 @@ def plan(spec: RunSpec) -> RunPlan:
     mfu, mfu_source = mfu_prior(spec.depth, gpu, spec.precision)
     price = gpu.price_per_hour if spec.price_per_gpu_hour is None else spec.price_per_gpu_hour
     price_source = gpu.price_source if spec.price_per_gpu_hour is None else "given by --price"
-    throughput = spec.gpus * gpu.peak_bf16 * mfu / fpt  # tokens/s for the whole run
+    throughput = spec.gpus * gpu.peak_bf16 * mfu / fpt  # tokens/s for the whole run, if scaling were linear
+    # Across nodes the optimizer's collectives add fabric time to every step (trainer/network.py).
+    fabric = extra_step_seconds(p, spec.gpus, spec.interconnect_busbw_gbs and spec.interconnect_busbw_gbs * 1e9)
+    throughput = batch / (batch / throughput + fabric)
 
     stages = []
     if "pretrain" in spec.stages:
