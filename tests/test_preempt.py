@@ -23,7 +23,8 @@ def test_grace_period_grows_with_depth_and_covers_step_plus_save():
 
 def test_grace_period_over_the_clusters_limit_is_refused_in_one_line():
     p = plan(RunSpec(depth=26, gpus=8))
-    with pytest.raises(ValueError, match=r"^lifecycle.maxGraceSeconds: an emergency checkpoint at depth 26 needs ~\d+s") as e:
+    with pytest.raises(ValueError, match=r"^lifecycle.maxGraceSeconds: an emergency checkpoint at depth 26 "
+                                         r"needs ~\d+s") as e:
         preempt.check_grace(p, 30)
     assert "\n" not in str(e.value)
 
@@ -58,7 +59,8 @@ def test_rayjob_pods_get_the_grace_period_and_the_prestop_save(tmp_path):
     for group in (cluster["headGroupSpec"], *cluster["workerGroupSpecs"]):
         pod = group["template"]["spec"]
         assert pod["terminationGracePeriodSeconds"] == preempt.grace_seconds(p) <= 120
-        assert pod["containers"][0]["lifecycle"]["preStop"]["exec"]["command"][:3] == ["python", "-m", "trainer.preempt"]
+        hook = pod["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
+        assert hook[:3] == ["python", "-m", "trainer.preempt"]
     schemas.validate(rj)  # strict: the pod fields exist where we put them
 
 

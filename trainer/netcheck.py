@@ -73,7 +73,8 @@ def verdict(results: list[dict], *, expected_busbw: float, world: int, nodes: in
     big, small = max(results, key=lambda r: r["bytes"]), min(results, key=lambda r: r["bytes"])
     ok = big["busbw"] >= PASS_FRACTION * expected_busbw
     lines = [f"{'✓' if ok else '✗'} all-reduce bus bandwidth {big['busbw'] / 1e9:.1f} GB/s at "
-             f"{big['bytes'] / 2**20:.0f} MiB over {world} ranks ({backend}); expected ~{expected_busbw / 1e9:.0f} GB/s"]
+             f"{big['bytes'] / 2**20:.0f} MiB over {world} ranks ({backend}); "
+             f"expected ~{expected_busbw / 1e9:.0f} GB/s"]
     lines.append(f"  latency {small['seconds'] * 1e6:.0f} us per {small['bytes'] // 1024} KiB all-reduce")
     if not ok:
         lines.append("  likely cause: " + likely_cause(env=env, rdma=rdma, nodes=nodes, backend=backend))

@@ -56,6 +56,11 @@ def extra_step_seconds(params, gpus: int, busbw: float | None = None, node_gpus:
     return max(0.0, fabric - ring_seconds(s, node_gpus, NVLINK_BUSBW))
 
 
+def scaled_throughput(linear: float, batch: int, params, gpus: int, busbw_gbs: float | None) -> float:
+    """Tokens/s of the whole run: `linear` (n GPUs x per-GPU speed) slowed by the fabric's time per step."""
+    return batch / (batch / linear + extra_step_seconds(params, gpus, busbw_gbs and busbw_gbs * 1e9))
+
+
 def step_breakdown(plan) -> dict:
     """The plan's step: compute seconds (at the prior, linear in GPUs), interconnect seconds, and its share."""
     st = next((s for s in plan.stages if s.name != "eval"), None)

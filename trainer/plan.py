@@ -19,10 +19,9 @@ import json
 import math
 from dataclasses import dataclass, field
 
-from trainer import memory
-from trainer.network import extra_step_seconds
-from trainer.costs import (FP8_GPUS, FP8_MIN_USEFUL_DEPTH, FP8_SPEEDUP, GPU, GPUS, checkpoint_bytes, core_tokens, dollars,
-                          mfu_prior, overhead_hours)
+from trainer import memory, network
+from trainer.costs import (FP8_GPUS, FP8_MIN_USEFUL_DEPTH, FP8_SPEEDUP, GPU, GPUS, checkpoint_bytes, core_tokens,
+                          dollars, mfu_prior, overhead_hours)
 from trainer.recipe import (ASPECT_RATIO, HEAD_DIM, VOCAB_SIZE, VOCAB_PAD, SEQ_LEN, WINDOW_PATTERN, REFERENCE_DEPTH,
                             B_REF, POWER_LINES_EXPONENT, WEIGHT_DECAY_REF, EMBEDDING_LR, UNEMBEDDING_LR, MATRIX_LR,
                             SCALAR_LR, VALUE_EMBED_LR_FRAC, RESID_LR_FRAC, SMEAR_LR, LR_WIDTH_REF, WARMUP_STEPS,
@@ -389,10 +388,8 @@ def plan(spec: RunSpec) -> RunPlan:
     mfu, mfu_source = mfu_prior(spec.depth, gpu, spec.precision)
     price = gpu.price_per_hour if spec.price_per_gpu_hour is None else spec.price_per_gpu_hour
     price_source = gpu.price_source if spec.price_per_gpu_hour is None else "given by --price"
-    throughput = spec.gpus * gpu.peak_bf16 * mfu / fpt  # tokens/s for the whole run, if scaling were linear
-    # Across nodes the optimizer's collectives add fabric time to every step (trainer/network.py).
-    fabric = extra_step_seconds(p, spec.gpus, spec.interconnect_busbw_gbs and spec.interconnect_busbw_gbs * 1e9)
-    throughput = batch / (batch / throughput + fabric)
+    linear = spec.gpus * gpu.peak_bf16 * mfu / fpt  # tokens/s for the whole run if scaling were linear; across
+    throughput = network.scaled_throughput(linear, batch, p, spec.gpus, spec.interconnect_busbw_gbs)  # nodes, less
 
     stages = []
     if "pretrain" in spec.stages:
