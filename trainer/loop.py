@@ -15,7 +15,6 @@ import hashlib
 import json
 import math
 import os
-import signal
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -340,11 +339,7 @@ def _trace(f, step: int, rank: int, batches) -> None:
 
 def _maybe_die(chaos: dict, step: int, rank: int, *, during_save: bool) -> None:
     """Fault injection for the fault tests: exit this worker once, at the given step, like a lost pod; or
-    (sigterm_at_step) send it SIGTERM once, like a preemption notice; or (hang_at_step) sleep hang_seconds."""
-    if chaos and chaos.get("sigterm_at_step") == step and chaos.get("rank", 0) == rank and not during_save \
-            and not os.path.exists(chaos["marker"]):
-        open(chaos["marker"], "w").close()
-        os.kill(os.getpid(), signal.SIGTERM)
+    (hang_at_step) sleep hang_seconds there, like a rank that never reaches the step's collective."""
     if chaos and chaos.get("hang_at_step") == step and chaos.get("rank", 0) == rank and not during_save \
             and not os.path.exists(chaos["marker"]):
         open(chaos["marker"], "w").close()

@@ -76,8 +76,11 @@ def install() -> None:
         return
     import ray
 
-    actor = ray.get_runtime_context().current_actor  # this worker; its tasks run on the main thread
-    ray.get(actor.execute.remote(_install_here))
+    try:
+        actor = ray.get_runtime_context().current_actor  # this worker; its tasks run on the main thread
+        ray.get(actor.execute.remote(_install_here))
+    except Exception as e:  # noqa: BLE001 - not a Ray Train worker actor: no notice by signal, train on
+        sys.stderr.write(f"llmctl: SIGTERM will not trigger an emergency checkpoint here ({e})\n")
 
 
 def pending() -> bool:

@@ -118,7 +118,8 @@ class StageConfig:
     init_model: checkpoint URL SFT starts from; prior_seconds / prior_tokens: earlier stages' wall time and
     tokens, so spend, the budget cap and the dashboards cover the whole run; trace: a local JSONL path for
     per-step data fingerprints and wall-clock stamps (the exact-resume tests, bench/ray_overhead.py); chaos:
-    fault injection for the fault tests (kill_at_step, rank, marker, during_save; nan_at_step).
+    fault injection for the fault tests (kill_at_step, rank, marker, during_save; nan_at_step; hang_at_step,
+    hang_seconds, watchdog_floor_s: a rank that stalls and the watchdog's short bound).
     """
 
     plan: str
