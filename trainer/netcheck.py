@@ -95,8 +95,8 @@ def likely_cause(*, env: dict, rdma: list[str], nodes: int, backend: str) -> str
             "(nvidia-peermem), and that NCCL_SOCKET_IFNAME/NCCL_IB_HCA name the fabric's interfaces")
 
 
-def train_fn(config: dict) -> None:
-    """Ray Train worker function: measure, and report the results from rank 0."""
+def train_fn(config: dict) -> dict:
+    """Ray Train worker function: measure, and gather each rank's node and RDMA devices."""
     import ray.train
     import torch.distributed as dist
 
@@ -106,8 +106,7 @@ def train_fn(config: dict) -> None:
     local = {"rdma": devices, "node": os.environ.get("HOSTNAME", "")}
     everyone = [None] * ctx.get_world_size()
     dist.all_gather_object(everyone, local)
-    if ctx.get_world_rank() == 0:
-        ray.train.report({"results": json.dumps(results), "ranks": json.dumps(everyone)})
+    return {"results": results, "ranks": everyone}  # Ray Train hands back rank 0's as Result.return_value
 
 
 def run_check(gpus: int, *, use_gpu: bool, sizes=SIZES, iters: int = 5) -> dict:
@@ -120,8 +119,7 @@ def run_check(gpus: int, *, use_gpu: bool, sizes=SIZES, iters: int = 5) -> dict:
                            scaling_config=ScalingConfig(num_workers=gpus, use_gpu=use_gpu),
                            torch_config=TorchConfig(backend=backend, timeout_s=600),
                            run_config=RunConfig(name=f"netcheck-{int(time.time())}"))
-    m = trainer.fit().metrics
-    return {"results": json.loads(m["results"]), "ranks": json.loads(m["ranks"]), "backend": backend}
+    return {**trainer.fit().return_value, "backend": backend}
 
 
 def main(argv: list[str] | None = None) -> int:
