@@ -286,7 +286,7 @@ _REMOVED_KEYS = {
                             "runtime instead (docs/kubernetes.md, EFA and InfiniBand)",
 }
 _INT_FIELDS = {"gpus_per_node", "cpu_per_gpu", "memory_per_gpu_gi", "backoff_limit", "ttl_seconds_after_finished",
-               "pre_running_deadline_seconds", "deadline_slack_seconds", "max_grace_seconds"}
+               "pre_running_deadline_seconds", "deadline_slack_seconds"}
 
 
 def _coerce(fname: str, value: Any) -> Any:
