@@ -109,6 +109,10 @@ class ClusterConfig:
     pre_running_deadline_seconds: int = 1800  # fail a run whose pods are not running 30 min after admission
     deadline_factor: float = 1.5  # activeDeadlineSeconds = estimate x factor + slack
     deadline_slack_seconds: int = 1800
+    # The longest termination notice this cluster's nodes give (spot: GCE ~30 s, AWS 120 s); the RayJob's pods
+    # get a grace period sized for an emergency checkpoint (trainer/preempt.py) and a plan that cannot save in
+    # time is refused. None: no limit (the grace period is still sized from the estimate).
+    max_grace_seconds: int | None = None
 
     def __post_init__(self) -> None:
         def bad(key: str, why: str) -> None:
@@ -145,7 +149,9 @@ class ClusterConfig:
                            ("lifecycle.backoffLimit", self.backoff_limit, 0),
                            ("lifecycle.ttlSecondsAfterFinished", self.ttl_seconds_after_finished, 0),
                            ("lifecycle.preRunningDeadlineSeconds", self.pre_running_deadline_seconds, 1),
-                           ("lifecycle.deadlineSlackSeconds", self.deadline_slack_seconds, 0)):
+                           ("lifecycle.deadlineSlackSeconds", self.deadline_slack_seconds, 0),
+                           *((("lifecycle.maxGraceSeconds", self.max_grace_seconds, 1),)
+                             if self.max_grace_seconds is not None else ())):
             if not isinstance(n, int) or isinstance(n, bool) or n < lo:
                 bad(key, f"must be an integer >= {lo}, got {n!r}")
         if not isinstance(self.deadline_factor, (int, float)) or self.deadline_factor < 1:
@@ -253,6 +259,7 @@ _KEY_TO_FIELD = {
     "lifecycle.backoffLimit": "backoff_limit", "lifecycle.ttlSecondsAfterFinished": "ttl_seconds_after_finished",
     "lifecycle.preRunningDeadlineSeconds": "pre_running_deadline_seconds",
     "lifecycle.deadlineFactor": "deadline_factor", "lifecycle.deadlineSlackSeconds": "deadline_slack_seconds",
+    "lifecycle.maxGraceSeconds": "max_grace_seconds",
 }
 _SECTIONS = {k.split(".")[0] for k in _KEY_TO_FIELD if "." in k}  # s3, head, workers, lifecycle
 

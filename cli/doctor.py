@@ -346,6 +346,10 @@ def render(checks: list[Check]) -> str:
 
 
 def cmd_doctor(args) -> int:
+    if args.network:  # the interconnect check runs as a RayJob (cli/netcheck.py)
+        from cli.netcheck import cmd_network
+
+        return cmd_network(args)
     checks = Doctor(args).run()
     ok = not any(c.status == "fail" for c in checks)
     if args.output == "json":
@@ -368,5 +372,11 @@ def register(sub) -> None:
     p.add_argument("-o", "--output", choices=("table", "json"), default="table", help="output format")
     p.add_argument("--cluster-config", metavar="FILE",
                    help="check this cluster config file (the ConfigMap's config.yaml shape) instead of the ConfigMap")
+    g = p.add_argument_group("interconnect check (a short RayJob across the worker pods)")
+    g.add_argument("--network", action="store_true", help="measure all-reduce bus bandwidth and latency over --gpus")
+    g.add_argument("--gpus", type=int, help="GPUs in the check (8 per worker pod; > 8 crosses nodes)")
+    g.add_argument("--expect-gbs", type=float, help="expected bus bandwidth in GB/s (default: NVLink on one "
+                   "node, the default fabric across nodes; trainer/network.py)")
+    g.add_argument("--dry-run", action="store_true", help="print the check's RayJob instead of creating it")
     add_cluster_args(p)
     p.set_defaults(func=cmd_doctor)

@@ -35,6 +35,9 @@ def add_spec_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gpu-type", default="h100", help=f"one of {', '.join(GPUS)} (default h100)")
     g.add_argument("--price", type=float, help="$ per GPU-hour (default: the GPU type's catalog price)")
     g.add_argument("--max-cost", type=float, help="budget cap in $: refuse plans above it; the run stops there")
+    g.add_argument("--interconnect-gbs", type=float, metavar="GB/S",
+                   help="inter-node all-reduce bus bandwidth per GPU (llmctl doctor --network measures it; "
+                        "default: 8x400G InfiniBand/EFA, 300)")
     g.add_argument("--storage", default="file://~/.cache/llmctl", help="storage root URL (s3://bucket/prefix)")
     g.add_argument("--name", help="run name (default: derived from the spec, stable across retries)")
 
@@ -47,6 +50,7 @@ def spec_from_args(args: argparse.Namespace, **overrides) -> RunSpec:
         total_batch_size=args.total_batch_size, num_iterations=args.num_iterations, precision=args.precision,
         price_per_gpu_hour=args.price, budget_cap=args.max_cost, storage_root=args.storage, name=args.name,
         core_bundle=args.core_bundle, core_max_per_task=args.core_max_per_task,
+        interconnect_busbw_gbs=getattr(args, "interconnect_gbs", None),
     )
     fields.update(overrides)
     return RunSpec(**fields)
@@ -96,6 +100,7 @@ def render_table(p: RunPlan) -> str:
     rows += [
         ("throughput", f"{fmt_count(e.tokens_per_second)} tok/s on {s.gpus} x {s.gpu_type} at {e.mfu:.0%} MFU "
                        f"(peak {_flops(e.peak_flops_per_gpu)})"),
+        _interconnect_row(p),
         ("overheads", ", ".join(f"{k.replace('_', ' ')} {fmt_hours(v)}" for k, v in e.overhead_hours.items() if v)
          or "none"),
         ("time", f"{fmt_hours(e.total_hours)} ({fmt_hours(e.train_hours)} training + "
@@ -112,6 +117,17 @@ def render_table(p: RunPlan) -> str:
     rows += [("warning", w) for w in p.warnings]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _interconnect_row(p: RunPlan) -> tuple[str, str]:
+    from trainer.network import NODE_GPUS, step_breakdown
+
+    b = step_breakdown(p)
+    if p.spec.gpus <= NODE_GPUS:
+        return ("interconnect", f"one node: NVLink, inside the MFU prior ({b['step_seconds'] * 1e3:.0f} ms/step)")
+    return ("interconnect", f"{b['interconnect_share']:.1%} of each {b['step_seconds'] * 1e3:.0f} ms step "
+                            f"({b['interconnect_seconds'] * 1e3:.0f} ms: {b['bytes_per_step'] / 1e9:.2f} GB "
+                            f"all-reduced at {b['busbw'] / 1e9:.0f} GB/s bus bandwidth; docs/recipe.md)")
 
 
 def _precision_rows(p: RunPlan) -> list[tuple[str, str]]:

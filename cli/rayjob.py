@@ -40,6 +40,7 @@ from cli.clusterconfig import ClusterConfig
 from cli.kubeversions import RAY_TOKEN_AUTH_MIN, has, kuberay_release, parse_version
 from trainer.metrics import METRICS_PORT_BASE  # light: stdlib and trainer.plan at import time
 from trainer.plan import GPUS, RunPlan
+from trainer.preempt import set_preemption  # stdlib only: grace period and preStop hook
 
 API_VERSION = "ray.io/v1"
 LAUNCH = "python -m trainer.launch"
@@ -330,6 +331,7 @@ def build_rayjob(plan: RunPlan, cfg: ClusterConfig, *, namespace: str, extra_env
                 }],
             },
         })
+        set_preemption(spec["rayClusterSpec"], plan, cfg.max_grace_seconds)  # grace period + preStop save
         if cfg.backoff_limit:
             spec["backoffLimit"] = cfg.backoff_limit
         if has(release, "spec.preRunningDeadlineSeconds"):

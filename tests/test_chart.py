@@ -467,7 +467,7 @@ CONFIG_SAMPLES = {  # a non-default value for every leaf under `config` in value
     "placement.podAnnotations": {"a": "b"}, "extraVolumes": [{"name": "c", "emptyDir": {}}],
     "extraVolumeMounts": [{"name": "c", "mountPath": "/c"}],
     "lifecycle.backoffLimit": 0, "lifecycle.ttlSecondsAfterFinished": 60, "lifecycle.preRunningDeadlineSeconds": 600,
-    "lifecycle.deadlineFactor": 2.5, "lifecycle.deadlineSlackSeconds": 0,
+    "lifecycle.deadlineFactor": 2.5, "lifecycle.deadlineSlackSeconds": 0, "lifecycle.maxGraceSeconds": 120,
 }
 
 

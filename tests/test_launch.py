@@ -13,6 +13,7 @@ Run: .venv/bin/pytest tests/test_launch.py   (slow ones: -m slow)
 
 import json
 import os
+import signal
 from collections import defaultdict
 
 import pytest
@@ -169,3 +170,68 @@ def test_non_finite_loss_stops_the_run_with_a_clear_error(ray_cluster, inputs, t
     p = tiny_plan(inputs, "diverged", stages=("pretrain",))
     with pytest.raises(LaunchError, match=r"stage pretrain stopped at step 5: the loss became NaN/inf"):
         run(p, storage_options={}, chaos={"nan_at_step": 5, "marker": str(tmp_path / "unused")})
+
+
+def _my_train_workers() -> list[int]:
+    """PIDs of this test process's Ray Train worker actors (descendants of this pytest, by Ray's title)."""
+    parent, title = {}, {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                parent[int(d)] = int(open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[1])
+                title[int(d)] = open(f"/proc/{d}/cmdline", "rb").read().split(b"\0", 1)[0].decode(errors="replace")
+            except (OSError, IndexError, ValueError):
+                continue
+
+    def mine(pid):
+        while pid > 1:
+            pid = parent.get(pid, 0)
+            if pid == os.getpid():
+                return True
+        return False
+
+    return [p for p, t in title.items() if t.startswith("ray::RayTrainWorker") and mine(p)]
+
+
+def test_sigterm_preempt_checkpoints_the_current_step_and_redoes_nothing(ray_cluster, inputs, tmp_path):
+    """A preemption notice: SIGTERM to the run's worker processes mid-run (what the pods' preStop hook does).
+    Every rank finishes its step, a checkpoint at that step is written, the attempt ends, and the resumed
+    attempt starts there, redoing zero steps. (Without the handler, Ray's own exits the workers and the run
+    redoes the steps since the last periodic checkpoint.)"""
+    import threading
+
+    from tests.prom import wait_until
+    from trainer import checkpoint
+    from trainer.launch import run
+
+    trace = str(tmp_path / "trace.jsonl")
+    open(trace, "w").close()
+    signalled: list[int] = []
+
+    def preempt_at_step_5():
+        def reached():
+            with open(trace) as f:
+                lines = f.read().splitlines()[:-1]  # the last line may be half-written
+            return any(json.loads(line)["step"] >= 5 for line in lines)
+        wait_until(reached, "step 5 in the trace", 600)
+        signalled.extend(_my_train_workers())
+        for pid in signalled:
+            os.kill(pid, signal.SIGTERM)
+
+    sender = threading.Thread(target=preempt_at_step_5, daemon=True)
+    sender.start()
+    p = tiny_plan(inputs, "preempted", stages=("pretrain",), keep_checkpoints=30)
+    summary = run(p, storage_options={}, checkpoint_upload="sync", trace=trace)
+    sender.join(5)
+    assert len(signalled) == 2, f"expected to SIGTERM 2 workers, found {signalled}"
+    assert summary["status"] == "completed" and summary["stages"]["pretrain"]["steps"] == 30
+    run_dir = p.urls["run"][len("file://"):]
+    events = sorted(os.listdir(f"{run_dir}/pretrain/preemptions"))
+    assert events and all(e.endswith(("_rank0.json", "_rank1.json")) for e in events), events
+    event = json.load(open(f"{run_dir}/pretrain/preemptions/{events[0]}"))
+    step = event["step"]
+    assert event["reason"] == "SIGTERM" and 5 <= step < 30, event
+    assert checkpoint.latest(f"{p.urls['run']}/pretrain", step=step), f"no whole checkpoint at step {step}"
+    seen = read_trace(trace)
+    assert set(seen) == {(s, r) for s in range(30) for r in (0, 1)}
+    assert not [k for k, fps in seen.items() if len(fps) > 1], "the resumed run redid steps"

@@ -204,6 +204,8 @@ def test_exporter_serves_exactly_the_contract_names():
     m.on_val(1.7)
     m.on_checkpoint(1.0)
     m.on_core(0.1, dict.fromkeys(CORE_TASKS, 0.1))
+    m.on_collective(1)  # the watchdog's pair (trainer/watchdog.py)
+    m.on_hang_bound(300.0)
     served = {name for name, _ in series(m)}
     assert served == set(METRIC_NAMES)
     for name in DESIGN_NAMES:  # docs/observability.md, histogram by its parts
@@ -352,19 +354,26 @@ class TinyRun:
         torch.manual_seed(rank)
         model = torch.nn.Sequential(torch.nn.Embedding(self.VOCAB, 32), torch.nn.Linear(32, self.VOCAB))
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        from trainer.watchdog import Watchdog
+
         m = self.metrics[rank]
+        wd = Watchdog(rank=rank, world=len(self.metrics), hang_url="memory://hangs", metrics=m,
+                      on_hang=lambda verdict: None)  # the loop's watchdog, for its gauges
         gen = torch.Generator().manual_seed(rank)
         step = 0
         while not self._stop.is_set():
+            wd.begin(step)
             t0 = time.perf_counter()
             self._stop.wait(0.02)  # the data source's latency
             x = torch.randint(0, self.VOCAB, (self.BATCH, self.SEQ), generator=gen)
             y = (x * 7 + 3) % self.VOCAB  # a learnable mapping
             data_wait = time.perf_counter() - t0
+            wd.arrive(step)
             loss = F.cross_entropy(model(x).view(-1, self.VOCAB), y.view(-1))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            wd.end(step, time.perf_counter() - t0)
             step += 1
             m.on_step(step, x.numel(), time.perf_counter() - t0, data_wait, loss.item())
             self.steps[rank] = step
@@ -376,6 +385,7 @@ class TinyRun:
                 m.on_checkpoint(time.perf_counter() - t1)
             if step == 3:
                 m.on_core(0.05, {t: 0.05 for t in CORE_TASKS})
+        wd.close()
 
 
 def _without_data(prom: promlib.Prometheus, queries: list[tuple[str, str]], ranks: int,

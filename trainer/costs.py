@@ -111,6 +111,12 @@ def core_tokens(max_per_task: int | None, seq_len: int) -> int:
     return examples * min(CORE_TOKENS_PER_EXAMPLE, 3 * seq_len)
 
 
+def checkpoint_bytes(p) -> float:
+    """Bytes of one whole checkpoint (trainer/checkpoint.py), all ranks: fp32 matrices and head, bf16
+    embeddings, x3 for the model plus the optimizer's state (moments) beside it. `p`: plan.ParamCounts."""
+    return 3.0 * (4 * p.transformer_matrices + 2 * (p.wte + p.value_embeds) + 4 * p.lm_head)
+
+
 def overhead_hours(gpu: GPU, *, stages: int, trained: int, eval_hours: float, checkpoint_bytes: float) -> dict:
     """The fixed overheads of a run, in hours, by kind. `stages`: Ray Train fits (one per stage); `trained`:
     training stages (each compiles and uploads a final checkpoint); `eval_hours`: val passes and the eval

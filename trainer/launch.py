@@ -145,6 +145,7 @@ def _run_stages(p: RunPlan, *, storage_options: dict | None = None, max_failures
     from trainer.eval_stage import eval_loop
     from trainer.loop import STATUS_COMPLETED, STATUS_NONFINITE, train_loop
     from trainer.report import write_report
+    from trainer.watchdog import COLLECTIVE_TIMEOUT_S  # above the watchdog's bounds: it names the rank first
     from trainer.worker import StageConfig
 
     opts = dict(storage_options if storage_options is not None else storage_options_from_env())
@@ -173,7 +174,7 @@ def _run_stages(p: RunPlan, *, storage_options: dict | None = None, max_failures
         trainer = TorchTrainer(
             eval_loop if st.name == "eval" else train_loop, train_loop_config=config,
             scaling_config=ScalingConfig(num_workers=p.spec.gpus, use_gpu=not local),
-            torch_config=TorchConfig(backend="gloo" if local else "nccl", timeout_s=1800),
+            torch_config=TorchConfig(backend="gloo" if local else "nccl", timeout_s=COLLECTIVE_TIMEOUT_S),
             run_config=RunConfig(
                 name=st.name, storage_path=storage_path, storage_filesystem=storage_fs,
                 failure_config=FailureConfig(max_failures=max_failures, controller_failure_limit=1),

@@ -23,13 +23,14 @@ import torch
 import torch.distributed as dist
 
 import ray.train
-from trainer import checkpoint
+from trainer import checkpoint, preempt
 from trainer.progress import ProgressFile
 from trainer.plan import RunPlan, StagePlan, lr_multiplier, muon_momentum, muon_weight_decay
 from trainer.worker import (Loader, StageConfig, Worker, agree, make_loader, say, stage_summary, start_metrics,
                             worker_context, write_stage_summary)
 
 STATUS_COMPLETED, STATUS_BUDGET, STATUS_NONFINITE = "completed", "budget_cap_reached", "non_finite_loss"
+STATUS_PREEMPTED = "preempted"  # never final: the attempt raises preempt.Preempted after its checkpoint
 LOSS_EMA_BETA = 0.9  # the console's smoothed train loss (nanochat base_train.py ema_beta)
 
 
@@ -63,6 +64,8 @@ def train_loop(config: dict) -> None:
         if st.start_step == 0:
             evaluate(st, 0)
         status, step, saved_at = run_steps(st)
+        if status == STATUS_PREEMPTED:
+            emergency_save(st, step, saved_at)  # raises preempt.Preempted: Ray Train resumes from it
         if status != STATUS_NONFINITE and saved_at != step:  # budget stop or SFT epoch end: keep the work
             save(st, step, sync=True, chaos={})
         if st.w.rank == 0:
@@ -125,19 +128,38 @@ def resume(cfg: StageConfig, stage: str, w: Worker, model, optimizer) -> tuple[i
 
 def run_steps(st: Stage) -> tuple[str, int, int]:
     """Train until the stage's last step or a stop; (status, steps done, step of the last checkpoint)."""
+    wd = _watchdog(st)  # names the stuck rank and ends the attempt when a step hangs (trainer/watchdog.py)
+    try:
+        return _steps(st, wd)
+    finally:
+        wd.close()
+
+
+def _watchdog(st: Stage):
+    from trainer.watchdog import FLOOR_S, Watchdog
+
+    floor = (st.cfg.chaos or {}).get("watchdog_floor_s", FLOOR_S)  # the hang test's short bound
+    return Watchdog(rank=st.w.rank, world=st.w.world, hang_url=f"{st.plan.urls['run']}/{st.stage.name}/hangs",
+                    storage_options=st.opts, floor=floor, metrics=st.metrics)
+
+
+def _steps(st: Stage, wd) -> tuple[str, int, int]:
     stage, loop, chaos = st.stage, st.loop, st.cfg.chaos or {}
     step = saved_at = st.start_step
     t_wall = time.perf_counter()
+    preempt.install()  # SIGTERM sets a flag that _should_stop agrees on
     while step < stage.steps:
+        wd.begin(step)
         _maybe_die(chaos, step, st.w.rank, during_save=False)
         t0 = time.perf_counter()
         batches, exhausted = _fetch(st.loader, stage.grad_accum)
         data_wait = time.perf_counter() - t0
-        if st.trace and batches:
-            _trace(st.trace, step, st.w.rank, batches)
+        wd.arrive(step)  # next: the step's first collective
         stop = _should_stop(st, exhausted)
         if stop:
             return stop, step, saved_at
+        if st.trace and batches:  # after the stop check: the trace lists the steps that were trained
+            _trace(st.trace, step, st.w.rank, batches)
         loss = _step(st, step, batches)
         if chaos.get("nan_at_step") == step:
             loss = float("nan")  # fault tests: a diverged step
@@ -146,6 +168,7 @@ def run_steps(st: Stage) -> tuple[str, int, int]:
             say(st.w.rank, f"[{stage.name}] loss is {loss} at step {step}: stopping (lower the LR or check data)")
             return STATUS_NONFINITE, step, saved_at
         dt = time.perf_counter() - t0
+        wd.end(step, dt)
         step += 1
         tokens = st.plan.device_batch_size * st.plan.arch.seq_len * stage.grad_accum  # this rank's, this step
         now = time.perf_counter()
@@ -173,7 +196,10 @@ def _should_stop(st: Stage, exhausted: bool) -> str | None:
     whole run's spend reached the budget cap."""
     cap = st.plan.spec.budget_cap
     spent = st.plan.cost_of(st.cfg.prior_seconds + st.loop["seconds"] + st.lost_seconds)
-    epoch_done, over_budget = agree(st.w.device, exhausted, cap is not None and spent >= cap)
+    epoch_done, over_budget, preempted = agree(st.w.device, exhausted, cap is not None and spent >= cap,
+                                               preempt.pending())
+    if preempted:
+        return STATUS_PREEMPTED
     if epoch_done:
         return STATUS_COMPLETED
     if over_budget:
@@ -275,6 +301,22 @@ def _write_progress(st: Stage, step: int) -> None:
         say(0, f"[{st.stage.name}] could not write progress to {st.plan.urls['run']}: {e}")
 
 
+def emergency_save(st: Stage, step: int, saved_at: int) -> None:
+    """The preemption notice arrived: checkpoint the steps done (unless that step is saved), record the
+    event at <run>/<stage>/preemptions/, tell the preStop hook, and end the attempt (trainer/preempt.py)."""
+    from trainer.storage import write_json
+
+    say(st.w.rank, f"[{st.stage.name}] preemption notice ({preempt.reason()}): checkpointing step {step}")
+    if saved_at != step:
+        save(st, step, sync=True, chaos={})
+    if preempt.reason() != preempt.PEER:  # the rank(s) that got the notice name themselves
+        write_json(f"{st.plan.urls['run']}/{st.stage.name}/preemptions/step{step:06d}_rank{st.w.rank}.json",
+                   {"step": step, "rank": st.w.rank, "reason": preempt.reason(), "pod": os.environ.get("HOSTNAME"),
+                    "time": time.time()}, st.opts)
+    preempt.mark_done()
+    raise preempt.Preempted(f"preempted at step {step}; checkpoint written, resuming from it")
+
+
 def summarize(st: Stage, step: int, status: str) -> dict:
     loop = st.loop
     return stage_summary(st.plan, st.stage.name, status=status, steps=step, planned_steps=st.stage.steps,
@@ -317,7 +359,12 @@ def _trace(f, step: int, rank: int, batches) -> None:
 
 
 def _maybe_die(chaos: dict, step: int, rank: int, *, during_save: bool) -> None:
-    """Fault injection for the fault tests: exit this worker once, at the given step, like a lost pod."""
+    """Fault injection for the fault tests: exit this worker once, at the given step, like a lost pod; or
+    (hang_at_step) sleep hang_seconds there, like a rank that never reaches the step's collective."""
+    if chaos and chaos.get("hang_at_step") == step and chaos.get("rank", 0) == rank and not during_save \
+            and not os.path.exists(chaos["marker"]):
+        open(chaos["marker"], "w").close()
+        time.sleep(chaos["hang_seconds"])  # a rank stuck before the step's collective (the watchdog's case)
     if (chaos and chaos.get("kill_at_step") == step and chaos.get("rank", 0) == rank
             and bool(chaos.get("during_save")) == during_save and not os.path.exists(chaos["marker"])):
         open(chaos["marker"], "w").close()

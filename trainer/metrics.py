@@ -58,6 +58,8 @@ METRIC_NAMES = (
     "llmctl_checkpoint_seconds", "llmctl_cost_dollars", "llmctl_cost_estimated_dollars",
     "llmctl_cost_cap_dollars", "llmctl_eta_seconds", "llmctl_run_info", "llmctl_core_score",
     "llmctl_core_task_centered",
+    # hang detection (trainer/watchdog.py): staleness, the watchdog's bound, the collective each rank reached
+    "llmctl_last_step_timestamp_seconds", "llmctl_hang_bound_seconds", "llmctl_collective_step",
 )
 
 # torch.cuda.get_device_name() -> GPU catalog key, first match wins, so specific names come first
@@ -190,6 +192,12 @@ class RunMetrics:
         self._m_core = gauge("llmctl_core_score", "DCLM CORE score (mean centered accuracy over 22 tasks).")
         self._m_core_task = gauge("llmctl_core_task_centered", "Centered accuracy of one CORE task.", ("task",))
         self._labels = labels
+        self._g_last = gauge("llmctl_last_step_timestamp_seconds", "Unix time of this rank's last completed step "
+                             "(the exporter's start before the first).").labels(**labels)
+        self._g_last.set(time.time())
+        self._m_bound = gauge("llmctl_hang_bound_seconds", "Seconds a step may run before the watchdog calls it "
+                              "hung (max(floor, 10 x median step time)).")
+        self._m_arrive = gauge("llmctl_collective_step", "The step whose first collective this rank last reached.")
 
         self._g_tokens.inc(prior_tokens)
         self._g_planned.set(self.steps_planned)
@@ -242,6 +250,15 @@ class RunMetrics:
         self._h_step.observe(step_seconds)
         self._c_wait.inc(data_wait_seconds)
         self._g_eta.set(self._eta)
+        self._g_last.set(time.time())
+
+    def on_collective(self, step: int) -> None:
+        """This rank reached the first collective of `step` (0-based: the step being run)."""
+        self._m_arrive.labels(**self._labels).set(step)
+
+    def on_hang_bound(self, seconds: float) -> None:
+        """The watchdog's current bound on one step (trainer/watchdog.py)."""
+        self._m_bound.labels(**self._labels).set(seconds)
 
     def on_val(self, bpb: float) -> None:
         """After a validation pass: bits per byte on the validation split."""

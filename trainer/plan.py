@@ -19,9 +19,9 @@ import json
 import math
 from dataclasses import dataclass, field
 
-from trainer import memory
-from trainer.costs import (FP8_GPUS, FP8_MIN_USEFUL_DEPTH, FP8_SPEEDUP, GPU, GPUS, core_tokens, dollars,
-                          mfu_prior, overhead_hours)
+from trainer import memory, network
+from trainer.costs import (FP8_GPUS, FP8_MIN_USEFUL_DEPTH, FP8_SPEEDUP, GPU, GPUS, checkpoint_bytes, core_tokens,
+                          dollars, mfu_prior, overhead_hours)
 from trainer.recipe import (ASPECT_RATIO, HEAD_DIM, VOCAB_SIZE, VOCAB_PAD, SEQ_LEN, WINDOW_PATTERN, REFERENCE_DEPTH,
                             B_REF, POWER_LINES_EXPONENT, WEIGHT_DECAY_REF, EMBEDDING_LR, UNEMBEDDING_LR, MATRIX_LR,
                             SCALAR_LR, VALUE_EMBED_LR_FRAC, RESID_LR_FRAC, SMEAR_LR, LR_WIDTH_REF, WARMUP_STEPS,
@@ -388,7 +388,8 @@ def plan(spec: RunSpec) -> RunPlan:
     mfu, mfu_source = mfu_prior(spec.depth, gpu, spec.precision)
     price = gpu.price_per_hour if spec.price_per_gpu_hour is None else spec.price_per_gpu_hour
     price_source = gpu.price_source if spec.price_per_gpu_hour is None else "given by --price"
-    throughput = spec.gpus * gpu.peak_bf16 * mfu / fpt  # tokens/s for the whole run
+    linear = spec.gpus * gpu.peak_bf16 * mfu / fpt  # tokens/s for the whole run if scaling were linear; across
+    throughput = network.scaled_throughput(linear, batch, p, spec.gpus, spec.interconnect_busbw_gbs)  # nodes, less
 
     stages = []
     if "pretrain" in spec.stages:
@@ -407,8 +408,7 @@ def plan(spec: RunSpec) -> RunPlan:
     eval_tokens = sum((s.steps // s.eval_every + 1) * s.eval_tokens for s in trained)
     eval_hours = eval_tokens * (fpt / 3) / (spec.gpus * gpu.peak_bf16 * mfu) / 3600  # forward only: 1/3
     eval_hours += sum(s.hours for s in stages if s.name == "eval")
-    ckpt_bytes = 4 * p.transformer_matrices + 2 * (p.wte + p.value_embeds) + 4 * p.lm_head
-    ckpt_bytes *= 3  # model + optimizer state (moments) across ranks; uploads are ASYNC except the last
+    ckpt_bytes = checkpoint_bytes(p)  # uploads are ASYNC except the last
     overhead = overhead_hours(gpu, stages=len(stages), trained=len(trained), eval_hours=eval_hours,
                               checkpoint_bytes=ckpt_bytes)
     overhead_total = sum(overhead.values())

@@ -55,6 +55,9 @@ class RunSpec:
     image: str | None = None
     queue: str | None = None
     seed: int = 42
+    # Inter-node all-reduce bus bandwidth per GPU in GB/s (nccl-tests busbw; `llmctl doctor --network` measures
+    # it); None = trainer/network.py's default fabric. Only runs over more than one node use it.
+    interconnect_busbw_gbs: float | None = None
 
     def __post_init__(self) -> None:
         def bad(fld: str, why: str) -> None:
@@ -93,6 +96,9 @@ class RunSpec:
             bad("price_per_gpu_hour", f"must be >= 0, got {self.price_per_gpu_hour!r}")
         if self.budget_cap is not None and not self.budget_cap > 0:
             bad("budget_cap", f"must be > 0 dollars, got {self.budget_cap!r}")
+        if self.interconnect_busbw_gbs is not None and not (
+                isinstance(self.interconnect_busbw_gbs, (int, float)) and self.interconnect_busbw_gbs > 0):
+            bad("interconnect_busbw_gbs", f"must be a positive number of GB/s, got {self.interconnect_busbw_gbs!r}")
         if self.sft_tokens < 1:
             bad("sft_tokens", f"must be positive, got {self.sft_tokens}")
         if len(self.namespace) > 63:
