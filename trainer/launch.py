@@ -62,9 +62,11 @@ def write_plan(p: RunPlan, opts: dict) -> None:
 
 def run(p: RunPlan, *, storage_options: dict | None = None, max_failures: int = 3,
         metrics_port_base: int | None = None, log_every: int = 10, checkpoint_upload: str = "async",
-        trace: str | None = None, chaos: dict | None = None) -> dict:
+        trace: str | None = None, chaos: dict | None = None, workers: int | tuple[int, int] | None = None) -> dict:
     """Run every stage of the plan on the current Ray cluster (starting a local one if none); return the
-    run summary. Idempotent: finished stages are skipped, interrupted ones resume."""
+    run summary. Idempotent: finished stages are skipped, interrupted ones resume. `workers` overrides the
+    plan's worker count (an int, or Ray Train's elastic (min, max)); a checkpoint of another world size is
+    re-sharded on restore (trainer/reshard.py)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -98,7 +100,7 @@ def run(p: RunPlan, *, storage_options: dict | None = None, max_failures: int = 
         storage_path, storage_fs = ray_storage(p.urls["run"], opts)
         trainer = TorchTrainer(
             eval_loop if st.name == "eval" else train_loop, train_loop_config=config,
-            scaling_config=ScalingConfig(num_workers=p.spec.gpus, use_gpu=not local),
+            scaling_config=ScalingConfig(num_workers=worker_count(p, workers), use_gpu=not local),
             torch_config=TorchConfig(backend="gloo" if local else "nccl", timeout_s=1800),
             run_config=RunConfig(
                 name=st.name, storage_path=storage_path, storage_filesystem=storage_fs,
@@ -118,6 +120,13 @@ def run(p: RunPlan, *, storage_options: dict | None = None, max_failures: int = 
     write_json(f"{p.urls['run']}/summary.json", result, opts)
     write_report(p.urls["run"], opts)  # report.md / report.json: what a person reads first
     return result
+
+
+def worker_count(p: RunPlan, workers: int | tuple[int, int] | None = None) -> int | tuple[int, int]:
+    """ScalingConfig.num_workers: the plan's GPUs, or (min_gpus, gpus) for an elastic run (Ray Train V2)."""
+    if workers is not None:
+        return workers
+    return (p.spec.min_gpus, p.spec.gpus) if p.spec.min_gpus and p.spec.min_gpus < p.spec.gpus else p.spec.gpus
 
 
 def summarize(p: RunPlan, stages: dict) -> dict:
