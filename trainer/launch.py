@@ -62,11 +62,13 @@ def write_plan(p: RunPlan, opts: dict) -> None:
 
 def run(p: RunPlan, *, storage_options: dict | None = None, max_failures: int = 3,
         metrics_port_base: int | None = None, log_every: int = 10, checkpoint_upload: str = "async",
-        trace: str | None = None, chaos: dict | None = None, workers: int | tuple[int, int] | None = None) -> dict:
+        trace: str | None = None, chaos: dict | None = None, workers: int | tuple[int, int] | None = None,
+        elastic_monitor_s: float = 60.0) -> dict:
     """Run every stage of the plan on the current Ray cluster (starting a local one if none); return the
     run summary. Idempotent: finished stages are skipped, interrupted ones resume. `workers` overrides the
     plan's worker count (an int, or Ray Train's elastic (min, max)); a checkpoint of another world size is
-    re-sharded on restore (trainer/reshard.py)."""
+    re-sharded on restore (trainer/reshard.py); an elastic group checks every `elastic_monitor_s` whether
+    more workers fit, and if so restarts larger from the latest checkpoint."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -100,7 +102,8 @@ def run(p: RunPlan, *, storage_options: dict | None = None, max_failures: int = 
         storage_path, storage_fs = ray_storage(p.urls["run"], opts)
         trainer = TorchTrainer(
             eval_loop if st.name == "eval" else train_loop, train_loop_config=config,
-            scaling_config=ScalingConfig(num_workers=worker_count(p, workers), use_gpu=not local),
+            scaling_config=ScalingConfig(num_workers=worker_count(p, workers), use_gpu=not local,
+                                         elastic_resize_monitor_interval_s=elastic_monitor_s),
             torch_config=TorchConfig(backend="gloo" if local else "nccl", timeout_s=1800),
             run_config=RunConfig(
                 name=st.name, storage_path=storage_path, storage_filesystem=storage_fs,
