@@ -184,8 +184,10 @@ def partition_loader_states(states: list[dict], rank: int, world: int, *, names:
             start = (1, 0, None)
         pool.extend(rule_positions(i, N, len(names), count, start=start, last_epoch=E))
         buffered.extend((shard(n), rg, j) for n, rg, docs in s["buffer"] for j in docs)
-    if len(set(pool)) != len(pool) or len(set(buffered)) != len(buffered):
-        raise DataError("loader states overlap: the same row group or document is claimed by two ranks")
+    # Buffered refs carry no epoch: a small corpus read over several epochs may buffer one document twice (two
+    # epochs' copies), so they are a multiset; row groups in the pool carry their epoch and must be unique.
+    if len(set(pool)) != len(pool):
+        raise DataError("loader states overlap: the same row group of one epoch is claimed by two ranks")
     pool.sort()
     buffered.sort()
     mine = pool[rank::world]
