@@ -242,3 +242,25 @@ def test_reshard_data_state_resumes_exactly_on_the_new_world_size(shards):
     b = PretrainLoader(url, tok, batch_size=2, seq_len=64, rank=0, world_size=1, epochs=1, buffer_size=12, state=mid)
     assert all(torch.equal(x, next(b)[0]) for x in expect)
     a.close(), b.close()
+
+
+def test_reshard_pool_and_buffers_from_hand_written_states():
+    """Two shards of 4 row groups; rank 0 of 2 took rg 0 and 2 of shard a, rank 1 rg 1 of shard a (epoch 1).
+    The pool is every untaken row group of epoch 1; a document buffered twice (two epochs' copies, a small
+    corpus) is kept twice; a row group claimed twice is refused."""
+    def state(rank, after, buffer):
+        return {"kind": "pretrain", "version": 1, "split": "train", "rank": rank, "world_size": 2, "after": after,
+                "buffer": buffer, "batches": 3, "skipped": []}
+
+    old = [state(0, [1, "a", 2], [["a", 2, [0, 1]], ["a", 2, [1]]]), state(1, [1, "a", 1], [["a", 1, [5]]])]
+    new = [reshard.partition_loader_states(old, r, 3, names=["a", "b"], row_groups=lambda s: 4) for r in range(3)]
+    pool = sorted(tuple(x) for n in new for x in n["pending"])
+    assert pool == [(1, "a", 3), (1, "b", 0), (1, "b", 1), (1, "b", 2), (1, "b", 3)]
+    assert all(n["restart_epoch"] == 2 and n["world_size"] == 3 for n in new)
+    docs = sorted((name, rg, j) for n in new for name, rg, js in n["buffer"] for j in js)
+    assert docs == [("a", 1, 5), ("a", 2, 0), ("a", 2, 1), ("a", 2, 1)]
+    from trainer.shards import DataError
+
+    with pytest.raises(DataError, match="claimed by two ranks"):
+        reshard.partition_loader_states([old[0], state(1, [1, "a", 1], []) | {"pending": [[1, "a", 3]]}], 0, 1,
+                                        names=["a", "b"], row_groups=lambda s: 4)
