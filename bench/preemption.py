@@ -42,7 +42,8 @@ def one(root: str, every: int, args) -> dict:
                         "eval_every": args.steps}))
     trace = os.path.join(tempfile.mkdtemp(prefix="preempt-"), "trace.jsonl")
     chaos = {"kill_at_step": args.kill_at, "rank": 1, "marker": trace + ".killed"}
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.shutdown()  # a fresh local cluster per interval (ensure_inputs may have left one connected)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         if args.resize:
             try:

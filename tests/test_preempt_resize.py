@@ -60,10 +60,11 @@ def test_preempt_resume_on_another_world_size_keeps_the_recipe_and_the_loss(base
     with pytest.raises(Exception):  # noqa: B017 - Ray's TrainingFailedError: no restarts were allowed
         run(p, storage_options={}, checkpoint_upload="sync", chaos=chaos, workers=before, max_failures=0)
     assert os.path.exists(chaos["marker"])
+    assert _world_sizes(p.urls["run"]) == {4: before}  # the last whole checkpoint of the lost attempt
     summary = run(p, storage_options={}, checkpoint_upload="sync", workers=after)["stages"]["pretrain"]
     assert summary["status"] == "completed" and summary["steps"] == baseline["steps"] == 30
     assert summary["tokens"] == baseline["tokens"]  # same total batch at either size
     sizes = _world_sizes(p.urls["run"])
-    assert sizes[4] == before and sizes[30] == after, sizes
+    assert 30 in sizes and set(sizes.values()) == {after}, sizes  # the resumed attempt wrote every later one
     assert summary["val_bpb"] == pytest.approx(baseline["val_bpb"], rel=0.05)
     assert summary["train_loss_ema"] == pytest.approx(baseline["train_loss_ema"], rel=0.05)
