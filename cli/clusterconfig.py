@@ -75,6 +75,10 @@ class ClusterConfig:
     s3_region: str | None = None
     s3_secret: str | None = None  # Secret whose keys become env (AWS_ACCESS_KEY_ID, ...); None = ambient (IRSA)
     prices: dict[str, float] = field(default_factory=dict)  # $/GPU-hour by GPU type, over the plan's catalog
+    spot_prices: dict[str, float] = field(default_factory=dict)  # $/GPU-hour on spot by GPU type (trainer/spot.py)
+    spot_provider: str = "gke"  # gke | eks | label: which node label and taint mark spot nodes (cli/rayjob.py)
+    spot_node_selector: dict[str, str] = field(default_factory=dict)  # provider "label": the spot nodes' label
+    spot_tolerations: tuple[dict, ...] = ()  # extra tolerations for spot taints (provider defaults are added)
     queue: str | None = None  # Kueue LocalQueue; the RayJob is created suspended and Kueue admits it
     priority_class: str | None = None
     run_service_account: str | None = None  # head pod's account, allowed to annotate its RayJob with progress
@@ -130,6 +134,13 @@ class ClusterConfig:
                           ("runServiceAccount", self.run_service_account), ("queue", self.queue)):
             if name is not None and not (_DNS1123.fullmatch(name) and len(name) <= 253):
                 bad(key, f"must be a Kubernetes object name (lower-case DNS-1123), got {name!r}")
+        if self.spot_provider not in ("gke", "eks", "label"):
+            bad("spotProvider", f"must be gke, eks or label, got {self.spot_provider!r}")
+        if self.spot_provider == "label" and not self.spot_node_selector:
+            bad("spotNodeSelector", "must name the spot nodes' label when spotProvider is label, e.g. {pool: spot}")
+        for gpu, price in self.spot_prices.items():
+            if not isinstance(price, (int, float)) or isinstance(price, bool) or price < 0:
+                bad(f"spotPrices.{gpu}", f"must be a number of dollars >= 0, got {price!r}")
         for gpu, price in self.prices.items():
             if not isinstance(price, (int, float)) or isinstance(price, bool) or price < 0:
                 bad(f"prices.{gpu}", f"must be a number of dollars >= 0, got {price!r}")
@@ -244,7 +255,8 @@ _KEY_TO_FIELD = {
     "image": "image", "imagePullPolicy": "image_pull_policy", "imagePullSecrets": "image_pull_secrets",
     "rayVersion": "ray_version", "storageRoot": "storage_root",
     "s3.endpoint": "s3_endpoint", "s3.region": "s3_region", "s3.credentialsSecret": "s3_secret",
-    "prices": "prices", "queue": "queue", "priorityClass": "priority_class",
+    "prices": "prices", "spotPrices": "spot_prices", "spotProvider": "spot_provider",
+    "spotNodeSelector": "spot_node_selector", "spotTolerations": "spot_tolerations", "queue": "queue", "priorityClass": "priority_class",
     "runServiceAccount": "run_service_account", "labels": "labels", "env": "env",
     "readOnlyRootFilesystem": "read_only_root_filesystem",
     "head.cpu": "head_cpu", "head.memory": "head_memory", "head.nodeSelector": "head_node_selector",
@@ -274,9 +286,9 @@ def _flatten(d: dict) -> dict[str, Any]:
     return out
 
 
-_LIST_FIELDS = {"image_pull_secrets", "head_tolerations", "gpu_tolerations", "topology_spread", "extra_volumes",
+_LIST_FIELDS = {"image_pull_secrets", "head_tolerations", "gpu_tolerations", "spot_tolerations", "topology_spread", "extra_volumes",
                 "extra_volume_mounts"}
-_MAP_FIELDS = {"prices", "labels", "env", "head_node_selector", "gpu_node_selectors", "worker_extra_resources",
+_MAP_FIELDS = {"prices", "spot_prices", "spot_node_selector", "labels", "env", "head_node_selector", "gpu_node_selectors", "worker_extra_resources",
                "affinity", "pod_annotations"}
 # Keys this llmctl refused on purpose (not merely unknown): the reason names the replacement.
 _REMOVED_KEYS = {
@@ -301,7 +313,7 @@ def _coerce(fname: str, value: Any) -> Any:
     if fname in _MAP_FIELDS:
         if not isinstance(value, dict):
             raise UsageError(f"{key}: must be a mapping, got {value!r}")
-        if fname == "prices":
+        if fname in ("prices", "spot_prices"):
             return {str(k): v for k, v in value.items() if v not in ("", None)}
         if fname == "gpu_node_selectors":
             if not all(isinstance(v, dict) for v in value.values()):
@@ -320,7 +332,8 @@ def _coerce(fname: str, value: Any) -> Any:
     if fname == "read_only_root_filesystem" and not isinstance(value, bool):
         raise UsageError(f"{key}: must be true or false, got {value!r}")
     if fname in ("image", "image_pull_policy", "ray_version", "storage_root", "s3_endpoint", "s3_region",
-                 "s3_secret", "queue", "priority_class", "run_service_account", "gpu_labels", "ray_auth") \
+                 "s3_secret", "queue", "priority_class", "run_service_account", "gpu_labels", "ray_auth",
+                 "spot_provider") \
             and not isinstance(value, str):
         raise UsageError(f"{key}: must be a string, got {value!r}")
     return value

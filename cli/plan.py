@@ -34,6 +34,11 @@ def add_spec_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gpus", type=int, default=1, help="GPUs in total (8 per worker pod)")
     g.add_argument("--gpu-type", default="h100", help=f"one of {', '.join(GPUS)} (default h100)")
     g.add_argument("--price", type=float, help="$ per GPU-hour (default: the GPU type's catalog price)")
+    g.add_argument("--min-gpus", type=int, help="elastic: go on with as few as this many GPUs when pods are lost "
+                   "(same total batch; the checkpoint is re-sharded)")
+    g.add_argument("--spot", action="store_true", help="run on spot/preemptible nodes; shows spot vs on-demand cost")
+    g.add_argument("--preemptions-per-hour", type=float,
+                   help="expected preemptions per node-hour (default: the catalog's prior, trainer/spot.py)")
     g.add_argument("--max-cost", type=float, help="budget cap in $: refuse plans above it; the run stops there")
     g.add_argument("--interconnect-gbs", type=float, metavar="GB/S",
                    help="inter-node all-reduce bus bandwidth per GPU (llmctl doctor --network measures it; "
@@ -51,6 +56,8 @@ def spec_from_args(args: argparse.Namespace, **overrides) -> RunSpec:
         price_per_gpu_hour=args.price, budget_cap=args.max_cost, storage_root=args.storage, name=args.name,
         core_bundle=args.core_bundle, core_max_per_task=args.core_max_per_task,
         interconnect_busbw_gbs=getattr(args, "interconnect_gbs", None),
+        min_gpus=getattr(args, "min_gpus", None), spot=bool(getattr(args, "spot", False)),
+        preemptions_per_hour=getattr(args, "preemptions_per_hour", None),
     )
     fields.update(overrides)
     return RunSpec(**fields)
@@ -72,7 +79,23 @@ def fmt_hours(h: float) -> str:
     return f"{h * 60:.0f} min" if h < 1 else f"{h:.2f} h"
 
 
-def render_table(p: RunPlan) -> str:
+def _capacity_rows(p: RunPlan, spot_price: float | None) -> list[tuple[str, str]]:
+    """Elastic range and spot economics (trainer/reshard.py, trainer/spot.py), when asked for."""
+    s, rows = p.spec, []
+    if s.min_gpus and s.min_gpus < s.gpus:
+        from trainer.reshard import for_world
+
+        low = for_world(p, s.min_gpus)
+        rows.append(("elastic", f"{s.min_gpus}-{s.gpus} GPUs, same {p.total_batch_size:,} tokens/step: at {s.min_gpus} "
+                                f"GPUs {low.device_batch_size} seq x {low.grad_accum} accum"))
+    if s.spot and not GPUS[s.gpu_type].local:
+        from trainer.spot import rows as spot_rows
+
+        rows += spot_rows(p, spot_price=spot_price)
+    return rows
+
+
+def render_table(p: RunPlan, spot_price: float | None = None) -> str:
     a, s, e = p.arch, p.spec, p.estimate
     rows = [
         ("run", p.name),
@@ -108,6 +131,7 @@ def render_table(p: RunPlan) -> str:
         ("cost", f"${e.total_dollars:,.2f} (${e.train_dollars:,.2f} training + ${e.overhead_dollars:,.2f} overheads) "
                  f"at ${e.price_per_gpu_hour:.2f}/GPU-h"),
     ]
+    rows += _capacity_rows(p, spot_price)
     if s.budget_cap is not None:
         rows.append(("budget cap", f"${s.budget_cap:,.2f}: " + ("within" if e.within_budget else "EXCEEDED")))
     rows += [
@@ -167,8 +191,17 @@ def dump(p: RunPlan, fmt: str) -> str:
     return render_table(p)
 
 
+def plan_checked(spec: RunSpec) -> RunPlan:
+    """plan(spec), refusing an elastic range the recipe cannot run at its low end (one line)."""
+    from trainer.reshard import check_elastic
+
+    p = plan(spec)
+    check_elastic(p, spec.min_gpus)
+    return p
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
-    p = plan(spec_from_args(args))
+    p = plan_checked(spec_from_args(args))
     print(dump(p, args.output))
     return 0
 

@@ -256,9 +256,32 @@ def worker_template(plan: RunPlan, cfg: ClusterConfig, gpus_per_pod: int, extra_
     env = _env(plan, cfg, {"TMPDIR": SCRATCH, "RAY_TMPDIR": "/tmp", **extra_env})
     c = _container(CONTAINERS["worker"], cfg, env, resources, ports, "worker")
     selector = cfg.gpu_node_selectors.get(plan.spec.gpu_type, {})
+    tolerations = tuple(cfg.gpu_tolerations)
+    if plan.spec.spot:  # workers only: the head (CPU, on-demand) must outlive a preemption
+        spot_selector, spot_tolerations = spot_placement(cfg)
+        selector, tolerations = {**selector, **spot_selector}, tolerations + spot_tolerations
     return {"metadata": _template_metadata(plan, cfg, "worker"),
-            "spec": _pod_spec(plan, cfg, c, node_selector=selector, tolerations=cfg.gpu_tolerations,
+            "spec": _pod_spec(plan, cfg, c, node_selector=selector, tolerations=tolerations,
                               service_account=cfg.run_service_account, role="worker")}
+
+
+# Spot node labels and taints by provider: GKE labels spot nodes cloud.google.com/gke-spot=true (and node pools
+# created with --spot may be tainted with the same key); EKS managed node groups label capacity type SPOT.
+SPOT_LABELS = {"gke": {"cloud.google.com/gke-spot": "true"}, "eks": {"eks.amazonaws.com/capacityType": "SPOT"}}
+SPOT_TOLERATIONS = {"gke": ({"key": "cloud.google.com/gke-spot", "operator": "Equal", "value": "true",
+                             "effect": "NoSchedule"},), "eks": ()}
+
+
+def spot_placement(cfg: ClusterConfig) -> tuple[dict, tuple]:
+    """(node selector, tolerations) that put workers on the configured provider's spot nodes."""
+    selector = cfg.spot_node_selector if cfg.spot_provider == "label" else SPOT_LABELS[cfg.spot_provider]
+    return dict(selector), SPOT_TOLERATIONS.get(cfg.spot_provider, ()) + tuple(cfg.spot_tolerations)
+
+
+def elastic_replicas(plan: RunPlan, pods: int, per_pod: int) -> tuple[int, int]:
+    """(minReplicas, maxReplicas) of the worker group: the pods `--min-gpus` needs, up to the plan's."""
+    low = plan.spec.min_gpus or plan.spec.gpus
+    return min(pods, max(1, math.ceil(low / per_pod))), pods
 
 
 def submitter_template(plan: RunPlan, cfg: ClusterConfig) -> dict:
@@ -314,17 +337,18 @@ def build_rayjob(plan: RunPlan, cfg: ClusterConfig, *, namespace: str, extra_env
         if cfg.queue:
             labels[QUEUE_LABEL] = cfg.queue
             spec["suspend"] = True  # Kueue un-suspends on admission; shutdownAfterJobFinishes is required
+        low, high = elastic_replicas(plan, pods, per_pod)
         spec.update({
             "shutdownAfterJobFinishes": True,
             "ttlSecondsAfterFinished": cfg.ttl_seconds_after_finished,
             "rayClusterSpec": {
                 "rayVersion": cfg.ray_version,
-                "enableInTreeAutoscaling": False,
+                "enableInTreeAutoscaling": low < high,  # elastic: the autoscaler re-adds lost pods
                 "headGroupSpec": {"rayStartParams": {"num-gpus": "0"},
                                   "template": head_template(plan, cfg, extra_env)},
                 "workerGroupSpecs": [{
                     "groupName": s.gpu_type.replace(".", "-"),
-                    "replicas": pods, "minReplicas": pods, "maxReplicas": pods,
+                    "replicas": pods, "minReplicas": low, "maxReplicas": high,
                     "numOfHosts": 1,
                     "rayStartParams": {},  # KubeRay sets --num-gpus from the nvidia.com/gpu limit
                     "template": worker_template(plan, cfg, per_pod, extra_env),

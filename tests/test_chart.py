@@ -456,7 +456,8 @@ def test_each_value_changes_the_output(helm, chart, default_docs, case):
 
 CONFIG_SAMPLES = {  # a non-default value for every leaf under `config` in values.schema.json
     "rayVersion": "2.61.0", "storageRoot": "gs://b/p", "s3.endpoint": "http://minio:9000", "s3.region": "eu-west-1",
-    "s3.credentialsSecret": "s3creds", "prices": {"h100": 2.25}, "queue": "q", "priorityClass": "pc",
+    "s3.credentialsSecret": "s3creds", "prices": {"h100": 2.25}, "spotPrices": {"h100": 1.5}, "spotProvider": "eks",
+    "spotNodeSelector": {"pool": "spot"}, "spotTolerations": [{"key": "spot", "operator": "Exists"}], "queue": "q", "priorityClass": "pc",
     "labels": {"team": "a"}, "env": {"NCCL_IB_HCA": "mlx5"}, "readOnlyRootFilesystem": False, "head.cpu": "4",
     "head.memory": "16Gi", "head.nodeSelector": {"pool": "cpu"},
     "head.tolerations": [{"key": "k", "operator": "Exists"}], "workers.gpusPerNode": 4, "workers.cpuPerGpu": 10,

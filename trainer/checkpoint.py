@@ -123,18 +123,35 @@ def restore(path: str, *, model, optimizer, rank: int, world_size: int) -> tuple
     import torch
 
     meta = verify(path)
-    if meta.world_size != world_size:
-        raise CheckpointError(
-            f"checkpoint {path} was written by {meta.world_size} ranks and this run has {world_size}; "
-            "optimizer shards are per rank (re-sharding to a new world size is not supported yet)")
     device = next(model.parameters()).device
     state = torch.load(os.path.join(path, MODEL_FILE), map_location=device, weights_only=True)
     getattr(model, "_orig_mod", model).load_state_dict(state, strict=True)
+    if meta.world_size != world_size:  # another world size: every rank reads every shard (trainer/reshard.py)
+        return meta, _restore_resharded(path, meta, optimizer=optimizer, rank=rank, world_size=world_size, device=device)
     optimizer.load_state_dict(torch.load(os.path.join(path, optim_file(rank)), map_location=device,
                                          weights_only=True))
     with open(os.path.join(path, loader_file(rank))) as f:
         loader_state = json.load(f)
     return meta, loader_state
+
+
+def _restore_resharded(path: str, meta: Meta, *, optimizer, rank: int, world_size: int, device) -> dict:
+    import torch
+
+    from trainer import reshard
+
+    old = [torch.load(os.path.join(path, optim_file(r)), map_location=device, weights_only=True)
+           for r in range(meta.world_size)]
+    try:
+        optimizer.load_state_dict(reshard.reshard_optimizer(old, optimizer))
+    except (ValueError, KeyError, AttributeError) as e:
+        raise CheckpointError(f"checkpoint {path} was written by {meta.world_size} ranks and this run has "
+                              f"{world_size}; its optimizer state cannot be re-sharded: {e}") from None
+    states = []
+    for r in range(meta.world_size):
+        with open(os.path.join(path, loader_file(r))) as f:
+            states.append(json.load(f))
+    return reshard.reshard_request(states, rank, world_size)
 
 
 def load_model_state(url: str, *, storage_options: dict | None = None, device="cpu") -> tuple[dict, Meta]:

@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import bisect
+import itertools
 import logging
 import math
 import os
@@ -103,8 +104,9 @@ class _Reader:
         self.skipped: list[list] = []
         self.thread: threading.Thread | None = None
 
-    def start(self, after) -> None:
-        self.thread = threading.Thread(target=self._produce, args=(after,), daemon=True, name=f"loader-{self.where}")
+    def start(self, after, pending=(), restart_epoch=None) -> None:
+        self.thread = threading.Thread(target=self._produce, args=(after, list(pending), restart_epoch), daemon=True,
+                                       name=f"loader-{self.where}")
         self.thread.start()
 
     def shutdown(self) -> None:
@@ -152,9 +154,10 @@ class _Reader:
                 continue
         return False
 
-    def _produce(self, after) -> None:
-        try:
-            positions = self.positions(after)
+    def _produce(self, after, pending, restart_epoch) -> None:
+        try:  # after a re-shard (trainer/reshard.py): the pooled row groups first, then the rule from restart_epoch
+            rule = self.positions((restart_epoch, 0, None) if restart_epoch else after)
+            positions = itertools.chain(pending, rule)
             pending: deque = deque()
             while not self.stop.is_set():
                 while len(pending) < self.prefetch:
@@ -224,6 +227,9 @@ class PretrainLoader:
         self._after: tuple[int, int, int] | None = None  # (epoch, shard, row group) last taken into the buffer
         self._exhausted = False
         self._started = False
+        self._pending: list[tuple[int, int, int]] = []  # re-shard pool still to take (trainer/reshard.py)
+        self._restart_epoch: int | None = None
+        self.audit: list | None = None  # set to [] to record (shard, row group, index) of every packed document
         self.batches = 0
         self.stats = {"docs": 0, "tokens": 0, "cropped_tokens": 0, "row_groups": 0, "skipped": self._reader.skipped}
         import torch
@@ -247,11 +253,19 @@ class PretrainLoader:
             else:
                 runs.append([self._names[s], rg, [j]])
         after = None if self._after is None else [self._after[0], self._names[self._after[1]], self._after[2]]
-        return {"kind": "pretrain", "version": 1, "split": self.split, "rank": self.rank,
-                "world_size": self.world_size, "after": after, "buffer": runs, "batches": self.batches,
-                "skipped": list(self.stats["skipped"])}
+        state = {"kind": "pretrain", "version": 1, "split": self.split, "rank": self.rank,
+                 "world_size": self.world_size, "after": after, "buffer": runs, "batches": self.batches,
+                 "skipped": list(self.stats["skipped"])}
+        if self._restart_epoch is not None:  # resumed on another world size and not yet back on the rule
+            state.update(pending=[[e, self._names[s], rg] for e, s, rg in self._pending], restart_epoch=self._restart_epoch)
+        return state
 
     def _restore(self, state: dict) -> None:
+        from trainer import reshard
+
+        if state.get("kind") == reshard.LOADER_RESHARD:  # written by another world size: take this rank's share
+            state = reshard.partition_loader_states(state["states"], self.rank, self.world_size, names=self._names,
+                                                    row_groups=self._reader.shards.num_row_groups, epochs=self.epochs)
         if state.get("kind") != "pretrain" or state.get("version") != 1:
             raise DataError(f"not a pretraining loader state (kind={state.get('kind')!r}, version={state.get('version')!r})")
         for key in ("split", "rank", "world_size"):
@@ -267,6 +281,8 @@ class PretrainLoader:
         if state["after"] is not None:
             epoch, name, rg = state["after"]
             self._after = (epoch, shard(name), rg)
+        self._pending = [(e, shard(name), rg) for e, name, rg in state.get("pending", [])]
+        self._restart_epoch = state.get("restart_epoch")
         wanted = [(shard(name), rg, docs) for name, rg, docs in state["buffer"]]
         groups = list(dict.fromkeys((s, rg) for s, rg, _ in wanted))
         reader = self._reader
@@ -280,7 +296,7 @@ class PretrainLoader:
 
     def _take_row_group(self) -> None:
         if not self._started:
-            self._reader.start(self._after)
+            self._reader.start(self._after, self._pending, self._restart_epoch)
             self._started = True
         item = self._reader.queue.get()
         if item is _END:
@@ -291,6 +307,10 @@ class PretrainLoader:
             raise item
         (epoch, s, rg), arrays = item
         self._after = (epoch, s, rg)
+        if self._pending:
+            self._pending.pop(0)  # taken in order from the front of the pool
+        elif self._restart_epoch is not None and epoch >= self._restart_epoch:
+            self._restart_epoch = None  # back on the ordinary rule: `after` says it all again
         for j, a in enumerate(arrays or ()):
             self._buffer.add(a, (s, rg, j))
         self.stats["row_groups"] += 1
@@ -328,6 +348,8 @@ class PretrainLoader:
                 self._buffer.put_back(item)
             raise
         self.batches += 1
+        if self.audit is not None:
+            self.audit.extend((self._names[s], rg, j) for _, _, (s, rg, j) in taken)
         self.stats["docs"] += len(taken)
         self.stats["cropped_tokens"] += cropped
         self.stats["tokens"] += self.B * self.T

@@ -134,9 +134,13 @@ def run(p: RunPlan, *, storage_options: dict | None = None, **kw) -> dict:
 def _run_stages(p: RunPlan, *, storage_options: dict | None = None, max_failures: int = 3,
                 metrics_port_base: int | None = None, log_every: int = 10, checkpoint_upload: str = "async",
                 trace: str | None = None, chaos: dict | None = None, earlier_attempts_seconds: float = 0.0,
-                progress_file: str | None = None, quiet: bool = False) -> dict:
+                progress_file: str | None = None, quiet: bool = False, workers: int | tuple[int, int] | None = None,
+                elastic_monitor_s: float = 60.0) -> dict:
     """`run`'s body: the stages in order, each one Ray Train fit. `progress_file`: a local path the workers
-    append progress to (trainer/progress.py); `quiet`: print nothing of our own either."""
+    append progress to (trainer/progress.py); `quiet`: print nothing of our own either. `workers` overrides the
+    plan's worker count (an int, or Ray Train's elastic (min, max)); a checkpoint of another world size is
+    re-sharded on restore (trainer/reshard.py); an elastic group checks every `elastic_monitor_s` whether
+    more workers fit, and if so restarts larger from the latest checkpoint."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -173,7 +177,8 @@ def _run_stages(p: RunPlan, *, storage_options: dict | None = None, max_failures
         storage_path, storage_fs = ray_storage(p.urls["run"], opts)
         trainer = TorchTrainer(
             eval_loop if st.name == "eval" else train_loop, train_loop_config=config,
-            scaling_config=ScalingConfig(num_workers=p.spec.gpus, use_gpu=not local),
+            scaling_config=ScalingConfig(num_workers=worker_count(p, workers), use_gpu=not local,
+                                         elastic_resize_monitor_interval_s=elastic_monitor_s),
             torch_config=TorchConfig(backend="gloo" if local else "nccl", timeout_s=COLLECTIVE_TIMEOUT_S),
             run_config=RunConfig(
                 name=st.name, storage_path=storage_path, storage_filesystem=storage_fs,
@@ -194,6 +199,13 @@ def _run_stages(p: RunPlan, *, storage_options: dict | None = None, max_failures
     write_json(f"{p.urls['run']}/summary.json", result, opts)
     write_report(p.urls["run"], opts)  # report.md / report.json: what a person reads first
     return result
+
+
+def worker_count(p: RunPlan, workers: int | tuple[int, int] | None = None) -> int | tuple[int, int]:
+    """ScalingConfig.num_workers: the plan's GPUs, or (min_gpus, gpus) for an elastic run (Ray Train V2)."""
+    if workers is not None:
+        return workers
+    return (p.spec.min_gpus, p.spec.gpus) if p.spec.min_gpus and p.spec.min_gpus < p.spec.gpus else p.spec.gpus
 
 
 def summarize(p: RunPlan, stages: dict) -> dict:

@@ -25,6 +25,7 @@ import torch.distributed as dist
 import ray.train
 from trainer import checkpoint, preempt
 from trainer.progress import ProgressFile
+from trainer.reshard import for_world
 from trainer.plan import RunPlan, StagePlan, lr_multiplier, muon_momentum, muon_weight_decay
 from trainer.worker import (Loader, StageConfig, Worker, agree, make_loader, say, stage_summary, start_metrics,
                             worker_context, write_stage_summary)
@@ -86,9 +87,9 @@ def set_up(cfg: StageConfig) -> Stage:
     from trainer.optim import build_optimizer
     from trainer.tokenizer import Tokenizer
 
-    plan = RunPlan.from_json(cfg.plan)
-    stage = plan.stage(cfg.stage)
     w = worker_context()
+    plan = for_world(RunPlan.from_json(cfg.plan), w.world)  # elastic: same total batch, accumulation re-cut
+    stage = plan.stage(cfg.stage)
     torch.manual_seed(plan.spec.seed)
     model = build_model(plan.arch, w.device, fp8=plan.spec.precision == "fp8")
     optimizer = build_optimizer(model, plan.optim, world_size=w.world, rank=w.rank)

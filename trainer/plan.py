@@ -30,7 +30,7 @@ from trainer.recipe import (ASPECT_RATIO, HEAD_DIM, VOCAB_SIZE, VOCAB_PAD, SEQ_L
                             SFT_MOMENTUM, SFT_MOMENTUM_WARMUP_STEPS)
 # Also importable from here, for callers that know only the plan (plain imports, no re-export machinery):
 from trainer.recipe import SMEAR_GATE_CHANNELS, STAGES, VE_GATE_CHANNELS  # noqa: F401
-from trainer.spec import PlanError, RunSpec
+from trainer.spec import ELASTIC_FIELDS, PlanError, RunSpec
 
 SCHEMA = "llmctl.runplan/v1"
 
@@ -310,8 +310,8 @@ def _run_name(spec: RunSpec) -> str:
     if spec.name:
         return spec.name
     d = spec.to_dict()
-    for k in ("name", "namespace", "image", "queue", "price_per_gpu_hour", "budget_cap"):
-        d.pop(k)  # do not change what is trained
+    for k in ("name", "namespace", "image", "queue", "price_per_gpu_hour", "budget_cap", *ELASTIC_FIELDS):
+        d.pop(k, None)  # do not change what is trained
     import hashlib  # here: ~8 ms the CLI's start-up need not pay
 
     digest = hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]

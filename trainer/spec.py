@@ -20,6 +20,11 @@ class PlanError(ValueError):
 
 
 
+# Capacity and fabric, not what is trained: left out of the run name (a retry on other capacity resumes the same
+# run) and out of the stored spec when unset (plans stored before them still load).
+ELASTIC_FIELDS = {"min_gpus": None, "spot": False, "preemptions_per_hour": None, "interconnect_busbw_gbs": None}
+
+
 @dataclass(frozen=True)
 class RunSpec:
     """What the user asked for. Everything else is derived by `plan()`."""
@@ -40,6 +45,9 @@ class RunSpec:
     sft_tokens: int = SFT_TOKENS
     price_per_gpu_hour: float | None = None  # None = the catalog's default for gpu_type
     budget_cap: float | None = None  # dollars; the run stops cleanly with a checkpoint when reached
+    min_gpus: int | None = None  # elastic: the run goes on with as few as this many GPUs (trainer/reshard.py)
+    spot: bool = False  # spot/preemptible capacity: spot price, spot node selector (trainer/spot.py)
+    preemptions_per_hour: float | None = None  # per node; None = the catalog's prior (trainer/spot.py)
     storage_root: str = DEFAULT_STORAGE
     dataset: str = "climbmix"
     sft_dataset: str = "smoltalk"  # conversations under <root>/data/ (llmctl data prepare)
@@ -99,6 +107,11 @@ class RunSpec:
         if self.interconnect_busbw_gbs is not None and not (
                 isinstance(self.interconnect_busbw_gbs, (int, float)) and self.interconnect_busbw_gbs > 0):
             bad("interconnect_busbw_gbs", f"must be a positive number of GB/s, got {self.interconnect_busbw_gbs!r}")
+        if self.min_gpus is not None and (not isinstance(self.min_gpus, int) or not 1 <= self.min_gpus <= self.gpus):
+            bad("min_gpus", f"must be an integer from 1 to --gpus ({self.gpus}), got {self.min_gpus!r}")
+        if self.preemptions_per_hour is not None and not (isinstance(self.preemptions_per_hour, (int, float))
+                                                          and 0 < self.preemptions_per_hour < 1000):
+            bad("preemptions_per_hour", f"must be a positive rate, got {self.preemptions_per_hour!r}")
         if self.sft_tokens < 1:
             bad("sft_tokens", f"must be positive, got {self.sft_tokens}")
         if len(self.namespace) > 63:
@@ -112,6 +125,9 @@ class RunSpec:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["stages"] = list(self.stages)
+        for k, default in ELASTIC_FIELDS.items():  # absent when unset: plans stored before them still load
+            if d[k] == default:
+                del d[k]
         return d
 
     @classmethod

@@ -1,0 +1,266 @@
+"""trainer/reshard.py: a checkpoint of N ranks restored on M ranks, M != N both ways, with the same recipe.
+
+Checks: the recipe re-cut for a new world size keeps the total batch (bad sizes refused in one line);
+the optimizer shards re-cut 2 -> 1 and 1 -> 2 continue training exactly like an uninterrupted run (real gloo
+ranks, tolerance 1e-6); the data stream re-cut 2 -> 1, 1 -> 2, 3 -> 2 and 2 -> 1 -> 2 packs every document
+of the epoch exactly once (a document-level audit over the real PretrainLoader on real parquet shards).
+CPU only.
+
+Run: .venv/bin/pytest tests/test_reshard.py
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from trainer import checkpoint, reshard
+from trainer.corpus import iter_python_docs
+from trainer.data import PretrainLoader
+from trainer.model import build_model
+from trainer.optim import build_optimizer
+from trainer.plan import PlanError, RunSpec, plan
+from trainer.shards import ShardReader, list_shards, write_shards
+from trainer.tokenizer import Tokenizer
+
+# --------------------------------------------------------------------------------------------- the recipe
+
+
+def test_reshard_keeps_the_total_batch_and_recuts_accumulation():
+    p = plan(RunSpec(depth=26, gpus=16, min_gpus=8, spot=True))
+    for world in (1, 2, 4, 8, 32):
+        q = reshard.for_world(p, world)
+        for s in q.stages:
+            if s.name != "eval":
+                assert q.device_batch_size * q.arch.seq_len * world * s.grad_accum == p.total_batch_size
+        assert [s.lr_frac for s in q.stages] == [s.lr_frac for s in p.stages]
+        assert [(s.steps, s.warmup_steps, s.warmdown_steps, s.momentum) for s in q.stages] == \
+               [(s.steps, s.warmup_steps, s.warmdown_steps, s.momentum) for s in p.stages]
+        assert q.optim == p.optim
+    assert reshard.for_world(p, 16) is p
+    assert plan(RunSpec(depth=26, gpus=16)).name == p.name  # capacity flags do not change what is trained
+
+
+def test_reshard_refuses_bad_combinations_in_one_line():
+    with pytest.raises(PlanError, match=r"^min_gpus: must be an integer from 1 to --gpus \(8\), got 16$"):
+        RunSpec(depth=12, gpus=8, min_gpus=16)
+    p = plan(RunSpec(depth=26, gpus=16))
+    with pytest.raises(PlanError, match="cannot be shared evenly by 3 GPUs") as e:
+        reshard.check_elastic(p, 3)
+    assert "\n" not in str(e.value)
+    with pytest.raises(PlanError, match="cannot be shared evenly by 3 GPUs"):
+        reshard.for_world(p, 3)
+
+
+# --------------------------------------------------------------------------------------------- the optimizer
+
+SPEC = dict(depth=2, vocab_size=512, seq_len=64, head_dim=32)
+BATCH, STEPS, SPLIT = 4, 4, 2  # 4 rows per step (device batch 2: 1 rank x 2 accum or 2 ranks x 1), 4 steps, resize after 2
+
+
+def _batches():
+    g = torch.Generator().manual_seed(7)
+    return [torch.randint(0, 512, (BATCH, 65), generator=g) for _ in range(STEPS)]
+
+
+def _train(world: int, rank: int, steps: range, ckpt: str | None = None, save: str | None = None) -> dict:
+    """Steps `steps` on this rank's rows (accumulation fills the total batch of 4 rows); restore from `ckpt`
+    first (any world size), save to `save` after."""
+    p = reshard.for_world(plan(RunSpec(gpus=1, device_batch_size=2, total_batch_size=BATCH * 64, **SPEC)), world)
+    torch.manual_seed(0)
+    model = build_model(p.arch, "cpu")
+    opt = build_optimizer(model, p.optim, world_size=world, rank=rank)
+    if ckpt:
+        checkpoint.restore(ckpt, model=model, optimizer=opt, rank=rank, world_size=world)
+    per = BATCH // world
+    accum = p.grad_accum
+    assert p.device_batch_size * accum == per
+    batches = _batches()
+    for step in steps:
+        rows = batches[step][rank * per:(rank + 1) * per]
+        for a in range(accum):
+            sub = rows[a * per // accum:(a + 1) * per // accum]
+            (model(sub[:, :-1], sub[:, 1:]) / accum).backward()
+        for g in opt.param_groups:
+            if "momentum" in g:
+                g["momentum"] = 0.9
+        opt.step()
+        model.zero_grad(set_to_none=True)
+    if save:
+        state = {"kind": "pretrain", "version": 1, "split": "train", "rank": rank, "world_size": world,
+                 "after": None, "buffer": [], "batches": 0, "skipped": []}
+        checkpoint.save(save, model=model, optimizer=opt, loader_state=state, rank=rank, world_size=world,
+                        step=steps.stop, stage="pretrain", run="r", loop_state={})
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _rank_main(rank: int, world: int, port: int, job: tuple) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        steps, ckpt, save, out = job
+        params = _train(world, rank, range(*steps), ckpt, save)
+        if out:
+            torch.save(params, f"{out}.rank{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _close(a: dict, b: dict) -> None:
+    for name, value in a.items():
+        diff = (value - b[name]).abs().max().item()
+        assert diff <= 1e-6, (name, diff)
+
+
+def test_reshard_optimizer_2_to_1_and_1_to_2_continue_like_an_uninterrupted_run(tmp_path):
+    """Tolerance 1e-6 (absolute, every parameter): a W=2 gloo average equals 2x accumulation bit for bit
+    (tests/test_optim.py), so a misplaced moment or Muon buffer shows at once."""
+    straight = _train(1, 0, range(STEPS))
+    two = str(tmp_path / "two")
+    mp.spawn(_rank_main, args=(2, _port(), ((0, SPLIT), None, two, None)), nprocs=2, join=True)
+    _close(_train(1, 0, range(SPLIT, STEPS), ckpt=two), straight)  # 2 -> 1
+
+    one = str(tmp_path / "one")
+    _train(1, 0, range(SPLIT), save=one)
+    out = str(tmp_path / "params")
+    mp.spawn(_rank_main, args=(2, _port(), ((SPLIT, STEPS), one, None, out)), nprocs=2, join=True)
+    for r in range(2):  # 1 -> 2
+        _close(torch.load(f"{out}.rank{r}", weights_only=True), straight)
+
+
+def test_reshard_optimizer_round_trip_through_four_ranks_is_exact():
+    p = plan(RunSpec(gpus=1, device_batch_size=1, total_batch_size=BATCH * 64, **SPEC))
+    torch.manual_seed(0)
+    model = build_model(p.arch, "cpu")
+    opt = build_optimizer(model, p.optim)
+    for x in _batches()[:2]:
+        model(x[:, :-1], x[:, 1:]).backward()
+        opt.step()
+        model.zero_grad(set_to_none=True)
+    sd = opt.state_dict()
+
+    class As:  # what reshard_optimizer reads of an optimizer: its groups, world size and rank
+        def __init__(self, world, rank):
+            self.param_groups, self.world_size, self.rank = opt.param_groups, world, rank
+
+    four = [reshard.reshard_optimizer([sd], As(4, r)) for r in range(4)]
+    assert sum(len(s["state"]) for s in four) > len(sd["state"])  # small AdamW entries replicated on each
+    back = reshard.reshard_optimizer(four, As(1, 0))
+    assert back["sharding"] == sd["sharding"] and sorted(back["state"]) == sorted(sd["state"])
+    for k, entry in sd["state"].items():
+        for name, value in entry.items():
+            assert torch.equal(torch.as_tensor(back["state"][k][name]), torch.as_tensor(value)), (k, name)
+    with pytest.raises(ValueError, match="saved for"):
+        reshard.reshard_optimizer([four[1], four[0], four[2], four[3]], As(1, 0))
+
+
+# --------------------------------------------------------------------------------------------- the data
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """~360 real documents in 2 train shards + 1 val shard, row groups of 8 (so ranks race through them)."""
+    texts = [f"[{i:04d}] {t[:900]}" for i, t in enumerate(itertools.islice(iter_python_docs(include_site_packages=False), 360))]
+    url = f"file://{tmp_path_factory.mktemp('shards')}"
+    write_shards(texts, url, shard_chars=110_000, row_group_size=8)
+    tok = Tokenizer.train(texts, 300)
+    return url, tok
+
+
+def _all_docs(url: str) -> list[tuple]:
+    urls = list_shards(url)[:-1]
+    r = ShardReader(urls, None, 1, 0.0, None)
+    names = [os.path.basename(u) for u in urls]
+    return [(names[s], rg, j) for s in range(len(urls)) for rg in range(r.num_row_groups(s))
+            for j in range(len(r.read_row_group(s, rg)))]
+
+
+def _loaders(url, tok, world, states=None):
+    out = []
+    for rank in range(world):
+        ld = PretrainLoader(url, tok, batch_size=2, seq_len=64, rank=rank, world_size=world, epochs=1,
+                            buffer_size=12, state=None if states is None else reshard.reshard_request(states, rank, world)
+                            if states[0]["world_size"] != world else states[rank])
+        ld.audit = []
+        out.append(ld)
+    return out
+
+
+def _run(loaders, batches: int | None) -> list:
+    """Every loader takes `batches` batches (None: until the epoch runs out); their states."""
+    for ld in loaders:
+        for _ in itertools.count() if batches is None else range(batches):
+            try:
+                next(ld)
+            except StopIteration:
+                break
+    return [ld.state_dict() for ld in loaders]
+
+
+@pytest.mark.parametrize("worlds", [(2, 1), (1, 2), (3, 2), (2, 1, 2)])
+def test_reshard_data_packs_every_document_exactly_once(shards, worlds):
+    url, tok = shards
+    every = _all_docs(url)
+    seen: list = []
+    states = None
+    for i, world in enumerate(worlds):
+        loaders = _loaders(url, tok, world, states)
+        last = i == len(worlds) - 1
+        states = _run(loaders, None if last else 5 + 2 * i)
+        for ld in loaders:
+            seen.extend(ld.audit)
+            ld.close()
+    left = [(n, rg, j) for s in states for n, rg, docs in s["buffer"] for j in docs]  # partial last batches
+    counts = collections.Counter(seen + left)
+    assert [d for d, c in counts.items() if c > 1] == []  # none repeated
+    assert sorted(counts) == sorted(every)  # none skipped
+    assert len(seen) > 0.8 * len(every)
+
+
+def test_reshard_data_state_resumes_exactly_on_the_new_world_size(shards):
+    """After a re-shard, a rank's own state (pool still pending) restores to exactly the same next batches."""
+    url, tok = shards
+    states = _run(_loaders(url, tok, 2), 3)
+    a, = _loaders(url, tok, 1, states)
+    for _ in range(2):
+        next(a)
+    mid = a.state_dict()
+    assert mid["pending"] and mid["restart_epoch"] == 2
+    expect = [next(a)[0] for _ in range(3)]
+    b = PretrainLoader(url, tok, batch_size=2, seq_len=64, rank=0, world_size=1, epochs=1, buffer_size=12, state=mid)
+    assert all(torch.equal(x, next(b)[0]) for x in expect)
+    a.close(), b.close()
+
+
+def test_reshard_pool_and_buffers_from_hand_written_states():
+    """Two shards of 4 row groups; rank 0 of 2 took rg 0 and 2 of shard a, rank 1 rg 1 of shard a (epoch 1).
+    The pool is every untaken row group of epoch 1; a document buffered twice (two epochs' copies, a small
+    corpus) is kept twice; a row group claimed twice is refused."""
+    def state(rank, after, buffer):
+        return {"kind": "pretrain", "version": 1, "split": "train", "rank": rank, "world_size": 2, "after": after,
+                "buffer": buffer, "batches": 3, "skipped": []}
+
+    old = [state(0, [1, "a", 2], [["a", 2, [0, 1]], ["a", 2, [1]]]), state(1, [1, "a", 1], [["a", 1, [5]]])]
+    new = [reshard.partition_loader_states(old, r, 3, names=["a", "b"], row_groups=lambda s: 4) for r in range(3)]
+    pool = sorted(tuple(x) for n in new for x in n["pending"])
+    assert pool == [(1, "a", 3), (1, "b", 0), (1, "b", 1), (1, "b", 2), (1, "b", 3)]
+    assert all(n["restart_epoch"] == 2 and n["world_size"] == 3 for n in new)
+    docs = sorted((name, rg, j) for n in new for name, rg, js in n["buffer"] for j in js)
+    assert docs == [("a", 1, 5), ("a", 2, 0), ("a", 2, 1), ("a", 2, 1)]
+    from trainer.shards import DataError
+
+    with pytest.raises(DataError, match="claimed by two ranks"):
+        reshard.partition_loader_states([old[0], state(1, [1, "a", 1], []) | {"pending": [[1, "a", 3]]}], 0, 1,
+                                        names=["a", "b"], row_groups=lambda s: 4)
