@@ -141,11 +141,11 @@ class ClusterConfig:
         for k, v in self.env.items():
             if not _ENV_NAME.fullmatch(k):
                 bad(f"env.{k}", "is not a valid environment variable name")
+            if secret_name(k):
+                bad(f"env.{k}", f"looks like a credential by its name; {HOW}")
             if k in RESERVED_ENV or k.startswith(RESERVED_ENV_PREFIXES):
                 bad(f"env.{k}", "llmctl sets it (or it decides what code runs), so it cannot be replaced; reserved: "
                                 f"{', '.join(RESERVED_ENV)}, {', '.join(p + '*' for p in RESERVED_ENV_PREFIXES)}")
-            if secret_name(k):
-                bad(f"env.{k}", f"looks like a credential by its name; {HOW}")
             if not isinstance(v, str):
                 bad(f"env.{k}", f"must be a string, got {v!r}")
             if what := find_credential(v):

@@ -533,3 +533,195 @@ def test_security_doc_exists_and_says_the_run_account_needs_no_rayjob_write():
     for part in ("Threat model", "untrusted submitter", "malicious file", "compromised pod", "operator"):
         assert part.lower() in text.lower(), part
     assert "RayJob" in text and "no write" in text.lower()
+
+
+@pytest.mark.parametrize("value, message", [
+    ("config.env.WANDB_API_KEY=x", "looks like a credential"),
+    ("config.env.LLMCTL_RUN=x", "is set by llmctl"),
+    ("config.env.NCCL_NOTE=AKIAIOSFODNN7EXAMPLE", "its value looks like a credential"),
+    ("config.storageRoot=https://user:pw@host/x", "user:password"),
+    ("config.s3.endpoint=http://user:pw@minio:9000", "user:password"),
+    ("config.storageRoot=memory://x", "shared storage"),
+    ("config.storageRoot=FILE:///x", "shared storage"),
+])
+def test_chart_values_follow_the_same_rules(value, message):
+    from tests.tools import ensure_helm
+
+    res = subprocess.run([str(ensure_helm()), "template", "r", str(ROOT / "charts" / "llmctl"), "-n", "team",
+                          "--set", value], capture_output=True, text=True)
+    assert res.returncode != 0 and message in res.stderr and "pw@" not in res.stderr, res.stderr
+
+
+# ------------------------------------------------------------------ fuzz (hypothesis): the parser and the readers
+# Generated argument lists for `plan` and `submit --dry-run` in-process (exit 0 or 2, one line, strict JSON), and
+# generated plan.json, tokenizer and checkpoint files read by the real readers in a child process whose address
+# space is capped at READER_MEMORY: a reader that tried to allocate for a bomb fails there with MemoryError, and
+# any exception other than the reader's own error type is a traceback that fails the test.
+
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+READER_MEMORY = 3 << 30  # torch + pyarrow + tiktoken import in ~1 GiB of address space; a bomb needs far more
+_NUM = st.one_of(st.integers(-2, 2**70).map(str), st.sampled_from(["1e300", "nan", "inf", "-inf", "-0", "1e-320",
+                                                                    "0x10", "", " 3", "1_000"]),
+                 st.floats(allow_nan=True, allow_infinity=True).map(repr))
+_TEXT = st.one_of(st.text(max_size=30), st.sampled_from([
+    "s3://b/x", "file:///tmp/x", "https://u:p@h/x", "memory://x", "FILE:///x", "../../x", ESC, "AKIAIOSFODNN7EXAMPLE",
+    "pretrain,sft,eval", "eval", "sft,pretrain", "h100", "cpu", "NCCL_DEBUG=INFO", "HOME=/", "A=B=C", "="]))
+_FLAGS = {"--depth": _NUM, "--ratio": _NUM, "--gpus": _NUM, "--seq-len": _NUM, "--num-iterations": _NUM,
+          "--device-batch-size": _NUM, "--total-batch-size": _NUM, "--price": _NUM, "--max-cost": _NUM,
+          "--core-max-per-task": _NUM, "--stages": _TEXT, "--gpu-type": _TEXT, "--storage": _TEXT,
+          "--core-bundle": _TEXT, "--name": _TEXT, "--precision": _TEXT, "--env": _TEXT, "--image": _TEXT,
+          "--queue": _TEXT}
+
+
+@st.composite
+def _argv(draw):
+    cmd = draw(st.sampled_from(["plan", "submit"]))
+    argv = [cmd, "--depth", draw(st.sampled_from(["4", "12", "20", "64"]))]
+    for flag in draw(st.lists(st.sampled_from(sorted(_FLAGS)), max_size=5)):
+        argv += [flag, draw(_FLAGS[flag])]
+    argv += ["-o", "json"] + (["--dry-run"] if cmd == "submit" else [])
+    return argv
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                 HealthCheck.too_slow])
+@given(argv=_argv())
+def test_fuzz_the_argument_parser(argv, tmp_path):
+    import contextlib
+    import io
+    import os
+
+    os.environ["KUBECONFIG"] = str(tmp_path / "absent")  # (the autouse fixture's value, kept per example)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(argv)
+    assert rc in (0, 2), (argv, rc, err.getvalue())
+    if rc == 2:
+        assert err.getvalue().count("\n") == 1 and "Traceback" not in err.getvalue(), (argv, err.getvalue())
+        _no_controls(err.getvalue())
+    else:
+        json.loads(out.getvalue(), parse_constant=lambda c: pytest.fail(f"{c} in -o json for {argv}"))
+
+
+def test_fuzz_the_readers_with_bounded_memory():
+    import resource
+
+    def cap():
+        resource.setrlimit(resource.RLIMIT_AS, (READER_MEMORY, READER_MEMORY))
+
+    r = subprocess.run([sys.executable, "-c", "from tests.test_hostile import fuzz_readers; fuzz_readers()"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=900, preexec_fn=cap)
+    assert r.returncode == 0 and "readers fuzzed" in r.stdout, r.stdout[-3000:] + r.stderr[-6000:]
+
+
+_JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**64, 2**64) | st.floats() | st.text(max_size=20)
+                     | st.sampled_from(["../../x", "file:///etc", ESC, "s3://other/tokenizers/t"]),
+                     lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
+                     max_leaves=8)
+
+
+def _mutate(doc, path: tuple, value):
+    node = doc
+    for k in path[:-1]:
+        node = node[k] if isinstance(node, dict) and k in node else None
+        if node is None:
+            return doc
+    if isinstance(node, dict):
+        node[path[-1]] = value
+    return doc
+
+
+def fuzz_readers() -> None:  # runs in the capped child process (test_fuzz_the_readers_with_bounded_memory)
+    import io
+    import os
+    import tempfile
+    import contextlib
+
+    import torch
+
+    from trainer import checkpoint, stored
+    from trainer.plan import PlanError, RunPlan
+    from trainer.tokenizer import BYTES_FILE, META_FILE, RANKS_FILE, Tokenizer, TokenizerError
+
+    base = tempfile.mkdtemp()
+    good = _plan_doc(Path(base) / "root", "fz")
+    plan_paths = [("arch", k) for k in good["arch"]] + [("spec", k) for k in good["spec"]] + [
+        ("stages",), ("urls", "tokenizer"), ("name",), ("schema",), ("estimate", "mfu_source"), ("stages", 0)]
+
+    @settings(max_examples=50, deadline=None, database=None)
+    @given(path=st.sampled_from(plan_paths), value=_JSON)
+    def plan_reader(path, value):
+        doc = json.loads(json.dumps(good))
+        if path == ("stages", 0):
+            doc["stages"][0] = value
+        else:
+            _mutate(doc, path, value)
+        text = json.dumps(doc)
+        with contextlib.suppress(PlanError):
+            RunPlan.from_json(text)
+        for check in (stored.architecture, stored.stage_names,
+                      lambda d: stored.tokenizer_url(d, f"file://{base}/root/runs/fz")):
+            with contextlib.suppress(stored.StoredPlanError):
+                check(doc)
+        run = Path(base) / "root" / "runs" / "fz"
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "plan.json").write_text(text)
+        for argv in (["report", "fz", "--refresh"], ["chat", "fz", "--prompt", "hi"]):
+            err = io.StringIO()
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+                rc = main([*argv, "--storage", f"file://{base}/root"])
+            assert rc in (0, 2) and "Traceback" not in err.getvalue(), (argv, path, value, err.getvalue())
+
+    tok = Tokenizer.train([f"w{i} x{i % 7} the quick brown fox {i}" for i in range(300)], 300)
+    tok_url = f"{base}/tok"
+    tok.save(tok_url)
+    files = {f: (Path(tok_url) / f).read_bytes() for f in (RANKS_FILE, BYTES_FILE, META_FILE)}
+    lines = files[RANKS_FILE].splitlines()
+
+    @settings(max_examples=60, deadline=None, database=None)
+    @given(i=st.integers(0, len(lines) - 1), line=st.binary(max_size=40) | st.sampled_from(
+        [b"AAA= 4000000000", b"AAA=", b"AAA= -1", b"AAA= 1 2", b"!!!! 3", b"QQ== 99999999999999999999"]),
+        meta_key=st.sampled_from(["sha256", "pattern", "vocab_size", "special_tokens", "format", "name", None]),
+        meta_value=_JSON, resum=st.booleans())
+    def tokenizer_reader(i, line, meta_key, meta_value, resum):
+        d = Path(tempfile.mkdtemp(dir=base))
+        ranks = b"\n".join([*lines[:i], line, *lines[i + 1:]]) + b"\n"
+        meta = json.loads(files[META_FILE])
+        if resum:
+            meta["sha256"][RANKS_FILE] = hashlib.sha256(ranks).hexdigest()
+        if meta_key:
+            meta[meta_key] = meta_value
+        (d / RANKS_FILE).write_bytes(ranks)
+        (d / BYTES_FILE).write_bytes(files[BYTES_FILE])
+        (d / META_FILE).write_text(json.dumps(meta))
+        with contextlib.suppress(TokenizerError):
+            Tokenizer.load(str(d))
+
+    buf = io.BytesIO()
+    torch.save({"w": torch.zeros(4)}, buf)
+    weights = buf.getvalue()
+    good_meta = {"format": checkpoint.FORMAT, "step": 3, "stage": "sft", "world_size": 1, "run": "fz",
+                 "loop_state": {}, "files": [checkpoint.MODEL_FILE]}
+
+    @settings(max_examples=40, deadline=None, database=None)
+    @given(key=st.sampled_from(sorted(good_meta) + [None]), value=_JSON | st.just(["../../../etc/passwd"]),
+           model=st.sampled_from([weights, b"", b"PK\x03\x04junk", weights[: len(weights) // 2]]) | st.binary(max_size=64),
+           raw=st.none() | st.text(max_size=40))
+    def checkpoint_reader(key, value, model, raw):
+        stage = Path(tempfile.mkdtemp(dir=base)) / "sft"
+        d = stage / checkpoint.dir_name("sft", 3)
+        d.mkdir(parents=True)
+        meta = dict(good_meta, **({key: value} if key else {}))
+        (d / checkpoint.META_FILE).write_text(raw if raw is not None else json.dumps(meta))
+        (d / checkpoint.MODEL_FILE).write_bytes(model)
+        found = checkpoint.latest(str(stage))
+        if found is not None:
+            with contextlib.suppress(checkpoint.CheckpointError):
+                checkpoint.load_model_state(found)
+
+    os.environ["KUBECONFIG"] = f"{base}/absent"
+    plan_reader()
+    tokenizer_reader()
+    checkpoint_reader()
+    print("readers fuzzed")
