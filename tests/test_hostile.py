@@ -542,7 +542,7 @@ def test_security_doc_exists_and_says_the_run_account_needs_no_rayjob_write():
     ("config.storageRoot=https://user:pw@host/x", "user:password"),
     ("config.s3.endpoint=http://user:pw@minio:9000", "user:password"),
     ("config.storageRoot=memory://x", "shared storage"),
-    ("config.storageRoot=FILE:///x", "shared storage"),
+    ("config.storageRoot=FILE:///x", "storageRoot"),  # the values schema already refuses it
 ])
 def test_chart_values_follow_the_same_rules(value, message):
     from tests.tools import ensure_helm
