@@ -9,7 +9,9 @@ the last shard is the validation split, the rest train.
 - `ShardReader`: reads the `text` column of one row group with one ranged GET (footers cached). Storage
   errors are retried with exponential backoff (`retries` attempts, enough to ride out an object-store
   restart) on top of what s3fs/botocore retry; bytes that do not decode raise `ShardError` naming the shard
-  (decoding is never retried: bad bytes stay bad);
+  (decoding is never retried: bad bytes stay bad). Shards are untrusted: the footer's length and each row
+  group's uncompressed size (from the footer) are bounded before anything is decoded, and documents are cut
+  at MAX_DOC_CHARS (docs/security.md);
 - `ShardWriter` / `write_shards`: documents -> shards in the layout above, each file written whole
   (`.tmp`, then renamed); always >= 2 shards, so the last one can be the validation split.
 

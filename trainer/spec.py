@@ -116,6 +116,10 @@ class RunSpec:
             bad("sft_tokens", f"must be a positive integer up to {MAX_COUNT:,}, got {self.sft_tokens}")
         if len(self.window_pattern) > 1024:
             bad("window_pattern", f"must be at most 1024 characters, got {len(self.window_pattern)}")
+        if not isinstance(self.storage_root, str) or not self.storage_root:
+            bad("storage_root", f"must be a URL or path, got {self.storage_root!r:.60}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            bad("seed", f"must be an integer, got {self.seed!r:.40}")
         for fld in ("storage_root", "core_bundle", "image", "queue"):
             v = getattr(self, fld)
             if v is not None and not isinstance(v, str):
