@@ -3,7 +3,7 @@ a cluster answer that is not what llmctl wrote. One test per finding, each with 
 used (crafted here: plan.json, tokenizer, parquet bomb, CORE bundle, annotation and log lines with escapes).
 Every refusal is one line on stderr and exit 2 (cli/main.py); nothing is read outside the run.
 
-The fuzz tests (hypothesis) are in tests/test_hostile_fuzz.py.
+The fuzz tests (hypothesis) are at the end: the argument parser, and the plan/tokenizer/checkpoint readers.
 Run: .venv/bin/pytest tests/test_hostile.py -q
 """
 
