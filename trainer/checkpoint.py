@@ -157,8 +157,8 @@ def load_model_state(url: str, *, storage_options: dict | None = None, device="c
         with fs.open(posixpath.join(path, MODEL_FILE), "rb") as f:
             state = torch.load(f, map_location=device, weights_only=True)
     except Exception as e:  # a stored file that is not a weights-only state dict (pickle.UnpicklingError, ...)
-        raise CheckpointError(f"checkpoint {url}: {MODEL_FILE} is not a weights-only state dict "
-                              f"({type(e).__name__})") from None
+        raise CheckpointError(f"checkpoint {url}: torch.load(weights_only=True) refused {MODEL_FILE} "
+                              f"({type(e).__name__}: {' '.join(str(e).split())[:300]})") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {url}: {MODEL_FILE} holds a {type(state).__name__}, not a state dict")
     return state, meta

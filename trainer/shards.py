@@ -185,7 +185,8 @@ class ShardReader:
         chunks = {start: self._retry(lambda: self.fs.cat_file(self.paths[i], start=start, end=size), f"read {url}")}
         footer_len = int.from_bytes(chunks[start][-8:-4], "little")  # parquet: <footer> <u32 length> PAR1
         if footer_len > MAX_FOOTER_BYTES:
-            raise ShardError(f"shard {url}: a {footer_len:,}-byte footer; at most {MAX_FOOTER_BYTES:,}")
+            raise ShardError(f"corrupt or truncated shard {url}: a {footer_len:,}-byte footer; at most "
+                             f"{MAX_FOOTER_BYTES:,}")
         md = self._decode(i, size, chunks, lambda f: pq.ParquetFile(f).metadata)
         names = md.schema.names
         if TEXT_COLUMN not in names:
