@@ -40,8 +40,8 @@ def register(sub) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    if args.temperature < 0:
-        raise UsageError(f"--temperature must be >= 0, got {args.temperature}")
+    if not 0 <= args.temperature < float("inf"):
+        raise UsageError(f"--temperature must be a finite number >= 0, got {args.temperature}")
     if args.top_k < 1 or args.max_tokens < 1:
         raise UsageError("--top-k and --max-tokens must be >= 1")
     session = Session.open(args)
@@ -66,6 +66,7 @@ class Session:
     @classmethod
     def open(cls, args) -> Session:
         from trainer.storage import RunNotFound, read_plan, run_url, storage_options_from_env
+        from trainer import stored
 
         url = run_url(args.run, args.storage)
         opts = storage_options_from_env() if url.startswith("s3") else {}
@@ -73,58 +74,82 @@ class Session:
             plan = read_plan(url, opts)
         except RunNotFound:
             raise UsageError(f"run {args.run!r} not found: no plan.json at {url}") from None
+        except ValueError as e:  # not JSON
+            raise UsageError(f"run {args.run!r}: plan.json is not valid JSON ({e})") from None
+        # plan.json is untrusted (shared storage): check the shape, stages and tokenizer before any allocation
+        try:
+            arch, names = stored.architecture(plan), stored.stage_names(plan)
+            tokenizer_url = stored.tokenizer_url(plan, url)
+        except stored.StoredPlanError as e:
+            raise UsageError(f"run {args.run!r}: {e}") from None
         stage = STAGES[args.stage]
-        if stage not in [s["name"] for s in plan["stages"]]:
+        if stage not in names:
             other = "base" if stage == "sft" else "sft"
-            raise UsageError(f"run {plan['name']} has no {stage} stage (it has "
-                             f"{', '.join(s['name'] for s in plan['stages'])}); try --stage {other}")
+            raise UsageError(f"run {plan.get('name')} has no {stage} stage (it has "
+                             f"{', '.join(names)}); try --stage {other}")
 
         import torch
 
         from trainer import checkpoint
         from trainer.model import build_model
-        from trainer.plan import Architecture
         from trainer.tokenizer import Tokenizer
 
         ckpt = checkpoint.latest(f"{url}/{stage}", storage_options=opts, step=args.step)
         if ckpt is None:
             which = f"at step {args.step}" if args.step is not None else "yet"
-            raise UsageError(f"run {plan['name']} has no whole {stage} checkpoint {which} under {url}/{stage}")
+            raise UsageError(f"run {plan.get('name')} has no whole {stage} checkpoint {which} under {url}/{stage}")
         auto = "cuda" if torch.cuda.is_available() else "cpu"
         device = torch.device(auto if args.device == "auto" else args.device)
-        arch = plan["arch"]
-        arch = Architecture(**{**arch, "windows": tuple(arch["windows"]),
-                               "value_embed_layers": tuple(arch["value_embed_layers"])})
-        state, meta = checkpoint.load_model_state(ckpt, storage_options=opts, device=device)
-        model = build_model(arch, device, compile=False)
-        model.load_state_dict(state)
+        from trainer.tokenizer import TokenizerError
+
+        try:
+            state, meta = checkpoint.load_model_state(ckpt, storage_options=opts, device=device)
+            model = build_model(arch, device, compile=False)
+            model.load_state_dict(state)
+            tokenizer = Tokenizer.load(tokenizer_url, storage_options=opts)
+        except (checkpoint.CheckpointError, TokenizerError) as e:
+            raise UsageError(str(e)) from None
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:  # weights that do not fit the shape
+            raise UsageError(f"checkpoint {ckpt} does not fit the run's model ({str(e).splitlines()[0][:200]})") from None
         model.eval()
-        tokenizer = Tokenizer.load(plan["urls"]["tokenizer"], storage_options=opts)
-        return cls(args, plan, model, tokenizer, f"{plan['name']} ({stage} step {meta.step})")
+        return cls(args, plan, model, tokenizer, f"{plan.get('name')} ({stage} step {meta.step})")
 
     def prompt_ids(self, text: str) -> list[int]:
         """The conversation so far plus `text`, rendered as SFT rendered it, ending in <|assistant_start|>.
-        The oldest turns are dropped while the prompt and a full reply would not fit the model's context."""
-        if not self.chat:
-            return self.tokenizer.encode(text, prepend_bos=True)
+        The oldest turns are dropped while the prompt and a full reply would not fit the model's context; a
+        message that alone leaves no room for a reply is refused (UsageError), never run past the context."""
         context = self.plan["arch"]["seq_len"]
+        if len(text) > 16 * context:  # a token holds at most a few chars on average: refuse before encoding
+            raise UsageError(f"the message is {len(text):,} characters; the model's context is {context} tokens")
         while True:
-            conv = {"messages": [*self.history, {"role": "user", "content": text},
-                                 {"role": "assistant", "content": ""}]}
-            ids = self.tokenizer.render_for_completion(conv)
+            if not self.chat:
+                ids = self.tokenizer.encode(text, prepend_bos=True)
+            else:
+                conv = {"messages": [*self.history, {"role": "user", "content": text},
+                                     {"role": "assistant", "content": ""}]}
+                ids = self.tokenizer.render_for_completion(conv)
             if len(ids) + self.args.max_tokens <= context or not self.history:
-                return ids
+                break
             self.history = self.history[2:]
+        if len(ids) >= context:
+            raise UsageError(f"the message is {len(ids):,} tokens with the conversation's markers; the model's "
+                             f"context is {context} tokens: shorten it")
+        return ids
+
+    def reply_budget(self, ids: list[int]) -> int:
+        """Tokens the reply may have: --max-tokens, cut so prompt + reply stay within the trained context."""
+        return min(self.args.max_tokens, self.plan["arch"]["seq_len"] - len(ids))
 
     def reply(self, text: str, out) -> str:
         """Stream the reply to `text` to `out`; remember the exchange; return the reply."""
+        from cli.safe import clean
         from trainer.engine import stream_text
 
         ids = self.prompt_ids(text)
         stop = self.engine.stop_tokens
 
         def tokens():
-            for column in self.engine.generate(ids, max_tokens=self.args.max_tokens,
+            for column in self.engine.generate(ids, max_tokens=self.reply_budget(ids),
                                                temperature=self.args.temperature, top_k=self.args.top_k,
                                                seed=self.args.seed + self.turn):
                 if column[0] in stop:
@@ -135,7 +160,7 @@ class Session:
         try:
             for piece in stream_text(self.tokenizer, tokens()):
                 pieces.append(piece)
-                out.write(piece)
+                out.write(clean(piece))  # the model's bytes come from stored weights: no terminal escapes
                 out.flush()
         except KeyboardInterrupt:  # Ctrl-C cuts the reply short, not the session
             out.write(" [interrupted]")
@@ -170,4 +195,7 @@ class Session:
                 out.write(f"(unknown command {text.split()[0]}; {HELP})\n")
                 continue
             out.write("assistant> ")
-            self.reply(text, out)
+            try:
+                self.reply(text, out)
+            except UsageError as e:  # a message too long for the context: say so, keep the session
+                out.write(f"({e})\n")

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from cli.errors import CLIError, UsageError
+from trainer.credentials import HOW, find_credential, secret_name
 
 CONFIGMAP = "llmctl-config"  # installed by charts/llmctl; one per namespace
 CONFIG_KEY = "config.yaml"
@@ -51,8 +52,12 @@ DEFAULT_GPU_NODE_SELECTORS = default_gpu_node_selectors()
 # The NVIDIA device plugin's conventional taint on GPU nodes.
 DEFAULT_GPU_TOLERATIONS = ({"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},)
 
-# Environment variable names that would put a credential into a manifest: refused, use a Secret.
-_SECRETISH = re.compile(r"(SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|PRIVATE_KEY|ACCESS_KEY)", re.I)
+# Environment llmctl sets itself, or that changes what code runs: `--env`/`env` may not replace it (a submitter
+# could otherwise report progress as another run, send storage traffic elsewhere, or preload a library).
+# NCCL_DEBUG is llmctl's default log level and the one variable it sets that `--env` may change.
+RESERVED_ENV = ("HOME", "TMPDIR", "RAY_TMPDIR", "PATH", "PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP",
+                "LD_PRELOAD", "LD_LIBRARY_PATH")
+RESERVED_ENV_PREFIXES = ("LLMCTL_", "AWS_", "RAY_AUTH_", "KUBERNETES_")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _DNS1123 = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 _QUANTITY = re.compile(r"[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?")
@@ -130,6 +135,10 @@ class ClusterConfig:
             bad("rayVersion", f"must be X.Y.Z, got {self.ray_version!r}")
         if "://" not in self.storage_root:
             bad("storageRoot", f"must be a URL such as s3://bucket/prefix, got {self.storage_root!r}")
+        for key, value in (("storageRoot", self.storage_root), ("s3.endpoint", self.s3_endpoint),
+                           ("s3.region", self.s3_region), ("image", self.image)):
+            if value is not None and (what := find_credential(value)):
+                bad(key, f"holds {what}; {HOW}")
         for key, name in (("s3.credentialsSecret", self.s3_secret), ("priorityClass", self.priority_class),
                           ("runServiceAccount", self.run_service_account), ("queue", self.queue)):
             if name is not None and not (_DNS1123.fullmatch(name) and len(name) <= 253):
@@ -147,10 +156,15 @@ class ClusterConfig:
         for k, v in self.env.items():
             if not _ENV_NAME.fullmatch(k):
                 bad(f"env.{k}", "is not a valid environment variable name")
-            if _SECRETISH.search(k):
-                bad(f"env.{k}", "looks like a credential; put it in a Secret and name it in s3.credentialsSecret")
+            if secret_name(k):
+                bad(f"env.{k}", f"looks like a credential by its name; {HOW}")
+            if k in RESERVED_ENV or k.startswith(RESERVED_ENV_PREFIXES):
+                bad(f"env.{k}", "llmctl sets it (or it decides what code runs), so it cannot be replaced; reserved: "
+                                f"{', '.join(RESERVED_ENV)}, {', '.join(p + '*' for p in RESERVED_ENV_PREFIXES)}")
             if not isinstance(v, str):
                 bad(f"env.{k}", f"must be a string, got {v!r}")
+            if what := find_credential(v):
+                bad(f"env.{k}", f"its value looks like a credential ({what}); {HOW}")
         for key, q in (("head.cpu", self.head_cpu), ("head.memory", self.head_memory),
                        *((f"workers.extraResources.{k}", v) for k, v in self.worker_extra_resources.items())):
             if not isinstance(q, str) or not _QUANTITY.fullmatch(q):

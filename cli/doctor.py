@@ -3,7 +3,7 @@
 One line per check, ✓ (fine), ! (works, with a caveat) or ✗ (a submit would fail), each ✗ and ! with the fix:
 
   api          the API server answers, and who you are (SelfSubjectReview)
-  namespace    the target namespace exists
+  namespace    the target namespace exists, and enforces Pod Security "restricted" (its label; a caveat if not)
   config       the chart's llmctl-config ConfigMap is present and valid (or --cluster-config)
   kuberay      KubeRay serves RayJobs, its release (read off the RayJob CRD, else kuberay.version), supported?
   kueue        when the config names a queue: Kueue serves its API, which versions, and the LocalQueue exists
@@ -39,6 +39,9 @@ CLI_VERBS = (
 )
 _IMAGE = re.compile(r"(?:[a-z0-9.-]+(?::[0-9]+)?/)?[a-z0-9._/-]+(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?"
                     r"(?:@sha256:[0-9a-f]{64})?")
+
+
+PSA_ENFORCE = "pod-security.kubernetes.io/enforce"  # Pod Security Admission's namespace label
 
 
 @dataclass
@@ -113,7 +116,7 @@ class Doctor:
     def check_namespace(self) -> None:
         ns = self.kube.namespace
         try:
-            self.kube.core.read_namespace(ns, _request_timeout=(10, 30))
+            obj = self.kube.core.read_namespace(ns, _request_timeout=(10, 30))
         except self._api_exc() as e:
             if e.status == 404:
                 self.add("namespace", "fail", f"namespace {ns} does not exist",
@@ -121,7 +124,15 @@ class Doctor:
                 return
             self.add("namespace", "ok", f"{ns} (cannot read namespaces to confirm it exists; HTTP {e.status})")
             return
-        self.add("namespace", "ok", ns)
+        # Pod Security Admission: a RayJob can ask KubeRay for any pod; "restricted" makes the API server refuse
+        # privileged and root pods in the namespace (docs/security.md, the chart's podSecurity values).
+        level = ((obj.metadata and obj.metadata.labels) or {}).get(PSA_ENFORCE)
+        if level == "restricted":
+            self.add("namespace", "ok", f"{ns} (Pod Security: restricted enforced)")
+        else:
+            self.add("namespace", "warn", f"{ns} does not enforce Pod Security restricted ("
+                     + (f"{PSA_ENFORCE}={level}" if level else "no label") + "): a RayJob can ask for any pod",
+                     f"kubectl label namespace {ns} {PSA_ENFORCE}=restricted")
 
     def check_config(self) -> None:
         from cli.cluster import read_configmap, load_config_file

@@ -16,6 +16,7 @@ from cli.cluster import add_cluster_args, connect
 from cli.errors import CLIError, UsageError
 from cli.plan import fmt_hours
 from trainer.costs import dollars
+from cli.safe import clean, dump_json
 
 GROUP, VERSION, PLURAL = "ray.io", "v1", "rayjobs"
 MANAGED = "app.kubernetes.io/managed-by=llmctl"
@@ -227,7 +228,7 @@ def cmd_status(args) -> int:
         if svc is None:
             raise
         s = service_summary(svc)
-        print(json.dumps(s, indent=2) if args.output == "json" else service_status_lines(s))
+        print(dump_json(s) if args.output == "json" else clean(service_status_lines(s)))
         return 0
     s = summary(rj)
     if not args.no_storage:
@@ -242,7 +243,7 @@ def cmd_status(args) -> int:
                          what=f"list the pods of {args.run}", verb="list", resource="pods")
         s["pods"] = _pods_line(kube.api_client.sanitize_for_serialization(pods).get("items", []))
     if args.output == "json":
-        print(json.dumps(s, indent=2))
+        print(dump_json(s))
         return 0
     rows = [("run", f"{s['name']} (namespace {s['namespace']})"), ("state", f"{s['state']}: {s['detail']}")]
     if s["depth"] is not None:
@@ -253,11 +254,14 @@ def cmd_status(args) -> int:
         rows.append(("time", f"{fmt_hours(s['elapsed_hours'])} since {s['started']}"
                              + (f" (estimate {fmt_hours(s['estimate_hours'])})" if s["estimate_hours"] else "")))
     prog = s["progress"] or {}
-    if prog.get("step") is not None and prog.get("steps"):
-        line = f"{prog.get('stage', 'step')} step {prog['step']:,} / {prog['steps']:,} ({prog['step'] / prog['steps']:.0%})"
-        if prog.get("eta_seconds") is not None:
-            line += f", ETA {fmt_hours(prog['eta_seconds'] / 3600)}"
-        rows.append(("progress", line + (f" (reported {prog['updated']})" if prog.get("updated") else "")))
+    try:  # the annotation comes from inside the run: a field of the wrong type drops the line, not the command
+        if prog.get("step") is not None and prog.get("steps"):
+            line = f"{prog.get('stage', 'step')} step {prog['step']:,} / {prog['steps']:,} ({prog['step'] / prog['steps']:.0%})"
+            if prog.get("eta_seconds") is not None:
+                line += f", ETA {fmt_hours(prog['eta_seconds'] / 3600)}"
+            rows.append(("progress", line + (f" (reported {prog['updated']})" if prog.get("updated") else "")))
+    except (TypeError, ValueError, ArithmeticError):
+        pass
     cost = []
     spend = s.get("spend")
     if spend and s["spent_dollars"] is not None:
@@ -282,6 +286,7 @@ def cmd_status(args) -> int:
         rows.append(("cost", ", ".join(cost)))
     if s["storage"]:
         rows.append(("storage", s["storage"]))
+    rows = [(k, clean(v, newlines=False)) for k, v in rows]  # cluster text: no terminal escapes (cli/safe.py)
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
     return 0
@@ -308,7 +313,7 @@ def cmd_list(args) -> int:
     rows += [service_summary(svc) for svc in list_services(kube, args.all_namespaces, MANAGED)]  # llmctl serve
     rows.sort(key=lambda s: s["created"] or "", reverse=True)
     if args.output == "json":
-        print(json.dumps(rows, indent=2))
+        print(dump_json(rows))
         return 0
     if not rows:
         say(f"no runs in {'any namespace' if args.all_namespaces else 'namespace ' + kube.namespace}; "
@@ -322,6 +327,7 @@ def cmd_list(args) -> int:
             s["name"], s["state"], f"d{s['depth']}" if s["depth"] is not None else "-",
             f"{s['gpus']}x{s['gpu_type']}", _age((now - created).total_seconds()) if created else "-",
             f"${s['estimate_dollars']:,.2f}" if s["estimate_dollars"] is not None else "-"])
+    table = [[clean(c, newlines=False) for c in r] for r in table]  # cluster text: no terminal escapes
     widths = [max(len(r[i]) for r in table) for i in range(len(head))]
     print("\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table))
     return 0
@@ -361,7 +367,7 @@ def cmd_logs(args) -> int:
 
     try:
         for chunk in resp.stream(4096, decode_content=True):
-            sys.stdout.write(chunk.decode("utf-8", errors="replace"))
+            sys.stdout.write(clean(chunk.decode("utf-8", errors="replace")))  # no terminal escapes
             sys.stdout.flush()
     except Urllib3Error as e:
         raise CLIError(f"the log stream of {pod} broke off ({e}); run the command again to resume") from None

@@ -43,12 +43,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _refuse_credentials(args: argparse.Namespace) -> None:
+    """Every URL flag of every command (--storage, --core-bundle, --data, --out, --source, RUN ...): a URL with
+    a user:password part is refused before anything runs; it would land in a manifest, a log or shell history."""
+    from trainer.credentials import HOW, url_has_user
+
+    for dest, value in vars(args).items():
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, str) and url_has_user(v):
+                raise UsageError(f"--{dest.replace('_', '-')}: a URL with a user:password part; {HOW}")
+
+
 def main(argv: list[str] | None = None) -> int:
     from trainer.plan import PlanError
 
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
+        _refuse_credentials(args)
         if not hasattr(args, "func"):
             parser.print_help()
             return 0
@@ -56,8 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     except (CLIError, PlanError) as e:
         if os.environ.get("LLMCTL_DEBUG"):
             raise
+        from cli.safe import clean
+
         code = e.exit_code if isinstance(e, CLIError) else 2
-        print(f"llmctl: error: {e}", file=sys.stderr)
+        # one line, and no terminal escapes: messages quote names and fields from the cluster and from storage
+        print(f"llmctl: error: {clean(e, newlines=False)}", file=sys.stderr)
         return code
     except KeyboardInterrupt:
         print("llmctl: interrupted", file=sys.stderr)

@@ -41,6 +41,7 @@ from cli.kubeversions import RAY_TOKEN_AUTH_MIN, has, kuberay_release, parse_ver
 from trainer.metrics import METRICS_PORT_BASE  # light: stdlib and trainer.plan at import time
 from trainer.plan import GPUS, RunPlan
 from trainer.preempt import set_preemption  # stdlib only: grace period and preStop hook
+from trainer.storage import require_shared
 
 API_VERSION = "ray.io/v1"
 LAUNCH = "python -m trainer.launch"
@@ -76,9 +77,17 @@ def worker_layout(gpus: int, gpus_per_node: int = 8) -> tuple[int, int]:
     return pods, per_pod
 
 
+# activeDeadlineSeconds is an int64 in the Kubernetes API; a plan whose deadline does not fit is refused.
+INT64_MAX = 2**63 - 1
+
+
 def active_deadline_seconds(plan: RunPlan, cfg: ClusterConfig) -> int:
     """The whole estimate (training + overheads) x deadline_factor + slack, in whole seconds."""
-    return math.ceil(plan.estimate.total_hours * 3600 * cfg.deadline_factor) + cfg.deadline_slack_seconds
+    seconds = plan.estimate.total_hours * 3600 * cfg.deadline_factor
+    if not math.isfinite(seconds) or seconds + cfg.deadline_slack_seconds > INT64_MAX:
+        raise ValueError(f"activeDeadlineSeconds: the plan's {plan.estimate.total_hours:.3g} hours do not fit "
+                         f"Kubernetes' int64 deadline; lower --num-iterations or --ratio")
+    return math.ceil(seconds) + cfg.deadline_slack_seconds
 
 
 def plan_argument(plan: RunPlan) -> str:
@@ -310,9 +319,9 @@ def build_rayjob(plan: RunPlan, cfg: ClusterConfig, *, namespace: str, extra_env
     combined with a warm cluster (KubeRay forbids suspend with clusterSelector).
     """
     s = plan.spec
-    if plan.urls["run"].startswith("file:"):
-        raise ValueError(f"storage: {plan.urls['runs_root']} is on this machine; pods need shared storage "
-                         f"such as s3://bucket/prefix (--storage, or storageRoot in the cluster config)")
+    # Every pod reads and writes the run's storage: only protocols every node reaches (trainer/storage.py).
+    require_shared(s.storage_root, "storage (--storage, or storageRoot in the cluster config)")
+    require_shared(plan.urls["eval_bundle"], "core bundle (--core-bundle)")
     if GPUS[s.gpu_type].local:
         raise ValueError(f"gpu_type: {s.gpu_type} runs on this machine, not on Kubernetes (use --local)")
     pods, per_pod = worker_layout(s.gpus, cfg.gpus_per_node)

@@ -29,10 +29,10 @@ def register(sub) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    import json
-
+    from cli.safe import clean, dump_json
     from trainer.report import gather, write_report
     from trainer.storage import RunNotFound, read_json, read_plan, run_url
+    from trainer.stored import StoredPlanError
 
     url = run_url(args.run, args.storage)
     opts = {}
@@ -44,18 +44,27 @@ def cmd_report(args: argparse.Namespace) -> int:
         read_plan(url, opts)
     except RunNotFound:
         raise UsageError(f"run {args.run!r} not found: no plan.json at {url}") from None
+    except ValueError as e:
+        raise UsageError(f"run {args.run!r}: plan.json is not valid JSON ({e})") from None
     name = "report.json" if args.output == "json" else "report.md"
-    if args.refresh or read_json(f"{url}/report.json", opts) is None or (args.open and not _has_html(url, opts)):
-        write_report(url, opts)
-    if args.open:
-        return open_html(url, opts)
-    if args.output == "json":
-        print(json.dumps(read_json(f"{url}/{name}", opts) or gather(url, opts), indent=2))
-        return 0
+    # Stored files are untrusted: a plan that names unknown stages is refused, files not in the shape llmctl
+    # writes are one line, and what is printed has no terminal escapes (cli/safe.py).
+    try:
+        if args.refresh or read_json(f"{url}/report.json", opts) is None or (args.open and not _has_html(url, opts)):
+            write_report(url, opts)
+        if args.open:
+            return open_html(url, opts)
+        if args.output == "json":
+            print(dump_json(read_json(f"{url}/{name}", opts) or gather(url, opts)))
+            return 0
+    except StoredPlanError as e:
+        raise UsageError(f"run {args.run!r}: {e}") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # a stored file not in the shape we wrote
+        raise UsageError(f"run {args.run!r}: its files are not a run's ({type(e).__name__}: {e})") from None
     import fsspec
 
     with fsspec.open(f"{url}/{name}", "r", **opts) as f:
-        print(f.read(), end="")
+        print(clean(f.read(1 << 24)), end="")  # a report is a few KB; never print more than 16 MiB
     return 0
 
 

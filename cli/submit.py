@@ -31,8 +31,11 @@ def parse_env(pairs: list[str] | None) -> dict[str, str]:
         if not sep or not key:
             raise UsageError(f"--env: expected KEY=VALUE, got {pair!r}")
         out[key] = value
-    # same rules as the ConfigMap's env (names, no credentials by value)
-    ClusterConfig(env=out)
+    # same rules as the ConfigMap's env: names, llmctl's own variables, no credentials by name or by value
+    try:
+        ClusterConfig(env=out)
+    except UsageError as e:
+        raise UsageError(str(e).replace("cluster config env.", "--env ", 1)) from None
     return out
 
 

@@ -181,6 +181,7 @@ class FakeKube:
         self.tokens: dict[str, tuple[str, list[str]]] = {token: (USER, ["system:authenticated"])}
         self.rbac: list[dict] | None = None if rbac is None else list(rbac)
         self.namespaces = set(namespaces)
+        self.namespace_labels: dict[str, dict[str, str]] = {}  # namespace -> its labels (Pod Security, ...)
         self.operator = operator  # the simulated KubeRay operator adds its finalizer to every RayJob
         # Deterministic time, no sleeps: a container waiting to start starts after this many log requests
         # answered 400, and the operator finishes a RayJob's deletion after this many reads of it while terminating.
@@ -402,7 +403,9 @@ class FakeKube:
             if plural == "customresourcedefinitions":
                 return self._crd(verb, name)
             if plural == "namespaces" and verb in ("get", "list"):  # the namespaces this server knows
-                items = [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": n},
+                items = [{"apiVersion": "v1", "kind": "Namespace",
+                          "metadata": {"name": n, "labels": {"kubernetes.io/metadata.name": n,
+                                                             **self.namespace_labels.get(n, {})}},
                           "status": {"phase": "Active"}} for n in sorted(self.namespaces)]
                 if verb == "list":
                     return 200, {"apiVersion": "v1", "kind": "NamespaceList", "metadata": {}, "items": items}, \

@@ -7,6 +7,7 @@ Run: .venv/bin/pytest tests/test_cli_chat.py
 """
 
 import argparse
+import json
 import os
 import pty
 import select
@@ -142,6 +143,9 @@ def test_chat_from_s3(run, s3_server, tmp_path):
     fs = s3_server.fs()
     local = run.urls["run"][len("file://"):]
     fs.put(local, f"{bucket[5:]}/runs/{run.name}", recursive=True)
+    # chat reads the tokenizer under the root it opened the run from, never at the URL plan.json names
+    tok = run.urls["tokenizer"][len("file://"):]
+    fs.put(tok, f"{bucket[5:]}/tokenizers/{Path(tok).name}", recursive=True)
     r = llmctl("chat", f"{bucket}/runs/{run.name}", "-p", PROMPT, "-t", "0", "-m", "24",
                env={"AWS_ENDPOINT_URL": s3_server.endpoint_url})
     assert r.returncode == 0, r.stderr
@@ -156,17 +160,22 @@ def test_errors_are_one_line_and_exit_2(run, tmp_path):
     assert step.returncode == 2 and step.stderr.count("\n") == 1
     assert "no whole sft checkpoint at step 999" in step.stderr
     # A run that only pretrained has no chat model: asking for one names the way out.
-    base_only = tmp_path / "base-only"
-    base_only.mkdir()
+    # (runs copied to <root>/runs/<name>, with the tokenizer at <root>/tokenizers/<name>: the layout chat reads)
+    root = tmp_path / "root"
+    tok = Path(run.urls["tokenizer"][len("file://"):])
+    shutil.copytree(tok, root / "tokenizers" / tok.name)
+    base_only = root / "runs" / "base-only"
+    base_only.mkdir(parents=True)
     local = Path(run.urls["run"][len("file://"):])
-    plan = (local / "plan.json").read_text().replace('"name": "sft"', '"name": "sft-removed"')
-    (base_only / "plan.json").write_text(plan)
+    doc = json.loads((local / "plan.json").read_text())
+    doc["stages"] = [st for st in doc["stages"] if st["name"] != "sft"]
+    (base_only / "plan.json").write_text(json.dumps(doc))
     shutil.copytree(local / "pretrain", base_only / "pretrain")
     wrong = llmctl("chat", str(base_only), "-p", "hi")
     assert wrong.returncode == 2 and wrong.stderr.count("\n") == 1 and "--stage base" in wrong.stderr
     ok = llmctl("chat", str(base_only), "--stage", "base", "-p", "The capital of France is", "-t", "0", "-m", "8")
     assert ok.returncode == 0 and ok.stdout.strip()
-    empty = tmp_path / "no-ckpt"
+    empty = root / "runs" / "no-ckpt"
     empty.mkdir()
     (empty / "plan.json").write_text((local / "plan.json").read_text())
     none = llmctl("chat", str(empty), "-p", "hi")

@@ -378,7 +378,7 @@ def _argv_after_shell(shell: str, words: str) -> list[str]:
 
 def test_plan_json_survives_the_three_shells_exactly():
     # Quotes, dollars, backquotes, backslashes and globs in free-text fields of the plan.
-    spec = RunSpec(depth=12, gpus=8, storage_root=STORAGE, dataset="it's $HOME `id` \\n *[x]? \"q\"")
+    spec = RunSpec(depth=12, gpus=8, storage_root=STORAGE, image="it's $HOME `id` \\n *[x]? \"q\"")
     p = plan(spec)
     ep = entrypoint(p)
     assert ep.startswith("python -m trainer.launch --plan-json '")
@@ -388,7 +388,7 @@ def test_plan_json_survives_the_three_shells_exactly():
     argv2 = _argv_after_shell("sh", joined)  # the job supervisor: Popen(entrypoint, shell=True)
     assert argv2 == argv
     received = RunPlan.from_json(argv2[4])  # what trainer.launch --plan-json does
-    assert received == p and received.spec.dataset == spec.dataset
+    assert received == p and received.spec.image == spec.image
 
 
 # ---------------------------------------------------------------------------------------------

@@ -61,11 +61,20 @@ class Meta:
 
     @classmethod
     def from_json(cls, text: str) -> Meta:
-        d = json.loads(text)
-        if d.get("format") != FORMAT:
-            raise CheckpointError(f"unknown checkpoint format {d.get('format')!r} (expected {FORMAT})")
-        return cls(step=d["step"], stage=d["stage"], world_size=d["world_size"], run=d["run"],
-                   loop_state=d["loop_state"], files=tuple(d["files"]))
+        try:  # meta.json sits in shared storage: anything but the shape `to_json` writes is a CheckpointError
+            d = json.loads(text)
+            if not isinstance(d, dict) or d.get("format") != FORMAT:
+                raise CheckpointError(f"unknown checkpoint format {d.get('format') if isinstance(d, dict) else d!r:.60}"
+                                      f" (expected {FORMAT})")
+            meta = cls(step=d["step"], stage=d["stage"], world_size=d["world_size"], run=d["run"],
+                       loop_state=d["loop_state"], files=tuple(d["files"]))
+        except (ValueError, KeyError, TypeError) as e:  # CheckpointError is a RuntimeError: not caught here
+            raise CheckpointError(f"checkpoint meta.json is not valid ({type(e).__name__}: {e})") from None
+        if not (isinstance(meta.step, int) and isinstance(meta.world_size, int) and isinstance(meta.loop_state, dict)
+                and all(isinstance(f, str) and "/" not in f and f not in ("", ".", "..") for f in meta.files)):
+            raise CheckpointError("checkpoint meta.json: step, world_size, loop_state or files of the wrong shape "
+                                  "(files are plain names inside the checkpoint directory)")
+        return meta
 
 
 def save(path: str, *, model, optimizer, loader_state: dict, rank: int, world_size: int, step: int,
@@ -161,8 +170,14 @@ def load_model_state(url: str, *, storage_options: dict | None = None, device="c
 
     fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
     meta = verify(path, fs)
-    with fs.open(posixpath.join(path, MODEL_FILE), "rb") as f:
-        state = torch.load(f, map_location=device, weights_only=True)
+    try:
+        with fs.open(posixpath.join(path, MODEL_FILE), "rb") as f:
+            state = torch.load(f, map_location=device, weights_only=True)
+    except Exception as e:  # a stored file that is not a weights-only state dict (pickle.UnpicklingError, ...)
+        raise CheckpointError(f"checkpoint {url}: torch.load(weights_only=True) refused {MODEL_FILE} "
+                              f"({type(e).__name__}: {' '.join(str(e).split())[:300]})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {url}: {MODEL_FILE} holds a {type(state).__name__}, not a state dict")
     return state, meta
 
 

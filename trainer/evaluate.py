@@ -146,7 +146,12 @@ def load_bundle(url: str, *, storage_options: dict | None = None, max_per_task: 
             continue
         if label not in baselines:
             raise BundleError(f"eval bundle {url}: eval_meta_data.csv has no random baseline for {label}")
-        rel = posixpath.join("eval_data", entry["dataset_uri"])
+        uri = entry["dataset_uri"]  # core.yaml is untrusted: a file under eval_data/, nothing else
+        if (not isinstance(uri, str) or "://" in uri or uri.startswith("/") or "\\" in uri
+                or ".." in posixpath.normpath(uri).split("/")):
+            raise BundleError(f"eval bundle {url}: task {label}: dataset_uri {uri!r:.80} must be a relative path "
+                              "under eval_data/")
+        rel = posixpath.join("eval_data", posixpath.normpath(uri))
         items = [json.loads(line) for line in read(rel).splitlines() if line.strip()]
         random.Random(SHUFFLE_SEED).shuffle(items)
         if max_per_task is not None and max_per_task > 0:

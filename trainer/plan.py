@@ -157,14 +157,14 @@ class RunPlan:
         return d
 
     def to_json(self, indent: int | None = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent)
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)  # strict JSON (RunSpec keeps it finite)
 
     @classmethod
     def from_dict(cls, d: dict) -> RunPlan:
         """Rebuild a plan by re-planning its spec; refuses a stored plan the code would plan differently."""
-        if d.get("schema") != SCHEMA:
-            raise PlanError(f"schema: expected {SCHEMA}, got {d.get('schema')!r}")
-        p = plan(RunSpec.from_dict(d["spec"]))
+        if (d.get("schema") if isinstance(d, dict) else None) != SCHEMA:
+            raise PlanError(f"schema: expected {SCHEMA}, got {d.get('schema') if isinstance(d, dict) else d!r:.80}")
+        p = plan(RunSpec.from_dict(d.get("spec")))
         fresh = json.loads(p.to_json())
         if fresh != json.loads(json.dumps(d)):
             diff = sorted(k for k in fresh if fresh.get(k) != d.get(k))

@@ -53,25 +53,28 @@ def load_run(run_url: str, stage: str = "sft", step: int | None = None, *, stora
 
     from trainer import checkpoint
     from trainer.model import build_model
-    from trainer.plan import Architecture
     from trainer.storage import read_plan
     from trainer.tokenizer import Tokenizer
 
+    from trainer import stored
+
     plan = read_plan(run_url, storage_options)
-    if stage not in [s["name"] for s in plan["stages"]]:
+    try:  # plan.json is untrusted (shared storage): shape, stages and tokenizer checked before any allocation
+        arch, names, tokenizer_url = stored.architecture(plan), stored.stage_names(plan), stored.tokenizer_url(plan, run_url)
+    except stored.StoredPlanError as e:
+        raise LookupError(f"run at {run_url}: {e}") from None
+    if stage not in names:
         raise LookupError(f"run {plan['name']} has no {stage} stage")
     ckpt = checkpoint.latest(f"{run_url}/{stage}", storage_options=storage_options, step=step)
     if ckpt is None:
         raise LookupError(f"run {plan['name']} has no whole {stage} checkpoint"
                           f"{'' if step is None else f' at step {step}'} under {run_url}/{stage}")
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-    a = plan["arch"]
-    arch = Architecture(**{**a, "windows": tuple(a["windows"]), "value_embed_layers": tuple(a["value_embed_layers"])})
     state, meta = checkpoint.load_model_state(ckpt, storage_options=storage_options, device=dev)
     model = build_model(arch, dev, compile=False)
     model.load_state_dict(state)
     model.eval()
-    tokenizer = Tokenizer.load(plan["urls"]["tokenizer"], storage_options=storage_options)
+    tokenizer = Tokenizer.load(tokenizer_url, storage_options=storage_options)
     return plan, model, tokenizer, meta.step
 
 

@@ -9,7 +9,9 @@ the last shard is the validation split, the rest train.
 - `ShardReader`: reads the `text` column of one row group with one ranged GET (footers cached). Storage
   errors are retried with exponential backoff (`retries` attempts, enough to ride out an object-store
   restart) on top of what s3fs/botocore retry; bytes that do not decode raise `ShardError` naming the shard
-  (decoding is never retried: bad bytes stay bad);
+  (decoding is never retried: bad bytes stay bad). Shards are untrusted: the footer's length and each row
+  group's uncompressed size (from the footer) are bounded before anything is decoded, and documents are cut
+  at MAX_DOC_CHARS (docs/security.md);
 - `ShardWriter` / `write_shards`: documents -> shards in the layout above, each file written whole
   (`.tmp`, then renamed); always >= 2 shards, so the last one can be the validation split.
 
@@ -37,6 +39,13 @@ SHARD_CHARS = 250_000_000  # a shard is closed at the first row-group boundary p
 SHARD_NAME = "shard_{:05d}.parquet"
 TEXT_COLUMN = "text"
 FOOTER_GUESS = 1 << 16  # bytes read from a shard's end to find its footer in one request (pyarrow does the same)
+# Bounds on untrusted shards (a 10 KB zstd file can decode to 300 MB). A reference row group is 1,024 documents
+# of a few KB (~5 MB); 256 MiB of uncompressed text per row group, read from the footer before decoding, is
+# 50x that. A document is cut at MAX_DOC_CHARS (4M characters, ~1M tokens: 500 rows of a 2,048 context; the
+# packer crops long documents to rows anyway), so no single document makes the tokenizer work unbounded.
+MAX_ROW_GROUP_BYTES = 256 << 20
+MAX_DOC_CHARS = 1 << 22
+MAX_FOOTER_BYTES = 16 << 20  # the parquet footer (schema + row group metadata): a few KB for our layout
 
 
 class DataError(ValueError):
@@ -174,6 +183,10 @@ class ShardReader:
             raise ShardError(f"corrupt or truncated shard {url}: only {size} bytes")
         start = max(0, size - FOOTER_GUESS)
         chunks = {start: self._retry(lambda: self.fs.cat_file(self.paths[i], start=start, end=size), f"read {url}")}
+        footer_len = int.from_bytes(chunks[start][-8:-4], "little")  # parquet: <footer> <u32 length> PAR1
+        if footer_len > MAX_FOOTER_BYTES:
+            raise ShardError(f"corrupt or truncated shard {url}: a {footer_len:,}-byte footer; at most "
+                             f"{MAX_FOOTER_BYTES:,}")
         md = self._decode(i, size, chunks, lambda f: pq.ParquetFile(f).metadata)
         names = md.schema.names
         if TEXT_COLUMN not in names:
@@ -196,6 +209,10 @@ class ShardReader:
         if rg >= md.num_row_groups:
             raise ShardError(f"shard {self.urls[i]} has {md.num_row_groups} row groups, no row group {rg}")
         cc = md.row_group(rg).column(col)
+        # The footer says how big the text is once decompressed: refuse a bomb before allocating for it.
+        if cc.total_uncompressed_size > MAX_ROW_GROUP_BYTES or md.row_group(rg).total_byte_size > MAX_ROW_GROUP_BYTES:
+            raise ShardError(f"shard {self.urls[i]} row group {rg}: {cc.total_uncompressed_size:,} bytes uncompressed; "
+                             f"a row group holds at most {MAX_ROW_GROUP_BYTES:,}")
         start = cc.dictionary_page_offset if cc.has_dictionary_page and cc.dictionary_page_offset else cc.data_page_offset
         end = start + cc.total_compressed_size
         if not 0 <= start < end <= size:
@@ -204,7 +221,7 @@ class ShardReader:
                                                f"read {self.urls[i]} row group {rg}")}
         texts = self._decode(i, size, chunks, lambda f: pq.ParquetFile(f, metadata=md)
                              .read_row_group(rg, columns=[TEXT_COLUMN]).column(0).to_pylist())
-        return [t if t is not None else "" for t in texts]
+        return [t[:MAX_DOC_CHARS] if t is not None else "" for t in texts]
 
 
 

@@ -52,6 +52,45 @@ class TokenizerError(ValueError):
     """A tokenizer directory that is missing, incomplete or inconsistent (names the URL)."""
 
 
+# Bounds on a stored tokenizer (its files are untrusted). A 2^20-id vocabulary (RunSpec's MAX_VOCAB_SIZE)
+# writes ~30 MB of `base64 rank` lines; tokens are byte strings of at most a few hundred bytes.
+MAX_MERGEABLE = 1 << 20
+MAX_TOKEN_BYTES = 4096
+MAX_FILE_BYTES = 128 << 20
+MAX_META_BYTES = 1 << 20
+
+
+def _read_bounded(fs, path: str, limit: int) -> bytes:
+    """The bytes at `path`, refusing (before reading) a file larger than `limit`."""
+    size = fs.size(path)
+    if size is not None and size > limit:
+        raise TokenizerError(f"{path} is {size:,} bytes; a tokenizer file is at most {limit:,}")
+    return fs.cat_file(path)
+
+
+def _parse_ranks(blob: bytes, where: str) -> dict[bytes, int]:
+    """`base64 rank` lines -> {token bytes: rank}, with ranks exactly 0..n-1 and tokens distinct."""
+    ranks: dict[bytes, int] = {}
+    n, lines = 0, []
+    try:
+        lines = blob.decode("ascii").splitlines()
+        if len(lines) > MAX_MERGEABLE:
+            raise TokenizerError(f"{where}: {len(lines):,} tokens; at most {MAX_MERGEABLE:,}")
+        for n, line in enumerate(lines, 1):
+            tok, rank = line.split(" ")
+            if not rank.isdigit() or len(tok) > 2 * MAX_TOKEN_BYTES:
+                raise ValueError(f"rank {rank[:20]!r}")
+            ranks[base64.b64decode(tok, validate=True)] = int(rank)
+    except TokenizerError:
+        raise
+    except (ValueError, UnicodeDecodeError) as e:  # binascii.Error is a ValueError
+        raise TokenizerError(f"{where}: malformed line {n} ({e}); expected `base64 rank`") from None
+    if len(ranks) != len(lines) or set(ranks.values()) != set(range(len(ranks))):
+        top = max(ranks.values(), default=0)
+        raise TokenizerError(f"{where}: ranks must be 0..{len(lines) - 1}, each once (largest rank given: {top:,})")
+    return ranks
+
+
 class Tokenizer:
     """A tiktoken `Encoding` plus the special-token conventions of the recipe."""
 
@@ -127,29 +166,43 @@ class Tokenizer:
         from trainer.storage import filesystem
 
         fs, root = filesystem(url, storage_options)
+        # The files are untrusted (shared storage): sizes are checked before reading, every line is parsed
+        # strictly, and the ranks must be exactly 0..n-1, so a line declaring rank 4e9 cannot make a reader
+        # allocate a 4e9-entry table. Anything malformed is a TokenizerError naming the file.
         try:
-            meta = json.loads(fs.cat_file(f"{root}/{META_FILE}"))
+            blob = _read_bounded(fs, f"{root}/{META_FILE}", MAX_META_BYTES)
+            meta = json.loads(blob)
         except FileNotFoundError:
             raise TokenizerError(f"no tokenizer at {url}: {META_FILE} missing "
                                  "(train one with `llmctl tokenizer train`)") from None
-        if meta.get("format") != FORMAT:
-            raise TokenizerError(f"{url}/{META_FILE}: format {meta.get('format')!r}, expected {FORMAT!r}")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise TokenizerError(f"{url}/{META_FILE} is not valid JSON ({e})") from None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+            raise TokenizerError(f"{url}/{META_FILE}: format {got!r:.60}, expected {FORMAT!r}")
+        sums = meta.get("sha256")
+        if not isinstance(sums, dict) or not all(isinstance(sums.get(f), str) for f in (RANKS_FILE, BYTES_FILE)):
+            raise TokenizerError(f"{url}/{META_FILE}: no sha256 of {RANKS_FILE} and {BYTES_FILE}")
+        if meta.get("pattern") != SPLIT_PATTERN:  # a stored regex runs on every text: only the recipe's own
+            raise TokenizerError(f"{url}/{META_FILE}: split pattern is not the recipe's (SPLIT_PATTERN)")
         blobs = {}
         for fname in (RANKS_FILE, BYTES_FILE):
             try:
-                blobs[fname] = fs.cat_file(f"{root}/{fname}")
+                blobs[fname] = _read_bounded(fs, f"{root}/{fname}", MAX_FILE_BYTES)
             except FileNotFoundError:
                 raise TokenizerError(f"tokenizer at {url} is incomplete: {fname} missing") from None
-            if hashlib.sha256(blobs[fname]).hexdigest() != meta["sha256"][fname]:
+            if hashlib.sha256(blobs[fname]).hexdigest() != sums[fname]:
                 raise TokenizerError(f"{url}/{fname} does not match the checksum in {META_FILE}")
-        ranks = {}
-        for line in blobs[RANKS_FILE].decode().splitlines():
-            tok, rank = line.split()
-            ranks[base64.b64decode(tok)] = int(rank)
-        tok = cls(ranks, meta["pattern"], meta.get("name", "llmctl-bpe"))
-        if tok.special_tokens != meta["special_tokens"] or tok.vocab_size != meta["vocab_size"]:
+        ranks = _parse_ranks(blobs[RANKS_FILE], f"{url}/{RANKS_FILE}")
+        name = meta.get("name", "llmctl-bpe")
+        tok = cls(ranks, meta["pattern"], name if isinstance(name, str) else "llmctl-bpe")
+        if tok.special_tokens != meta.get("special_tokens") or tok.vocab_size != meta.get("vocab_size"):
             raise TokenizerError(f"{url}: special tokens/vocab size in {META_FILE} disagree with {RANKS_FILE}")
-        if json.loads(blobs[BYTES_FILE]) != tok.token_bytes():
+        try:
+            lengths = json.loads(blobs[BYTES_FILE])
+        except (ValueError, UnicodeDecodeError):
+            lengths = None
+        if lengths != tok.token_bytes():
             raise TokenizerError(f"{url}/{BYTES_FILE} disagrees with the mergeable ranks")
         return tok
 

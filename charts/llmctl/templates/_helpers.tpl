@@ -169,8 +169,13 @@ Fail early, naming the key and the value, for combinations the schema cannot exp
 {{- if not (contains "://" .Values.config.storageRoot) }}
 {{- fail (printf "config.storageRoot must be a URL every pod can reach, such as s3://bucket/prefix; got %q" .Values.config.storageRoot) }}
 {{- end }}
-{{- if hasPrefix "file:" .Values.config.storageRoot }}
-{{- fail (printf "config.storageRoot %q is node-local; runs need shared storage (s3://...)" .Values.config.storageRoot) }}
+{{- range $key, $v := dict "config.storageRoot" .Values.config.storageRoot "config.s3.endpoint" .Values.config.s3.endpoint }}
+{{- if regexMatch "^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*@" (toString $v) }}
+{{- fail (printf "%s holds a URL with a user:password part; pass credentials by reference (config.s3.credentialsSecret)" $key) }}
+{{- end }}
+{{- end }}
+{{- if not (regexMatch "^(s3|s3a|gs|gcs|az|abfs|abfss|hf)://" .Values.config.storageRoot) }}
+{{- fail (printf "config.storageRoot %q is node-local; runs need shared storage (s3://, gs://, az://, abfs://, hf://)" .Values.config.storageRoot) }}
 {{- end }}
 {{- if .Values.rayCluster.enabled }}
 {{- if gt (int .Values.rayCluster.gpusPerWorker) (int .Values.config.workers.gpusPerNode) }}
@@ -183,9 +188,17 @@ Fail early, naming the key and the value, for combinations the schema cannot exp
 {{- if and .Values.kueue.clusterQueue.create (not (regexMatch "^[0-9]+Gi$" (toString .Values.config.head.memory))) }}
 {{- fail (printf "config.head.memory must be whole Gi (e.g. 32Gi) when kueue.clusterQueue.create sizes quota from it; got %q" (toString .Values.config.head.memory)) }}
 {{- end }}
+{{- /* the same rules as llmctl's (cli/clusterconfig.py, trainer/credentials.py): no credentials by name or
+by value, and nothing llmctl sets itself */ -}}
 {{- range $k, $v := .Values.config.env }}
-{{- if regexMatch "(?i)(SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|PRIVATE_KEY|ACCESS_KEY)" $k }}
+{{- if regexMatch "(?i)(KEY|TOKEN|SECRET|PASS|PWD|AUTH|CREDENTIAL|PRIVATE|CERT|COOKIE|SESSION)" $k }}
 {{- fail (printf "config.env.%s looks like a credential; put it in a Secret and set config.s3.credentialsSecret" $k) }}
+{{- end }}
+{{- if regexMatch "^(HOME|TMPDIR|RAY_TMPDIR|PATH|PYTHONPATH|PYTHONHOME|PYTHONSTARTUP|LD_PRELOAD|LD_LIBRARY_PATH|LLMCTL_.*|AWS_.*|RAY_AUTH_.*|KUBERNETES_.*)$" $k }}
+{{- fail (printf "config.env.%s is set by llmctl (or decides what code runs) and cannot be replaced" $k) }}
+{{- end }}
+{{- if regexMatch "(AKIA|ASIA)[0-9A-Z]{16}|gh[pousr]_[A-Za-z0-9]{30,}|github_pat_|hf_[A-Za-z0-9]{30,}|xox[abposr]-|-----BEGIN|eyJ[A-Za-z0-9_-]{8,}\\.eyJ|://[^/?#]*@" (toString $v) }}
+{{- fail (printf "config.env.%s: its value looks like a credential; put it in a Secret and set config.s3.credentialsSecret" $k) }}
 {{- end }}
 {{- end }}
 {{- end }}
