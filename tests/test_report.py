@@ -154,7 +154,7 @@ def test_report_html_is_self_contained(run):
 def test_report_html_renders_in_headless_chromium(run, tmp_path):
     from tests.tools import ensure_chromium
 
-    chromium = ensure_chromium()
+    chromium, _ = ensure_chromium()  # (browser, driver): this test drives the browser alone
     write_report(run.urls["run"])
     out = Path(__file__).parent / "artifacts"
     out.mkdir(exist_ok=True)
