@@ -236,8 +236,8 @@ def cmd_status(args) -> int:
 
         add_storage_view(s)
         if s.get("storage_error"):
-            say(f"warning: could not read progress and spend from {s['storage']}: {s['storage_error']} "
-                f"(--no-storage skips it)")
+            say(clean(f"warning: could not read progress and spend from {s['storage']}: {s['storage_error']} "
+                      f"(--no-storage skips it)"))  # the storage URL is the RayJob's annotation: untrusted
     if s["state"] in ("submitted", "queued", "starting", "running", "retrying"):
         pods = kube.call(kube.core.list_namespaced_pod, kube.namespace, label_selector=f"llmctl.dev/run={args.run}",
                          what=f"list the pods of {args.run}", verb="list", resource="pods")

@@ -119,3 +119,17 @@ def finished_run(tiny_inputs):
 
 
 from tests.serve_app import served  # noqa: E402,F401 - one Ray Serve app per session (tests/test_serve*.py)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray cluster (2 CPUs) for a module's Ray Train runs; one already up (the session's Serve app)
+    is reused, never started twice and never shut down from here."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+    yield
+    if started:
+        ray.shutdown()

@@ -369,8 +369,9 @@ def test_the_eval_stage_on_a_local_ray_cluster(finished_run):
     assert all(t["examples"] == 24 for t in core["tasks"].values())
     assert core["core"] == pytest.approx(sum(t["centered"] for t in core["tasks"].values()) / 3)
     assert summary["core"] == core["core"] and summary["val_bpb"] == base["val_bpb"]
-    assert [s["prompt"] for s in base["samples"]] == list(eval_stage.BASE_PROMPTS)
-    assert [s["prompt"] for s in chat["samples"]] == list(eval_stage.CHAT_PROMPTS) and "core" not in chat
+    base_prompts, chat_prompts = eval_stage.prompts_for(p)  # in-domain prompts for the sample corpus
+    assert [s["prompt"] for s in base["samples"]] == list(base_prompts)
+    assert [s["prompt"] for s in chat["samples"]] == list(chat_prompts) and "core" not in chat
 
 
 def test_results_are_exported_as_metrics():

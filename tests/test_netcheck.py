@@ -10,14 +10,8 @@ from trainer import netcheck, network
 from trainer.plan import RunSpec, plan
 
 
-def test_gloo_all_reduce_bandwidth_on_local_ray():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False)
-    try:
-        out = netcheck.run_check(2, use_gpu=False, sizes=(netcheck.SMALL, 1 << 20), iters=3)
-    finally:
-        ray.shutdown()
+def test_gloo_all_reduce_bandwidth_on_local_ray(ray_cluster):
+    out = netcheck.run_check(2, use_gpu=False, sizes=(netcheck.SMALL, 1 << 20), iters=3)
     assert out["backend"] == "gloo" and len(out["ranks"]) == 2
     small, big = out["results"]
     assert (small["bytes"], big["bytes"]) == (netcheck.SMALL, 1 << 20)

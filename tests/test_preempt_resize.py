@@ -20,14 +20,6 @@ import pytest
 
 from tests.finished_run import tiny_plan
 
-import ray
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -89,9 +89,11 @@ def test_readers_treat_stored_files_as_untrusted(tmp_path):
 def test_a_finished_run_leaves_its_progress_and_one_finished_attempt(finished_run):
     url = finished_run.urls["run"]
     doc = spend.read_spend(url)
-    (row,) = doc["attempts"]
-    assert row["state"] == "finished" and row["gpus"] == finished_run.spec.gpus and row["seconds"] > 0
+    # One attempt trained it; a later `run` of the same finished plan (test_launch re-runs it) adds a finished
+    # attempt that only skips the stages: every row is finished, the first paid for what the stages kept.
+    rows = doc["attempts"]
+    assert rows and all(r["state"] == "finished" and r["gpus"] == finished_run.spec.gpus for r in rows)
     summary = read_json(f"{url}/summary.json")
-    assert row["seconds"] >= summary["hours"] * 3600  # the attempt paid at least the time the stages kept
+    assert rows[0]["seconds"] >= summary["hours"] * 3600  # the attempt paid at least the time the stages kept
     prog = read_progress(url)
     assert prog["stage"] == "sft" and prog["step"] == prog["steps"] and prog["kept_seconds"] > 0

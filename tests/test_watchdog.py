@@ -6,7 +6,6 @@ import json
 import os
 import threading
 
-import pytest
 
 from trainer.watchdog import FLOOR_S, STARTUP_S, Watchdog, hang_bound, stuck_ranks
 
@@ -49,15 +48,6 @@ def test_a_hung_step_dumps_stacks_names_the_rank_and_calls_on_hang(tmp_path):
     stacks = (tmp_path / "hangs" / "step000003_rank0.txt").read_text()
     assert "llmctl-watchdog" in stacks or "_watch" in stacks  # faulthandler's dump of every thread
     assert dogs[1].fired is None  # rank 1 was between steps: not watched
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
-    yield
-    ray.shutdown()
 
 
 def test_hang_watchdog_names_the_stuck_rank_alerts_and_the_run_restarts(ray_cluster, tiny_inputs, tmp_path):
