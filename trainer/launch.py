@@ -71,9 +71,9 @@ def local_ray_options(*, verbose: bool = False, num_cpus: int | None = None) -> 
 
 
 # What a local cluster's idle processes spend their CPU on, none of which a local run reads (our metrics are the
-# workers' own prometheus-client exporters, trainer/metrics.py). Measured on the 2-core sandbox, six idle actors
-# plus Ray's daemons over 20 s: 0.164 cores by default, 0.059-0.069 with these (docs/benchmarks.md). Each Ray
-# process otherwise idles at ~0.01 cores, which a training step on 2 cores pays for.
+# workers' own prometheus-client exporters, trainer/metrics.py). Each Ray process otherwise idles at ~0.01 cores,
+# which a training step on 2 cores pays for: Ray's processes took 0.144 cores of 2 while training by default,
+# 0.057-0.062 with these (bench/ray_overhead.py, bench/ray_idle.py; docs/benchmarks.md).
 LEAN_SYSTEM_CONFIG = {
     "enable_metrics_collection": False,  # Ray's own metrics pipeline (src/ray/common/ray_config_def.h)
     "metrics_report_interval_ms": 60_000,  # default 10,000: each process's export to the metrics agent
