@@ -27,8 +27,8 @@ from trainer import checkpoint, preempt
 from trainer.progress import ProgressFile
 from trainer.reshard import for_world
 from trainer.plan import RunPlan, StagePlan, lr_multiplier, muon_momentum, muon_weight_decay
-from trainer.worker import (Loader, StageConfig, Worker, agree, make_loader, say, stage_summary, start_metrics,
-                            worker_context, write_stage_summary)
+from trainer.worker import (Loader, StageConfig, ValPass, Worker, agree, make_loader, say, stage_summary,
+                            start_metrics, worker_context, write_stage_summary)
 
 STATUS_COMPLETED, STATUS_BUDGET, STATUS_NONFINITE = "completed", "budget_cap_reached", "non_finite_loss"
 STATUS_PREEMPTED = "preempted"  # never final: the attempt raises preempt.Preempted after its checkpoint
@@ -53,6 +53,7 @@ class Stage:
     start_step: int
     loop: dict = field(default_factory=dict)  # checkpointed loop state: seconds, tokens, val bpb, loss EMA
     lost_seconds: float = 0.0  # paid by earlier attempts, not kept (spend.json minus the resumed work)
+    planned: RunPlan | None = None  # the plan as written, for the world-size-independent val pass
 
     @property
     def opts(self) -> dict:
@@ -88,7 +89,8 @@ def set_up(cfg: StageConfig) -> Stage:
     from trainer.tokenizer import Tokenizer
 
     w = worker_context()
-    plan = for_world(RunPlan.from_json(cfg.plan), w.world)  # elastic: same total batch, accumulation re-cut
+    planned = RunPlan.from_json(cfg.plan)
+    plan = for_world(planned, w.world)  # elastic: same total batch, accumulation re-cut
     stage = plan.stage(cfg.stage)
     torch.manual_seed(plan.spec.seed)
     model = build_model(plan.arch, w.device, fp8=plan.spec.precision == "fp8")
@@ -103,7 +105,7 @@ def set_up(cfg: StageConfig) -> Stage:
                             prior_tokens=cfg.prior_tokens + loop["tokens"])
     trace = open(cfg.trace, "a") if cfg.trace else None
     return Stage(cfg, plan, stage, w, model, optimizer, tokenizer, token_bytes, loader, metrics, trace, start_step, loop,
-                 lost)
+                 lost, planned)
 
 
 def resume(cfg: StageConfig, stage: str, w: Worker, model, optimizer) -> tuple[int, dict, dict | None]:
@@ -246,18 +248,18 @@ def _fetch(loader: Loader, n: int):
 
 
 def evaluate(st: Stage, step: int) -> None:
-    """Bits per byte on the stage's validation split, reduced over ranks (trainer/evaluate.py)."""
+    """Bits per byte on the stage's validation split, reduced over ranks (trainer/evaluate.py); the same
+    tokens at any world size (trainer/worker.py `ValPass`)."""
     from trainer.evaluate import evaluate_bpb
 
-    plan, stage = st.plan, st.stage
-    loader = make_loader(plan, stage.name, st.tokenizer, st.w, split="val", storage_options=st.opts)
+    stage = st.stage
+    val = ValPass(st.planned or st.plan, stage.name, st.tokenizer, st.w, storage_options=st.opts)
     st.model.eval()
     try:
-        batches = max(1, stage.eval_tokens // (plan.device_batch_size * plan.arch.seq_len * st.w.world))
-        bpb = evaluate_bpb(st.model, loader, batches, st.token_bytes)
+        bpb = evaluate_bpb(st.model, val, val.steps, st.token_bytes)
     finally:
         st.model.train()
-        loader.close()  # stop its prefetch threads
+        val.close()  # stop its prefetch threads
     st.loop["val_bpb"] = bpb
     st.loop["val_history"].append([step, bpb])
     st.metrics.on_val(bpb)
