@@ -1,5 +1,5 @@
 """A preempted run resumed on a different number of workers, through trainer/launch.py on a real local Ray
-cluster (CPU workers, gloo): 2 -> 1 and 1 -> 2.
+cluster (CPU workers, gloo): pretraining 2 -> 1 and 1 -> 2, and SFT 2 -> 1.
 
 The first attempt loses a worker at step 7 with no restarts allowed (the whole group is gone, as when spot
 nodes are reclaimed); the second attempt, on the other world size, resumes from the step-4 checkpoint, which
@@ -22,6 +22,7 @@ import os
 import pytest
 
 from tests.finished_run import tiny_plan
+from trainer.spend import read_spend
 
 
 
@@ -33,9 +34,9 @@ def baseline(ray_cluster, tiny_inputs):
                checkpoint_upload="sync")["stages"]["pretrain"]
 
 
-def _world_sizes(run_url: str) -> dict[int, int]:
-    """{checkpoint step: world size that wrote it} under the run's pretrain directory."""
-    root = run_url[len("file://"):] + "/pretrain"
+def _world_sizes(run_url: str, stage: str = "pretrain") -> dict[int, int]:
+    """{checkpoint step: world size that wrote it} under the run's directory of `stage`."""
+    root = run_url[len("file://"):] + f"/{stage}"
     out = {}
     for d in os.listdir(root):
         meta = os.path.join(root, d, "meta.json")
@@ -63,3 +64,29 @@ def test_preempt_resume_on_another_world_size_keeps_the_recipe_and_the_loss(base
     assert 30 in sizes and set(sizes.values()) == {after}, sizes  # the resumed attempt wrote every later one
     assert summary["val_bpb"] == pytest.approx(baseline["val_bpb"], rel=0.05)
     assert summary["train_loss_ema"] == pytest.approx(baseline["train_loss_ema"], rel=0.05)
+    rows = read_spend(p.urls["run"])["attempts"]  # each attempt priced at the workers it had (trainer/spend.py)
+    assert [(r["gpus"], r["state"]) for r in rows] == [(before, "failed"), (after, "finished")]
+
+
+def test_preempt_sft_resumes_on_fewer_workers(ray_cluster, tiny_inputs, tmp_path):
+    """SFT lost at step 5 on 2 workers resumes from its step-4 checkpoint on 1 (the conversation stream
+    re-cut by trainer/reshard.py; its exactly-once audit is tests/test_reshard.py's) and finishes the stage:
+    every planned step, the same total batch, and a val bpb below the one it started from (the val pass
+    scores the same conversations at either size)."""
+    from trainer.launch import run
+
+    p = tiny_plan(tiny_inputs, "resize-sft", stages=("pretrain", "sft"), num_iterations=8)
+    chaos = {"kill_at_step": 5, "rank": 0, "marker": str(tmp_path / "killed"), "stage": "sft"}
+    with pytest.raises(Exception):  # noqa: B017 - Ray's TrainingFailedError: no restarts were allowed
+        run(p, storage_options={}, checkpoint_upload="sync", chaos=chaos, workers=2, max_failures=0)
+    assert os.path.exists(chaos["marker"])
+    run_dir = p.urls["run"][len("file://"):]
+    assert json.load(open(f"{run_dir}/pretrain/summary.json"))["status"] == "completed"
+    assert _world_sizes(p.urls["run"], "sft") == {4: 2}
+    summary = run(p, storage_options={}, checkpoint_upload="sync", workers=1)["stages"]["sft"]
+    sft = p.stage("sft")
+    assert summary["status"] == "completed" and summary["steps"] == sft.steps == 6, summary
+    assert summary["tokens"] == sft.steps * p.total_batch_size
+    assert _world_sizes(p.urls["run"], "sft") == {4: 2, 6: 1}
+    (start, first), *_, (end, last) = summary["val_history"]
+    assert (start, end) == (0, 6) and last < first, summary["val_history"]

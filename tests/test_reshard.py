@@ -350,3 +350,76 @@ def _val_rank(rank: int, world: int, port: int, tmp: str, url: str) -> None:
                 f.write(repr(bpb))
     finally:
         dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------------------------- SFT's conversations
+
+
+def _conversations(k: int = 150) -> list[dict]:
+    """`k` one- or two-turn conversations of varied lengths (so ranks pack different counts per batch)."""
+    rows = []
+    for i in range(k):
+        msgs = [{"role": "user", "content": f"question {i}: " + "why " * (i % 7)},
+                {"role": "assistant", "content": f"answer {i} " + "because " * (i % 11)}]
+        if i % 3 == 0:
+            msgs += [{"role": "user", "content": "and then?"}, {"role": "assistant", "content": "done."}]
+        rows.append({"messages": msgs})
+    return rows
+
+
+def _sft_loaders(tok, world: int, states=None) -> list:
+    from trainer.chat import SFTLoader
+
+    out = []
+    for rank in range(world):
+        state = None if states is None else (states[rank] if states[0]["world_size"] == world
+                                             else reshard.reshard_request(states, rank, world))
+        ld = SFTLoader(_conversations(), tok, batch_size=2, seq_len=64, rank=rank, world_size=world, buffer_size=8,
+                       state=state)
+        ld.audit = []
+        out.append(ld)
+    return out
+
+
+@pytest.mark.parametrize("worlds", [(2, 1), (1, 2), (3, 2), (2, 1, 2)])
+def test_reshard_sft_packs_every_conversation_exactly_once(shards, worlds):
+    _, tok = shards
+    seen: list = []
+    states = None
+    for i, world in enumerate(worlds):
+        loaders = _sft_loaders(tok, world, states)
+        if states is not None:  # the LR schedule's progress carries over (each rank's share of the total)
+            before = sum(s["consumed"] for s in states) / 150
+            assert all(ld.progress == pytest.approx(before, abs=0.02) for ld in loaders)
+        states = _run(loaders, None if i == len(worlds) - 1 else 4 + 2 * i)
+        for ld in loaders:
+            seen.extend(ld.audit)
+    assert all(s["buffer"] == [] and "pending" not in s for s in states)  # the epoch ran out on every rank
+    counts = collections.Counter(seen)
+    assert [c for c, k in counts.items() if k > 1] == []  # none repeated
+    assert sorted(counts) == list(range(150))  # none skipped
+
+
+def test_reshard_sft_state_resumes_exactly_on_the_new_world_size(shards):
+    """A re-shard's pool is part of the new rank's own state: restored, it yields exactly the same batches."""
+    from trainer.chat import SFTLoader
+
+    _, tok = shards
+    states = _run(_sft_loaders(tok, 2), 3)
+    a, = _sft_loaders(tok, 1, states)
+    next(a)
+    mid = a.state_dict()
+    assert mid["pending"] and mid["world_size"] == 1
+    expect = [next(a)[0] for _ in range(3)]
+    b = SFTLoader(_conversations(), tok, batch_size=2, seq_len=64, buffer_size=8, state=mid)
+    assert all(torch.equal(x, next(b)[0]) for x in expect)
+
+
+def test_reshard_sft_refuses_states_of_another_dataset(shards):
+    from trainer.shards import DataError
+
+    _, tok = shards
+    states = _run(_sft_loaders(tok, 2), 1)
+    states[1]["conversations"] = 149
+    with pytest.raises(DataError, match="SFT loader state 1 of 2: .*conversations 149"):
+        _sft_loaders(tok, 1, states)

@@ -17,6 +17,7 @@ from trainer.costs import CORE_TASKS
 from trainer.evaluate import BundleError, evaluate_bpb, evaluate_core, load_bundle
 from trainer.plan import RunPlan
 from trainer.progress import ProgressFile
+from trainer.spend import record_world
 from trainer.storage import write_json
 from trainer.worker import StageConfig, ValPass, stage_summary, start_metrics, worker_context, write_stage_summary
 from trainer.worker import say as say_once
@@ -89,6 +90,8 @@ def eval_loop(config: dict) -> None:
     w = worker_context()
     rank, world, device = w.rank, w.world, w.device
     opts = cfg.storage_options
+    if rank == 0:
+        record_world(plan.urls["run"], world, opts)  # the spend ledger prices this size (trainer/spend.py)
     say = (lambda msg: say_once(0, msg)) if rank == 0 else None
     metrics = start_metrics(plan, "eval", w, cfg.metrics_port_base)
     tokenizer = Tokenizer.load(plan.urls["tokenizer"], storage_options=opts)

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 import ray.train
-from trainer import checkpoint, preempt
+from trainer import checkpoint, preempt, spend
 from trainer.progress import ProgressFile
 from trainer.reshard import for_world
 from trainer.plan import RunPlan, StagePlan, lr_multiplier, muon_momentum, muon_weight_decay
@@ -90,6 +90,8 @@ def set_up(cfg: StageConfig) -> Stage:
 
     w = worker_context()
     planned = RunPlan.from_json(cfg.plan)
+    if w.rank == 0:
+        spend.record_world(planned.urls["run"], w.world, cfg.storage_options)  # the ledger prices this size
     plan = for_world(planned, w.world)  # elastic: same total batch, accumulation re-cut
     stage = plan.stage(cfg.stage)
     torch.manual_seed(plan.spec.seed)
@@ -148,6 +150,8 @@ def _watchdog(st: Stage):
 
 def _steps(st: Stage, wd) -> tuple[str, int, int]:
     stage, loop, chaos = st.stage, st.loop, st.cfg.chaos or {}
+    if chaos.get("stage", stage.name) != stage.name:
+        chaos = {}  # the fault is meant for another stage
     step = saved_at = st.start_step
     t_wall = time.perf_counter()
     preempt.install()  # SIGTERM sets a flag that _should_stop agrees on

@@ -160,7 +160,7 @@ class StageConfig:
     time restarts lost; trace: a local JSONL path for
     per-step data fingerprints and wall-clock stamps (the exact-resume tests, bench/ray_overhead.py); chaos:
     fault injection for the fault tests (kill_at_step, rank, marker, during_save; nan_at_step; hang_at_step,
-    hang_seconds, watchdog_floor_s: a rank that stalls and the watchdog's short bound);
+    hang_seconds, watchdog_floor_s: a rank that stalls and the watchdog's short bound; stage: only that stage);
     progress_file: a local JSONL path rank 0 appends progress to (trainer/progress.py; the local run's bars).
     """
 
