@@ -16,7 +16,6 @@ import os
 import threading
 import time
 
-
 from tests.finished_run import tiny_plan
 
 

@@ -66,6 +66,8 @@ def test_preempt_resume_on_another_world_size_keeps_the_recipe_and_the_loss(base
     assert summary["train_loss_ema"] == pytest.approx(baseline["train_loss_ema"], rel=0.05)
     rows = read_spend(p.urls["run"])["attempts"]  # each attempt priced at the workers it had (trainer/spend.py)
     assert [(r["gpus"], r["state"]) for r in rows] == [(before, "failed"), (after, "finished")]
+    # the stage's kept time is priced the same way: part of it on 1 worker, part on 2
+    assert summary["seconds"] < summary["gpu_seconds"] < 2 * summary["seconds"]
 
 
 def test_preempt_sft_resumes_on_fewer_workers(ray_cluster, tiny_inputs, tmp_path):

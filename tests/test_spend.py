@@ -111,6 +111,8 @@ def test_elastic_spend_prices_each_segment_at_the_size_it_ran(tmp_path):
     assert doc["attempts"][-1]["segments"] == [[0.0, 2], [3600.0, 1], [5400.0, 2]]
     assert doc["totals"]["seconds"] == 7200 and doc["totals"]["gpu_seconds"] == 3.5 * 3600
     assert doc["totals"]["dollars"] == pytest.approx(3.5 * 2.0)
+    row = doc["attempts"][-1]  # `llmctl cost --since`: the attempt's last 45 min, 15 of them at 1 GPU, 30 at 2
+    assert spend.gpu_seconds(row, last=2700) == 900 + 2 * 1800 and spend.gpu_seconds(row, last=0) == 0
     # a fresh attempt on 1 GPU (resumed on fewer workers) starts its own row at its own size
     second = ledger(url, clock, gpus=1).begin()
     clock.t += 100

@@ -61,11 +61,13 @@ def parse_iso(ts) -> datetime.datetime | None:
     return t if t.tzinfo else t.replace(tzinfo=datetime.timezone.utc)
 
 
-def gpu_seconds(row: dict) -> float:
-    """One attempt's GPU-seconds: the sum over its segments of GPUs x seconds (all at `gpus` without any)."""
-    segments = row.get("segments") or [[0.0, row["gpus"]]]
-    ends = [min(at, row["seconds"]) for at, _ in segments[1:]] + [row["seconds"]]
-    return sum(g * max(0.0, end - min(at, row["seconds"])) for (at, g), end in zip(segments, ends))
+def gpu_seconds(row: dict, last: float | None = None) -> float:
+    """One attempt's GPU-seconds: the sum over its segments of GPUs x seconds (all at `gpus` without any);
+    of its `last` seconds only, when given (`llmctl cost --since`)."""
+    end, segments = row["seconds"], row.get("segments") or [[0.0, row["gpus"]]]
+    begin = 0.0 if last is None else max(0.0, end - last)
+    cuts = [at for at, _ in segments[1:]] + [end]
+    return sum(g * max(0.0, min(b, end) - max(a, begin)) for (a, g), b in zip(segments, cuts))
 
 
 def totals(doc: dict) -> dict:

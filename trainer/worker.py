@@ -138,7 +138,8 @@ def agree(device: torch.device, *flags: bool) -> list[bool]:
 def stage_summary(plan: RunPlan, stage: str, *, status: str, steps: int, planned_steps: int, tokens: int,
                   seconds: float, **extra) -> dict:
     """`<run>/<stage>/summary.json`: what the stage did and what it cost; read by trainer/launch.py (skip a
-    finished stage, sum the run) and trainer/report.py. `extra`: the stage's own figures (val bpb, ...)."""
+    finished stage, sum the run) and trainer/report.py. `extra`: the stage's own figures (val bpb, ...), and
+    `dollars` when it did not run on the planned GPUs throughout (trainer/loop.py prices its GPU-seconds)."""
     return {"stage": stage, "status": status, "steps": steps, "planned_steps": planned_steps, "tokens": tokens,
             "seconds": seconds, "dollars": plan.cost_of(seconds), **extra}
 
