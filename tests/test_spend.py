@@ -96,6 +96,8 @@ def test_elastic_spend_prices_each_segment_at_the_size_it_ran(tmp_path):
     spend.record_world(url, 1, clock=lambda: clock.t - 10)  # an earlier attempt's last group: not this one's
     led = ledger(url, clock, gpus=2).begin()
     spend.record_world(url, 2, clock=lambda: clock.t + 5)  # this attempt's first group: the size it opened at
+    led.heartbeat()
+    assert "segments" not in spend.read_spend(url)["attempts"][-1]  # a row that kept its size has none
     clock.t += 3600
     spend.record_world(url, 1, clock=clock)  # a node lost: the group restarts on 1
     clock.t += 600

@@ -198,8 +198,8 @@ class Ledger:
     def heartbeat(self, state: str = "running") -> None:
         """Move this attempt's `last` and `seconds` to now (and set its state), after folding in the world-size
         changes its worker groups recorded since the last heartbeat."""
-        changes = self._changes()
         with self._lock:
+            changes = self._changes()
             now = self.clock()
             row = self.doc["attempts"][-1]
             for t, world in changes:
@@ -221,10 +221,12 @@ class Ledger:
         return new
 
     def _resize(self, row: dict, world: int, at: float) -> None:
-        segments = row.setdefault("segments", [[0.0, row["gpus"]]])
+        """From `at` seconds into the attempt on, it runs on `world` GPUs (a row that never changed size has
+        no segments)."""
+        segments = row.get("segments") or [[0.0, row["gpus"]]]
         if world == segments[-1][1] or len(segments) >= MAX_SEGMENTS:
             return
-        segments.append([max(at, segments[-1][0]), world])
+        row["segments"] = segments + [[max(at, segments[-1][0]), world]]
         row["gpus"] = world
 
     def _write(self) -> None:
