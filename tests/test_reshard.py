@@ -324,7 +324,8 @@ def test_reshard_val_bpb_of_the_same_weights_is_the_same_at_one_and_two_ranks(sh
     model = build_model(p.arch, "cpu")
     torch.save(model.state_dict(), tmp_path / "model.pt")
     tok.save(f"file://{tmp_path}/tok")
-    mp.start_processes(_val_rank, args=(2, _port(), str(tmp_path), url), nprocs=2, join=True, start_method="fork")
+    # spawn, not fork: this process already runs loader and tokenizer threads, whose locks a fork would copy held
+    mp.spawn(_val_rank, args=(2, _port(), str(tmp_path), url), nprocs=2, join=True)
     two = float((tmp_path / "bpb").read_text())
     val = ValPass(p, "pretrain", tok, Worker(0, 1, 0, torch.device("cpu")))
     with torch.no_grad():
