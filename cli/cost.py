@@ -46,6 +46,7 @@ def seconds_since(row: dict, since: datetime.datetime | None) -> float:
 
 def run_cost(url: str, opts: dict | None, since: datetime.datetime | None) -> dict | None:
     """One run's row, or None when it has no spend ledger (or nothing after `since`)."""
+    from trainer.spend import gpu_seconds as spend_gpu_seconds
     from trainer.spend import read_spend
     from trainer.storage import read_small_json
 
@@ -57,7 +58,7 @@ def run_cost(url: str, opts: dict | None, since: datetime.datetime | None) -> di
     if not rows:
         return None
     price = spend["price_per_gpu_hour"] or 0.0
-    gpu_seconds = sum(a["gpus"] * s for a, s in rows)
+    gpu_seconds = sum(spend_gpu_seconds(a, None if since is None else s) for a, s in rows)  # each at its sizes
     estimate = None
     try:
         plan = read_small_json(f"{url}/plan.json", PLAN_MAX_BYTES, opts) or {}

@@ -45,15 +45,16 @@ def add_storage_view(s: dict, now: datetime.datetime | None = None) -> dict:
         s["storage_error"] = _clean(f"{type(e).__name__}: {e}", 300)
     prog = s["progress"] or {}
     gpus, price = s["gpus"], s["price_per_gpu_hour"]
+    rows = (spend or {}).get("attempts") or []
+    live = rows[-1] if rows and rows[-1]["state"] == "running" else None  # its `gpus`: the size it runs at now
     candidates = [prog.get("spent_gpu_seconds") or 0.0]
-    if s["elapsed_hours"] is not None:
-        candidates.append(s["elapsed_hours"] * 3600 * gpus)  # this attempt's wall clock (KubeRay's startTime)
-    if spend and spend["attempts"]:
-        rows = spend["attempts"]
+    if s["elapsed_hours"] is not None:  # this attempt's wall clock (KubeRay's startTime)
+        candidates.append(s["elapsed_hours"] * 3600 * (live["gpus"] if live else gpus))
+    if rows:
         candidates.append(spend["totals"]["gpu_seconds"])
-        if rows[-1]["state"] == "running" and s["elapsed_hours"] is not None:  # earlier rows + the live clock
-            earlier = sum(a["seconds"] * a["gpus"] for a in rows[:-1])
-            candidates.append(earlier + s["elapsed_hours"] * 3600 * gpus)
+        if live and s["elapsed_hours"] is not None:  # the ledger, plus the live clock past its last heartbeat
+            ahead = max(0.0, s["elapsed_hours"] * 3600 - live["seconds"])
+            candidates.append(spend["totals"]["gpu_seconds"] + ahead * live["gpus"])
         last = parse_iso(rows[-1]["last"])
         s["spend"] = dict(spend["totals"], last_heartbeat=rows[-1]["last"],
                           heartbeat_age_seconds=(now - last).total_seconds() if last else None)

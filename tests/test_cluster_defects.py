@@ -71,6 +71,23 @@ def test_spend_survives_a_retry(kube, capsys, tmp_path):
     assert json.loads(out)["spent_dollars"] >= 6 * 8 * 2.0 - 1  # 6 GPU-node-hours at $2/GPU-h, not 1
 
 
+def test_elastic_status_prices_a_shrunk_attempt_at_the_sizes_it_ran(kube, capsys, tmp_path):
+    """A run planned for 8 GPUs, running for 2 h, that lost half its workers after the first hour: status
+    says 8 x 1 h + 4 x 1 h = 12 GPU-hours ($24), from the ledger's segments, not 8 x 2 h (trainer/spend.py)."""
+    run_dir = tmp_path / "runs" / "r3"
+    run_dir.mkdir(parents=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    start = now - datetime.timedelta(hours=2)
+    (run_dir / "spend.json").write_text(json.dumps({"run": "r3", "price_per_gpu_hour": 2.0, "attempts": [
+        {"start": _iso(start), "last": _iso(now - datetime.timedelta(seconds=60)), "gpus": 4, "seconds": 7140.0,
+         "state": "running", "segments": [[0.0, 8], [3600.0, 4]]}]}))
+    _run(kube, "r3", f"file://{run_dir}", {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING",
+                                           "startTime": _iso(start)})
+    rc, out, err = run(capsys, "status", "r3", "-o", "json")
+    assert rc == 0, err
+    assert json.loads(out)["spent_dollars"] == pytest.approx(12 * 2.0, abs=0.1)
+
+
 def test_logs_follow_waits_for_a_pod_that_has_not_started(kube, capsys):
     kube.add({"apiVersion": "v1", "kind": "Pod",
               "metadata": {"name": "r3-submitter", "labels": {"llmctl.dev/run": "r3", "llmctl.dev/role": "submitter"}},

@@ -2,7 +2,8 @@
 `min_gpus=1` of 2 gives Ray Train's `ScalingConfig(num_workers=(1, 2))`. One node is removed while the run
 trains (its worker dies with it, as with a reclaimed spot node): the run restarts on the 1 worker that fits,
 re-sharding the checkpoint 2 -> 1, and goes on. The node is then added back: at its next check the elastic
-policy restarts the group on 2 workers (1 -> 2) and the run completes. Waiting is on conditions (the loop's
+policy restarts the group on 2 workers (1 -> 2) and the run completes; its spend ledger prices each part at
+the size it ran (fewer GPU-seconds than 2 x the wall time). Waiting is on conditions (the loop's
 data trace and Ray's node table) with deadlines, never on fixed sleeps.
 
 Run: .venv/bin/pytest tests/test_elastic_ray.py
@@ -14,8 +15,6 @@ import json
 import os
 import threading
 import time
-
-import pytest
 
 from tests.finished_run import tiny_plan
 
@@ -76,6 +75,13 @@ def test_elastic_run_shrinks_when_a_node_is_lost_and_grows_back(tiny_inputs, tmp
         assert summary["status"] == "completed" and summary["steps"] == 60
         grown = _stamps(trace)[m:]
         assert any(s["rank"] == 1 for s in grown), "the run did not grow back to 2 workers"
+        # one attempt, priced at the size each worker group ran: 2, then 1, then 2 GPUs (trainer/spend.py)
+        from trainer.spend import read_spend
+
+        doc = read_spend(p.urls["run"])
+        row, = doc["attempts"]
+        assert [g for _, g in row["segments"]] == [2, 1, 2], row
+        assert 1.0 * row["seconds"] < doc["totals"]["gpu_seconds"] < 2 * row["seconds"], doc["totals"]
     finally:
         ray.shutdown()
         cluster.shutdown()

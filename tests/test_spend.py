@@ -1,6 +1,7 @@
 """trainer/spend.py (the run's spend ledger) and trainer/progress.py's storage document: attempts accumulate
-across a killed attempt (time up to its last heartbeat kept), readers refuse oversized or malformed files,
-and a real finished run leaves both documents in its storage.
+across a killed attempt (time up to its last heartbeat kept), an elastic attempt pays each segment at the
+size it ran, readers refuse oversized or malformed files, and a real finished run leaves both documents in
+its storage.
 
 Run: .venv/bin/pytest tests/test_spend.py -v
 """
@@ -84,6 +85,60 @@ def test_readers_treat_stored_files_as_untrusted(tmp_path):
         spend.read_spend(url)
     with pytest.raises(ValueError, match="unknown key"):
         write_progress(url, {"step": 1, "bogus": 2})
+
+
+def test_elastic_spend_prices_each_segment_at_the_size_it_ran(tmp_path):
+    """An attempt that starts on 2 GPUs, shrinks to 1 after an hour and grows back to 2 half an hour later
+    pays 2 x 1 h + 1 x 0.5 h + 2 x 0.5 h = 3.5 GPU-hours over its 2 hours, not 2 x 2 = 4 (the planned size
+    throughout). The sizes come from the worker groups (`record_world`), folded in at heartbeats; a change
+    from before the attempt began is not its own."""
+    url, clock = f"file://{tmp_path}/runs/r", Clock()
+    spend.record_world(url, 1, clock=lambda: clock.t - 10)  # an earlier attempt's last group: not this one's
+    led = ledger(url, clock, gpus=2).begin()
+    spend.record_world(url, 2, clock=lambda: clock.t + 5)  # this attempt's first group: the size it opened at
+    led.heartbeat()
+    assert "segments" not in spend.read_spend(url)["attempts"][-1]  # a row that kept its size has none
+    clock.t += 3600
+    spend.record_world(url, 1, clock=clock)  # a node lost: the group restarts on 1
+    clock.t += 600
+    led.heartbeat()  # folds the shrink in at the moment it happened, not at the heartbeat
+    row = spend.read_spend(url)["attempts"][-1]
+    assert row["gpus"] == 1 and row["segments"] == [[0.0, 2], [3600.0, 1]]
+    assert spend.read_spend(url)["totals"]["gpu_seconds"] == 2 * 3600 + 600
+    clock.t += 1200
+    spend.record_world(url, 2, clock=clock)  # capacity back: the group grows at the next checkpoint
+    clock.t += 1800
+    led.end("finished")
+    doc = spend.read_spend(url)
+    assert doc["attempts"][-1]["segments"] == [[0.0, 2], [3600.0, 1], [5400.0, 2]]
+    assert doc["totals"]["seconds"] == 7200 and doc["totals"]["gpu_seconds"] == 3.5 * 3600
+    assert doc["totals"]["dollars"] == pytest.approx(3.5 * 2.0)
+    row = doc["attempts"][-1]  # `llmctl cost --since`: the attempt's last 45 min, 15 of them at 1 GPU, 30 at 2
+    assert spend.gpu_seconds(row, last=2700) == 900 + 2 * 1800 and spend.gpu_seconds(row, last=0) == 0
+    # a fresh attempt on 1 GPU (resumed on fewer workers) starts its own row at its own size
+    second = ledger(url, clock, gpus=1).begin()
+    clock.t += 100
+    second.end("finished")
+    assert spend.read_spend(url)["totals"]["gpu_seconds"] == 3.5 * 3600 + 100
+
+
+def test_segments_and_world_records_are_untrusted(tmp_path):
+    url = f"file://{tmp_path}/runs/r"
+    (tmp_path / "runs" / "r").mkdir(parents=True)
+    good = {"start": "2026-01-01T00:00:00Z", "last": "2026-01-01T01:00:00Z", "gpus": 1, "seconds": 3600.0,
+            "state": "finished", "segments": [[0, 4], [1800, 1]]}
+    bad = [dict(good, segments=s) for s in ([], [[5, 4]], [[0, 4], [10, 2], [5, 1]], [[0, -1]], [[0, 4.5]],
+                                            [[0, 4, 1]], "x", [[0, 4]] * (spend.MAX_SEGMENTS + 1))]
+    (tmp_path / "runs/r/spend.json").write_text(json.dumps({"run": "r", "price_per_gpu_hour": 1.0,
+                                                            "attempts": [good, *bad]}))
+    doc = spend.read_spend(url)
+    assert doc["attempts"] == [good] and doc["totals"]["gpu_seconds"] == 4 * 1800 + 1800
+    (tmp_path / "runs/r/workers.json").write_text(json.dumps({"changes": [[1, 2], ["x", 3], [2, 0], [3, 2.5], 7]}))
+    spend.record_world(url, 3, clock=lambda: 4.0)
+    assert json.loads((tmp_path / "runs/r/workers.json").read_text()) == {"changes": [[1, 2], [4.0, 3]]}
+    (tmp_path / "runs/r/workers.json").write_text("{not json")
+    spend.record_world(url, 2, clock=lambda: 5.0)  # a broken file is started again, never fatal
+    assert json.loads((tmp_path / "runs/r/workers.json").read_text()) == {"changes": [[5.0, 2]]}
 
 
 def test_a_finished_run_leaves_its_progress_and_one_finished_attempt(finished_run):

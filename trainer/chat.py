@@ -15,7 +15,9 @@ filled with the largest conversation that fits whole; when none fits, the rest o
 (never cropped: a conversation is rendered with at most T+1 tokens, so it always fits an empty row). Targets
 are -1 wherever the mask is 0 (BOS, user turns, tool output) and over padding. Ranks take conversations
 rank, rank+W, …; by default one pass, after which iteration stops (`last` turns True with the final batch;
-`progress` in [0, 1] drives the LR schedule). `state_dict()` is small JSON (indices, not tokens) for exact resume.
+`progress` in [0, 1] drives the LR schedule). `state_dict()` is small JSON (indices, not tokens) for exact resume;
+a state written at another world size is re-cut by trainer/reshard.py (`partition_sft_states`), each
+conversation still packed exactly once.
 """
 
 from __future__ import annotations
@@ -152,9 +154,11 @@ class SFTLoader:
         self.share = len(range(rank, n, world_size))  # conversations this rank sees per epoch
         self._buffer = DocBuffer(length=lambda item: len(item[0]))
         self._cursor, self._epoch = rank, 1  # next conversation index to render, and its epoch
+        self._pending: list[tuple[int, int]] = []  # (epoch, index) first: a re-shard's pool (trainer/reshard.py)
         self.consumed = 0  # conversations packed by this rank
         self.batches = 0
         self.last = False  # True once the yielded batch was the final one
+        self.audit: list | None = None  # set to [] to record the index of every packed conversation
         import torch
 
         self._torch = torch
@@ -172,7 +176,7 @@ class SFTLoader:
         return 0.0 if self.epochs is None else min(1.0, self.consumed / (self.share * self.epochs))
 
     def _exhausted(self) -> bool:
-        return self.epochs is not None and self._epoch > self.epochs
+        return not self._pending and self.epochs is not None and self._epoch > self.epochs
 
     def _render(self, i: int):
         try:
@@ -183,6 +187,10 @@ class SFTLoader:
     def _refill(self) -> None:
         n = len(self.conversations)
         while len(self._buffer) < self.buffer_size and not self._exhausted():
+            if self._pending:
+                _, i = self._pending.pop(0)
+                self._buffer.add(self._render(i), i)
+                continue
             self._buffer.add(self._render(self._cursor), self._cursor)
             self._cursor += self.world_size
             if self._cursor >= n:
@@ -192,11 +200,19 @@ class SFTLoader:
         """Nothing to stop: the conversations are in memory (the `Loader` protocol, trainer/worker.py)."""
 
     def state_dict(self) -> dict:
-        return {"kind": "sft", "version": 1, "rank": self.rank, "world_size": self.world_size,
-                "conversations": len(self.conversations), "cursor": self._cursor, "epoch": self._epoch,
-                "buffer": self._buffer.refs(), "consumed": self.consumed, "batches": self.batches, "last": self.last}
+        state = {"kind": "sft", "version": 1, "rank": self.rank, "world_size": self.world_size,
+                 "conversations": len(self.conversations), "cursor": self._cursor, "epoch": self._epoch,
+                 "buffer": self._buffer.refs(), "consumed": self.consumed, "batches": self.batches, "last": self.last}
+        if self._pending:  # resumed on another world size and not through the pool yet
+            state["pending"] = [list(x) for x in self._pending]
+        return state
 
     def _restore(self, state: dict) -> None:
+        from trainer import reshard
+
+        if state.get("kind") == reshard.LOADER_RESHARD:  # written by another world size: take this rank's share
+            state = reshard.partition_sft_states(state["states"], self.rank, self.world_size,
+                                                 conversations=len(self.conversations), epochs=self.epochs)
         if state.get("kind") != "sft" or state.get("version") != 1:
             raise DataError(f"not an SFT loader state (kind={state.get('kind')!r}, version={state.get('version')!r})")
         for key, have in (("rank", self.rank), ("world_size", self.world_size), ("conversations", len(self.conversations))):
@@ -205,6 +221,10 @@ class SFTLoader:
         for i in state["buffer"]:
             self._buffer.add(self._render(i), i)
         self._cursor, self._epoch = state["cursor"], state["epoch"]
+        self._pending = [(e, i) for e, i in state.get("pending", [])]
+        if not all(isinstance(i, int) and 0 <= i < len(self.conversations) for _, i in self._pending):
+            raise DataError(f"SFT loader state: a pending conversation index is outside 0.."
+                            f"{len(self.conversations) - 1}")
         self.consumed, self.batches, self.last = state["consumed"], state["batches"], state["last"]
 
     def __iter__(self) -> "SFTLoader":
@@ -240,6 +260,8 @@ class SFTLoader:
             raise StopIteration
         self.consumed += len(taken)
         self.batches += 1
+        if self.audit is not None:
+            self.audit.extend(ref for _, _, ref in taken)
         self.last = self._exhausted() and not len(self._buffer)
         torch = self._torch
         x = torch.from_numpy(rows[:, :-1].copy())

@@ -17,8 +17,9 @@ from trainer.costs import CORE_TASKS
 from trainer.evaluate import BundleError, evaluate_bpb, evaluate_core, load_bundle
 from trainer.plan import RunPlan
 from trainer.progress import ProgressFile
+from trainer.spend import record_world
 from trainer.storage import write_json
-from trainer.worker import StageConfig, make_loader, stage_summary, start_metrics, worker_context, write_stage_summary
+from trainer.worker import StageConfig, ValPass, stage_summary, start_metrics, worker_context, write_stage_summary
 from trainer.worker import say as say_once
 
 # Greedy 16-token continuations of these prompts show what the base model knows (nanochat base_eval).
@@ -89,12 +90,13 @@ def eval_loop(config: dict) -> None:
     w = worker_context()
     rank, world, device = w.rank, w.world, w.device
     opts = cfg.storage_options
+    if rank == 0:
+        record_world(plan.urls["run"], world, opts)  # the spend ledger prices this size (trainer/spend.py)
     say = (lambda msg: say_once(0, msg)) if rank == 0 else None
     metrics = start_metrics(plan, "eval", w, cfg.metrics_port_base)
     tokenizer = Tokenizer.load(plan.urls["tokenizer"], storage_options=opts)
     token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.int64, device=device)
     results: dict = {"format": RESULTS_FORMAT, "run": plan.name, "world_size": world, "models": {}}
-    B, T = plan.device_batch_size, plan.arch.seq_len
 
     # ---------------------------------------------------------------- each trained model
     trained = [s for s in plan.stages if s.name in MODEL_OF_STAGE]
@@ -112,18 +114,18 @@ def eval_loop(config: dict) -> None:
             say(f"[eval] {name} model: {stage.name} step {meta.step} ({url})")
 
         t0 = time.perf_counter()
-        steps = max(1, stage.eval_tokens // (B * T * world))  # the stage's own val pass (trainer/loop.py)
-        loader = make_loader(plan, stage.name, tokenizer, w, split="val", storage_options=opts)
+        # the stage's own val pass (trainer/loop.py): the same tokens whatever the world size
+        val = ValPass(plan, stage.name, tokenizer, w, storage_options=opts)
         try:
-            entry["val_bpb"] = evaluate_bpb(model, loader, steps, token_bytes)
+            entry["val_bpb"] = evaluate_bpb(model, val, val.steps, token_bytes)
         finally:
-            loader.close()  # stop the pretraining loader's read-ahead
-        loader = make_loader(plan, stage.name, tokenizer, w, split="val", storage_options=opts)
+            val.close()  # stop the pretraining loader's read-ahead
+        val = ValPass(plan, stage.name, tokenizer, w, storage_options=opts)
         try:  # the same val tokens, scored by their own frequencies: the floor a model without context reaches
-            entry["unigram_bpb"] = unigram_bpb(loader, steps, token_bytes)
+            entry["unigram_bpb"] = unigram_bpb(val, val.steps, token_bytes)
         finally:
-            loader.close()
-        entry["bpb_tokens"] = steps * B * T * world
+            val.close()
+        entry["bpb_tokens"] = val.tokens
         entry["bpb_seconds"] = time.perf_counter() - t0
         if say:
             say(f"[eval] {name} val bpb {entry['val_bpb']:.4f} (unigram baseline {entry['unigram_bpb']:.4f}; "

@@ -140,13 +140,15 @@ def ray_logs_dir() -> str | None:
 def run(p: RunPlan, *, storage_options: dict | None = None, **kw) -> dict:
     """Run every stage of the plan on the current Ray cluster (starting a local one if none); return the
     run summary. Idempotent: finished stages are skipped, interrupted ones resume. This attempt's GPU time
-    goes to `<run>/spend.json` (trainer/spend.py), heartbeated, so spend survives retries and preemptions."""
+    goes to `<run>/spend.json` (trainer/spend.py), heartbeated, so spend survives retries and preemptions, and
+    priced at the size each worker group actually ran at (an elastic run that shrank pays for fewer GPUs)."""
     from trainer import spend
 
     opts = dict(storage_options if storage_options is not None else storage_options_from_env())
     write_plan(p, opts)  # before the ledger: never write into another run's directory
-    with spend.attempt(p.urls["run"], run=p.name, gpus=p.spec.gpus, price_per_gpu_hour=p.estimate.price_per_gpu_hour,
-                       storage_options=opts) as ledger:
+    count = worker_count(p, kw.get("workers"))  # the size it starts at; worker groups report changes (spend.py)
+    with spend.attempt(p.urls["run"], run=p.name, gpus=count if isinstance(count, int) else max(count),
+                       price_per_gpu_hour=p.estimate.price_per_gpu_hour, storage_options=opts) as ledger:
         return _run_stages(p, storage_options=opts, earlier_attempts_seconds=ledger.earlier_seconds, **kw)
 
 

@@ -23,12 +23,12 @@ import torch
 import torch.distributed as dist
 
 import ray.train
-from trainer import checkpoint, preempt
+from trainer import checkpoint, preempt, spend
 from trainer.progress import ProgressFile
 from trainer.reshard import for_world
 from trainer.plan import RunPlan, StagePlan, lr_multiplier, muon_momentum, muon_weight_decay
-from trainer.worker import (Loader, StageConfig, Worker, agree, make_loader, say, stage_summary, start_metrics,
-                            worker_context, write_stage_summary)
+from trainer.worker import (Loader, StageConfig, ValPass, Worker, agree, make_loader, say, stage_summary,
+                            start_metrics, worker_context, write_stage_summary)
 
 STATUS_COMPLETED, STATUS_BUDGET, STATUS_NONFINITE = "completed", "budget_cap_reached", "non_finite_loss"
 STATUS_PREEMPTED = "preempted"  # never final: the attempt raises preempt.Preempted after its checkpoint
@@ -53,6 +53,7 @@ class Stage:
     start_step: int
     loop: dict = field(default_factory=dict)  # checkpointed loop state: seconds, tokens, val bpb, loss EMA
     lost_seconds: float = 0.0  # paid by earlier attempts, not kept (spend.json minus the resumed work)
+    planned: RunPlan | None = None  # the plan as written, for the world-size-independent val pass
 
     @property
     def opts(self) -> dict:
@@ -88,7 +89,10 @@ def set_up(cfg: StageConfig) -> Stage:
     from trainer.tokenizer import Tokenizer
 
     w = worker_context()
-    plan = for_world(RunPlan.from_json(cfg.plan), w.world)  # elastic: same total batch, accumulation re-cut
+    planned = RunPlan.from_json(cfg.plan)
+    if w.rank == 0:
+        spend.record_world(planned.urls["run"], w.world, cfg.storage_options)  # the ledger prices this size
+    plan = for_world(planned, w.world)  # elastic: same total batch, accumulation re-cut
     stage = plan.stage(cfg.stage)
     torch.manual_seed(plan.spec.seed)
     model = build_model(plan.arch, w.device, fp8=plan.spec.precision == "fp8")
@@ -103,20 +107,23 @@ def set_up(cfg: StageConfig) -> Stage:
                             prior_tokens=cfg.prior_tokens + loop["tokens"])
     trace = open(cfg.trace, "a") if cfg.trace else None
     return Stage(cfg, plan, stage, w, model, optimizer, tokenizer, token_bytes, loader, metrics, trace, start_step, loop,
-                 lost)
+                 lost, planned)
 
 
 def resume(cfg: StageConfig, stage: str, w: Worker, model, optimizer) -> tuple[int, dict, dict | None]:
     """(start step, loop state, loader state): from Ray Train's latest checkpoint of this stage if there is
     one; else a fresh start, from `cfg.init_model`'s weights when given (SFT starts from pretraining)."""
-    loop = {"seconds": 0.0, "train_seconds": 0.0, "tokens": 0, "val_bpb": None, "val_history": [], "loss_ema": 0.0}
+    loop = {"seconds": 0.0, "train_seconds": 0.0, "tokens": 0, "val_bpb": None, "val_history": [], "loss_ema": 0.0,
+            "gpu_seconds": 0.0}
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
             meta, loader_state = checkpoint.restore(d, model=model, optimizer=optimizer, rank=w.rank,
                                                     world_size=w.world)
         say(w.rank, f"[{stage}] resumed at step {meta.step} from {ckpt.path}")
-        return meta.step, dict(meta.loop_state), loader_state
+        loop = dict(meta.loop_state)
+        loop.setdefault("gpu_seconds", loop["seconds"] * meta.world_size)  # a checkpoint from before it was kept
+        return meta.step, loop, loader_state
     if cfg.init_model:
         state, meta = checkpoint.load_model_state(cfg.init_model, storage_options=cfg.storage_options, device=w.device)
         getattr(model, "_orig_mod", model).load_state_dict(state)
@@ -146,6 +153,8 @@ def _watchdog(st: Stage):
 
 def _steps(st: Stage, wd) -> tuple[str, int, int]:
     stage, loop, chaos = st.stage, st.loop, st.cfg.chaos or {}
+    if chaos.get("stage", stage.name) != stage.name:
+        chaos = {}  # the fault is meant for another stage
     step = saved_at = st.start_step
     t_wall = time.perf_counter()
     preempt.install()  # SIGTERM sets a flag that _should_stop agrees on
@@ -174,6 +183,7 @@ def _steps(st: Stage, wd) -> tuple[str, int, int]:
         tokens = st.plan.device_batch_size * st.plan.arch.seq_len * stage.grad_accum  # this rank's, this step
         now = time.perf_counter()
         loop["seconds"] += now - t_wall  # wall time, evals and checkpoints included: what is billed
+        loop["gpu_seconds"] += (now - t_wall) * st.w.world  # at the size this group runs (elastic: trainer/spend.py)
         loop["train_seconds"] += dt
         t_wall = now
         loop["tokens"] += tokens * st.w.world
@@ -196,7 +206,7 @@ def _should_stop(st: Stage, exhausted: bool) -> str | None:
     """Whether every rank stops before this step: SFT's epoch ran out on some rank (a normal end), or the
     whole run's spend reached the budget cap."""
     cap = st.plan.spec.budget_cap
-    spent = st.plan.cost_of(st.cfg.prior_seconds + st.loop["seconds"] + st.lost_seconds)
+    spent = spent_dollars(st, st.lost_seconds)
     epoch_done, over_budget, preempted = agree(st.w.device, exhausted, cap is not None and spent >= cap,
                                                preempt.pending())
     if preempted:
@@ -246,18 +256,18 @@ def _fetch(loader: Loader, n: int):
 
 
 def evaluate(st: Stage, step: int) -> None:
-    """Bits per byte on the stage's validation split, reduced over ranks (trainer/evaluate.py)."""
+    """Bits per byte on the stage's validation split, reduced over ranks (trainer/evaluate.py); the same
+    tokens at any world size (trainer/worker.py `ValPass`)."""
     from trainer.evaluate import evaluate_bpb
 
-    plan, stage = st.plan, st.stage
-    loader = make_loader(plan, stage.name, st.tokenizer, st.w, split="val", storage_options=st.opts)
+    stage = st.stage
+    val = ValPass(st.planned or st.plan, stage.name, st.tokenizer, st.w, storage_options=st.opts)
     st.model.eval()
     try:
-        batches = max(1, stage.eval_tokens // (plan.device_batch_size * plan.arch.seq_len * st.w.world))
-        bpb = evaluate_bpb(st.model, loader, batches, st.token_bytes)
+        bpb = evaluate_bpb(st.model, val, val.steps, st.token_bytes)
     finally:
         st.model.train()
-        loader.close()  # stop its prefetch threads
+        val.close()  # stop its prefetch threads
     st.loop["val_bpb"] = bpb
     st.loop["val_history"].append([step, bpb])
     st.metrics.on_val(bpb)
@@ -296,7 +306,7 @@ def _write_progress(st: Stage, step: int) -> None:
         write_progress(st.plan.urls["run"], {
             "stage": st.stage.name, "step": step, "steps": st.stage.steps,
             "tokens": st.cfg.prior_tokens + st.loop["tokens"],
-            "cost_dollars": st.plan.cost_of(kept + st.lost_seconds), "kept_seconds": kept,
+            "cost_dollars": spent_dollars(st, st.lost_seconds), "kept_seconds": kept,
             "eta_seconds": (st.stage.steps - step) * rate}, st.opts)
     except Exception as e:  # noqa: BLE001 - progress is a courtesy; training goes on
         say(0, f"[{st.stage.name}] could not write progress to {st.plan.urls['run']}: {e}")
@@ -318,10 +328,23 @@ def emergency_save(st: Stage, step: int, saved_at: int) -> None:
     raise preempt.Preempted(f"preempted at step {step}; checkpoint written, resuming from it")
 
 
+def _dollars(plan: RunPlan, gpu_seconds: float) -> float:
+    return gpu_seconds / 3600 * plan.estimate.price_per_gpu_hour
+
+
+def spent_dollars(st: Stage, lost_seconds: float = 0.0) -> float:
+    """The run's spend so far, as the budget cap and progress see it: this stage's GPU-seconds at the sizes it
+    ran, plus earlier stages' and `lost_seconds` (earlier attempts' unkept time) at the planned size (an
+    upper bound after a shrink; `<run>/spend.json` has the exact figure)."""
+    planned = st.plan.spec.gpus * (st.cfg.prior_seconds + lost_seconds)
+    return _dollars(st.plan, st.loop["gpu_seconds"] + planned)
+
+
 def summarize(st: Stage, step: int, status: str) -> dict:
     loop = st.loop
     return stage_summary(st.plan, st.stage.name, status=status, steps=step, planned_steps=st.stage.steps,
                          tokens=loop["tokens"], seconds=loop["seconds"], train_seconds=loop["train_seconds"],
+                         gpu_seconds=loop["gpu_seconds"], dollars=_dollars(st.plan, loop["gpu_seconds"]),
                          val_bpb=loop["val_bpb"], val_history=loop["val_history"], train_loss_ema=loop["loss_ema"],
                          loss_history=loop.get("loss_history", []),
                          **{k: v for k, v in st.metrics.snapshot().items() if k in ("mfu", "tokens_per_second")})
@@ -343,7 +366,7 @@ def _log(st: Stage, step: int, loss: float, dt: float, tokens: int) -> None:
     ProgressFile(st.cfg.progress_file).write(
         stage=stage.name, step=step, steps=stage.steps, loss=_debiased_ema(st.loop["loss_ema"], step),
         tokens_per_second=tps, eta_seconds=remaining,
-        dollars=st.plan.cost_of(st.cfg.prior_seconds + st.loop["seconds"]))
+        dollars=spent_dollars(st))
 
 
 def _debiased_ema(ema: float, step: int) -> float:

@@ -24,6 +24,8 @@ Three things are per rank in a checkpoint (trainer/checkpoint.py) and are re-cut
   rule. Every document of the planned stream is therefore packed exactly once: the ones already packed are
   behind every old rank's position, each one buffered goes to exactly one new buffer, each row group not yet
   taken to exactly one new rank. Only the rank a document lands on (and so its place in the order) changes.
+  SFT's conversation stream is re-cut the same way (`partition_sft_states`), by stream position instead of
+  row group.
 """
 
 from __future__ import annotations
@@ -205,11 +207,51 @@ def partition_loader_states(states: list[dict], rank: int, world: int, *, names:
             "skipped": skipped, "pending": [[e, names[s], rg] for e, s, rg in mine], "restart_epoch": E + 1}
 
 
+def partition_sft_states(states: list[dict], rank: int, world: int, *, conversations: int,
+                         epochs: int | None) -> dict:
+    """This rank's SFTLoader state (world `world`) from the N old ranks' states.
+
+    SFT rank r of W renders the conversations at stream positions r, r+W, r+2W, ... (position p is
+    conversation p mod n of epoch p // n + 1; its state's cursor and epoch name its next position). With P the
+    furthest next position of any old rank (at most the end of the planned epochs), the pool is every position
+    below P that no rank rendered: each old rank's own positions from its next one up to P, plus any pool it
+    still held. Pooled positions (in stream order) and buffered conversations go to new rank k mod M, like the
+    pretraining pool; new rank k then continues from position P + k in steps of M. So every position is
+    rendered once, and every rendered conversation is packed once. `consumed` (the LR schedule's progress) is
+    the old ranks' total scaled to this rank's share, so the schedule continues where it was."""
+    from trainer.shards import DataError
+
+    N, n = len(states), conversations
+    for i, s in enumerate(states):
+        if s.get("kind") != "sft" or s.get("rank") != i or s.get("world_size") != N or s.get("conversations") != n:
+            raise DataError(f"SFT loader state {i} of {N}: kind {s.get('kind')!r}, rank {s.get('rank')!r}, world_size "
+                            f"{s.get('world_size')!r}, conversations {s.get('conversations')!r} "
+                            f"(expected sft, {i}, {N}, {n})")
+    nxt = [(s["epoch"] - 1) * n + s["cursor"] for s in states]
+    P = max(nxt) if epochs is None else min(max(nxt), epochs * n)
+    pool: list[int] = []
+    for i, s in enumerate(states):
+        pool.extend((e - 1) * n + j for e, j in s.get("pending", []))
+        pool.extend(range(nxt[i], P, N))
+    if len(set(pool)) != len(pool):
+        raise DataError("SFT loader states overlap: the same conversation of one epoch is claimed by two ranks")
+    pool.sort()
+    buffered = sorted(j for s in states for j in s["buffer"])
+    start = P + rank
+    share = len(range(rank, n, world))
+    return {"kind": "sft", "version": 1, "rank": rank, "world_size": world, "conversations": n,
+            "cursor": start % n, "epoch": start // n + 1, "buffer": buffered[rank::world],
+            "consumed": round(sum(s["consumed"] for s in states) * share / n),
+            "batches": sum(s["batches"] for s in states) // world, "last": False,
+            "pending": [[p // n + 1, p % n] for p in pool[rank::world]]}
+
+
 def reshard_request(states: list[dict], rank: int, world: int) -> dict:
     """What checkpoint.restore hands the loader after a world-size change: all old states, resolved by the
-    loader itself (only it knows the shards' row-group counts)."""
+    loader itself (only it knows the shards' row-group counts, or the number of conversations)."""
     kinds = {s.get("kind") for s in states}
-    if kinds != {"pretrain"}:
+    if len(kinds) != 1 or not kinds <= {"pretrain", "sft"}:
         raise PlanError(f"gpus: resuming {'/'.join(sorted(map(str, kinds)))} data on {world} ranks from a checkpoint "
-                        f"of {len(states)} is not supported (only pretraining re-shards); resume on {len(states)} GPUs")
+                        f"of {len(states)} is not supported (pretraining and SFT re-shard); resume on "
+                        f"{len(states)} GPUs")
     return {"kind": LOADER_RESHARD, "states": states, "rank": rank, "world_size": world}

@@ -8,8 +8,17 @@ keeps the time up to its last heartbeat: the next attempt marks it `lost`. So th
 most one heartbeat per lost attempt, and never forgets an attempt.
 
     {"schema": 1, "run": "...", "price_per_gpu_hour": 2.0,
-     "attempts": [{"start": ISO, "last": ISO, "gpus": 8, "seconds": 18000.0, "state": "lost"}, ...],
+     "attempts": [{"start": ISO, "last": ISO, "gpus": 8, "seconds": 18000.0, "state": "lost",
+                   "segments": [[0.0, 8], [7200.5, 4]]}, ...],
      "totals": {...}}   # `totals(doc)`; readers recompute it and never trust the stored copy
+
+An elastic attempt changes size while it runs (a lost node shrinks the worker group, returning capacity
+grows it). Rank 0 of every worker group that starts appends (time, world size) to `<run>/workers.json`
+(`record_world`); the launcher folds those changes into its row at each heartbeat as `segments`
+([seconds since the attempt's start, GPUs from then on]; `gpus` is the size now), so GPU-seconds = the sum
+over segments of world size x seconds. A row without segments ran at `gpus` throughout. A change counts from
+the moment the new group starts, so the time between a group's loss and its successor's start is still
+priced at the old size: the ledger errs towards paying more, never less.
 
 Dollars = GPU-seconds / 3600 x the plan's price per GPU-hour (trainer/costs.py's convention). Time lost to
 restarts = paid wall seconds - the seconds whose work the run kept (progress.json's kept_seconds while it
@@ -29,7 +38,9 @@ from contextlib import contextmanager
 from trainer.progress import clean_number, clean_text
 
 SPEND_FILE = "spend.json"
+WORKERS_FILE = "workers.json"  # {"changes": [[unix time, world size], ...]}: each worker group's start
 SCHEMA = 1
+MAX_SEGMENTS = 1000  # size changes kept per attempt (and in workers.json); past it, the last size is kept
 HEARTBEAT_SECONDS = 60.0  # a killed attempt loses at most this much from the ledger; env LLMCTL_SPEND_HEARTBEAT_SECONDS
 MAX_DOCUMENT_BYTES = 1024 * 1024  # ~150 bytes an attempt: thousands of attempts fit
 MAX_ATTEMPTS = 5000
@@ -50,15 +61,24 @@ def parse_iso(ts) -> datetime.datetime | None:
     return t if t.tzinfo else t.replace(tzinfo=datetime.timezone.utc)
 
 
+def gpu_seconds(row: dict, last: float | None = None) -> float:
+    """One attempt's GPU-seconds: the sum over its segments of GPUs x seconds (all at `gpus` without any);
+    of its `last` seconds only, when given (`llmctl cost --since`)."""
+    end, segments = row["seconds"], row.get("segments") or [[0.0, row["gpus"]]]
+    begin = 0.0 if last is None else max(0.0, end - last)
+    cuts = [at for at, _ in segments[1:]] + [end]
+    return sum(g * max(0.0, min(b, end) - max(a, begin)) for (a, g), b in zip(segments, cuts))
+
+
 def totals(doc: dict) -> dict:
     """attempts, restarts (attempts - 1), lost_attempts, seconds (wall, summed), gpu_seconds, dollars."""
     rows = doc.get("attempts") or []
     price = doc.get("price_per_gpu_hour") or 0.0
-    gpu_seconds = sum(a["seconds"] * a["gpus"] for a in rows)
+    gpu_seconds_ = sum(gpu_seconds(a) for a in rows)
     return {"attempts": len(rows), "restarts": max(0, len(rows) - 1),
             "lost_attempts": sum(a["state"] == "lost" for a in rows),
-            "seconds": sum(a["seconds"] for a in rows), "gpu_seconds": gpu_seconds,
-            "dollars": gpu_seconds / 3600 * price}
+            "seconds": sum(a["seconds"] for a in rows), "gpu_seconds": gpu_seconds_,
+            "dollars": gpu_seconds_ / 3600 * price}
 
 
 def sanitize(doc) -> dict:
@@ -71,14 +91,62 @@ def sanitize(doc) -> dict:
             continue
         gpus, seconds = clean_number(a.get("gpus"), "int"), clean_number(a.get("seconds"), "num")
         start, last = parse_iso(a.get("start")), parse_iso(a.get("last"))
-        if gpus is None or seconds is None or start is None or last is None or a.get("state") not in STATES:
+        segments = _clean_segments(a.get("segments"))
+        if gpus is None or seconds is None or start is None or last is None or a.get("state") not in STATES \
+                or segments is False:
             continue
         rows.append({"start": _iso(start.timestamp()), "last": _iso(last.timestamp()), "gpus": gpus,
-                     "seconds": seconds, "state": a["state"]})
+                     "seconds": seconds, "state": a["state"], **({"segments": segments} if segments else {})})
     out = {"run": clean_text(doc["run"]) if isinstance(doc.get("run"), str) else None,
            "price_per_gpu_hour": clean_number(doc.get("price_per_gpu_hour"), "num"), "attempts": rows}
     out["totals"] = totals(out)
     return out
+
+
+def _clean_segments(value) -> list | None | bool:
+    """A row's segments checked ([[seconds >= 0, GPUs], ...], ascending, the first at 0), None when absent,
+    False when malformed (the row is then dropped, like a row with any other bad field)."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not 0 < len(value) <= MAX_SEGMENTS:
+        return False
+    out = []
+    for seg in value:
+        if not isinstance(seg, list) or len(seg) != 2:
+            return False
+        at, g = clean_number(seg[0], "num"), clean_number(seg[1], "int")
+        if at is None or g is None or isinstance(seg[1], float) or (out and at < out[-1][0]):
+            return False
+        out.append([at, g])
+    return out if out[0][0] == 0 else False
+
+
+def record_world(run_url: str, world: int, storage_options: dict | None = None, clock=time.time) -> None:
+    """Note, from rank 0 of a worker group that starts, that the run now runs on `world` GPUs (see the module
+    docstring). Never fatal: a ledger that misses a change prices the attempt at its previous size."""
+    from trainer.storage import read_small_json, write_json
+
+    url = f"{run_url}/{WORKERS_FILE}"
+    try:
+        changes = _clean_changes(read_small_json(url, MAX_DOCUMENT_BYTES, storage_options))
+    except ValueError:  # not JSON, or too large: start the list again (only changes after an attempt began count)
+        changes = []
+    try:
+        write_json(url, {"changes": (changes + [[clock(), world]])[-MAX_SEGMENTS:]}, storage_options)
+    except Exception as e:  # noqa: BLE001 - pricing is a courtesy; training goes on
+        print(f"[spend] could not record the world size in {url}: {e}", flush=True)
+
+
+def _clean_changes(doc) -> list[list]:
+    """workers.json's (time, world size) pairs that are well formed (the file is untrusted)."""
+    changes = doc.get("changes") if isinstance(doc, dict) else None
+    out = []
+    for c in changes if isinstance(changes, list) else []:
+        if isinstance(c, list) and len(c) == 2:
+            t, w = clean_number(c[0], "num"), clean_number(c[1], "int")
+            if t is not None and w and not isinstance(c[1], float):
+                out.append([t, w])
+    return out[-MAX_SEGMENTS:]
 
 
 def read_spend(run_url: str, storage_options: dict | None = None) -> dict | None:
@@ -96,12 +164,14 @@ class Ledger:
     def __init__(self, run_url: str, *, run: str, gpus: int, price_per_gpu_hour: float,
                  storage_options: dict | None = None, clock=time.time):
         self.url, self.run, self.gpus, self.price = f"{run_url}/{SPEND_FILE}", run, gpus, price_per_gpu_hour
+        self.workers_url = f"{run_url}/{WORKERS_FILE}"
         self.opts, self.clock = storage_options, clock
         self.doc: dict = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._t0 = 0.0
+        self._seen = 0.0  # time of the last workers.json change folded in
 
     @property
     def earlier_seconds(self) -> float:
@@ -109,14 +179,15 @@ class Ledger:
         return sum(a["seconds"] for a in self.doc["attempts"][:-1])
 
     def begin(self) -> "Ledger":
-        """Read the ledger, mark attempts that never said goodbye as lost, open this attempt's row."""
+        """Read the ledger, mark attempts that never said goodbye as lost, open this attempt's row (at `gpus`
+        until a worker group reports another size)."""
         from trainer.storage import read_small_json
 
         doc = sanitize(read_small_json(self.url, MAX_DOCUMENT_BYTES, self.opts) or {})
         for a in doc["attempts"]:
             if a["state"] == "running":
                 a["state"] = "lost"  # its pods went without closing the row: time up to its last heartbeat
-        self._t0 = self.clock()
+        self._t0 = self._seen = self.clock()  # changes before this attempt began are not its own
         doc["attempts"].append({"start": _iso(self._t0), "last": _iso(self._t0), "gpus": self.gpus, "seconds": 0.0,
                                 "state": "running"})
         self.doc = {"schema": SCHEMA, "run": self.run, "price_per_gpu_hour": self.price,
@@ -125,12 +196,38 @@ class Ledger:
         return self
 
     def heartbeat(self, state: str = "running") -> None:
-        """Move this attempt's `last` and `seconds` to now (and set its state)."""
+        """Move this attempt's `last` and `seconds` to now (and set its state), after folding in the world-size
+        changes its worker groups recorded since the last heartbeat."""
         with self._lock:
+            changes = self._changes()
             now = self.clock()
             row = self.doc["attempts"][-1]
+            for t, world in changes:
+                self._resize(row, world, t - self._t0)
             row.update(last=_iso(now), seconds=max(0.0, now - self._t0), state=state)
             self._write()
+
+    def _changes(self) -> list[list]:
+        """workers.json's changes made during this attempt and not folded in yet; [] when unreadable."""
+        from trainer.storage import read_small_json
+
+        try:
+            doc = read_small_json(self.workers_url, MAX_DOCUMENT_BYTES, self.opts)
+        except Exception:  # noqa: BLE001 - unreadable: this attempt stays at its last known size
+            return []
+        new = [c for c in _clean_changes(doc) if c[0] > self._seen]
+        if new:
+            self._seen = new[-1][0]
+        return new
+
+    def _resize(self, row: dict, world: int, at: float) -> None:
+        """From `at` seconds into the attempt on, it runs on `world` GPUs (a row that never changed size has
+        no segments)."""
+        segments = row.get("segments") or [[0.0, row["gpus"]]]
+        if world == segments[-1][1] or len(segments) >= MAX_SEGMENTS:
+            return
+        row["segments"] = segments + [[max(at, segments[-1][0]), world]]
+        row["gpus"] = world
 
     def _write(self) -> None:
         from trainer.storage import write_json

@@ -77,6 +77,45 @@ def make_loader(plan: RunPlan, stage: str, tokenizer, w: Worker, *, split: str =
     return SFTLoader(plan.urls["sft_data"], tokenizer, **common)
 
 
+class ValPass:
+    """A stage's val bpb pass on this rank: the same tokens whatever the world size, so a run that shrank or
+    grew (trainer/reshard.py) reports a val bpb comparable with its own history.
+
+    The tokens are those the planned world size V = `plan.spec.gpus` reads: V streams, stream v being the val
+    loader of rank v of V, each contributing `per_stream` batches of the planned device batch. Rank r of W
+    scores streams r, r+W, ... (all V of them between the ranks, whatever W), and the sums are all-reduced
+    (trainer/evaluate.py), so the figure depends on the weights alone. At W = V each rank scores its own
+    stream, as before. `plan` is the plan as written (not `reshard.for_world`'s): its device batch is V's.
+    Iterating yields this rank's `steps` batches; `close()` (or exhausting it) stops the open loader."""
+
+    def __init__(self, plan: RunPlan, stage: str, tokenizer, w: Worker, *, storage_options: dict | None = None):
+        self.plan, self.stage, self.tokenizer, self.w, self.opts = plan, stage, tokenizer, w, storage_options
+        V, B, T = plan.spec.gpus, plan.device_batch_size, plan.arch.seq_len
+        self.streams = range(w.rank, V, w.world)
+        self.per_stream = max(1, plan.stage(stage).eval_tokens // (B * T * V))
+        self.steps = self.per_stream * len(self.streams)  # this rank's batches
+        self.tokens = self.per_stream * B * T * V  # every rank's together
+        self._open: Loader | None = None
+
+    def __iter__(self) -> Iterator:
+        V = self.plan.spec.gpus
+        try:
+            for v in self.streams:
+                stream = Worker(v, V, self.w.local_rank, self.w.device)
+                self._open = make_loader(self.plan, self.stage, self.tokenizer, stream, split="val",
+                                         storage_options=self.opts)
+                for _, batch in zip(range(self.per_stream), self._open):
+                    yield batch
+                self._open.close()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._open is not None:
+            self._open.close()  # stop the pretraining loader's read-ahead
+            self._open = None
+
+
 def start_metrics(plan: RunPlan, stage: str, w: Worker, port_base: int | None, *, prior_seconds: float = 0.0,
                   prior_tokens: int = 0):
     """This worker's metrics (trainer/metrics.py), served on `port_base + local rank` unless port_base is None."""
@@ -99,7 +138,8 @@ def agree(device: torch.device, *flags: bool) -> list[bool]:
 def stage_summary(plan: RunPlan, stage: str, *, status: str, steps: int, planned_steps: int, tokens: int,
                   seconds: float, **extra) -> dict:
     """`<run>/<stage>/summary.json`: what the stage did and what it cost; read by trainer/launch.py (skip a
-    finished stage, sum the run) and trainer/report.py. `extra`: the stage's own figures (val bpb, ...)."""
+    finished stage, sum the run) and trainer/report.py. `extra`: the stage's own figures (val bpb, ...), and
+    `dollars` when it did not run on the planned GPUs throughout (trainer/loop.py prices its GPU-seconds)."""
     return {"stage": stage, "status": status, "steps": steps, "planned_steps": planned_steps, "tokens": tokens,
             "seconds": seconds, "dollars": plan.cost_of(seconds), **extra}
 
@@ -121,7 +161,7 @@ class StageConfig:
     time restarts lost; trace: a local JSONL path for
     per-step data fingerprints and wall-clock stamps (the exact-resume tests, bench/ray_overhead.py); chaos:
     fault injection for the fault tests (kill_at_step, rank, marker, during_save; nan_at_step; hang_at_step,
-    hang_seconds, watchdog_floor_s: a rank that stalls and the watchdog's short bound);
+    hang_seconds, watchdog_floor_s: a rank that stalls and the watchdog's short bound; stage: only that stage);
     progress_file: a local JSONL path rank 0 appends progress to (trainer/progress.py; the local run's bars).
     """
 
