@@ -137,6 +137,20 @@ def test_cost_accrues_with_elapsed_gpu_hours_at_the_plan_price():
     clock.t += 1200
     assert value(ranks[0], "llmctl_cost_dollars") == pytest.approx(5.5)
     assert ranks[0].snapshot()["elapsed_seconds"] == pytest.approx(1800 + 3600 + 1200)
+    assert value(ranks[0], "llmctl_gpu_seconds") == pytest.approx(1800 + 3600 + 1200)  # the same clock
+
+
+def test_attempts_and_time_lost_to_restarts_come_from_the_ledger_and_stay_put():
+    """The spend ledger's view when the worker starts (trainer/spend.py): 3 attempts, 20 minutes lost."""
+    clock = Clock()
+    m = RunMetrics(small_plan(), "pretrain", rank=1, local_rank=1, world_size=2, device_name=None, clock=clock,
+                   attempts=3, lost_seconds=1200.0)
+    assert value(m, "llmctl_attempts") == 3 and value(m, "llmctl_lost_seconds") == 1200.0
+    m.on_step(1, 4096, 0.5, 0.0, 3.0)
+    clock.t += 600
+    assert value(m, "llmctl_attempts") == 3 and value(m, "llmctl_lost_seconds") == 1200.0
+    first = RunMetrics(small_plan(), "pretrain", rank=0, local_rank=0, world_size=2, device_name=None)
+    assert value(first, "llmctl_attempts") == 1 and value(first, "llmctl_lost_seconds") == 0.0
 
 
 def test_estimate_and_cap_come_from_the_plan():
@@ -232,7 +246,7 @@ def test_label_cardinality_is_bounded():
     allowed = set(LABELS) | set(INFO_LABELS) | {"task", "le"}
     assert all(set(labels) <= allowed for _, labels in after)
     assert {labels["task"] for _, labels in after if "task" in labels} == set(CORE_TASKS)
-    assert len(after) < 100  # 19 names, 15 histogram buckets, 22 CORE tasks
+    assert len(after) < 100  # 25 names, 15 histogram buckets, 22 CORE tasks
     with pytest.raises(ValueError, match="unknown CORE task"):
         m.on_core(0.2, {"my_new_benchmark": 0.5})
 
@@ -244,6 +258,8 @@ def test_label_cardinality_is_bounded():
     (dict(local_rank=-1), "local_rank"),
     (dict(prior_seconds=-1.0), "prior_seconds"),
     (dict(prior_tokens=-5), "prior_tokens"),
+    (dict(attempts=0), "attempts"),
+    (dict(lost_seconds=math.inf), "lost_seconds"),
 ])
 def test_bad_arguments_name_the_field(kwargs, field):
     args = dict(stage="pretrain", rank=0, local_rank=0, world_size=2, device_name=None)

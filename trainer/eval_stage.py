@@ -90,7 +90,7 @@ def eval_loop(config: dict) -> None:
     rank, world, device = w.rank, w.world, w.device
     opts = cfg.storage_options
     say = (lambda msg: say_once(0, msg)) if rank == 0 else None
-    metrics = start_metrics(plan, "eval", w, cfg.metrics_port_base)
+    metrics = start_metrics(plan, "eval", w, cfg.metrics_port_base, attempts=cfg.attempts)
     tokenizer = Tokenizer.load(plan.urls["tokenizer"], storage_options=opts)
     token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.int64, device=device)
     results: dict = {"format": RESULTS_FORMAT, "run": plan.name, "world_size": world, "models": {}}
