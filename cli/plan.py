@@ -171,14 +171,16 @@ def _plan_cluster_config(args):
     else None (catalog prices, the default fabric). Warnings go to stderr."""
     if not (args.cluster_config or args.from_cluster):
         return None
+    import sys
+
     from cli.cluster import connect, load_config_file, read_configmap
-    from cli.jobs import say
 
     if args.cluster_config:
         cfg, warnings = load_config_file(args.cluster_config)
     else:
         cfg, warnings = read_configmap(connect(args))
-    say(*(f"warning: {w}" for w in warnings))
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
     return cfg
 
 
