@@ -103,11 +103,13 @@ def cmd_network(args) -> int:
 def wait_for_result(kube, name: str, timeout: float) -> dict:
     """Poll the RayJob until it has ended (bounded by `timeout`), then read its result from the submitter's log."""
     from cli.jobs import describe, get_run, say, wait_until
+    from cli.safe import clean
 
     seen: dict = {}
 
     def ended() -> bool:
         state, detail = describe(get_run(kube, name))
+        detail = clean(detail, newlines=False)[:300]  # the status message is the cluster's text
         if state != seen.get("state"):
             say(f"{name}: {state}: {detail}")
         seen.update(state=state, detail=detail)
@@ -118,8 +120,8 @@ def wait_for_result(kube, name: str, timeout: float) -> dict:
                        f"{seen.get('state', 'pending')}: llmctl status {name} -n {kube.namespace}, llmctl logs {name}")
     result = parse_result(read_submitter_log(kube, name))
     if result is None:
-        raise CLIError(f"RayJob {name} ended {seen['state']} ({seen['detail']}) without a valid result line in its log; "
-                       f"see llmctl logs {name} -n {kube.namespace}")
+        raise CLIError(f"RayJob {name} ended {seen['state']} ({seen['detail']}) without a valid result line in its "
+                       f"log; see llmctl logs {name} -n {kube.namespace}")
     return result
 
 
