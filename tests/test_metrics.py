@@ -506,6 +506,13 @@ def test_the_real_training_loop_answers_every_dashboard_and_alert_query(tmp_path
     # The tests' tiny model (tests/finished_run.py) on the session's inputs, pretraining only, 80 steps.
     p = tiny_plan(tiny_inputs, "obs-real", num_iterations=80, checkpoint_every=20, stages=("pretrain",),
                   budget_cap=50.0)
+    # An earlier attempt of this run was killed after 2 minutes without keeping any work (its row still says
+    # running): the workers export 2 attempts and those 120 s as lost (trainer/spend.py).
+    from trainer.storage import write_json
+
+    write_json(f"{p.urls['run']}/spend.json", {"schema": 1, "run": p.name, "price_per_gpu_hour": 0.0, "attempts": [
+        {"start": "2026-11-30T10:00:00Z", "last": "2026-11-30T10:02:00Z", "gpus": 2, "seconds": 120.0,
+         "state": "running"}]})
     base = _free_port_pair()
     targets = [f"127.0.0.1:{base}", f"127.0.0.1:{base + 1}"]
     with promlib.Prometheus(tmp_path / "prom", targets, rule_files=[ALERTS]) as prom:
@@ -527,3 +534,8 @@ def test_the_real_training_loop_answers_every_dashboard_and_alert_query(tmp_path
             missing = _without_data(prom, queries, 2, at)
             bad = missing if bad is None else {k: v for k, v in bad.items() if k in missing}
         assert not bad, "queries without data at every live moment:\n" + "\n".join(f"  {k}: {v}" for k, v in bad.items())
+        ledger = {name: prom.query(f'max by (rank) ({name}{{run="{p.name}"}})', at=moments[0])
+                  for name in ("llmctl_attempts", "llmctl_lost_seconds")}
+        assert {r["metric"]["rank"]: float(r["value"][1]) for r in ledger["llmctl_attempts"]} == {"0": 2.0, "1": 2.0}
+        assert {r["metric"]["rank"]: float(r["value"][1]) for r in ledger["llmctl_lost_seconds"]} == \
+            {"0": 120.0, "1": 120.0}
