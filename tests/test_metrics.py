@@ -138,6 +138,8 @@ def test_cost_accrues_with_elapsed_gpu_hours_at_the_plan_price():
     assert value(ranks[0], "llmctl_cost_dollars") == pytest.approx(5.5)
     assert ranks[0].snapshot()["elapsed_seconds"] == pytest.approx(1800 + 3600 + 1200)
     assert value(ranks[0], "llmctl_gpu_seconds") == pytest.approx(1800 + 3600 + 1200)  # the same clock
+    assert value(ranks[1], "llmctl_gpu_seconds_estimated") == pytest.approx(p.estimate.total_hours * 3600 * 2)
+    assert value(ranks[1], "llmctl_gpu_seconds_estimated") / 3600 * 3.0 == pytest.approx(p.estimate.total_dollars)
 
 
 def test_attempts_and_time_lost_to_restarts_come_from_the_ledger_and_stay_put():
@@ -246,7 +248,7 @@ def test_label_cardinality_is_bounded():
     allowed = set(LABELS) | set(INFO_LABELS) | {"task", "le"}
     assert all(set(labels) <= allowed for _, labels in after)
     assert {labels["task"] for _, labels in after if "task" in labels} == set(CORE_TASKS)
-    assert len(after) < 100  # 25 names, 15 histogram buckets, 22 CORE tasks
+    assert len(after) < 100  # 26 names, 15 histogram buckets, 22 CORE tasks
     with pytest.raises(ValueError, match="unknown CORE task"):
         m.on_core(0.2, {"my_new_benchmark": 0.5})
 

@@ -65,7 +65,7 @@ METRIC_NAMES = (
     # hang detection (trainer/watchdog.py): staleness, the watchdog's bound, the collective each rank reached
     "llmctl_last_step_timestamp_seconds", "llmctl_hang_bound_seconds", "llmctl_collective_step",
     # real spend (trainer/spend.py): GPU-seconds paid, attempts of the run, wall seconds restarts lost
-    "llmctl_gpu_seconds", "llmctl_attempts", "llmctl_lost_seconds",
+    "llmctl_gpu_seconds", "llmctl_gpu_seconds_estimated", "llmctl_attempts", "llmctl_lost_seconds",
 )
 
 # torch.cuda.get_device_name() -> GPU catalog key, first match wins, so specific names come first
@@ -217,6 +217,8 @@ class RunMetrics:
         self._g_cost.set_function(self.cost_dollars)
         gauge("llmctl_gpu_seconds", "GPU-seconds paid for this rank's GPU in this run (the clock of "
               "llmctl_cost_dollars); sum over ranks for the run.").labels(**labels).set_function(self.elapsed_seconds)
+        gauge("llmctl_gpu_seconds_estimated", "The plan's estimate of the whole run's GPU-seconds (all GPUs and "
+              "stages; the same on every rank).").labels(**labels).set(plan.estimate.total_hours * 3600 * plan.spec.gpus)
         gauge("llmctl_attempts", "Attempts of this run so far, this one included (spend.json: RayJob retries, "
               "resubmits); restarts = attempts - 1.").labels(**labels).set(attempts)
         gauge("llmctl_lost_seconds", "Wall seconds earlier attempts were paid for whose work was not kept "
