@@ -166,6 +166,12 @@ def test_doctor_network_waits_prints_the_measurement_and_stores_it_for_plan(kube
     assert main(["plan", "--depth", "26", "--gpus", "32", "--from-cluster", "--interconnect-gbs", "100"]) == 0
     assert "100 GB/s bus bandwidth, given (--interconnect-gbs)" in capsys.readouterr().out  # the flag wins
 
+    # A submit reads the same ConfigMap: its plan table and the run's plan carry the measured figure.
+    assert main(["submit", "--depth", "12", "--gpus", "16", "--yes", "-o", "json"]) == 0
+    out, err = capsys.readouterr()
+    assert f"at 287 GB/s bus bandwidth, measured {doc['measuredAt'][:10]}" in err
+    assert '"interconnect_busbw_gbs":287.46}' in json.loads(out)["spec"]["entrypoint"].replace("\\", "")
+
 
 def test_doctor_network_failure_prints_the_cause_and_stores_nothing(kube, capsys):
     from cli.main import main
