@@ -122,6 +122,13 @@ class ClusterConfig:
     # get a grace period sized for an emergency checkpoint (trainer/preempt.py) and a plan that cannot save in
     # time is refused. None: no limit (the grace period is still sized from the estimate).
     max_grace_seconds: int | None = None
+    # The interconnect's all-reduce bus bandwidth as `llmctl doctor --network` measured it (GB/s), when, and over
+    # how many GPUs: the planner's figure for this cluster instead of trainer/network.py's default. Stored by
+    # the check in the ConfigMap's own key `interconnect.yaml` (INTERCONNECT_KEY), beside the chart's config.yaml;
+    # a --cluster-config file may carry the same mapping under `interconnect:`.
+    interconnect_busbw_gbs: float | None = None
+    interconnect_measured_at: str | None = None
+    interconnect_gpus: int | None = None
 
     def __post_init__(self) -> None:
         def bad(key: str, why: str) -> None:
@@ -220,6 +227,23 @@ class ClusterConfig:
                                    f"{self.kuberay_version!r}")
         if self.ray_auth not in ("token", "disabled"):
             bad("rayAuth", f"must be token or disabled, got {self.ray_auth!r}")
+        b = self.interconnect_busbw_gbs
+        if b is not None and (isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b < 1e6):
+            bad("interconnect.busbwGBs", f"must be a number of GB/s > 0, got {b!r}")
+        when = self.interconnect_measured_at
+        if when is not None and not (isinstance(when, str) and re.fullmatch(r"\d{4}-\d\d-\d\d(T[0-9:]+Z)?", when)):
+            bad("interconnect.measuredAt", f"must be a UTC date such as 2026-11-30T20:40:00Z, got {when!r}")
+        n = self.interconnect_gpus
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 2):
+            bad("interconnect.gpus", f"must be an integer >= 2, got {n!r}")
+
+    def interconnect_note(self) -> str | None:
+        """How the plan's interconnect figure was obtained, for its table; None when not measured."""
+        if self.interconnect_busbw_gbs is None:
+            return None
+        when = (self.interconnect_measured_at or "")[:10] or "on an unknown date"
+        over = f" over {self.interconnect_gpus} GPUs" if self.interconnect_gpus else ""
+        return f"measured {when} by llmctl doctor --network{over}"
 
     # -- the ConfigMap's YAML shape (nested, camelCase) <-> this flat dataclass ----------------------------
 
@@ -233,6 +257,9 @@ class ClusterConfig:
         warnings = []
         for path, value in flat.items():
             fname = _KEY_TO_FIELD.get(path)
+            if path == "interconnect":
+                kwargs.update(_interconnect_fields(value, f"{source} interconnect"))
+                continue
             if path in _REMOVED_KEYS:
                 if value in ("", None, []):
                     continue  # an older chart's empty default
@@ -353,6 +380,19 @@ def _coerce(fname: str, value: Any) -> Any:
     return value
 
 
+INTERCONNECT_KEY = "interconnect.yaml"  # the ConfigMap key `llmctl doctor --network` writes (cli/netcheck.py)
+_INTERCONNECT_FIELDS = {"busbwGBs": "interconnect_busbw_gbs", "measuredAt": "interconnect_measured_at",
+                        "gpus": "interconnect_gpus"}
+
+
+def _interconnect_fields(value: Any, source: str) -> dict:
+    """The `interconnect` mapping (busbwGBs, measuredAt, gpus; latencyUs and rayjob are kept for people) as
+    config fields; their checks are ClusterConfig's."""
+    if not isinstance(value, dict):
+        raise UsageError(f"{source}: must be a mapping with busbwGBs, measuredAt, gpus, got {value!r}")
+    return {f: value[k] for k, f in _INTERCONNECT_FIELDS.items() if value.get(k) not in ("", None)}
+
+
 def _scalar_str(v: Any) -> Any:
     """YAML turns `cpu: 8` into an int; Kubernetes quantities and label values are strings."""
     return str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
@@ -388,4 +428,11 @@ def config_from_configmap(cm: dict) -> tuple[ClusterConfig, list[str]]:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         raise CLIError(f"{source}: {CONFIG_KEY} is not valid YAML ({str(e).splitlines()[0]})") from None
+    measured = (cm.get("data") or {}).get(INTERCONNECT_KEY)
+    if measured is not None and isinstance(data, dict):  # the check's figure wins over config.yaml's
+        try:
+            data = dict(data, interconnect=yaml.safe_load(measured))
+        except yaml.YAMLError as e:
+            raise CLIError(f"{source}: {INTERCONNECT_KEY} is not valid YAML ({str(e).splitlines()[0]}); run "
+                           f"llmctl doctor --network again to rewrite it") from None
     return ClusterConfig.from_dict(data, source=source)

@@ -389,5 +389,8 @@ def register(sub) -> None:
     g.add_argument("--expect-gbs", type=float, help="expected bus bandwidth in GB/s (default: NVLink on one "
                    "node, the default fabric across nodes; trainer/network.py)")
     g.add_argument("--dry-run", action="store_true", help="print the check's RayJob instead of creating it")
+    g.add_argument("--timeout", type=float, metavar="SECONDS", help="how long to wait for the check's result "
+                   "(default: its RayJob's deadline + 60 s)")
+    g.add_argument("--no-wait", action="store_true", help="create the check's RayJob and return (its log has the result)")
     add_cluster_args(p)
     p.set_defaults(func=cmd_doctor)

@@ -95,7 +95,9 @@ def _capacity_rows(p: RunPlan, spot_price: float | None) -> list[tuple[str, str]
     return rows
 
 
-def render_table(p: RunPlan, spot_price: float | None = None) -> str:
+def render_table(p: RunPlan, spot_price: float | None = None, interconnect_note: str | None = None) -> str:
+    """The plan as a two-column table. interconnect_note: where the interconnect figure came from when it is
+    the cluster's measured one (ClusterConfig.interconnect_note)."""
     a, s, e = p.arch, p.spec, p.estimate
     rows = [
         ("run", p.name),
@@ -123,7 +125,7 @@ def render_table(p: RunPlan, spot_price: float | None = None) -> str:
     rows += [
         ("throughput", f"{fmt_count(e.tokens_per_second)} tok/s on {s.gpus} x {s.gpu_type} at {e.mfu:.0%} MFU "
                        f"(peak {_flops(e.peak_flops_per_gpu)})"),
-        _interconnect_row(p),
+        _interconnect_row(p, interconnect_note),
         ("overheads", ", ".join(f"{k.replace('_', ' ')} {fmt_hours(v)}" for k, v in e.overhead_hours.items() if v)
          or "none"),
         ("time", f"{fmt_hours(e.total_hours)} ({fmt_hours(e.train_hours)} training + "
@@ -143,15 +145,43 @@ def render_table(p: RunPlan, spot_price: float | None = None) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
-def _interconnect_row(p: RunPlan) -> tuple[str, str]:
+def _interconnect_row(p: RunPlan, note: str | None = None) -> tuple[str, str]:
     from trainer.network import NODE_GPUS, step_breakdown
 
     b = step_breakdown(p)
     if p.spec.gpus <= NODE_GPUS:
         return ("interconnect", f"one node: NVLink, inside the MFU prior ({b['step_seconds'] * 1e3:.0f} ms/step)")
+    source = note or ("given (--interconnect-gbs)" if p.spec.interconnect_busbw_gbs else
+                      "assumed: 8x400G InfiniBand/EFA; llmctl doctor --network measures it")
     return ("interconnect", f"{b['interconnect_share']:.1%} of each {b['step_seconds'] * 1e3:.0f} ms step "
                             f"({b['interconnect_seconds'] * 1e3:.0f} ms: {b['bytes_per_step'] / 1e9:.2f} GB "
-                            f"all-reduced at {b['busbw'] / 1e9:.0f} GB/s bus bandwidth; docs/recipe.md)")
+                            f"all-reduced at {b['busbw'] / 1e9:.0f} GB/s bus bandwidth, {source}; docs/recipe.md)")
+
+
+def cluster_interconnect(args, cfg) -> tuple[float | None, str | None]:
+    """(GB/s, note) for the plan: --interconnect-gbs when given, else the cluster config's measured figure."""
+    given = getattr(args, "interconnect_gbs", None)
+    if given is not None or cfg is None or cfg.interconnect_busbw_gbs is None:
+        return given, None
+    return cfg.interconnect_busbw_gbs, cfg.interconnect_note()
+
+
+def _plan_cluster_config(args):
+    """The cluster config `plan` prices with: --cluster-config FILE, --from-cluster (the namespace's ConfigMap),
+    else None (catalog prices, the default fabric). Warnings go to stderr."""
+    if not (args.cluster_config or args.from_cluster):
+        return None
+    import sys
+
+    from cli.cluster import connect, load_config_file, read_configmap
+
+    if args.cluster_config:
+        cfg, warnings = load_config_file(args.cluster_config)
+    else:
+        cfg, warnings = read_configmap(connect(args))
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    return cfg
 
 
 def _precision_rows(p: RunPlan) -> list[tuple[str, str]]:
@@ -201,8 +231,11 @@ def plan_checked(spec: RunSpec) -> RunPlan:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    p = plan_checked(spec_from_args(args))
-    print(dump(p, args.output))
+    cfg = _plan_cluster_config(args)
+    gbs, note = cluster_interconnect(args, cfg)
+    price = args.price if args.price is not None or cfg is None else cfg.prices.get(args.gpu_type)
+    p = plan_checked(spec_from_args(args, interconnect_busbw_gbs=gbs, price_per_gpu_hour=price))
+    print(render_table(p, interconnect_note=note) if args.output == "table" else dump(p, args.output))
     return 0
 
 
@@ -213,4 +246,12 @@ def register(sub) -> None:
                        epilog="Example: llmctl plan --depth 26 --gpus 8 -o json")
     add_spec_args(p)
     p.add_argument("-o", "--output", default="table", choices=("table", "json", "yaml"), help="output format")
+    g = p.add_argument_group("cluster (optional: its prices and measured interconnect)")
+    g.add_argument("--cluster-config", metavar="FILE", help="price with this cluster config file (the ConfigMap's "
+                   "config.yaml shape; an `interconnect:` mapping is the measured figure)")
+    g.add_argument("--from-cluster", action="store_true", help="read the namespace's llmctl-config ConfigMap: its "
+                   "prices and the interconnect `llmctl doctor --network` measured")
+    from cli.cluster import add_cluster_args
+
+    add_cluster_args(p)
     p.set_defaults(func=cmd_plan)

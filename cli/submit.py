@@ -17,7 +17,7 @@ from cli.cluster import (ClusterConfig, add_cluster_args, add_version_args, conn
                          resolve_namespace, version_flags)
 from cli.errors import CLIError, UsageError
 from cli.jobs import GROUP, PLURAL, VERSION, confirm, require_yes, say
-from cli.plan import add_spec_args, fmt_hours, plan_checked, render_table, spec_from_args
+from cli.plan import add_spec_args, cluster_interconnect, fmt_hours, plan_checked, render_table, spec_from_args
 from trainer.plan import RunSpec
 
 LOCAL_STORAGE = next(f.default for f in dataclasses.fields(RunSpec) if f.name == "storage_root")
@@ -55,7 +55,8 @@ def render(args, cfg: ClusterConfig, namespace: str, extra_env: dict[str, str]):
 
     price = args.price if args.price is not None else cfg.prices.get(args.gpu_type)
     spec = spec_from_args(args, storage_root=args.storage or cfg.storage_root, price_per_gpu_hour=price,
-                          namespace=namespace, image=cfg.image, queue=cfg.queue)
+                          namespace=namespace, image=cfg.image, queue=cfg.queue,
+                          interconnect_busbw_gbs=cluster_interconnect(args, cfg)[0])
     p = plan_checked(spec)
     try:
         return p, build_rayjob(p, cfg, namespace=namespace, extra_env=extra_env, ray_cluster=args.ray_cluster)
@@ -101,7 +102,8 @@ def cmd_submit(args) -> int:
     if args.dry_run or args.price is not None or file_cfg is not None:
         check_budget(p)  # otherwise the price may still come from the cluster's ConfigMap
     if args.dry_run:
-        say(*(f"warning: {w}" for w in warnings), render_table(p, spot_price=cfg.spot_prices.get(p.spec.gpu_type)), "",
+        say(*(f"warning: {w}" for w in warnings), render_table(p, spot_price=cfg.spot_prices.get(p.spec.gpu_type),
+                                                            interconnect_note=cluster_interconnect(args, cfg)[1]), "",
              f"dry run: nothing was sent; the RayJob for namespace {namespace} follows")
         print(dump_objects([rayjob], args.output or "yaml"))
         return 0
@@ -112,7 +114,8 @@ def cmd_submit(args) -> int:
         cfg = apply_flags(cluster_cfg, args)
         p, rayjob = render(args, cfg, kube.namespace, extra_env)
         check_budget(p)
-    say(*(f"warning: {w}" for w in warnings), render_table(p, spot_price=cfg.spot_prices.get(p.spec.gpu_type)), "")
+    say(*(f"warning: {w}" for w in warnings), render_table(p, spot_price=cfg.spot_prices.get(p.spec.gpu_type),
+                                                            interconnect_note=cluster_interconnect(args, cfg)[1]), "")
     e = p.estimate
     if not args.yes and not confirm(f"Submit {p.name} to namespace {kube.namespace}: {p.spec.gpus} x "
                                      f"{p.spec.gpu_type} for about {fmt_hours(e.total_hours)}, "

@@ -187,6 +187,9 @@ class FakeKube:
         # answered 400, and the operator finishes a RayJob's deletion after this many reads of it while terminating.
         self.starts_after: dict[tuple[str, str], int] = {}  # (namespace, pod) -> log requests still refused
         self.finalize_after: int | None = None
+        # The operator's progress, also without sleeps: (plural, namespace, name) -> the statuses it sets, one more
+        # at each GET of that object (the last one stays), e.g. a RayJob going Initializing -> Running -> Complete.
+        self.status_script: dict[tuple[str, str, str], list[dict]] = {}
         self._reads: dict[tuple[str, str, str], int] = {}
         self.objects: dict[tuple[str, str, str], dict] = {}  # (plural, namespace or "", name) -> object
         self.logs: dict[tuple[str, str, str], str] = {}  # (namespace, pod, container) -> text
@@ -470,6 +473,9 @@ class FakeKube:
                         del self._reads[key], self.objects[key]  # the operator got there first
                         return 404, status(404, "NotFound", f'{full} "{name}" not found',
                                            {"name": name, "group": group, "kind": plural}), "application/json"
+                script = self.status_script.get(key)
+                if script:
+                    obj["status"] = copy.deepcopy(script.pop(0) if len(script) > 1 else script[0])
                 return 200, copy.deepcopy(obj), "application/json"
             if verb == "patch":
                 want_rv = ((body or {}).get("metadata") or {}).get("resourceVersion")

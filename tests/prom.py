@@ -65,7 +65,8 @@ class Prometheus:
     (<namespace>/<fullname>-trainer), which the exporter-down alert selects on."""
 
     def __init__(self, workdir: Path, targets: Iterable[str], *, rule_files: Iterable[Path] = (),
-                 job: str = "default/llmctl-trainer", interval: str = "1s") -> None:
+                 job: str = "default/llmctl-trainer", interval: str = "1s",
+                 target_labels: dict[str, dict[str, str]] | None = None) -> None:
         if shutil.which("prometheus") is None:
             raise PrometheusError("prometheus is not installed (python -m tests.tools installs it)")
         self.workdir = Path(workdir)
@@ -73,6 +74,7 @@ class Prometheus:
         self.rule_files = [Path(p).resolve() for p in rule_files]
         self.job = job
         self.interval = interval
+        self.target_labels = target_labels or {}  # target -> labels, as a PodMonitor's relabeling adds `pod`
         self.port: int | None = None
         self._proc: subprocess.Popen | None = None
         self._log = self.workdir / "prometheus.log"
@@ -86,7 +88,9 @@ class Prometheus:
             "global": {"scrape_interval": self.interval, "scrape_timeout": self.interval,
                        "evaluation_interval": self.interval},
             "rule_files": [str(p) for p in self.rule_files],
-            "scrape_configs": [{"job_name": self.job, "static_configs": [{"targets": self.targets}]}],
+            "scrape_configs": [{"job_name": self.job, "static_configs": [
+                {"targets": [t], "labels": self.target_labels[t]} if t in self.target_labels else {"targets": [t]}
+                for t in self.targets]}],
         }
 
     def start(self, timeout: float = 30.0) -> Prometheus:
@@ -165,6 +169,12 @@ class Prometheus:
     def targets_up(self) -> dict[str, str]:
         """scrape URL -> health ('up', 'down', 'unknown') of the active targets."""
         return {t["scrapeUrl"]: t["health"] for t in self.api("targets")["activeTargets"]}
+
+    def alerts(self, name: str | None = None, state: str | None = None) -> list[dict]:
+        """Active alerts (GET /api/v1/alerts: labels, annotations, state pending|firing, activeAt, value),
+        only those named `name` and in `state` when given."""
+        return [a for a in self.api("alerts")["alerts"]
+                if (name is None or a["labels"].get("alertname") == name) and (state is None or a["state"] == state)]
 
     def rules(self) -> list[dict]:
         """Every loaded rule with its health and last error, flattened over groups."""

@@ -115,6 +115,21 @@ def test_overview_shows_what_the_issue_asks_for():
     assert per_rank and "rank)" in per_rank[0]["expr"]
 
 
+def test_spend_panels_show_gpu_hours_restarts_and_time_lost():
+    """Real spend (issue 18): GPU-hours paid, restarts and the time they lost, on both dashboards."""
+    for name in UIDS:
+        exprs = {p["title"]: [t["expr"] for t in p["targets"]] for p in load(name)["panels"]}
+        gpu_hours = [e for es in exprs.values() for e in es if "llmctl_gpu_seconds{" in e]
+        assert gpu_hours and all(e.endswith("/ 3600") and "sum by (run, stage)" in e for e in gpu_hours), name
+        assert any("max by (run) (llmctl_attempts" in e and e.endswith("- 1") for es in exprs.values() for e in es)
+        assert any("llmctl_lost_seconds" in e for es in exprs.values() for e in es), name
+    overview = {p["title"]: p for p in load("overview.json")["panels"]}
+    hours = " ".join(t["expr"] for t in overview["GPU-hours: paid vs estimate, and lost to restarts"]["targets"])
+    assert "max by (run) (llmctl_gpu_seconds_estimated" in hours
+    assert overview["Time lost to restarts"]["fieldConfig"]["defaults"]["unit"] == "s"
+    assert overview["Restarts"]["fieldConfig"]["defaults"]["decimals"] == 0
+
+
 def test_fleet_shows_gpus_burn_and_mfu_per_run():
     d = load("fleet.json")
     exprs = {p["title"]: " ".join(t["expr"] for t in p["targets"]) for p in d["panels"]}

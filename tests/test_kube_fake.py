@@ -119,6 +119,17 @@ def test_delete_keeps_a_rayjob_with_kuberays_finalizer_until_the_operator_lets_g
         assert e.value.status == 409 and body_of(e.value)["message"] == f'rayjobs.ray.io "{name}" already exists'
 
 
+def test_the_operators_scripted_progress_moves_one_status_per_read_and_keeps_the_last():
+    with FakeKube() as kube:
+        custom = client.CustomObjectsApi(api(kube))
+        custom.create_namespaced_custom_object("ray.io", "v1", "team", "rayjobs", rayjob(name="r"))
+        kube.status_script[("rayjobs", "team", "r")] = [{"jobDeploymentStatus": "Running"},
+                                                        {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}]
+        seen = [custom.get_namespaced_custom_object("ray.io", "v1", "team", "rayjobs", "r")["status"]
+                ["jobDeploymentStatus"] for _ in range(3)]
+        assert seen == ["Running", "Complete", "Complete"]
+
+
 def test_dry_run_all_judges_everything_and_stores_nothing():
     with FakeKube(kuberay="1.5.2") as kube:
         custom = client.CustomObjectsApi(api(kube))

@@ -137,6 +137,22 @@ def test_cost_accrues_with_elapsed_gpu_hours_at_the_plan_price():
     clock.t += 1200
     assert value(ranks[0], "llmctl_cost_dollars") == pytest.approx(5.5)
     assert ranks[0].snapshot()["elapsed_seconds"] == pytest.approx(1800 + 3600 + 1200)
+    assert value(ranks[0], "llmctl_gpu_seconds") == pytest.approx(1800 + 3600 + 1200)  # the same clock
+    assert value(ranks[1], "llmctl_gpu_seconds_estimated") == pytest.approx(p.estimate.total_hours * 3600 * 2)
+    assert value(ranks[1], "llmctl_gpu_seconds_estimated") / 3600 * 3.0 == pytest.approx(p.estimate.total_dollars)
+
+
+def test_attempts_and_time_lost_to_restarts_come_from_the_ledger_and_stay_put():
+    """The spend ledger's view when the worker starts (trainer/spend.py): 3 attempts, 20 minutes lost."""
+    clock = Clock()
+    m = RunMetrics(small_plan(), "pretrain", rank=1, local_rank=1, world_size=2, device_name=None, clock=clock,
+                   attempts=3, lost_seconds=1200.0)
+    assert value(m, "llmctl_attempts") == 3 and value(m, "llmctl_lost_seconds") == 1200.0
+    m.on_step(1, 4096, 0.5, 0.0, 3.0)
+    clock.t += 600
+    assert value(m, "llmctl_attempts") == 3 and value(m, "llmctl_lost_seconds") == 1200.0
+    first = RunMetrics(small_plan(), "pretrain", rank=0, local_rank=0, world_size=2, device_name=None)
+    assert value(first, "llmctl_attempts") == 1 and value(first, "llmctl_lost_seconds") == 0.0
 
 
 def test_estimate_and_cap_come_from_the_plan():
@@ -232,7 +248,7 @@ def test_label_cardinality_is_bounded():
     allowed = set(LABELS) | set(INFO_LABELS) | {"task", "le"}
     assert all(set(labels) <= allowed for _, labels in after)
     assert {labels["task"] for _, labels in after if "task" in labels} == set(CORE_TASKS)
-    assert len(after) < 100  # 19 names, 15 histogram buckets, 22 CORE tasks
+    assert len(after) < 100  # 26 names, 15 histogram buckets, 22 CORE tasks
     with pytest.raises(ValueError, match="unknown CORE task"):
         m.on_core(0.2, {"my_new_benchmark": 0.5})
 
@@ -244,6 +260,8 @@ def test_label_cardinality_is_bounded():
     (dict(local_rank=-1), "local_rank"),
     (dict(prior_seconds=-1.0), "prior_seconds"),
     (dict(prior_tokens=-5), "prior_tokens"),
+    (dict(attempts=0), "attempts"),
+    (dict(lost_seconds=math.inf), "lost_seconds"),
 ])
 def test_bad_arguments_name_the_field(kwargs, field):
     args = dict(stage="pretrain", rank=0, local_rank=0, world_size=2, device_name=None)
@@ -490,6 +508,13 @@ def test_the_real_training_loop_answers_every_dashboard_and_alert_query(tmp_path
     # The tests' tiny model (tests/finished_run.py) on the session's inputs, pretraining only, 80 steps.
     p = tiny_plan(tiny_inputs, "obs-real", num_iterations=80, checkpoint_every=20, stages=("pretrain",),
                   budget_cap=50.0)
+    # An earlier attempt of this run was killed after 2 minutes without keeping any work (its row still says
+    # running): the workers export 2 attempts and those 120 s as lost (trainer/spend.py).
+    from trainer.storage import write_json
+
+    write_json(f"{p.urls['run']}/spend.json", {"schema": 1, "run": p.name, "price_per_gpu_hour": 0.0, "attempts": [
+        {"start": "2026-11-30T10:00:00Z", "last": "2026-11-30T10:02:00Z", "gpus": 2, "seconds": 120.0,
+         "state": "running"}]})
     base = _free_port_pair()
     targets = [f"127.0.0.1:{base}", f"127.0.0.1:{base + 1}"]
     with promlib.Prometheus(tmp_path / "prom", targets, rule_files=[ALERTS]) as prom:
@@ -511,3 +536,8 @@ def test_the_real_training_loop_answers_every_dashboard_and_alert_query(tmp_path
             missing = _without_data(prom, queries, 2, at)
             bad = missing if bad is None else {k: v for k, v in bad.items() if k in missing}
         assert not bad, "queries without data at every live moment:\n" + "\n".join(f"  {k}: {v}" for k, v in bad.items())
+        ledger = {name: prom.query(f'max by (rank) ({name}{{run="{p.name}"}})', at=moments[0])
+                  for name in ("llmctl_attempts", "llmctl_lost_seconds")}
+        assert {r["metric"]["rank"]: float(r["value"][1]) for r in ledger["llmctl_attempts"]} == {"0": 2.0, "1": 2.0}
+        assert {r["metric"]["rank"]: float(r["value"][1]) for r in ledger["llmctl_lost_seconds"]} == \
+            {"0": 120.0, "1": 120.0}

@@ -87,3 +87,159 @@ def test_plan_shows_the_interconnect_share(capsys):
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("interconnect"))
     assert "% of each" in row and "GB/s bus bandwidth" in row
     assert main(["plan", "--depth", "26", "--gpus", "32", "--interconnect-gbs", "0"]) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# `llmctl doctor --network` against the API stand-in: it waits for the RayJob, reads the result from the
+# submitter's log, prints ✓/✗, and stores a ✓ figure in the cluster config, which `plan` and `submit` then use.
+
+NAME = "netcheck-16gpu"
+RUNNING = [{"jobDeploymentStatus": "Initializing"},
+           {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING", "rayClusterName": f"{NAME}-raycluster"}]
+
+
+def result_log(**fields) -> str:
+    import json
+
+    doc = {"ok": True, "busbw_gbs": 287.46, "latency_us": 41.2, "expected_gbs": 300.0, "world": 16, "nodes": 2,
+           "backend": "nccl", "cause": None, "results": []}
+    doc.update(fields)
+    return "✓ all-reduce bus bandwidth (the check's own lines)\n" + json.dumps(doc) + "\n"
+
+
+@pytest.fixture
+def kube(tmp_path, monkeypatch):
+    """The chart's objects and RBAC (user ada), a submitter pod whose log is set per test, fast polling."""
+    from cli import jobs
+    from cli.rayjob import CONTAINERS
+    from tests.kube_fake import FakeKube
+    from tests.test_doctor import chart, setup
+
+    monkeypatch.setattr(jobs, "POLL_SECONDS", 0.01)
+    with FakeKube() as k:
+        token = setup(k, chart())
+        monkeypatch.setenv("KUBECONFIG", str(k.kubeconfig(tmp_path / "kc", token=token)))
+        k.submitter = {"apiVersion": "v1", "kind": "Pod", "metadata": {
+            "name": f"{NAME}-x7k2p", "labels": {"llmctl.dev/run": NAME, "llmctl.dev/role": "submitter"}},
+            "spec": {"containers": [{"name": CONTAINERS["submitter"], "image": "x"}]}}
+        yield k
+
+
+def stored(kube) -> dict | None:
+    import yaml
+
+    text = (kube.get("configmaps", "team", "llmctl-config").get("data") or {}).get("interconnect.yaml")
+    return None if text is None else yaml.safe_load(text)
+
+
+def test_doctor_network_waits_prints_the_measurement_and_stores_it_for_plan(kube, capsys):
+    import json
+
+    from cli.main import main
+
+    kube.add(kube.submitter, log=result_log())
+    kube.status_script[("rayjobs", "team", NAME)] = [*RUNNING, {"jobDeploymentStatus": "Complete",
+                                                                "jobStatus": "SUCCEEDED"}]
+    assert main(["doctor", "--network", "--gpus", "16", "--timeout", "60"]) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines() == ["✓ all-reduce bus bandwidth 287.5 GB/s over 16 ranks on 2 node(s) (nccl); "
+                                "expected ~300 GB/s", "  latency 41 us per small all-reduce"]
+    assert f"{NAME}: starting" in err and f"{NAME}: running" in err and f"{NAME}: succeeded" in err
+    assert "stored in ConfigMap llmctl-config (interconnect.yaml): 287.46 GB/s measured" in err
+    doc = stored(kube)
+    assert doc["busbwGBs"] == 287.46 and doc["gpus"] == 16 and doc["rayjob"] == NAME and doc["latencyUs"] == 41.2
+    assert kube.get("configmaps", "team", "llmctl-config")["data"]["config.yaml"]  # the chart's key untouched
+    assert "PATCH /api/v1/namespaces/team/configmaps/llmctl-config" in kube.lines()  # allowed by the chart's Role
+
+    # The planner now prices multi-node runs at the measured figure and says so, with the date.
+    assert main(["plan", "--depth", "26", "--gpus", "32", "--from-cluster"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("interconnect"))
+    assert f"at 287 GB/s bus bandwidth, measured {doc['measuredAt'][:10]} by llmctl doctor --network over 16 GPUs" \
+        in row
+    assert main(["plan", "--depth", "26", "--gpus", "32", "--from-cluster", "-o", "json"]) == 0
+    measured = json.loads(capsys.readouterr().out)
+    assert measured["spec"]["interconnect_busbw_gbs"] == 287.46
+    assert main(["plan", "--depth", "26", "--gpus", "32", "-o", "json"]) == 0  # offline: the default fabric
+    default = json.loads(capsys.readouterr().out)
+    assert default["spec"].get("interconnect_busbw_gbs") is None
+    assert measured["estimate"]["total_hours"] > default["estimate"]["total_hours"]  # 287 < 300 GB/s: slower
+    assert main(["plan", "--depth", "26", "--gpus", "32", "--from-cluster", "--interconnect-gbs", "100"]) == 0
+    assert "100 GB/s bus bandwidth, given (--interconnect-gbs)" in capsys.readouterr().out  # the flag wins
+
+    # A submit reads the same ConfigMap: its plan table and the run's plan carry the measured figure.
+    assert main(["submit", "--depth", "12", "--gpus", "16", "--yes", "-o", "json"]) == 0
+    out, err = capsys.readouterr()
+    assert f"at 287 GB/s bus bandwidth, measured {doc['measuredAt'][:10]}" in err
+    assert '"interconnect_busbw_gbs":287.46}' in json.loads(out)["spec"]["entrypoint"].replace("\\", "")
+
+
+def test_doctor_network_failure_prints_the_cause_and_stores_nothing(kube, capsys):
+    from cli.main import main
+
+    cause = "no RDMA device in the worker pod (/sys/class/infiniband is empty): NCCL fell back to TCP \x1b[31msockets"
+    kube.add(kube.submitter, log=result_log(ok=False, busbw_gbs=9.1, cause=cause))
+    kube.status_script[("rayjobs", "team", NAME)] = [*RUNNING, {"jobDeploymentStatus": "Failed", "reason": "AppFailed"}]
+    assert main(["doctor", "--network", "--gpus", "16"]) == 1
+    out, err = capsys.readouterr()
+    assert out.splitlines()[0].startswith("✗ all-reduce bus bandwidth 9.1 GB/s over 16 ranks")
+    assert out.splitlines()[-1] == ("  likely cause: no RDMA device in the worker pod (/sys/class/infiniband is "
+                                    "empty): NCCL fell back to TCP sockets")  # the escape sequence is gone
+    assert "not stored in the cluster config" in err and "--interconnect-gbs 9.1" in err
+    assert stored(kube) is None and not any(line.startswith("PATCH") for line in kube.lines())
+
+
+def test_doctor_network_gives_up_at_its_timeout_and_refuses_bad_or_missing_results(kube, capsys):
+    from cli.main import main
+
+    kube.status_script[("rayjobs", "team", NAME)] = [RUNNING[-1]]  # running, and never ends
+    assert main(["doctor", "--network", "--gpus", "16", "--timeout", "0.2"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith(f"the check did not finish within 0 s (--timeout); RayJob {NAME} is still running: "
+                            f"llmctl status {NAME} -n team, llmctl logs {NAME}")
+    assert stored(kube) is None
+
+    kube.objects.pop(("rayjobs", "team", NAME))
+    kube.add(kube.submitter, log=result_log(busbw_gbs=float("nan")))  # json.dumps writes NaN: not a figure
+    kube.status_script[("rayjobs", "team", NAME)] = [{"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}]
+    assert main(["doctor", "--network", "--gpus", "16"]) == 1
+    err = capsys.readouterr().err
+    assert "without a valid result line in its log" in err and stored(kube) is None
+
+    assert main(["doctor", "--network", "--gpus", "16", "--timeout", "-5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--timeout must be a number of seconds > 0" in err
+
+
+def test_parse_result_takes_the_last_json_line_and_checks_it():
+    from cli.netcheck import parse_result
+
+    log = result_log(busbw_gbs=1.0) + "noise {not json\n" + result_log(busbw_gbs=2.0) + "trailing text\n"
+    assert parse_result(log)["busbw_gbs"] == 2.0
+    assert parse_result("no result here\n") is None
+    assert parse_result(result_log(ok="yes")) is None and parse_result(result_log(latency_us=-1)) is None
+    assert parse_result(result_log(world=True))["world"] is None  # a bool is not a count
+
+
+def test_a_cluster_config_file_carries_a_measured_interconnect(tmp_path, capsys):
+    from cli.main import main
+
+    f = tmp_path / "cluster.yaml"
+    f.write_text("storageRoot: s3://b\ninterconnect:\n  busbwGBs: 120\n  measuredAt: '2026-11-02T10:00:00Z'\n  gpus: 16\n")
+    assert main(["plan", "--depth", "26", "--gpus", "32", "--cluster-config", str(f)]) == 0
+    assert "120 GB/s bus bandwidth, measured 2026-11-02 by llmctl doctor --network over 16 GPUs" in capsys.readouterr().out
+    f.write_text("interconnect:\n  busbwGBs: -3\n")
+    assert main(["plan", "--depth", "26", "--gpus", "32", "--cluster-config", str(f)]) == 2
+    assert "interconnect.busbwGBs: must be a number of GB/s > 0" in capsys.readouterr().err
+
+
+def test_the_checks_result_line_is_what_doctor_reads_back():
+    import json
+
+    from cli.netcheck import parse_result, result_lines
+
+    out = {"backend": "nccl", "results": [{"bytes": 8192, "seconds": 40e-6, "algbw": 2e8, "busbw": 3.8e8},
+                                          {"bytes": 1 << 28, "seconds": 0.9e-3, "algbw": 1.5e11, "busbw": 2.8e11}]}
+    line = netcheck.result_line(out, ok=True, expected_gbs=300, world=16, nodes=2, cause=None)
+    back = parse_result("✓ ...\n" + json.dumps(line) + "\n")
+    assert back["busbw_gbs"] == pytest.approx(280) and back["latency_us"] == pytest.approx(40)
+    assert result_lines(back)[0] == "✓ all-reduce bus bandwidth 280.0 GB/s over 16 ranks on 2 node(s) (nccl); expected ~300 GB/s"

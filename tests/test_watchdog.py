@@ -1,6 +1,6 @@
 """trainer/watchdog.py: the bound, naming the stuck rank, the dump; and end to end on local Ray (gloo): one
 rank sleeps inside a step, the watchdog fires and names it, the stacks land in storage, the LlmctlStepStale
-alert's expression matches that rank in a real Prometheus, and the run restarts and completes."""
+alert fires in a real Prometheus naming that rank and its pod, and the run restarts and completes."""
 
 import json
 import os
@@ -50,25 +50,43 @@ def test_a_hung_step_dumps_stacks_names_the_rank_and_calls_on_hang(tmp_path):
     assert dogs[1].fired is None  # rank 1 was between steps: not watched
 
 
+def stale_rule_file(path, for_="2s"):
+    """The shipped LlmctlStepStale rule alone, its expression unchanged, its `for` shortened to fit a test."""
+    import yaml
+
+    from tests.test_metrics import ALERTS
+
+    shipped = next(r for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]
+                   if r.get("alert") == "LlmctlStepStale")
+    rule = dict(shipped, **{"for": for_})
+    path.write_text(yaml.safe_dump({"groups": [{"name": "llmctl.test", "rules": [rule]}]}))
+    assert yaml.safe_load(path.read_text())["groups"][0]["rules"][0]["expr"] == shipped["expr"]
+    return path
+
+
 def test_hang_watchdog_names_the_stuck_rank_alerts_and_the_run_restarts(ray_cluster, tiny_inputs, tmp_path):
+    """The watchdog's bound is 30 s here (watchdog_floor_s); the alert's expression matches from half of it,
+    and with `for: 2s` the alert fires well before the watchdog ends the attempt."""
     from tests import prom as promlib
     from tests.finished_run import tiny_plan
-    from tests.test_metrics import ALERTS, _free_port_pair
+    from tests.test_metrics import _free_port_pair
     from tests.tools import ensure_prometheus
     from trainer.launch import run
 
     ensure_prometheus()
     p = tiny_plan(tiny_inputs, "hung", stages=("pretrain",))
-    chaos = {"hang_at_step": 9, "rank": 1, "hang_seconds": 600, "watchdog_floor_s": 20,
+    chaos = {"hang_at_step": 9, "rank": 1, "hang_seconds": 600, "watchdog_floor_s": 30,
              "marker": str(tmp_path / "hung")}
     base = _free_port_pair()
     targets = [f"127.0.0.1:{base}", f"127.0.0.1:{base + 1}"]
-    stale = next(expr for name, expr in promlib.alert_rules(ALERTS) if name == "LlmctlStepStale")
+    pods = {t: {"pod": f"hung-worker-{i}"} for i, t in enumerate(targets)}  # what the PodMonitor's relabeling adds
+    rules = stale_rule_file(tmp_path / "stale.rules.yaml")
     seen: list = []
-    with promlib.Prometheus(tmp_path / "prom", targets, rule_files=[ALERTS]) as prom:
-        def watch():  # while the run is stalled, the alert's expression must match the stuck rank
+    with promlib.Prometheus(tmp_path / "prom", targets, rule_files=[rules], target_labels=pods) as prom:
+        def watch():  # while the run is stalled, the alert must reach `firing` (not only match its expression)
             try:
-                seen.extend(prom.wait_until(lambda: prom.query(stale), "LlmctlStepStale to match", 240))
+                seen.extend(prom.wait_until(lambda: prom.alerts("LlmctlStepStale", "firing"),
+                                            "LlmctlStepStale to fire", 240))
             except promlib.PrometheusError as e:
                 seen.append(str(e))
 
@@ -76,9 +94,15 @@ def test_hang_watchdog_names_the_stuck_rank_alerts_and_the_run_restarts(ray_clus
         watcher.start()
         summary = run(p, storage_options={}, checkpoint_upload="sync", metrics_port_base=base, chaos=chaos)
         watcher.join()
+    firing = [a for a in seen if isinstance(a, dict)]
+    assert firing, seen
+    assert [(a["labels"]["run"], a["labels"]["stage"], a["labels"]["rank"], a["labels"]["pod"]) for a in firing] \
+        == [(p.name, "pretrain", "1", "hung-worker-1")], firing
+    assert firing[0]["labels"]["severity"] == "critical"
+    assert "rank 1 has not reached the collective" in firing[0]["annotations"]["summary"]
+    assert "(pod hung-worker-1)" in firing[0]["annotations"]["description"]
     assert os.path.exists(chaos["marker"]), "the hang was not injected"
     assert summary["status"] == "completed" and summary["stages"]["pretrain"]["steps"] == 30
-    assert [r["metric"]["rank"] for r in seen if isinstance(r, dict)] == ["1"], seen
     hangs = f"{p.urls['run'][len('file://'):]}/pretrain/hangs"
     files = sorted(os.listdir(hangs))
     assert "step000009_rank0.json" in files and "step000009_rank0.txt" in files, files

@@ -93,7 +93,7 @@ def eval_loop(config: dict) -> None:
     if rank == 0:
         record_world(plan.urls["run"], world, opts)  # the spend ledger prices this size (trainer/spend.py)
     say = (lambda msg: say_once(0, msg)) if rank == 0 else None
-    metrics = start_metrics(plan, "eval", w, cfg.metrics_port_base)
+    metrics = start_metrics(plan, "eval", w, cfg.metrics_port_base, attempts=cfg.attempts)
     tokenizer = Tokenizer.load(plan.urls["tokenizer"], storage_options=opts)
     token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.int64, device=device)
     results: dict = {"format": RESULTS_FORMAT, "run": plan.name, "world_size": world, "models": {}}

@@ -149,12 +149,14 @@ def run(p: RunPlan, *, storage_options: dict | None = None, **kw) -> dict:
     count = worker_count(p, kw.get("workers"))  # the size it starts at; worker groups report changes (spend.py)
     with spend.attempt(p.urls["run"], run=p.name, gpus=count if isinstance(count, int) else max(count),
                        price_per_gpu_hour=p.estimate.price_per_gpu_hour, storage_options=opts) as ledger:
-        return _run_stages(p, storage_options=opts, earlier_attempts_seconds=ledger.earlier_seconds, **kw)
+        return _run_stages(p, storage_options=opts, earlier_attempts_seconds=ledger.earlier_seconds,
+                           attempts=len(ledger.doc["attempts"]), **kw)
 
 
 def _run_stages(p: RunPlan, *, storage_options: dict | None = None, max_failures: int = 3,
                 metrics_port_base: int | None = None, log_every: int = 10, checkpoint_upload: str = "async",
                 trace: str | None = None, chaos: dict | None = None, earlier_attempts_seconds: float = 0.0,
+                attempts: int = 1,
                 progress_file: str | None = None, quiet: bool = False, workers: int | tuple[int, int] | None = None,
                 elastic_monitor_s: float = 60.0) -> dict:
     """`run`'s body: the stages in order, each one Ray Train fit. `progress_file`: a local path the workers
@@ -192,6 +194,7 @@ def _run_stages(p: RunPlan, *, storage_options: dict | None = None, max_failures
         config = StageConfig(plan=p.to_json(), stage=st.name, storage_options=opts, log_every=log_every,
                              metrics_port_base=metrics_port_base, checkpoint_upload=checkpoint_upload, trace=trace,
                              chaos=chaos, init_model=init_model, earlier_attempts_seconds=earlier_attempts_seconds,
+                             attempts=attempts,
                              progress_file=progress_file,
                              prior_seconds=sum(s["seconds"] for s in stages.values()),
                              prior_tokens=sum(s["tokens"] for s in stages.values())).to_dict()

@@ -104,7 +104,7 @@ def set_up(cfg: StageConfig) -> Stage:
     lost = max(0.0, cfg.earlier_attempts_seconds - cfg.prior_seconds - loop["seconds"])  # trainer/spend.py
     metrics = start_metrics(plan, stage.name, w, cfg.metrics_port_base,
                             prior_seconds=cfg.prior_seconds + loop["seconds"] + lost,
-                            prior_tokens=cfg.prior_tokens + loop["tokens"])
+                            prior_tokens=cfg.prior_tokens + loop["tokens"], attempts=cfg.attempts, lost_seconds=lost)
     trace = open(cfg.trace, "a") if cfg.trace else None
     return Stage(cfg, plan, stage, w, model, optimizer, tokenizer, token_bytes, loader, metrics, trace, start_step, loop,
                  lost, planned)

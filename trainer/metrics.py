@@ -20,6 +20,10 @@ How each number is made (per rank, i.e. per GPU):
 - $ spent = (prior_seconds + seconds since this exporter started) / 3600 x the plan's price per GPU-hour:
   each rank reports its own GPU, so a run's spend is the sum over its ranks. It is read at scrape time, so
   it keeps rising while a run is stalled, as the bill does.
+- attempts and lost seconds come from the run's spend ledger (`<run>/spend.json`, trainer/spend.py) when the
+  worker starts: attempts of the run so far, this one included (restarts = attempts - 1), and the wall seconds
+  earlier attempts were paid for but whose work the checkpoint did not keep (start-up, redone steps, the
+  last minutes of a killed attempt). Both are constant for the life of one worker.
 - ETA = steps left in the stage x a debiased moving average of the step time (beta 0.9, as nanochat
   smooths its loss); before the first step, the plan's estimate for the stage.
 
@@ -60,6 +64,8 @@ METRIC_NAMES = (
     "llmctl_core_task_centered",
     # hang detection (trainer/watchdog.py): staleness, the watchdog's bound, the collective each rank reached
     "llmctl_last_step_timestamp_seconds", "llmctl_hang_bound_seconds", "llmctl_collective_step",
+    # real spend (trainer/spend.py): GPU-seconds paid, attempts of the run, wall seconds restarts lost
+    "llmctl_gpu_seconds", "llmctl_gpu_seconds_estimated", "llmctl_attempts", "llmctl_lost_seconds",
 )
 
 # torch.cuda.get_device_name() -> GPU catalog key, first match wins, so specific names come first
@@ -109,7 +115,8 @@ class RunMetrics:
     server (a loud line on stderr; the "exporter down" alert and the missing series show it).
     prior_seconds: GPU-seconds this rank's slot was already paid for in this run (earlier attempts and
     earlier stages), so `llmctl_cost_dollars` is the run's spend. prior_tokens: tokens this rank already
-    processed in this stage before a resume, so `llmctl_tokens_total` continues.
+    processed in this stage before a resume, so `llmctl_tokens_total` continues. attempts, lost_seconds: the
+    spend ledger's attempts (this one included) and the wall seconds earlier attempts lost (see above).
     registry: a prometheus_client CollectorRegistry; None = a fresh one per instance, so several
     instances can live in one process (tests; one stage after another).
     addr, clock: bind address of the server, and the clock cost and ETA are measured with (tests).
@@ -117,7 +124,7 @@ class RunMetrics:
 
     def __init__(self, plan: RunPlan, stage: str, *, rank: int, local_rank: int, world_size: int,
                  device_name: str | None, port: int | None = None, registry=None,
-                 prior_seconds: float = 0.0, prior_tokens: int = 0,
+                 prior_seconds: float = 0.0, prior_tokens: int = 0, attempts: int = 1, lost_seconds: float = 0.0,
                  addr: str = "0.0.0.0", clock: Callable[[], float] = time.monotonic) -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -133,6 +140,10 @@ class RunMetrics:
             raise ValueError(f"prior_seconds: must be a finite number >= 0, got {prior_seconds!r}")
         if not (isinstance(prior_tokens, int) and prior_tokens >= 0):
             raise ValueError(f"prior_tokens: must be an integer >= 0, got {prior_tokens!r}")
+        if not (isinstance(attempts, int) and not isinstance(attempts, bool) and attempts >= 1):
+            raise ValueError(f"attempts: must be an integer >= 1, got {attempts!r}")
+        if not (lost_seconds >= 0 and math.isfinite(lost_seconds)):
+            raise ValueError(f"lost_seconds: must be a finite number >= 0, got {lost_seconds!r}")
 
         self.plan, self.stage, self.rank, self.local_rank, self.world_size = plan, stage, rank, local_rank, world_size
         self.flops_per_token = plan.flops_per_token
@@ -204,6 +215,14 @@ class RunMetrics:
         self._g_est.set(plan.estimate.total_dollars)
         self._g_eta.set(self._eta)
         self._g_cost.set_function(self.cost_dollars)
+        gauge("llmctl_gpu_seconds", "GPU-seconds paid for this rank's GPU in this run (the clock of "
+              "llmctl_cost_dollars); sum over ranks for the run.").labels(**labels).set_function(self.elapsed_seconds)
+        gauge("llmctl_gpu_seconds_estimated", "The plan's estimate of the whole run's GPU-seconds (all GPUs and "
+              "stages; the same on every rank).").labels(**labels).set(plan.estimate.total_hours * 3600 * plan.spec.gpus)
+        gauge("llmctl_attempts", "Attempts of this run so far, this one included (spend.json: RayJob retries, "
+              "resubmits); restarts = attempts - 1.").labels(**labels).set(attempts)
+        gauge("llmctl_lost_seconds", "Wall seconds earlier attempts were paid for whose work was not kept "
+              "(start-up, redone steps; spend.json minus the resumed work).").labels(**labels).set(lost_seconds)
         if plan.spec.budget_cap is not None:
             gauge("llmctl_cost_cap_dollars", "The run's budget cap in dollars (the run stops there).") \
                 .labels(**labels).set(plan.spec.budget_cap)

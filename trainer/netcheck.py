@@ -122,6 +122,15 @@ def run_check(gpus: int, *, use_gpu: bool, sizes=SIZES, iters: int = 5) -> dict:
     return {**trainer.fit().return_value, "backend": backend}
 
 
+def result_line(out: dict, *, ok: bool, expected_gbs: float, world: int, nodes: int, cause: str | None) -> dict:
+    """The check's last log line, as JSON: what `llmctl doctor --network` reads back from the RayJob's log
+    (cli/netcheck.py `parse_result`) and stores as the cluster's measured interconnect."""
+    big, small = max(out["results"], key=lambda r: r["bytes"]), min(out["results"], key=lambda r: r["bytes"])
+    return {"ok": ok, "busbw_gbs": big["busbw"] / 1e9, "latency_us": small["seconds"] * 1e6,
+            "expected_gbs": expected_gbs, "world": world, "nodes": nodes, "backend": out["backend"],
+            "cause": cause, "results": out["results"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m trainer.netcheck", description=__doc__.splitlines()[0])
     ap.add_argument("--gpus", type=int, required=True)
@@ -131,11 +140,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     out = run_check(args.gpus, use_gpu=not args.cpu)
     nodes = len({r["node"] for r in out["ranks"]}) or 1
+    env, rdma = dict(os.environ), out["ranks"][0]["rdma"]
     ok, lines = verdict(out["results"], expected_busbw=args.expect_gbs * 1e9, world=args.gpus, nodes=nodes,
-                        env=dict(os.environ), rdma=out["ranks"][0]["rdma"], backend=out["backend"])
+                        env=env, rdma=rdma, backend=out["backend"])
     print("\n".join(lines))
-    print(json.dumps({"ok": ok, "busbw_gbs": max(out["results"], key=lambda r: r["bytes"])["busbw"] / 1e9,
-                      "results": out["results"]}))
+    print(json.dumps(result_line(out, ok=ok, expected_gbs=args.expect_gbs, world=args.gpus, nodes=nodes,
+                                 cause=None if ok else likely_cause(env=env, rdma=rdma, nodes=nodes,
+                                                                     backend=out["backend"]))))
     return 0 if ok else 1
 
 

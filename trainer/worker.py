@@ -117,14 +117,15 @@ class ValPass:
 
 
 def start_metrics(plan: RunPlan, stage: str, w: Worker, port_base: int | None, *, prior_seconds: float = 0.0,
-                  prior_tokens: int = 0):
+                  prior_tokens: int = 0, attempts: int = 1, lost_seconds: float = 0.0):
     """This worker's metrics (trainer/metrics.py), served on `port_base + local rank` unless port_base is None."""
     from trainer.metrics import RunMetrics
 
     return RunMetrics(plan, stage, rank=w.rank, local_rank=w.local_rank, world_size=w.world,
                       device_name=torch.cuda.get_device_name(w.device) if w.device.type == "cuda" else None,
                       port=None if port_base is None else port_base + w.local_rank,
-                      prior_seconds=prior_seconds, prior_tokens=prior_tokens)
+                      prior_seconds=prior_seconds, prior_tokens=prior_tokens, attempts=attempts,
+                      lost_seconds=lost_seconds)
 
 
 def agree(device: torch.device, *flags: bool) -> list[bool]:
@@ -158,7 +159,8 @@ class StageConfig:
     init_model: checkpoint URL SFT starts from; prior_seconds / prior_tokens: earlier stages' wall time and
     tokens, so spend, the budget cap and the dashboards cover the whole run; earlier_attempts_seconds: wall
     seconds paid for by earlier attempts of the run (trainer/spend.py), so spend and the cap also count the
-    time restarts lost; trace: a local JSONL path for
+    time restarts lost; attempts: the ledger's attempts so far, this one included (exported as
+    `llmctl_attempts`); trace: a local JSONL path for
     per-step data fingerprints and wall-clock stamps (the exact-resume tests, bench/ray_overhead.py); chaos:
     fault injection for the fault tests (kill_at_step, rank, marker, during_save; nan_at_step; hang_at_step,
     hang_seconds, watchdog_floor_s: a rank that stalls and the watchdog's short bound; stage: only that stage);
@@ -175,6 +177,7 @@ class StageConfig:
     prior_seconds: float = 0.0
     prior_tokens: int = 0
     earlier_attempts_seconds: float = 0.0
+    attempts: int = 1
     trace: str | None = None
     chaos: dict | None = None
     progress_file: str | None = None
@@ -184,6 +187,8 @@ class StageConfig:
             raise ValueError(f"checkpoint_upload: must be async or sync, got {self.checkpoint_upload!r}")
         if not isinstance(self.log_every, int) or self.log_every < 1:
             raise ValueError(f"log_every: must be a positive integer, got {self.log_every!r}")
+        if not isinstance(self.attempts, int) or self.attempts < 1:
+            raise ValueError(f"attempts: must be an integer >= 1, got {self.attempts!r}")
         if self.earlier_attempts_seconds < 0:
             raise ValueError(f"earlier_attempts_seconds: must be >= 0, got {self.earlier_attempts_seconds}")
         if self.prior_seconds < 0 or self.prior_tokens < 0:
