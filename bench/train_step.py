@@ -16,8 +16,15 @@ Run: .venv/bin/python bench/train_step.py                      (CPU default: d4,
 process, each on its own copy of the same model and data, steps interleaved round-robin so load changes hit
 every variant alike; prints each one's median step and optimizer time and its step-time ratio to the
 reference (the median of per-round ratios), with the load average before and after:
-     .venv/bin/python bench/train_step.py --compare --threads 1 --depth 4 --batch 8 --seq 256 --vocab 4096
-add --compare-compiled for a torch.compile'd (inductor C++) reference variant, its compile time included.
+     .venv/bin/python bench/train_step.py --compare --threads 1 --depth 4 --batch 8 --seq 256 --vocab 4096 \
+         --head-dim 64        (the local presets' shape; add --compare-compiled for a torch.compile'd, inductor
+                               C++, reference variant: its first step shows the compile time)
+--compare-process (CPU): whole configurations before/after, each a fresh process of this script (the allocator
+setting, trainer/allocator.py, is per process), in rounds with the order rotated; ratios per round:
+     .venv/bin/python bench/train_step.py --compare-process --threads 1 --depth 4 --batch 8 --seq 256 \
+         --vocab 4096 --head-dim 64 --rounds 5
+Every CPU measurement runs with the allocator setting a CPU training worker applies (--malloc keep) unless
+--malloc default is given; --kernels picks the optimizer's kernels (default: the device's).
 """
 
 from __future__ import annotations
@@ -78,13 +85,16 @@ def measure(depth: int, batch: int, seq: int, vocab: int, steps: int, warmup: in
         model.zero_grad(set_to_none=True)
         _sync(device)
         t2 = time.perf_counter()
+        if i == 0:
+            first = t2 - t0  # compile included where it compiles
         if i >= warmup:
             step_s.append(t2 - t0)
             opt_s.append(t2 - t1)
     med = statistics.median(step_s)
     return dict(depth=depth, batch=batch, seq=seq, vocab=vocab, device=str(device), dtype=str(compute_dtype(device)),
                 fp8=fp8, kernels=opt.kernels, ortho_dtype=str(opt.ortho_dtype),
-                threads=torch.get_num_threads(), steps=steps, step_s_median=med, step_s_min=min(step_s),
+                threads=torch.get_num_threads(), steps=steps, first_step_s=first, step_s_median=med,
+                step_s_min=min(step_s),
                 step_s_max=max(step_s), tokens_per_s=batch * seq / med,
                 optimizer_share=statistics.median(opt_s) / med, flops_per_token=p.flops_per_token,
                 params_total=p.params.total, memory_gib=(torch.cuda.max_memory_allocated(device) / 2**30
@@ -277,8 +287,9 @@ def main() -> None:
     r["mfu"] = r["flops_per_token"] * r["tokens_per_s"] / peak if peak else None
     print(f"d{r['depth']} batch {r['batch']} x seq {r['seq']} on {r['device']} ({r['dtype']}, {r['threads']} threads): "
           f"step {r['step_s_median'] * 1e3:.1f} ms median (min {r['step_s_min'] * 1e3:.1f}, max "
-          f"{r['step_s_max'] * 1e3:.1f}) over {r['steps']} steps")
-    print(f"tokens/s: {r['tokens_per_s']:,.0f}; optimizer share of the step: {r['optimizer_share']:.1%}")
+          f"{r['step_s_max'] * 1e3:.1f}) over {r['steps']} steps; first step {r['first_step_s']:.1f} s")
+    print(f"tokens/s: {r['tokens_per_s']:,.0f}; optimizer share of the step: {r['optimizer_share']:.1%} "
+          f"({r['kernels']} kernels, Polar Express in {r['ortho_dtype'].replace('torch.', '')})")
     if device.type == "cpu":
         print(f"MFU against the planner's nominal CPU peak ({peak / 1e9:.0f} GFLOP/s): {r['mfu']:.3f} "
               f"(the planner assumes {CPU_MFU}), i.e. measured / assumed = {r['mfu'] / CPU_MFU:.2f}")
