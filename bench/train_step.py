@@ -162,8 +162,9 @@ def _iqr(xs: list[float]) -> tuple[float, float]:
 
 def print_compare(r: dict) -> None:
     print(f"d{r['depth']} batch {r['batch']} x seq {r['seq']}, vocab {r['vocab']}, CPU float32, {r['threads']} "
-          f"thread(s), malloc {r['malloc']}; {r['steps']} timed rounds after {r['warmup']} warm-up; load average (1/5/15 min) before "
-          f"{'/'.join(f'{v:.2f}' for v in r['load_before'])}, after {'/'.join(f'{v:.2f}' for v in r['load_after'])}")
+          f"thread(s), malloc {r['malloc']}; {r['steps']} timed rounds after {r['warmup']} warm-up; load average "
+          f"(1/5/15 min) before {'/'.join(f'{v:.2f}' for v in r['load_before'])}, after "
+          f"{'/'.join(f'{v:.2f}' for v in r['load_after'])}")
     print(f"{'variant':<10} {'kernels':<10} {'NS dtype':<9} {'step ms':>8} {'optim ms':>9} {'optim share':>12} "
           f"{'1st step ms':>12} {'step / reference (IQR)':>24}")
     for name, v in r["variants"].items():
@@ -211,15 +212,16 @@ def compare_process(args) -> dict:
 
 
 def print_compare_process(r: dict) -> None:
-    print(f"d{r['depth']} batch {r['batch']} x seq {r['seq']}, vocab {r['vocab']}, CPU float32, {r['threads'] or 'default'} "
-          f"thread(s); {r['rounds']} rounds of one process per configuration, each timing {r['steps']} steps after "
-          f"{r['warmup']}; load average before {'/'.join(f'{v:.2f}' for v in r['load_before'])}, after "
-          f"{'/'.join(f'{v:.2f}' for v in r['load_after'])}")
+    print(f"d{r['depth']} batch {r['batch']} x seq {r['seq']}, vocab {r['vocab']}, CPU float32, "
+          f"{r['threads'] or 'default'} thread(s); {r['rounds']} rounds of one process per configuration, each "
+          f"timing {r['steps']} steps after {r['warmup']}; load average before "
+          f"{'/'.join(f'{v:.2f}' for v in r['load_before'])}, after {'/'.join(f'{v:.2f}' for v in r['load_after'])}")
     print(f"{'config':<8} {'kernels':<10} {'NS dtype':<15} {'malloc':<8} {'step ms':>8} {'optim share':>12} "
           f"{'step / before (min-max)':>24}")
     for name, c in r["configs"].items():
-        print(f"{name:<8} {c['kernels']:<10} {c['ortho_dtype']:<15} {c['malloc']:<8} {c['step_s_median'] * 1e3:>8.0f} "
-              f"{c['optimizer_share']:>12.1%} {c['ratio_to_before']:>10.3f} ({c['ratio_min']:.3f}-{c['ratio_max']:.3f})")
+        print(f"{name:<8} {c['kernels']:<10} {c['ortho_dtype']:<15} {c['malloc']:<8} "
+              f"{c['step_s_median'] * 1e3:>8.0f} {c['optimizer_share']:>12.1%} {c['ratio_to_before']:>10.3f} "
+              f"({c['ratio_min']:.3f}-{c['ratio_max']:.3f})")
 
 
 def largest_batch(args, device: torch.device) -> dict:

@@ -1,4 +1,4 @@
-"""Keep a CPU training process's freed memory in glibc's heap, so each step reuses pages instead of faulting in new ones.
+"""Keep a CPU training process's freed memory in glibc's heap: each step reuses pages instead of faulting in new ones.
 
 PyTorch's CPU allocator takes every tensor from the C library's malloc. With glibc's defaults a training step
 hands most of its memory back to the kernel: buffers of 32 MiB or more (the logits of a batch, 8 x 256 x 4,096
