@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -74,9 +75,10 @@ def measure(depth: int, batch: int, seq: int, vocab: int, steps: int, warmup: in
     g = torch.Generator().manual_seed(1)
     data = torch.randint(0, vocab, (batch, seq + 1), generator=g).to(device)
     x, y = data[:, :-1], data[:, 1:]
-    step_s, opt_s = [], []
+    step_s, opt_s, cpu_s, faults = [], [], [], []
     for i in range(warmup + steps):
         _sync(device)
+        c0, f0 = time.process_time(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         t0 = time.perf_counter()
         model(x, y).backward()
         _sync(device)
@@ -90,12 +92,15 @@ def measure(depth: int, batch: int, seq: int, vocab: int, steps: int, warmup: in
         if i >= warmup:
             step_s.append(t2 - t0)
             opt_s.append(t2 - t1)
+            cpu_s.append(time.process_time() - c0)
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
     med = statistics.median(step_s)
     return dict(depth=depth, batch=batch, seq=seq, vocab=vocab, device=str(device), dtype=str(compute_dtype(device)),
                 fp8=fp8, kernels=opt.kernels, ortho_dtype=str(opt.ortho_dtype),
                 threads=torch.get_num_threads(), steps=steps, first_step_s=first, step_s_median=med,
                 step_s_min=min(step_s),
-                step_s_max=max(step_s), tokens_per_s=batch * seq / med,
+                step_s_max=max(step_s), cpu_s_median=statistics.median(cpu_s),
+                page_faults_per_step=statistics.median(faults), tokens_per_s=batch * seq / med,
                 optimizer_share=statistics.median(opt_s) / med, flops_per_token=p.flops_per_token,
                 params_total=p.params.total, memory_gib=(torch.cuda.max_memory_allocated(device) / 2**30
                                                          if device.type == "cuda" else None))
@@ -125,32 +130,42 @@ def compare(args) -> dict:
         if name == "compiled":  # what trainer/optim.py does on CUDA, here with inductor's C++ backend
             opt._adamw = torch.compile(adamw_update, dynamic=False, fullgraph=True)
             opt._muon = torch.compile(muon_update, dynamic=False, fullgraph=True)
-        runs[name] = (model, opt, {"step": [], "opt": []}, str(opt.ortho_dtype).replace("torch.", ""))
+        times = {"step": [], "opt": [], "cpu": [], "opt_cpu": []}
+        runs[name] = (model, opt, times, str(opt.ortho_dtype).replace("torch.", ""))
     load_before = os.getloadavg()
     for i in range(args.warmup + args.steps):
         for name, (model, opt, t, _) in runs.items():
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             model(x, y).backward()
-            t1 = time.perf_counter()
+            c1, t1 = time.process_time(), time.perf_counter()
             opt.step()
             model.zero_grad(set_to_none=True)
-            t2 = time.perf_counter()
+            c2, t2 = time.process_time(), time.perf_counter()
             if i == 0:
                 first[name] = t2 - t0
             if i >= args.warmup:
                 t["step"].append(t2 - t0)
                 t["opt"].append(t2 - t1)
+                t["cpu"].append(c2 - c0)
+                t["opt_cpu"].append(c2 - c1)
     load_after = os.getloadavg()
-    ref = runs["reference"][2]["step"]
+    ref = runs["reference"][2]
     out = dict(depth=args.depth, batch=args.batch, seq=args.seq, vocab=args.vocab, threads=torch.get_num_threads(),
                steps=args.steps, warmup=args.warmup, malloc=args.malloc, load_before=load_before,
                load_after=load_after, variants={})
     for name, (model, opt, t, ortho) in runs.items():
-        ratios = [a / b for a, b in zip(t["step"], ref)]
+        ratios = [a / b for a, b in zip(t["step"], ref["step"])]
+        cpu_ratios = [a / b for a, b in zip(t["cpu"], ref["cpu"])]
+        opt_ratios = [a / b for a, b in zip(t["opt_cpu"], ref["opt_cpu"])]
         out["variants"][name] = dict(kernels=opt.kernels, ortho_dtype=ortho, step_s_median=statistics.median(t["step"]),
                                      opt_s_median=statistics.median(t["opt"]), first_step_s=first[name],
                                      ratio_to_reference=statistics.median(ratios),
-                                     ratio_iqr=_iqr(ratios), tokens_per_s=args.batch * args.seq /
+                                     ratio_iqr=_iqr(ratios), cpu_s_median=statistics.median(t["cpu"]),
+                                     opt_cpu_s_median=statistics.median(t["opt_cpu"]),
+                                     cpu_ratio_to_reference=statistics.median(cpu_ratios),
+                                     cpu_ratio_iqr=_iqr(cpu_ratios),
+                                     opt_ratio_to_reference=statistics.median(opt_ratios),
+                                     tokens_per_s=args.batch * args.seq /
                                      statistics.median(t["step"]))
     return out
 
@@ -165,13 +180,15 @@ def print_compare(r: dict) -> None:
           f"thread(s), malloc {r['malloc']}; {r['steps']} timed rounds after {r['warmup']} warm-up; load average "
           f"(1/5/15 min) before {'/'.join(f'{v:.2f}' for v in r['load_before'])}, after "
           f"{'/'.join(f'{v:.2f}' for v in r['load_after'])}")
-    print(f"{'variant':<10} {'kernels':<10} {'NS dtype':<9} {'step ms':>8} {'optim ms':>9} {'optim share':>12} "
-          f"{'1st step ms':>12} {'step / reference (IQR)':>24}")
+    print("medians per step; CPU = this process's CPU time (robust to other processes' load), wall = elapsed")
+    print(f"{'variant':<10} {'kernels':<10} {'NS dtype':<9} {'CPU ms':>7} {'optim CPU ms':>13} {'optim share':>12} "
+          f"{'wall ms':>8} {'1st step ms':>12} {'optim CPU / ref':>16} {'CPU / ref (IQR)':>22} {'wall / ref':>10}")
     for name, v in r["variants"].items():
-        print(f"{name:<10} {v['kernels']:<10} {v['ortho_dtype']:<9} {v['step_s_median'] * 1e3:>8.0f} "
-              f"{v['opt_s_median'] * 1e3:>9.0f} {v['opt_s_median'] / v['step_s_median']:>12.1%} "
-              f"{v['first_step_s'] * 1e3:>12.0f} {v['ratio_to_reference']:>10.3f} "
-              f"({v['ratio_iqr'][0]:.3f}-{v['ratio_iqr'][1]:.3f})")
+        print(f"{name:<10} {v['kernels']:<10} {v['ortho_dtype']:<9} {v['cpu_s_median'] * 1e3:>7.0f} "
+              f"{v['opt_cpu_s_median'] * 1e3:>13.0f} {v['opt_cpu_s_median'] / v['cpu_s_median']:>12.1%} "
+              f"{v['step_s_median'] * 1e3:>8.0f} {v['first_step_s'] * 1e3:>12.0f} "
+              f"{v['opt_ratio_to_reference']:>16.3f} {v['cpu_ratio_to_reference']:>8.3f} "
+              f"({v['cpu_ratio_iqr'][0]:.3f}-{v['cpu_ratio_iqr'][1]:.3f}) {v['ratio_to_reference']:>10.3f}")
 
 
 # --compare-process: whole configurations, each in its own process (the allocator setting is per process)
@@ -202,12 +219,17 @@ def compare_process(args) -> dict:
     for name in names:
         steps = [g[name]["step_s_median"] for g in rounds]
         ratios = [g[name]["step_s_median"] / g["before"]["step_s_median"] for g in rounds]
+        cpu_ratios = [g[name]["cpu_s_median"] / g["before"]["cpu_s_median"] for g in rounds]
         res["configs"][name] = dict(kernels=CONFIGS[name][0], malloc=CONFIGS[name][1],
                                     ortho_dtype=rounds[0][name]["ortho_dtype"],
                                     step_s_median=statistics.median(steps),
                                     optimizer_share=statistics.median(g[name]["optimizer_share"] for g in rounds),
+                                    cpu_s_median=statistics.median(g[name]["cpu_s_median"] for g in rounds),
+                                    page_faults_per_step=statistics.median(g[name]["page_faults_per_step"]
+                                                                           for g in rounds),
                                     ratio_to_before=statistics.median(ratios), ratio_min=min(ratios),
-                                    ratio_max=max(ratios))
+                                    ratio_max=max(ratios), cpu_ratio_to_before=statistics.median(cpu_ratios),
+                                    cpu_ratio_min=min(cpu_ratios), cpu_ratio_max=max(cpu_ratios))
     return res
 
 
@@ -216,12 +238,14 @@ def print_compare_process(r: dict) -> None:
           f"{r['threads'] or 'default'} thread(s); {r['rounds']} rounds of one process per configuration, each "
           f"timing {r['steps']} steps after {r['warmup']}; load average before "
           f"{'/'.join(f'{v:.2f}' for v in r['load_before'])}, after {'/'.join(f'{v:.2f}' for v in r['load_after'])}")
-    print(f"{'config':<8} {'kernels':<10} {'NS dtype':<15} {'malloc':<8} {'step ms':>8} {'optim share':>12} "
-          f"{'step / before (min-max)':>24}")
+    print("medians per step; CPU = the process's CPU time (robust to other processes' load), wall = elapsed")
+    print(f"{'config':<8} {'kernels':<10} {'NS dtype':<15} {'malloc':<8} {'CPU ms':>7} {'page faults':>12} "
+          f"{'wall ms':>8} {'optim share':>12} {'CPU / before (min-max)':>23} {'wall / before (min-max)':>24}")
     for name, c in r["configs"].items():
-        print(f"{name:<8} {c['kernels']:<10} {c['ortho_dtype']:<15} {c['malloc']:<8} "
-              f"{c['step_s_median'] * 1e3:>8.0f} {c['optimizer_share']:>12.1%} {c['ratio_to_before']:>10.3f} "
-              f"({c['ratio_min']:.3f}-{c['ratio_max']:.3f})")
+        print(f"{name:<8} {c['kernels']:<10} {c['ortho_dtype']:<15} {c['malloc']:<8} {c['cpu_s_median'] * 1e3:>7.0f} "
+              f"{c['page_faults_per_step']:>12,.0f} {c['step_s_median'] * 1e3:>8.0f} {c['optimizer_share']:>12.1%} "
+              f"{c['cpu_ratio_to_before']:>8.3f} ({c['cpu_ratio_min']:.3f}-{c['cpu_ratio_max']:.3f}) "
+              f"{c['ratio_to_before']:>9.3f} ({c['ratio_min']:.3f}-{c['ratio_max']:.3f})")
 
 
 def largest_batch(args, device: torch.device) -> dict:
