@@ -189,7 +189,7 @@ def _kernels(device: torch.device, kernels: str) -> tuple:
 
     reference: the reference's op-for-op form, compiled once per process on CUDA (fullgraph, static
     shapes), eager elsewhere. cpu: eager forms with fewer passes over memory (torch's fused AdamW kernel,
-    GEMM-fused Polar Express), same math; compiling does not pay on CPU (docs/benchmarks.md).
+    GEMM-fused Polar Express), same math; compiling did not pay on CPU (docs/benchmarks.md).
     """
     if kernels == "cpu":
         return adamw_update_fused, muon_update, True
