@@ -270,6 +270,8 @@ def validate(obj: dict, releases: dict | None = None) -> None:
         if kind == "RayCluster":
             kuberay_raycluster_rules(obj["spec"], where)
             _dns1035(obj["metadata"]["name"], 53, where)
+        if kind == "RayService":
+            kuberay_rayservice_rules(obj)
         return
     validator = _k8s_kind_validator(api_version, kind)
     if validator is None:
@@ -380,6 +382,23 @@ def kuberay_raycluster_rules(cluster: dict, where: str) -> None:
     for g in cluster.get("workerGroupSpecs", []):
         if not g.get("minReplicas", 0) <= g.get("replicas", 0) <= g.get("maxReplicas", 2**31 - 1):
             raise Invalid(f"{where}: group {g['groupName']}: need minReplicas <= replicas <= maxReplicas")
+
+
+def kuberay_rayservice_rules(obj: dict) -> None:
+    """KubeRay's admission rules for RayServices (ray-operator/controllers/ray/utils/validation.go,
+    ValidateRayServiceMetadata and ValidateRayServiceSpec, restated)."""
+    where, spec = name_of(obj), obj["spec"]
+    _dns1035(obj["metadata"]["name"], 47, where)  # the RayCluster limit 53 minus the suffix KubeRay adds
+    cluster = spec["rayClusterConfig"]
+    kuberay_raycluster_rules(cluster, where)
+    if (cluster["headGroupSpec"].get("headService") or {}).get("metadata", {}).get("name"):
+        raise Invalid(f"{where}: headService.metadata.name must not be set")
+    try:
+        serve = yaml.safe_load(spec.get("serveConfigV2", ""))
+    except yaml.YAMLError as e:
+        raise Invalid(f"{where}: serveConfigV2 is not YAML: {e}") from None
+    if not isinstance(serve, dict) or not serve.get("applications"):
+        raise Invalid(f"{where}: serveConfigV2 names no application")
 
 
 def load_yaml_stream(text: str) -> list[dict]:

@@ -14,7 +14,7 @@ import torch
 
 from trainer import memory
 from trainer.model import build_model
-from trainer.plan import GPUS, PlanError, RunSpec, plan
+from trainer.plan import GPUS, PlanError, RunSpec, architecture, param_counts, plan
 
 
 def saved_activation_bytes(depth: int, seq: int, batch: int, vocab: int, precision: str) -> tuple[int, object]:
@@ -98,3 +98,14 @@ def test_impossible_fit_is_refused_with_one_line_saying_what_fits():
 def test_cpu_workers_have_no_memory_limit():
     p = plan(RunSpec(depth=12, gpu_type="cpu"))
     assert p.memory["capacity"] == 0 and p.memory["fits"] and GPUS["cpu"].local
+
+
+# bench/gpu_check.sh on an H200, 2026-11-30 (docs/benchmarks.md): peak GiB at 32 x 2048, one rank, compiled.
+H200_PEAKS = {("bf16", 20): 71.9, ("fp8", 20): 66.5, ("bf16", 12): 27.4}
+
+
+@pytest.mark.parametrize("precision, depth", sorted(H200_PEAKS))
+def test_the_compiled_estimate_is_within_ten_percent_of_the_measured_gpu_peak(precision, depth):
+    a = architecture(depth)
+    e = memory.estimate(a, param_counts(a), device_batch_size=32, precision=precision)
+    assert 0.9 <= e.peak / memory.GIB / H200_PEAKS[(precision, depth)] <= 1.1

@@ -56,6 +56,19 @@ def test_progress_file_off_and_bar_off_do_nothing(tmp_path):
         advance(5)
 
 
+def test_a_narrow_terminal_cuts_the_info_never_the_step_count_or_elapsed_time(tmp_path):
+    path = str(tmp_path / "p.jsonl")
+    out = io.StringIO()
+    console = Console(file=out, width=80, force_terminal=True, color_system=None)
+    with StageBars(path, [("pretrain", 700)], priced=False, console=console) as bars:
+        ProgressFile(path).write(stage="pretrain", step=70, steps=700, loss=4.433, val_bpb=3.471,
+                                 tokens_per_second=3970.0, eta_seconds=1385)
+        bars.poll()
+    line = [x for x in out.getvalue().replace("\r", "\n").splitlines() if x.lstrip("\x1b[2K").startswith("pretrain")][-1]
+    assert "70/700" in line and "0:00:0" in line and "…" not in line.split("tok/s")[0]
+    assert "3,970 tok/s" in line and "loss 4.433" in line
+
+
 def test_spinner_prints_nothing_off_a_terminal(capsys):
     from trainer.progress import spinner
 

@@ -17,7 +17,7 @@ import yaml
 from cli.cluster import IMAGE, RAY_VERSION, ClusterConfig
 from cli.main import main
 from cli.rayservice import build_rayservice
-from tests import rayservice_crds
+from tests import schemas
 from tests.kube_fake import FakeKube
 from trainer.plan import RunSpec, plan
 
@@ -65,18 +65,19 @@ CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("version", rayservice_crds.VERSIONS)
+@pytest.mark.parametrize("version", schemas.KUBERAY_RELEASES)
 @pytest.mark.parametrize("config", sorted(CONFIGS))
 def test_every_config_is_valid_under_every_kuberay_version(s3_run, version, config):
     _, run = s3_run
     kw = dict(CONFIGS[config])
     svc = build_rayservice(run, kw.pop("cfg", ClusterConfig()), namespace="team", step=30, **kw)
-    rayservice_crds.validate(svc, version)
+    schemas.validate(svc, {"kuberay": version})
 
 
 def test_the_kuberay_versions_are_the_supported_range():
-    assert rayservice_crds.VERSIONS[0] == "v1.3.2" and rayservice_crds.VERSIONS[-1] == "v1.7.0"
-    assert len(rayservice_crds.VERSIONS) == 5
+    assert schemas.KUBERAY_RELEASES[0] == "1.3.2" and schemas.KUBERAY_RELEASES[-1] == "1.7.0"
+    assert len(schemas.KUBERAY_RELEASES) == 5
+    assert all(schemas.crd_schema("ray.io", "RayService", "v1", r) for r in schemas.KUBERAY_RELEASES)
 
 
 def test_the_validator_refuses_unknown_fields_and_long_names(s3_run):
@@ -85,11 +86,11 @@ def test_the_validator_refuses_unknown_fields_and_long_names(s3_run):
     bad = json.loads(json.dumps(svc))
     bad["spec"]["serveConfig"] = "x"  # a typo of serveConfigV2: the API server would drop it silently
     with pytest.raises(AssertionError, match="serveConfig"):
-        rayservice_crds.validate(bad, "v1.7.0")
+        schemas.validate(bad, {"kuberay": "1.7.0"})
     bad = json.loads(json.dumps(svc))
     bad["metadata"]["name"] = "x" * 48
     with pytest.raises(AssertionError, match="47"):
-        rayservice_crds.validate(bad, "v1.3.2")
+        schemas.validate(bad, {"kuberay": "1.3.2"})
 
 
 def test_gpu_replicas_take_whole_gpus_on_the_gpu_type_and_the_head_serves_nothing(s3_run):
@@ -175,8 +176,8 @@ def test_dry_run_prints_a_valid_rayservice_and_sends_nothing(s3_run, env, capsys
     out, err = capsys.readouterr()
     assert rc == 0, err
     (svc,) = [d for d in yaml.safe_load_all(out) if d]
-    for version in rayservice_crds.VERSIONS:
-        rayservice_crds.validate(svc, version)
+    for version in schemas.KUBERAY_RELEASES:
+        schemas.validate(svc, {"kuberay": version})
     assert svc["metadata"]["namespace"] == "team" and "dry run" in err
     assert svc["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["replicas"] == 2
 
@@ -218,7 +219,7 @@ def test_create_then_delete_on_the_cluster(s3_run, env, capsys, tmp_path, monkey
         assert "chatbot-serve-svc" in err
         (req,) = kube.requests
         assert req.line == f"POST {SERVICES}"
-        rayservice_crds.validate(req.body, "v1.7.0")
+        schemas.validate(req.body, {"kuberay": "1.7.0"})
 
         # status and list show the service next to runs
         kube.requests.clear()

@@ -70,13 +70,30 @@ def local_ray_options(*, verbose: bool = False, num_cpus: int | None = None) -> 
     return opts
 
 
+# What a local cluster's idle processes spend their CPU on, none of which a local run reads (our metrics are the
+# workers' own prometheus-client exporters, trainer/metrics.py). Each Ray process otherwise idles at ~0.01 cores,
+# which a training step on 2 cores pays for: Ray's processes took 0.144 cores of 2 while training by default,
+# 0.057-0.062 with these (bench/ray_overhead.py, bench/ray_idle.py; docs/benchmarks.md).
+LEAN_SYSTEM_CONFIG = {
+    "enable_metrics_collection": False,  # Ray's own metrics pipeline (src/ray/common/ray_config_def.h)
+    "metrics_report_interval_ms": 60_000,  # default 10,000: each process's export to the metrics agent
+    "event_stats": False,  # per-handler timing stats of every event loop, for debugging Ray itself
+}
+LEAN_ENV = {
+    "REPORTER_UPDATE_INTERVAL_MS": "60000",  # the dashboard agent's psutil sweep of every process, default 5,000
+    "RAY_TRAIN_METRICS_ENABLED": "0",  # Ray Train's controller/worker metrics callbacks, which feed Ray metrics
+    "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "60",  # default 5: a laptop's node is never a preempted cloud VM
+}
+
+
 class LocalRay:
     """A local Ray cluster started for one run, leaner than `ray.init()`'s: besides no dashboard, no log
     monitor (it only forwards worker output to the driver, which a quiet run does not print; the workers'
     files are written by the raylet either way) and no autoscaler monitor (a fixed single node). `ray.init`
     has no option for either, so the head node is started the way `ray.init` starts it (ray._private.node.Node
     with RayParams), with those two flags changed, and the driver connects to it. `stop()` ends the driver's
-    connection and exactly this cluster's processes (never other Ray instances on the machine).
+    connection and exactly this cluster's processes (never other Ray instances on the machine). Ray's idle
+    book-keeping is turned down (LEAN_SYSTEM_CONFIG, LEAN_ENV; a variable the user set wins).
 
     Ray's private API moves between releases: if it does not have these names, the cluster is started by a
     plain `ray.init(**local_ray_options(...))` instead (the same run, with the two daemons)."""
@@ -85,6 +102,8 @@ class LocalRay:
         import ray
 
         self.node = None
+        for key, value in LEAN_ENV.items():  # read by the driver (Ray Train) and the raylet's children
+            os.environ.setdefault(key, value)
         try:
             from ray._private.authentication.authentication_token_setup import (enable_token_auth_by_default,
                                                                                 ensure_token_if_auth_enabled)
@@ -93,7 +112,7 @@ class LocalRay:
         except ImportError:
             ray.init(**local_ray_options(verbose=verbose, num_cpus=num_cpus))
             return
-        system_config: dict = {}
+        system_config: dict = dict(LEAN_SYSTEM_CONFIG)
         enable_token_auth_by_default()  # what ray.init does for a new local cluster (token auth on)
         ensure_token_if_auth_enabled(system_config, create_token_if_missing=True)
         params = RayParams(num_cpus=num_cpus, include_dashboard=False, include_log_monitor=verbose, no_monitor=True,

@@ -26,10 +26,12 @@ Activation coefficients:
   from the saved tensors of trainer/model.py and checked on CPU by tests/test_memory.py against
   autograd's saved tensors at depths 2-6 (error stated in docs/benchmarks.md).
 - Compiled (CUDA, the training path): torch.compile's partitioner recomputes cheap pointwise ops
-  instead of saving them, so fewer bytes per layer. COMPILED_ACT_BYTES is calibrated on the
-  reference's published facts, not measured here yet: nanochat d12 at 32 x 2048 tokens peaked at
-  34 GB on H100 (dev/LOG.md 2026-01-12), d24/d26 fit 16 but not 32 sequences on 80 GB (README,
-  issue #443), fp8 saved 9 GB at d26 (LOG 2026-02-02). bench/gpu_check.sh measures it.
+  instead of saving them but keeps buffers of its own; measured, it comes to about what eager keeps per
+  layer (38 bytes against eager's 40 in bf16) and much less for the logits. COMPILED_ACT_BYTES and COMPILED_LOGIT_BYTES are
+  fitted to bench/gpu_check.sh's peak memory on an H200 (2026-11-30; d12 and d20 at 32 x 2048, bf16 and
+  fp8; predicted/measured 1.02-1.10 except d12 fp8, see docs/benchmarks.md). They keep the reference's
+  published facts: d24/d26 fit 16 but not 32 sequences on 80 GB (nanochat README, issue #443), d20 runs
+  32 sequences on 80 GB.
 """
 
 from __future__ import annotations
@@ -43,9 +45,10 @@ WORKSPACE_BYTES = 2 * GIB  # fixed: cuBLAS workspaces, torch.compile scratch, al
 MAX_DEVICE_BATCH = 32  # the reference's largest --device-batch-size; bigger buys no speed at T=2048
 SMALL_NUMEL = 1024  # trainer/optim.py: AdamW params below this are replicated, not sharded
 
-# Bytes per n_embd value per layer per token, compiled (see the docstring for the calibration).
-COMPILED_ACT_BYTES = {"bf16": 24, "fp8": 18}
-COMPILED_LOGIT_BYTES = 8  # per padded-vocab entry per token: bf16 logits saved + fp32/bf16 grads in backward
+# Bytes per n_embd value per layer per token, compiled: a two-point fit of measured peak minus params, grads and
+# optimizer state (d12, d20; docs/benchmarks.md).
+COMPILED_ACT_BYTES = {"bf16": 38, "fp8": 34}
+COMPILED_LOGIT_BYTES = 2  # per padded-vocab entry per token: the bf16 logits the fused loss keeps
 # Eager: values of width n_embd kept per layer per token (trainer/model.py, counted from autograd):
 # residual/mix inputs 3, q/k after rotary 2, q/k/v/out of attention 4, the attention output reshaped 1,
 # the MLP's normed input 1, c_fc output (= relu output) 4, relu^2 output 4, ~1 for the value embedding

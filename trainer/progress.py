@@ -120,10 +120,17 @@ class StageBars:
         import threading
 
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.table import Column
 
-        self._progress = Progress(TextColumn("{task.description:<9}"), BarColumn(bar_width=24), MofNCompleteColumn(),
-                                  TimeElapsedColumn(), TextColumn("{task.fields[info]}"), console=self.console,
-                                  transient=False, refresh_per_second=4)
+        # On a narrow terminal (80 columns) the bar shrinks and the info's tail is cut, never the stage, its
+        # step count or the elapsed time: rich otherwise squeezes every column alike ("70/7…", "0:02:…").
+        fixed = dict(no_wrap=True)
+        self._progress = Progress(TextColumn("{task.description:<9}", table_column=Column(min_width=9, **fixed)),
+                                  BarColumn(bar_width=24, table_column=Column(min_width=8)),
+                                  MofNCompleteColumn(table_column=Column(min_width=9, **fixed)),
+                                  TimeElapsedColumn(table_column=Column(min_width=7, **fixed)),
+                                  TextColumn("{task.fields[info]}", table_column=Column(overflow="ellipsis", **fixed)),
+                                  console=self.console, transient=False, refresh_per_second=4)
         self._progress.start()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._follow, name="llmctl-stage-bars", daemon=True)
