@@ -12,7 +12,7 @@ semantics in the glibc manual, "Memory Allocation Tunables") turns both off for 
 - M_TRIM_THRESHOLD = 2 GiB - 1 (the largest int): the heap top is not given back while the process lives.
 
 The cost: the process keeps its peak heap resident until it exits, which a training worker reaches every step
-anyway. bench/train_step.py --compare-malloc measures the gain (docs/benchmarks.md). Only the main arena is
+anyway. bench/train_step.py --compare-process measures the gain (docs/benchmarks.md). Only the main arena is
 affected in full: threads that allocate on their own arenas keep glibc's behaviour.
 """
 
