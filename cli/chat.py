@@ -88,6 +88,15 @@ class Session:
             raise UsageError(f"run {plan.get('name')} has no {stage} stage (it has "
                              f"{', '.join(names)}); try --stage {other}")
 
+        from trainer.progress import spinner
+
+        with spinner(True, f"loading {plan.get('name')} ({stage})"):  # torch's import and the checkpoint: seconds
+            model, tokenizer, step = cls._load(args, url, opts, arch, tokenizer_url, stage, plan)
+        return cls(args, plan, model, tokenizer, f"{plan.get('name')} ({stage} step {step})")
+
+    @staticmethod
+    def _load(args, url: str, opts: dict, arch, tokenizer_url: str, stage: str, plan: dict) -> tuple:
+        """(model in eval mode, tokenizer, checkpoint step) of the run's newest (or --step) checkpoint."""
         import torch
 
         from trainer import checkpoint
@@ -112,7 +121,7 @@ class Session:
         except (RuntimeError, ValueError, KeyError, TypeError) as e:  # weights that do not fit the shape
             raise UsageError(f"checkpoint {ckpt} does not fit the run's model ({str(e).splitlines()[0][:200]})") from None
         model.eval()
-        return cls(args, plan, model, tokenizer, f"{plan.get('name')} ({stage} step {meta.step})")
+        return model, tokenizer, meta.step
 
     def prompt_ids(self, text: str) -> list[int]:
         """The conversation so far plus `text`, rendered as SFT rendered it, ending in <|assistant_start|>.

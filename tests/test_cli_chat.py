@@ -57,6 +57,7 @@ def expected_reply(p, text, max_tokens=24):
 def test_one_shot_prints_the_reply(run):
     r = llmctl("chat", run.urls["run"], "--prompt", PROMPT, "-t", "0", "-m", "24")
     assert r.returncode == 0, r.stderr
+    assert r.stderr == ""  # off a terminal the loading spinner prints nothing
     assert r.stdout.strip() == expected_reply(run, PROMPT)
     assert r.stdout.strip(), "the run's chat model should say something"
     assert "<|" not in r.stdout  # special tokens are never printed raw
@@ -95,7 +96,7 @@ def test_interactive_in_a_pseudo_terminal(run):
         return seen.decode(errors="replace")
 
     try:
-        read_until(b"you> ")
+        assert "loading " in read_until(b"you> ")  # the spinner while torch and the checkpoint load
         os.write(master, b"hello there\n")
         turn = read_until(b"you> ")
         assert "assistant> " in turn

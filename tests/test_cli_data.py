@@ -93,3 +93,63 @@ def test_prepare_bad_layout_via_python_m_cli_main_is_one_line_exit_2(tmp_path):
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip().splitlines() == ["llmctl: error: --shard-chars, --row-group-size and --max-docs must be >= 1"]
     assert not (tmp_path / "y").exists()
+
+
+def _cli(argv: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cli", *argv], capture_output=True, text=True, timeout=300)
+
+
+def _cli_on_a_terminal(argv: list[str], timeout: float = 300.0) -> tuple[int, str]:
+    """`python -m cli ARGV` with stdin/stdout/stderr on a pseudo-terminal: (exit code, all it wrote)."""
+    import os
+    import pty
+    import select
+    import time
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "cli", *argv], stdin=slave, stdout=slave, stderr=slave,
+                            close_fds=True)
+    os.close(slave)
+    out, deadline = b"", time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 1.0)
+            if ready:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:  # the child closed its side
+                    break
+                if not chunk:
+                    break
+                out += chunk
+            elif proc.poll() is not None:
+                break
+        return proc.wait(timeout=60), out.decode(errors="replace")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
+
+
+def test_progress_shows_on_a_terminal_and_output_stays_clean_off_one(tmp_path):
+    """Issue 14: progress on everything that takes more than a few seconds. On a terminal `data sample` and
+    `data prepare` draw a bar and `tokenizer train` a bar for reading the text, then a spinner while rustbpe
+    merges; captured (no terminal) each command prints a few plain lines: no escape codes, no traceback."""
+    data, docs = tmp_path / "data", tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.jsonl").write_text("".join(json.dumps({"text": f"document number {i}"}) + "\n" for i in range(300)))
+    commands = [["data", "sample", "--out", str(data), "--mb", "0.4", "--shards", "3", "--row-group-size", "64"],
+                ["tokenizer", "train", "--data", str(data), "--vocab", "600", "--out", str(tmp_path / "tok")],
+                ["data", "prepare", "--source", str(docs), "--out", str(tmp_path / "shards"), "--shard-chars", "2000"]]
+    for argv in commands:
+        r = _cli(argv)
+        text = r.stdout + r.stderr
+        assert r.returncode == 0, text
+        assert "Traceback" not in text and "\x1b" not in text and len(text.splitlines()) <= 10, (argv, text)
+    code, seen = _cli_on_a_terminal(["tokenizer", "train", "--data", str(data), "--vocab", "600", "--out",
+                                     str(tmp_path / "tok2")])
+    assert code == 0, seen
+    assert "reading train text" in seen and "BPE: merging up to 591 tokens" in seen and "trained 600 ids" in seen
+    assert "Traceback" not in seen
+    code, seen = _cli_on_a_terminal(["data", "prepare", "--source", str(docs), "--out", str(tmp_path / "more")])
+    assert code == 0 and "writing shards" in seen and "Traceback" not in seen, seen

@@ -1,5 +1,6 @@
 """trainer/progress.py: the local run's stage bars follow the workers' progress file (a real file, a real rich
-console), and `progress_bar`'s no-op. (The run's progress.json is tested in test_jobs.py and test_cluster_defects.py.)
+console), `progress_bar`'s no-op, and the spinner (silent off a terminal, stored names cleaned on one). (The
+run's progress.json is tested in test_jobs.py and test_cluster_defects.py.)
 
 Run: .venv/bin/pytest tests/test_progress.py
 """
@@ -66,3 +67,42 @@ def test_a_narrow_terminal_cuts_the_info_never_the_step_count_or_elapsed_time(tm
     line = [x for x in out.getvalue().replace("\r", "\n").splitlines() if x.lstrip("\x1b[2K").startswith("pretrain")][-1]
     assert "70/700" in line and "0:00:0" in line and "…" not in line.split("tok/s")[0]
     assert "3,970 tok/s" in line and "loss 4.433" in line
+
+
+def test_spinner_prints_nothing_off_a_terminal(capsys):
+    from trainer.progress import spinner
+
+    with spinner(True, "loading"):
+        pass
+    s = spinner(True, "merging")
+    s.start()
+    s.stop()
+    s.stop()  # idempotent
+    assert capsys.readouterr() == ("", "")
+
+
+def test_spinner_on_a_terminal_shows_a_stored_name_without_its_escapes():
+    """A run name from storage may carry terminal escapes or rich markup: shown as printable text only."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    code = ("from trainer.progress import spinner\n"
+            "with spinner(True, 'loading evil\\x1b]0;pwned\\x07[/]name (sft)'):\n    pass\nprint('done')\n")
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=slave, stdout=slave, stderr=slave, close_fds=True)
+    os.close(slave)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(master)
+    assert proc.wait(timeout=60) == 0
+    text = out.decode(errors="replace")
+    assert "loading evil]0;pwned[/]name (sft)" in text and "\x1b]0;" not in text and "done" in text, text

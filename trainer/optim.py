@@ -17,7 +17,8 @@ the reference's betas/eps/decay (LRs come from the plan, already batch- and widt
 Muon (every parameter inside transformer.h, one group per distinct shape, the K same-shape matrices
 stacked into (K, m, n)), per step:
 1. Nesterov momentum: buf <- mu buf + (1 - mu) g; u = (1 - mu) g + mu buf.
-2. bf16 for the orthogonalisation when the compute dtype is bf16.
+2. bf16 for the orthogonalisation when the compute dtype is bf16 (and, ours, with the CPU kernels on a CPU
+   that multiplies bf16 natively: default_ortho_dtype).
 3. MuonEq row equilibration: each row rescaled to ||X||_F / sqrt(m).
 4. X / (1.01 ||X||_F + 1e-6), then 5 Polar Express iterations (Amsel et al., arXiv 2505.16932).
 5. Muon+ renorm: Frobenius norm snapped to sqrt(min(m, n)).
@@ -27,6 +28,12 @@ stacked into (K, m, n)), per step:
    with lr x sqrt(max(1, m / n)) (c_fc, 4n x n, gets x2).
 The training loop sets group["lr"] = group["initial_lr"] * lrm every step, and group["momentum"] and
 group["weight_decay"] of the Muon groups from its schedules.
+
+Kernels (`kernels`): "reference" runs the reference's op-for-op update functions (adamw_update,
+muon_update), compiled on CUDA as the reference does, eager elsewhere. "cpu", the default on CPU, keeps the
+math and cuts what eager CPU execution pays beyond it: torch's fused AdamW kernel (one pass instead of ~8),
+Polar Express with its scalings folded into the GEMMs, and bf16 Polar Express where the CPU has native bf16
+GEMMs (AMX). Equal within float32 rounding, bf16 aside (tests/test_optim.py); speed in docs/benchmarks.md.
 
 Distributed without DDP (ZeRO-2 style, the reference's three phases): (1) launch every gradient
 reduction asynchronously, (2) per group, in order: wait for its reduction, update this rank's shard,
@@ -114,23 +121,40 @@ def adamw_update(p: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, s
     exp_avg_sq.copy_(v32)
 
 
-def orthogonalize(X: Tensor, steps: int = MUON_NS_STEPS) -> Tensor:
-    """Polar Express: (K, m, n) -> approximately U V^T of each matrix's SVD (singular values near 1)."""
+def adamw_update_fused(p: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: Tensor, lr: Tensor,
+                       beta1: Tensor, beta2: Tensor, eps: Tensor, wd: Tensor) -> None:
+    """adamw_update in one vectorised pass: torch's own fused AdamW kernel (the `fused=True` path of
+    torch.optim.AdamW, on CPU since torch 2.4), same math and order, fp32 math for reduced-precision params.
+    Eager adamw_update makes ~8 passes and 5 temporaries of the parameter's size instead."""
+    torch._fused_adamw_([p], [grad], [exp_avg], [exp_avg_sq], [], [step.float()], lr=lr.item(),
+                        beta1=beta1.item(), beta2=beta2.item(), weight_decay=wd.item(), eps=eps.item(),
+                        amsgrad=False, maximize=False)
+
+
+def orthogonalize(X: Tensor, steps: int = MUON_NS_STEPS, *, fused: bool = False) -> Tensor:
+    """Polar Express: (K, m, n) -> approximately U V^T of each matrix's SVD (singular values near 1).
+
+    `fused` folds each iteration's scalings and sum into the GEMMs' alpha/beta (baddbmm: out = beta C +
+    alpha A B), as torch.optim.Muon does with addmm: the same polynomial with fewer rounding steps and two
+    fewer elementwise passes per iteration, which eager CPU execution otherwise pays in full.
+    """
     X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.01 + 1e-6)
     tall = X.size(-2) > X.size(-1)
     for a, b, c in POLAR_EXPRESS[:steps]:
-        if tall:
-            A = X.mT @ X
+        A = X.mT @ X if tall else X @ X.mT
+        if fused:
+            B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b A + c A^2
+            X = torch.baddbmm(X, X, B, beta=a) if tall else torch.baddbmm(X, B, X, beta=a)
+        elif tall:
             X = a * X + X @ (b * A + c * (A @ A))
         else:
-            A = X @ X.mT
             X = a * X + (b * A + c * (A @ A)) @ X
     return X
 
 
 def muon_update(grads: Tensor, params: Tensor, momentum_buffer: Tensor, second_moment: Tensor,
                 momentum: Tensor, lr: Tensor, wd: Tensor, beta2: Tensor, ns_steps: int, red_dim: int,
-                ortho_dtype: torch.dtype) -> None:
+                ortho_dtype: torch.dtype, fused_ns: bool = False) -> None:
     """One Muon step in place on stacked (K, m, n) params; `grads` is consumed (overwritten)."""
     mu = momentum.to(grads.dtype)
     momentum_buffer.lerp_(grads, 1 - mu)
@@ -139,7 +163,7 @@ def muon_update(grads: Tensor, params: Tensor, momentum_buffer: Tensor, second_m
     # MuonEq: rows to the mean row norm, for a better-conditioned spectrum
     target = X.float().norm(dim=(-2, -1), keepdim=True) / math.sqrt(X.size(-2))
     X = X * (target / X.float().norm(dim=-1, keepdim=True).clamp_min(1e-6)).to(X.dtype)
-    g = orthogonalize(X, ns_steps).to(params.dtype)
+    g = orthogonalize(X, ns_steps, fused=fused_ns).to(params.dtype)
     # Muon+: Frobenius norm of an exactly semi-orthogonal matrix
     frob = g.float().norm(dim=(-2, -1), keepdim=True).clamp_min(1e-6)
     g = g * (math.sqrt(min(g.size(-2), g.size(-1))) / frob).to(g.dtype)
@@ -157,16 +181,41 @@ def muon_update(grads: Tensor, params: Tensor, momentum_buffer: Tensor, second_m
 
 
 _compiled: dict[str, tuple] = {}
+KERNELS = ("reference", "cpu")
 
 
-def _kernels(device: torch.device) -> tuple:
-    """(adamw, muon): compiled once per process on CUDA (fullgraph, static shapes), eager elsewhere."""
+def _kernels(device: torch.device, kernels: str) -> tuple:
+    """(adamw, muon, fused_ns) for a device and a kernel choice (MuonAdamW's `kernels`).
+
+    reference: the reference's op-for-op form, compiled once per process on CUDA (fullgraph, static
+    shapes), eager elsewhere. cpu: eager forms with fewer passes over memory (torch's fused AdamW kernel,
+    GEMM-fused Polar Express), same math; compiling did not pay on CPU (docs/benchmarks.md).
+    """
+    if kernels == "cpu":
+        return adamw_update_fused, muon_update, True
     if device.type != "cuda":
-        return adamw_update, muon_update
+        return adamw_update, muon_update, False
     if "cuda" not in _compiled:
         _compiled["cuda"] = (torch.compile(adamw_update, dynamic=False, fullgraph=True),
                              torch.compile(muon_update, dynamic=False, fullgraph=True))
-    return _compiled["cuda"]
+    return (*_compiled["cuda"], False)
+
+
+def native_bf16_matmul(device: torch.device) -> bool:
+    """Whether bf16 GEMMs run natively here: CUDA with SM >= 80, or a CPU with AMX tiles (Intel Sapphire
+    Rapids and later), where oneDNN's bf16 GEMM measured 4.6x its fp32 one (docs/benchmarks.md)."""
+    if device.type == "cuda":
+        return compute_dtype(device) == torch.bfloat16
+    is_amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return device.type == "cpu" and bool(is_amx and is_amx())
+
+
+def default_ortho_dtype(device: torch.device, kernels: str) -> torch.dtype:
+    """bf16 Polar Express where the compute dtype is bf16 (the reference), and with the cpu kernels on a CPU
+    that multiplies bf16 natively; float32 otherwise."""
+    if compute_dtype(device) == torch.bfloat16 or (kernels == "cpu" and native_bf16_matmul(device)):
+        return torch.bfloat16
+    return torch.float32
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,11 +228,14 @@ class MuonAdamW(torch.optim.Optimizer):
     param_groups: dicts with `params`, `kind` ('adamw' | 'muon'), `name`, `lr`, `initial_lr`, and
     AdamW: `betas`, `eps`, `weight_decay`; Muon: `momentum`, `beta2`, `ns_steps`, `weight_decay` (all
     params of a Muon group share one shape). world_size > 1 needs torch.distributed initialised by the
-    caller with that world size.
+    caller with that world size. `kernels`: "reference" or "cpu" (see _kernels), default "cpu" on CPU and
+    "reference" elsewhere; `ortho_dtype` overrides default_ortho_dtype.
     """
 
     def __init__(self, param_groups: list[dict], *, world_size: int = 1, rank: int = 0,
-                 ortho_dtype: torch.dtype | None = None) -> None:
+                 ortho_dtype: torch.dtype | None = None, kernels: str | None = None) -> None:
+        if kernels is not None and kernels not in KERNELS:
+            raise ValueError(f"kernels: must be one of {', '.join(KERNELS)}, got {kernels!r}")
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank: must be in [0, {world_size}) for world_size {world_size}, got {rank}")
         for g in param_groups:
@@ -205,9 +257,10 @@ class MuonAdamW(torch.optim.Optimizer):
                                  f"{dist.get_world_size()}/{dist.get_rank()}")
         super().__init__(param_groups, defaults={})
         self.world_size, self.rank = world_size, rank
-        first = next(p for g in self.param_groups for p in g["params"])
-        self.ortho_dtype = ortho_dtype or compute_dtype(first.device)
-        self._adamw, self._muon = _kernels(first.device)
+        device = next(p for g in self.param_groups for p in g["params"]).device
+        self.kernels = kernels or ("cpu" if device.type == "cpu" else "reference")
+        self.ortho_dtype = ortho_dtype or default_ortho_dtype(device, self.kernels)
+        self._adamw, self._muon, self._fused_ns = _kernels(device, self.kernels)
         self._stacks: dict[int, tuple[Tensor, Tensor]] = {}  # Muon group index -> (momentum, second moment)
         self._hp = {k: torch.zeros((), dtype=torch.float64) for k in
                     ("step", "lr", "beta1", "beta2", "eps", "wd", "momentum")}
@@ -342,7 +395,7 @@ class MuonAdamW(torch.optim.Optimizer):
         stacked = torch.stack([params[i] for i in owned]) if len(owned) else None
         if stacked is not None:
             self._muon(grads, stacked, mom, sec, hp["momentum"], hp["lr"], hp["wd"], hp["beta2"],
-                       group["ns_steps"], -1 if m >= n else -2, self.ortho_dtype)
+                       group["ns_steps"], -1 if m >= n else -2, self.ortho_dtype, self._fused_ns)
         if red is None:
             torch._foreach_copy_(params, list(stacked.unbind(0)))
             return
@@ -377,7 +430,8 @@ class MuonAdamW(torch.optim.Optimizer):
                 self._muon_state(gi, g)
 
 
-def build_optimizer(model: GPT, optim: Optimization, *, world_size: int = 1, rank: int = 0) -> MuonAdamW:
+def build_optimizer(model: GPT, optim: Optimization, *, world_size: int = 1, rank: int = 0,
+                    kernels: str | None = None) -> MuonAdamW:
     """The reference's groups with the plan's (batch- and width-scaled) LRs; see the module docstring."""
     groups = model.param_groups()
     resid, x0 = model.resid_lambdas, model.x0_lambdas
@@ -399,4 +453,4 @@ def build_optimizer(model: GPT, optim: Optimization, *, world_size: int = 1, ran
                                  weight_decay=optim.weight_decay))
     for g in param_groups:
         g["initial_lr"] = g["lr"]
-    return MuonAdamW(param_groups, world_size=world_size, rank=rank)
+    return MuonAdamW(param_groups, world_size=world_size, rank=rank, kernels=kernels)

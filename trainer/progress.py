@@ -57,6 +57,36 @@ class progress_bar:
             self._p.stop()
 
 
+class spinner:
+    """A rich spinner on stderr for work with no count to show (loading a model, BPE merges) when asked and
+    stderr is a terminal; nothing at all otherwise, so captured output stays clean. `start()`/`stop()` or a
+    with block; stop is idempotent."""
+
+    def __init__(self, show: bool, what: str):
+        self.show, self.what, self._s = show, what, None
+
+    def start(self) -> None:
+        if self.show and self._s is None and sys.stderr.isatty():
+            from rich.console import Console
+            from rich.text import Text
+
+            what = Text(clean_text(self.what, 200))  # may name a stored run: printable only, no markup
+            self._s = Console(file=sys.stderr).status(what)
+            self._s.start()
+
+    def stop(self) -> None:
+        if self._s is not None:
+            self._s.stop()
+            self._s = None
+
+    def __enter__(self) -> "spinner":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
 class ProgressFile:
     """Rank 0's side: append one JSON object per line (opened per write, so a restarted worker just goes on)."""
 

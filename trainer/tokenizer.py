@@ -111,18 +111,32 @@ class Tokenizer:
 
     # ---------------------------------------------------------------- training
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE) -> "Tokenizer":
+    def train(cls, texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE,
+              show_progress: bool = False) -> "Tokenizer":
         """Train a byte-level BPE of `vocab_size` ids in total (the nine specials included) with rustbpe.
 
-        A corpus too small to supply enough merges gives a smaller vocabulary (check `vocab_size`)."""
+        A corpus too small to supply enough merges gives a smaller vocabulary (check `vocab_size`).
+        `show_progress`: a spinner on a terminal's stderr once the text is read, while rustbpe merges (it
+        reports no count to draw a bar from)."""
         import rustbpe
+
+        from trainer.progress import spinner
 
         n_mergeable = vocab_size - len(SPECIAL_TOKENS)
         if n_mergeable < 256:
             raise TokenizerError(f"vocab_size must be >= {256 + len(SPECIAL_TOKENS)} (256 bytes + 9 specials), "
                                  f"got {vocab_size}")
+        merging = spinner(show_progress, f"BPE: merging up to {n_mergeable:,} tokens")
+
+        def feed():
+            yield from texts
+            merging.start()  # rustbpe asked past the last text: counting is done, the merges follow
+
         trainer = rustbpe.Tokenizer()
-        trainer.train_from_iterator(iter(texts), n_mergeable, pattern=SPLIT_PATTERN)
+        try:
+            trainer.train_from_iterator(feed(), n_mergeable, pattern=SPLIT_PATTERN)
+        finally:
+            merging.stop()
         ranks = {bytes(tok): rank for tok, rank in trainer.get_mergeable_ranks()}
         return cls(ranks, trainer.get_pattern())
 
@@ -133,7 +147,8 @@ class Tokenizer:
         """Train on the train shards under `data_url` (all but the last): each document capped at `doc_cap`
         characters, stopping after `max_chars` (nanochat tok_train.py: 10,000 and 2e9)."""
         return cls.train(iter_shard_texts(data_url, max_chars=max_chars, doc_cap=doc_cap,
-                                          storage_options=storage_options, show_progress=show_progress), vocab_size)
+                                          storage_options=storage_options, show_progress=show_progress), vocab_size,
+                         show_progress=show_progress)
 
     def bytes_per_token(self, texts: Iterable[str]) -> float:
         """Compression: UTF-8 bytes per token over `texts` (higher is better)."""

@@ -42,8 +42,11 @@ class Worker(NamedTuple):
 
 
 def worker_context() -> Worker:
-    """(rank, world size, local rank, device) of this Ray Train worker; its GPU selected when there is one."""
+    """(rank, world size, local rank, device) of this Ray Train worker; its GPU selected when there is one, on
+    CPU the allocator set to keep freed memory (trainer/allocator.py)."""
     import ray.train
+
+    from trainer.allocator import keep_freed_memory
 
     ctx = ray.train.get_context()
     rank, world, local_rank = ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank()
@@ -51,6 +54,8 @@ def worker_context() -> Worker:
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.set_float32_matmul_precision("high")
+    else:
+        keep_freed_memory()
     return Worker(rank, world, local_rank, device)
 
 
