@@ -22,7 +22,7 @@ LOCAL = dict(depth=2, gpus=2, gpu_type="cpu", vocab_size=4096, seq_len=256, head
              device_batch_size=8, total_batch_size=2 * 8 * 256, num_iterations=200, eval_every=50,
              eval_tokens=2 * 8 * 256 * 4, checkpoint_every=50, sft_tokens=2 * 8 * 256 * 40,
              core_max_per_task=40)  # the smoke CORE bundle holds 40 examples per task
-# "demo": long enough (~20-30 min on 2 cores) for the samples to read like the corpus. d4 (256 wide, 4 heads
+# "demo": long enough (~30-40 min on 2 cores, docs/benchmarks.md) for the samples to read like the corpus. d4 (256 wide, 4 heads
 # of 64, ~3.1M matmul + 1M lm_head parameters), 8,192 tokens a step; 700 steps = ~5.7M tokens (for scale,
 # nanochat's runcpu.sh trains d6 on ~82M tokens), over a 24 MB corpus so the steps see each document about
 # once; SFT then runs ~60 steps of the sample conversations.

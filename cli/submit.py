@@ -187,7 +187,7 @@ def register(sub) -> None:
     g.add_argument("--local", action="store_true", help="run the small end-to-end pipeline on this machine instead")
     g.add_argument("--steps", type=int, help="with --local: pretraining steps (default: the local run's own)")
     g.add_argument("--preset", choices=("quick", "demo"), help="with --local: quick (default, a few minutes: "
-                   "`make run`) or demo (~25 min on 2 cores; text that reads like its corpus)")
+                   "`make run`) or demo (~30-40 min on 2 cores; text that reads like its corpus)")
     g.add_argument("--verbose", action="store_true", help="with --local: Ray's own log lines on the console too")
     g.add_argument("--dry-run", action="store_true", help="print the objects; send nothing (no cluster needed)")
     g.add_argument("-o", "--output", choices=("yaml", "json"), help="print objects in this format "
