@@ -67,13 +67,9 @@ QUICK_BUDGET_S = 2400  # --quick: only a bound on a hung test
 
 
 def _gpu_type(torch, device) -> str:
-    if device.type == "cpu":
-        return "cpu"
-    name = torch.cuda.get_device_name(device).lower()
-    for key, ours in (("h100 pcie", "h100-pcie"), ("h100", "h100"), ("h200", "h200"), ("a100", "a100")):
-        if key in name:
-            return ours
-    return "h100"  # unknown: measured against the H100 peak, said in the row
+    from trainer.costs import catalog_gpu
+
+    return catalog_gpu(_device_name(torch, device)) or "h100"  # unknown: measured against the H100 peak, said in the row
 
 
 def _device_name(torch, device) -> str:

@@ -43,20 +43,14 @@ import torch
 from trainer.model import build_model, compute_dtype
 from trainer.allocator import keep_freed_memory
 from trainer.optim import KERNELS, adamw_update, build_optimizer, muon_update
-from trainer.costs import CPU_MFU, GPUS
+from trainer.costs import CPU_MFU, GPUS, catalog_gpu
 from trainer.plan import RunSpec, plan
 from trainer.recipe import HEAD_DIM
 
 
 def gpu_type(device: torch.device) -> str | None:
     """Our catalog's name for this device (None when the catalog has no peak for it)."""
-    if device.type == "cpu":
-        return "cpu"
-    name = torch.cuda.get_device_name(device).lower()
-    for key, ours in (("h100 pcie", "h100-pcie"), ("h100", "h100"), ("h200", "h200"), ("a100", "a100")):
-        if key in name:
-            return ours
-    return None
+    return catalog_gpu(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
 
 
 def _sync(device: torch.device) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from trainer.costs import CORE_TASKS, GPUS, MFU_ANCHORS, core_tokens, dollars, mfu_prior, overhead_hours
+from trainer.costs import CORE_TASKS, GPUS, MFU_ANCHORS, catalog_gpu, core_tokens, dollars, mfu_prior, overhead_hours
 from trainer.plan import RunSpec, plan
 
 
@@ -37,3 +37,11 @@ def test_overheads_and_the_core_estimate():
     assert sum(local.values()) == 0.0
     assert len(CORE_TASKS) == 22 and core_tokens(None, 2048) == 90_000 * 1_500
     assert core_tokens(10, 256) == 22 * 10 * 3 * 256  # capped per task; prompts cut to 3 sequences of the context
+
+
+@pytest.mark.parametrize("device, ours", [("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H100 PCIe", "h100-pcie"),
+                                          ("NVIDIA H200", "h200"), ("NVIDIA A100-SXM4-80GB", "a100"),
+                                          ("cpu", "cpu"), ("Tesla T4", None)])
+def test_catalog_gpu_names_torch_devices_by_the_catalog_or_none(device, ours):
+    assert catalog_gpu(device) == ours
+    assert ours is None or ours in GPUS

@@ -78,6 +78,17 @@ CORE_EXAMPLES = 90_000
 CORE_TOKENS_PER_EXAMPLE = 1_500
 
 
+def catalog_gpu(device_name: str) -> str | None:
+    """Our catalog's name for a device as torch names it ("cpu", "NVIDIA H100 80GB HBM3", ...), or None."""
+    name = device_name.lower()
+    if name == "cpu":
+        return "cpu"
+    for key, ours in (("h100 pcie", "h100-pcie"), ("h100", "h100"), ("h200", "h200"), ("a100", "a100")):
+        if key in name:
+            return ours
+    return None
+
+
 def dollars(hours: float, gpus: int, price_per_gpu_hour: float) -> float:
     """What `hours` of wall time on `gpus` GPUs costs: GPU-hours x the price per GPU-hour."""
     return hours * gpus * price_per_gpu_hour
