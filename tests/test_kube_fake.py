@@ -39,6 +39,14 @@ def rayjob(release: str | None = None, name: str | None = None) -> dict:
     return rj
 
 
+def created_rayjob(kube) -> tuple:
+    """A CustomObjectsApi on the stand-in, and the name of a RayJob it has just created in namespace team."""
+    custom = client.CustomObjectsApi(api(kube))
+    rj = rayjob()
+    custom.create_namespaced_custom_object("ray.io", "v1", "team", "rayjobs", rj)
+    return custom, rj["metadata"]["name"]
+
+
 def body_of(e: ApiException) -> dict:
     return json.loads(e.body)
 
@@ -100,10 +108,9 @@ def test_create_in_a_missing_namespace_is_404_namespace_not_found_but_get_and_li
 
 def test_delete_keeps_a_rayjob_with_kuberays_finalizer_until_the_operator_lets_go():
     with FakeKube() as kube:
-        custom = client.CustomObjectsApi(api(kube))
-        rj = rayjob()
-        name = rj["metadata"]["name"]
-        custom.create_namespaced_custom_object("ray.io", "v1", "team", "rayjobs", rj)
+        custom, name = created_rayjob(kube)
+        rj = rayjob()  # the same RayJob again (the plan, and so the name, is deterministic)
+        assert rj["metadata"]["name"] == name
         stored = custom.get_namespaced_custom_object("ray.io", "v1", "team", "rayjobs", name)
         assert stored["metadata"]["finalizers"] == [RAYJOB_FINALIZER]
         gone = custom.delete_namespaced_custom_object("ray.io", "v1", "team", "rayjobs", name)
@@ -268,10 +275,7 @@ def test_submit_to_a_missing_namespace_names_the_namespace(tmp_path, monkeypatch
 
 def test_status_is_a_subresource_and_spec_changes_bump_the_generation():
     with FakeKube() as kube:
-        custom = client.CustomObjectsApi(api(kube))
-        rj = rayjob()
-        name = rj["metadata"]["name"]
-        custom.create_namespaced_custom_object("ray.io", "v1", "team", "rayjobs", rj)
+        custom, name = created_rayjob(kube)
         out = custom.patch_namespaced_custom_object("ray.io", "v1", "team", "rayjobs", name,
                                                     {"status": {"jobStatus": "RUNNING"}})
         assert "status" not in out and out["metadata"]["generation"] == 1  # the main resource ignores status
@@ -284,10 +288,7 @@ def test_status_is_a_subresource_and_spec_changes_bump_the_generation():
 
 def test_stale_resource_version_conflicts_and_no_finalizer_joins_a_deletion():
     with FakeKube() as kube:
-        custom = client.CustomObjectsApi(api(kube))
-        rj = rayjob()
-        name = rj["metadata"]["name"]
-        custom.create_namespaced_custom_object("ray.io", "v1", "team", "rayjobs", rj)
+        custom, name = created_rayjob(kube)
         with pytest.raises(ApiException) as e:
             custom.patch_namespaced_custom_object("ray.io", "v1", "team", "rayjobs", name,
                                                   {"metadata": {"resourceVersion": "1", "labels": {"a": "b"}}})
