@@ -1,4 +1,4 @@
-"""Continuous batching vs one request at a time: trainer/batching.py's BatchEngine against Engine.generate.
+"""Continuous batching vs one request at a time: trainer/serve/batching.py's BatchEngine against Engine.generate.
 
 Same model, same prompts, one run: `--requests` requests of `--prompt-tokens` random tokens and `--new-tokens`
 greedy new tokens each. The serial path runs them one after another through `Engine.generate`. The batched
@@ -24,7 +24,7 @@ import torch
 
 def random_model(depth: int, seq_len: int, vocab: int, head_dim: int, device: str):
     from trainer.model import build_model
-    from trainer.plan import architecture
+    from trainer.plan.shape import architecture
 
     torch.manual_seed(0)
     model = build_model(architecture(depth, vocab_size=vocab, seq_len=seq_len, head_dim=head_dim), device,
@@ -56,8 +56,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from trainer.batching import BatchEngine
-    from trainer.engine import Engine
+    from trainer.serve.batching import BatchEngine
+    from trainer.serve.engine import Engine
 
     dev = args.device
     model = random_model(args.depth, args.seq_len, args.vocab, args.head_dim, dev)

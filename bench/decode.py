@@ -19,7 +19,7 @@ import torch
 
 def random_model(depth: int, seq_len: int, vocab: int, head_dim: int, seed: int = 0):
     from trainer.model import build_model
-    from trainer.plan import architecture
+    from trainer.plan.shape import architecture
 
     torch.manual_seed(seed)
     model = build_model(architecture(depth, vocab_size=vocab, seq_len=seq_len, head_dim=head_dim), "cpu")
@@ -51,7 +51,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from trainer.engine import Engine
+    from trainer.serve.engine import Engine
 
     model = random_model(args.depth, args.seq_len, args.vocab, args.head_dim)
     prompt = torch.randint(0, args.vocab, (args.prompt_tokens,), generator=torch.Generator().manual_seed(1)).tolist()

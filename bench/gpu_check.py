@@ -67,7 +67,7 @@ QUICK_BUDGET_S = 2400  # --quick: only a bound on a hung test
 
 
 def _gpu_type(torch, device) -> str:
-    from trainer.costs import catalog_gpu
+    from trainer.plan.catalog import catalog_gpu
 
     return catalog_gpu(_device_name(torch, device)) or "h100"  # unknown: measured against the H100 peak, said in the row
 
@@ -93,10 +93,11 @@ def _shape(quick: bool) -> dict:
 
 def run_train(depth: int, precision: str, quick: bool) -> dict:
     torch, device = _setup(quick)
-    from trainer import memory
+    from trainer.plan import memory
     from trainer.model import build_model
     from trainer.optim import build_optimizer
-    from trainer.plan import GPUS, RunSpec, plan
+    from trainer.plan.catalog import GPUS
+    from trainer.plan import RunSpec, plan
 
     kind = _gpu_type(torch, device)
     gpu = GPUS[kind]
@@ -169,9 +170,9 @@ def _time_train(torch, device, p, dbs, accum, warmup, steps, precision, quick, b
 
 def run_decode(depth: int, quick: bool) -> dict:
     torch, device = _setup(quick)
-    from trainer.engine import Engine
+    from trainer.serve.engine import Engine
     from trainer.model import build_model
-    from trainer.plan import architecture
+    from trainer.plan.shape import architecture
 
     arch = architecture(depth, **_shape(quick))
     torch.manual_seed(0)
@@ -426,14 +427,14 @@ def summarize(results: list[dict]) -> list[str]:
     if (20, "bf16") in train:
         lines.append(f"summary: d20 bf16 MFU {train[(20, 'bf16')]['mfu']:.1%} (goal >= 50%)")
     for (depth, prec), r in sorted(train.items()):
-        if r.get("measured_gib"):  # calibration of trainer/memory.py's activation coefficients
+        if r.get("measured_gib"):  # calibration of trainer/plan/memory.py's activation coefficients
             m = r["predicted"]
             static = m["params"] + m["grads"] + m["optimizer"]
             act = r["measured_gib"] * 2**30 - static
             lines.append(f"summary: d{depth} {prec} memory: measured {r['measured_gib']:.1f} GiB = static "
                          f"{static / 2**30:.1f} + activations {act / 2**30:.1f}; predicted activations "
                          f"{m['activations'] / 2**30:.1f} (measured/predicted {act / m['activations']:.2f}: scale "
-                         f"trainer/memory.py COMPILED_ACT_BYTES/COMPILED_LOGIT_BYTES by it)")
+                         f"trainer/plan/memory.py COMPILED_ACT_BYTES/COMPILED_LOGIT_BYTES by it)")
     return lines
 
 

@@ -27,11 +27,11 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from trainer.corpus import build_sample_corpus  # noqa: E402
-from trainer.data import PretrainLoader  # noqa: E402
-from trainer.shards import list_shards  # noqa: E402
+from trainer.data.corpus import build_sample_corpus  # noqa: E402
+from trainer.data.pretrain import PretrainLoader  # noqa: E402
+from trainer.data.shards import list_shards  # noqa: E402
 from trainer.plan import RunSpec, plan  # noqa: E402
-from trainer.tokenizer import Tokenizer, iter_shard_texts  # noqa: E402
+from trainer.data.tokenizer import Tokenizer, iter_shard_texts  # noqa: E402
 
 B, T = 32, 2048
 

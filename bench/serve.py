@@ -5,10 +5,10 @@ vocabulary is the tokenizer's, trained on a small built-in text) and
 random unit-scale weights, saves it as a run (plan, tokenizer, SFT checkpoint) in a temp dir, then at
 concurrency 1, 4 and 16 (clients that each send requests back to back) measures:
 
-- in-process: trainer/batching.py's BatchEngine in this process, requests submitted from client threads;
-- served: the same run behind trainer/serve.py on a local Ray Serve (one replica), streamed completions over
+- in-process: trainer/serve/batching.py's BatchEngine in this process, requests submitted from client threads;
+- served: the same run behind trainer/serve/app.py on a local Ray Serve (one replica), streamed completions over
   HTTP (the SSE path the chat page and the openai client use), parsed by a minimal client;
-- and once, the one-request-at-a-time baseline: trainer/engine.py `Engine.generate` called sequentially.
+- and once, the one-request-at-a-time baseline: trainer/serve/engine.py `Engine.generate` called sequentially.
 
 Every request is the same kind: a 12-token prompt, 64 greedy new tokens (the prompts differ per request).
 Prints tokens/s and p50/p99 time to first token (arrival -> first token) per path, and served/in-process
@@ -39,7 +39,7 @@ def build_run(root: str):
     from trainer.launch import write_plan
     from trainer.model import build_model
     from trainer.plan import RunSpec, plan
-    from trainer.tokenizer import Tokenizer
+    from trainer.data.tokenizer import Tokenizer
 
     tok = Tokenizer.train([TEXT], vocab_size=4096)  # a small corpus: fewer merges; the model matches its size
     p = plan(RunSpec(depth=4, gpus=1, gpu_type="cpu", vocab_size=tok.vocab_size, seq_len=512, head_dim=64, device_batch_size=4,
@@ -100,8 +100,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
 
-    from trainer.batching import BatchEngine
-    from trainer.engine import CHAT_STOP_TOKENS, Engine
+    from trainer.serve.batching import BatchEngine
+    from trainer.serve.engine import CHAT_STOP_TOKENS, Engine
 
     root = tempfile.mkdtemp(prefix="llmctl-bench-serve-")
     p, model, tok = build_run(root)
@@ -157,7 +157,7 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from trainer.serve import start_local
+    from trainer.serve.app import start_local
 
     port = 8765
     start_local({"run_url": p.urls["run"], "max_batch": 16, "max_queue": 64, "metrics_port": 0,

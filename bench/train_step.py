@@ -43,9 +43,9 @@ import torch
 from trainer.model import build_model, compute_dtype
 from trainer.allocator import keep_freed_memory
 from trainer.optim import KERNELS, adamw_update, build_optimizer, muon_update
-from trainer.costs import CPU_MFU, GPUS, catalog_gpu
+from trainer.plan.catalog import CPU_MFU, GPUS, catalog_gpu
 from trainer.plan import RunSpec, plan
-from trainer.recipe import HEAD_DIM
+from trainer.plan.recipe import HEAD_DIM
 
 
 def gpu_type(device: torch.device) -> str | None:

@@ -2,7 +2,7 @@
 
 Loads the run's newest whole SFT checkpoint (`--stage base`: the pretrained model; `--step N`: that step) from
 the run's storage (a local path, file:// or s3:// through fsspec), renders the conversation exactly as SFT
-rendered it (trainer/tokenizer.py `render_for_completion`), and streams the reply until `<|assistant_end|>`.
+rendered it (trainer/data/tokenizer.py `render_for_completion`), and streams the reply until `<|assistant_end|>`.
 One-shot with `--prompt`; otherwise interactive, keeping the history (`/clear` starts over, `/quit` leaves).
 Runs on CPU, or on a GPU when there is one. A missing run, checkpoint or stage is one line on stderr, exit 2.
 The base model gets the bare text (BOS first) and continues it.
@@ -55,7 +55,7 @@ class Session:
     """A loaded model, its tokenizer and engine, and the conversation so far."""
 
     def __init__(self, args, plan: dict, model, tokenizer, label: str) -> None:
-        from trainer.engine import Engine
+        from trainer.serve.engine import Engine
 
         self.args, self.plan, self.model, self.tokenizer, self.label = args, plan, model, tokenizer, label
         self.chat = STAGES[args.stage] == "sft"
@@ -66,7 +66,7 @@ class Session:
     @classmethod
     def open(cls, args) -> Session:
         from trainer.storage import RunNotFound, read_plan, run_url, storage_options_from_env
-        from trainer import stored
+        from trainer.plan import stored_plan as stored
 
         url = run_url(args.run, args.storage)
         opts = storage_options_from_env() if url.startswith("s3") else {}
@@ -101,7 +101,7 @@ class Session:
 
         from trainer import checkpoint
         from trainer.model import build_model
-        from trainer.tokenizer import Tokenizer
+        from trainer.data.tokenizer import Tokenizer
 
         ckpt = checkpoint.latest(f"{url}/{stage}", storage_options=opts, step=args.step)
         if ckpt is None:
@@ -109,7 +109,7 @@ class Session:
             raise UsageError(f"run {plan.get('name')} has no whole {stage} checkpoint {which} under {url}/{stage}")
         auto = "cuda" if torch.cuda.is_available() else "cpu"
         device = torch.device(auto if args.device == "auto" else args.device)
-        from trainer.tokenizer import TokenizerError
+        from trainer.data.tokenizer import TokenizerError
 
         try:
             state, meta = checkpoint.load_model_state(ckpt, storage_options=opts, device=device)
@@ -152,7 +152,7 @@ class Session:
     def reply(self, text: str, out) -> str:
         """Stream the reply to `text` to `out`; remember the exchange; return the reply."""
         from cli.safe import clean
-        from trainer.engine import stream_text
+        from trainer.serve.engine import stream_text
 
         ids = self.prompt_ids(text)
         stop = self.engine.stop_tokens

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from cli.errors import CLIError, UsageError
-from trainer.credentials import HOW, find_credential, secret_name
+from trainer.plan.credentials import HOW, find_credential, secret_name
 
 CONFIGMAP = "llmctl-config"  # installed by charts/llmctl; one per namespace
 CONFIG_KEY = "config.yaml"
@@ -80,7 +80,7 @@ class ClusterConfig:
     s3_region: str | None = None
     s3_secret: str | None = None  # Secret whose keys become env (AWS_ACCESS_KEY_ID, ...); None = ambient (IRSA)
     prices: dict[str, float] = field(default_factory=dict)  # $/GPU-hour by GPU type, over the plan's catalog
-    spot_prices: dict[str, float] = field(default_factory=dict)  # $/GPU-hour on spot by GPU type (trainer/spot.py)
+    spot_prices: dict[str, float] = field(default_factory=dict)  # $/GPU-hour on spot by GPU type (trainer/plan/spot.py)
     spot_provider: str = "gke"  # gke | eks | label: which node label and taint mark spot nodes (cli/rayjob.py)
     spot_node_selector: dict[str, str] = field(default_factory=dict)  # provider "label": the spot nodes' label
     spot_tolerations: tuple[dict, ...] = ()  # extra tolerations for spot taints (provider defaults are added)
@@ -123,7 +123,7 @@ class ClusterConfig:
     # time is refused. None: no limit (the grace period is still sized from the estimate).
     max_grace_seconds: int | None = None
     # The interconnect's all-reduce bus bandwidth as `llmctl doctor --network` measured it (GB/s), when, and over
-    # how many GPUs: the planner's figure for this cluster instead of trainer/network.py's default. Stored by
+    # how many GPUs: the planner's figure for this cluster instead of trainer/plan/interconnect.py's default. Stored by
     # the check in the ConfigMap's own key `interconnect.yaml` (INTERCONNECT_KEY), beside the chart's config.yaml;
     # a --cluster-config file may carry the same mapping under `interconnect:`.
     interconnect_busbw_gbs: float | None = None

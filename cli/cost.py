@@ -75,7 +75,8 @@ def run_cost(url: str, opts: dict | None, since: datetime.datetime | None) -> di
 
 
 def cmd_cost(args) -> int:
-    from trainer.storage import DEFAULT_STORAGE, expand, filesystem, storage_options_from_env
+    from trainer.plan.urls import DEFAULT_STORAGE
+    from trainer.storage import expand, filesystem, storage_options_from_env
 
     since = parse_since(args.since) if args.since else None
     root = expand(args.storage or DEFAULT_STORAGE).rstrip("/")

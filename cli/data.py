@@ -79,8 +79,8 @@ def _check_out(url: str, force: bool, pattern: str = "*.parquet") -> None:
 def cmd_prepare(args) -> int:
     if args.shard_chars < 1 or args.row_group_size < 1 or (args.max_docs is not None and args.max_docs < 1):
         raise UsageError("--shard-chars, --row-group-size and --max-docs must be >= 1")
-    from trainer.corpus import iter_source_texts
-    from trainer.shards import DataError, write_shards
+    from trainer.data.corpus import iter_source_texts
+    from trainer.data.shards import DataError, write_shards
 
     _check_out(args.out, args.force)
     try:
@@ -98,13 +98,13 @@ def cmd_sample(args) -> int:
         raise UsageError("need --mb > 0, --shards >= 2, --row-group-size >= 1, --conversations >= 2")
     _check_out(args.out, args.force)
     if args.sft:
-        from trainer.chat import build_sample_conversations
+        from trainer.data.sft import build_sample_conversations
 
         files = build_sample_conversations(args.out, n=args.conversations, seed=args.seed, show_progress=True)
         for split, urls in files.items():
             print(f"{split}: {', '.join(urls)}")
         return 0
-    from trainer.corpus import build_sample_corpus
+    from trainer.data.corpus import build_sample_corpus
 
     _report(build_sample_corpus(args.out, mb=args.mb, shards=args.shards, row_group_size=args.row_group_size,
                                 seed=args.seed, show_progress=True))

@@ -387,7 +387,7 @@ def register(sub) -> None:
     g.add_argument("--network", action="store_true", help="measure all-reduce bus bandwidth and latency over --gpus")
     g.add_argument("--gpus", type=int, help="GPUs in the check (8 per worker pod; > 8 crosses nodes)")
     g.add_argument("--expect-gbs", type=float, help="expected bus bandwidth in GB/s (default: NVLink on one "
-                   "node, the default fabric across nodes; trainer/network.py)")
+                   "node, the default fabric across nodes; trainer/plan/interconnect.py)")
     g.add_argument("--dry-run", action="store_true", help="print the check's RayJob instead of creating it")
     g.add_argument("--timeout", type=float, metavar="SECONDS", help="how long to wait for the check's result "
                    "(default: its RayJob's deadline + 60 s)")

@@ -15,7 +15,7 @@ import sys
 from cli.cluster import add_cluster_args, connect
 from cli.errors import CLIError, UsageError
 from cli.plan import fmt_hours
-from trainer.costs import dollars
+from trainer.plan.pricing import dollars
 from cli.safe import clean, dump_json
 
 GROUP, VERSION, PLURAL = "ray.io", "v1", "rayjobs"

@@ -52,10 +52,10 @@ def local_spec(args: argparse.Namespace):
 def ensure_inputs(p, opts: dict | None = None, *, mb: float = SAMPLE_MB, conversations: int = SFT_CONVERSATIONS,
                   say=print, show_progress: bool = False) -> None:
     """Sample corpus, conversations and tokenizer at the plan's URLs, each built once (idempotent)."""
-    from trainer.chat import build_sample_conversations
-    from trainer.corpus import build_sample_corpus
+    from trainer.data.sft import build_sample_conversations
+    from trainer.data.corpus import build_sample_corpus
     from trainer.evaluate import build_smoke_bundle_from_val
-    from trainer.tokenizer import Tokenizer
+    from trainer.data.tokenizer import Tokenizer
 
     data, sft, tok = p.urls["data"], p.urls["sft_data"], p.urls["tokenizer"]
     opts = opts or {}

@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _refuse_credentials(args: argparse.Namespace) -> None:
     """Every URL flag of every command (--storage, --core-bundle, --data, --out, --source, RUN ...): a URL with
     a user:password part is refused before anything runs; it would land in a manifest, a log or shell history."""
-    from trainer.credentials import HOW, url_has_user
+    from trainer.plan.credentials import HOW, url_has_user
 
     for dest, value in vars(args).items():
         for v in value if isinstance(value, list) else [value]:

@@ -22,7 +22,7 @@ import math
 
 from cli.clusterconfig import CONFIGMAP, INTERCONNECT_KEY, ClusterConfig
 from cli.errors import CLIError
-from trainer.network import FABRIC_BUSBW, NODE_GPUS, NVLINK_BUSBW
+from trainer.plan.interconnect import FABRIC_BUSBW, NODE_GPUS, NVLINK_BUSBW
 
 DEADLINE_SECONDS = 900  # scheduling + image pull + Ray start + a minute of all-reduces
 WAIT_SECONDS = DEADLINE_SECONDS + 60  # --timeout's default: the RayJob's own deadline, and KubeRay's turn to say so

@@ -11,7 +11,9 @@ import json
 
 import dataclasses
 
-from trainer.plan import GPUS, STAGES, PlanError, RunPlan, RunSpec, plan
+from trainer.plan.catalog import GPUS
+from trainer.plan.recipe import STAGES
+from trainer.plan import PlanError, RunPlan, RunSpec, plan
 
 
 def add_spec_args(p: argparse.ArgumentParser) -> None:
@@ -38,7 +40,7 @@ def add_spec_args(p: argparse.ArgumentParser) -> None:
                    "(same total batch; the checkpoint is re-sharded)")
     g.add_argument("--spot", action="store_true", help="run on spot/preemptible nodes; shows spot vs on-demand cost")
     g.add_argument("--preemptions-per-hour", type=float,
-                   help="expected preemptions per node-hour (default: the catalog's prior, trainer/spot.py)")
+                   help="expected preemptions per node-hour (default: the catalog's prior, trainer/plan/spot.py)")
     g.add_argument("--max-cost", type=float, help="budget cap in $: refuse plans above it; the run stops there")
     g.add_argument("--interconnect-gbs", type=float, metavar="GB/S",
                    help="inter-node all-reduce bus bandwidth per GPU (llmctl doctor --network measures it; "
@@ -80,16 +82,16 @@ def fmt_hours(h: float) -> str:
 
 
 def _capacity_rows(p: RunPlan, spot_price: float | None) -> list[tuple[str, str]]:
-    """Elastic range and spot economics (trainer/reshard.py, trainer/spot.py), when asked for."""
+    """Elastic range and spot economics (trainer/reshard.py, trainer/plan/spot.py), when asked for."""
     s, rows = p.spec, []
     if s.min_gpus and s.min_gpus < s.gpus:
-        from trainer.reshard import for_world
+        from trainer.plan.batch import for_world
 
         low = for_world(p, s.min_gpus)
         rows.append(("elastic", f"{s.min_gpus}-{s.gpus} GPUs, same {p.total_batch_size:,} tokens/step: at {s.min_gpus} "
                                 f"GPUs {low.device_batch_size} seq x {low.grad_accum} accum"))
     if s.spot and not GPUS[s.gpu_type].local:
-        from trainer.spot import rows as spot_rows
+        from trainer.plan.spot import rows as spot_rows
 
         rows += spot_rows(p, spot_price=spot_price)
     return rows
@@ -146,7 +148,7 @@ def render_table(p: RunPlan, spot_price: float | None = None, interconnect_note:
 
 
 def _interconnect_row(p: RunPlan, note: str | None = None) -> tuple[str, str]:
-    from trainer.network import NODE_GPUS, step_breakdown
+    from trainer.plan.interconnect import NODE_GPUS, step_breakdown
 
     b = step_breakdown(p)
     if p.spec.gpus <= NODE_GPUS:
@@ -223,7 +225,7 @@ def dump(p: RunPlan, fmt: str) -> str:
 
 def plan_checked(spec: RunSpec) -> RunPlan:
     """plan(spec), refusing an elastic range the recipe cannot run at its low end (one line)."""
-    from trainer.reshard import check_elastic
+    from trainer.plan.batch import check_elastic
 
     p = plan(spec)
     check_elastic(p, spec.min_gpus)

@@ -39,9 +39,10 @@ import yaml
 from cli.clusterconfig import ClusterConfig
 from cli.kubeversions import RAY_TOKEN_AUTH_MIN, has, kuberay_release, parse_version
 from trainer.metrics import METRICS_PORT_BASE  # light: stdlib and trainer.plan at import time
-from trainer.plan import GPUS, RunPlan
+from trainer.plan.catalog import GPUS
+from trainer.plan import RunPlan
 from trainer.preempt import set_preemption  # stdlib only: grace period and preStop hook
-from trainer.storage import require_shared
+from trainer.plan.urls import require_shared
 
 API_VERSION = "ray.io/v1"
 LAUNCH = "python -m trainer.launch"

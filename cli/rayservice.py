@@ -30,10 +30,10 @@ from cli.rayjob import (API_VERSION, HEAD_PORTS, PART_OF, RAY_METRICS_PORT, RUN_
                         _pod_spec)
 
 KIND, PLURAL = "RayService", "rayservices"
-APP_NAME = "llmctl"  # trainer/serve.py APP_NAME
-IMPORT_PATH = "trainer.serve:build_app"
-SERVE_PORT = 8000  # trainer/serve.py SERVE_PORT
-SERVE_METRICS_PORT = 9500  # trainer/serve.py METRICS_PORT
+APP_NAME = "llmctl"  # trainer/serve/app.py APP_NAME
+IMPORT_PATH = "trainer.serve.app:build_app"
+SERVE_PORT = 8000  # trainer/serve/app.py SERVE_PORT
+SERVE_METRICS_PORT = 9500  # trainer/serve/app.py METRICS_PORT
 MAX_NAME = 47  # KubeRay MaxRayServiceNameLength = MaxRayClusterNameLength (53) - 6
 WORKER_GROUP = "serve"
 ROLE_LABEL = "llmctl.dev/role"

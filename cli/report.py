@@ -32,7 +32,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from cli.safe import clean, dump_json
     from trainer.report import gather, write_report
     from trainer.storage import RunNotFound, read_json, read_plan, run_url
-    from trainer.stored import StoredPlanError
+    from trainer.plan.stored_plan import StoredPlanError
 
     url = run_url(args.run, args.storage)
     opts = {}

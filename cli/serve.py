@@ -1,6 +1,6 @@
 """`llmctl serve RUN`: put a finished run's model behind an OpenAI-compatible API and a chat page (Ray Serve).
 
-  --local        serve here, on a local Ray cluster, until Ctrl-C (trainer/serve.py `run_local`)
+  --local        serve here, on a local Ray cluster, until Ctrl-C (trainer/serve/app.py `run_local`)
   (default)      create a KubeRay RayService on the cluster (cli/rayservice.py); --dry-run -o yaml prints it
   --delete       delete the run's RayService (the checkpoints stay in storage)
 
@@ -93,7 +93,7 @@ def cmd_serve(args) -> int:
         url = run_url(args.run, args.storage or "file://~/.cache/llmctl")
         opts = storage_options_from_env() if url.startswith("s3") else {}
         run = _checked_run(url, args, opts)
-        from trainer.serve import run_local
+        from trainer.serve.app import run_local
 
         print(f"serving {run['name']} ({STAGES[args.stage]}) on http://{args.host}:{args.port}/ - Ctrl-C stops",
               file=sys.stderr)

@@ -35,8 +35,8 @@ def cmd_train(args) -> int:
         raise UsageError(f"--vocab must be >= 265 (256 byte tokens + 9 special tokens), got {args.vocab}")
     if not 1 <= args.max_chars < float("inf") or args.doc_cap < 1 or args.vocab > 1 << 20:
         raise UsageError("--max-chars and --doc-cap must be finite and >= 1, --vocab at most 1,048,576")
-    from trainer.shards import DataError, StorageError
-    from trainer.tokenizer import Tokenizer, iter_shard_texts
+    from trainer.data.shards import DataError, StorageError
+    from trainer.data.tokenizer import Tokenizer, iter_shard_texts
 
     t0 = time.perf_counter()
     try:

@@ -48,7 +48,7 @@ def tiny_run(root, name: str = "tiny") -> "plan":
     from trainer import checkpoint
     from trainer.launch import write_plan
     from trainer.model import build_model
-    from trainer.tokenizer import Tokenizer
+    from trainer.data.tokenizer import Tokenizer
 
     p = plan(RunSpec(storage_root=f"file://{root}", name=name, stages=("pretrain", "sft"), **SPEC))
     write_plan(p, {})
@@ -67,7 +67,7 @@ def served(tmp_path_factory):
     import ray
     from ray import serve
 
-    from trainer.serve import start_local
+    from trainer.serve.app import start_local
 
     p = tiny_run(tmp_path_factory.mktemp("serve-runs"))
     port = free_port()

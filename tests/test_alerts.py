@@ -18,7 +18,7 @@ import yaml
 
 from tests.prom import alert_rules, as_bool
 from trainer.metrics import METRIC_NAMES
-from trainer.serve_metrics import SERVE_METRIC_NAMES
+from trainer.serve.metrics import SERVE_METRIC_NAMES
 
 ROOT = Path(__file__).resolve().parent.parent
 ALERTS = ROOT / "charts/llmctl/files/alerts.yaml"

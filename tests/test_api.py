@@ -1,4 +1,4 @@
-"""trainer/api.py without a server: request parsing and its errors, response shapes, and special-token-free text.
+"""trainer/serve/openai_api.py without a server: request parsing and its errors, response shapes, and special-token-free text.
 
 The same paths over HTTP, through the openai client, are tests/test_serve.py's.
 Run: .venv/bin/pytest tests/test_api.py
@@ -10,8 +10,8 @@ import json
 
 import pytest
 
-from trainer.api import (MAX_BODY_BYTES, APIError, TextStream, chat_chunk, parse_body, parse_params, sse)
-from trainer.tokenizer import Tokenizer
+from trainer.serve.openai_api import MAX_BODY_BYTES, APIError, TextStream, chat_chunk, parse_body, parse_params, sse
+from trainer.data.tokenizer import Tokenizer
 
 MODEL = "gpt-d4-run"
 

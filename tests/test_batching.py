@@ -1,6 +1,6 @@
-"""trainer/batching.py: requests batched into shared decode steps give what each would get alone.
+"""trainer/serve/batching.py: requests batched into shared decode steps give what each would get alone.
 
-The reference is trainer/engine.py's `Engine.generate` (itself tested against full recomputation in
+The reference is trainer/serve/engine.py's `Engine.generate` (itself tested against full recomputation in
 tests/test_engine.py), on the same random-weight GPT with 8-token sliding windows, so prompts of different
 lengths sit at different positions and cross the window while they share steps.
 Run: .venv/bin/pytest tests/test_batching.py
@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from tests.test_engine import prompt_of, random_model
-from trainer.batching import BatchEngine, QueueFull
-from trainer.engine import Engine
+from trainer.serve.batching import BatchEngine, QueueFull
+from trainer.serve.engine import Engine
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

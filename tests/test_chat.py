@@ -13,11 +13,10 @@ from collections import Counter
 
 import pytest
 
-from trainer.chat import (REFERENCE_REPEATS, SFTLoader, build_sample_conversations, gsm8k_conversation,
-                          load_conversations, mmlu_conversation, render_mc)
-from trainer.corpus import iter_python_docs
-from trainer.shards import DataError
-from trainer.tokenizer import Tokenizer
+from trainer.data.sft import (REFERENCE_REPEATS, SFTLoader, build_sample_conversations, gsm8k_conversation, load_conversations, mmlu_conversation, render_mc)
+from trainer.data.corpus import iter_python_docs
+from trainer.data.shards import DataError
+from trainer.data.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -39,9 +39,9 @@ def expected_reply(p, text, max_tokens=24):
     import torch
 
     from trainer import checkpoint
-    from trainer.engine import Engine
+    from trainer.serve.engine import Engine
     from trainer.model import build_model
-    from trainer.tokenizer import Tokenizer
+    from trainer.data.tokenizer import Tokenizer
 
     state, _ = checkpoint.load_model_state(checkpoint.latest(f"{p.urls['run']}/sft"))
     model = build_model(p.arch, "cpu")

@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from cli.main import main as llmctl
-from trainer.shards import list_shards
+from trainer.data.shards import list_shards
 
 
 def test_modules_import_nothing_heavy():
@@ -33,7 +33,7 @@ def test_sample_then_tokenizer_train_end_to_end(tmp_path, capsys):
     assert llmctl(["tokenizer", "train", "--data", str(data), "--vocab", "600", "--out", tok_url]) == 0
     out = capsys.readouterr().out
     assert "trained 600 ids" in out and "bytes/token" in out
-    from trainer.tokenizer import Tokenizer
+    from trainer.data.tokenizer import Tokenizer
 
     assert Tokenizer.load(tok_url).vocab_size == 600
     # the output already holds data: refused, untouched

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import itertools
 
-from trainer.corpus import build_sample_corpus, iter_python_docs, write_shards
+from trainer.data.corpus import build_sample_corpus, iter_python_docs, write_shards
 
 
 def test_shard_layout_is_the_reference(tmp_path):

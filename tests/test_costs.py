@@ -1,4 +1,4 @@
-"""trainer/costs.py: the one dollars formula, the MFU prior between its published anchors, the overheads.
+"""trainer/plan/pricing.py: the one dollars formula, the MFU prior between its published anchors, the overheads.
 
 Run: .venv/bin/pytest tests/test_costs.py
 """
@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import pytest
 
-from trainer.costs import CORE_TASKS, GPUS, MFU_ANCHORS, catalog_gpu, core_tokens, dollars, mfu_prior, overhead_hours
+from trainer.plan.recipe import CORE_TASKS
+from trainer.plan.catalog import GPUS, MFU_ANCHORS, catalog_gpu, mfu_prior
+from trainer.plan.pricing import core_tokens, dollars, overhead_hours
 from trainer.plan import RunSpec, plan
 
 

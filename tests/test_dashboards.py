@@ -20,7 +20,7 @@ import yaml
 
 from tests.prom import dashboard_queries
 from trainer.metrics import METRIC_NAMES
-from trainer.serve_metrics import SERVE_METRIC_NAMES
+from trainer.serve.metrics import SERVE_METRIC_NAMES
 
 ROOT = Path(__file__).resolve().parent.parent
 DIR = ROOT / "charts/llmctl/dashboards"

@@ -22,10 +22,10 @@ from hypothesis import strategies as st
 
 from cli.main import main as llmctl
 from tests.conftest import S3Server
-from trainer.corpus import iter_python_docs
-from trainer.data import DocBuffer, PretrainLoader
-from trainer.shards import DataError, ShardError, list_shards, write_shards
-from trainer.tokenizer import Tokenizer
+from trainer.data.corpus import iter_python_docs
+from trainer.data.pretrain import DocBuffer, PretrainLoader
+from trainer.data.shards import DataError, ShardError, list_shards, write_shards
+from trainer.data.tokenizer import Tokenizer
 
 B, T = 4, 96
 

@@ -17,7 +17,7 @@ from cli.errors import UsageError
 from cli.main import main
 from cli.rayjob import build_rayjob
 from tests import schemas
-from trainer import spot
+from trainer.plan import spot
 from trainer.launch import worker_count
 from trainer.plan import RunSpec, plan
 

@@ -1,4 +1,4 @@
-"""trainer/engine.py: KV-cache decoding equals full recomputation; sampling, seeds, limits and stop tokens.
+"""trainer/serve/engine.py: KV-cache decoding equals full recomputation; sampling, seeds, limits and stop tokens.
 
 The model is a small GPT whose every weight is drawn at random (the reference init zeroes the output
 projections, which would leave attention out of the picture), with 8-token sliding windows on three of four
@@ -11,9 +11,9 @@ import dataclasses
 import pytest
 import torch
 
-from trainer.engine import Engine, KVCache, sample_next, stream_text
+from trainer.serve.engine import Engine, KVCache, sample_next, stream_text
 from trainer.model import build_model
-from trainer.plan import architecture
+from trainer.plan.shape import architecture
 
 VOCAB = 300
 WINDOW = 8
@@ -168,7 +168,7 @@ def test_cache_capacity_and_replication():
 
 
 def test_stream_text_holds_back_split_characters():
-    from trainer.tokenizer import Tokenizer
+    from trainer.data.tokenizer import Tokenizer
 
     text = "naïve café — 日本語のテキスト, ok? ünïcödé " * 20
     tok = Tokenizer.train([text, "plain ascii words here " * 50], 300)

@@ -32,7 +32,7 @@ def sentence(rng, n):
 
 @pytest.fixture(scope="module")
 def tok():
-    from trainer.tokenizer import Tokenizer
+    from trainer.data.tokenizer import Tokenizer
 
     rng = random.Random(0)
     return Tokenizer.train([sentence(rng, 12) + "." for _ in range(2000)], 400)
@@ -40,7 +40,7 @@ def tok():
 
 def tiny_model(tok, seed=0):
     from trainer.model import build_model
-    from trainer.plan import architecture
+    from trainer.plan.shape import architecture
 
     torch.manual_seed(seed)
     return build_model(architecture(2, vocab_size=tok.vocab_size, seq_len=128, head_dim=64), "cpu").eval()
@@ -274,7 +274,7 @@ def _rank_worker(rank, world, tmp, bundle_url):
     """One of two gloo processes: CORE and bpb on this rank's share, reduced; rank 0 writes the result."""
     import torch.distributed as dist
 
-    from trainer.tokenizer import Tokenizer
+    from trainer.data.tokenizer import Tokenizer
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)

@@ -161,7 +161,7 @@ def test_chat_does_not_follow_a_tokenizer_url_out_of_the_storage_root(capsys, tm
 
 
 def test_chat_rederives_the_tokenizer_under_the_root_it_opened(tmp_path):
-    from trainer.storage import rebase, storage_root_of
+    from trainer.plan.urls import rebase, storage_root_of
 
     doc = _plan_doc(tmp_path / "old")
     root = storage_root_of(f"s3://new/prefix/runs/{doc['name']}")
@@ -202,14 +202,14 @@ def test_chat_refuses_a_vocab_the_planner_cannot_make(capsys, tmp_path):
 
 @pytest.fixture(scope="module")
 def tok():
-    from trainer.tokenizer import Tokenizer
+    from trainer.data.tokenizer import Tokenizer
 
     words = [f"w{i} x{i % 7} the quick brown fox {i}" for i in range(300)]
     return Tokenizer.train(words, 300)
 
 
 def _tamper(tmp_path, tok, *, ranks: bytes | None = None, meta_edit=None) -> str:
-    from trainer.tokenizer import BYTES_FILE, META_FILE, RANKS_FILE
+    from trainer.data.tokenizer import BYTES_FILE, META_FILE, RANKS_FILE
 
     url = str(tmp_path / "tok")
     tok.save(url)
@@ -233,7 +233,7 @@ def _run_limited(code: str, mem_bytes: int = 3 << 30) -> subprocess.CompletedPro
 
 
 def test_tokenizer_rank_bomb_is_a_tokenizer_error(tmp_path, tok):
-    from trainer.tokenizer import RANKS_FILE
+    from trainer.data.tokenizer import RANKS_FILE
 
     url = _tamper(tmp_path, tok)
     ranks = (Path(url) / RANKS_FILE).read_bytes().splitlines()
@@ -252,7 +252,7 @@ def test_tokenizer_rank_bomb_is_a_tokenizer_error(tmp_path, tok):
 
 @pytest.mark.parametrize("case", ["malformed", "bad-base64", "no-sha256", "not-json", "pattern"])
 def test_bad_tokenizer_files_are_tokenizer_errors(tmp_path, tok, case):
-    from trainer.tokenizer import META_FILE, Tokenizer, TokenizerError
+    from trainer.data.tokenizer import META_FILE, Tokenizer, TokenizerError
 
     if case == "malformed":
         url = _tamper(tmp_path, tok, ranks=b"AAA= 0\nthis line has three words\n")
@@ -280,7 +280,7 @@ def _bomb_shard(path: Path, doc_chars: int, n_docs: int = 1) -> str:
 
 
 def test_parquet_row_group_size_is_read_from_metadata_before_decoding(tmp_path, monkeypatch):
-    from trainer import shards
+    from trainer.data import shards
 
     url = _bomb_shard(tmp_path / "d", 4 << 20)  # 4 MB of 'a': a few hundred compressed bytes
     assert (tmp_path / "d" / "shard_00000.parquet").stat().st_size < 64 << 10
@@ -295,7 +295,7 @@ def test_parquet_row_group_size_is_read_from_metadata_before_decoding(tmp_path, 
 
 
 def test_documents_are_capped(tmp_path, monkeypatch):
-    from trainer import shards
+    from trainer.data import shards
 
     url = _bomb_shard(tmp_path / "d", 5000, n_docs=3)
     monkeypatch.setattr(shards, "MAX_DOC_CHARS", 1000, raising=False)
@@ -304,7 +304,7 @@ def test_documents_are_capped(tmp_path, monkeypatch):
 
 
 def test_default_bounds_fit_the_reference_layout():
-    from trainer import shards
+    from trainer.data import shards
 
     # a reference row group: 1024 documents; ClimbMix documents average a few KB
     assert shards.MAX_ROW_GROUP_BYTES >= 64 * 1024 * 1024 and shards.MAX_DOC_CHARS >= 1 << 20
@@ -642,9 +642,10 @@ def fuzz_readers() -> None:  # runs in the capped child process (test_fuzz_the_r
 
     import torch
 
-    from trainer import checkpoint, stored
+    from trainer import checkpoint
+    from trainer.plan import stored_plan as stored
     from trainer.plan import PlanError, RunPlan
-    from trainer.tokenizer import BYTES_FILE, META_FILE, RANKS_FILE, Tokenizer, TokenizerError
+    from trainer.data.tokenizer import BYTES_FILE, META_FILE, RANKS_FILE, Tokenizer, TokenizerError
 
     base = tempfile.mkdtemp()
     good = _plan_doc(Path(base) / "root", "fz")

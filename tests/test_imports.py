@@ -1,5 +1,6 @@
-"""Imports run one way: `cli` -> `trainer`, never back, and no cycle among the modules of `trainer/` or of
-`cli/`, imports inside functions included; command modules never import `cli.main`. The contracts live in pyproject.toml ([tool.importlinter]);
+"""Imports run one way: `cli` -> `trainer`, never back; no cycle among the modules of a package (trainer/,
+trainer/plan/, trainer/serve/, trainer/data/, cli/), imports inside functions included; the planner imports
+only the standard library and itself; command modules never import `cli.main`. The contracts live in pyproject.toml ([tool.importlinter]);
 import-linter (grimp) checks them here, so a new cycle or a trainer -> cli import fails the suite.
 
 Run: .venv/bin/pytest tests/test_imports.py
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+CONTRACTS = 4
 
 
 def lint_imports(cwd: Path) -> subprocess.CompletedProcess:
@@ -28,11 +30,14 @@ def lint_imports(cwd: Path) -> subprocess.CompletedProcess:
 def test_import_contracts_are_kept():
     r = lint_imports(ROOT)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "3 kept, 0 broken" in r.stdout, r.stdout
+    assert f"{CONTRACTS} kept, 0 broken" in r.stdout, r.stdout
 
 
 BREAKS = [  # (module to edit, import added inside a function, what the report must name)
-    ("trainer/storage.py", "from trainer import plan", "No cycles are allowed in trainer."),  # plan -> spec -> storage
+    ("trainer/storage.py", "from trainer import launch", "No cycles are allowed in trainer."),  # launch -> storage
+    ("trainer/plan/shape.py", "from trainer.plan import runplan", "No cycles are allowed in trainer.plan."),
+    ("trainer/plan/spec.py", "from trainer import fp8", "trainer.plan.spec -> trainer.fp8"),
+    ("trainer/plan/memory.py", "import torch", "trainer.plan.memory -> torch"),  # the CLI would pull torch
     ("cli/plan.py", "from cli import submit", "No cycles are allowed in cli."),  # submit -> plan -> submit
     ("trainer/progress.py", "from cli import errors", "trainer.progress -> cli.errors"),  # a pod importing the CLI
     ("cli/data.py", "from cli.main import UsageError", "cli.data -> cli.main"),  # main loads data by name
@@ -48,5 +53,16 @@ def test_a_deliberate_break_inside_a_function_fails(tmp_path, path, statement, n
     module = tmp_path / path
     module.write_text(module.read_text() + f"\n\ndef _deliberate():\n    {statement}  # noqa: F401\n")
     r = lint_imports(tmp_path)
-    assert r.returncode == 1 and "2 kept, 1 broken" in r.stdout, r.stdout + r.stderr
+    assert r.returncode == 1 and f"{CONTRACTS - 1} kept, 1 broken" in r.stdout, r.stdout + r.stderr
     assert named in r.stdout, r.stdout
+
+
+def test_the_planner_contract_lists_every_other_part_of_trainer():
+    """The forbidden list names trainer's other modules one by one: a module added later must be added there."""
+    import tomllib
+
+    contracts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    planner = next(c for c in contracts if c.get("source_modules") == ["trainer.plan"])
+    parts = {f"trainer.{p.stem if p.suffix == '.py' else p.name}" for p in (ROOT / "trainer").iterdir()
+             if (p.suffix == ".py" and p.stem != "__init__") or (p / "__init__.py").exists()}
+    assert parts - {"trainer.plan"} <= set(planner["forbidden_modules"]), sorted(parts - set(planner["forbidden_modules"]))

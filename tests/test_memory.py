@@ -1,4 +1,4 @@
-"""trainer/memory.py: the activation estimate against measured saved tensors on CPU, and the planner's use of it.
+"""trainer/plan/memory.py: the activation estimate against measured saved tensors on CPU, and the planner's use of it.
 
 The measurement: every tensor autograd saves for backward during one forward (saved_tensors_hooks), counted
 once per storage, parameters and rotary tables excluded. That is exactly the activation memory a step holds
@@ -12,9 +12,11 @@ import json
 import pytest
 import torch
 
-from trainer import memory
+from trainer.plan import memory
 from trainer.model import build_model
-from trainer.plan import GPUS, PlanError, RunSpec, architecture, param_counts, plan
+from trainer.plan.catalog import GPUS
+from trainer.plan import PlanError, RunSpec, plan
+from trainer.plan.shape import architecture, param_counts
 
 
 def saved_activation_bytes(depth: int, seq: int, batch: int, vocab: int, precision: str) -> tuple[int, object]:

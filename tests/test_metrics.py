@@ -23,7 +23,8 @@ import pytest
 from tests import prom as promlib
 from trainer.metrics import (CORE_TASKS, INFO_LABELS, LABELS, METRIC_NAMES, METRICS_PORT_BASE, RunMetrics,
                              device_peak, mfu)
-from trainer.plan import GPUS, RunSpec, plan
+from trainer.plan.catalog import GPUS
+from trainer.plan import RunSpec, plan
 
 ROOT = Path(__file__).resolve().parent.parent
 ALERTS = ROOT / "charts/llmctl/files/alerts.yaml"

@@ -146,9 +146,9 @@ def test_a_later_token_never_changes_earlier_logits():
 
 
 def test_kv_cache_path_matches_the_full_forward():
-    """Prefill then one token at a time through trainer/engine.py's KVCache gives the full forward's logits
+    """Prefill then one token at a time through trainer/serve/engine.py's KVCache gives the full forward's logits
     (the decoding tests proper are in tests/test_engine.py)."""
-    from trainer.engine import KVCache
+    from trainer.serve.engine import KVCache
 
     torch.manual_seed(0)
     model = build_model(tiny(2), "cpu")

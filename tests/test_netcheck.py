@@ -1,4 +1,4 @@
-"""trainer/netcheck.py, cli/netcheck.py and trainer/network.py: the all-reduce measurement on a real local Ray
+"""trainer/netcheck.py, cli/netcheck.py and trainer/plan/interconnect.py: the all-reduce measurement on a real local Ray
 cluster (gloo, 2 workers), the verdict and its likely causes, the check's RayJob strictly valid on every
 supported KubeRay release, and the multi-node step model the planner uses."""
 
@@ -6,7 +6,8 @@ import pytest
 
 from cli.cluster import ClusterConfig
 from tests import schemas
-from trainer import netcheck, network
+from trainer import netcheck
+from trainer.plan import interconnect as network
 from trainer.plan import RunSpec, plan
 
 

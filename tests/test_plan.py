@@ -1,4 +1,4 @@
-"""trainer/plan.py: the recipe's numbers, cross-checked against nanochat's published values.
+"""trainer/plan/runplan.py: the recipe's numbers, cross-checked against nanochat's published values.
 
 Run: .venv/bin/pytest tests/test_plan.py
 """
@@ -8,8 +8,10 @@ import math
 
 import pytest
 
-from trainer.plan import (GPUS, SCHEMA, PlanError, RunPlan, RunSpec, architecture, auto_batch_size,
-                          param_counts, plan)
+from trainer.plan.catalog import GPUS
+from trainer.plan import SCHEMA, PlanError, RunPlan, RunSpec, plan
+from trainer.plan.shape import architecture, param_counts
+from trainer.plan.batch import auto_batch_size
 
 # Derived from nanochat gpt.py's counting rules (docs/recipe.md): (depth, n_embd, total params, scaling params,
 # FLOPs/token)
@@ -207,7 +209,7 @@ def test_small_local_spec():
 
 
 def test_schedules_follow_the_reference():
-    from trainer.plan import lr_multiplier, muon_momentum, muon_weight_decay
+    from trainer.plan.schedule import lr_multiplier, muon_momentum, muon_weight_decay
 
     p = plan(RunSpec(depth=24, gpus=8, ratio=8))
     s = p.stage("pretrain")  # 5,568 steps, warm-up 40, warm-down 3,619 (starts after step 1,949)
@@ -232,7 +234,7 @@ def test_muon_momentum_ramp_wins_inside_the_warm_down_of_a_short_run():
     that ramp is what a step below 400 gets even inside the warm-down; from step 400 on, the warm-down takes
     momentum linearly from 0.97 (at its start) to 0.90 (at the last step). Here 1,000 steps: warm-down 650,
     starting after step 350, so steps 351-399 are in both."""
-    from trainer.plan import muon_momentum
+    from trainer.plan.schedule import muon_momentum
 
     s = plan(RunSpec(depth=24, gpus=8, num_iterations=1000)).stage("pretrain")
     assert (s.steps, s.warmdown_steps) == (1000, 650)

@@ -8,7 +8,7 @@ import signal
 import pytest
 
 from trainer import preempt
-from trainer.costs import CHECKPOINT_BANDWIDTH, checkpoint_bytes
+from trainer.plan.pricing import CHECKPOINT_BANDWIDTH, checkpoint_bytes
 from trainer.plan import RunSpec, plan
 
 

@@ -22,13 +22,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from trainer import checkpoint, reshard
-from trainer.corpus import iter_python_docs
-from trainer.data import PretrainLoader
+from trainer.data import reshard as data_reshard
+from trainer.plan import batch
+from trainer.data.corpus import iter_python_docs
+from trainer.data.pretrain import PretrainLoader
 from trainer.model import build_model
 from trainer.optim import build_optimizer
 from trainer.plan import PlanError, RunSpec, plan
-from trainer.shards import ShardReader, list_shards, write_shards
-from trainer.tokenizer import Tokenizer
+from trainer.data.shards import ShardReader, list_shards, write_shards
+from trainer.data.tokenizer import Tokenizer
 
 # --------------------------------------------------------------------------------------------- the recipe
 
@@ -36,7 +38,7 @@ from trainer.tokenizer import Tokenizer
 def test_reshard_keeps_the_total_batch_and_recuts_accumulation():
     p = plan(RunSpec(depth=26, gpus=16, min_gpus=8, spot=True))
     for world in (1, 2, 4, 8, 32):
-        q = reshard.for_world(p, world)
+        q = batch.for_world(p, world)
         for s in q.stages:
             if s.name != "eval":
                 assert q.device_batch_size * q.arch.seq_len * world * s.grad_accum == p.total_batch_size
@@ -44,7 +46,7 @@ def test_reshard_keeps_the_total_batch_and_recuts_accumulation():
         assert [(s.steps, s.warmup_steps, s.warmdown_steps, s.momentum) for s in q.stages] == \
                [(s.steps, s.warmup_steps, s.warmdown_steps, s.momentum) for s in p.stages]
         assert q.optim == p.optim
-    assert reshard.for_world(p, 16) is p
+    assert batch.for_world(p, 16) is p
     assert plan(RunSpec(depth=26, gpus=16)).name == p.name  # capacity flags do not change what is trained
 
 
@@ -53,10 +55,10 @@ def test_reshard_refuses_bad_combinations_in_one_line():
         RunSpec(depth=12, gpus=8, min_gpus=16)
     p = plan(RunSpec(depth=26, gpus=16))
     with pytest.raises(PlanError, match="cannot be shared evenly by 3 GPUs") as e:
-        reshard.check_elastic(p, 3)
+        batch.check_elastic(p, 3)
     assert "\n" not in str(e.value)
     with pytest.raises(PlanError, match="cannot be shared evenly by 3 GPUs"):
-        reshard.for_world(p, 3)
+        batch.for_world(p, 3)
 
 
 # --------------------------------------------------------------------------------------------- the optimizer
@@ -73,7 +75,7 @@ def _batches():
 def _train(world: int, rank: int, steps: range, ckpt: str | None = None, save: str | None = None) -> dict:
     """Steps `steps` on this rank's rows (accumulation fills the total batch of 4 rows); restore from `ckpt`
     first (any world size), save to `save` after."""
-    p = reshard.for_world(plan(RunSpec(gpus=1, device_batch_size=2, total_batch_size=BATCH * 64, **SPEC)), world)
+    p = batch.for_world(plan(RunSpec(gpus=1, device_batch_size=2, total_batch_size=BATCH * 64, **SPEC)), world)
     torch.manual_seed(0)
     model = build_model(p.arch, "cpu")
     opt = build_optimizer(model, p.optim, world_size=world, rank=rank)
@@ -191,7 +193,7 @@ def _loaders(url, tok, world, states=None):
     out = []
     for rank in range(world):
         ld = PretrainLoader(url, tok, batch_size=2, seq_len=64, rank=rank, world_size=world, epochs=1,
-                            buffer_size=12, state=None if states is None else reshard.reshard_request(states, rank, world)
+                            buffer_size=12, state=None if states is None else data_reshard.reshard_request(states, rank, world)
                             if states[0]["world_size"] != world else states[rank])
         ld.audit = []
         out.append(ld)
@@ -253,16 +255,16 @@ def test_reshard_pool_and_buffers_from_hand_written_states():
                 "buffer": buffer, "batches": 3, "skipped": []}
 
     old = [state(0, [1, "a", 2], [["a", 2, [0, 1]], ["a", 2, [1]]]), state(1, [1, "a", 1], [["a", 1, [5]]])]
-    new = [reshard.partition_loader_states(old, r, 3, names=["a", "b"], row_groups=lambda s: 4) for r in range(3)]
+    new = [data_reshard.partition_loader_states(old, r, 3, names=["a", "b"], row_groups=lambda s: 4) for r in range(3)]
     pool = sorted(tuple(x) for n in new for x in n["pending"])
     assert pool == [(1, "a", 3), (1, "b", 0), (1, "b", 1), (1, "b", 2), (1, "b", 3)]
     assert all(n["restart_epoch"] == 2 and n["world_size"] == 3 for n in new)
     docs = sorted((name, rg, j) for n in new for name, rg, js in n["buffer"] for j in js)
     assert docs == [("a", 1, 5), ("a", 2, 0), ("a", 2, 1), ("a", 2, 1)]
-    from trainer.shards import DataError
+    from trainer.data.shards import DataError
 
     with pytest.raises(DataError, match="claimed by two ranks"):
-        reshard.partition_loader_states([old[0], state(1, [1, "a", 1], []) | {"pending": [[1, "a", 3]]}], 0, 1,
+        data_reshard.partition_loader_states([old[0], state(1, [1, "a", 1], []) | {"pending": [[1, "a", 3]]}], 0, 1,
                                         names=["a", "b"], row_groups=lambda s: 4)
 
 
@@ -369,12 +371,12 @@ def _conversations(k: int = 150) -> list[dict]:
 
 
 def _sft_loaders(tok, world: int, states=None) -> list:
-    from trainer.chat import SFTLoader
+    from trainer.data.sft import SFTLoader
 
     out = []
     for rank in range(world):
         state = None if states is None else (states[rank] if states[0]["world_size"] == world
-                                             else reshard.reshard_request(states, rank, world))
+                                             else data_reshard.reshard_request(states, rank, world))
         ld = SFTLoader(_conversations(), tok, batch_size=2, seq_len=64, rank=rank, world_size=world, buffer_size=8,
                        state=state)
         ld.audit = []
@@ -403,7 +405,7 @@ def test_reshard_sft_packs_every_conversation_exactly_once(shards, worlds):
 
 def test_reshard_sft_state_resumes_exactly_on_the_new_world_size(shards):
     """A re-shard's pool is part of the new rank's own state: restored, it yields exactly the same batches."""
-    from trainer.chat import SFTLoader
+    from trainer.data.sft import SFTLoader
 
     _, tok = shards
     states = _run(_sft_loaders(tok, 2), 3)
@@ -417,7 +419,7 @@ def test_reshard_sft_state_resumes_exactly_on_the_new_world_size(shards):
 
 
 def test_reshard_sft_refuses_states_of_another_dataset(shards):
-    from trainer.shards import DataError
+    from trainer.data.shards import DataError
 
     _, tok = shards
     states = _run(_sft_loaders(tok, 2), 1)

@@ -1,4 +1,4 @@
-"""trainer/serve.py and trainer/api.py: the OpenAI-compatible API on Ray Serve, through the official openai client.
+"""trainer/serve/app.py and trainer/serve/openai_api.py: the OpenAI-compatible API on Ray Serve, through the official openai client.
 
 The app is the one `llmctl serve --local` runs, on the local Ray cluster, serving a tiny freshly initialised
 run (tests/serve_app.py `served`, shared with tests/test_serve_page.py). The last test serves the run the

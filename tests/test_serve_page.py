@@ -1,4 +1,4 @@
-"""trainer/static/chat.html in a real headless Chromium: type a message, watch the reply stream in.
+"""trainer/serve/static/chat.html in a real headless Chromium: type a message, watch the reply stream in.
 
 Debian's chromium and chromium-driver (tests/tools.py `ensure_chromium` installs them), driven by selenium,
 against the served app of tests/serve_app.py. The page must load nothing from outside the server; a

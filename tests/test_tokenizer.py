@@ -15,8 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trainer.corpus import iter_python_docs
-from trainer.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, TokenizerError, iter_shard_texts
+from trainer.data.corpus import iter_python_docs
+from trainer.data.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, TokenizerError, iter_shard_texts
 
 VOCAB = 512
 
@@ -143,7 +143,7 @@ def test_incomplete_or_tampered_directories_fail_clearly(tok, tmp_path):
 
 
 def test_train_from_shards_reads_train_split_capped(tmp_path, corpus):
-    from trainer.shards import write_shards
+    from trainer.data.shards import write_shards
 
     write_shards([f"doc{i} " + t for i, t in enumerate(corpus[:200])], str(tmp_path / "d"), shard_chars=20_000,
                  row_group_size=16)
@@ -176,7 +176,7 @@ def test_decode_text_renders_tool_calls_and_stops_at_the_end_token(tok):
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.one_of(st.sampled_from(PIECES), st.sampled_from(MARKERS)), max_size=14))
 def test_decode_text_never_shows_special_tokens_and_streams_consistently(tok, parts):
-    from trainer.engine import stream_text
+    from trainer.serve.engine import stream_text
 
     ids = [i for p in parts for i in ([tok.encode_special(p)] if p in MARKERS else tok.encode(p))]
     text = tok.decode_text(ids)

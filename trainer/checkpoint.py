@@ -148,6 +148,7 @@ def _restore_resharded(path: str, meta: Meta, *, optimizer, rank: int, world_siz
     import torch
 
     from trainer import reshard
+    from trainer.data.reshard import reshard_request
 
     old = [torch.load(os.path.join(path, optim_file(r)), map_location=device, weights_only=True)
            for r in range(meta.world_size)]
@@ -160,7 +161,7 @@ def _restore_resharded(path: str, meta: Meta, *, optimizer, rank: int, world_siz
     for r in range(meta.world_size):
         with open(os.path.join(path, loader_file(r))) as f:
             states.append(json.load(f))
-    return reshard.reshard_request(states, rank, world_size)
+    return reshard_request(states, rank, world_size)
 
 
 def load_model_state(url: str, *, storage_options: dict | None = None, device="cpu") -> tuple[dict, Meta]:

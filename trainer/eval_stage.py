@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from trainer.costs import CORE_TASKS
+from trainer.plan.recipe import CORE_TASKS
 from trainer.evaluate import BundleError, evaluate_bpb, evaluate_core, load_bundle
 from trainer.plan import RunPlan
 from trainer.progress import ProgressFile
@@ -26,7 +26,7 @@ from trainer.worker import say as say_once
 BASE_PROMPTS = ("The capital of France is", "The chemical symbol of gold is",
                 "If yesterday was Friday, then tomorrow will be", "The opposite of hot is",
                 "The planets of the solar system are:", "My favorite color is", "If 5*x + 3 = 13, then x is")
-# A model trained on the offline sample corpus (Python's own documentation, trainer/corpus.py) knows nothing of
+# A model trained on the offline sample corpus (Python's own documentation, trainer/data/corpus.py) knows nothing of
 # France; prompts in its domain show what it learned instead.
 SAMPLE_BASE_PROMPTS = ("Return a new list", "The json module", "Raise ValueError if", "class collections.",
                        "This function returns", "If the file does not exist,", "Module os.path\n\n")
@@ -45,7 +45,7 @@ def prompts_for(plan: RunPlan) -> tuple[tuple[str, ...], tuple[str, ...]]:
 
 def base_samples(model, tokenizer, prompts=BASE_PROMPTS, max_tokens: int = BASE_SAMPLE_TOKENS) -> list[dict]:
     """Greedy continuations of `prompts` (BOS first), as {prompt, completion}."""
-    from trainer.engine import Engine
+    from trainer.serve.engine import Engine
 
     engine = Engine(model, stop_tokens=[tokenizer.bos_id])
     out = []
@@ -57,7 +57,7 @@ def base_samples(model, tokenizer, prompts=BASE_PROMPTS, max_tokens: int = BASE_
 
 def chat_samples(model, tokenizer, prompts=CHAT_PROMPTS, max_tokens: int = CHAT_SAMPLE_TOKENS) -> list[dict]:
     """Greedy replies of the chat model to one-turn conversations, rendered as SFT rendered them."""
-    from trainer.engine import Engine
+    from trainer.serve.engine import Engine
 
     engine = Engine.for_chat(model, tokenizer)
     out = []
@@ -81,7 +81,7 @@ def eval_loop(config: dict) -> None:
 
     from trainer import checkpoint
     from trainer.model import build_model
-    from trainer.tokenizer import Tokenizer
+    from trainer.data.tokenizer import Tokenizer
 
     # ---------------------------------------------------------------- context
     t_start = time.perf_counter()

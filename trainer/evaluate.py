@@ -376,7 +376,7 @@ def build_smoke_bundle_from_val(data_url: str, bundle_url: str, *, per_task: int
     import fsspec
     import pyarrow.parquet as pq
 
-    from trainer.shards import list_shards
+    from trainer.data.shards import list_shards
 
     shard = list_shards(data_url, storage_options)[-1]
     with fsspec.open(shard, "rb", **(storage_options or {})) as f:

@@ -5,7 +5,7 @@
 last work, write the stage summary). One step (`_step`) fetches its micro-batches, agrees with the other
 ranks on whether to go on, sets the scheduled hyperparameters, runs forward/backward with gradient
 accumulation and lets the optimizer reduce and update the shards; then the loop logs, evaluates and
-checkpoints on the plan's cadence. Schedules come from trainer/plan.py; nothing here invents a
+checkpoints on the plan's cadence. Schedules come from trainer/plan/runplan.py; nothing here invents a
 hyperparameter. The config is `trainer.worker.StageConfig`.
 """
 
@@ -25,8 +25,9 @@ import torch.distributed as dist
 import ray.train
 from trainer import checkpoint, preempt, spend
 from trainer.progress import ProgressFile
-from trainer.reshard import for_world
-from trainer.plan import RunPlan, StagePlan, lr_multiplier, muon_momentum, muon_weight_decay
+from trainer.plan.batch import for_world
+from trainer.plan import RunPlan, StagePlan
+from trainer.plan.schedule import lr_multiplier, muon_momentum, muon_weight_decay
 from trainer.worker import (Loader, StageConfig, ValPass, Worker, agree, make_loader, say, stage_summary,
                             start_metrics, worker_context, write_stage_summary)
 
@@ -86,7 +87,7 @@ def set_up(cfg: StageConfig) -> Stage:
     the tokenizer and the stage's loader (at the resumed position), and the metrics exporter."""
     from trainer.model import build_model
     from trainer.optim import build_optimizer
-    from trainer.tokenizer import Tokenizer
+    from trainer.data.tokenizer import Tokenizer
 
     w = worker_context()
     planned = RunPlan.from_json(cfg.plan)

@@ -38,9 +38,11 @@ import sys
 import time
 from collections.abc import Callable
 
-from trainer.costs import CORE_TASKS, GPUS, dollars
+from trainer.plan.recipe import CORE_TASKS
+from trainer.plan.catalog import GPUS
+from trainer.plan.pricing import dollars
 from trainer.plan import RunPlan
-from trainer.recipe import STAGES  # the plan's stages: pretrain, sft and the eval stage (CORE)
+from trainer.plan.recipe import STAGES  # the plan's stages: pretrain, sft and the eval stage (CORE)
 
 METRICS_PORT_BASE = 9400  # port = 9400 + local_rank; the pod declares 9400-9407 as llm-m0..llm-m7
 LABELS = ("run", "stage", "rank")

@@ -40,7 +40,8 @@ import torch.nn.functional as F
 
 from trainer import fp8
 
-from trainer.plan import SMEAR_GATE_CHANNELS, VE_GATE_CHANNELS, Architecture
+from trainer.plan.recipe import SMEAR_GATE_CHANNELS, VE_GATE_CHANNELS
+from trainer.plan.shape import Architecture
 
 ROPE_BASE = 100_000  # rotary base theta (gpt.py, raised from 10K on Mar 9 2026)
 ROTARY_SPAN = 10  # cos/sin precomputed for 10 x seq_len positions (gpt.py rotary_seq_len)
@@ -179,7 +180,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         if kv_cache is None:
             y = attention(q, k, v, mask)
-        else:  # decoding: store these positions' k/v, attend over the cached ones (trainer/engine.py KVCache)
+        else:  # decoding: store these positions' k/v, attend over the cached ones (trainer/serve/engine.py KVCache)
             y = kv_cache.attend(self.layer_idx, q, k, v)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -282,7 +283,7 @@ class GPT(nn.Module):
             ve.to(dtype=dtype)
         self._masks.clear()
 
-    # -- accounting: one source of truth with trainer/plan.py, counted from real shapes -----------
+    # -- accounting: one source of truth with trainer/plan/runplan.py, counted from real shapes -----------
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """Parameters by ParamCounts group; every parameter appears in exactly one group."""
@@ -335,7 +336,7 @@ class GPT(nn.Module):
                 loss_reduction: str = "mean") -> torch.Tensor:
         """idx (B, T) int -> loss (scalar for 'mean'/'sum', (B, T) for 'none') or fp32 logits (B, T, vocab).
 
-        With `kv_cache` (trainer/engine.py KVCache), idx holds the next T positions after the cache's: rotary
+        With `kv_cache` (trainer/serve/engine.py KVCache), idx holds the next T positions after the cache's: rotary
         angles continue from the cache position, the smear reaches back to the cached previous embedding, and
         each layer attends over its cached keys (its window only).
         """

@@ -6,7 +6,7 @@ renders it as a RayJob: cli/netcheck.py), NCCL on GPUs and gloo on a local CPU c
 rank all-reduces float32 tensors at the sizes the optimizer's collectives use (one parameter group's
 gradients, up to all parameters of the run's depth) and at a small size for latency; the bus bandwidth is
 nccl-tests' definition, busbw = bytes / seconds x 2(n-1)/n (nccl-tests doc/PERFORMANCE.md), so it compares
-directly with `llmctl plan --interconnect-gbs` and trainer/network.py's model.
+directly with `llmctl plan --interconnect-gbs` and trainer/plan/interconnect.py's model.
 
 Likely causes of a shortfall, from what the worker sees: no RDMA device (/sys/class/infiniband is empty:
 NCCL falls back to TCP sockets; on EKS the EFA device plugin's `vpc.amazonaws.com/efa` resource, on IB the

@@ -69,7 +69,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from trainer.model import GPT, compute_dtype
-from trainer.plan import Optimization
+from trainer.plan.schedule import Optimization
 
 STATE_FORMAT = "llmctl.optim/v1"
 SMALL_NUMEL = 1024  # AdamW params below this are all-reduced and updated whole on every rank

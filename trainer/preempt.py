@@ -40,7 +40,7 @@ import sys
 import threading
 import time
 
-from trainer.costs import CHECKPOINT_BANDWIDTH
+from trainer.plan.pricing import CHECKPOINT_BANDWIDTH
 
 # Seconds on top of step + save: Ray Train registers the checkpoint (one round trip per rank through its
 # sync actor) and the preStop hook polls for the done marker once a second.
@@ -119,7 +119,7 @@ def mark_done() -> None:
 
 def save_seconds(plan) -> float:
     """Estimated seconds to write one whole checkpoint of this plan to storage."""
-    from trainer.costs import checkpoint_bytes
+    from trainer.plan.pricing import checkpoint_bytes
 
     return checkpoint_bytes(plan.params) / CHECKPOINT_BANDWIDTH
 

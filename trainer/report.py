@@ -36,7 +36,7 @@ SMOKE_NOTE = ("Smoke test: this CORE figure comes from a tiny bundle the local r
 
 def gather(url: str, storage_options: dict | None = None) -> dict:
     """Everything the report shows, as one JSON-able dict (this is report.json)."""
-    from trainer.stored import stage_names
+    from trainer.plan.stored_plan import stage_names
 
     plan = read_plan(url, storage_options)
     stage_names(plan)  # plan.json is untrusted: each stage is a directory of this run, by a known name only

@@ -20,7 +20,7 @@ over segments of world size x seconds. A row without segments ran at `gpus` thro
 the moment the new group starts, so the time between a group's loss and its successor's start is still
 priced at the old size: the ledger errs towards paying more, never less.
 
-Dollars = GPU-seconds / 3600 x the plan's price per GPU-hour (trainer/costs.py's convention). Time lost to
+Dollars = GPU-seconds / 3600 x the plan's price per GPU-hour (trainer/plan/pricing.py's convention). Time lost to
 restarts = paid wall seconds - the seconds whose work the run kept (progress.json's kept_seconds while it
 runs, summary.json's hours once it ended): start-up, redone steps after a resume, the last minutes of a
 killed attempt. Readers (llmctl status, report, cost) treat the file as untrusted: `read_spend` bounds its

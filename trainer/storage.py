@@ -11,10 +11,7 @@ tests' moto server) is configured once and behaves the same for the CLI, the dri
 - `run_url(run, storage)`: a run name or URL -> the run's URL; `read_plan(url)`: its stored plan as a dict;
 - `read_small_json(url, max_bytes)`: a document the CLI reads from a run it did not write itself (progress,
   spend): refused above a size bound instead of read whole.
-- untrusted URLs and names (stored files are written by whoever can write the bucket): `require_shared` (the
-  protocols every pod of a cluster run can reach), `safe_name` (one path component, no `..`), `storage_root_of`
-  and `rebase` (a URL read from a stored file is re-derived under the root the run was opened from, never
-  followed as written).
+The rules an untrusted URL or stored name must meet before it is opened are in trainer/plan/urls.py.
 
 Torch-free and light: the CLI imports it (fsspec is imported on first use).
 """
@@ -23,62 +20,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
 
-DEFAULT_STORAGE = "file://~/.cache/llmctl"  # RunSpec.storage_root's default; runs live under <storage>/runs/<name>
-
-
-# Storage that every pod of a cluster run reaches (fsspec protocols: s3fs, gcsfs, adlfs, huggingface_hub).
-# file://, local://, memory:// and bare paths live on one machine: checkpoints would stay on one node.
-SHARED_PROTOCOLS = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "hf")
-# A name that becomes one path component (dataset, tokenizer, stage): no separators, no `..`, no control chars.
-_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+from trainer.plan.urls import DEFAULT_STORAGE
 
 
 class RunNotFound(LookupError):
     """No run (no plan.json) at the resolved URL."""
-
-
-class UnsafeURL(ValueError):
-    """A URL or name from a flag or a stored file that would leave the storage it belongs to (says which)."""
-
-
-def protocol(url: str) -> str | None:
-    """`s3://b/x` -> "s3"; a bare path -> None. Case is kept: `FILE://` is not `file://`."""
-    head, sep, _ = url.partition("://")
-    return head if sep else None
-
-
-def require_shared(url: str, what: str) -> None:
-    """Refuse storage a cluster's pods cannot all reach (a path, file://, local://, memory://, odd case)."""
-    if protocol(url) not in SHARED_PROTOCOLS:
-        raise UnsafeURL(f"{what}: {url} is not reachable from every node, and pods need shared storage: "
-                        f"{', '.join(p + '://' for p in SHARED_PROTOCOLS)} (e.g. s3://bucket/prefix)")
-
-
-def safe_name(name, what: str) -> str:
-    """`name` when it is one plain path component (letters, digits, `.`, `_`, `-`; not `.`/`..`)."""
-    if not isinstance(name, str) or not _SAFE_NAME.fullmatch(name) or set(name) == {"."}:
-        raise UnsafeURL(f"{what}: {name!r} is not a plain name (letters, digits, '.', '_', '-'; no '/' or '..')")
-    return name
-
-
-def storage_root_of(run: str) -> str:
-    """The storage root of a run URL `<root>/runs/<name>`; refuses a run URL not in that layout."""
-    parent, _, name = run.rstrip("/").rpartition("/")
-    root, _, runs = parent.rpartition("/")
-    if runs != "runs" or not root or not name:
-        raise UnsafeURL(f"{run} is not a run URL of the form <storage>/runs/<name>")
-    return root
-
-
-def rebase(stored: str, stored_root: str, root: str, subdir: str, what: str) -> str:
-    """A URL read from a stored file, re-derived under `root`: it must be `<stored_root>/<subdir>/<one name>`,
-    and the answer is `<root>/<subdir>/<name>`, so a planted plan.json cannot point a reader elsewhere."""
-    prefix = f"{str(stored_root).rstrip('/')}/{subdir}/"
-    if not isinstance(stored, str) or not stored.startswith(prefix):
-        raise UnsafeURL(f"{what}: {stored!r} is not under the run's storage ({prefix}...)")
-    return f"{root.rstrip('/')}/{subdir}/{safe_name(stored[len(prefix):].rstrip('/'), what)}"
 
 
 def expand(url: str) -> str:

@@ -2,7 +2,7 @@
 (trainer/eval_stage.py): find its rank and device, print from rank 0, build the stage's data loader, start
 its metrics exporter, agree with the other ranks, and write the stage's summary.json.
 
-`Loader` is the small protocol both loaders meet (trainer/data.py `PretrainLoader`, trainer/chat.py
+`Loader` is the small protocol both loaders meet (trainer/data/pretrain.py `PretrainLoader`, trainer/data/sft.py
 `SFTLoader`): batches by `next()`, a resumable `state_dict()`, `close()`, and `progress`, the share of an
 epoch consumed (SFT's LR schedule follows it; None where the schedule goes by step).
 """
@@ -74,10 +74,10 @@ def make_loader(plan: RunPlan, stage: str, tokenizer, w: Worker, *, split: str =
     common = dict(batch_size=B, seq_len=T, rank=w.rank, world_size=w.world, split=split, device=w.device,
                   state=state, storage_options=storage_options)
     if stage == "pretrain":
-        from trainer.data import PretrainLoader
+        from trainer.data.pretrain import PretrainLoader
 
         return PretrainLoader(plan.urls["data"], tokenizer, **common)
-    from trainer.chat import SFTLoader
+    from trainer.data.sft import SFTLoader
 
     return SFTLoader(plan.urls["sft_data"], tokenizer, **common)
 

@@ -188,7 +188,7 @@ Fail early, naming the key and the value, for combinations the schema cannot exp
 {{- if and .Values.kueue.clusterQueue.create (not (regexMatch "^[0-9]+Gi$" (toString .Values.config.head.memory))) }}
 {{- fail (printf "config.head.memory must be whole Gi (e.g. 32Gi) when kueue.clusterQueue.create sizes quota from it; got %q" (toString .Values.config.head.memory)) }}
 {{- end }}
-{{- /* the same rules as llmctl's (cli/clusterconfig.py, trainer/credentials.py): no credentials by name or
+{{- /* the same rules as llmctl's (cli/clusterconfig.py, trainer/plan/credentials.py): no credentials by name or
 by value, and nothing llmctl sets itself */ -}}
 {{- range $k, $v := .Values.config.env }}
 {{- if regexMatch "(?i)(KEY|TOKEN|SECRET|PASS|PWD|AUTH|CREDENTIAL|PRIVATE|CERT|COOKIE|SESSION)" $k }}

@@ -1,6 +1,6 @@
 """The recipe's constants: nanochat's hyperparameters and defaults, each with its source.
 
-`trainer/plan.py` derives every number of a run from these and the spec's depth; nothing else in the
+`trainer/plan/runplan.py` derives every number of a run from these and the spec's depth; nothing else in the
 trainer invents a hyperparameter. The formulas, the reference's files and commits, and where we deviate on
 purpose are written out in docs/recipe.md. Stdlib only, no imports: the CLI loads it on start-up.
 
@@ -55,3 +55,12 @@ SFT_TOKENS = 400_000_000
 # samples for each, CORE for the base model. It trains nothing; its time goes into the "evals" overhead.
 STAGES = ("pretrain", "sft", "eval")
 TRAINING_STAGES = ("pretrain", "sft")
+
+# CORE (DCLM's 22 in-context-learning tasks, arXiv 2406.11794; nanochat nanochat/core_eval.py with the eval
+# bundle's core.yaml). The names are fixed, so the metric `llmctl_core_task_centered{task}` stays bounded.
+CORE_TASKS = (
+    "hellaswag_zeroshot", "jeopardy", "bigbench_qa_wikidata", "arc_easy", "arc_challenge", "copa",
+    "commonsense_qa", "piqa", "openbook_qa", "lambada_openai", "hellaswag", "winograd", "winogrande",
+    "bigbench_dyck_languages", "agi_eval_lsat_ar", "bigbench_cs_algorithms", "bigbench_operators",
+    "bigbench_repeat_copy_logic", "squad", "coqa", "boolq", "bigbench_language_identification",
+)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from trainer.costs import CHECKPOINT_BANDWIDTH, COMPILE_HOURS, RAY_START_HOURS, SCHEDULING_HOURS
+from trainer.plan.pricing import CHECKPOINT_BANDWIDTH, COMPILE_HOURS, RAY_START_HOURS, SCHEDULING_HOURS
 
 GPUS_PER_NODE = 8  # one worker pod = one 8-GPU node (cli/rayjob.py)
 
@@ -60,7 +60,7 @@ def young_daly(checkpoint_hours: float, mtbf_hours: float) -> float:
 
 
 def checkpoint_bytes(plan) -> float:
-    """One whole checkpoint (model + moments, all ranks), as trainer/plan.py counts it for the upload overhead."""
+    """One whole checkpoint (model + moments, all ranks), as trainer/plan/runplan.py counts it for the upload overhead."""
     p = plan.params
     return 3 * (4 * p.transformer_matrices + 2 * (p.wte + p.value_embeds) + 4 * p.lm_head)
 

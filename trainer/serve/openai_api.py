@@ -22,7 +22,7 @@ import re
 import time
 import uuid
 
-from trainer.tokenizer import SPECIAL_TOKENS
+from trainer.data.tokenizer import SPECIAL_TOKENS
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: far above any prompt that fits a context, small enough to refuse cheaply
 DEFAULT_MAX_TOKENS = 256  # `llmctl chat`'s default reply length

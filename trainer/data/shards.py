@@ -15,8 +15,8 @@ the last shard is the validation split, the rest train.
 - `ShardWriter` / `write_shards`: documents -> shards in the layout above, each file written whole
   (`.tmp`, then renamed); always >= 2 shards, so the last one can be the validation split.
 
-The loader that packs these texts into batches is trainer/data.py; corpora (files, Hugging Face datasets,
-Python's own docs) are trainer/corpus.py.
+The loader that packs these texts into batches is trainer/data/pretrain.py; corpora (files, Hugging Face datasets,
+Python's own docs) are trainer/data/corpus.py.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Pretraining corpora: where documents come from before trainer/shards.py writes them as shards.
+"""Pretraining corpora: where documents come from before trainer/data/shards.py writes them as shards.
 
 - `iter_source_texts`: documents from jsonl/json/parquet/txt files (local or fsspec URLs) or a Hugging Face
   dataset, streamed through `datasets` (`llmctl data prepare`).
@@ -18,7 +18,7 @@ import sysconfig
 from typing import Iterator
 
 from trainer.progress import progress_bar
-from trainer.shards import ROW_GROUP_DOCS, TEXT_COLUMN, DataError, write_shards
+from trainer.data.shards import ROW_GROUP_DOCS, TEXT_COLUMN, DataError, write_shards
 from trainer.storage import filesystem
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """The multi-node efficiency model: what the interconnect adds to a step once a run spans nodes.
 
-The MFU prior (trainer/costs.py) was measured on one 8-GPU node, so NVLink's share of a step is already in
+The MFU prior (trainer/plan/pricing.py) was measured on one 8-GPU node, so NVLink's share of a step is already in
 it. Across nodes the optimizer's collectives (trainer/optim.py: a reduce-scatter of the gradients and an
 all-gather of the updated parameters per step, whatever the grad accumulation) cross the inter-node fabric,
 whose bus bandwidth is an order of magnitude or more below NVLink's. Ring traffic of a reduce-scatter plus

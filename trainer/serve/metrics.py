@@ -24,7 +24,7 @@ SERVE_METRIC_NAMES = (
 
 
 class ServeMetrics:
-    """The replica's metrics; `engine` (trainer/batching.py BatchEngine) is read for the two gauges."""
+    """The replica's metrics; `engine` (trainer/serve/batching.py BatchEngine) is read for the two gauges."""
 
     def __init__(self, run: str, engine) -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram

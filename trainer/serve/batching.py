@@ -1,6 +1,6 @@
 """Continuous batching: many generation requests share each decode step of one model, joining and leaving freely.
 
-`Engine.generate` (trainer/engine.py) serves one prompt: every row of its cache sits at the same position.
+`Engine.generate` (trainer/serve/engine.py) serves one prompt: every row of its cache sits at the same position.
 A server meets prompts of different lengths that arrive at different times, so here each row has its own
 position and the batch changes between steps (continuous batching, as in Orca, Yu et al. OSDI 2022, and vLLM):
 
@@ -15,7 +15,7 @@ position and the batch changes between steps (continuous batching, as in Orca, Y
   so rotating after the norm equals rotating before it (Su et al. 2021, RoFormer §3.4).
 - A row leaves at its stop token or at `max_tokens`; the last row moves into its place, so active rows are
   always rows 0..n-1 and a step computes nothing for empty rows.
-- Each request samples with its own temperature, top-k and seeded generator (trainer/engine.py `sample_next`).
+- Each request samples with its own temperature, top-k and seeded generator (trainer/serve/engine.py `sample_next`).
 
 Bounds: at most `max_batch` rows decode together; at most `max_queue` requests wait; a prompt plus its
 `max_tokens` must fit `max_len` (the server's context). Requests arrive from any thread (`submit`); one engine
@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-from trainer.engine import DEFAULT_SEED, KVCache, sample_next
+from trainer.serve.engine import DEFAULT_SEED, KVCache, sample_next
 from trainer.model import apply_rotary
 
 DEFAULT_MAX_BATCH = 16  # rows decoded together; bench/serve.py measures concurrency 1, 4 and 16

@@ -389,7 +389,7 @@ def iter_shard_texts(data_url: str, *, split: str = "train", max_chars: int | No
     """Documents of the train (all shards but the last) or val (the last) split, in order, each cropped to
     `doc_cap` characters, until `max_chars` characters were yielded."""
     from trainer.progress import progress_bar
-    from trainer.shards import ShardReader, list_shards
+    from trainer.data.shards import ShardReader, list_shards
 
     urls = list_shards(data_url, storage_options)
     urls = urls[-1:] if split == "val" else urls[:-1] or urls

@@ -1,84 +1,38 @@
 """The plan: from one dial (`--depth`) to every number a run needs, with its price.
 
-`plan(RunSpec) -> RunPlan` is the single place where the recipe's math lives: model shape, parameter
-counts, FLOPs per token, compute-optimal token budget, batch size, learning rates, weight decay,
-schedule constants, gradient accumulation for the requested GPUs, and the time and dollar estimate.
-The trainer runs exactly this plan, the RayJob is rendered from it, the dashboards compare it with
-reality. Stdlib only: the CLI imports this module and must not pull torch or ray.
+`plan(RunSpec) -> RunPlan` assembles the run from the planner's parts: the model shape (shape.py), the batch
+(batch.py), learning rates and schedules (schedule.py), the GPU catalog and MFU prior (catalog.py), hours and
+dollars (pricing.py), the interconnect (interconnect.py) and memory (memory.py) models. The trainer runs
+exactly this plan, the RayJob is rendered from it, the dashboards compare it with reality; the JSON form is the
+contract, so every number the CLI shows is in it. Stdlib only: the CLI imports it.
 
 Every rule reproduces nanochat's recipe (karpathy/nanochat, `scripts/base_train.py`, `nanochat/gpt.py`;
-docs/recipe.md). Its neighbours: trainer/spec.py (the `RunSpec` asked for), trainer/recipe.py (the constants,
-each with its source), trainer/costs.py (GPU catalog, MFU prior, overheads, dollars). Cross-checks (tests/test_plan.py): d24 has
-729,810,624 scaling params and 4.775e9 FLOPs/token; d24 at ratio 8 is 5,568 steps of 2^20 tokens.
+docs/recipe.md). Cross-check (tests/plan/test_runplan.py): d24 at ratio 8 is 5,568 steps of 2^20 tokens.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
 
-from trainer import memory, network
-from trainer.costs import (FP8_GPUS, FP8_MIN_USEFUL_DEPTH, FP8_SPEEDUP, GPU, GPUS, checkpoint_bytes, core_tokens,
-                          dollars, mfu_prior, overhead_hours)
-from trainer.recipe import (ASPECT_RATIO, HEAD_DIM, VOCAB_SIZE, VOCAB_PAD, SEQ_LEN, WINDOW_PATTERN, REFERENCE_DEPTH,
-                            B_REF, POWER_LINES_EXPONENT, WEIGHT_DECAY_REF, EMBEDDING_LR, UNEMBEDDING_LR, MATRIX_LR,
-                            SCALAR_LR, VALUE_EMBED_LR_FRAC, RESID_LR_FRAC, SMEAR_LR, LR_WIDTH_REF, WARMUP_STEPS,
-                            WARMDOWN_RATIO, FINAL_LR_FRAC, MUON_MOMENTUM, MUON_MOMENTUM_WARMUP_STEPS, EVAL_EVERY,
-                            EVAL_TOKENS, CHECKPOINT_MINUTES, SFT_INIT_LR_FRAC, SFT_WARMDOWN_RATIO, SFT_FINAL_LR_FRAC,
-                            SFT_MOMENTUM, SFT_MOMENTUM_WARMUP_STEPS)
-# Also importable from here, for callers that know only the plan (plain imports, no re-export machinery):
-from trainer.recipe import SMEAR_GATE_CHANNELS, STAGES, VE_GATE_CHANNELS  # noqa: F401
-from trainer.spec import ELASTIC_FIELDS, PlanError, RunSpec
+from trainer.plan import interconnect, memory
+from trainer.plan.batch import auto_batch_size, split
+from trainer.plan.catalog import FP8_GPUS, FP8_MIN_USEFUL_DEPTH, FP8_SPEEDUP, GPU, GPUS, mfu_prior
+from trainer.plan.pricing import checkpoint_bytes, core_tokens, dollars, overhead_hours
+from trainer.plan.recipe import (CHECKPOINT_MINUTES, EVAL_EVERY, EVAL_TOKENS, FINAL_LR_FRAC, MUON_MOMENTUM,
+                                 MUON_MOMENTUM_WARMUP_STEPS, REFERENCE_DEPTH, SFT_FINAL_LR_FRAC, SFT_INIT_LR_FRAC,
+                                 SFT_MOMENTUM, SFT_MOMENTUM_WARMUP_STEPS, SFT_WARMDOWN_RATIO, WARMDOWN_RATIO,
+                                 WARMUP_STEPS)
+from trainer.plan.schedule import Optimization, optimization
+from trainer.plan.shape import Architecture, ParamCounts, architecture, flops_per_token, model_dim, param_counts
+from trainer.plan.spec import ELASTIC_FIELDS, PlanError, RunSpec
 
 SCHEMA = "llmctl.runplan/v1"
 
 
 # ---------------------------------------------------------------------------------------------
 # What follows from the spec
-
-
-@dataclass(frozen=True)
-class Architecture:
-    n_layer: int
-    n_embd: int
-    n_head: int
-    n_kv_head: int
-    head_dim: int
-    vocab_size: int
-    padded_vocab_size: int
-    seq_len: int
-    window_pattern: str
-    windows: tuple[int, ...]  # per layer: w, a query sees itself and the w tokens before it (FA3 window_size=(w, 0))
-    value_embed_layers: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class ParamCounts:
-    wte: int
-    value_embeds: int
-    lm_head: int
-    transformer_matrices: int  # q,k,v,o,fc,proj and the ve gates of every block
-    scalars: int  # resid/x0 lambdas, smear gate (24), smear and backout lambdas
-    total: int
-    scaling: int  # transformer_matrices + lm_head (Kaplan-style; nanochat num_scaling_params)
-    matmul: int  # every Linear weight: scaling + smear gate; the 6N of FLOPs/token
-
-
-@dataclass(frozen=True)
-class Optimization:
-    """Learning rates and weight decay after batch and width scaling, per optimizer group."""
-
-    lr_lm_head: float
-    lr_wte: float
-    lr_value_embeds: float
-    lr_resid: float
-    lr_x0: float
-    lr_smear: float
-    lr_matrix: float  # Muon; c_fc gets x2 from the per-shape multiplier sqrt(max(1, rows/cols))
-    weight_decay: float  # Muon peak weight decay (cosine to 0 over the run)
-    batch_lr_scale: float
 
 
 @dataclass(frozen=True)
@@ -139,7 +93,7 @@ class RunPlan:
     estimate: Estimate
     warnings: tuple[str, ...] = field(default_factory=tuple)
     urls: dict[str, str] = field(default_factory=dict)
-    memory: dict = field(default_factory=dict)  # trainer/memory.py MemoryEstimate.to_dict() at the device batch
+    memory: dict = field(default_factory=dict)  # trainer/plan/memory.py MemoryEstimate.to_dict() at the device batch
 
     def stage(self, name: str) -> StagePlan:
         for s in self.stages:
@@ -148,7 +102,7 @@ class RunPlan:
         raise KeyError(f"plan {self.name} has no stage {name!r}; it has {[s.name for s in self.stages]}")
 
     def cost_of(self, seconds: float) -> float:
-        """Dollars for `seconds` of this run's wall time: all its GPUs at its price (trainer/costs.py)."""
+        """Dollars for `seconds` of this run's wall time: all its GPUs at its price (trainer/plan/pricing.py)."""
         return dollars(seconds / 3600, self.spec.gpus, self.estimate.price_per_gpu_hour)
 
     def to_dict(self) -> dict:
@@ -181,129 +135,7 @@ class RunPlan:
 
 
 # ---------------------------------------------------------------------------------------------
-# The math
-
-
-def model_dim(depth: int, head_dim: int = HEAD_DIM) -> int:
-    """depth x 64, rounded up to a multiple of head_dim (base_train.build_model_meta)."""
-    return -(-depth * ASPECT_RATIO // head_dim) * head_dim
-
-
-def short_window(seq_len: int) -> int:
-    """S windows are a quarter of the context rounded up to 128: 512 at T=2048 (gpt.py, since Mar 14 2026)."""
-    return min(seq_len, -(-seq_len // 4 // 128) * 128)
-
-
-def architecture(depth: int, *, vocab_size: int = VOCAB_SIZE, seq_len: int = SEQ_LEN,
-                 head_dim: int = HEAD_DIM, window_pattern: str = WINDOW_PATTERN) -> Architecture:
-    n_embd = model_dim(depth, head_dim)
-    n_head = n_embd // head_dim
-    pattern = (window_pattern * depth)[:depth]
-    pattern = pattern[:-1] + "L"  # the last layer always sees the full context
-    windows = tuple(seq_len if c == "L" else short_window(seq_len) for c in pattern)
-    # Value embeddings on alternating layers, the last one included: i % 2 == (L - 1) % 2.
-    ve_layers = tuple(i for i in range(depth) if i % 2 == (depth - 1) % 2)
-    return Architecture(
-        n_layer=depth, n_embd=n_embd, n_head=n_head, n_kv_head=n_head, head_dim=head_dim,
-        vocab_size=vocab_size, padded_vocab_size=-(-vocab_size // VOCAB_PAD) * VOCAB_PAD,
-        seq_len=seq_len, window_pattern=window_pattern, windows=windows, value_embed_layers=ve_layers,
-    )
-
-
-def param_counts(a: Architecture) -> ParamCounts:
-    n, V, L = a.n_embd, a.padded_vocab_size, a.n_layer
-    kv_dim = a.n_kv_head * a.head_dim
-    block = 4 * n * n + 8 * n * n  # q, k, v, o (n x n) + fc (4n x n) + proj (n x 4n)
-    ve_gate = VE_GATE_CHANNELS * a.n_kv_head
-    matrices = L * block + len(a.value_embed_layers) * ve_gate
-    wte, lm_head = V * n, V * n
-    value_embeds = len(a.value_embed_layers) * V * kv_dim
-    scalars = 2 * L + SMEAR_GATE_CHANNELS + 2
-    return ParamCounts(
-        wte=wte, value_embeds=value_embeds, lm_head=lm_head, transformer_matrices=matrices,
-        scalars=scalars, total=wte + value_embeds + lm_head + matrices + scalars,
-        scaling=matrices + lm_head, matmul=matrices + lm_head + SMEAR_GATE_CHANNELS,
-    )
-
-
-def flops_per_token(a: Architecture, p: ParamCounts) -> int:
-    """Training FLOPs per token, forward + backward (gpt.py estimate_flops; PaLM's attention term).
-
-    6 x every matmul weight, plus 12 x heads x head_dim x the tokens each layer attends to (its window).
-    Embedding lookups and scalars are free; no causal halving of the attention term.
-    """
-    attention = sum(12 * a.n_head * a.head_dim * min(w, a.seq_len) for w in a.windows)
-    return 6 * p.matmul + attention
-
-
-def auto_batch_size(scaling: int, scaling_ref: int) -> int:
-    """Tokens per step by Power Lines: B = 2^round(log2(B_REF * (D/D_REF)^0.383)), D = ratio x N.
-
-    Both D carry the same ratio, so only N/N_ref matters: 2^18 at d8, 2^19 at d10-16, 2^20 at d18-26.
-    """
-    return 2 ** round(math.log2(B_REF * (scaling / scaling_ref) ** POWER_LINES_EXPONENT))
-
-
-def optimization(a: Architecture, batch: int, scaling: int, scaling_ref: int) -> Optimization:
-    s = math.sqrt(batch / B_REF)  # LR x sqrt(B/B_REF): the AdamW folklore rule, applied to Muon too
-    w = (a.n_embd / LR_WIDTH_REF) ** -0.5  # AdamW embedding/unembedding width scaling
-    return Optimization(
-        lr_lm_head=UNEMBEDDING_LR * s * w,
-        lr_wte=EMBEDDING_LR * s * w,
-        lr_value_embeds=VALUE_EMBED_LR_FRAC * EMBEDDING_LR * s * w,
-        lr_resid=RESID_LR_FRAC * SCALAR_LR * s,
-        lr_x0=SCALAR_LR * s,
-        lr_smear=SMEAR_LR,
-        lr_matrix=MATRIX_LR * s,
-        # T_epoch rule (Wang & Aitchison, arXiv 2405.13698): keep B/(lr * wd * D) fixed, with lr ∝ sqrt(B):
-        # wd = 0.28 * sqrt(B/B_REF) * D_REF/D, and D_REF/D = N_ref/N at equal ratio.
-        weight_decay=WEIGHT_DECAY_REF * s * scaling_ref / scaling,
-        batch_lr_scale=s,
-    )
-
-
-def default_device_batch_size(depth: int, gpu: GPU) -> int:
-    """Sequences per GPU per micro-step that fit in memory (nanochat miniseries: 32 to d16, 16 to d26, 8 above,
-    on 80 GB; OOM reports at 32 for d24+ in issue #443). GPUs with >= 140 GB take twice as many."""
-    base = 32 if depth <= 16 else 16 if depth <= 26 else 8
-    if gpu.local:
-        return 4
-    return min(32, base * 2) if gpu.memory_gib >= 140 else base
-
-
-def _split_batch(spec: RunSpec, batch: int, a: Architecture, gpu: GPU) -> tuple[int, int]:
-    """Device batch and gradient accumulation so that dbs x T x gpus x accum == batch, or a PlanError."""
-    T, W = spec.seq_len, spec.gpus
-    if batch % T:
-        raise PlanError(f"total_batch_size: {batch:,} tokens is not a whole number of {T}-token sequences")
-    seqs = batch // T
-    if seqs % W:
-        raise PlanError(
-            f"gpus: {batch:,} tokens per step = {seqs:,} sequences of {T}, which {W} GPUs cannot share "
-            f"evenly; use a power-of-two GPU count (1, 2, 4, 8, 16, ...)")
-    if a.padded_vocab_size % W:
-        raise PlanError(
-            f"gpus: the optimizer shards the {a.padded_vocab_size:,}-row embeddings across GPUs, which needs "
-            f"the GPU count to divide it; {W} does not (use a power of two)")
-    per_gpu = seqs // W
-    if gpu.local:
-        dbs = spec.device_batch_size or min(default_device_batch_size(spec.depth, gpu), per_gpu)
-    else:
-        dbs = spec.device_batch_size or _fitting_batch(spec, a, gpu, per_gpu)
-    if per_gpu % dbs:
-        raise PlanError(
-            f"device_batch_size: {per_gpu} sequences per GPU per step (= {batch:,} / {T} / {W}) is not a "
-            f"multiple of {dbs}; pick a power of two <= {per_gpu}")
-    return dbs, per_gpu // dbs
-
-
-def _fitting_batch(spec: RunSpec, a: Architecture, gpu: GPU, per_gpu: int) -> int:
-    """The largest power-of-two device batch the memory model fits on this GPU, or a one-line PlanError."""
-    dbs = memory.largest_device_batch(a, param_counts(a), limit=per_gpu, world_size=spec.gpus,
-                                      precision=spec.precision, memory_gib=gpu.memory_gib)
-    if dbs is None:
-        raise PlanError(memory.refusal(spec, gpu, architecture, param_counts, GPUS))
-    return dbs
+# The assembly
 
 
 def _run_name(spec: RunSpec) -> str:
@@ -378,7 +210,7 @@ def plan(spec: RunSpec) -> RunPlan:
     fpt = flops_per_token(a, p)
 
     batch = spec.total_batch_size or auto_batch_size(p.scaling, ref)
-    dbs, accum = _split_batch(spec, batch, a, gpu)
+    dbs, accum = split(spec, batch, a, gpu)
     target = int(spec.ratio * p.scaling)
     steps = spec.num_iterations or max(1, target // batch)
     if not spec.num_iterations and target < batch:
@@ -389,7 +221,7 @@ def plan(spec: RunSpec) -> RunPlan:
     price = gpu.price_per_hour if spec.price_per_gpu_hour is None else spec.price_per_gpu_hour
     price_source = gpu.price_source if spec.price_per_gpu_hour is None else "given by --price"
     linear = spec.gpus * gpu.peak_bf16 * mfu / fpt  # tokens/s for the whole run if scaling were linear; across
-    throughput = network.scaled_throughput(linear, batch, p, spec.gpus, spec.interconnect_busbw_gbs)  # nodes, less
+    throughput = interconnect.scaled_throughput(linear, batch, p, spec.gpus, spec.interconnect_busbw_gbs)  # nodes, less
 
     stages = []
     if "pretrain" in spec.stages:
@@ -452,49 +284,3 @@ def _memory(spec: RunSpec, a: Architecture, p: ParamCounts, dbs: int, gpu: GPU) 
                         + (f"at most {best} fit" if best else memory.refusal(spec, gpu, architecture, param_counts,
                                                                                 GPUS)))
     return est.to_dict()
-
-
-# ---------------------------------------------------------------------------------------------
-# Schedules: pure functions of the step (and, for SFT, of the share of the data consumed), so a resumed
-# run continues on exactly the same curve.
-
-
-def lr_multiplier(s: StagePlan, step: int, progress: float | None = None) -> float:
-    """Multiplier on every group's initial LR (base_train.get_lr_multiplier; chat_sft's progress rule).
-
-    Pretraining: linear warm-up over `warmup_steps`, flat, then linear over the last `warmdown_steps` to
-    `final_lr_frac`. SFT runs one epoch of unknown length, so it follows `progress` (data consumed, 0..1):
-    flat to 50%, then linear to 0. Both scale by the stage's `lr_frac`.
-    """
-    if s.name == "sft":
-        frac = s.steps and step / s.steps if progress is None else progress
-        cut = 1 - s.warmdown_steps / s.steps if s.steps else 0.5
-        m = 1.0 if frac < cut else max(0.0, (1 - frac) / (1 - cut)) * (1 - s.final_lr_frac) + s.final_lr_frac
-        return s.lr_frac * m
-    if step < s.warmup_steps:
-        return s.lr_frac * (step + 1) / s.warmup_steps
-    if step <= s.steps - s.warmdown_steps:
-        return s.lr_frac
-    p = (s.steps - step) / s.warmdown_steps
-    return s.lr_frac * (p + (1 - p) * s.final_lr_frac)
-
-
-def muon_momentum(s: StagePlan, step: int) -> float:
-    """Muon momentum (base_train.get_muon_momentum; docs/recipe.md, schedules): start -> peak linearly over
-    `momentum_warmup_steps`, and a step inside that ramp gets the ramp's value even when it falls in the LR
-    warm-down (short runs). Pretraining, from then on: the peak until the warm-down starts, then linearly to
-    the end value at the last step (0.85 -> 0.97 over 400 steps; 0.97 -> 0.90 over the warm-down)."""
-    start, peak = s.momentum[0], s.momentum[1]
-    if step < s.momentum_warmup_steps:
-        frac = step / s.momentum_warmup_steps
-        return (1 - frac) * start + frac * peak
-    warmdown_start = s.steps - s.warmdown_steps
-    if len(s.momentum) > 2 and s.warmdown_steps and step > warmdown_start:
-        p = min((step - warmdown_start) / s.warmdown_steps, 1.0)
-        return (1 - p) * peak + p * s.momentum[2]
-    return peak
-
-
-def muon_weight_decay(s: StagePlan, step: int) -> float:
-    """Muon weight decay: cosine from the stage's peak to 0 over the run (base_train: λ·½(1+cos(π·t/N)))."""
-    return s.weight_decay * 0.5 * (1 + math.cos(math.pi * min(step, s.steps) / s.steps))

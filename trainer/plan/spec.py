@@ -1,6 +1,6 @@
 """What the user asks for: `RunSpec`, which validates itself and names the bad field (`PlanError`).
 
-Everything else about a run follows from it in trainer/plan.py. Stdlib only: the CLI builds one on start-up.
+Everything else about a run follows from it in trainer/plan/runplan.py. Stdlib only: the CLI builds one on start-up.
 """
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import math
 import re
 from dataclasses import dataclass
 
-from trainer.costs import GPUS
-from trainer.recipe import (HEAD_DIM, VOCAB_SIZE, SEQ_LEN, WINDOW_PATTERN, RATIO, KEEP_CHECKPOINTS, SFT_TOKENS, STAGES, TRAINING_STAGES)
-from trainer.credentials import HOW, find_credential
-from trainer.storage import DEFAULT_STORAGE, UnsafeURL, safe_name
+from trainer.plan.catalog import GPUS
+from trainer.plan.recipe import (HEAD_DIM, VOCAB_SIZE, SEQ_LEN, WINDOW_PATTERN, RATIO, KEEP_CHECKPOINTS, SFT_TOKENS, STAGES, TRAINING_STAGES)
+from trainer.plan.credentials import HOW, find_credential
+from trainer.plan.urls import DEFAULT_STORAGE, UnsafeURL, safe_name
 
 # Bounds on what a spec may ask for: beyond them the math overflows (ratio 1e300 x params is inf tokens), the
 # deadline leaves int64 (activeDeadlineSeconds), or a stored plan could make a reader allocate without limit.
@@ -61,8 +61,8 @@ class RunSpec:
     price_per_gpu_hour: float | None = None  # None = the catalog's default for gpu_type
     budget_cap: float | None = None  # dollars; the run stops cleanly with a checkpoint when reached
     min_gpus: int | None = None  # elastic: the run goes on with as few as this many GPUs (trainer/reshard.py)
-    spot: bool = False  # spot/preemptible capacity: spot price, spot node selector (trainer/spot.py)
-    preemptions_per_hour: float | None = None  # per node; None = the catalog's prior (trainer/spot.py)
+    spot: bool = False  # spot/preemptible capacity: spot price, spot node selector (trainer/plan/spot.py)
+    preemptions_per_hour: float | None = None  # per node; None = the catalog's prior (trainer/plan/spot.py)
     storage_root: str = DEFAULT_STORAGE
     dataset: str = "climbmix"
     sft_dataset: str = "smoltalk"  # conversations under <root>/data/ (llmctl data prepare)
@@ -79,7 +79,7 @@ class RunSpec:
     queue: str | None = None
     seed: int = 42
     # Inter-node all-reduce bus bandwidth per GPU in GB/s (nccl-tests busbw; `llmctl doctor --network` measures
-    # it); None = trainer/network.py's default fabric. Only runs over more than one node use it.
+    # it); None = trainer/plan/interconnect.py's default fabric. Only runs over more than one node use it.
     interconnect_busbw_gbs: float | None = None
 
     def __post_init__(self) -> None:

@@ -16,7 +16,7 @@ filled with the largest conversation that fits whole; when none fits, the rest o
 are -1 wherever the mask is 0 (BOS, user turns, tool output) and over padding. Ranks take conversations
 rank, rank+W, …; by default one pass, after which iteration stops (`last` turns True with the final batch;
 `progress` in [0, 1] drives the LR schedule). `state_dict()` is small JSON (indices, not tokens) for exact resume;
-a state written at another world size is re-cut by trainer/reshard.py (`partition_sft_states`), each
+a state written at another world size is re-cut by trainer/data/reshard.py (`partition_sft_states`), each
 conversation still packed exactly once.
 """
 
@@ -26,9 +26,9 @@ import json
 import os
 import random
 import re
-from trainer.data import DocBuffer
+from trainer.data.pretrain import DocBuffer
 from trainer.progress import progress_bar
-from trainer.shards import DataError
+from trainer.data.shards import DataError
 from trainer.storage import filesystem
 
 LETTERS = "ABCD"
@@ -154,7 +154,7 @@ class SFTLoader:
         self.share = len(range(rank, n, world_size))  # conversations this rank sees per epoch
         self._buffer = DocBuffer(length=lambda item: len(item[0]))
         self._cursor, self._epoch = rank, 1  # next conversation index to render, and its epoch
-        self._pending: list[tuple[int, int]] = []  # (epoch, index) first: a re-shard's pool (trainer/reshard.py)
+        self._pending: list[tuple[int, int]] = []  # (epoch, index) first: a re-shard's pool (trainer/data/reshard.py)
         self.consumed = 0  # conversations packed by this rank
         self.batches = 0
         self.last = False  # True once the yielded batch was the final one
@@ -208,7 +208,7 @@ class SFTLoader:
         return state
 
     def _restore(self, state: dict) -> None:
-        from trainer import reshard
+        from trainer.data import reshard
 
         if state.get("kind") == reshard.LOADER_RESHARD:  # written by another world size: take this rank's share
             state = reshard.partition_sft_states(state["states"], self.rank, self.world_size,

@@ -1,4 +1,4 @@
-"""Pretraining batches: shards of text (trainer/shards.py) -> BOS-aligned, best-fit packed (B, T) batches.
+"""Pretraining batches: shards of text (trainer/data/shards.py) -> BOS-aligned, best-fit packed (B, T) batches.
 
 `PretrainLoader` (one per rank):
 - rank r of W reads row groups r, r+W, r+2W, … of every shard, epoch after epoch (each document is read by
@@ -33,7 +33,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator
 
-from trainer.shards import DataError, ShardError, ShardReader, list_shards
+from trainer.data.shards import DataError, ShardError, ShardReader, list_shards
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ class _Reader:
         return False
 
     def _produce(self, after, pending, restart_epoch) -> None:
-        try:  # after a re-shard (trainer/reshard.py): the pooled row groups first, then the rule from restart_epoch
+        try:  # after a re-shard (trainer/data/reshard.py): the pooled row groups first, then the rule from restart_epoch
             rule = self.positions((restart_epoch, 0, None) if restart_epoch else after)
             positions = itertools.chain(pending, rule)
             pending: deque = deque()
@@ -227,7 +227,7 @@ class PretrainLoader:
         self._after: tuple[int, int, int] | None = None  # (epoch, shard, row group) last taken into the buffer
         self._exhausted = False
         self._started = False
-        self._pending: list[tuple[int, int, int]] = []  # re-shard pool still to take (trainer/reshard.py)
+        self._pending: list[tuple[int, int, int]] = []  # re-shard pool still to take (trainer/data/reshard.py)
         self._restart_epoch: int | None = None
         self.audit: list | None = None  # set to [] to record (shard, row group, index) of every packed document
         self.batches = 0
@@ -261,7 +261,7 @@ class PretrainLoader:
         return state
 
     def _restore(self, state: dict) -> None:
-        from trainer import reshard
+        from trainer.data import reshard
 
         if state.get("kind") == reshard.LOADER_RESHARD:  # written by another world size: take this rank's share
             state = reshard.partition_loader_states(state["states"], self.rank, self.world_size, names=self._names,

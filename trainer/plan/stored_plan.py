@@ -15,10 +15,10 @@ Each refusal is a `StoredPlanError` naming the field (`arch.n_embd`, `stages`, `
 
 from __future__ import annotations
 
-from trainer.plan import Architecture, architecture as derive
-from trainer.recipe import STAGES
-from trainer.spec import MAX_DEPTH, MAX_HEAD_DIM, MAX_SEQ_LEN, MAX_VOCAB_SIZE, PlanError
-from trainer.storage import UnsafeURL, rebase, storage_root_of
+from trainer.plan.shape import Architecture, architecture as derive
+from trainer.plan.recipe import STAGES
+from trainer.plan.spec import MAX_DEPTH, MAX_HEAD_DIM, MAX_SEQ_LEN, MAX_VOCAB_SIZE, PlanError
+from trainer.plan.urls import UnsafeURL, rebase, storage_root_of
 
 
 class StoredPlanError(PlanError):

@@ -2,14 +2,14 @@
 
 One Ray Serve application, `llmctl`, of one deployment, `LLMServer`, whose replicas each load the run's model
 (the newest whole checkpoint of a stage, or `step`) and serve it with the continuous-batching engine
-(trainer/batching.py): concurrent requests share decode steps. Routes (FastAPI, which `ray[serve]` ships):
+(trainer/serve/batching.py): concurrent requests share decode steps. Routes (FastAPI, which `ray[serve]` ships):
 
     POST /v1/chat/completions   messages -> reply; `stream: true` sends SSE chunks ending in `data: [DONE]`
     POST /v1/completions        text -> continuation (the base model's API; works on the chat model too)
     GET  /v1/models             the one model served: the run's name
     GET  /healthz               ready, what is loaded, engine counters (steps, rows per step, queue)
     GET  /metrics               this replica's Prometheus metrics (also on its own port, see below)
-    GET  /                      the chat page (trainer/static/chat.html; no external assets)
+    GET  /                      the chat page (trainer/serve/static/chat.html; no external assets)
 
 Bounds: a body over 1 MiB is refused (413); a prompt that cannot fit the context with one generated token is
 refused (400, `context_length_exceeded`), after dropping the oldest chat turns as `llmctl chat` does; replies
@@ -17,7 +17,7 @@ end at max_tokens or the context; at most `max_batch` requests decode together a
 which the openai client retries). Every refusal is a JSON error body; a failing request never takes the
 replica down.
 
-Metrics: trainer/serve_metrics.py (requests by status, tokens, time to first token, queue depth), on the
+Metrics: trainer/serve/metrics.py (requests by status, tokens, time to first token, queue depth), on the
 replica's own port `metrics_port` (9500; 0 picks a free one, reported by /healthz) and on GET /metrics.
 
 `build_app(args)` is the Serve application builder named in the RayService (`trainer.serve:build_app`);
@@ -36,9 +36,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from trainer.api import (DEFAULT_MAX_TOKENS, MAX_BODY_BYTES, APIError, Params, TextStream, chat_chunk, chat_response,
-                         completion_response, models_response, new_id, parse_body, parse_params, sse, usage)
-from trainer.serve_metrics import METRICS_PORT, ServeMetrics
+from trainer.serve.openai_api import (DEFAULT_MAX_TOKENS, MAX_BODY_BYTES, APIError, Params, TextStream, chat_chunk, chat_response, completion_response, models_response, new_id, parse_body, parse_params, sse, usage)
+from trainer.serve.metrics import METRICS_PORT, ServeMetrics
 
 APP_NAME = "llmctl"
 SERVE_PORT = 8000  # Ray Serve's default HTTP port; the pods' `serve` port
@@ -54,9 +53,9 @@ def load_run(run_url: str, stage: str = "sft", step: int | None = None, *, stora
     from trainer import checkpoint
     from trainer.model import build_model
     from trainer.storage import read_plan
-    from trainer.tokenizer import Tokenizer
+    from trainer.data.tokenizer import Tokenizer
 
-    from trainer import stored
+    from trainer.plan import stored_plan as stored
 
     plan = read_plan(run_url, storage_options)
     try:  # plan.json is untrusted (shared storage): shape, stages and tokenizer checked before any allocation
@@ -83,8 +82,8 @@ class Service:
 
     def __init__(self, plan: dict, model, tokenizer, *, stage: str, step: int, max_batch: int, max_queue: int,
                  metrics_port: int | None = METRICS_PORT) -> None:
-        from trainer.batching import BatchEngine
-        from trainer.engine import CHAT_STOP_TOKENS
+        from trainer.serve.batching import BatchEngine
+        from trainer.serve.engine import CHAT_STOP_TOKENS
 
         self.plan, self.tokenizer, self.stage, self.step = plan, tokenizer, stage, step
         self.model_id = plan["name"]
@@ -136,7 +135,7 @@ class Service:
     # ---------------------------------------------------------------- generation
     async def pieces(self, ids: list[int], max_tokens: int, p: Params, arrived: float):
         """Yield (text, None) as tokens come, then ("", (finish_reason, completion_tokens))."""
-        from trainer.batching import QueueFull
+        from trainer.serve.batching import QueueFull
 
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()

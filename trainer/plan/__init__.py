@@ -1,0 +1,27 @@
+"""The planner: from one dial (`--depth`) to every number a run needs, with its price. Torch-free.
+
+The CLI imports this package, so it imports nothing but the standard library and its own modules (an
+import contract in pyproject.toml holds it to that):
+
+    spec.py          RunSpec: what the user asks for, validated field by field (PlanError names the field)
+    recipe.py        the recipe's constants, each with its source
+    shape.py         depth -> widths, heads, windows, parameter counts, FLOPs per token
+    batch.py         tokens per step, device batch x accumulation, the same plan on another world size
+    schedule.py      learning rates and weight decay after scaling; LR, momentum and WD by step
+    catalog.py       GPUs: peaks, memory, prices, the MFU prior
+    pricing.py       hours and dollars: the one dollars formula, fixed overheads
+    spot.py          spot vs on-demand, preemptions, the Young/Daly checkpoint interval
+    memory.py        peak memory per GPU; the largest device batch that fits
+    interconnect.py  the all-reduce share of a step across nodes
+    urls.py          rules for untrusted URLs and stored names
+    credentials.py   credentials recognised by name and by value (refused in specs and configs)
+    stored_plan.py   a stored plan.json checked before use
+    runplan.py       RunPlan and `plan()`: the assembly
+
+`from trainer.plan import plan, RunSpec, RunPlan, PlanError` is the front door.
+"""
+
+from trainer.plan.runplan import SCHEMA, RunPlan, StagePlan, plan
+from trainer.plan.spec import PlanError, RunSpec
+
+__all__ = ["SCHEMA", "PlanError", "RunPlan", "RunSpec", "StagePlan", "plan"]
