@@ -65,63 +65,32 @@ class Session:
 
     @classmethod
     def open(cls, args) -> Session:
-        from trainer.storage import RunNotFound, read_plan, run_url, storage_options_from_env
-        from trainer.plan import stored_plan as stored
+        from trainer import run_loader
+        from trainer.storage import run_url, storage_options_from_env
 
         url = run_url(args.run, args.storage)
         opts = storage_options_from_env() if url.startswith("s3") else {}
-        try:
-            plan = read_plan(url, opts)
-        except RunNotFound:
-            raise UsageError(f"run {args.run!r} not found: no plan.json at {url}") from None
-        except ValueError as e:  # not JSON
-            raise UsageError(f"run {args.run!r}: plan.json is not valid JSON ({e})") from None
-        # plan.json is untrusted (shared storage): check the shape, stages and tokenizer before any allocation
-        try:
-            arch, names = stored.architecture(plan), stored.stage_names(plan)
-            tokenizer_url = stored.tokenizer_url(plan, url)
-        except stored.StoredPlanError as e:
+        try:  # plan.json is untrusted (shared storage): shape, stages and tokenizer checked before any allocation
+            checked = run_loader.read_checked_plan(url, opts)
+        except run_loader.RunLoadError as e:
+            if str(e).startswith("no run at"):
+                raise UsageError(f"run {args.run!r} not found: no plan.json at {url}") from None
             raise UsageError(f"run {args.run!r}: {e}") from None
         stage = STAGES[args.stage]
-        if stage not in names:
+        if stage not in checked.stages:
             other = "base" if stage == "sft" else "sft"
-            raise UsageError(f"run {plan.get('name')} has no {stage} stage (it has "
-                             f"{', '.join(names)}); try --stage {other}")
+            raise UsageError(f"run {checked.name} has no {stage} stage (it has "
+                             f"{', '.join(checked.stages)}); try --stage {other}")
 
         from trainer.progress import spinner
 
-        with spinner(True, f"loading {plan.get('name')} ({stage})"):  # torch's import and the checkpoint: seconds
-            model, tokenizer, step = cls._load(args, url, opts, arch, tokenizer_url, stage, plan)
-        return cls(args, plan, model, tokenizer, f"{plan.get('name')} ({stage} step {step})")
-
-    @staticmethod
-    def _load(args, url: str, opts: dict, arch, tokenizer_url: str, stage: str, plan: dict) -> tuple:
-        """(model in eval mode, tokenizer, checkpoint step) of the run's newest (or --step) checkpoint."""
-        import torch
-
-        from trainer import checkpoint
-        from trainer.model import build_model
-        from trainer.data.tokenizer import Tokenizer
-
-        ckpt = checkpoint.latest(f"{url}/{stage}", storage_options=opts, step=args.step)
-        if ckpt is None:
-            which = f"at step {args.step}" if args.step is not None else "yet"
-            raise UsageError(f"run {plan.get('name')} has no whole {stage} checkpoint {which} under {url}/{stage}")
-        auto = "cuda" if torch.cuda.is_available() else "cpu"
-        device = torch.device(auto if args.device == "auto" else args.device)
-        from trainer.data.tokenizer import TokenizerError
-
-        try:
-            state, meta = checkpoint.load_model_state(ckpt, storage_options=opts, device=device)
-            model = build_model(arch, device, compile=False)
-            model.load_state_dict(state)
-            tokenizer = Tokenizer.load(tokenizer_url, storage_options=opts)
-        except (checkpoint.CheckpointError, TokenizerError) as e:
-            raise UsageError(str(e)) from None
-        except (RuntimeError, ValueError, KeyError, TypeError) as e:  # weights that do not fit the shape
-            raise UsageError(f"checkpoint {ckpt} does not fit the run's model ({str(e).splitlines()[0][:200]})") from None
-        model.eval()
-        return model, tokenizer, meta.step
+        with spinner(True, f"loading {checked.name} ({stage})"):  # torch's import and the checkpoint: seconds
+            try:
+                run = run_loader.load_run(url, stage, args.step, storage_options=opts, device=args.device,
+                                          checked=checked)
+            except run_loader.RunLoadError as e:
+                raise UsageError(str(e)) from None
+        return cls(args, checked.plan, run.model, run.tokenizer, f"{checked.name} ({stage} step {run.step})")
 
     def prompt_ids(self, text: str) -> list[int]:
         """The conversation so far plus `text`, rendered as SFT rendered it, ending in <|assistant_start|>.

@@ -58,24 +58,20 @@ def register(sub) -> None:
 
 
 def _checked_run(url: str, args, opts: dict) -> dict:
-    """The stored plan, after checking the stage and the checkpoint exist (torch-free)."""
-    from trainer import checkpoint
-    from trainer.storage import RunNotFound, read_plan
+    """The stored plan, checked (shape, stages, tokenizer), after checking the stage's checkpoint exists
+    (torch-free: trainer/run_loader.py's first two steps, which the replicas repeat before loading)."""
+    from trainer import run_loader
 
     try:
-        run = read_plan(url, opts)
-    except RunNotFound:
-        raise UsageError(f"run {args.run!r} not found: no plan.json at {url}") from None
-    except (OSError, ValueError) as e:
+        checked = run_loader.read_checked_plan(url, opts)
+        run_loader.checkpoint_url(url, checked, STAGES[args.stage], args.step, opts)
+    except run_loader.RunLoadError as e:
+        if str(e).startswith("no run at"):
+            raise UsageError(f"run {args.run!r} not found: no plan.json at {url}") from None
+        raise UsageError(str(e)) from None
+    except OSError as e:
         raise UsageError(f"run {args.run!r}: cannot read {url}/plan.json ({e})") from None
-    stage = STAGES[args.stage]
-    if stage not in [s["name"] for s in run["stages"]]:
-        raise UsageError(f"run {run['name']} has no {stage} stage (it has "
-                         f"{', '.join(s['name'] for s in run['stages'])})")
-    if checkpoint.latest(f"{url}/{stage}", storage_options=opts, step=args.step) is None:
-        which = f"at step {args.step}" if args.step is not None else "yet"
-        raise UsageError(f"run {run['name']} has no whole {stage} checkpoint {which} under {url}/{stage}")
-    return run
+    return checked.plan
 
 
 def cmd_serve(args) -> int:

@@ -101,7 +101,7 @@ def test_plan_min_gpus_spot_shows_both_prices_and_the_preemption_overhead(capsys
 
 @pytest.mark.parametrize("argv, message", [
     (["--min-gpus", "32"], "min_gpus: must be an integer from 1 to --gpus (16), got 32"),
-    (["--min-gpus", "3"], "gpus: the total batch of 1,048,576 tokens (512 sequences of 2048) cannot be shared evenly by 3 GPUs"),
+    (["--min-gpus", "3"], "gpus: 1,048,576 tokens per step = 512 sequences of 2048, which 3 GPUs cannot share evenly; the recipe keeps the total batch fixed"),
     (["--preemptions-per-hour", "-1", "--spot"], "preemptions_per_hour: must be a positive rate"),
 ])
 def test_elastic_bad_combinations_are_one_line_exit_2(capsys, argv, message):

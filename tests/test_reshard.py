@@ -54,10 +54,10 @@ def test_reshard_refuses_bad_combinations_in_one_line():
     with pytest.raises(PlanError, match=r"^min_gpus: must be an integer from 1 to --gpus \(8\), got 16$"):
         RunSpec(depth=12, gpus=8, min_gpus=16)
     p = plan(RunSpec(depth=26, gpus=16))
-    with pytest.raises(PlanError, match="cannot be shared evenly by 3 GPUs") as e:
+    with pytest.raises(PlanError, match="which 3 GPUs cannot share evenly") as e:
         batch.check_elastic(p, 3)
     assert "\n" not in str(e.value)
-    with pytest.raises(PlanError, match="cannot be shared evenly by 3 GPUs"):
+    with pytest.raises(PlanError, match="which 3 GPUs cannot share evenly"):
         batch.for_world(p, 3)
 
 

@@ -23,6 +23,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from trainer.storage import filesystem
+
 MODEL_FILE = "model.pt"
 META_FILE = "meta.json"
 FORMAT = "llmctl.checkpoint/v1"
@@ -166,10 +168,9 @@ def _restore_resharded(path: str, meta: Meta, *, optimizer, rank: int, world_siz
 
 def load_model_state(url: str, *, storage_options: dict | None = None, device="cpu") -> tuple[dict, Meta]:
     """The model state dict and meta of the checkpoint at `url` (any fsspec URL), verified whole."""
-    import fsspec
     import torch
 
-    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    fs, path = filesystem(url, storage_options)
     meta = verify(path, fs)
     try:
         with fs.open(posixpath.join(path, MODEL_FILE), "rb") as f:
@@ -184,9 +185,8 @@ def load_model_state(url: str, *, storage_options: dict | None = None, device="c
 
 def latest(stage_url: str, *, storage_options: dict | None = None, step: int | None = None) -> str | None:
     """URL of the newest whole checkpoint under `<run>/<stage>` (or the one at `step`), or None."""
-    import fsspec
 
-    fs, root = fsspec.core.url_to_fs(stage_url, **(storage_options or {}))
+    fs, root = filesystem(stage_url, storage_options)
     if not fs.exists(root):
         return None
     found = []
@@ -204,6 +204,4 @@ def latest(stage_url: str, *, storage_options: dict | None = None, step: int | N
 
 
 def _local_fs():
-    import fsspec
-
-    return fsspec.filesystem("file")
+    return filesystem("file:///")[0]

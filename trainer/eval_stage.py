@@ -80,8 +80,7 @@ def eval_loop(config: dict) -> None:
     import ray.train
 
     from trainer import checkpoint
-    from trainer.model import build_model
-    from trainer.data.tokenizer import Tokenizer
+    from trainer.run_loader import load_model, load_tokenizer
 
     # ---------------------------------------------------------------- context
     t_start = time.perf_counter()
@@ -94,7 +93,7 @@ def eval_loop(config: dict) -> None:
         record_world(plan.urls["run"], world, opts)  # the spend ledger prices this size (trainer/spend.py)
     say = (lambda msg: say_once(0, msg)) if rank == 0 else None
     metrics = start_metrics(plan, "eval", w, cfg.metrics_port_base, attempts=cfg.attempts)
-    tokenizer = Tokenizer.load(plan.urls["tokenizer"], storage_options=opts)
+    tokenizer = load_tokenizer(plan.urls["tokenizer"], opts)
     token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.int64, device=device)
     results: dict = {"format": RESULTS_FORMAT, "run": plan.name, "world_size": world, "models": {}}
 
@@ -104,14 +103,11 @@ def eval_loop(config: dict) -> None:
         url = checkpoint.latest(f"{plan.urls['run']}/{stage.name}", storage_options=opts)
         if url is None:
             raise RuntimeError(f"eval: no whole {stage.name} checkpoint under {plan.urls['run']}/{stage.name}")
-        state, meta = checkpoint.load_model_state(url, storage_options=opts, device=device)
-        model = build_model(plan.arch, device, compile=False)
-        model.load_state_dict(state)
-        model.eval()
+        model, step = load_model(url, plan.arch, device, opts)
         name = MODEL_OF_STAGE[stage.name]
-        entry: dict = {"stage": stage.name, "checkpoint": url, "step": meta.step}
+        entry: dict = {"stage": stage.name, "checkpoint": url, "step": step}
         if say:
-            say(f"[eval] {name} model: {stage.name} step {meta.step} ({url})")
+            say(f"[eval] {name} model: {stage.name} step {step} ({url})")
 
         t0 = time.perf_counter()
         # the stage's own val pass (trainer/loop.py): the same tokens whatever the world size
@@ -144,7 +140,7 @@ def eval_loop(config: dict) -> None:
         if rank == 0:
             ProgressFile(cfg.progress_file).write(stage="eval", step=n, steps=len(trained), val_bpb=entry["val_bpb"])
         ray.train.report({**metrics.snapshot(), "step": n})  # step: models scored so far
-        del model, state
+        del model
 
     # ---------------------------------------------------------------- results
     results["seconds"] = time.perf_counter() - t_start

@@ -121,10 +121,10 @@ def load_bundle(url: str, *, storage_options: dict | None = None, max_per_task: 
     The items of every task are read in full before the shuffle and the cut, so a cut keeps the same items
     the reference keeps. The core.yaml `icl_tasks` are read in file order; `tasks` selects by label.
     """
-    import fsspec
+    from trainer.storage import filesystem
     import yaml
 
-    fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    fs, root = filesystem(url, storage_options)
     root = root.rstrip("/")
 
     def read(rel: str) -> str:
@@ -328,7 +328,7 @@ def build_smoke_bundle(url: str, texts, *, per_task: int = 40, seed: int = 0,
     local run can show a CORE figure end to end. Its core.yaml carries `llmctl_smoke_test: true`, and the
     report says the figure is a smoke test, not a capability score.
     """
-    import fsspec
+    from trainer.storage import filesystem
     import yaml
 
     rng = random.Random(seed)
@@ -350,7 +350,7 @@ def build_smoke_bundle(url: str, texts, *, per_task: int = 40, seed: int = 0,
         rng.shuffle(options)
         schema.append({"context_options": options, "continuation": second, "gold": options.index(first)})
     data = {"smoke_lm": lm, "smoke_mc": mc, "smoke_schema": schema}
-    fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    fs, root = filesystem(url, storage_options)
     root = root.rstrip("/")
     fs.makedirs(f"{root}/eval_data/smoke", exist_ok=True)
     tasks, rows = [], []
@@ -373,12 +373,13 @@ def build_smoke_bundle(url: str, texts, *, per_task: int = 40, seed: int = 0,
 def build_smoke_bundle_from_val(data_url: str, bundle_url: str, *, per_task: int = 40,
                                 storage_options: dict | None = None) -> str:
     """`build_smoke_bundle` from the corpus's validation shard (the last one: text no training step saw)."""
-    import fsspec
+    from trainer.storage import filesystem
     import pyarrow.parquet as pq
 
     from trainer.data.shards import list_shards
 
     shard = list_shards(data_url, storage_options)[-1]
-    with fsspec.open(shard, "rb", **(storage_options or {})) as f:
+    fs, path = filesystem(shard, storage_options)
+    with fs.open(path, "rb") as f:
         texts = pq.read_table(f, columns=["text"]).column("text").to_pylist()
     return build_smoke_bundle(bundle_url, texts, per_task=per_task, storage_options=storage_options)

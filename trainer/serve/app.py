@@ -44,39 +44,6 @@ SERVE_PORT = 8000  # Ray Serve's default HTTP port; the pods' `serve` port
 PAGE = Path(__file__).parent / "static" / "chat.html"
 
 
-def load_run(run_url: str, stage: str = "sft", step: int | None = None, *, storage_options: dict | None = None,
-             device: str = "auto"):
-    """(plan dict, model, tokenizer, checkpoint step) of a run's stage, as `llmctl chat` loads it.
-    LookupError when the run, the stage or the checkpoint is missing."""
-    import torch
-
-    from trainer import checkpoint
-    from trainer.model import build_model
-    from trainer.storage import read_plan
-    from trainer.data.tokenizer import Tokenizer
-
-    from trainer.plan import stored_plan as stored
-
-    plan = read_plan(run_url, storage_options)
-    try:  # plan.json is untrusted (shared storage): shape, stages and tokenizer checked before any allocation
-        arch, names, tokenizer_url = stored.architecture(plan), stored.stage_names(plan), stored.tokenizer_url(plan, run_url)
-    except stored.StoredPlanError as e:
-        raise LookupError(f"run at {run_url}: {e}") from None
-    if stage not in names:
-        raise LookupError(f"run {plan['name']} has no {stage} stage")
-    ckpt = checkpoint.latest(f"{run_url}/{stage}", storage_options=storage_options, step=step)
-    if ckpt is None:
-        raise LookupError(f"run {plan['name']} has no whole {stage} checkpoint"
-                          f"{'' if step is None else f' at step {step}'} under {run_url}/{stage}")
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-    state, meta = checkpoint.load_model_state(ckpt, storage_options=storage_options, device=dev)
-    model = build_model(arch, dev, compile=False)
-    model.load_state_dict(state)
-    model.eval()
-    tokenizer = Tokenizer.load(tokenizer_url, storage_options=storage_options)
-    return plan, model, tokenizer, meta.step
-
-
 class Service:
     """The model, its tokenizer and engine, and the request handling shared by every route."""
 
@@ -270,9 +237,11 @@ class LLMServer:
 
         if threads:
             torch.set_num_threads(threads)
+        from trainer.run_loader import load_run
+
         opts = storage_options_from_env() if run_url.startswith("s3") else None
-        plan, model, tokenizer, step_loaded = load_run(run_url, stage, step, storage_options=opts)
-        self.service = Service(plan, model, tokenizer, stage=stage, step=step_loaded, max_batch=max_batch,
+        run = load_run(run_url, stage, step, storage_options=opts)
+        self.service = Service(run.plan, run.model, run.tokenizer, stage=stage, step=run.step, max_batch=max_batch,
                                max_queue=max_queue, metrics_port=metrics_port)
 
     async def _guarded(self, request: Request, chat: bool) -> Response:
