@@ -6,7 +6,7 @@ as `storage_options=` to fsspec/s3fs and to our loaders), `.fs()` (an s3fs files
 their own `S3Server` so the shared one stays up; moto keeps its buckets in process memory, so objects
 survive a stop/start on the same port.
 
-Run: .venv/bin/pytest tests/test_data.py -v
+Run: .venv/bin/pytest tests/data/test_pretrain.py -v
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 `tiny_run(root)` writes a run in the layout `llmctl serve` reads (plan.json, the tokenizer, one whole SFT and
 one pretrain checkpoint) whose model is a freshly initialised depth-2 GPT: the API does not care what the
-weights know. `served` (session scope; tests/test_serve.py and tests/test_serve_page.py share it, because
+weights know. `served` (session scope; tests/serve/test_app.py and tests/serve/test_page.py share it, because
 Ray Serve takes tens of seconds to start on two cores) serves it through `trainer.serve.start_local`, exactly
 what `llmctl serve --local` runs, on a free port, with the metrics server on a free port as well.
 """

@@ -28,7 +28,7 @@ CHART = ROOT / "charts/llmctl"
 # The issue's list: stalled, MFU drop, NaN/inf loss, spend over estimate, cap reached, straggler, exporter down.
 EXPECTED = {"LlmctlTrainingStalled", "LlmctlMFUDropped", "LlmctlLossNotFinite", "LlmctlSpendOverEstimate",
             "LlmctlBudgetCapReached", "LlmctlRankStraggling", "LlmctlExporterDown",
-            "LlmctlServeErrorRate",  # served models (llmctl serve), tests/test_serve_metrics.py
+            "LlmctlServeErrorRate",  # served models (llmctl serve), tests/serve/test_metrics.py
             "LlmctlServeIdle", "LlmctlRayClusterIdle",  # idle GPUs (issue 18): a served model, a Ray cluster
             "LlmctlStepStale"}  # a step that overran half the watchdog's bound: names the stuck rank
 RAY_METRICS = {"ray_resources"}  # Ray's own system metrics the cluster alerts read (docs.ray.io system-metrics)

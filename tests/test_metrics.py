@@ -438,7 +438,7 @@ def test_real_prometheus_scrapes_a_run_and_every_dashboard_and_alert_query_retur
         with promlib.Prometheus(tmp_path / "prom", run.targets, rule_files=[ALERTS]) as prom:
             queries = promlib.dashboard_queries(DASHBOARDS, run=p.name, rate_interval="5s")
             queries += promlib.alert_queries(ALERTS)
-            # serving: tests/test_serve_metrics.py; Ray's own metrics (cluster alerts): promtool cases only
+            # serving: tests/serve/test_metrics.py; Ray's own metrics (cluster alerts): promtool cases only
             queries = [q for q in queries if "llmctl_serve_" not in q[1] and "ray_resources" not in q[1]]
             assert len(queries) > 40
             # rate() over 5s needs a few scrapes of every target: wait for 4 in the window, then for data.

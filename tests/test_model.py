@@ -147,7 +147,7 @@ def test_a_later_token_never_changes_earlier_logits():
 
 def test_kv_cache_path_matches_the_full_forward():
     """Prefill then one token at a time through trainer/serve/engine.py's KVCache gives the full forward's logits
-    (the decoding tests proper are in tests/test_engine.py)."""
+    (the decoding tests proper are in tests/serve/test_engine.py)."""
     from trainer.serve.engine import KVCache
 
     torch.manual_seed(0)

@@ -45,10 +45,24 @@ MFU_ANCHORS = ((12, 0.41), (18, 0.46), (24, 0.50), (26, 0.477))
 # Shown in every plan (and stored in it): the k8s/examples golden plans carry this exact text, so a change
 # here means regenerating them (LLMCTL_REGEN=1 pytest tests/test_rayjob.py -k golden).
 MFU_SOURCE = "nanochat 8xH100 bf16: d12 41%, d18 46%, d24 50%, d26 47.7% (nanochat README and dev/LOG.md; docs/recipe.md)"
-FP8_SPEEDUP = 1.17  # tensorwise fp8 at d26: 740K vs 630K tok/s (LOG 2026-02-02); bf16-equivalent MFU
+# fp8 (tensorwise) over bf16 tokens/s by depth, each point a measurement of the same step with only the matmul
+# precision changed; linear in between, flat outside. Small models gain nothing (their matmuls are too small).
+FP8_SPEEDUP_POINTS = (
+    (12, 1.010, "d12 1.01x (llmctl bench/gpu_check.sh, 1xH200, 2026-11-30)"),
+    (20, 1.183, "d20 1.18x (llmctl bench/gpu_check.sh, 1xH200, 2026-11-30)"),
+    (26, 1.175, "d26 1.17x (nanochat dev/LOG.md 2026-02-02, 8xH100: 740K vs 630K tok/s)"),
+)
 FP8_GPUS = ("h100", "h200")  # fp8 tensor cores (compute capability >= 8.9) in the catalog
-FP8_MIN_USEFUL_DEPTH = 20  # nanochat dev/LOG.md: fp8 was slower at d12; its gain was measured at d26
+FP8_MIN_USEFUL_DEPTH = 16  # below it the measured gain is under ~1.1x: a plan says so (d12: 1.01x)
 CPU_MFU = 0.25  # rough prior for the eager fp32 CPU path of the local run
+
+# What an SFT step costs per token, relative to a pretraining step of the same tokens: conversations are rendered
+# and packed per row, rows are padded, and a loss mask is applied. On CPU: the demo preset (d4, 2 workers,
+# docs/benchmarks.md, 2026-11-30) ran SFT at 1,049 tok/s against pretraining's 2,981 at the same load: 2.8x.
+# On GPUs no SFT step has been measured yet: the padded tokens are inside the planned batch and the data work
+# overlaps the step, so 1.0x is assumed (and said so in the plan) until bench/gpu_check.sh measures one.
+SFT_STEP_COST_CPU = (2.8, "SFT x2.8 per token (measured: demo preset d4 on CPU, 2026-11-30)")
+SFT_STEP_COST_GPU = (1.0, "SFT x1.0 per token (assumed: no GPU measurement yet)")
 
 
 def catalog_gpu(device_name: str) -> str | None:
@@ -62,22 +76,36 @@ def catalog_gpu(device_name: str) -> str | None:
     return None
 
 
+def _interpolate(points, depth: int) -> float:
+    """The value at `depth` of (depth, value, ...) points: linear in between, flat outside."""
+    if depth <= points[0][0]:
+        return points[0][1]
+    if depth >= points[-1][0]:
+        return points[-1][1]
+    for (d0, v0, *_), (d1, v1, *_) in zip(points, points[1:]):
+        if d0 <= depth <= d1:
+            return v0 + (v1 - v0) * (depth - d0) / (d1 - d0)
+    raise AssertionError("unreachable: points are sorted by depth")
+
+
+def fp8_speedup(depth: int) -> tuple[float, str]:
+    """(fp8/bf16 tokens/s at `depth`, the measurements it comes from): `FP8_SPEEDUP_POINTS` interpolated."""
+    return _interpolate(FP8_SPEEDUP_POINTS, depth), "; ".join(src for _, _, src in FP8_SPEEDUP_POINTS)
+
+
+def sft_step_cost(gpu: GPU) -> tuple[float, str]:
+    """(cost of an SFT token / a pretraining token on this GPU type, where the figure comes from)."""
+    return SFT_STEP_COST_CPU if gpu.local else SFT_STEP_COST_GPU
+
+
 def mfu_prior(depth: int, gpu: GPU, precision: str) -> tuple[float, str]:
-    """(expected MFU, where it comes from): `MFU_ANCHORS` interpolated by depth; x `FP8_SPEEDUP` for fp8."""
+    """(expected MFU, where it comes from): `MFU_ANCHORS` interpolated by depth; x `fp8_speedup` for fp8."""
     if gpu.local:
         return CPU_MFU, "rough prior for eager fp32 on CPU (local run)"
-    pts = MFU_ANCHORS
-    if depth <= pts[0][0]:
-        mfu = pts[0][1]
-    elif depth >= pts[-1][0]:
-        mfu = pts[-1][1]
-    else:
-        for (d0, m0), (d1, m1) in zip(pts, pts[1:]):
-            if d0 <= depth <= d1:
-                mfu = m0 + (m1 - m0) * (depth - d0) / (d1 - d0)
-                break
+    mfu = _interpolate(MFU_ANCHORS, depth)
     source = MFU_SOURCE
     if precision == "fp8" and gpu.name in FP8_GPUS:
-        mfu *= FP8_SPEEDUP
-        source += "; x1.17 for fp8 tensorwise (LOG 2026-02-02)"
+        factor, _ = fp8_speedup(depth)
+        mfu *= factor
+        source += f"; x{factor:.3f} for fp8 tensorwise at d{depth} (measured: d12 1.01x, d20 1.18x, d26 1.17x)"
     return mfu, source

@@ -61,13 +61,20 @@ def scaled_throughput(linear: float, batch: int, params, gpus: int, busbw_gbs: f
     return batch / (batch / linear + extra_step_seconds(params, gpus, busbw_gbs and busbw_gbs * 1e9))
 
 
+def breakdown(params, gpus: int, step_seconds: float, busbw_gbs: float | None, *, local: bool) -> dict:
+    """One optimizer step, as the plan shows and stores it (RunPlan.interconnect): compute seconds (at the MFU
+    prior, linear in GPUs), interconnect seconds and their share, the bus bandwidth assumed or given and what it
+    is. `link`: "local" (CPU workers of one machine, gloo: not modelled), "nvlink" (one node: inside the MFU
+    prior) or "fabric" (across nodes: the ring model above)."""
+    link = "local" if local else "nvlink" if gpus <= NODE_GPUS else "fabric"
+    extra = extra_step_seconds(params, gpus, busbw_gbs and busbw_gbs * 1e9) if link == "fabric" else 0.0
+    return {"link": link, "step_seconds": step_seconds, "compute_seconds": step_seconds - extra,
+            "interconnect_seconds": extra, "interconnect_share": extra / step_seconds if step_seconds else 0.0,
+            "busbw": (busbw_gbs or FABRIC_BUSBW / 1e9) * 1e9 if link == "fabric" else 0.0,
+            "busbw_source": ("given" if busbw_gbs else "assumed: 8x400G InfiniBand/EFA") if link == "fabric" else "",
+            "bytes_per_step": param_bytes(params) if link == "fabric" else 0.0}
+
+
 def step_breakdown(plan) -> dict:
-    """The plan's step: compute seconds (at the prior, linear in GPUs), interconnect seconds, and its share."""
-    st = next((s for s in plan.stages if s.name != "eval"), None)
-    step = st.hours * 3600 / st.steps if st and st.steps else 0.0
-    extra = extra_step_seconds(plan.params, plan.spec.gpus, plan.spec.interconnect_busbw_gbs and
-                               plan.spec.interconnect_busbw_gbs * 1e9)
-    return {"step_seconds": step, "compute_seconds": step - extra, "interconnect_seconds": extra,
-            "interconnect_share": extra / step if step else 0.0,
-            "busbw": (plan.spec.interconnect_busbw_gbs or FABRIC_BUSBW / 1e9) * 1e9,
-            "bytes_per_step": param_bytes(plan.params) if plan.spec.gpus > NODE_GPUS else 0.0}
+    """The plan's step breakdown (`breakdown`, stored in the plan)."""
+    return plan.interconnect

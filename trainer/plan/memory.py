@@ -23,7 +23,7 @@ Activation coefficients:
 - Eager (CPU, uncompiled CUDA): EAGER_ACT_ELEMS values of width n_embd per layer and token in the
   compute dtype, of which EAGER_LINEAR_INPUT_ELEMS are Linear inputs that fp8 keeps as 1-byte copies
   (trainer/fp8.py), plus EAGER_MODEL_ELEMS per token for the embeddings/smear/final norm. Counted
-  from the saved tensors of trainer/model.py and checked on CPU by tests/test_memory.py against
+  from the saved tensors of trainer/model.py and checked on CPU by tests/plan/test_memory.py against
   autograd's saved tensors at depths 2-6 (error stated in docs/benchmarks.md).
 - Compiled (CUDA, the training path): torch.compile's partitioner recomputes cheap pointwise ops
   instead of saving them but keeps buffers of its own; measured, it comes to about what eager keeps per

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from trainer.plan import interconnect, memory
 from trainer.plan.batch import auto_batch_size, split
-from trainer.plan.catalog import FP8_GPUS, FP8_MIN_USEFUL_DEPTH, FP8_SPEEDUP, GPU, GPUS, mfu_prior
+from trainer.plan.catalog import FP8_GPUS, FP8_MIN_USEFUL_DEPTH, GPU, GPUS, fp8_speedup, mfu_prior, sft_step_cost
 from trainer.plan.pricing import checkpoint_bytes, core_tokens, dollars, overhead_hours
 from trainer.plan.recipe import (CHECKPOINT_MINUTES, EVAL_EVERY, EVAL_TOKENS, FINAL_LR_FRAC, MUON_MOMENTUM,
                                  MUON_MOMENTUM_WARMUP_STEPS, REFERENCE_DEPTH, SFT_FINAL_LR_FRAC, SFT_INIT_LR_FRAC,
@@ -73,6 +73,8 @@ class Estimate:
     overhead_dollars: float
     total_dollars: float
     within_budget: bool | None  # None when no cap was set
+    sft_cost_per_token: float = 1.0  # an SFT token's time / a pretraining token's (catalog.sft_step_cost)
+    sft_cost_source: str = ""
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,7 @@ class RunPlan:
     warnings: tuple[str, ...] = field(default_factory=tuple)
     urls: dict[str, str] = field(default_factory=dict)
     memory: dict = field(default_factory=dict)  # trainer/plan/memory.py MemoryEstimate.to_dict() at the device batch
+    interconnect: dict = field(default_factory=dict)  # trainer/plan/interconnect.py breakdown(): a step's parts
 
     def stage(self, name: str) -> StagePlan:
         for s in self.stages:
@@ -199,8 +202,8 @@ def plan(spec: RunSpec) -> RunPlan:
     if spec.precision == "fp8" and gpu.name not in FP8_GPUS:
         warnings.append(f"fp8 needs Hopper-class GPUs; {gpu.name} will fall back to bf16 speed")
     elif spec.precision == "fp8" and spec.depth < FP8_MIN_USEFUL_DEPTH:
-        warnings.append(f"fp8 at d{spec.depth}: the reference measured no speed-up at d12 (its matmuls are too "
-                        f"small); the x{FP8_SPEEDUP} prior comes from d26")
+        warnings.append(f"fp8 at d{spec.depth}: x{fp8_speedup(spec.depth)[0]:.2f} expected (measured: d12 1.01x, "
+                        f"d20 1.18x); small models' matmuls gain little from fp8")
 
     shape = dict(vocab_size=spec.vocab_size, seq_len=spec.seq_len, head_dim=spec.head_dim,
                  window_pattern=spec.window_pattern)
@@ -227,9 +230,10 @@ def plan(spec: RunSpec) -> RunPlan:
     if "pretrain" in spec.stages:
         stages.append(_stage("pretrain", spec, steps, batch, dbs, accum, fpt, throughput, price,
                              1.0, opt.weight_decay))
+    sft_cost, sft_source = sft_step_cost(gpu)
     if "sft" in spec.stages:
         sft_steps = max(1, spec.sft_tokens // batch)
-        stages.append(_stage("sft", spec, sft_steps, batch, dbs, accum, fpt, throughput, price,
+        stages.append(_stage("sft", spec, sft_steps, batch, dbs, accum, fpt, throughput / sft_cost, price,
                              SFT_INIT_LR_FRAC, 0.0))
     train_hours = sum(s.hours for s in stages)
     trained = tuple(stages)
@@ -253,6 +257,7 @@ def plan(spec: RunSpec) -> RunPlan:
         price_per_gpu_hour=price, price_source=price_source, train_dollars=train_dollars,
         overhead_dollars=overhead_dollars, total_dollars=total_dollars,
         within_budget=None if spec.budget_cap is None else total_dollars <= spec.budget_cap,
+        sft_cost_per_token=sft_cost, sft_cost_source=sft_source,
     )
     name = _run_name(spec)
     root = spec.storage_root.rstrip("/")
@@ -269,6 +274,8 @@ def plan(spec: RunSpec) -> RunPlan:
         target_tokens=target, total_batch_size=batch, device_batch_size=dbs, grad_accum=accum,
         optim=opt, stages=tuple(stages), total_flops=sum(s.flops for s in trained), estimate=est,
         warnings=tuple(warnings), urls=urls, memory=_memory(spec, a, p, dbs, gpu),
+        interconnect=interconnect.breakdown(p, spec.gpus, batch / throughput, spec.interconnect_busbw_gbs,
+                                            local=gpu.local),
     )
 
 

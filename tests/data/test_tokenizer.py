@@ -1,7 +1,7 @@
 """Tokenizer: vocabulary layout, split pattern, lossless round trips (property tests), storage as text/JSON on
 local disk and on a real S3 endpoint (moto on loopback), and that no pickle is involved.
 
-Run: .venv/bin/pytest tests/test_tokenizer.py -v
+Run: .venv/bin/pytest tests/data/test_tokenizer.py -v
 """
 
 from __future__ import annotations

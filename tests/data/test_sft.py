@@ -2,7 +2,7 @@
 `datasets` from local jsonl/parquet files, and the SFT packing (best-fit, pad instead of crop, one pass,
 disjoint ranks, exact resume).
 
-Run: .venv/bin/pytest tests/test_chat.py -v
+Run: .venv/bin/pytest tests/data/test_sft.py -v
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """trainer/serve/batching.py: requests batched into shared decode steps give what each would get alone.
 
 The reference is trainer/serve/engine.py's `Engine.generate` (itself tested against full recomputation in
-tests/test_engine.py), on the same random-weight GPT with 8-token sliding windows, so prompts of different
+tests/serve/test_engine.py), on the same random-weight GPT with 8-token sliding windows, so prompts of different
 lengths sit at different positions and cross the window while they share steps.
-Run: .venv/bin/pytest tests/test_batching.py
+Run: .venv/bin/pytest tests/serve/test_batching.py
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import threading
 import pytest
 import torch
 
-from tests.test_engine import prompt_of, random_model
+from tests.serve.test_engine import prompt_of, random_model
 from trainer.serve.batching import BatchEngine, QueueFull
 from trainer.serve.engine import Engine
 

@@ -6,7 +6,7 @@ in an epoch; the packing equals a direct transcription of the reference algorith
 uninterrupted stream exactly; a truncated shard fails naming it (or is skipped and counted); the endpoint
 stopped and started again mid-stream is ridden out; the shard layout is the reference's.
 
-Run: .venv/bin/pytest tests/test_data.py -v
+Run: .venv/bin/pytest tests/data/test_pretrain.py -v
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 serving panel of the fleet dashboard and the serving alert return data (tests/test_metrics.py does the same for
 training); the chart's serve PodMonitor scrapes the port the RayService declares.
 
-The served app is tests/serve_app.py's (shared with tests/test_serve.py). The alert's firing and quiet cases
+The served app is tests/serve_app.py's (shared with tests/serve/test_app.py). The alert's firing and quiet cases
 are promtool unit tests in tests/promtool/alerts_test.yaml (tests/test_alerts.py runs them).
-Run: .venv/bin/pytest tests/test_serve_metrics.py
+Run: .venv/bin/pytest tests/serve/test_metrics.py
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import yaml
 
 from tests import prom as promlib
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ALERTS = ROOT / "charts/llmctl/files/alerts.yaml"
 FLEET = ROOT / "charts/llmctl/dashboards/fleet.json"
 

@@ -1,6 +1,6 @@
 """trainer/plan/pricing.py: the one dollars formula, the MFU prior between its published anchors, the overheads.
 
-Run: .venv/bin/pytest tests/test_costs.py
+Run: .venv/bin/pytest tests/plan/test_pricing.py
 """
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from trainer.plan.recipe import CORE_TASKS
-from trainer.plan.catalog import GPUS, MFU_ANCHORS, catalog_gpu, mfu_prior
+from trainer.plan.catalog import FP8_SPEEDUP_POINTS, fp8_speedup, sft_step_cost, GPUS, MFU_ANCHORS, catalog_gpu, mfu_prior
 from trainer.plan.pricing import core_tokens, dollars, overhead_hours
 from trainer.plan import RunSpec, plan
 
@@ -27,8 +27,27 @@ def test_mfu_prior_interpolates_the_anchors_and_is_flat_outside():
         assert mfu_prior(depth, h100, "bf16")[0] == pytest.approx(mfu)
     assert mfu_prior(15, h100, "bf16")[0] == pytest.approx((0.41 + 0.46) / 2)
     assert mfu_prior(4, h100, "bf16")[0] == 0.41 and mfu_prior(40, h100, "bf16")[0] == 0.477
-    assert mfu_prior(24, h100, "fp8")[0] == pytest.approx(0.50 * 1.17)
     assert mfu_prior(24, GPUS["cpu"], "bf16")[0] == 0.25
+
+
+def test_fp8_gain_follows_the_measured_points_by_depth():
+    """d12 gains 1.01x, d20 1.18x (bench/gpu_check.sh on an H200), d26 1.17x (the reference's A/B): a d12 fp8 plan
+    is no longer priced at d26's gain, and every factor names the measurement it comes from."""
+    h100 = GPUS["h100"]
+    for depth, factor, source in FP8_SPEEDUP_POINTS:
+        assert fp8_speedup(depth)[0] == pytest.approx(factor)
+        assert source in fp8_speedup(depth)[1] and ("gpu_check" in source or "LOG" in source)
+    assert mfu_prior(12, h100, "fp8")[0] == pytest.approx(0.41 * 1.010)
+    assert mfu_prior(24, h100, "fp8")[0] == pytest.approx(0.50 * (1.183 + (1.175 - 1.183) * 4 / 6))
+    assert mfu_prior(16, h100, "fp8")[0] == pytest.approx(mfu_prior(16, h100, "bf16")[0] * (1.010 + 0.173 / 2))
+    assert "x1.010 for fp8" in mfu_prior(12, h100, "fp8")[1]
+
+
+def test_sft_tokens_cost_what_was_measured_where_it_was_measured():
+    """The demo preset's SFT ran at 1,049 tok/s against pretraining's 2,981 (CPU, d4): 2.8x per token. GPUs have
+    no SFT measurement yet: 1.0x, said to be an assumption."""
+    assert sft_step_cost(GPUS["cpu"])[0] == 2.8 and "measured" in sft_step_cost(GPUS["cpu"])[1]
+    assert sft_step_cost(GPUS["h100"])[0] == 1.0 and "assumed" in sft_step_cost(GPUS["h100"])[1]
 
 
 def test_overheads_and_the_core_estimate():

@@ -1,9 +1,9 @@
 """trainer/serve/app.py and trainer/serve/openai_api.py: the OpenAI-compatible API on Ray Serve, through the official openai client.
 
 The app is the one `llmctl serve --local` runs, on the local Ray cluster, serving a tiny freshly initialised
-run (tests/serve_app.py `served`, shared with tests/test_serve_page.py). The last test serves the run the
+run (tests/serve_app.py `served`, shared with tests/serve/test_page.py). The last test serves the run the
 suite trained (tests/finished_run.py) end to end through the CLI in a child process.
-Run: .venv/bin/pytest tests/test_serve.py
+Run: .venv/bin/pytest tests/serve/test_app.py
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import pytest
 
 from tests.serve_app import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def client(served, **kw) -> openai.OpenAI:

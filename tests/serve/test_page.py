@@ -3,7 +3,7 @@
 Debian's chromium and chromium-driver (tests/tools.py `ensure_chromium` installs them), driven by selenium,
 against the served app of tests/serve_app.py. The page must load nothing from outside the server; a
 screenshot of the finished conversation is kept under tests/artifacts/ (ignored by git) for a human to look at.
-Run: .venv/bin/pytest tests/test_serve_page.py
+Run: .venv/bin/pytest tests/serve/test_page.py
 """
 
 from __future__ import annotations
@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 
-ARTIFACTS = Path(__file__).parent / "artifacts"
+ARTIFACTS = Path(__file__).parents[1] / "artifacts"
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--disable-dev-shm-usage", "--window-size=1100,800")
 
 
 def test_the_page_has_no_external_assets():
-    html = (Path(__file__).parents[1] / "trainer" / "static" / "chat.html").read_text()
+    html = (Path(__file__).parents[2] / "trainer" / "serve" / "static" / "chat.html").read_text()
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", html)
     assert "@import" not in html and "url(" not in html
 

@@ -3,7 +3,7 @@
 The model is a small GPT whose every weight is drawn at random (the reference init zeroes the output
 projections, which would leave attention out of the picture), with 8-token sliding windows on three of four
 layers so that prompts of 20+ tokens cross the window boundary.
-Run: .venv/bin/pytest tests/test_engine.py
+Run: .venv/bin/pytest tests/serve/test_engine.py
 """
 
 import dataclasses

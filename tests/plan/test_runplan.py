@@ -1,6 +1,6 @@
 """trainer/plan/runplan.py: the recipe's numbers, cross-checked against nanochat's published values.
 
-Run: .venv/bin/pytest tests/test_plan.py
+Run: .venv/bin/pytest tests/plan/test_runplan.py
 """
 
 import json
@@ -9,6 +9,7 @@ import math
 import pytest
 
 from trainer.plan.catalog import GPUS
+from trainer.plan.catalog import fp8_speedup
 from trainer.plan import SCHEMA, PlanError, RunPlan, RunSpec, plan
 from trainer.plan.shape import architecture, param_counts
 from trainer.plan.batch import auto_batch_size
@@ -60,7 +61,7 @@ def test_power_lines_batch_per_depth_band(depths, batch):
         assert plan(RunSpec(depth=d, gpus=8)).total_batch_size == batch, d
 
 
-@pytest.mark.parametrize("depth", range(2, 47, 2))  # d48 does not fit 8 x H100: tests/test_memory.py
+@pytest.mark.parametrize("depth", range(2, 47, 2))  # d48 does not fit 8 x H100: tests/plan/test_memory.py
 def test_every_even_depth_plans_cleanly(depth):
     p = plan(RunSpec(depth=depth, gpus=8))
     a = p.arch
@@ -123,7 +124,7 @@ def test_time_and_cost_model():
     priced = plan(RunSpec(depth=24, gpus=8, ratio=8, stages=("pretrain",), price_per_gpu_hour=2.0))
     assert priced.estimate.train_dollars == pytest.approx(e.train_dollars * 2 / 3)
     fp8 = plan(RunSpec(depth=24, gpus=8, ratio=8, stages=("pretrain",), precision="fp8"))
-    assert fp8.estimate.train_hours == pytest.approx(e.train_hours / 1.17)
+    assert fp8.estimate.train_hours == pytest.approx(e.train_hours / fp8_speedup(24)[0])
 
 
 def test_sft_stage_is_priced_and_uses_its_own_schedule():
@@ -133,6 +134,32 @@ def test_sft_stage_is_priced_and_uses_its_own_schedule():
     assert sft.lr_frac == 0.8 and sft.warmup_steps == 0 and sft.final_lr_frac == 0.0
     assert p.estimate.train_hours == pytest.approx(p.stage("pretrain").hours + sft.hours)
     assert plan(RunSpec(depth=20, gpus=8, stages=("pretrain",))).estimate.total_dollars < p.estimate.total_dollars
+
+
+def test_sft_steps_on_cpu_are_priced_at_the_measured_cost_per_token():
+    """The demo preset's SFT took 2x its plan: an SFT token now costs 2.8 pretraining tokens on CPU (measured),
+    1.0 on GPUs (assumed, and the plan says so)."""
+    local = plan(RunSpec(depth=4, gpus=2, gpu_type="cpu", seq_len=256, vocab_size=4096, total_batch_size=8192))
+    pre, sft = local.stage("pretrain"), local.stage("sft")
+    assert sft.hours / sft.tokens == pytest.approx(2.8 * pre.hours / pre.tokens)
+    assert local.estimate.sft_cost_per_token == 2.8 and "measured" in local.estimate.sft_cost_source
+    gpu = plan(RunSpec(depth=20, gpus=8))
+    assert gpu.stage("sft").hours / gpu.stage("sft").tokens == pytest.approx(
+        gpu.stage("pretrain").hours / gpu.stage("pretrain").tokens)
+    assert "assumed" in gpu.to_dict()["estimate"]["sft_cost_source"]
+
+
+def test_the_json_plan_carries_the_interconnect_figures_the_table_shows():
+    """`plan --depth 26 --gpus 32` shows the all-reduce share of a step; `-o json` is the contract and holds it."""
+    d = json.loads(plan(RunSpec(depth=26, gpus=32)).to_json())["interconnect"]
+    assert d["link"] == "fabric" and 0.01 < d["interconnect_share"] < 0.1
+    assert d["busbw"] == 300e9 and d["busbw_source"].startswith("assumed") and d["bytes_per_step"] > 1e9
+    assert d["compute_seconds"] + d["interconnect_seconds"] == pytest.approx(d["step_seconds"])
+    given = json.loads(plan(RunSpec(depth=26, gpus=32, interconnect_busbw_gbs=50.0)).to_json())["interconnect"]
+    assert given["busbw"] == 50e9 and given["busbw_source"] == "given" and given["interconnect_share"] > d["interconnect_share"]
+    assert plan(RunSpec(depth=26, gpus=8)).interconnect["link"] == "nvlink"
+    local = plan(RunSpec(depth=4, gpus=2, gpu_type="cpu", seq_len=256, vocab_size=4096, total_batch_size=8192))
+    assert local.interconnect["link"] == "local" and local.interconnect["interconnect_seconds"] == 0.0
 
 
 def test_budget_cap():

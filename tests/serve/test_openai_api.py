@@ -1,7 +1,7 @@
 """trainer/serve/openai_api.py without a server: request parsing and its errors, response shapes, and special-token-free text.
 
-The same paths over HTTP, through the openai client, are tests/test_serve.py's.
-Run: .venv/bin/pytest tests/test_api.py
+The same paths over HTTP, through the openai client, are tests/serve/test_app.py's.
+Run: .venv/bin/pytest tests/serve/test_openai_api.py
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 Young/Daly), and the RayJob `submit --dry-run` renders (worker replica range, autoscaling, spot placement),
 validated strictly against every supported KubeRay release; bad combinations refused in one line.
 
-Run: .venv/bin/pytest tests/test_elastic_spot.py
+Run: .venv/bin/pytest tests/plan/test_spot.py
 """
 
 from __future__ import annotations

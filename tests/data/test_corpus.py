@@ -1,6 +1,6 @@
 """Corpus writing: the reference shard layout, the val-shard guarantee, and the offline sample corpus.
 
-Run: .venv/bin/pytest tests/test_corpus.py -v
+Run: .venv/bin/pytest tests/data/test_corpus.py -v
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""Tests of trainer/data/, one file per module."""

@@ -1,0 +1,1 @@
+"""Tests of trainer/plan/, one file per module."""

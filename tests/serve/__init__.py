@@ -1,0 +1,1 @@
+"""Tests of trainer/serve/, one file per module."""
