@@ -68,11 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     except (CLIError, PlanError) as e:
         if os.environ.get("LLMCTL_DEBUG"):
             raise
-        from cli.safe import clean
+        from cli.console import clean
 
         code = e.exit_code if isinstance(e, CLIError) else 2
         # one line, and no terminal escapes: messages quote names and fields from the cluster and from storage
-        print(f"llmctl: error: {clean(e, newlines=False)}", file=sys.stderr)
+        print(f"llmctl: error: {clean(e)}", file=sys.stderr)
         return code
     except KeyboardInterrupt:
         print("llmctl: interrupted", file=sys.stderr)

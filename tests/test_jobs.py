@@ -1,4 +1,4 @@
-"""cli/submit.py, cli/jobs.py and cli/cluster.py's client: `llmctl submit/status/list/logs/cancel` against a Kubernetes API
+"""cli/submit.py, cli/jobs.py and cli/kube/ (client.py, runs.py): `llmctl submit/status/list/logs/cancel` against a Kubernetes API
 server on loopback (tests/kube_fake.py), through the real kubernetes client. Each test asserts the exact
 requests; refusals and --dry-run must make none.
 
@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cli.cluster import ClusterConfig
+from cli.kube.config import ClusterConfig
 from trainer.progress import write_progress
-from cli.jobs import describe
+from cli.kube.runs import describe
 from cli.main import main
 from tests import schemas
 from tests.kube_fake import FakeKube

@@ -436,3 +436,19 @@ def config_from_configmap(cm: dict) -> tuple[ClusterConfig, list[str]]:
             raise CLIError(f"{source}: {INTERCONNECT_KEY} is not valid YAML ({str(e).splitlines()[0]}); run "
                            f"llmctl doctor --network again to rewrite it") from None
     return ClusterConfig.from_dict(data, source=source)
+
+
+def parse_env(pairs: list[str] | None) -> dict[str, str]:
+    """`--env KEY=VALUE` flags (`submit`, `serve`) as a mapping, checked by the same rules as the ConfigMap's
+    env: names, llmctl's own variables, no credentials by name or by value."""
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--env: expected KEY=VALUE, got {pair!r}")
+        out[key] = value
+    try:
+        ClusterConfig(env=out)
+    except UsageError as e:
+        raise UsageError(str(e).replace("cluster config env.", "--env ", 1)) from None
+    return out
