@@ -19,7 +19,10 @@ import math
 import sys
 
 from cli.errors import UsageError
-from trainer.text import clean  # noqa: F401 - the one cleaner, re-exported for the commands
+from trainer.text import clean
+
+__all__ = ["POLL_SECONDS", "WAIT_SECONDS", "clean", "confirm", "dump_json", "dump_objects", "fmt_hours", "interactive",
+           "require_yes", "say", "to_yaml", "wait_until"]
 
 POLL_SECONDS = 2.0  # between polls of a pending pod's log or a RayJob being deleted (tests set 0)
 WAIT_SECONDS = 300.0  # the most `logs -f` waits for a pod to start, or submit for a deleted run to go

@@ -8,7 +8,6 @@ to stdout; warnings and next steps go to stderr, so `-o json` output stays parse
 
 from __future__ import annotations
 
-import datetime
 import json
 import sys
 
@@ -149,6 +148,8 @@ def cmd_list(args) -> int:
         res = kube.call(kube.custom.list_namespaced_custom_object, GROUP, VERSION, kube.namespace, PLURAL,
                         label_selector=MANAGED, what=f"list runs in namespace {kube.namespace}", verb="list",
                         resource=PLURAL, group=GROUP)
+    import datetime
+
     now = datetime.datetime.now(datetime.timezone.utc)
     rows = [summary(rj, now) for rj in res.get("items", [])]
     from cli.idle import idle_warnings, list_clusters, parse_duration

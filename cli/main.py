@@ -54,9 +54,14 @@ def _refuse_credentials(args: argparse.Namespace) -> None:
                 raise UsageError(f"--{dest.replace('_', '-')}: a URL with a user:password part; {HOW}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    from trainer.plan import PlanError
+def _plan_error(e: BaseException) -> bool:
+    """Whether `e` is the planner's PlanError, without importing the planner: a command that raised one has
+    imported it (so `--help` never pays for it)."""
+    spec = sys.modules.get("trainer.plan.spec")
+    return spec is not None and isinstance(e, spec.PlanError)
 
+
+def main(argv: list[str] | None = None) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
@@ -65,7 +70,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help()
             return 0
         return args.func(args) or 0
-    except (CLIError, PlanError) as e:
+    except Exception as e:
+        if not (isinstance(e, CLIError) or _plan_error(e)):
+            raise
         if os.environ.get("LLMCTL_DEBUG"):
             raise
         from cli.console import clean

@@ -509,3 +509,13 @@ def test_list_without_permission_to_list_clusters_still_lists_runs(kube, capsys)
     kube.forbid.add(("list", "rayclusters"))  # an older chart's Role: idle detection is skipped, not an error
     rc, out, err = run(capsys, "list")
     assert rc == 0 and "warning" not in err and "GET /apis/ray.io/v1/namespaces/team/rayclusters" in kube.lines()
+
+
+def test_submit_local_storage_is_the_specs_default():
+    """cli/submit.py names RunSpec's default storage root without importing the planner at parser-building time."""
+    import dataclasses
+
+    from cli.submit import LOCAL_STORAGE
+    from trainer.plan import RunSpec
+
+    assert LOCAL_STORAGE == next(f.default for f in dataclasses.fields(RunSpec) if f.name == "storage_root")
