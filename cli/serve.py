@@ -1,7 +1,7 @@
 """`llmctl serve RUN`: put a finished run's model behind an OpenAI-compatible API and a chat page (Ray Serve).
 
   --local        serve here, on a local Ray cluster, until Ctrl-C (trainer/serve/app.py `run_local`)
-  (default)      create a KubeRay RayService on the cluster (cli/rayservice.py); --dry-run -o yaml prints it
+  (default)      create a KubeRay RayService on the cluster (cli/kube/rayservice.py); --dry-run -o yaml prints it
   --delete       delete the run's RayService (the checkpoints stay in storage)
 
 The run is looked up like `llmctl chat` does (a name under --storage, or a URL), and its stored plan and

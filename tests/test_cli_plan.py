@@ -1,4 +1,4 @@
-"""cli/plan.py and cli/main.py: `llmctl plan` output, bad input, and a start-up free of torch and ray.
+"""cli/plan.py, cli/planning.py and cli/main.py: `llmctl plan` output, bad input, and a start-up free of torch and ray.
 
 Run: .venv/bin/pytest tests/test_cli_plan.py
 """

@@ -81,7 +81,7 @@ class ClusterConfig:
     s3_secret: str | None = None  # Secret whose keys become env (AWS_ACCESS_KEY_ID, ...); None = ambient (IRSA)
     prices: dict[str, float] = field(default_factory=dict)  # $/GPU-hour by GPU type, over the plan's catalog
     spot_prices: dict[str, float] = field(default_factory=dict)  # $/GPU-hour on spot by GPU type (trainer/plan/spot.py)
-    spot_provider: str = "gke"  # gke | eks | label: which node label and taint mark spot nodes (cli/rayjob.py)
+    spot_provider: str = "gke"  # gke | eks | label: which node label and taint mark spot nodes (cli/kube/rayjob.py)
     spot_node_selector: dict[str, str] = field(default_factory=dict)  # provider "label": the spot nodes' label
     spot_tolerations: tuple[dict, ...] = ()  # extra tolerations for spot taints (provider defaults are added)
     queue: str | None = None  # Kueue LocalQueue; the RayJob is created suspended and Kueue admits it

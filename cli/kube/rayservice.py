@@ -1,6 +1,6 @@
 """A finished run's model as a KubeRay `ray.io/v1` RayService: Ray Serve replicas behind a Kubernetes Service.
 
-Built the way cli/rayjob.py builds the RayJob, from the same cluster config and the same pod helpers (image,
+Built the way cli/kube/rayjob.py builds the RayJob, from the same cluster config and the same pod helpers (image,
 pull secrets, storage credentials by Secret reference, Pod Security "restricted": non-root, no privilege
 escalation, all capabilities dropped, seccomp RuntimeDefault, read-only root with /tmp as an emptyDir):
 
