@@ -92,6 +92,18 @@ def test_help_imports_no_kube_module_and_not_the_whole_planner():
     assert not loaded & {"cli.planning", "cli.runview", "cli.idle", "cli.local", "cli.netcheck",
                          "trainer.plan.runplan", "trainer.plan.spec", "trainer.spend", "trainer.progress"}, sorted(loaded)
 
+
+def test_each_command_word_is_registered_by_the_module_main_names():
+    """cli.main.OWNERS (build only the parser a command needs) agrees with what each module registers."""
+    import argparse
+
+    from cli.main import COMMANDS, OWNERS
+
+    for module in COMMANDS:
+        sub = argparse.ArgumentParser().add_subparsers()
+        __import__(module, fromlist=["register"]).register(sub)
+        assert {w for w, m in OWNERS.items() if m == module} == set(sub.choices), module
+
 def test_console_script_help():
     r = llmctl("--help")
     assert r.returncode == 0 and "plan" in r.stdout
