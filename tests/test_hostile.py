@@ -457,7 +457,7 @@ def test_clean_drops_sequences_whole():
     assert clean("x\n\ty") == "xy"  # one line by default
     assert clean("\u202eevil") == "evil"
     assert clean("a\u200bb\u2028c", newlines=True) == "abc"  # zero-width and line separators: not printable
-    assert clean(f"{ESC}]0;title\x07name", limit=3) == "nam"  # the sequence goes whole, then the limit
+    assert clean("\x1b]0;title\x07name", limit=3) == "nam"  # the sequence goes whole, then the limit
 
 
 # ------------------------------------------------------------------ 7. storage that is not shared
