@@ -120,7 +120,7 @@ class Session:
 
     def reply(self, text: str, out) -> str:
         """Stream the reply to `text` to `out`; remember the exchange; return the reply."""
-        from cli.safe import clean
+        from cli.console import clean
         from trainer.serve.engine import stream_text
 
         ids = self.prompt_ids(text)
@@ -138,7 +138,7 @@ class Session:
         try:
             for piece in stream_text(self.tokenizer, tokens()):
                 pieces.append(piece)
-                out.write(clean(piece))  # the model's bytes come from stored weights: no terminal escapes
+                out.write(clean(piece, newlines=True))  # the model's bytes come from stored weights: no terminal escapes
                 out.flush()
         except KeyboardInterrupt:  # Ctrl-C cuts the reply short, not the session
             out.write(" [interrupted]")

@@ -14,22 +14,27 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from cli.errors import CLIError, UsageError
+
+if TYPE_CHECKING:
+    import datetime
 
 PLAN_MAX_BYTES = 1024 * 1024  # a plan is ~10 KB
 
 
 def parse_since(text: str) -> datetime.datetime:
-    """`2026-11-01` or an ISO 8601 instant (`2026-11-01T12:00:00Z`); naive times are UTC."""
-    try:
-        t = datetime.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
-    except ValueError:
-        raise UsageError(f"--since: expected a date like 2026-11-01 or 2026-11-01T12:00:00Z, got {text!r}") from None
-    return t if t.tzinfo else t.replace(tzinfo=datetime.timezone.utc)
+    """`2026-11-01` or an ISO 8601 instant (`2026-11-01T12:00:00Z`); naive times are UTC (trainer.spend.parse_iso,
+    the one ISO-time parser)."""
+    from trainer.spend import parse_iso
+
+    t = parse_iso(text.strip())
+    if t is None:
+        raise UsageError(f"--since: expected a date like 2026-11-01 or 2026-11-01T12:00:00Z, got {text!r}")
+    return t
 
 
 def seconds_since(row: dict, since: datetime.datetime | None) -> float:

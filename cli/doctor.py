@@ -25,7 +25,7 @@ import re
 import sys
 from dataclasses import asdict, dataclass
 
-from cli.cluster import add_cluster_args, permission
+from cli.flags import add_cluster_args
 from cli.errors import CLIError
 
 MARK = {"ok": "✓", "warn": "!", "fail": "✗"}
@@ -85,7 +85,7 @@ class Doctor:
     def check_api(self) -> bool:
         from kubernetes import client
 
-        from cli.cluster import connect
+        from cli.kube.client import connect
 
         try:
             self.kube = connect(self.args)
@@ -135,8 +135,8 @@ class Doctor:
                      f"kubectl label namespace {ns} {PSA_ENFORCE}=restricted")
 
     def check_config(self) -> None:
-        from cli.cluster import read_configmap, load_config_file
-        from cli.clusterconfig import ClusterConfig
+        from cli.kube.client import read_configmap
+        from cli.kube.config import ClusterConfig, load_config_file
         from cli.errors import UsageError
 
         try:
@@ -163,8 +163,8 @@ class Doctor:
     def check_kuberay(self) -> None:
         from kubernetes import client
 
-        from cli.cluster import read_crd
-        from cli.kubeversions import fmt, kuberay_release_from_crd, supported, supported_range
+        from cli.kube.client import permission, read_crd
+        from cli.kube.versions import fmt, kuberay_release_from_crd, supported, supported_range
 
         try:
             crd = read_crd(self.kube, "rayjobs.ray.io")
@@ -202,7 +202,7 @@ class Doctor:
     def check_kueue(self) -> None:
         from kubernetes import client
 
-        from cli.kubeversions import kueue_release_from_api
+        from cli.kube.versions import kueue_release_from_api
 
         queue = self.cfg.queue if self.cfg else None
         if not queue:
@@ -223,7 +223,7 @@ class Doctor:
         version = served[-1]
         storage = None
         try:  # the storage version tells 0.15 (v1beta1) from 0.16+ (v1beta2), where the CRD is readable
-            from cli.cluster import read_crd
+            from cli.kube.client import read_crd
 
             crd = read_crd(self.kube, "localqueues.kueue.x-k8s.io") or {}
             storage = next((v["name"] for v in crd.get("spec", {}).get("versions", []) if v.get("storage")), None)
@@ -247,6 +247,8 @@ class Doctor:
 
     def check_permissions(self) -> None:
         from kubernetes import client
+
+        from cli.kube.client import permission
 
         authz = client.AuthorizationV1Api(self.kube.api_client)
         ns = self.kube.namespace
@@ -273,6 +275,8 @@ class Doctor:
             self._check_run_account(authz, ns, account)
 
     def _check_run_account(self, authz, ns: str, account: str) -> None:
+        from cli.kube.client import permission
+
         user = f"system:serviceaccount:{ns}:{account}"
         try:
             review = authz.create_subject_access_review(
@@ -292,6 +296,8 @@ class Doctor:
             self.add("run account", "ok", f"{account} holds no RayJob permissions (runs need none)")
 
     def check_nodes(self) -> None:
+        from cli.kube.client import permission
+
         cfg = self.cfg
         try:
             nodes = self.kube.core.list_node(_request_timeout=(10, 60))

@@ -10,8 +10,8 @@ from __future__ import annotations
 import datetime
 
 from cli.errors import UsageError
-from trainer.progress import clean_text as _clean
-from trainer.spend import parse_iso as _parse_time
+from cli.console import clean
+from trainer.spend import parse_iso
 
 GROUP, VERSION = "ray.io", "v1"
 
@@ -82,14 +82,14 @@ def idle_warnings(clusters: list[dict], rayjobs: list[dict], now: datetime.datet
                  == name and (rj.get("metadata") or {}).get("namespace", ns) == ns]
         if any(state_of(rj)[0] in ACTIVE for rj in jobs):
             continue
-        ends = [_parse_time((rj.get("status") or {}).get("endTime")) for rj in jobs]
-        since = max([t for t in ends if t] + [t for t in [_parse_time(meta.get("creationTimestamp"))] if t],
+        ends = [parse_iso((rj.get("status") or {}).get("endTime")) for rj in jobs]
+        since = max([t for t in ends if t] + [t for t in [parse_iso(meta.get("creationTimestamp"))] if t],
                     default=None)
         if since is None or (now - since).total_seconds() <= idle_after:
             continue
         gpus = cluster_gpus(rc)
-        out.append(f"RayCluster {_clean(name, 63)}{f' in {ns}' if ns else ''} has run no job for "
+        out.append(f"RayCluster {clean(name, limit=63)}{f' in {ns}' if ns else ''} has run no job for "
                    f"{_age((now - since).total_seconds())}" + (f" and holds {gpus} GPU(s)" if gpus else "")
-                   + f"; delete it (kubectl delete raycluster {_clean(name, 63)}"
+                   + f"; delete it (kubectl delete raycluster {clean(name, limit=63)}"
                    + (f" -n {ns}" if ns else "") + ") or scale its workers to 0 until the next run")
     return out

@@ -1,156 +1,26 @@
-"""`llmctl status | list | logs | cancel`: the runs on Kubernetes (KubeRay RayJobs that `llmctl submit`,
-cli/submit.py, created), in plain words.
+"""`llmctl status | list | logs | cancel`: the runs on Kubernetes (KubeRay RayJobs that `llmctl submit`
+created), in plain words.
 
 A thin layer over the kubernetes client: each command parses, makes a few API calls and prints. Results go
-to stdout; warnings and next steps go to stderr, so `-o json` output stays parseable. Also here, shared with
-cli/submit.py: the RayJob API coordinates and asking before an action (`require_yes`, `confirm`).
+to stdout; warnings and next steps go to stderr, so `-o json` output stays parseable. Reading a run back
+(`get_run`, `describe`, `summary`) is cli/kube/runs.py; the cluster is reached only inside the commands.
 """
 
 from __future__ import annotations
 
-import datetime
 import json
 import sys
 
-from cli.cluster import add_cluster_args, connect
-from cli.errors import CLIError, UsageError
-from cli.plan import fmt_hours
-from trainer.plan.pricing import dollars
-from cli.safe import clean, dump_json
+from cli import console
+from cli.console import clean, confirm, dump_json, fmt_hours, require_yes, say, wait_until
+from cli.errors import CLIError
+from cli.flags import add_cluster_args
 
-GROUP, VERSION, PLURAL = "ray.io", "v1", "rayjobs"
-MANAGED = "app.kubernetes.io/managed-by=llmctl"
 IDLE_AFTER = "2h"  # `list --idle-after`'s default (cli/idle.py); the same window as the LlmctlRayClusterIdle alert
-POLL_SECONDS = 2.0  # between polls of a pending pod's log or a RayJob being deleted (tests set 0)
-WAIT_SECONDS = 300.0  # the most `logs -f` waits for a pod to start, or submit for a deleted run to go
-
-
-def say(*lines: str) -> None:
-    for line in lines:
-        print(line, file=sys.stderr)
-
-
-def interactive() -> bool:
-    try:
-        return sys.stdin.isatty()
-    except (AttributeError, ValueError):
-        return False
-
-
-def confirm(question: str) -> bool:
-    print(f"{question} [y/N] ", end="", file=sys.stderr, flush=True)
-    return sys.stdin.readline().strip().lower() in ("y", "yes")
-
-
-def require_yes(args, action: str) -> None:
-    """Never prompt off a terminal: without --yes there, refuse before touching the cluster."""
-    if not args.yes and not interactive():
-        raise UsageError(f"{action}: stdin is not a terminal, so nobody can confirm; pass --yes")
-
-
-def wait_until(done, *, timeout: float = None, interval: float = None) -> bool:
-    """Poll `done()` until it returns true or `timeout` seconds pass (bounded waits, never forever)."""
-    import time
-
-    timeout = WAIT_SECONDS if timeout is None else timeout
-    interval = POLL_SECONDS if interval is None else interval
-    deadline = time.monotonic() + timeout
-    while True:
-        if done():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(interval)
-
-
-def get_run(kube, name: str) -> dict:
-    """GET the RayJob `name`; a plain 404 whose namespace does not exist says so (a real server answers
-    `rayjobs.ray.io "x" not found` for both cases, so the namespace is asked for separately)."""
-    try:
-        return kube.call(kube.custom.get_namespaced_custom_object, GROUP, VERSION, kube.namespace, PLURAL, name,
-                         what=f"get run {name}", verb="get", resource=PLURAL, name=name, group=GROUP)
-    except CLIError as e:
-        if f"no rayjob {name!r}" in str(e):
-            check_namespace(kube)
-        raise
-
-
-def check_namespace(kube) -> None:
-    """Raise a CLIError when the namespace does not exist (GET /api/v1/namespaces/<ns> answers 404
-    `namespaces "x" not found`); anything else (403: the user may not read namespaces) says nothing."""
-    from kubernetes.client.rest import ApiException
-
-    try:
-        kube.core.read_namespace(kube.namespace, _request_timeout=(10, 30))
-    except ApiException as e:
-        if e.status == 404:
-            raise CLIError(f"namespace {kube.namespace} does not exist; check -n and the kubeconfig context's "
-                           f"namespace (kubectl get namespaces)") from None
-    except Exception:  # noqa: BLE001 - only a hint; the caller's own error stands
-        return
 
 
 # ---------------------------------------------------------------------------------------------
 # status and list: RayJob status in plain words
-
-FAILURE_REASONS = {
-    "DeadlineExceeded": "ran past its deadline (activeDeadlineSeconds, from the estimate with a margin)",
-    "PreRunningDeadlineExceeded": "its pods did not start in time (no free GPUs, a node selector no node "
-                                  "matches, or a slow image pull; see the pod events)",
-    "AppFailed": "the training program exited with an error (see llmctl logs)",
-    "SubmissionFailed": "the job could not be submitted to the Ray cluster (see llmctl logs)",
-    "JobStatusCheckTimeoutExceeded": "the Ray head stopped answering (head pod lost?)",
-    "JobDeploymentStatusTransitionGracePeriodExceeded": "the Ray job ended but the cluster did not settle",
-    "ValidationFailed": "KubeRay rejected the spec",
-}
-
-
-def describe(rj: dict) -> tuple[str, str]:
-    """(state, detail): the state is one of submitted, queued, starting, running, retrying, succeeded,
-    stopped, failed; the detail says why, in words (RayJob jobDeploymentStatus / jobStatus / reason)."""
-    st = rj.get("status") or {}
-    spec = rj.get("spec") or {}
-    dep, job, reason = st.get("jobDeploymentStatus") or "", st.get("jobStatus") or "", st.get("reason") or ""
-    message = (st.get("message") or "").strip()
-    queue = (rj.get("metadata", {}).get("labels") or {}).get("kueue.x-k8s.io/queue-name")
-    if dep in ("", "New"):
-        if spec.get("suspend") and queue:
-            return "queued", f"waiting for Kueue to admit it from queue {queue}"
-        return "submitted", "waiting for the KubeRay operator to pick it up (is it running?)"
-    if dep in ("Suspended", "Suspending"):
-        return "queued", (f"waiting for Kueue to admit it from queue {queue}" if queue else "suspended")
-    if dep == "Initializing":
-        return "starting", "creating the Ray cluster (pods scheduling, image pulling)"
-    if dep == "Waiting":
-        return "starting", "waiting for a job to be submitted (interactive mode)"
-    if dep == "Retrying":
-        failed = st.get("failed") or 0
-        return "retrying", (f"attempt {failed} of {1 + (spec.get('backoffLimit') or 0)} failed; a new Ray "
-                            f"cluster resumes from the last checkpoint")
-    if dep == "Running":
-        if job == "RUNNING":
-            return "running", f"training on Ray cluster {st.get('rayClusterName', '?')}"
-        return "starting", f"Ray cluster up, Ray job {job or 'not yet submitted'}"
-    if dep == "Complete":
-        if job == "SUCCEEDED":
-            return "succeeded", "all stages finished"
-        if job == "STOPPED":
-            return "stopped", "the Ray job was stopped"
-        return "failed", FAILURE_REASONS.get(reason, f"Ray job {job or 'ended'}") + (f": {message}" if message else "")
-    if dep in ("Failed", "ValidationFailed"):
-        why = FAILURE_REASONS.get(reason or dep, reason or "failed")
-        return "failed", why + (f": {message}" if message else "")
-    return dep.lower(), message or f"jobDeploymentStatus {dep}"
-
-
-def _parse_time(ts: str | None) -> datetime.datetime | None:
-    if not ts:
-        return None
-    try:  # RFC 3339 as the API server writes it ("2026-01-01T00:00:00Z", maybe with fractions)
-        t = datetime.datetime.fromisoformat(ts.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return t if t.tzinfo else t.replace(tzinfo=datetime.timezone.utc)
 
 
 def _age(seconds: float) -> str:
@@ -158,38 +28,6 @@ def _age(seconds: float) -> str:
         if seconds >= div:
             return f"{seconds / div:.0f}{unit}" if unit != "h" else f"{seconds / 3600:.1f}h"
     return f"{seconds:.0f}s"
-
-
-def summary(rj: dict, now: datetime.datetime | None = None) -> dict:
-    """The status of one run as a flat dict (what `status -o json` prints and the table shows)."""
-    now = now or datetime.datetime.now(datetime.timezone.utc)
-    meta, st = rj.get("metadata") or {}, rj.get("status") or {}
-    labels, ann = meta.get("labels") or {}, meta.get("annotations") or {}
-    state, detail = describe(rj)
-
-    def num(key: str) -> float | None:
-        try:
-            return float(ann[key])
-        except (KeyError, ValueError):
-            return None
-
-    gpus = int(labels.get("llmctl.dev/gpus", "0") or 0)
-    price = num("llmctl.dev/price-per-gpu-hour")
-    start, end = _parse_time(st.get("startTime")), _parse_time(st.get("endTime"))
-    elapsed = ((end or now) - start).total_seconds() if start else None
-    out = {
-        "name": meta.get("name"), "namespace": meta.get("namespace"), "state": state, "detail": detail,
-        "depth": int(labels["llmctl.dev/depth"]) if "llmctl.dev/depth" in labels else None,
-        "gpus": gpus, "gpu_type": labels.get("llmctl.dev/gpu-type"),
-        "created": meta.get("creationTimestamp"), "started": st.get("startTime"), "ended": st.get("endTime"),
-        "elapsed_hours": None if elapsed is None else elapsed / 3600,
-        "estimate_hours": num("llmctl.dev/estimate-hours"), "estimate_dollars": num("llmctl.dev/estimate-dollars"),
-        "budget_cap_dollars": num("llmctl.dev/budget-cap-dollars"), "price_per_gpu_hour": price,
-        # GPU time paid so far at the plan's price: wall clock since the cluster started x GPUs x price
-        "spent_dollars": None if elapsed is None or price is None else dollars(elapsed / 3600, gpus, price),
-        "storage": ann.get("llmctl.dev/storage"), "progress": None,
-    }
-    return out
 
 
 def _pods_line(pods: list[dict]) -> str | None:
@@ -214,6 +52,9 @@ def _pods_line(pods: list[dict]) -> str | None:
 
 
 def cmd_status(args) -> int:
+    from cli.kube.client import connect
+    from cli.kube.runs import get_run, summary
+
     if args.local:  # a run's storage alone, no cluster (cli/runview.py)
         from cli.runview import cmd_status_local
 
@@ -222,13 +63,13 @@ def cmd_status(args) -> int:
     try:
         rj = get_run(kube, args.run)
     except CLIError as e:  # not a run: maybe a service (llmctl serve)
-        from cli.rayservice import get_service, service_status_lines, service_summary
+        from cli.kube.rayservice import get_service, service_status_lines, service_summary
 
         svc = get_service(kube, args.run) if f"no rayjob {args.run!r}" in str(e) else None
         if svc is None:
             raise
         s = service_summary(svc)
-        print(dump_json(s) if args.output == "json" else clean(service_status_lines(s)))
+        print(dump_json(s) if args.output == "json" else clean(service_status_lines(s), newlines=True))
         return 0
     s = summary(rj)
     if not args.no_storage:
@@ -286,13 +127,19 @@ def cmd_status(args) -> int:
         rows.append(("cost", ", ".join(cost)))
     if s["storage"]:
         rows.append(("storage", s["storage"]))
-    rows = [(k, clean(v, newlines=False)) for k, v in rows]  # cluster text: no terminal escapes (cli/safe.py)
+    rows = [(k, clean(v)) for k, v in rows]  # cluster text: no terminal escapes (trainer/text.py)
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
     return 0
 
 
 def cmd_list(args) -> int:
+    from trainer.spend import parse_iso
+
+    from cli.kube.client import connect
+    from cli.kube.rayservice import list_services, service_summary
+    from cli.kube.runs import GROUP, MANAGED, PLURAL, VERSION, describe, summary
+
     kube = connect(args)
     if args.all_namespaces:
         res = kube.call(kube.custom.list_cluster_custom_object, GROUP, VERSION, PLURAL, label_selector=MANAGED,
@@ -301,9 +148,9 @@ def cmd_list(args) -> int:
         res = kube.call(kube.custom.list_namespaced_custom_object, GROUP, VERSION, kube.namespace, PLURAL,
                         label_selector=MANAGED, what=f"list runs in namespace {kube.namespace}", verb="list",
                         resource=PLURAL, group=GROUP)
-    now = datetime.datetime.now(datetime.timezone.utc)
-    from cli.rayservice import list_services, service_summary
+    import datetime
 
+    now = datetime.datetime.now(datetime.timezone.utc)
     rows = [summary(rj, now) for rj in res.get("items", [])]
     from cli.idle import idle_warnings, list_clusters, parse_duration
 
@@ -322,12 +169,12 @@ def cmd_list(args) -> int:
     head = (["NAMESPACE"] if args.all_namespaces else []) + ["NAME", "STATE", "DEPTH", "GPUS", "AGE", "ESTIMATE"]
     table = [head]
     for s in rows:
-        created = _parse_time(s["created"])
+        created = parse_iso(s["created"])
         table.append(([s["namespace"]] if args.all_namespaces else []) + [
             s["name"], s["state"], f"d{s['depth']}" if s["depth"] is not None else "-",
             f"{s['gpus']}x{s['gpu_type']}", _age((now - created).total_seconds()) if created else "-",
             f"${s['estimate_dollars']:,.2f}" if s["estimate_dollars"] is not None else "-"])
-    table = [[clean(c, newlines=False) for c in r] for r in table]  # cluster text: no terminal escapes
+    table = [[clean(c) for c in r] for r in table]  # cluster text: no terminal escapes
     widths = [max(len(r[i]) for r in table) for i in range(len(head))]
     print("\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table))
     return 0
@@ -338,7 +185,9 @@ def cmd_list(args) -> int:
 
 
 def cmd_logs(args) -> int:
-    from cli.rayjob import CONTAINERS
+    from cli.kube.client import connect
+    from cli.kube.pods import CONTAINERS
+    from cli.kube.runs import describe, get_run
 
     kube = connect(args)
     selector = f"llmctl.dev/run={args.run},llmctl.dev/role={args.role}"
@@ -367,7 +216,7 @@ def cmd_logs(args) -> int:
 
     try:
         for chunk in resp.stream(4096, decode_content=True):
-            sys.stdout.write(clean(chunk.decode("utf-8", errors="replace")))  # no terminal escapes
+            sys.stdout.write(clean(chunk.decode("utf-8", errors="replace"), newlines=True))  # no terminal escapes
             sys.stdout.flush()
     except Urllib3Error as e:
         raise CLIError(f"the log stream of {pod} broke off ({e}); run the command again to resume") from None
@@ -379,7 +228,7 @@ def cmd_logs(args) -> int:
 def _open_log(kube, pod: str, kw: dict, *, wait: bool, run: str):
     """The log stream of `pod`. With `wait` (logs -f), a container still waiting to start (the API server's
     400 `container "c" in pod "p" is waiting to start: ContainerCreating`, kubelet_pods.go) is polled, bounded
-    by WAIT_SECONDS and said once per reason on stderr, instead of failing right after submit."""
+    by console.WAIT_SECONDS and said once per reason on stderr, instead of failing right after submit."""
     from kubernetes.client.rest import ApiException
 
     said, result = set(), {}
@@ -392,10 +241,10 @@ def _open_log(kube, pod: str, kw: dict, *, wait: bool, run: str):
             message = _api_message(e)
             if not (wait and e.status == 400 and "is waiting to start" in message):
                 raise
-            reason = _clean(message.rsplit(":", 1)[-1].strip(), 80)
+            reason = clean(message.rsplit(":", 1)[-1].strip(), limit=80)
             if reason not in said:
                 said.add(reason)
-                say(f"waiting for pod {pod} to start ({reason}); up to {WAIT_SECONDS:.0f} s")
+                say(f"waiting for pod {pod} to start ({reason}); up to {console.WAIT_SECONDS:.0f} s")
             return False
 
     try:
@@ -404,7 +253,7 @@ def _open_log(kube, pod: str, kw: dict, *, wait: bool, run: str):
     except ApiException:  # not a wait: the usual one-line mapping (permissions, a missing pod, ...)
         return kube.call(kube.core.read_namespaced_pod_log, pod, kube.namespace, what=f"read the log of {pod}",
                          verb="get", resource="pods/log", name=pod, **kw)
-    raise CLIError(f"pod {pod} did not start within {WAIT_SECONDS:.0f} s; `llmctl status {run}` "
+    raise CLIError(f"pod {pod} did not start within {console.WAIT_SECONDS:.0f} s; `llmctl status {run}` "
                    f"shows why (kubectl describe pod {pod} -n {kube.namespace} for its events)")
 
 
@@ -415,12 +264,10 @@ def _api_message(e) -> str:
         return ""
 
 
-def _clean(text: str, limit: int = 200) -> str:
-    """An untrusted string fit for one terminal line: control characters dropped, length bounded."""
-    return "".join(c for c in str(text) if c.isprintable())[:limit]
-
-
 def cmd_cancel(args) -> int:
+    from cli.kube.client import connect
+    from cli.kube.runs import GROUP, PLURAL, VERSION, get_run
+
     require_yes(args, "cancel")
     kube = connect(args)
     rj = get_run(kube, args.run)

@@ -83,7 +83,7 @@ def _exists(url: str, opts: dict) -> bool:
 
 
 def run_local(args: argparse.Namespace) -> int:
-    from cli.plan import render_table
+    from cli.planning import render_table
     from trainer.plan import plan
     from trainer.storage import expand
 

@@ -21,6 +21,11 @@ from cli.errors import CLIError, UsageError
 # Command modules, in the order they appear in --help.
 COMMANDS = ("cli.plan", "cli.top", "cli.data", "cli.tokenizer", "cli.submit", "cli.jobs", "cli.doctor", "cli.chat",
             "cli.serve", "cli.report", "cli.cost")
+# Which module registers each command word: `llmctl plan ...` builds only cli.plan's parser (start-up time);
+# `llmctl --help`, or a word not here, builds them all. tests/test_cli_plan.py checks this against register().
+OWNERS = {"plan": "cli.plan", "top": "cli.top", "data": "cli.data", "tokenizer": "cli.tokenizer",
+          "submit": "cli.submit", "status": "cli.jobs", "list": "cli.jobs", "logs": "cli.jobs", "cancel": "cli.jobs",
+          "doctor": "cli.doctor", "chat": "cli.chat", "serve": "cli.serve", "report": "cli.report", "cost": "cli.cost"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -28,7 +33,8 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The whole parser; with `argv` whose first word is a command, only that command's module registers."""
     parser = _Parser(
         prog="llmctl",
         description="Train nanochat-recipe GPT models on Kubernetes with Ray Train. "
@@ -38,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(title="commands", metavar="COMMAND", parser_class=_Parser)
-    for name in COMMANDS:
+    word = argv[0] if argv else None
+    for name in (OWNERS[word],) if word in OWNERS else COMMANDS:
         importlib.import_module(name).register(sub)
     return parser
 
@@ -54,25 +61,33 @@ def _refuse_credentials(args: argparse.Namespace) -> None:
                 raise UsageError(f"--{dest.replace('_', '-')}: a URL with a user:password part; {HOW}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    from trainer.plan import PlanError
+def _plan_error(e: BaseException) -> bool:
+    """Whether `e` is the planner's PlanError, without importing the planner: a command that raised one has
+    imported it (so `--help` never pays for it)."""
+    spec = sys.modules.get("trainer.plan.spec")
+    return spec is not None and isinstance(e, spec.PlanError)
 
+
+def main(argv: list[str] | None = None) -> int:
     try:
-        parser = build_parser()
+        argv = sys.argv[1:] if argv is None else argv
+        parser = build_parser(argv)
         args = parser.parse_args(argv)
         _refuse_credentials(args)
         if not hasattr(args, "func"):
             parser.print_help()
             return 0
         return args.func(args) or 0
-    except (CLIError, PlanError) as e:
+    except Exception as e:
+        if not (isinstance(e, CLIError) or _plan_error(e)):
+            raise
         if os.environ.get("LLMCTL_DEBUG"):
             raise
-        from cli.safe import clean
+        from cli.console import clean
 
         code = e.exit_code if isinstance(e, CLIError) else 2
         # one line, and no terminal escapes: messages quote names and fields from the cluster and from storage
-        print(f"llmctl: error: {clean(e, newlines=False)}", file=sys.stderr)
+        print(f"llmctl: error: {clean(e)}", file=sys.stderr)
         return code
     except KeyboardInterrupt:
         print("llmctl: interrupted", file=sys.stderr)

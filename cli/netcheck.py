@@ -1,7 +1,7 @@
 """`llmctl doctor --network --gpus N`: the interconnect check (trainer/netcheck.py) as a short RayJob on the
 same worker pods a run of N GPUs gets, compared with the fabric's expected all-reduce bus bandwidth.
 
-The RayJob is the training RayJob's shape (cli/rayjob.py: worker layout, GPU selectors, security, RDMA
+The RayJob is the training RayJob's shape (cli/kube/rayjob.py: worker layout, GPU selectors, security, RDMA
 resources from the cluster config) with the check as its entrypoint and a short deadline; its log ends with
 the ✓/✗ lines and a JSON line (trainer/netcheck.py `result_line`).
 
@@ -20,7 +20,7 @@ import datetime
 import json
 import math
 
-from cli.clusterconfig import CONFIGMAP, INTERCONNECT_KEY, ClusterConfig
+from cli.kube.config import CONFIGMAP, INTERCONNECT_KEY, ClusterConfig
 from cli.errors import CLIError
 from trainer.plan.interconnect import FABRIC_BUSBW, NODE_GPUS, NVLINK_BUSBW
 
@@ -39,7 +39,7 @@ def expected_busbw(gpus: int, cfg: ClusterConfig, given_gbs: float | None = None
 
 def build_netcheck_rayjob(gpus: int, cfg: ClusterConfig, *, namespace: str, expect_gbs: float | None = None) -> dict:
     """The check's RayJob. Raises LayoutError/ValueError as build_rayjob does for a bad GPU count."""
-    from cli.rayjob import build_rayjob
+    from cli.kube.rayjob import build_rayjob
     from trainer.plan import RunSpec, plan
 
     p = plan(RunSpec(depth=2, gpus=gpus, stages=("pretrain",), num_iterations=1, storage_root=cfg.storage_root,
@@ -57,10 +57,12 @@ def build_netcheck_rayjob(gpus: int, cfg: ClusterConfig, *, namespace: str, expe
 def cmd_network(args) -> int:
     """`llmctl doctor --network`: print the check's RayJob (--dry-run), or create it, wait for its result,
     print ✓/✗ and store a ✓ figure in the cluster config. Exit 0 on ✓, 1 on ✗ or no result."""
-    from cli.cluster import connect, load_config_file, read_config, resolve_namespace
+    from cli.console import say, to_yaml
     from cli.errors import UsageError
-    from cli.jobs import GROUP, PLURAL, VERSION, say
-    from cli.rayjob import LayoutError, to_yaml
+    from cli.kube.client import connect, read_config, resolve_namespace
+    from cli.kube.config import load_config_file
+    from cli.kube.rayjob import LayoutError
+    from cli.kube.runs import GROUP, PLURAL, VERSION
 
     if not args.gpus or args.gpus < 2:
         raise UsageError("doctor --network: --gpus must be at least 2 (an all-reduce needs two ranks)")
@@ -102,14 +104,14 @@ def cmd_network(args) -> int:
 
 def wait_for_result(kube, name: str, timeout: float) -> dict:
     """Poll the RayJob until it has ended (bounded by `timeout`), then read its result from the submitter's log."""
-    from cli.jobs import describe, get_run, say, wait_until
-    from cli.safe import clean
+    from cli.console import clean, say, wait_until
+    from cli.kube.runs import describe, get_run
 
     seen: dict = {}
 
     def ended() -> bool:
         state, detail = describe(get_run(kube, name))
-        detail = clean(detail, newlines=False)[:300]  # the status message is the cluster's text
+        detail = clean(detail, limit=300)  # the status message is the cluster's text
         if state != seen.get("state"):
             say(f"{name}: {state}: {detail}")
         seen.update(state=state, detail=detail)
@@ -127,7 +129,7 @@ def wait_for_result(kube, name: str, timeout: float) -> dict:
 
 def read_submitter_log(kube, name: str) -> str:
     """The tail of the newest submitter pod's log (the driver's output); '' when there is no such pod."""
-    from cli.rayjob import CONTAINERS
+    from cli.kube.pods import CONTAINERS
 
     pods = kube.call(kube.core.list_namespaced_pod, kube.namespace,
                      label_selector=f"llmctl.dev/run={name},llmctl.dev/role=submitter",
@@ -145,7 +147,7 @@ def read_submitter_log(kube, name: str) -> str:
 
 def parse_result(log: str) -> dict | None:
     """The last JSON line of the check's log, validated (it is untrusted); None when there is none."""
-    from cli.safe import clean
+    from cli.console import clean
 
     for line in reversed(log.splitlines()[-MAX_LOG_LINES:]):
         line = line.strip()
@@ -166,8 +168,8 @@ def parse_result(log: str) -> dict | None:
                  for k in ("world", "nodes")}
         cause = doc.get("cause")
         return {"ok": doc["ok"], **{k: float(v) for k, v in nums.items()}, **count,
-                "backend": clean(str(doc.get("backend") or "?"), newlines=False)[:20],
-                "cause": clean(cause, newlines=False)[:300] if isinstance(cause, str) else None}
+                "backend": clean(doc.get("backend") or "?", limit=20),
+                "cause": clean(cause, limit=300) if isinstance(cause, str) else None}
     return None
 
 
@@ -189,7 +191,7 @@ def store_measurement(kube, r: dict, *, gpus: int, rayjob: str, now: datetime.da
     import yaml
     from kubernetes.client.rest import ApiException
 
-    from cli.jobs import say
+    from cli.console import say
 
     now = now or datetime.datetime.now(datetime.timezone.utc)
     doc = {"busbwGBs": round(r["busbw_gbs"], 2), "latencyUs": round(r["latency_us"], 1),

@@ -29,7 +29,7 @@ def register(sub) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from cli.safe import clean, dump_json
+    from cli.console import clean, dump_json
     from trainer.report import gather, write_report
     from trainer.storage import RunNotFound, read_json, read_plan, run_url
     from trainer.plan.stored_plan import StoredPlanError
@@ -48,7 +48,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise UsageError(f"run {args.run!r}: plan.json is not valid JSON ({e})") from None
     name = "report.json" if args.output == "json" else "report.md"
     # Stored files are untrusted: a plan that names unknown stages is refused, files not in the shape llmctl
-    # writes are one line, and what is printed has no terminal escapes (cli/safe.py).
+    # writes are one line, and what is printed has no terminal escapes (trainer/text.py).
     try:
         if args.refresh or read_json(f"{url}/report.json", opts) is None or (args.open and not _has_html(url, opts)):
             write_report(url, opts)
@@ -64,7 +64,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     import fsspec
 
     with fsspec.open(f"{url}/{name}", "r", **opts) as f:
-        print(clean(f.read(1 << 24)), end="")  # a report is a few KB; never print more than 16 MiB
+        print(clean(f.read(1 << 24), newlines=True), end="")  # a report is a few KB; never print more than 16 MiB
     return 0
 
 

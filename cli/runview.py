@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime
 
-from trainer.progress import clean_text as _clean
+from cli.console import clean, fmt_hours
 
 
 def storage_options_for_cli(url: str) -> dict | None:
@@ -42,7 +42,7 @@ def add_storage_view(s: dict, now: datetime.datetime | None = None) -> dict:
         s["progress"] = read_progress(url, opts)
         spend = read_spend(url, opts)
     except Exception as e:  # noqa: BLE001 - any storage failure is a warning here (auth, network, bad file)
-        s["storage_error"] = _clean(f"{type(e).__name__}: {e}", 300)
+        s["storage_error"] = clean(f"{type(e).__name__}: {e}", limit=300)
     prog = s["progress"] or {}
     gpus, price = s["gpus"], s["price_per_gpu_hour"]
     rows = (spend or {}).get("attempts") or []
@@ -102,9 +102,9 @@ def local_summary(url: str, opts: dict | None, now: datetime.datetime | None = N
         v = d.get(key)
         return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
-    return {"name": _clean(plan.get("name") or url.rsplit("/", 1)[-1]), "storage": url, "state": state,
+    return {"name": clean(plan.get("name") or url.rsplit("/", 1)[-1], limit=64), "storage": url, "state": state,
             "gpus": spec.get("gpus") if isinstance(spec.get("gpus"), int) else None,
-            "gpu_type": _clean(spec.get("gpu_type") or "?"), "progress": progress,
+            "gpu_type": clean(spec.get("gpu_type") or "?", limit=64), "progress": progress,
             "spend": (spend or {}).get("totals"), "spent_dollars": (spend or {}).get("totals", {}).get("dollars"),
             "lost_hours": None if lost is None else lost / 3600,
             "estimate_dollars": num(est, "total_dollars"), "estimate_hours": num(est, "total_hours")}
@@ -115,7 +115,6 @@ def cmd_status_local(args) -> int:
     import json
 
     from cli.errors import UsageError
-    from cli.plan import fmt_hours
     from trainer.storage import run_url
 
     url = run_url(args.run, args.storage or "file://~/.cache/llmctl")
@@ -127,7 +126,7 @@ def cmd_status_local(args) -> int:
     try:
         s = local_summary(url, opts)
     except (ValueError, OSError) as e:
-        raise UsageError(f"status: cannot read the run at {url}: {_clean(e, 300)}") from None
+        raise UsageError(f"status: cannot read the run at {url}: {clean(e, limit=300)}") from None
     if not s:
         raise UsageError(f"status: no run at {url} (no plan.json there)")
     if args.output == "json":

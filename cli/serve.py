@@ -1,7 +1,7 @@
 """`llmctl serve RUN`: put a finished run's model behind an OpenAI-compatible API and a chat page (Ray Serve).
 
   --local        serve here, on a local Ray cluster, until Ctrl-C (trainer/serve/app.py `run_local`)
-  (default)      create a KubeRay RayService on the cluster (cli/rayservice.py); --dry-run -o yaml prints it
+  (default)      create a KubeRay RayService on the cluster (cli/kube/rayservice.py); --dry-run -o yaml prints it
   --delete       delete the run's RayService (the checkpoints stay in storage)
 
 The run is looked up like `llmctl chat` does (a name under --storage, or a URL), and its stored plan and
@@ -20,14 +20,13 @@ import argparse
 import sys
 
 from cli.errors import UsageError
+from cli.flags import add_cluster_args
 
 STAGES = {"sft": "sft", "chat": "sft", "pretrain": "pretrain", "base": "pretrain"}
 GROUP, VERSION, PLURAL = "ray.io", "v1", "rayservices"
 
 
 def register(sub) -> None:
-    from cli.cluster import add_cluster_args
-
     p = sub.add_parser("serve", help="serve a run's model: OpenAI-compatible API + chat page (Ray Serve)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", metavar="RUN", help="run name (under --storage) or the run's URL")
@@ -100,10 +99,10 @@ def cmd_serve(args) -> int:
 
 
 def cmd_cluster(args, run_url, storage_options_from_env) -> int:
-    from cli.cluster import ClusterConfig, connect, load_config_file, read_config, resolve_namespace
-    from cli.jobs import confirm, require_yes, say
-    from cli.submit import dump_objects, parse_env
-    from cli.rayservice import build_rayservice
+    from cli.console import confirm, dump_objects, require_yes, say
+    from cli.kube.client import connect, read_config, resolve_namespace
+    from cli.kube.config import ClusterConfig, load_config_file, parse_env
+    from cli.kube.rayservice import build_rayservice
 
     extra_env = parse_env(args.env)
     if not args.dry_run:
@@ -153,9 +152,9 @@ def cmd_cluster(args, run_url, storage_options_from_env) -> int:
 
 
 def cmd_delete(args) -> int:
-    from cli.cluster import connect
-    from cli.jobs import confirm, require_yes, say
+    from cli.console import confirm, require_yes, say
     from cli.errors import CLIError
+    from cli.kube.client import connect
 
     require_yes(args, "serve --delete")
     kube = connect(args)

@@ -3,43 +3,23 @@
 Order of events, so that refusals create nothing (and make no request when the flags alone decide): flags
 and plan checked -> (dry-run: print and stop) -> cluster config read from the `llmctl-config` ConfigMap ->
 budget re-checked at the cluster's price -> plan table + confirmation -> one POST. The RayJob is rendered by
-cli/rayjob.py; `--local` hands over to `cli.local.run_local` (the laptop run), imported only then. The
+cli/kube/rayjob.py; `--local` hands over to `cli.local.run_local` (the laptop run), imported only then. The
 created RayJob goes to stdout; the plan table, warnings and next steps to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 
-from cli.cluster import (ClusterConfig, add_cluster_args, add_version_args, connect, load_config_file, read_config,
-                         resolve_namespace, version_flags)
-from cli.errors import CLIError, UsageError
-from cli.jobs import GROUP, PLURAL, VERSION, confirm, require_yes, say
-from cli.plan import add_spec_args, cluster_interconnect, fmt_hours, plan_checked, render_table, spec_from_args
-from trainer.plan import RunSpec
+from cli.console import confirm, dump_objects, fmt_hours, require_yes, say
+from cli.errors import UsageError
+from cli.flags import add_cluster_args, add_spec_args, add_version_args, version_flags
 
-LOCAL_STORAGE = next(f.default for f in dataclasses.fields(RunSpec) if f.name == "storage_root")
+LOCAL_STORAGE = "file://~/.cache/llmctl"  # RunSpec.storage_root's default (tests/test_jobs.py checks they agree)
 
 
-
-def parse_env(pairs: list[str] | None) -> dict[str, str]:
-    out = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise UsageError(f"--env: expected KEY=VALUE, got {pair!r}")
-        out[key] = value
-    # same rules as the ConfigMap's env: names, llmctl's own variables, no credentials by name or by value
-    try:
-        ClusterConfig(env=out)
-    except UsageError as e:
-        raise UsageError(str(e).replace("cluster config env.", "--env ", 1)) from None
-    return out
-
-
-def apply_flags(cfg: ClusterConfig, args) -> ClusterConfig:
+def apply_flags(cfg, args):
+    """The cluster config with --image, --queue and --kuberay-version applied."""
     changes = {}
     if args.image:
         changes["image"] = args.image
@@ -49,9 +29,10 @@ def apply_flags(cfg: ClusterConfig, args) -> ClusterConfig:
     return cfg.replace(**changes) if changes else cfg
 
 
-def render(args, cfg: ClusterConfig, namespace: str, extra_env: dict[str, str]):
+def render(args, cfg, namespace: str, extra_env: dict[str, str]):
     """(plan, RayJob) for these flags on this cluster config; bad input raises UsageError/PlanError."""
-    from cli.rayjob import LayoutError, build_rayjob
+    from cli.kube.rayjob import LayoutError, build_rayjob
+    from cli.planning import cluster_interconnect, plan_checked, spec_from_args
 
     price = args.price if args.price is not None else cfg.prices.get(args.gpu_type)
     spec = spec_from_args(args, storage_root=args.storage or cfg.storage_root, price_per_gpu_hour=price,
@@ -73,21 +54,17 @@ def check_budget(p) -> None:
             f"(raise --max-cost, or lower --depth or --ratio)")
 
 
-def dump_objects(objs: list[dict], fmt: str) -> str:
-    if fmt == "json":
-        return json.dumps(objs[0] if len(objs) == 1 else {"apiVersion": "v1", "kind": "List", "items": objs},
-                          indent=2)
-    from cli.rayjob import to_yaml
-
-    return to_yaml(objs).rstrip("\n")
-
-
 def cmd_submit(args) -> int:
     if args.local:
         from cli.local import run_local
 
         args.storage = args.storage or LOCAL_STORAGE
         return run_local(args)
+    from cli.kube.client import connect, read_config, resolve_namespace
+    from cli.kube.config import ClusterConfig, load_config_file, parse_env
+    from cli.kube.runs import create_run
+    from cli.planning import cluster_interconnect, render_table
+
     if args.depth is None:
         raise UsageError("submit: --depth is required (or --local for the small run on this machine)")
     extra_env = parse_env(args.env)
@@ -122,7 +99,7 @@ def cmd_submit(args) -> int:
                                      f"${e.total_dollars:,.2f}?"):
         say("not submitted; nothing was created")
         return 1
-    created = create_rayjob(kube, p.name, rayjob)
+    created = create_run(kube, p.name, rayjob)
     if args.output:
         print(dump_objects([created], args.output))
     else:
@@ -130,40 +107,6 @@ def cmd_submit(args) -> int:
     ns = f" -n {kube.namespace}"
     say(f"next: llmctl status {p.name}{ns}   llmctl logs {p.name}{ns} -f   llmctl cancel {p.name}{ns}")
     return 0
-
-
-def create_rayjob(kube, name: str, rayjob: dict) -> dict:
-    """POST the RayJob. A 409 "object is being deleted" (a cancelled run of the same name still holds KubeRay's
-    finalizer while the operator stops its Ray job) waits, bounded and said on stderr, for the old object to go,
-    then creates."""
-    from cli import jobs
-
-    def create() -> dict:
-        return kube.call(kube.custom.create_namespaced_custom_object, GROUP, VERSION, kube.namespace, PLURAL,
-                         rayjob, what=f"create RayJob {name}", verb="create", resource=PLURAL, name=name,
-                         group=GROUP)
-
-    try:
-        return create()
-    except CLIError as e:
-        if "is still being deleted" not in str(e):
-            raise
-    say(f"RayJob {name} is still being deleted (KubeRay stops its Ray job before it lets go); waiting up to "
-        f"{jobs.WAIT_SECONDS:.0f} s for it to go, then creating")
-
-    def gone() -> bool:
-        try:
-            jobs.get_run(kube, name)
-        except CLIError as e:
-            if f"no rayjob {name!r}" in str(e):
-                return True
-            raise
-        return False
-
-    if not jobs.wait_until(gone):
-        raise CLIError(f"RayJob {name} in namespace {kube.namespace} was still being deleted after "
-                       f"{jobs.WAIT_SECONDS:.0f} s; is the KubeRay operator running? Try again later")
-    return create()
 
 
 def register(sub) -> None:

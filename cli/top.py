@@ -24,7 +24,8 @@ import time
 from dataclasses import dataclass, field
 
 from cli.errors import CLIError, UsageError
-from trainer.metrics import METRICS_PORT_BASE  # light: stdlib and trainer.plan at import time
+
+METRICS_PORT_BASE = 9400  # trainer/metrics.py METRICS_PORT_BASE, not imported: it imports the planner (tests check)
 
 TIMEOUT = 5.0  # seconds per HTTP request
 

@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cli.cluster import ClusterConfig, config_from_configmap
-from cli.rayjob import build_rayjob
+from cli.kube.config import ClusterConfig, config_from_configmap
+from cli.kube.rayjob import build_rayjob
 from tests import schemas
 from tests.tools import ensure_helm
 from trainer.plan import RunSpec, plan
@@ -188,7 +188,7 @@ def test_kueue_api_version_follows_the_cluster(helm, chart):
 
 @pytest.mark.parametrize("choice", ["gpu-operator", "gke"])
 def test_one_gpu_label_choice_for_runs_warm_cluster_and_kueue_flavors(helm, chart, choice):
-    from cli.cluster import default_gpu_node_selectors
+    from cli.kube.config import default_gpu_node_selectors
 
     for gpu in ("h100", "h100-pcie", "h200", "a100"):
         docs = render(helm, chart, "--set", f"config.workers.gpuLabels={choice}", "--set", "rayCluster.enabled=true",
@@ -576,7 +576,7 @@ def test_pod_monitors_scrape_the_ports_runs_and_the_warm_cluster_declare(ci_docs
 
 
 def test_warm_cluster_pods_match_what_submit_renders(ci_docs):
-    """The chart's RayCluster and cli/rayjob.py build the same head and worker pods from the same config."""
+    """The chart's RayCluster and cli/kube/rayjob.py build the same head and worker pods from the same config."""
     rc = one(ci_docs, "RayCluster")["spec"]
     cfg = cluster_config(ci_docs)
     rj = build_rayjob(plan(RunSpec(depth=26, gpus=16, storage_root=cfg.storage_root)), cfg, namespace="team")

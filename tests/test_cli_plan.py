@@ -1,4 +1,4 @@
-"""cli/plan.py and cli/main.py: `llmctl plan` output, bad input, and a start-up free of torch and ray.
+"""cli/plan.py, cli/planning.py and cli/main.py: `llmctl plan` output, bad input, and a start-up free of torch and ray.
 
 Run: .venv/bin/pytest tests/test_cli_plan.py
 """
@@ -75,6 +75,34 @@ def test_help_and_plan_import_neither_torch_nor_ray():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert r.stdout.strip() == ""
 
+
+
+def test_help_imports_no_kube_module_and_not_the_whole_planner():
+    """`llmctl --help` builds every command's parser from light modules (cli/flags.py): no cli/kube/ module, no
+    helper that does the work, and of the planner only what the flags' help text names (the GPU catalog, the
+    stage names); PlanError is recognised without importing it."""
+    code = ("import sys, contextlib, io; from cli.main import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    try: main(['--help'])\n"
+            "    except SystemExit: pass\n"
+            "print(','.join(sorted(m for m in sys.modules if m.startswith(('cli', 'trainer', 'yaml', 'json')))))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded = set(r.stdout.strip().split(","))
+    assert not {m for m in loaded if m.startswith("cli.kube") or m == "yaml"}, sorted(loaded)
+    assert not loaded & {"cli.planning", "cli.runview", "cli.idle", "cli.local", "cli.netcheck",
+                         "trainer.plan.runplan", "trainer.plan.spec", "trainer.spend", "trainer.progress"}, sorted(loaded)
+
+
+def test_each_command_word_is_registered_by_the_module_main_names():
+    """cli.main.OWNERS (build only the parser a command needs) agrees with what each module registers."""
+    import argparse
+
+    from cli.main import COMMANDS, OWNERS
+
+    for module in COMMANDS:
+        sub = argparse.ArgumentParser().add_subparsers()
+        __import__(module, fromlist=["register"]).register(sub)
+        assert {w for w, m in OWNERS.items() if m == module} == set(sub.choices), module
 
 def test_console_script_help():
     r = llmctl("--help")

@@ -14,14 +14,14 @@ import json
 
 import pytest
 
-from cli import jobs
+from cli import console
 from cli.main import main
 from tests.kube_fake import FakeKube
 
 
 @pytest.fixture
 def kube(tmp_path, monkeypatch):
-    monkeypatch.setattr(jobs, "POLL_SECONDS", 0.0)  # the stand-in's clock is its request count, not time
+    monkeypatch.setattr(console, "POLL_SECONDS", 0.0)  # the stand-in's clock is its request count, not time
     with FakeKube() as k:
         monkeypatch.setenv("KUBECONFIG", str(k.kubeconfig(tmp_path / "kubeconfig")))
         yield k

@@ -451,11 +451,13 @@ def test_report_and_errors_strip_escapes_from_stored_files(capsys, tmp_path):
 
 
 def test_clean_drops_sequences_whole():
-    from cli.safe import clean
+    from cli.console import clean
 
-    assert clean(f"a{ESC}b\r\n\tc") == "ab\n\tc"
-    assert clean("x\ny", newlines=False) == "xy"
+    assert clean(f"a{ESC}b\r\n\tc", newlines=True) == "ab\n\tc"
+    assert clean("x\n\ty") == "xy"  # one line by default
     assert clean("\u202eevil") == "evil"
+    assert clean("a\u200bb\u2028c", newlines=True) == "abc"  # zero-width and line separators: not printable
+    assert clean("\x1b]0;title\x07name", limit=3) == "nam"  # the sequence goes whole, then the limit
 
 
 # ------------------------------------------------------------------ 7. storage that is not shared

@@ -1,6 +1,6 @@
 """Imports run one way: `cli` -> `trainer`, never back; no cycle among the modules of a package (trainer/,
-trainer/plan/, trainer/serve/, trainer/data/, cli/), imports inside functions included; the planner imports
-only the standard library and itself; command modules never import `cli.main`. The contracts live in pyproject.toml ([tool.importlinter]);
+trainer/plan/, trainer/serve/, trainer/data/, cli/, cli/kube/), imports inside functions included; the planner
+imports only the standard library and itself; command modules never import `cli.main`, nor one another. The contracts live in pyproject.toml ([tool.importlinter]);
 import-linter (grimp) checks them here, so a new cycle or a trainer -> cli import fails the suite.
 
 Run: .venv/bin/pytest tests/test_imports.py
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-CONTRACTS = 4
+CONTRACTS = 5
 
 
 def lint_imports(cwd: Path) -> subprocess.CompletedProcess:
@@ -38,7 +38,10 @@ BREAKS = [  # (module to edit, import added inside a function, what the report m
     ("trainer/plan/shape.py", "from trainer.plan import runplan", "No cycles are allowed in trainer.plan."),
     ("trainer/plan/spec.py", "from trainer import fp8", "trainer.plan.spec -> trainer.fp8"),
     ("trainer/plan/memory.py", "import torch", "trainer.plan.memory -> torch"),  # the CLI would pull torch
-    ("cli/plan.py", "from cli import submit", "No cycles are allowed in cli."),  # submit -> plan -> submit
+    ("cli/console.py", "from cli import idle", "No cycles are allowed in cli."),  # idle -> console -> idle
+    ("cli/kube/pods.py", "from cli.kube import rayjob", "No cycles are allowed in cli.kube."),  # rayjob -> pods
+    ("cli/serve.py", "from cli.jobs import say", "cli.serve is not allowed to import cli.jobs"),  # commands apart
+    ("cli/planning.py", "from cli import jobs", "cli.planning -> cli.jobs"),  # plan and submit reach jobs via a helper
     ("trainer/progress.py", "from cli import errors", "trainer.progress -> cli.errors"),  # a pod importing the CLI
     ("cli/data.py", "from cli.main import UsageError", "cli.data -> cli.main"),  # main loads data by name
 ]
@@ -66,3 +69,15 @@ def test_the_planner_contract_lists_every_other_part_of_trainer():
     parts = {f"trainer.{p.stem if p.suffix == '.py' else p.name}" for p in (ROOT / "trainer").iterdir()
              if (p.suffix == ".py" and p.stem != "__init__") or (p / "__init__.py").exists()}
     assert parts - {"trainer.plan"} <= set(planner["forbidden_modules"]), sorted(parts - set(planner["forbidden_modules"]))
+
+
+def test_the_command_contract_lists_every_command():
+    """Every module cli.main loads by name is in the independence contract (with local.py and netcheck.py,
+    the two modules that are one flag of a command each), so a new command cannot import another unnoticed."""
+    import tomllib
+
+    from cli.main import COMMANDS
+
+    contracts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    commands = next(c for c in contracts if c["type"] == "independence")
+    assert set(commands["modules"]) == set(COMMANDS) | {"cli.local", "cli.netcheck"}

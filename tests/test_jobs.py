@@ -1,4 +1,4 @@
-"""cli/submit.py, cli/jobs.py and cli/cluster.py's client: `llmctl submit/status/list/logs/cancel` against a Kubernetes API
+"""cli/submit.py, cli/jobs.py and cli/kube/ (client.py, runs.py): `llmctl submit/status/list/logs/cancel` against a Kubernetes API
 server on loopback (tests/kube_fake.py), through the real kubernetes client. Each test asserts the exact
 requests; refusals and --dry-run must make none.
 
@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cli.cluster import ClusterConfig
+from cli.kube.config import ClusterConfig
 from trainer.progress import write_progress
-from cli.jobs import describe
+from cli.kube.runs import describe
 from cli.main import main
 from tests import schemas
 from tests.kube_fake import FakeKube
@@ -509,3 +509,13 @@ def test_list_without_permission_to_list_clusters_still_lists_runs(kube, capsys)
     kube.forbid.add(("list", "rayclusters"))  # an older chart's Role: idle detection is skipped, not an error
     rc, out, err = run(capsys, "list")
     assert rc == 0 and "warning" not in err and "GET /apis/ray.io/v1/namespaces/team/rayclusters" in kube.lines()
+
+
+def test_submit_local_storage_is_the_specs_default():
+    """cli/submit.py names RunSpec's default storage root without importing the planner at parser-building time."""
+    import dataclasses
+
+    from cli.submit import LOCAL_STORAGE
+    from trainer.plan import RunSpec
+
+    assert LOCAL_STORAGE == next(f.default for f in dataclasses.fields(RunSpec) if f.name == "storage_root")

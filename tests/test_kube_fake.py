@@ -14,9 +14,9 @@ import pytest
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from cli.cluster import ClusterConfig
+from cli.kube.config import ClusterConfig
 from cli.main import main
-from cli.rayjob import build_rayjob
+from cli.kube.rayjob import build_rayjob
 from tests import schemas
 from tests.kube_fake import RAYJOB_FINALIZER, FakeKube
 from tests.test_chart import CHART

@@ -4,7 +4,7 @@ supported KubeRay release, and the multi-node step model the planner uses."""
 
 import pytest
 
-from cli.cluster import ClusterConfig
+from cli.kube.config import ClusterConfig
 from tests import schemas
 from trainer import netcheck
 from trainer.plan import interconnect as network
@@ -111,12 +111,12 @@ def result_log(**fields) -> str:
 @pytest.fixture
 def kube(tmp_path, monkeypatch):
     """The chart's objects and RBAC (user ada), a submitter pod whose log is set per test, fast polling."""
-    from cli import jobs
-    from cli.rayjob import CONTAINERS
+    from cli import console
+    from cli.kube.pods import CONTAINERS
     from tests.kube_fake import FakeKube
     from tests.test_doctor import chart, setup
 
-    monkeypatch.setattr(jobs, "POLL_SECONDS", 0.01)
+    monkeypatch.setattr(console, "POLL_SECONDS", 0.01)
     with FakeKube() as k:
         token = setup(k, chart())
         monkeypatch.setenv("KUBECONFIG", str(k.kubeconfig(tmp_path / "kc", token=token)))

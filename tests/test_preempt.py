@@ -49,8 +49,8 @@ def test_prestop_hook_waits_within_the_grace_period():
 
 
 def test_rayjob_pods_get_the_grace_period_and_the_prestop_save(tmp_path):
-    from cli.cluster import ClusterConfig
-    from cli.rayjob import build_rayjob
+    from cli.kube.config import ClusterConfig
+    from cli.kube.rayjob import build_rayjob
     from tests import schemas
 
     p = plan(RunSpec(depth=26, gpus=16, storage_root="s3://b/llmctl"))

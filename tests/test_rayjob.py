@@ -1,4 +1,4 @@
-"""cli/rayjob.py and cli/clusterconfig.py: the RayJob a plan becomes, checked strictly against the CRD of every
+"""cli/kube/rayjob.py and cli/kube/config.py: the RayJob a plan becomes, checked strictly against the CRD of every
 supported KubeRay release (1.3-1.7; only the fields each release serves), the Kubernetes schemas and KubeRay's
 admission rules; the plan's trip through three shells; the golden examples
 in k8s/examples/; the trainer Dockerfile (hadolint, Ray version agreement).
@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cli.cluster import IMAGE, RAY_VERSION, ClusterConfig, config_from_configmap
+from cli.kube.config import IMAGE, RAY_VERSION, ClusterConfig, config_from_configmap
 from cli.main import UsageError, main
-from cli.rayjob import (HEAD_PORTS, LayoutError, active_deadline_seconds, build_rayjob, entrypoint,
+from cli.kube.rayjob import (HEAD_PORTS, LayoutError, active_deadline_seconds, build_rayjob, entrypoint,
                         worker_layout)
 from tests import schemas
 from trainer.plan import RunPlan, RunSpec, plan
@@ -327,7 +327,7 @@ def test_ray_auth_only_where_kuberay_and_ray_support_it():
 
 @pytest.mark.parametrize("release", schemas.KUBERAY_RELEASES)
 def test_the_installed_release_is_read_off_its_crd(release):
-    from cli.kubeversions import kuberay_release_from_crd
+    from cli.kube.versions import kuberay_release_from_crd
 
     crd = schemas.crd_object("ray.io", "RayJob", release)
     found = kuberay_release_from_crd(crd)

@@ -1,4 +1,4 @@
-"""cli/rayservice.py and `llmctl serve` on a cluster: the RayService, valid under every KubeRay release's CRD.
+"""cli/kube/rayservice.py and `llmctl serve` on a cluster: the RayService, valid under every KubeRay release's CRD.
 
 The run lives in a real S3 endpoint (moto on loopback, tests/conftest.py): its plan.json and a whole
 checkpoint, which the CLI reads before rendering anything. Create and delete go to the API stand-in
@@ -14,9 +14,9 @@ import json
 import pytest
 import yaml
 
-from cli.cluster import IMAGE, RAY_VERSION, ClusterConfig
+from cli.kube.config import IMAGE, RAY_VERSION, ClusterConfig
 from cli.main import main
-from cli.rayservice import build_rayservice
+from cli.kube.rayservice import build_rayservice
 from tests import schemas
 from tests.kube_fake import FakeKube
 from trainer.plan import RunSpec, plan

@@ -130,3 +130,11 @@ def test_urls_and_a_light_import():
     code = ("import sys, cli.main, cli.top; heavy = {'torch', 'ray', 'prometheus_client', 'kubernetes'} & "
             "set(sys.modules); assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_the_local_metrics_port_is_the_trainers():
+    """cli/top.py names the ranks' first port without importing trainer.metrics (it imports the planner)."""
+    from cli import top
+    from trainer.metrics import METRICS_PORT_BASE
+
+    assert top.METRICS_PORT_BASE == METRICS_PORT_BASE

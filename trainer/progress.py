@@ -22,10 +22,10 @@ import datetime
 import json
 import math
 import sys
-from pathlib import Path
 from typing import Callable
 
-IN_CLUSTER_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")  # a pod's own namespace
+from trainer.text import clean
+
 PROGRESS_FILE = "progress.json"  # <run>/progress.json
 MAX_DOCUMENT_BYTES = 64 * 1024  # a progress document is ~300 bytes; 64 KiB leaves room and bounds a hostile one
 MAX_STRING = 64  # stage names are short ("pretrain", "sft", "eval")
@@ -70,7 +70,7 @@ class spinner:
             from rich.console import Console
             from rich.text import Text
 
-            what = Text(clean_text(self.what, 200))  # may name a stored run: printable only, no markup
+            what = Text(clean(self.what, limit=200))  # may name a stored run: printable only, no markup
             self._s = Console(file=sys.stderr).status(what)
             self._s.start()
 
@@ -210,11 +210,6 @@ def write_progress(run_url: str, progress: dict, storage_options: dict | None = 
     write_json(f"{run_url}/{PROGRESS_FILE}", dict(progress, updated=utc_now()), storage_options)
 
 
-def clean_text(value, limit: int = MAX_STRING) -> str:
-    """An untrusted string fit for one terminal line: printable characters only, at most `limit` of them."""
-    return "".join(c for c in str(value) if c.isprintable())[:limit]
-
-
 def clean_number(value, kind: str):
     """A finite, non-negative number of the kind asked for, else None (bools are not numbers here)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -232,7 +227,7 @@ def sanitize(doc, fields: dict[str, str] = FIELDS) -> dict:
     for key, kind in fields.items():
         if key not in doc:
             continue
-        value = clean_text(doc[key]) if kind == "str" and isinstance(doc[key], str) else (
+        value = clean(doc[key], limit=MAX_STRING) if kind == "str" and isinstance(doc[key], str) else (
             None if kind == "str" else clean_number(doc[key], kind))
         if value is not None and value != "":
             out[key] = value

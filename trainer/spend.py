@@ -35,7 +35,8 @@ import threading
 import time
 from contextlib import contextmanager
 
-from trainer.progress import clean_number, clean_text
+from trainer.progress import MAX_STRING, clean_number
+from trainer.text import clean
 
 SPEND_FILE = "spend.json"
 WORKERS_FILE = "workers.json"  # {"changes": [[unix time, world size], ...]}: each worker group's start
@@ -97,7 +98,7 @@ def sanitize(doc) -> dict:
             continue
         rows.append({"start": _iso(start.timestamp()), "last": _iso(last.timestamp()), "gpus": gpus,
                      "seconds": seconds, "state": a["state"], **({"segments": segments} if segments else {})})
-    out = {"run": clean_text(doc["run"]) if isinstance(doc.get("run"), str) else None,
+    out = {"run": clean(doc["run"], limit=MAX_STRING) if isinstance(doc.get("run"), str) else None,
            "price_per_gpu_hour": clean_number(doc.get("price_per_gpu_hour"), "num"), "attempts": rows}
     out["totals"] = totals(out)
     return out

@@ -12,10 +12,10 @@ import math
 import pytest
 import yaml
 
-from cli.clusterconfig import ClusterConfig
+from cli.kube.config import ClusterConfig
 from cli.errors import UsageError
 from cli.main import main
-from cli.rayjob import build_rayjob
+from cli.kube.rayjob import build_rayjob
 from tests import schemas
 from trainer.plan import spot
 from trainer.launch import worker_count

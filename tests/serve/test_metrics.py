@@ -71,8 +71,8 @@ def test_prometheus_scrapes_a_replica_and_the_serving_panels_and_alert_return_da
 
 
 def test_the_chart_scrapes_the_port_the_rayservice_declares(tmp_path):
-    from cli.cluster import ClusterConfig
-    from cli.rayservice import build_rayservice
+    from cli.kube.config import ClusterConfig
+    from cli.kube.rayservice import build_rayservice
     from tests.tools import ensure_helm
     from trainer.plan import RunSpec, plan
 

@@ -21,7 +21,19 @@ import contract in pyproject.toml holds it to that):
 `from trainer.plan import plan, RunSpec, RunPlan, PlanError` is the front door.
 """
 
-from trainer.plan.runplan import SCHEMA, RunPlan, StagePlan, plan
-from trainer.plan.spec import PlanError, RunSpec
-
 __all__ = ["SCHEMA", "PlanError", "RunPlan", "RunSpec", "StagePlan", "plan"]
+
+_HOMES = {"SCHEMA": "runplan", "RunPlan": "runplan", "StagePlan": "runplan", "plan": "runplan",
+          "PlanError": "spec", "RunSpec": "spec"}
+
+
+def __getattr__(name: str):
+    """The front door's names, imported on first use (PEP 562): `llmctl --help` imports one light module of
+    this package (the GPU catalog, the stage names) without paying for the whole planner."""
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)
+    globals()[name] = value
+    return value

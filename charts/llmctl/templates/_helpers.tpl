@@ -123,7 +123,7 @@ capabilities:
 {{/*
 Node selector of GPU nodes of one type (dict "root" $ "gpuType" "h100"), as YAML (empty when none):
 config.workers.nodeSelectors when set (only the types listed there), else config.workers.gpuLabels' label
-with the usual value for the type. The same table as cli/clusterconfig.py (tests/test_chart.py compares).
+with the usual value for the type. The same table as cli/kube/config.py (tests/test_chart.py compares).
 */}}
 {{- define "llmctl.gpuSelector" -}}
 {{- $w := .root.Values.config.workers }}
@@ -188,7 +188,7 @@ Fail early, naming the key and the value, for combinations the schema cannot exp
 {{- if and .Values.kueue.clusterQueue.create (not (regexMatch "^[0-9]+Gi$" (toString .Values.config.head.memory))) }}
 {{- fail (printf "config.head.memory must be whole Gi (e.g. 32Gi) when kueue.clusterQueue.create sizes quota from it; got %q" (toString .Values.config.head.memory)) }}
 {{- end }}
-{{- /* the same rules as llmctl's (cli/clusterconfig.py, trainer/plan/credentials.py): no credentials by name or
+{{- /* the same rules as llmctl's (cli/kube/config.py, trainer/plan/credentials.py): no credentials by name or
 by value, and nothing llmctl sets itself */ -}}
 {{- range $k, $v := .Values.config.env }}
 {{- if regexMatch "(?i)(KEY|TOKEN|SECRET|PASS|PWD|AUTH|CREDENTIAL|PRIVATE|CERT|COOKIE|SESSION)" $k }}

@@ -1,7 +1,8 @@
-"""Where runs go: the Kubernetes client, namespace resolution, API errors, and what the cluster runs.
+"""The Kubernetes client: namespace resolution, one connected client per command, API errors in words, the
+cluster config as the namespace holds it, and the KubeRay release the cluster serves.
 
-The cluster config itself (defaults, the `llmctl-config` ConfigMap's shape, validation) is cli/clusterconfig.py;
-its names are re-exported here. The kubernetes package is imported only inside the functions that talk to the
+The cluster config's shape (defaults, the `llmctl-config` ConfigMap, validation) is cli/kube/config.py; the
+version matrix is cli/kube/versions.py. The kubernetes package is imported only inside the functions that talk to the
 API server (it takes ~0.5 s to import); namespace resolution reads kubeconfig files with PyYAML so `--dry-run`
 never imports it. API failures become one actionable line (`CLIError`): 401/403 say who lacks which verb and
 the exact RBAC rule, 404 tells a missing run from a missing namespace or a missing KubeRay CRD, connection
@@ -15,43 +16,10 @@ import json
 import os
 from pathlib import Path
 
-from cli.clusterconfig import (CONFIG_KEY, CONFIGMAP, DEFAULT_GPU_NODE_SELECTORS, DEFAULT_GPU_TOLERATIONS,  # noqa: F401
-                               GPU_LABELS, GPU_PRODUCT_LABEL, IMAGE, RAY_VERSION, ClusterConfig,
-                               config_from_configmap, default_gpu_node_selectors, load_config_file)
-from cli.errors import CLIError, UsageError
-from trainer.progress import IN_CLUSTER_NAMESPACE
+from cli.errors import CLIError
+from cli.kube.config import CONFIGMAP, ClusterConfig, config_from_configmap
 
-
-# ---------------------------------------------------------------------------------------------
-# Flags shared by every command that talks to a cluster
-
-
-def add_cluster_args(p) -> None:
-    g = p.add_argument_group("cluster")
-    g.add_argument("-n", "--namespace", help="namespace (default: the kubeconfig context's, else 'default')")
-    g.add_argument("--context", help="kubeconfig context (default: the current context)")
-    g.add_argument("--kubeconfig", help="kubeconfig file(s), ':'-separated (default: $KUBECONFIG or ~/.kube/config)")
-
-
-def add_version_args(g) -> None:
-    """`submit --kuberay-version X.Y`: render for that KubeRay release without asking the cluster (wired by
-    cli/submit.py's parser; `version_flags` turns it into a config change)."""
-    g.add_argument("--kuberay-version", metavar="X.Y", help="render for this KubeRay release (default: read "
-                   "from the cluster's CRDs, else kuberay.version in the cluster config, else the newest supported)")
-
-
-def version_flags(args) -> dict:
-    """Config changes from add_version_args' flags, checked: a bad or unsupported version is a UsageError."""
-    from cli.kubeversions import kuberay_release
-
-    value = getattr(args, "kuberay_version", None)
-    if value is None:
-        return {}
-    try:
-        kuberay_release(value)
-    except ValueError as e:
-        raise UsageError(f"--kuberay-version: {e}") from None
-    return {"kuberay_version": value}
+IN_CLUSTER_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")  # a pod's own namespace
 
 
 def _kubeconfig_paths(args) -> list[Path]:
@@ -292,7 +260,7 @@ def discover_kuberay(kube: Kube, cfg: ClusterConfig) -> tuple[ClusterConfig, lis
     falling back to the configured `kuberay.version`, else to the oldest supported release, with a warning."""
     from kubernetes.client.rest import ApiException
 
-    from cli.kubeversions import KUBERAY_OLDEST, fmt, kuberay_release_from_crd
+    from cli.kube.versions import KUBERAY_OLDEST, fmt, kuberay_release_from_crd
 
     try:
         crd = read_crd(kube, "rayjobs.ray.io")

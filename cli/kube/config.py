@@ -81,7 +81,7 @@ class ClusterConfig:
     s3_secret: str | None = None  # Secret whose keys become env (AWS_ACCESS_KEY_ID, ...); None = ambient (IRSA)
     prices: dict[str, float] = field(default_factory=dict)  # $/GPU-hour by GPU type, over the plan's catalog
     spot_prices: dict[str, float] = field(default_factory=dict)  # $/GPU-hour on spot by GPU type (trainer/plan/spot.py)
-    spot_provider: str = "gke"  # gke | eks | label: which node label and taint mark spot nodes (cli/rayjob.py)
+    spot_provider: str = "gke"  # gke | eks | label: which node label and taint mark spot nodes (cli/kube/rayjob.py)
     spot_node_selector: dict[str, str] = field(default_factory=dict)  # provider "label": the spot nodes' label
     spot_tolerations: tuple[dict, ...] = ()  # extra tolerations for spot taints (provider defaults are added)
     queue: str | None = None  # Kueue LocalQueue; the RayJob is created suspended and Kueue admits it
@@ -436,3 +436,19 @@ def config_from_configmap(cm: dict) -> tuple[ClusterConfig, list[str]]:
             raise CLIError(f"{source}: {INTERCONNECT_KEY} is not valid YAML ({str(e).splitlines()[0]}); run "
                            f"llmctl doctor --network again to rewrite it") from None
     return ClusterConfig.from_dict(data, source=source)
+
+
+def parse_env(pairs: list[str] | None) -> dict[str, str]:
+    """`--env KEY=VALUE` flags (`submit`, `serve`) as a mapping, checked by the same rules as the ConfigMap's
+    env: names, llmctl's own variables, no credentials by name or by value."""
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--env: expected KEY=VALUE, got {pair!r}")
+        out[key] = value
+    try:
+        ClusterConfig(env=out)
+    except UsageError as e:
+        raise UsageError(str(e).replace("cluster config env.", "--env ", 1)) from None
+    return out

@@ -1,6 +1,6 @@
 """A finished run's model as a KubeRay `ray.io/v1` RayService: Ray Serve replicas behind a Kubernetes Service.
 
-Built the way cli/rayjob.py builds the RayJob, from the same cluster config and the same pod helpers (image,
+Built the way cli/kube/rayjob.py builds the RayJob, from the same cluster config and the same pod helpers (image,
 pull secrets, storage credentials by Secret reference, Pod Security "restricted": non-root, no privilege
 escalation, all capabilities dropped, seccomp RuntimeDefault, read-only root with /tmp as an emptyDir):
 
@@ -21,13 +21,12 @@ the 6-character suffix it appends); run names already fit it.
 from __future__ import annotations
 
 import json
-import types
 
 import yaml
 
-from cli.cluster import ClusterConfig
-from cli.rayjob import (API_VERSION, HEAD_PORTS, PART_OF, RAY_METRICS_PORT, RUN_LABEL, _container, _env,
-                        _pod_spec)
+from cli.kube.config import ClusterConfig
+from cli.kube.pods import (API_VERSION, HEAD_PORTS, PART_OF, RAY_METRICS_PORT, ROLE_LABEL, RUN_LABEL, container,
+                           container_env, pod_spec)
 
 KIND, PLURAL = "RayService", "rayservices"
 APP_NAME = "llmctl"  # trainer/serve/app.py APP_NAME
@@ -36,7 +35,6 @@ SERVE_PORT = 8000  # trainer/serve/app.py SERVE_PORT
 SERVE_METRICS_PORT = 9500  # trainer/serve/app.py METRICS_PORT
 MAX_NAME = 47  # KubeRay MaxRayServiceNameLength = MaxRayClusterNameLength (53) - 6
 WORKER_GROUP = "serve"
-ROLE_LABEL = "llmctl.dev/role"
 # CPU replicas (--gpus-per-replica 0): a small model's decode loop wants a few cores and the weights' memory.
 CPU_REPLICA_CPUS = 4
 CPU_REPLICA_MEMORY_GI = 16
@@ -90,13 +88,13 @@ def build_rayservice(run: dict, cfg: ClusterConfig, *, namespace: str, stage: st
                          f"{', '.join(sorted(cfg.gpu_node_selectors))}")
     cpus = cpus_per_replica or (cfg.cpu_per_gpu * gpus_per_replica if gpu else CPU_REPLICA_CPUS)
     memory = f"{cfg.memory_per_gpu_gi * gpus_per_replica if gpu else CPU_REPLICA_MEMORY_GI}Gi"
-    env = _env(types.SimpleNamespace(name=name), cfg, dict(extra_env or {}))
+    env = container_env(name, cfg, dict(extra_env or {}))
 
     serve_port = {"name": "serve", "containerPort": SERVE_PORT, "protocol": "TCP"}
     head_ports = [{"name": n, "containerPort": p, "protocol": "TCP"} for n, p in HEAD_PORTS] + [serve_port]
-    head_c = _container("ray-head", cfg, env, {"cpu": cfg.head_cpu, "memory": cfg.head_memory}, head_ports)
+    head_c = container("ray-head", cfg, env, {"cpu": cfg.head_cpu, "memory": cfg.head_memory}, head_ports)
     head = {"metadata": {"labels": service_labels(run, cfg, "serve-head")},
-            "spec": _pod_spec(None, cfg, head_c, node_selector=cfg.head_node_selector,
+            "spec": pod_spec(None, cfg, head_c, node_selector=cfg.head_node_selector,
                               tolerations=cfg.head_tolerations, service_account=cfg.run_service_account)}
 
     resources = {"cpu": str(cpus), "memory": memory}
@@ -104,9 +102,9 @@ def build_rayservice(run: dict, cfg: ClusterConfig, *, namespace: str, stage: st
         resources["nvidia.com/gpu"] = str(gpus_per_replica)
     worker_ports = [serve_port, {"name": "llm-serve", "containerPort": SERVE_METRICS_PORT, "protocol": "TCP"},
                     {"name": "metrics", "containerPort": RAY_METRICS_PORT, "protocol": "TCP"}]
-    worker_c = _container("ray-worker", cfg, env, resources, worker_ports)
+    worker_c = container("ray-worker", cfg, env, resources, worker_ports)
     worker = {"metadata": {"labels": service_labels(run, cfg, "serve")},
-              "spec": _pod_spec(None, cfg, worker_c, node_selector=cfg.gpu_node_selectors[gpu_type] if gpu else {},
+              "spec": pod_spec(None, cfg, worker_c, node_selector=cfg.gpu_node_selectors[gpu_type] if gpu else {},
                                 tolerations=cfg.gpu_tolerations if gpu else (),
                                 service_account=cfg.run_service_account)}
 

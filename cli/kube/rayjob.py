@@ -7,7 +7,7 @@ build a fresh cluster and resume from the last checkpoint, because the run name 
 is the same. `activeDeadlineSeconds` is the plan's estimate with a margin; `preRunningDeadlineSeconds` fails
 runs whose pods never start. With a Kueue queue the RayJob is created suspended and Kueue admits it.
 
-Versions: the RayJob holds only fields the installed KubeRay serves (cli/kubeversions.py): from 1.6
+Versions: the RayJob holds only fields the installed KubeRay serves (cli/kube/versions.py): from 1.6
 `preRunningDeadlineSeconds`, from 1.5.1 `authOptions` (Ray token authentication: KubeRay makes a Secret and
 gives every Ray container and the submitter RAY_AUTH_MODE/RAY_AUTH_TOKEN, so port 8265 answers only callers
 holding the token). `cfg.kuberay_version` says which release (discovered by `submit`, or configured); None
@@ -36,32 +36,23 @@ import math
 
 import yaml
 
-from cli.clusterconfig import ClusterConfig
-from cli.kubeversions import RAY_TOKEN_AUTH_MIN, has, kuberay_release, parse_version
+from cli.kube.config import ClusterConfig
+from cli.kube.pods import (API_VERSION, CONTAINERS, HEAD_PORTS, PART_OF, RAY_METRICS_PORT, ROLE_LABEL, RUN_LABEL, SCRATCH,
+                           SUBMITTER_CONTAINER, add_quantities, container, container_env, pod_spec)
+from cli.kube.versions import RAY_TOKEN_AUTH_MIN, has, kuberay_release, parse_version
 from trainer.metrics import METRICS_PORT_BASE  # light: stdlib and trainer.plan at import time
 from trainer.plan.catalog import GPUS
 from trainer.plan import RunPlan
 from trainer.preempt import set_preemption  # stdlib only: grace period and preStop hook
 from trainer.plan.urls import require_shared
 
-API_VERSION = "ray.io/v1"
 LAUNCH = "python -m trainer.launch"
-RAY_METRICS_PORT = 8080  # KubeRay's default --metrics-export-port
-HEAD_PORTS = (("gcs-server", 6379), ("dashboard", 8265), ("client", 10001), ("metrics", RAY_METRICS_PORT),
-              ("as-metrics", 44217), ("dash-metrics", 44227))  # autoscaler and dashboard metrics (kuberay#1493)
 # Ray Train V2 waits this long for the worker group to start (default 60 s, ray PR #60376); multi-GB image
 # pulls on fresh GPU nodes take longer, so give it ten minutes before it gives up and retries.
 WORKER_GROUP_START_TIMEOUT_S = 600
 
-# Labels: the standard set plus ours; PodMonitors and `llmctl logs` select on these.
-PART_OF = "app.kubernetes.io/part-of"
-RUN_LABEL = "llmctl.dev/run"
-ROLE_LABEL = "llmctl.dev/role"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 ANNOTATION_PREFIX = "llmctl.dev/"
-SUBMITTER_CONTAINER = "ray-job-submitter"
-CONTAINERS = {"head": "ray-head", "worker": "ray-worker", "submitter": SUBMITTER_CONTAINER}
-SCRATCH = "/scratch"  # workers' sized emptyDir for staged checkpoints (TMPDIR)
 
 
 class LayoutError(ValueError):
@@ -138,119 +129,19 @@ def annotations_for(plan: RunPlan) -> dict[str, str]:
 # Pod templates
 
 
-def _security(cfg: ClusterConfig) -> dict:
-    """Pod Security "restricted": nothing added (an added capability is not effective for uid 1000 anyway)."""
-    return {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": cfg.read_only_root_filesystem,
-            "capabilities": {"drop": ["ALL"]}}
-
-
-POD_SECURITY = {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
-                "seccompProfile": {"type": "RuntimeDefault"}}
-
-
-def _env(plan: RunPlan, cfg: ClusterConfig, extra: dict[str, str]) -> list[dict]:
-    env = [
-        {"name": "HOME", "value": "/tmp"},  # the root filesystem is read-only; /tmp is an emptyDir
-        {"name": "LLMCTL_RUN", "value": plan.name},
-        {"name": "LLMCTL_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
-        {"name": "NCCL_DEBUG", "value": "WARN"},
-    ]
-    if cfg.s3_endpoint:
-        env.append({"name": "AWS_ENDPOINT_URL", "value": cfg.s3_endpoint})
-    if cfg.s3_region:
-        env.append({"name": "AWS_REGION", "value": cfg.s3_region})
-    names = {e["name"] for e in env}
-    for k, v in {**cfg.env, **extra}.items():
-        if k in names:
-            env = [e for e in env if e["name"] != k]
-        env.append({"name": k, "value": v})
-    return env
-
-
-def _pod_spec(plan: RunPlan, cfg: ClusterConfig, container: dict, *, node_selector: dict, tolerations,
-              service_account: str | None = None, api_token: bool = False, role: str = "submitter") -> dict:
-    """`service_account` gives cloud identity (IRSA, workload identity: S3 from every Ray pod);
-    `api_token` mounts its Kubernetes API token, which no pod of a run needs: progress and spend go to the
-    run's storage (trainer/progress.py, trainer/spend.py)."""
-    spec: dict = {}
-    if service_account:
-        spec["serviceAccountName"] = service_account
-    spec["automountServiceAccountToken"] = bool(service_account and api_token)
-    if cfg.priority_class:
-        spec["priorityClassName"] = cfg.priority_class
-    if node_selector:
-        spec["nodeSelector"] = dict(node_selector)
-    if cfg.affinity and role != "submitter":
-        spec["affinity"] = cfg.affinity
-    if tolerations:
-        spec["tolerations"] = [dict(t) for t in tolerations]
-    if cfg.topology_spread and role == "worker":
-        spec["topologySpreadConstraints"] = [
-            {"labelSelector": {"matchLabels": {RUN_LABEL: plan.name, ROLE_LABEL: "worker"}}, **t}
-            for t in cfg.topology_spread]
-    if cfg.image_pull_secrets:
-        spec["imagePullSecrets"] = [{"name": n} for n in cfg.image_pull_secrets]
-    spec["securityContext"] = dict(POD_SECURITY)
-    spec["containers"] = [container]
-    spec["volumes"] = [{"name": "tmp", "emptyDir": {"sizeLimit": cfg.tmp_size}}]
-    if role == "worker":
-        spec["volumes"].append({"name": "scratch", "emptyDir": {"sizeLimit": cfg.scratch_size}})
-    if role != "submitter":
-        spec["volumes"] += [dict(v) for v in cfg.extra_volumes]
-    return spec
-
-
-def _container(name: str, cfg: ClusterConfig, env: list[dict], resources: dict, ports: list[dict],
-               role: str = "submitter") -> dict:
-    c: dict = {"name": name, "image": cfg.image, "imagePullPolicy": cfg.image_pull_policy}
-    if ports:
-        c["ports"] = ports
-    c["env"] = env
-    if cfg.s3_secret:
-        c["envFrom"] = [{"secretRef": {"name": cfg.s3_secret}}]  # credentials by reference, never by value
-    c["resources"] = {"requests": dict(resources), "limits": dict(resources)}
-    c["securityContext"] = _security(cfg)
-    c["volumeMounts"] = [{"name": "tmp", "mountPath": "/tmp"}]
-    if role == "worker":
-        c["volumeMounts"].append({"name": "scratch", "mountPath": SCRATCH})
-    if role != "submitter":
-        c["volumeMounts"] += [dict(m) for m in cfg.extra_volume_mounts]
-    return c
-
-
-def _template_metadata(plan: RunPlan, cfg: ClusterConfig, role: str) -> dict:
+def template_metadata(plan: RunPlan, cfg: ClusterConfig, role: str) -> dict:
     meta: dict = {"labels": labels_for(plan, cfg, role)}
     if cfg.pod_annotations:
         meta["annotations"] = dict(cfg.pod_annotations)
     return meta
 
 
-_BYTES = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30,
-          "Ti": 2**40, "Pi": 2**50}
-
-
-def add_quantities(*qs: str) -> str:
-    """Sum of byte quantities ("200Gi" + "20Gi" = "220Gi"), written in Gi/Mi when whole, else bytes."""
-    import re
-
-    total = 0
-    for q in qs:
-        m = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)([kMGTP]i?|)", q)
-        if not m:
-            raise ValueError(f"not a byte quantity: {q!r}")
-        total += int(float(m[1]) * _BYTES[m[2]])
-    for unit in ("Gi", "Mi"):
-        if total % _BYTES[unit] == 0:
-            return f"{total // _BYTES[unit]}{unit}"
-    return str(total)
-
-
 def head_template(plan: RunPlan, cfg: ClusterConfig, extra_env: dict[str, str]) -> dict:
     resources = {"cpu": cfg.head_cpu, "memory": cfg.head_memory}
     ports = [{"name": n, "containerPort": p, "protocol": "TCP"} for n, p in HEAD_PORTS]
-    c = _container(CONTAINERS["head"], cfg, _env(plan, cfg, extra_env), resources, ports, "head")
-    return {"metadata": _template_metadata(plan, cfg, "head"),
-            "spec": _pod_spec(plan, cfg, c, node_selector=cfg.head_node_selector, tolerations=cfg.head_tolerations,
+    c = container(CONTAINERS["head"], cfg, container_env(plan.name, cfg, extra_env), resources, ports, "head")
+    return {"metadata": template_metadata(plan, cfg, "head"),
+            "spec": pod_spec(plan.name, cfg, c, node_selector=cfg.head_node_selector, tolerations=cfg.head_tolerations,
                               service_account=cfg.run_service_account, role="head")}
 
 
@@ -263,15 +154,15 @@ def worker_template(plan: RunPlan, cfg: ClusterConfig, gpus_per_pod: int, extra_
     ports.append({"name": "metrics", "containerPort": RAY_METRICS_PORT, "protocol": "TCP"})
     # Checkpoints are staged under tempfile's directory (TMPDIR); Ray's own session files stay in /tmp, because
     # Ray also follows TMPDIR unless RAY_TMPDIR is set (ray._common.utils.get_user_temp_dir).
-    env = _env(plan, cfg, {"TMPDIR": SCRATCH, "RAY_TMPDIR": "/tmp", **extra_env})
-    c = _container(CONTAINERS["worker"], cfg, env, resources, ports, "worker")
+    env = container_env(plan.name, cfg, {"TMPDIR": SCRATCH, "RAY_TMPDIR": "/tmp", **extra_env})
+    c = container(CONTAINERS["worker"], cfg, env, resources, ports, "worker")
     selector = cfg.gpu_node_selectors.get(plan.spec.gpu_type, {})
     tolerations = tuple(cfg.gpu_tolerations)
     if plan.spec.spot:  # workers only: the head (CPU, on-demand) must outlive a preemption
         spot_selector, spot_tolerations = spot_placement(cfg)
         selector, tolerations = {**selector, **spot_selector}, tolerations + spot_tolerations
-    return {"metadata": _template_metadata(plan, cfg, "worker"),
-            "spec": _pod_spec(plan, cfg, c, node_selector=selector, tolerations=tolerations,
+    return {"metadata": template_metadata(plan, cfg, "worker"),
+            "spec": pod_spec(plan.name, cfg, c, node_selector=selector, tolerations=tolerations,
                               service_account=cfg.run_service_account, role="worker")}
 
 
@@ -299,10 +190,10 @@ def submitter_template(plan: RunPlan, cfg: ClusterConfig) -> dict:
     its log is the run's log (`llmctl logs`), and it outlives the Ray cluster."""
     resources_req = {"cpu": "500m", "memory": "256Mi"}
     resources_lim = {"cpu": "1", "memory": "1Gi"}  # KubeRay's default submitter limits
-    c = _container(SUBMITTER_CONTAINER, cfg, [{"name": "HOME", "value": "/tmp"}], resources_req, [])
+    c = container(SUBMITTER_CONTAINER, cfg, [{"name": "HOME", "value": "/tmp"}], resources_req, [])
     c["resources"] = {"requests": resources_req, "limits": resources_lim}
     c.pop("envFrom", None)  # the submitter talks to the Ray dashboard only: no storage credentials
-    spec = _pod_spec(plan, cfg, c, node_selector=cfg.head_node_selector, tolerations=cfg.head_tolerations)
+    spec = pod_spec(plan.name, cfg, c, node_selector=cfg.head_node_selector, tolerations=cfg.head_tolerations)
     spec["restartPolicy"] = "Never"
     spec.pop("priorityClassName", None)
     return {"metadata": {"labels": labels_for(plan, cfg, "submitter")}, "spec": spec}
@@ -381,22 +272,3 @@ def build_rayjob(plan: RunPlan, cfg: ClusterConfig, *, namespace: str, extra_env
         "spec": spec,
     }
     return json.loads(json.dumps(rayjob))  # a plain tree: no shared sub-dicts, exactly what the API receives
-
-
-class _Dumper(yaml.SafeDumper):
-    """Block style, no anchors, multi-line strings (runtimeEnvYAML) as literal `|` blocks."""
-
-    def ignore_aliases(self, data) -> bool:
-        return True
-
-
-def _str(dumper: yaml.SafeDumper, s: str):
-    return dumper.represent_scalar("tag:yaml.org,2002:str", s, style="|" if "\n" in s else None)
-
-
-_Dumper.add_representer(str, _str)
-
-
-def to_yaml(objs: list[dict]) -> str:
-    """Objects as a YAML stream, keys in build order (what `--dry-run -o yaml` prints)."""
-    return yaml.dump_all(objs, Dumper=_Dumper, sort_keys=False, width=1 << 20)
