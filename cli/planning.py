@@ -104,19 +104,23 @@ def render_table(p: RunPlan, spot_price: float | None = None, interconnect_note:
         ("assumptions", f"MFU prior: {e.mfu_source}"),
         ("", f"price: {e.price_source}"),
     ]
+    if any(st.name == "sft" for st in p.stages):
+        rows.append(("", f"SFT: {e.sft_cost_source}"))
     rows += [("warning", w) for w in p.warnings]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
 def _interconnect_row(p: RunPlan, note: str | None = None) -> tuple[str, str]:
-    from trainer.plan.interconnect import NODE_GPUS, step_breakdown
-
-    b = step_breakdown(p)
-    if p.spec.gpus <= NODE_GPUS:
+    """The plan's interconnect breakdown (RunPlan.interconnect, the same figures `-o json` carries)."""
+    b = p.interconnect
+    if b["link"] == "local":
+        return ("interconnect", f"local: {p.spec.gpus} worker process(es) on this machine (gloo), not modelled "
+                                f"({b['step_seconds']:.1f} s/step)")
+    if b["link"] == "nvlink":
         return ("interconnect", f"one node: NVLink, inside the MFU prior ({b['step_seconds'] * 1e3:.0f} ms/step)")
-    source = note or ("given (--interconnect-gbs)" if p.spec.interconnect_busbw_gbs else
-                      "assumed: 8x400G InfiniBand/EFA; llmctl doctor --network measures it")
+    source = note or ("given (--interconnect-gbs)" if b["busbw_source"] == "given" else
+                      f"{b['busbw_source']}; llmctl doctor --network measures it")
     return ("interconnect", f"{b['interconnect_share']:.1%} of each {b['step_seconds'] * 1e3:.0f} ms step "
                             f"({b['interconnect_seconds'] * 1e3:.0f} ms: {b['bytes_per_step'] / 1e9:.2f} GB "
                             f"all-reduced at {b['busbw'] / 1e9:.0f} GB/s bus bandwidth, {source}; docs/recipe.md)")

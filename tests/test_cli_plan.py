@@ -28,7 +28,7 @@ def test_plan_fp8_shows_fp8_hours_and_dollars_beside_bf16(capsys):
     assert main(["plan", "--depth", "24", "--ratio", "8", "--gpus", "8", "--fp8"]) == 0
     rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.strip()}
     assert "h training" in rows["bf16"] and "$" in rows["bf16"] and "this plan" not in rows["bf16"]
-    assert "(1.17x bf16 tok/s) <- this plan" in rows["fp8"]
+    assert "(1.18x bf16 tok/s) <- this plan" in rows["fp8"]  # d24: between the d20 and d26 measurements
     assert rows["memory"].startswith("memory") and "GiB per GPU predicted" in rows["memory"] and "(fp8)" in rows["memory"]
     hours = {k: float(rows[k].split()[1]) for k in ("bf16", "fp8")}
     assert hours["fp8"] < hours["bf16"]
@@ -107,3 +107,17 @@ def test_each_command_word_is_registered_by_the_module_main_names():
 def test_console_script_help():
     r = llmctl("--help")
     assert r.returncode == 0 and "plan" in r.stdout
+
+
+def test_a_local_cpu_plan_names_no_nvlink_and_every_table_figure_is_in_the_json(capsys):
+    """A laptop has no NVLink: the local plan says what links its workers; and the interconnect figures the
+    table shows for a multi-node run are the JSON plan's own."""
+    assert main(["plan", "--depth", "4", "--gpus", "2", "--gpu-type", "cpu"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("interconnect"))
+    assert "NVLink" not in row and "local" in row and "gloo" in row
+    assert main(["plan", "--depth", "26", "--gpus", "32"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("interconnect"))
+    assert main(["plan", "--depth", "26", "--gpus", "32", "-o", "json"]) == 0
+    ic = json.loads(capsys.readouterr().out)["interconnect"]
+    assert f"{ic['interconnect_share']:.1%} of each {ic['step_seconds'] * 1e3:.0f} ms step" in row
+    assert f"{ic['busbw'] / 1e9:.0f} GB/s" in row and f"{ic['bytes_per_step'] / 1e9:.2f} GB" in row

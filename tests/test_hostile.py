@@ -241,7 +241,7 @@ def test_tokenizer_rank_bomb_is_a_tokenizer_error(tmp_path, tok):
     url = _tamper(tmp_path, tok, ranks=b"\n".join(ranks) + b"\n",  # and a tokenizer.json that agrees
                   meta_edit=lambda m: m.update(vocab_size=4_000_000_001 + len(m["special_tokens"])))
     r = _run_limited(f"""
-        from trainer.tokenizer import Tokenizer, TokenizerError
+        from trainer.data.tokenizer import Tokenizer, TokenizerError
         try:
             Tokenizer.load({url!r})
         except TokenizerError as e:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from cli.cluster import IMAGE, RAY_VERSION
+from cli.kube.config import IMAGE, RAY_VERSION
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "images" / "trainer" / "Dockerfile"

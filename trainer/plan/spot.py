@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from trainer.plan.pricing import CHECKPOINT_BANDWIDTH, COMPILE_HOURS, RAY_START_HOURS, SCHEDULING_HOURS
 
-GPUS_PER_NODE = 8  # one worker pod = one 8-GPU node (cli/rayjob.py)
+GPUS_PER_NODE = 8  # one worker pod = one 8-GPU node (cli/kube/rayjob.py)
 
 # Spot price per GPU-hour by catalog GPU type: (price, source and date).
 SPOT_PRICES: dict[str, tuple[float, str]] = {
