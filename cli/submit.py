@@ -15,7 +15,7 @@ from cli.console import confirm, dump_objects, fmt_hours, require_yes, say
 from cli.errors import UsageError
 from cli.flags import add_cluster_args, add_spec_args, add_version_args, version_flags
 
-LOCAL_STORAGE = "file://~/.cache/llmctl"  # RunSpec.storage_root's default (tests/test_jobs.py checks they agree)
+LOCAL_STORAGE = "file://~/.cache/llmctl"  # RunSpec.storage_root's default (tests/cli/test_jobs.py checks they agree)
 
 
 def apply_flags(cfg, args):

@@ -114,7 +114,7 @@ def kube(tmp_path, monkeypatch):
     from cli import console
     from cli.kube.pods import CONTAINERS
     from tests.kube_fake import FakeKube
-    from tests.test_doctor import chart, setup
+    from tests.cli.test_doctor import chart, setup
 
     monkeypatch.setattr(console, "POLL_SECONDS", 0.01)
     with FakeKube() as k:

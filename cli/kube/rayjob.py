@@ -22,7 +22,7 @@ Nothing is written to storage before the run starts, and `--dry-run` shows the c
 passes three shells unchanged: KubeRay runs `ray job submit ... -- <entrypoint>` under bash in the submitter
 pod (single quotes: every byte literal), `ray job submit` re-quotes the argv with shlex.join, and Ray's job
 supervisor runs it with `sh -c`. The JSON is ASCII with any `'` written as the JSON escape \u0027, so the
-single-quoted word never ends early (tests/test_rayjob.py pushes a plan through real bash, shlex and sh).
+single-quoted word never ends early (tests/cli/kube/test_rayjob.py pushes a plan through real bash, shlex and sh).
 
 Metrics: each training process serves Prometheus on 9400 + local_rank, declared as ports llm-m0..llm-m7 on
 worker pods; Ray's own metrics are on 8080 (every node) and 44217/44227 (head). The chart's PodMonitors

@@ -1,6 +1,6 @@
 """Which KubeRay and Kueue releases llmctl supports, what each one's CRDs know, and how to tell which is installed.
 
-The matrix (tests/test_rayjob.py and tests/test_chart.py validate every rendered object strictly against each
+The matrix (tests/cli/kube/test_rayjob.py and tests/test_chart.py validate every rendered object strictly against each
 release's CRD schema; tests/crds/SOURCE.md names the upstream tags):
 
     KubeRay 1.3 - 1.7   (ray-project/kuberay, RayJob ray.io/v1)

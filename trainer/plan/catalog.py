@@ -43,7 +43,7 @@ GPUS: dict[str, GPU] = {
 # 630K tok/s). Linear in between, flat outside. Multi-node runs are assumed to match (not measured).
 MFU_ANCHORS = ((12, 0.41), (18, 0.46), (24, 0.50), (26, 0.477))
 # Shown in every plan (and stored in it): the k8s/examples golden plans carry this exact text, so a change
-# here means regenerating them (LLMCTL_REGEN=1 pytest tests/test_rayjob.py -k golden).
+# here means regenerating them (LLMCTL_REGEN=1 pytest tests/cli/kube/test_rayjob.py -k golden).
 MFU_SOURCE = "nanochat 8xH100 bf16: d12 41%, d18 46%, d24 50%, d26 47.7% (nanochat README and dev/LOG.md; docs/recipe.md)"
 # fp8 (tensorwise) over bf16 tokens/s by depth, each point a measurement of the same step with only the matmul
 # precision changed; linear in between, flat outside. Small models gain nothing (their matmuls are too small).

@@ -1,7 +1,7 @@
 """cli/cost.py: `llmctl cost` sums each run's spend ledger (trainer/spend.py) over a storage root, prorates
 --since, refuses bad input with exit 2 and skips an unreadable run with a warning.
 
-Run: .venv/bin/pytest tests/test_cost.py -v
+Run: .venv/bin/pytest tests/cli/test_cost.py -v
 """
 
 from __future__ import annotations

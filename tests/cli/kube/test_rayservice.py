@@ -3,7 +3,7 @@
 The run lives in a real S3 endpoint (moto on loopback, tests/conftest.py): its plan.json and a whole
 checkpoint, which the CLI reads before rendering anything. Create and delete go to the API stand-in
 tests/kube_fake.py through the real kubernetes client.
-Run: .venv/bin/pytest tests/test_rayservice.py
+Run: .venv/bin/pytest tests/cli/kube/test_rayservice.py
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """cli/plan.py, cli/planning.py and cli/main.py: `llmctl plan` output, bad input, and a start-up free of torch and ray.
 
-Run: .venv/bin/pytest tests/test_cli_plan.py
+Run: .venv/bin/pytest tests/cli/test_plan.py
 """
 
 import json

@@ -2,7 +2,7 @@
 frame read from live exporters and the same frame read through a real Prometheus, step time between frames,
 and bad input (one line, exit 2) and unreachable sources (one line, exit 1).
 
-Run: .venv/bin/pytest tests/test_top.py -v
+Run: .venv/bin/pytest tests/cli/test_top.py -v
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from tests import prom as promlib
 from trainer.metrics import RunMetrics
 from trainer.plan import RunSpec, plan
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

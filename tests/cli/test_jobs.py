@@ -2,7 +2,7 @@
 server on loopback (tests/kube_fake.py), through the real kubernetes client. Each test asserts the exact
 requests; refusals and --dry-run must make none.
 
-Run: .venv/bin/pytest tests/test_jobs.py -v
+Run: .venv/bin/pytest tests/cli/test_jobs.py -v
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from cli.main import main
 from tests import schemas
 from tests.kube_fake import FakeKube
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RAYJOBS = "/apis/ray.io/v1/namespaces/team/rayjobs"
 CONFIGMAP = "/api/v1/namespaces/team/configmaps/llmctl-config"
 CRD = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/rayjobs.ray.io"  # KubeRay release discovery

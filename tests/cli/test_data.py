@@ -1,7 +1,7 @@
 """`llmctl data prepare|sample` and `llmctl tokenizer train`: outputs in the reference layout, one-line errors
 with exit 2 that create nothing, and no heavy imports when the CLI starts.
 
-Run: .venv/bin/pytest tests/test_cli_data.py -v
+Run: .venv/bin/pytest tests/cli/test_data.py -v
 """
 
 from __future__ import annotations

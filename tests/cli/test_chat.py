@@ -3,7 +3,7 @@ history and /clear, s3:// storage, and the one-line errors (exit 2).
 
 The run is the session's `finished_run` (tests/finished_run.py: pretraining, SFT and eval on a local Ray
 cluster, built once per session).
-Run: .venv/bin/pytest tests/test_cli_chat.py
+Run: .venv/bin/pytest tests/cli/test_chat.py
 """
 
 import argparse

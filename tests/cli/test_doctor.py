@@ -1,7 +1,7 @@
 """cli/doctor.py against the strict stand-in (tests/kube_fake.py) with the chart's own objects and RBAC: the pass
 path on every supported KubeRay and Kueue release, and each fail path with its fix; -o json; bad flags.
 
-Run: .venv/bin/pytest tests/test_doctor.py -v
+Run: .venv/bin/pytest tests/cli/test_doctor.py -v
 """
 
 from __future__ import annotations
