@@ -29,7 +29,7 @@ CHART = ROOT / "charts/llmctl"
 EXPECTED = {"LlmctlTrainingStalled", "LlmctlMFUDropped", "LlmctlLossNotFinite", "LlmctlSpendOverEstimate",
             "LlmctlBudgetCapReached", "LlmctlRankStraggling", "LlmctlExporterDown",
             "LlmctlServeErrorRate",  # served models (llmctl serve), tests/serve/test_metrics.py
-            "LlmctlServeIdle", "LlmctlRayClusterIdle",  # idle GPUs (issue 18): a served model, a Ray cluster
+            "LlmctlServeIdle", "LlmctlRayClusterIdle",  # idle GPUs: a served model, a Ray cluster
             "LlmctlStepStale"}  # a step that overran half the watchdog's bound: names the stuck rank
 RAY_METRICS = {"ray_resources"}  # Ray's own system metrics the cluster alerts read (docs.ray.io system-metrics)
 

@@ -177,7 +177,7 @@ def test_chart_validates_strictly_on_every_supported_release(helm, chart, kubera
 
 
 def test_kueue_api_version_follows_the_cluster(helm, chart):
-    """Issue 13 item 2: v1beta2 is served only from Kueue 0.15; without it the chart must emit v1beta1."""
+    """v1beta2 is served only from Kueue 0.15; without it the chart must emit v1beta1."""
     args = ["--set", "kueue.localQueue.create=true"]
     assert one(render(helm, chart, *args), "LocalQueue")["apiVersion"] == "kueue.x-k8s.io/v1beta1"
     lq = one(render(helm, chart, *args, "--api-versions", "kueue.x-k8s.io/v1beta2"), "LocalQueue")
@@ -660,5 +660,5 @@ def test_rendered_pods_are_locked_down_and_labelled(ci_docs):
     verbs = {(tuple(r["resources"]), tuple(r["verbs"])) for r in role["rules"]}
     assert (("rayjobs",), ("create", "get", "list", "watch", "delete")) in verbs
     assert all("*" not in r["verbs"] and "*" not in r["resources"] for r in role["rules"])
-    # the run's account has no Role: no pod needs the Kubernetes API (issue 13 item 11, issue 19 item 1)
+    # the run's account has no Role: no pod needs the Kubernetes API
     assert not find(ci_docs, "Role", "llmctl-ci-run") and not find(ci_docs, "RoleBinding", "llmctl-ci-run")

@@ -1,4 +1,4 @@
-"""Defects a source-level review found (issue 13) whose fixes live in cli/jobs.py, cli/submit.py or trainer/,
+"""Defects a source-level review found, whose fixes live in cli/jobs.py, cli/submit.py or trainer/,
 pinned against the strict stand-in (tests/kube_fake.py). Each was first a strict xfail naming the function to
 change; the markers came off as the fixes landed: progress and spend read from the run's storage (items 3, 4),
 `logs -f` waiting for a pending pod (6), submit waiting for a cancelled run's finalizer (7), and the missing

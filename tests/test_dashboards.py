@@ -116,7 +116,7 @@ def test_overview_shows_what_the_issue_asks_for():
 
 
 def test_spend_panels_show_gpu_hours_restarts_and_time_lost():
-    """Real spend (issue 18): GPU-hours paid, restarts and the time they lost, on both dashboards."""
+    """Real spend: GPU-hours paid, restarts and the time they lost, on both dashboards."""
     for name in UIDS:
         exprs = {p["title"]: [t["expr"] for t in p["targets"]] for p in load(name)["panels"]}
         gpu_hours = [e for es in exprs.values() for e in es if "llmctl_gpu_seconds{" in e]

@@ -1,4 +1,4 @@
-"""Hostile input (issue 19): an untrusted submitter in a shared namespace, a malicious file in shared storage,
+"""Hostile input: an untrusted submitter in a shared namespace, a malicious file in shared storage,
 a cluster answer that is not what llmctl wrote. One test per finding, each with the file or flag that the probe
 used (crafted here: plan.json, tokenizer, parquet bomb, CORE bundle, annotation and log lines with escapes).
 Every refusal is one line on stderr and exit 2 (cli/main.py); nothing is read outside the run.

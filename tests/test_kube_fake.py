@@ -65,7 +65,7 @@ def test_strict_create_accepts_what_llmctl_renders_for_each_release(release):
 
 
 def test_the_newest_rendering_on_an_old_operator_is_a_400_under_strict_and_a_silent_prune_by_default():
-    """Issue 13 item 1, as a real 1.5 server behaves."""
+    """A rendering for a newer KubeRay sent to a 1.5 server, as a real 1.5 server answers."""
     with FakeKube(kuberay="1.5.2") as kube:
         custom = client.CustomObjectsApi(api(kube))
         with pytest.raises(ApiException) as e:
@@ -219,7 +219,7 @@ def _cli(kube, tmp_path, monkeypatch, capsys, token, *argv):
 
 def test_list_all_namespaces_needs_the_charts_cluster_scope_option_and_says_so(chart_docs, tmp_path, monkeypatch,
                                                                                capsys):
-    """Issue 13 item 5: list -A needs cluster-scope list; the hint names that exact permission."""
+    """list -A needs cluster-scope list; the hint names that exact permission."""
     with FakeKube() as kube:
         kube.load_rbac(chart_docs["default"])
         ada = kube.user_token("ada")
@@ -262,7 +262,7 @@ def test_submit_without_crd_access_falls_back_to_the_configured_or_oldest_releas
 
 
 def test_submit_to_a_missing_namespace_names_the_namespace(tmp_path, monkeypatch, capsys):
-    """Issue 13 item 8 (submit): the real 404 is `namespaces "x" not found`."""
+    """submit into a missing namespace: the real 404 is `namespaces "x" not found`."""
     with FakeKube() as kube:
         rc, _, err = _cli(kube, tmp_path, monkeypatch, capsys, kube.token, "submit", "--depth", "12", "--gpus", "8",
                           "--storage", "s3://b", "--yes", "-n", "nope")

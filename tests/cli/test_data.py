@@ -132,7 +132,7 @@ def _cli_on_a_terminal(argv: list[str], timeout: float = 300.0) -> tuple[int, st
 
 
 def test_progress_shows_on_a_terminal_and_output_stays_clean_off_one(tmp_path):
-    """Issue 14: progress on everything that takes more than a few seconds. On a terminal `data sample` and
+    """Progress on everything that takes more than a few seconds. On a terminal `data sample` and
     `data prepare` draw a bar and `tokenizer train` a bar for reading the text, then a spinner while rustbpe
     merges; captured (no terminal) each command prints a few plain lines: no escape codes, no traceback."""
     data, docs = tmp_path / "data", tmp_path / "docs"

@@ -344,7 +344,7 @@ def test_describe_maps_rayjob_status_to_words(status, spec, state, words):
 
 
 def test_progress_written_by_the_run_to_its_storage_reaches_status(kube, capsys, tmp_path):
-    """Item 3 of issue 13: the trainer needs no API token; status reads <run>/progress.json from storage."""
+    """The trainer needs no API token; status reads <run>/progress.json from storage."""
     rj = _submitted(kube, capsys)
     name = rj["metadata"]["name"]
     url = f"file://{tmp_path}/runs/{name}"
@@ -461,7 +461,7 @@ def test_cancel_refusals_make_no_delete(kube, capsys, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
-# list: idle Ray clusters (issue 18)
+# list: idle Ray clusters
 
 
 def _ago(hours: float) -> str:

@@ -170,7 +170,7 @@ def test_every_container_is_non_root_and_locked_down():
 
 
 def test_ipc_lock_option_is_refused_with_the_reason():
-    """Issue 13 item 9: IPC_LOCK did nothing for uid 1000 and Pod Security baseline/restricted reject it."""
+    """IPC_LOCK did nothing for uid 1000 and Pod Security baseline/restricted reject it."""
     with pytest.raises(UsageError, match="workers.capabilities: removed: .*non-root.*memlock"):
         ClusterConfig.from_dict({"workers": {"capabilities": ["IPC_LOCK"]}})
     ClusterConfig.from_dict({"workers": {"capabilities": []}})  # the old chart's empty default still loads
@@ -303,7 +303,7 @@ def test_rayjob_validates_strictly_against_every_supported_kuberay(release, queu
 
 
 def test_the_newest_kuberay_fields_are_what_older_releases_reject():
-    """Item 1 of issue 13: the 1.7 rendering sent to a 1.5 server is a strict-decoding error, not a prune."""
+    """The 1.7 rendering sent to a 1.5 server is a strict-decoding error, not a prune."""
     _, rj = rayjob(26, 8)  # no version known: the newest supported
     schemas.validate(rj, {"kuberay": "1.7.0"})
     with pytest.raises(schemas.Invalid, match="preRunningDeadlineSeconds"):
