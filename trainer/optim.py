@@ -192,7 +192,7 @@ def muon_update_per_matrix(grads: Tensor, params: Tensor, momentum_buffer: Tenso
     Why: torch's CPU batched GEMMs (bmm, baddbmm) pick their path by batch size (one GEMM for a batch of 1,
     MKL's batched GEMM or oneDNN otherwise), and those paths round differently (baddbmm's alpha folded
     differently; with AVX2 even plain bmm). A rank updates only the matrices it owns, so with stacked GEMMs
-    a matrix's update depended on the world size: 1 float32 ulp, which AdamW then turned into 0.03 on
+    a matrix's update would depend on the world size: 1 float32 ulp, which AdamW turns into ~0.03 on
     backout_lambda, a scalar whose true gradient is ~0 at initialisation (tests/test_optim.py).
     """
     for j in range(params.size(0)):
