@@ -44,7 +44,10 @@ reduction asynchronously, (2) per group, in order: wait for its reduction, updat
 launch an asynchronous all-gather of the updated values, (3) wait for the gathers and copy back. Every
 collective's input/output tensors and Work handle stay referenced until its wait returns (upstream
 nanochat PR #843: a torn all-gather when the allocator reuses a buffer still in flight). Gradients are
-averaged (ReduceOp.AVG); the loop divides each micro-batch loss by grad_accum itself.
+averaged (ReduceOp.AVG); the loop divides each micro-batch loss by grad_accum itself. With the cpu kernels,
+W=2 ranks end bit for bit equal to 1 rank with 2x accumulation, either Polar Express dtype (halving is exact,
+AdamW is elementwise, each Muon matrix is updated alone); the reference kernels stack a group's GEMMs as the
+reference does, so there the world size can change a matrix's rounding.
 
 Sharding layout (world size W, rank r); state_dict() is per rank and records it under "sharding":
 - Group order is fixed by build_optimizer: lm_head, wte, value_embeds, resid, x0, smear, then one Muon
