@@ -32,15 +32,22 @@ group["weight_decay"] of the Muon groups from its schedules.
 Kernels (`kernels`): "reference" runs the reference's op-for-op update functions (adamw_update,
 muon_update), compiled on CUDA as the reference does, eager elsewhere. "cpu", the default on CPU, keeps the
 math and cuts what eager CPU execution pays beyond it: torch's fused AdamW kernel (one pass instead of ~8),
-Polar Express with its scalings folded into the GEMMs, and bf16 Polar Express where the CPU has native bf16
-GEMMs (AMX). Equal within float32 rounding, bf16 aside (tests/test_optim.py); speed in docs/benchmarks.md.
+Polar Express with its scalings folded into the GEMMs, bf16 Polar Express where the CPU has native bf16
+GEMMs (AMX), and each matrix updated on its own (muon_update_per_matrix), so that its update is bit for bit
+the same whichever ranks own it. The two kernels differ by float32 rounding only, but Polar Express amplifies
+rounding in the momentum's near-null directions (its slope at a small singular value is the product of its
+five `a` coefficients, ~990), so they agree to ~1e-6 of an update on well-conditioned gradients and not
+bit for bit in general (tests/test_optim.py); speed in docs/benchmarks.md.
 
 Distributed without DDP (ZeRO-2 style, the reference's three phases): (1) launch every gradient
 reduction asynchronously, (2) per group, in order: wait for its reduction, update this rank's shard,
 launch an asynchronous all-gather of the updated values, (3) wait for the gathers and copy back. Every
 collective's input/output tensors and Work handle stay referenced until its wait returns (upstream
 nanochat PR #843: a torn all-gather when the allocator reuses a buffer still in flight). Gradients are
-averaged (ReduceOp.AVG); the loop divides each micro-batch loss by grad_accum itself.
+averaged (ReduceOp.AVG); the loop divides each micro-batch loss by grad_accum itself. With the cpu kernels,
+W=2 ranks end bit for bit equal to 1 rank with 2x accumulation, either Polar Express dtype (halving is exact,
+AdamW is elementwise, each Muon matrix is updated alone); the reference kernels stack a group's GEMMs as the
+reference does, so there the world size can change a matrix's rounding.
 
 Sharding layout (world size W, rank r); state_dict() is per rank and records it under "sharding":
 - Group order is fixed by build_optimizer: lm_head, wte, value_embeds, resid, x0, smear, then one Muon
@@ -180,6 +187,22 @@ def muon_update(grads: Tensor, params: Tensor, momentum_buffer: Tensor, second_m
     params.sub_(lr * g + lr * wd * params * ((g * params) >= 0))
 
 
+def muon_update_per_matrix(grads: Tensor, params: Tensor, momentum_buffer: Tensor, second_moment: Tensor,
+                           *hyper) -> None:
+    """muon_update on each (1, m, n) slice of the stack in turn: the same math, and each matrix's update is
+    then the same sequence of ops on the same shapes whether its stack holds 1 matrix or K.
+
+    Why: torch's CPU batched GEMMs (bmm, baddbmm) pick their path by batch size (one GEMM for a batch of 1,
+    MKL's batched GEMM or oneDNN otherwise), and those paths round differently (baddbmm's alpha folded
+    differently; with AVX2 even plain bmm). A rank updates only the matrices it owns, so with stacked GEMMs
+    a matrix's update would depend on the world size: 1 float32 ulp, which AdamW turns into ~0.03 on
+    backout_lambda, a scalar whose true gradient is ~0 at initialisation (tests/test_optim.py).
+    """
+    for j in range(params.size(0)):
+        s = slice(j, j + 1)
+        muon_update(grads[s], params[s], momentum_buffer[s], second_moment[s], *hyper)
+
+
 _compiled: dict[str, tuple] = {}
 KERNELS = ("reference", "cpu")
 
@@ -189,10 +212,11 @@ def _kernels(device: torch.device, kernels: str) -> tuple:
 
     reference: the reference's op-for-op form, compiled once per process on CUDA (fullgraph, static
     shapes), eager elsewhere. cpu: eager forms with fewer passes over memory (torch's fused AdamW kernel,
-    GEMM-fused Polar Express), same math; compiling did not pay on CPU (docs/benchmarks.md).
+    GEMM-fused Polar Express), same math, one matrix at a time so that the world size cannot change a
+    matrix's rounding (muon_update_per_matrix); compiling did not pay on CPU (docs/benchmarks.md).
     """
     if kernels == "cpu":
-        return adamw_update_fused, muon_update, True
+        return adamw_update_fused, muon_update_per_matrix, True
     if device.type != "cuda":
         return adamw_update, muon_update, False
     if "cuda" not in _compiled:
@@ -431,8 +455,9 @@ class MuonAdamW(torch.optim.Optimizer):
 
 
 def build_optimizer(model: GPT, optim: Optimization, *, world_size: int = 1, rank: int = 0,
-                    kernels: str | None = None) -> MuonAdamW:
-    """The reference's groups with the plan's (batch- and width-scaled) LRs; see the module docstring."""
+                    kernels: str | None = None, ortho_dtype: torch.dtype | None = None) -> MuonAdamW:
+    """The reference's groups with the plan's (batch- and width-scaled) LRs; see the module docstring.
+    `kernels` and `ortho_dtype` as MuonAdamW's (tests force each Polar Express dtype on any CPU)."""
     groups = model.param_groups()
     resid, x0 = model.resid_lambdas, model.x0_lambdas
     smear = [p for p in groups["scalars"] if p is not resid and p is not x0]
@@ -453,4 +478,4 @@ def build_optimizer(model: GPT, optim: Optimization, *, world_size: int = 1, ran
                                  weight_decay=optim.weight_decay))
     for g in param_groups:
         g["initial_lr"] = g["lr"]
-    return MuonAdamW(param_groups, world_size=world_size, rank=rank, kernels=kernels)
+    return MuonAdamW(param_groups, world_size=world_size, rank=rank, kernels=kernels, ortho_dtype=ortho_dtype)
