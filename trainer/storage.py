@@ -189,6 +189,22 @@ def _read_local(path: str, max_bytes: int, url: str) -> bytes | None:
     return data
 
 
+def read_text(url: str, max_bytes: int, storage_options: dict | None = None) -> str | None:
+    """The text file at `url` (None when absent), bounded and never through a link, like `read_small_json`;
+    invalid UTF-8 is replaced, not an error."""
+    fs, path = filesystem(url, storage_options)
+    if _is_local(fs):
+        data = _read_local(path, max_bytes, url)
+    else:
+        try:
+            data = fs.cat_file(path, start=0, end=max_bytes + 1)
+        except FileNotFoundError:
+            data = None
+        if data is not None and len(data) > max_bytes:
+            raise DocumentTooLarge(f"{url} is over the {max_bytes:,} bytes this reader accepts")
+    return None if data is None else data.decode("utf-8", "replace")
+
+
 def read_small_json(url: str, max_bytes: int, storage_options: dict | None = None):
     """The JSON document at `url` (None when absent), read only when it is at most `max_bytes` long: stored
     files are untrusted, and a reader must not be made to pull gigabytes. Invalid JSON (nesting that would
