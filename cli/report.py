@@ -2,8 +2,9 @@
 
 Prints `<run>/report.md`; builds it first (trainer/report.py `write_report`: report.md, report.json, the
 curves loss.png and bpb.png, and the self-contained report.html) when the run has none yet or with
-`--refresh` (e.g. while a run is still going). `-o json` prints report.json instead. `--open` opens
-report.html in the web browser instead of printing (a run on object storage: a local copy of it).
+`--refresh` (e.g. while a run is still going). `-o json` prints report.json instead. `--open` rebuilds the
+report and opens the report.html it just built, from a private local copy, in the web browser instead of
+printing (a report.html found in storage is never what opens: anyone who can write the run could plant one).
 
 Examples:
   llmctl report gpt-d4-2xcpu-1a2b3c4d --open
@@ -13,6 +14,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import os
 
 from cli.errors import UsageError
 
@@ -31,7 +33,8 @@ def register(sub) -> None:
 def cmd_report(args: argparse.Namespace) -> int:
     from cli.console import clean, dump_json
     from trainer.report import gather, write_report
-    from trainer.storage import RunNotFound, read_json, read_plan, run_url
+    from trainer.report import write_report_files
+    from trainer.storage import DocumentTooLarge, RunNotFound, UnsafeFile, read_json, read_plan, read_text, run_url
     from trainer.plan.stored_plan import StoredPlanError
 
     url = run_url(args.run, args.storage)
@@ -44,16 +47,18 @@ def cmd_report(args: argparse.Namespace) -> int:
         read_plan(url, opts)
     except RunNotFound:
         raise UsageError(f"run {args.run!r} not found: no plan.json at {url}") from None
+    except (DocumentTooLarge, UnsafeFile) as e:
+        raise UsageError(f"run {args.run!r}: {e}") from None
     except ValueError as e:
         raise UsageError(f"run {args.run!r}: plan.json is not valid JSON ({e})") from None
     name = "report.json" if args.output == "json" else "report.md"
     # Stored files are untrusted: a plan that names unknown stages is refused, files not in the shape llmctl
     # writes are one line, and what is printed has no terminal escapes (trainer/text.py).
     try:
-        if args.refresh or read_json(f"{url}/report.json", opts) is None or (args.open and not _has_html(url, opts)):
+        if args.open:  # the page built now, from the escaped report: never a report.html found in storage
+            return open_html(write_report_files(url, opts)["report.html"])
+        if args.refresh or read_json(f"{url}/report.json", opts) is None:
             write_report(url, opts)
-        if args.open:
-            return open_html(url, opts)
         if args.output == "json":
             print(dump_json(read_json(f"{url}/{name}", opts) or gather(url, opts)))
             return 0
@@ -61,37 +66,27 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise UsageError(f"run {args.run!r}: {e}") from None
     except (ValueError, KeyError, TypeError, AttributeError) as e:  # a stored file not in the shape we wrote
         raise UsageError(f"run {args.run!r}: its files are not a run's ({type(e).__name__}: {e})") from None
-    import fsspec
-
-    with fsspec.open(f"{url}/{name}", "r", **opts) as f:
-        print(clean(f.read(1 << 24), newlines=True), end="")  # a report is a few KB; never print more than 16 MiB
+    try:  # a report is a few KB; never read more than 16 MiB, never through a link
+        text = read_text(f"{url}/{name}", 1 << 24, opts)
+    except ValueError as e:
+        raise UsageError(f"run {args.run!r}: {e}") from None
+    print(clean(text or "", newlines=True), end="")
     return 0
 
 
-def _has_html(url: str, opts: dict) -> bool:
-    from trainer.storage import filesystem
-
-    fs, path = filesystem(f"{url}/report.html", opts)
-    return fs.exists(path)
-
-
-def open_html(url: str, opts: dict) -> int:
-    """Open the run's report.html with the `webbrowser` module (which honours $BROWSER); a run on object
-    storage is copied to a local temporary file first. Prints what it opened."""
+def open_html(page: str) -> int:
+    """Open `page` (the report.html just built) with the `webbrowser` module (which honours $BROWSER), from a
+    private copy (a new 0700 directory): a stored report.html, which anyone who can write the run could have
+    planted, is never what opens. Prints what it opened."""
+    import pathlib
     import tempfile
     import webbrowser
 
-    from trainer.storage import filesystem
-
-    fs, path = filesystem(f"{url}/report.html", opts)
-    if "file" in fs.protocol or fs.protocol in ("file", "local"):
-        local = path
-    else:
-        local = tempfile.NamedTemporaryFile(prefix="llmctl-report-", suffix=".html", delete=False).name
-        fs.get_file(path, local)
-    import pathlib
-
-    target = pathlib.Path(local).resolve().as_uri()
+    local = pathlib.Path(tempfile.mkdtemp(prefix="llmctl-report-")) / "report.html"
+    fd = os.open(local, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(page)
+    target = local.resolve().as_uri()
     print(f"opening {target}")
     if not webbrowser.open(target):
         print("no web browser found; open that file yourself")

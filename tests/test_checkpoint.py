@@ -101,3 +101,17 @@ def test_meta_is_json_with_format(tmp_path):
     (tmp_path / "sft_step000003" / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="unknown checkpoint format"):
         checkpoint.verify(path)
+
+
+def test_hostile_checkpoint_json_reads_are_bounded(tmp_path):
+    # meta.json and a rank's loader state sit in shared storage: a 1 GiB one is refused before it is read.
+    from trainer.checkpoint import CheckpointError, _loader_state, loader_file, verify
+
+    with open(tmp_path / "meta.json", "wb") as f:
+        f.truncate(1 << 30)
+    with pytest.raises(CheckpointError, match="over"):
+        verify(str(tmp_path))
+    with open(tmp_path / loader_file(0), "wb") as f:
+        f.truncate(1 << 30)
+    with pytest.raises(CheckpointError, match="over"):
+        _loader_state(str(tmp_path), 0)

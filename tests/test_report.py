@@ -179,5 +179,132 @@ def test_report_open_opens_the_html(run, tmp_path):
     r = subprocess.run([LLMCTL, "report", run.urls["run"], "--open"], capture_output=True, text=True, timeout=120,
                        env={**os.environ, "BROWSER": "echo"})
     assert r.returncode == 0, r.stderr
-    target = (local(run) / "report.html").resolve().as_uri()
-    assert r.stdout.splitlines() == [f"opening {target}", target]
+    opening, target = r.stdout.splitlines()
+    assert opening == f"opening {target}" and target.startswith("file:///") and target.endswith("/report.html")
+    # A private copy of the page just built (never a report.html found in storage), equal to the one written.
+    assert Path(target[len("file://"):]).read_text() == (local(run) / "report.html").read_text()
+
+
+# ---------------------------------------------------------------- hostile stored text (issue 25: High 2, Medium 5)
+
+PWN = "document.title='pwned';var p=document.createElement('p');p.id='pwned';document.body.appendChild(p)"
+PAYLOADS = [f"<script>{PWN}</script>", f'<img src=x onerror="{PWN}">', f"[click me](javascript:{PWN})",
+            f"<iframe srcdoc=\"<script>parent.{PWN}</script>\"></iframe>", f'<svg onload="{PWN}"></svg>',
+            "![tracker](https://evil.example/t.png)", "<a href='javascript:alert(1)'>x</a>", "`code` *b* | pipe"]
+EVIL_NAME = f"<img src=y onerror=\"{PWN}\">"
+
+
+def _hostile_run(tmp_path) -> Path:
+    """A run directory whose stored text (run name, samples, task labels, bundle, status) is HTML and
+    Markdown a model trained on web text emits by itself, or an attacker writes; no training needed."""
+    from tests.finished_run import tiny_plan
+
+    d = tmp_path / "evil"
+    (d / "pretrain").mkdir(parents=True)
+    (d / "eval").mkdir()
+    doc = json.loads(tiny_plan(f"file://{tmp_path}").to_json())
+    doc["name"] = EVIL_NAME
+    (d / "plan.json").write_text(json.dumps(doc))
+    (d / "pretrain/summary.json").write_text(json.dumps({
+        "status": PAYLOADS[0], "steps": 3, "tokens": 100, "seconds": 2.0, "dollars": 0.0,
+        "loss_history": [[1, 3.0], [3, 2.0]], "val_history": [[0, 2.5], [3, 2.2]]}))
+    task = {"type": PAYLOADS[1], "shots": PAYLOADS[3], "examples": 3, "accuracy": 0.5, "baseline": 25.0,
+            "centered": 0.1}
+    (d / "eval/results.json").write_text(json.dumps({"models": {
+        "base": {"stage": PAYLOADS[4], "step": 3, "val_bpb": 2.2, "unigram_bpb": 3.0,
+                 "core": {"core": 0.1, "bundle": PAYLOADS[2], "smoke_test": True, "tasks": {p: task for p in PAYLOADS}},
+                 "samples": [{"prompt": p, "completion": q} for p, q in zip(PAYLOADS, reversed(PAYLOADS))]},
+        "chat": {"stage": "sft", "step": 1, "val_bpb": 2.1,
+                 "samples": [{"prompt": p, "reply": q} for p, q in zip(PAYLOADS, reversed(PAYLOADS))]}}}))
+    return d
+
+
+def _chromium(tmp_path, page: Path, shot: Path | None = None) -> str:
+    """The DOM of `page` after headless Chromium loaded it and ran whatever it would run (2 s of virtual time)."""
+    from tests.tools import ensure_chromium
+
+    chromium, _ = ensure_chromium()
+    args = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=2000", "--window-size=1200,1600"]
+    if shot is not None:
+        r = subprocess.run(args + [f"--screenshot={shot}", page.resolve().as_uri()], capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 0 and shot.exists(), r.stderr[-2000:]
+    r = subprocess.run(args + ["--dump-dom", page.resolve().as_uri()], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "<body" in r.stdout, r.stderr[-2000:]
+    return r.stdout
+
+
+def _no_script_ran(dom: str) -> None:
+    """The rendered DOM: the title as written, no element a payload adds, and no active markup at all (elements
+    and attributes as the browser parsed them, not text that merely shows them)."""
+    import re
+    from html.parser import HTMLParser
+
+    title = re.findall(r"<title>(.*?)</title>", dom, re.S)[0]
+    assert title.startswith("Run report: ") and title != "pwned", "a payload set document.title"
+    tags = []
+
+    class Tags(HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            tags.append((tag, dict(attrs)))
+
+    Tags().feed(dom)
+    assert not [a for _, a in tags if a.get("id") == "pwned"], "a payload added an element"
+    assert not [t for t, _ in tags if t in ("script", "iframe", "svg", "object", "embed", "form", "base", "a")]
+    for tag, attrs in tags:
+        assert not [k for k in attrs if k.startswith("on")], (tag, attrs)
+        assert tag != "img" or (attrs.get("src") or "").startswith("data:image/png;base64,"), (tag, attrs)
+
+
+def test_hostile_report_html_runs_no_script_in_headless_chromium(tmp_path):
+    run = _hostile_run(tmp_path)
+    text = write_report(f"file://{run}")
+    html = (run / "report.html").read_text()
+    assert '<meta http-equiv="Content-Security-Policy" content="default-src \'none\';' in html
+    out = Path(__file__).parent / "artifacts"
+    out.mkdir(exist_ok=True)
+    shot = out / "report-hostile.png"
+    shot.unlink(missing_ok=True)
+    dom = _chromium(tmp_path, run / "report.html", shot)
+    _no_script_ran(dom)
+    # The payloads are shown as the text they are, not dropped: a reader sees what the model wrote.
+    assert "&lt;script&gt;document.title=" in dom and "[click me](javascript:" in dom
+    assert "&lt;img src=y onerror=" in dom  # the run name, in the heading
+    assert "<script" not in text.lower().replace("\\<script", "")  # report.md: markup escaped too
+    # The page's Content-Security-Policy stops a script even if one slipped through escaping.
+    leaky = run / "leaky.html"
+    leaky.write_text(html.replace("<body>", f"<body><script>{PWN}</script><img src=z onerror=\"{PWN}\">"))
+    dom = _chromium(tmp_path, leaky)
+    assert 'id="pwned"' not in dom and "<title>Run report" in dom
+
+
+def test_hostile_report_open_never_opens_stored_html(tmp_path):
+    run = _hostile_run(tmp_path)
+    write_report(f"file://{run}")
+    (run / "report.html").write_text(f"<html><body><script>{PWN}</script></body></html>")  # planted after the build
+    r = subprocess.run([LLMCTL, "report", str(run), "--open"], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "BROWSER": "echo"})
+    assert r.returncode == 0, r.stderr
+    opened = Path(r.stdout.splitlines()[-1][len("file://"):])
+    page = opened.read_text()
+    assert "<script" not in page and "Content-Security-Policy" in page and "Run report" in page
+    assert opened.stat().st_mode & 0o077 == 0  # a private copy: nobody else can swap it before the browser reads it
+
+
+def test_hostile_report_of_a_1gib_summary_is_one_line_in_bounded_memory(tmp_path):
+    run = _hostile_run(tmp_path)
+    with open(run / "summary.json", "wb") as f:
+        f.truncate(1 << 30)  # sparse: no disk used; read whole it took 2.1 GB and died with a traceback
+    # A small wrapper runs `llmctl report` and reports its child's peak memory: measured from pytest itself, a
+    # forked child would count pytest's own pages until it execs.
+    wrapper = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+               "sys.stderr.write(r.stderr); print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    w = subprocess.run([sys.executable, "-c", wrapper, LLMCTL, "report", str(run)], capture_output=True, text=True,
+                       timeout=120)
+    rc, maxrss = map(int, w.stdout.split())
+    err = w.stderr
+    assert rc == 2, err[-2000:]
+    assert maxrss < 600 * 1024, f"{maxrss // 1024} MB"  # KiB on Linux
+    assert err.count("\n") == 1 and "summary.json" in err and "over the" in err, err[-2000:]

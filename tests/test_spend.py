@@ -152,3 +152,77 @@ def test_a_finished_run_leaves_its_progress_and_one_finished_attempt(finished_ru
     assert rows[0]["seconds"] >= summary["hours"] * 3600  # the attempt paid at least the time the stages kept
     prog = read_progress(url)
     assert prog["stage"] == "sft" and prog["step"] == prog["steps"] and prog["kept_seconds"] > 0
+
+
+# ---------------------------------------------------------------- hostile ledgers (issue 25: Medium 6, Low 15)
+
+
+@pytest.mark.parametrize("when", ["0001-01-01T00:00:00+14:00", "9999-12-31T23:59:59-14:00", "0001-01-01T00:00:00Z",
+                                  "9999-12-31T23:59:59Z"])
+def test_hostile_a_row_dated_year_1_or_9999_is_dropped_alone(tmp_path, capsys, when):
+    url = f"file://{tmp_path}/runs/r"
+    (tmp_path / "runs" / "r").mkdir(parents=True)
+    good = {"start": "2026-01-01T00:00:00Z", "last": "2026-01-01T01:00:00Z", "gpus": 8, "seconds": 3600.0,
+            "state": "finished"}
+    (tmp_path / "runs/r/spend.json").write_text(json.dumps({
+        "run": "r", "price_per_gpu_hour": 2.0, "attempts": [good, dict(good, start=when), dict(good, last=when)]}))
+    doc = spend.read_spend(url)  # the ledger stays readable: the bad rows go, the good one stays
+    assert doc["attempts"] == [good] and doc["totals"]["gpu_seconds"] == 8 * 3600
+    assert doc["dropped"] == 2
+    err = capsys.readouterr().err  # and it says so, once, on stderr (status, cost and report read it this way)
+    assert err.count("\n") == 1 and "2 malformed row(s) dropped" in err and "spend.json" in err
+
+
+LEDGER = """
+import sys, time
+from trainer import spend
+url, gpus, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+clock = lambda: 1_800_000_000.0 + time.monotonic()
+led = spend.Ledger(url, run="r", gpus=gpus, price_per_gpu_hour=1.0, clock=clock).begin()
+for _ in range(n):
+    led.heartbeat()
+    spend.record_world(url, gpus, clock=clock)
+led.end("finished")
+"""
+
+READ_LEDGER = """
+import os, sys
+from trainer import spend
+url, stop = sys.argv[1], sys.argv[2]
+seen = bad = 0
+while not os.path.exists(stop):
+    try:
+        spend.read_spend(url)
+        seen += 1
+    except Exception as e:
+        bad += 1
+        print(type(e).__name__, e, file=sys.stderr)
+print(seen, bad)
+"""
+
+
+def test_hostile_concurrent_attempts_keep_every_row(tmp_path):
+    # Two launchers of one run at once (an attempt not yet dead while its retry begins) and their worker groups,
+    # as real processes: every row and every world change survives, no reader sees a torn ledger, no writer
+    # fails (the old writers shared `spend.json.tmp`: torn JSON, FileNotFoundError, rows overwritten).
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root}
+    url, stop = f"file://{tmp_path}/runs/r", tmp_path / "stop"
+    reader = subprocess.Popen([sys.executable, "-c", READ_LEDGER, url, str(stop)], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    procs = [subprocess.Popen([sys.executable, "-c", LEDGER, url, str(g), "30"], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for g in (1, 2, 3)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    stop.write_text("")
+    out, err = reader.communicate(timeout=60)
+    assert all(p.returncode == 0 for p in procs) and not any(outs), outs  # record_world prints its failures
+    seen, bad = map(int, out.split())
+    assert bad == 0 and seen > 0, err[-2000:]
+    doc = spend.read_spend(url)
+    assert sorted(a["gpus"] for a in doc["attempts"]) == [1, 2, 3]
+    assert all(a["state"] == "finished" for a in doc["attempts"])
+    assert len(json.loads((tmp_path / "runs/r/workers.json").read_text())["changes"]) == 90

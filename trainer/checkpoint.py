@@ -121,11 +121,31 @@ def verify(path: str, fs=None) -> Meta:
     meta_path = posixpath.join(path, META_FILE)
     if not fs.exists(meta_path):
         raise CheckpointError(f"checkpoint {path} is incomplete: no {META_FILE}")
-    meta = Meta.from_json(fs.cat_file(meta_path).decode())
+    size = fs.size(meta_path)
+    if size is not None and size > MAX_JSON_FILE_BYTES:  # stored and untrusted: refused before it is read
+        raise CheckpointError(f"checkpoint {path}: {META_FILE} is {size:,} bytes, over {MAX_JSON_FILE_BYTES:,}")
+    meta = Meta.from_json(fs.cat_file(meta_path, start=0, end=MAX_JSON_FILE_BYTES).decode(errors="replace"))
     missing = [f for f in meta.files if not fs.exists(posixpath.join(path, f))]
     if missing:
         raise CheckpointError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")
     return meta
+
+
+MAX_JSON_FILE_BYTES = 64 * 1024 * 1024  # meta.json and each rank's loader state: KB in practice
+
+
+def _loader_state(path: str, rank: int):
+    """A rank's loader state from a local checkpoint directory, bounded and never through a link
+    (trainer/storage.py `read_small_json`); anything else is a CheckpointError."""
+    from trainer.storage import expand, read_small_json
+
+    try:
+        state = read_small_json(expand(os.path.join(path, loader_file(rank))), MAX_JSON_FILE_BYTES)
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {path}: {loader_file(rank)}: {e}") from None
+    if state is None:
+        raise CheckpointError(f"checkpoint {path} is incomplete: missing {loader_file(rank)}")
+    return state
 
 
 def restore(path: str, *, model, optimizer, rank: int, world_size: int) -> tuple[Meta, dict]:
@@ -141,9 +161,7 @@ def restore(path: str, *, model, optimizer, rank: int, world_size: int) -> tuple
         return meta, _restore_resharded(path, meta, optimizer=optimizer, rank=rank, world_size=world_size, device=device)
     optimizer.load_state_dict(torch.load(os.path.join(path, optim_file(rank)), map_location=device,
                                          weights_only=True))
-    with open(os.path.join(path, loader_file(rank))) as f:
-        loader_state = json.load(f)
-    return meta, loader_state
+    return meta, _loader_state(path, rank)
 
 
 def _restore_resharded(path: str, meta: Meta, *, optimizer, rank: int, world_size: int, device) -> dict:
@@ -161,8 +179,7 @@ def _restore_resharded(path: str, meta: Meta, *, optimizer, rank: int, world_siz
                               f"{world_size}; its optimizer state cannot be re-sharded: {e}") from None
     states = []
     for r in range(meta.world_size):
-        with open(os.path.join(path, loader_file(r))) as f:
-            states.append(json.load(f))
+        states.append(_loader_state(path, r))
     return reshard_request(states, rank, world_size)
 
 

@@ -44,6 +44,7 @@ SHUFFLE_SEED = 1337  # a task's items are shuffled with Random(1337) before the 
 FEWSHOT_SEED = 1234  # few-shot examples for item idx: Random(1234 + idx).sample(other items, k) (core_eval)
 DEFAULT_DELIMITER = " "  # continuation_delimiter when core.yaml gives none
 SMOKE_KEY = "llmctl_smoke_test"  # core.yaml flag of a bundle built from held-out text (build_smoke_bundle)
+MAX_BUNDLE_FILE_BYTES = 512 * 1024 * 1024  # one core.yaml, CSV or task JSONL of a CORE bundle, read whole
 
 
 
@@ -128,8 +129,11 @@ def load_bundle(url: str, *, storage_options: dict | None = None, max_per_task: 
     root = root.rstrip("/")
 
     def read(rel: str) -> str:
-        try:
-            return fs.cat_file(f"{root}/{rel}").decode("utf-8")
+        try:  # the bundle is stored and untrusted: each file bounded before it is read (DCLM's are a few MB)
+            size = fs.size(f"{root}/{rel}")
+            if size is not None and size > MAX_BUNDLE_FILE_BYTES:
+                raise BundleError(f"eval bundle {url}: {rel} is {size:,} bytes, over {MAX_BUNDLE_FILE_BYTES:,}")
+            return fs.cat_file(f"{root}/{rel}", start=0, end=MAX_BUNDLE_FILE_BYTES).decode("utf-8")
         except FileNotFoundError:
             raise BundleError(f"eval bundle {url}: {rel} is missing (layout: core.yaml, eval_data/, "
                               "eval_meta_data.csv)") from None

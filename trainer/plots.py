@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import io
 
-from trainer.storage import filesystem
+from trainer.storage import write_bytes
 
 CURVES = ("loss.png", "bpb.png")
 FIGSIZE, DPI = (7.0, 3.6), 110  # ~770 x 400 px: readable in a browser and in a markdown viewer
@@ -66,7 +66,9 @@ def render_curves(d: dict) -> dict[str, bytes]:
                                label=f"unigram baseline ({model} val tokens)")
         ax.set_xlabel("step (SFT continues after pretraining)" if "sft" in series and len(series) > 1 else "step")
         ax.set_ylabel(ylabel)
-        ax.set_title(f"{title}: {d['run']}", fontsize=10)
+        # The run name is stored text: plain text, never mathtext (nested `$\\sqrt{...}$` recursed until
+        # RecursionError) nor TeX.
+        ax.set_title(f"{title}: {d['run']}", fontsize=10, parse_math=False, usetex=False)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
@@ -79,7 +81,6 @@ def render_curves(d: dict) -> dict[str, bytes]:
 def write_curves(run_url: str, d: dict, storage_options: dict | None = None) -> dict[str, bytes]:
     """Write the curves into the run directory; return {file name: PNG bytes} (for report.html)."""
     files = render_curves(d)
-    fs, root = filesystem(run_url, storage_options)
     for name, png in files.items():
-        fs.pipe_file(f"{root}/{name}", png)
+        write_bytes(f"{run_url.rstrip('/')}/{name}", png, storage_options)  # atomic, never through a planted link
     return files

@@ -75,7 +75,7 @@ def spend_section(url: str, storage_options: dict | None, summary: dict | None) 
         return None
     kept = (summary or {}).get("hours")
     lost = lost_seconds(spend, kept * 3600 if isinstance(kept, (int, float)) else None)
-    return dict(spend["totals"], running=spend["attempts"][-1]["state"] == "running",
+    return dict(spend["totals"], running=spend["attempts"][-1]["state"] == "running", dropped=spend["dropped"],
                 lost_hours=None if lost is None else lost / 3600)
 
 
@@ -93,9 +93,27 @@ def _num(x: float | None, fmt: str = ",.0f") -> str:
     return "–" if x is None else format(x, fmt)
 
 
-def _cell(text: str) -> str:
-    """Text safe inside a markdown table cell: one line, pipes escaped."""
-    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", "⏎ ").strip() or "(empty)"
+# Characters that make Markdown markup out of stored text: HTML (`<`, `&` entities), links and images (`[`, `]`,
+# `!`), code spans, emphasis, table cells. Each is backslash-escaped (CommonMark: any ASCII punctuation may be).
+_MD_SPECIAL = frozenset("\\`*[]<>!|&")
+
+
+def _md(value) -> str:
+    """Stored text (a run name, a sample, a task label...) as Markdown that renders as exactly that text: one
+    line, every markup character escaped. Every stored string reaches report.md through here (or `_code`)."""
+    text = str(value).replace("\r\n", "\n").replace("\r", "\n").replace("\n", "⏎ ")
+    return "".join("\\" + c if c in _MD_SPECIAL else c for c in text)
+
+
+def _code(value) -> str:
+    """Stored text as a code span when it can be one (no backtick, one line), else as escaped text."""
+    text = str(value)
+    return f"`{text}`" if "`" not in text and "\n" not in text and "\r" not in text else _md(text)
+
+
+def _cell(text) -> str:
+    """Text safe inside a markdown table cell: one line, markup (pipes included) escaped."""
+    return _md(text).strip() or "(empty)"
 
 
 def _measured_row(name: str, s: dict, d: dict) -> str:
@@ -110,25 +128,27 @@ def _measured_row(name: str, s: dict, d: dict) -> str:
     mfu = d["model"]["flops_per_token"] * tps / (gpus * peak) if tps and peak else None
     if name == "eval":
         tokens = m.get("tokens_evaluated", 0)
-    steps = f"{m.get('steps', '–')}" + (f"/{planned['steps']}" if planned else "")
-    return (f"| {name} | {m.get('status', '–')} | {steps} | {_num(tokens)} | {_hours(secs / 3600)} / {est_time} | "
+    steps = _cell(m.get('steps', '–')) + (f"/{_cell(planned['steps'])}" if planned else "")
+    return (f"| {name} | {_cell(m.get('status', '–'))} | {steps} | {_num(tokens)} | {_hours(secs / 3600)} / {est_time} | "
             f"{_num(tps)} | {_num(mfu, '.1%')} | ${_num(m.get('dollars'), ',.2f')} | ${est_dollars} |")
 
 
 def render(d: dict, curves: list[str] | tuple[str, ...] = (), curves_note: str | None = None) -> str:
     """report.md from `gather`'s dict; `curves`: the PNG files beside it to link (trainer/plots.py)."""
     sp, mo, est = d["spec"], d["model"], d["estimate"]
-    out = [f"# Run report: {d['run']}", "",
-           f"Status **{d['status']}** · d{sp['depth']} on {sp['gpus']} x {sp['gpu_type']} · `{d['url']}`", "",
+    # Every stored string goes through _md/_cell/_code: report.html renders it as text, never as markup.
+    out = [f"# Run report: {_md(d['run'])}", "",
+           f"Status **{_md(d['status'])}** · d{_md(sp['depth'])} on {_md(sp['gpus'])} x {_md(sp['gpu_type'])} · "
+           f"{_code(d['url'])}", "",
            "## Plan", "",
            f"- model: {mo['n_layer']} layers, {mo['n_embd']} wide, {mo['n_head']} heads, vocab {mo['vocab_size']:,}, "
-           f"context {mo['seq_len']}, windows {mo['window_pattern']}; {mo['params']:,} parameters "
+           f"context {mo['seq_len']}, windows {_md(mo['window_pattern'])}; {mo['params']:,} parameters "
            f"({mo['scaling_params']:,} scaling), {mo['flops_per_token']:.4g} FLOPs/token",
-           f"- recipe: ratio {sp['ratio']} tokens per scaling parameter, "
-           + ("float32 (CPU)" if sp["gpu_type"] == "cpu" else sp["precision"]),
+           f"- recipe: ratio {_md(sp['ratio'])} tokens per scaling parameter, "
+           + ("float32 (CPU)" if sp["gpu_type"] == "cpu" else _md(sp["precision"])),
            f"- estimate: {_hours(est['total_hours'])} ({_hours(est['train_hours'])} training), "
            f"${est['total_dollars']:,.2f} at ${est['price_per_gpu_hour']:.2f}/GPU-h, "
-           f"{est['tokens_per_second']:,.0f} tok/s at {est['mfu']:.0%} MFU ({est['mfu_source']})", "",
+           f"{est['tokens_per_second']:,.0f} tok/s at {est['mfu']:.0%} MFU ({_md(est['mfu_source'])})", "",
            "## Measured against the estimate", "",
            "| stage | status | steps | tokens | time / estimate | tok/s | MFU | $ | $ estimate |",
            "|---|---|---|---|---|---|---|---|---|"]
@@ -139,6 +159,8 @@ def render(d: dict, curves: list[str] | tuple[str, ...] = (), curves_note: str |
                     f"(estimate {_hours(t['estimate']['total_hours'])}), ${t.get('dollars', 0):,.2f} "
                     f"(estimate ${t['estimate']['total_dollars']:,.2f})."]
     sd = d.get("spend")
+    if sd and sd.get("dropped"):
+        out += ["", f"spend.json: {sd['dropped']} malformed row(s) dropped; the figures below count the others."]
     if sd:
         out += ["", f"Paid across {sd['attempts']} attempt(s) ({sd['restarts']} restart(s), spend.json"
                     + (", so far" if sd["running"] else "") + f"): {sd['gpu_seconds'] / 3600:,.2f} GPU-hours, "
@@ -180,18 +202,19 @@ def render(d: dict, curves: list[str] | tuple[str, ...] = (), curves_note: str |
         out.append("CORE not measured: " + ("the run has no eval stage results yet." if not d["eval"]
                                             else "no base model was evaluated."))
     elif "skipped" in core:
-        out.append(f"CORE not measured: {core['skipped']}")
+        out.append(f"CORE not measured: {_md(core['skipped'])}")
     else:
         if core.get("smoke_test"):
             out += [f"> {SMOKE_NOTE}", ""]
         out += ["| task | type | shots | examples | accuracy | random baseline | centered |",
                 "|---|---|---|---|---|---|---|"]
         for label, r in core["tasks"].items():
-            out.append(f"| {label} | {r['type']} | {r['shots']} | {r['examples']} | {r['accuracy']:.4f} | "
+            out.append(f"| {_cell(label)} | {_cell(r['type'])} | {_cell(r['shots'])} | {_cell(r['examples'])} | "
+                       f"{r['accuracy']:.4f} | "
                        f"{r['baseline'] / 100:.2f} | {r['centered']:.4f} |")
         refs = ", ".join(f"{n} {v:.4f}" for n, v in GPT2_CORE)
         out += ["", f"**CORE {core['core']:.4f}** (mean centered accuracy over {len(core['tasks'])} tasks; "
-                    f"bundle `{core['bundle']}`). Reference: {refs} (the speedrun's target)."]
+                    f"bundle {_code(core['bundle'])}). Reference: {refs} (the speedrun's target)."]
 
     out += ["", "## Samples", ""]
     if not models:
@@ -200,7 +223,7 @@ def render(d: dict, curves: list[str] | tuple[str, ...] = (), curves_note: str |
         m = models.get(name)
         if not m or not m.get("samples"):
             continue
-        out += [f"### {title} ({m['stage']} step {m['step']}, greedy)", ""]
+        out += [f"### {title} ({_md(m['stage'])} step {_md(m['step'])}, greedy)", ""]
         if name == "base":
             out += ["| prompt | continuation |", "|---|---|"]
             out += [f"| {_cell(s['prompt'])} | {_cell(s['completion'])} |" for s in m["samples"]]
@@ -242,18 +265,36 @@ def card(d: dict, *, samples: int = 2) -> str:
 
 def to_html(markdown: str, images: dict[str, bytes], title: str) -> str:
     """report.html: the report's markdown as one self-contained page, each linked image embedded as a base64
-    data URI; no script, no stylesheet or font from the network."""
+    data URI; no script, no stylesheet or font from the network.
+
+    Stored text is data, not markup, three times over: `render` escapes every stored string's Markdown; the
+    Markdown is rendered with raw HTML off (`html: False`: a `<script>` in a sample is shown as text) and
+    markdown-it's link check (no `javascript:`, `vbscript:`, `file:` or non-image `data:` URL); and the page
+    carries a Content-Security-Policy that allows no script, frame, form, base URL or fetch at all: only
+    its own stylesheet (by hash) and images embedded as `data:` URIs."""
     import base64
     import html
 
     from markdown_it import MarkdownIt
 
-    body = MarkdownIt("commonmark").enable("table").render(markdown)
+    body = MarkdownIt("commonmark", {"html": False}).enable("table").render(markdown)
     for name, png in images.items():
         uri = "data:image/png;base64," + base64.b64encode(png).decode()
         body = body.replace(f'src="{name}"', f'src="{uri}"')
-    return (f"<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+    return (f"<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<meta http-equiv=\"Content-Security-Policy\" content=\"{html_csp()}\">"
+            f"<meta name=\"referrer\" content=\"no-referrer\"><title>{html.escape(title)}</title>"
             f"<style>{HTML_STYLE}</style></head>\n<body>\n{body}</body></html>\n")
+
+
+def html_csp() -> str:
+    """report.html's Content-Security-Policy: nothing but its own inline stylesheet and data: images."""
+    import base64
+    import hashlib
+
+    style = base64.b64encode(hashlib.sha256(HTML_STYLE.encode()).digest()).decode()
+    return (f"default-src 'none'; img-src data:; style-src 'sha256-{style}'; script-src 'none'; object-src 'none'; "
+            "frame-src 'none'; base-uri 'none'; form-action 'none'")
 
 
 HTML_STYLE = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222;"
@@ -266,6 +307,12 @@ HTML_STYLE = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em
 def write_report(run_url: str, storage_options: dict | None = None) -> str:
     """Write `<run>/report.md`, `report.json`, the curves (`loss.png`, `bpb.png`: trainer/plots.py) and the
     self-contained `report.html` from what the run left behind; return the markdown."""
+    return write_report_files(run_url, storage_options)["report.md"]
+
+
+def write_report_files(run_url: str, storage_options: dict | None = None) -> dict[str, str]:
+    """`write_report`, returning {file name: text} of report.json, report.md and report.html as written (so
+    `llmctl report --open` opens the page it built, never a stored one)."""
     url = run_url.rstrip("/")
     d = gather(url, storage_options)
     try:
@@ -275,7 +322,8 @@ def write_report(run_url: str, storage_options: dict | None = None) -> str:
     except ImportError:  # the CLI-only install: no matplotlib
         images, note = {}, "Curves need matplotlib: `pip install 'llmctl[train]'`, then `llmctl report RUN --refresh`."
     text = render(d, curves=list(images), curves_note=note)
-    for name, body in (("report.json", json.dumps(d, indent=2)), ("report.md", text),
-                       ("report.html", to_html(text, images, f"Run report: {d['run']}"))):
+    files = {"report.json": json.dumps(d, indent=2), "report.md": text,
+             "report.html": to_html(text, images, f"Run report: {d['run']}")}
+    for name, body in files.items():
         write_text(f"{url}/{name}", body, storage_options)
-    return text
+    return files

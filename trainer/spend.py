@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import datetime
 import os
+import secrets
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -46,6 +48,9 @@ HEARTBEAT_SECONDS = 60.0  # a killed attempt loses at most this much from the le
 MAX_DOCUMENT_BYTES = 1024 * 1024  # ~150 bytes an attempt: thousands of attempts fit
 MAX_ATTEMPTS = 5000
 STATES = ("running", "finished", "failed", "lost")
+# A row's times must fall in these years: a stored 0001 or 9999 (with an offset, a year 0 or 10000 once in UTC)
+# is a malformed row, dropped alone; it must not make the whole ledger unreadable.
+FIRST_YEAR, LAST_YEAR = 1970, 2999
 
 
 def _iso(t: float) -> str:
@@ -60,6 +65,21 @@ def parse_iso(ts) -> datetime.datetime | None:
     except ValueError:
         return None
     return t if t.tzinfo else t.replace(tzinfo=datetime.timezone.utc)
+
+
+def _row_time(ts) -> str | None:
+    """A row's stored time, checked and normalised (`_iso`), or None when it is not a time in FIRST_YEAR ..
+    LAST_YEAR (any offset from UTC included)."""
+    t = parse_iso(ts)
+    if t is None:
+        return None
+    try:
+        stamp = t.timestamp()
+        if not FIRST_YEAR <= datetime.datetime.fromtimestamp(stamp, datetime.timezone.utc).year <= LAST_YEAR:
+            return None
+        return _iso(stamp)
+    except (ValueError, OverflowError, OSError):
+        return None
 
 
 def gpu_seconds(row: dict, last: float | None = None) -> float:
@@ -83,25 +103,37 @@ def totals(doc: dict) -> dict:
 
 
 def sanitize(doc) -> dict:
-    """The ledger's known fields, each checked; rows with a bad field are dropped. Totals recomputed."""
+    """The ledger's known fields, each checked; rows with a bad field (times outside FIRST_YEAR..LAST_YEAR
+    included) are dropped alone, and counted in `dropped`. Totals recomputed."""
     if not isinstance(doc, dict):
-        return {"attempts": [], "price_per_gpu_hour": None, "run": None, "totals": totals({})}
-    rows = []
+        return {"attempts": [], "price_per_gpu_hour": None, "run": None, "totals": totals({}), "dropped": 0}
+    rows, dropped = [], 0
     for a in (doc.get("attempts") if isinstance(doc.get("attempts"), list) else [])[:MAX_ATTEMPTS]:
-        if not isinstance(a, dict):
-            continue
-        gpus, seconds = clean_number(a.get("gpus"), "int"), clean_number(a.get("seconds"), "num")
-        start, last = parse_iso(a.get("start")), parse_iso(a.get("last"))
-        segments = _clean_segments(a.get("segments"))
-        if gpus is None or seconds is None or start is None or last is None or a.get("state") not in STATES \
-                or segments is False:
-            continue
-        rows.append({"start": _iso(start.timestamp()), "last": _iso(last.timestamp()), "gpus": gpus,
-                     "seconds": seconds, "state": a["state"], **({"segments": segments} if segments else {})})
+        row = _clean_row(a)
+        if row is None:
+            dropped += 1
+        else:
+            rows.append(row)
     out = {"run": clean(doc["run"], limit=MAX_STRING) if isinstance(doc.get("run"), str) else None,
            "price_per_gpu_hour": clean_number(doc.get("price_per_gpu_hour"), "num"), "attempts": rows}
     out["totals"] = totals(out)
+    out["dropped"] = dropped
     return out
+
+
+def _clean_row(a) -> dict | None:
+    if not isinstance(a, dict):
+        return None
+    gpus, seconds = clean_number(a.get("gpus"), "int"), clean_number(a.get("seconds"), "num")
+    start, last = _row_time(a.get("start")), _row_time(a.get("last"))
+    segments = _clean_segments(a.get("segments"))
+    if gpus is None or seconds is None or start is None or last is None or a.get("state") not in STATES \
+            or segments is False:
+        return None
+    ident = a.get("id")
+    return {"start": start, "last": last, "gpus": gpus, "seconds": seconds, "state": a["state"],
+            **({"segments": segments} if segments else {}),
+            **({"id": ident} if isinstance(ident, str) and 0 < len(ident) <= 32 and ident.isalnum() else {})}
 
 
 def _clean_segments(value) -> list | None | bool:
@@ -125,15 +157,14 @@ def _clean_segments(value) -> list | None | bool:
 def record_world(run_url: str, world: int, storage_options: dict | None = None, clock=time.time) -> None:
     """Note, from rank 0 of a worker group that starts, that the run now runs on `world` GPUs (see the module
     docstring). Never fatal: a ledger that misses a change prices the attempt at its previous size."""
-    from trainer.storage import read_small_json, write_json
+    from trainer.storage import update_json
 
     url = f"{run_url}/{WORKERS_FILE}"
     try:
-        changes = _clean_changes(read_small_json(url, MAX_DOCUMENT_BYTES, storage_options))
-    except ValueError:  # not JSON, or too large: start the list again (only changes after an attempt began count)
-        changes = []
-    try:
-        write_json(url, {"changes": (changes + [[clock(), world]])[-MAX_SEGMENTS:]}, storage_options)
+        # Several groups may start at once: a lock (local files) or a conditional write (S3) keeps every change;
+        # a file that is not JSON or too large is started again (only changes after an attempt began count).
+        update_json(url, lambda doc: {"changes": (_clean_changes(doc) + [[clock(), world]])[-MAX_SEGMENTS:]},
+                    storage_options, max_bytes=MAX_DOCUMENT_BYTES, replace_invalid=True)
     except Exception as e:  # noqa: BLE001 - pricing is a courtesy; training goes on
         print(f"[spend] could not record the world size in {url}: {e}", flush=True)
 
@@ -152,11 +183,18 @@ def _clean_changes(doc) -> list[list]:
 
 def read_spend(run_url: str, storage_options: dict | None = None) -> dict | None:
     """`<run>/spend.json`, validated, with fresh totals; None when the run has none. Raises ValueError/OSError
-    when it cannot be read (too large, not JSON, storage unreachable)."""
+    when it cannot be read (too large, not JSON, storage unreachable). Malformed rows are dropped alone, and a
+    line on stderr says how many (`dropped` in the result)."""
     from trainer.storage import read_small_json
 
     doc = read_small_json(f"{run_url}/{SPEND_FILE}", MAX_DOCUMENT_BYTES, storage_options)
-    return None if doc is None else sanitize(doc)
+    if doc is None:
+        return None
+    out = sanitize(doc)
+    if out["dropped"]:
+        print(clean(f"warning: {run_url}/{SPEND_FILE}: {out['dropped']} malformed row(s) dropped (a bad field, or "
+                    f"a time outside {FIRST_YEAR}-{LAST_YEAR}); the other rows are counted"), file=sys.stderr)
+    return out
 
 
 class Ledger:
@@ -173,28 +211,40 @@ class Ledger:
         self._thread: threading.Thread | None = None
         self._t0 = 0.0
         self._seen = 0.0  # time of the last workers.json change folded in
+        self.id = ""
+        self.row: dict = {}
 
     @property
     def earlier_seconds(self) -> float:
         """Wall seconds paid for by the attempts before this one."""
-        return sum(a["seconds"] for a in self.doc["attempts"][:-1])
+        rows = self.doc["attempts"]
+        mine = next((i for i, a in enumerate(rows) if a.get("id") == self.id), len(rows))
+        return sum(a["seconds"] for a in rows[:mine])
 
     def begin(self) -> "Ledger":
         """Read the ledger, mark attempts that never said goodbye as lost, open this attempt's row (at `gpus`
-        until a worker group reports another size)."""
-        from trainer.storage import read_small_json
+        until a worker group reports another size). Read, change and write are one `update_json`: a lock
+        beside a local file, a conditional write on S3, so concurrent attempts never drop each other's rows."""
+        from trainer.storage import update_json
 
-        doc = sanitize(read_small_json(self.url, MAX_DOCUMENT_BYTES, self.opts) or {})
-        for a in doc["attempts"]:
-            if a["state"] == "running":
-                a["state"] = "lost"  # its pods went without closing the row: time up to its last heartbeat
+        self.id = secrets.token_hex(8)
         self._t0 = self._seen = self.clock()  # changes before this attempt began are not its own
-        doc["attempts"].append({"start": _iso(self._t0), "last": _iso(self._t0), "gpus": self.gpus, "seconds": 0.0,
-                                "state": "running"})
-        self.doc = {"schema": SCHEMA, "run": self.run, "price_per_gpu_hour": self.price,
-                    "attempts": doc["attempts"][-MAX_ATTEMPTS:]}
-        self._write()
+        self.row = {"start": _iso(self._t0), "last": _iso(self._t0), "gpus": self.gpus, "seconds": 0.0,
+                    "state": "running", "id": self.id}
+
+        def change(stored):
+            rows = sanitize(stored or {})["attempts"]
+            for a in rows:
+                if a["state"] == "running":
+                    a["state"] = "lost"  # its pods went without closing the row: time up to its last heartbeat
+            return self._document(rows + [dict(self.row)])
+
+        self.doc = update_json(self.url, change, self.opts, max_bytes=MAX_DOCUMENT_BYTES)
         return self
+
+    def _document(self, rows: list[dict]) -> dict:
+        doc = {"schema": SCHEMA, "run": self.run, "price_per_gpu_hour": self.price, "attempts": rows[-MAX_ATTEMPTS:]}
+        return dict(doc, totals=totals(doc))
 
     def heartbeat(self, state: str = "running") -> None:
         """Move this attempt's `last` and `seconds` to now (and set its state), after folding in the world-size
@@ -202,7 +252,7 @@ class Ledger:
         with self._lock:
             changes = self._changes()
             now = self.clock()
-            row = self.doc["attempts"][-1]
+            row = self.row
             for t, world in changes:
                 self._resize(row, world, t - self._t0)
             row.update(last=_iso(now), seconds=max(0.0, now - self._t0), state=state)
@@ -231,9 +281,21 @@ class Ledger:
         row["gpus"] = world
 
     def _write(self) -> None:
-        from trainer.storage import write_json
+        """This attempt's row into the ledger as it is now (other attempts' rows kept): one `update_json`. A
+        ledger that has become unreadable is started again from what this attempt knows."""
+        from trainer.storage import update_json
 
-        write_json(self.url, dict(self.doc, totals=totals(self.doc)), self.opts)
+        def change(stored):
+            rows = sanitize(stored)["attempts"] if stored is not None else \
+                [a for a in self.doc["attempts"] if a.get("id") != self.id]
+            at = next((i for i, a in enumerate(rows) if a.get("id") == self.id), None)
+            if at is None:
+                rows.append(dict(self.row))
+            else:
+                rows[at] = dict(self.row)
+            return self._document(rows)
+
+        self.doc = update_json(self.url, change, self.opts, max_bytes=MAX_DOCUMENT_BYTES, replace_invalid=True)
 
     def start_heartbeat(self, interval: float | None = None) -> None:
         interval = interval or float(os.environ.get("LLMCTL_SPEND_HEARTBEAT_SECONDS", HEARTBEAT_SECONDS))
