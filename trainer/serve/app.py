@@ -422,10 +422,11 @@ def run_local(args: dict, *, host: str, port: int, say=print) -> int:
     if key:
         args = {**args, "api_key_sha256": key_digest(key)}
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     started = not ray.is_initialized()
     try:
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
         start_local(args, host=host, port=port)
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())  # again: ray.init installed its own, which aborts
         shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
         say(json.dumps({"event": "ready", "url": f"http://{shown}:{port}/", "api": f"http://{shown}:{port}/v1"}))
         while not stop.wait(0.5):
