@@ -13,9 +13,10 @@ One Ray Serve application, `llmctl`, of one deployment, `LLMServer`, whose repli
 
 Bounds: a body over 1 MiB is refused (413); a prompt that cannot fit the context with one generated token is
 refused (400, `context_length_exceeded`), after dropping the oldest chat turns as `llmctl chat` does; replies
-end at max_tokens or the context; at most `max_batch` requests decode together and `max_queue` wait (then 503,
-which the openai client retries). Every refusal is a JSON error body; a failing request never takes the
-replica down.
+end at max_tokens, a `stop` string or the context; at most `max_batch` requests decode together and `max_queue`
+wait (then 503, which the openai client retries; Serve itself never refuses, its refusal being plain text).
+Every refusal is a JSON error body; a failing request never takes the replica down: parsing and tokenising run
+on a worker thread, and trimming a conversation tokenises each kept turn once. Who may call: access.py.
 
 Metrics: trainer/serve/metrics.py (requests by status, tokens, time to first token, queue depth), on the
 replica's own port `metrics_port` (9500; 0 picks a free one, reported by /healthz) and on GET /metrics.
