@@ -96,3 +96,18 @@ def test_the_chart_scrapes_the_port_the_rayservice_declares(tmp_path):
     assert {e["port"] for e in serve["podMetricsEndpoints"]} == {"llm-serve"} <= ports
     trainer = monitors["llmctl-trainer"]["selector"]["matchLabels"]
     assert not all(worker["metadata"]["labels"].get(k) == v for k, v in trainer.items())  # not a trainer
+
+
+def test_hostile_metrics_server_binds_the_address_it_is_given():
+    import psutil
+
+    from trainer.serve.metrics import ServeMetrics
+
+    class Engine:
+        queue_depth = active = 0
+
+    m = ServeMetrics("run", Engine())
+    m.serve_http(0, host="127.0.0.1")
+    (conn,) = [c for c in psutil.Process().net_connections("tcp") if c.laddr.port == m.port
+               and c.status == psutil.CONN_LISTEN]
+    assert conn.laddr.ip == "127.0.0.1" and m.host == "127.0.0.1"

@@ -102,3 +102,76 @@ def test_text_stream_holds_back_split_characters(tok):
     assert ts.push(rank[b"c"]) == "c"
     assert ts.push(rank[b"\xc3"]) == ""  # the first byte of é: held back, not shown as U+FFFD
     assert ts.push(rank[b"\xa9"]) == "\u00e9"
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile input (issue 25): client mistakes are 400s, never a 500 or a stuck replica
+
+
+@pytest.mark.parametrize("seed", [2 ** 64, 10 ** 100])
+def test_hostile_seed_past_64_bits_is_a_400(seed):
+    e = error_of(parse_params, parse_body(json.dumps(chat(seed=seed)).encode()), MODEL, chat=True)
+    assert (e.status, e.code, e.param) == (400, "invalid_value", "seed")
+    assert parse_params(chat(seed=2 ** 64 - 1), MODEL, chat=True).seed == 2 ** 64 - 1
+
+
+@pytest.mark.parametrize("raw", [b"[" * 100_000 + b"]" * 100_000, b'{"a":' * 100_000 + b"1" + b"}" * 100_000])
+def test_hostile_deeply_nested_json_is_a_400(raw):
+    e = error_of(parse_body, raw)
+    assert (e.status, e.code) == (400, "invalid_json") and "deep" in e.message
+
+
+def test_hostile_nested_values_are_not_echoed():
+    deep = json.loads("[" * 900 + "]" * 900)
+    e = error_of(parse_params, chat(seed=deep), MODEL, chat=True)
+    assert e.param == "seed" and len(e.message) < 200
+
+
+@pytest.mark.parametrize("name, value", [("temperature", float("nan")), ("temperature", float("inf"))])
+def test_hostile_non_finite_numbers_are_refused(name, value):
+    body = parse_body(json.dumps(chat(**{name: value})).encode())  # Python's json reads NaN and Infinity
+    assert error_of(parse_params, body, MODEL, chat=True).param == name
+
+
+def test_hostile_message_count_is_bounded():
+    from trainer.serve.openai_api import MAX_MESSAGES
+
+    turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": "hi"} for i in range(20_001)]
+    e = error_of(parse_params, {"messages": turns}, MODEL, chat=True)
+    assert (e.status, e.code, e.param) == (400, "invalid_value", "messages") and str(MAX_MESSAGES) in e.message
+    assert len(parse_params({"messages": turns[:MAX_MESSAGES - 1]}, MODEL, chat=True).messages) == MAX_MESSAGES - 1
+
+
+def test_hostile_turns_must_alternate_before_any_tokenising():
+    for msgs in ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
+                 [{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"},
+                  {"role": "user", "content": "b"}],
+                 [{"role": "user", "content": "a"}, {"role": "system", "content": "s"},
+                  {"role": "user", "content": "b"}]):
+        e = error_of(parse_params, {"messages": msgs}, MODEL, chat=True)
+        assert (e.status, e.code) == (400, "invalid_value") and e.param.startswith("messages")
+
+
+@pytest.mark.parametrize("stop, param_ok", [("\n", True), (["a", "bc"], True), (None, True), ([], True),
+                                            ("", False), ([1], False), (["a"] * 5, False), ("x" * 1000, False)])
+def test_hostile_stop_is_validated(stop, param_ok):
+    if param_ok:
+        p = parse_params(chat(stop=stop), MODEL, chat=True)
+        assert p.stop == ([stop] if isinstance(stop, str) else list(stop or []))
+    else:
+        assert error_of(parse_params, chat(stop=stop), MODEL, chat=True).param == "stop"
+
+
+def test_hostile_stop_sequences_cut_the_text_even_across_pieces():
+    from trainer.serve.openai_api import StopText
+
+    s = StopText(["END", "\n\n"])
+    out = [s.push(x) for x in ("Hello E", "N", "D more")]
+    assert "".join(t for t, _ in out) == "Hello " and out[-1][1] is True and out[0] == ("Hello ", False)
+    s = StopText(["END"])
+    assert s.push("an EN") == ("an ", False)  # "EN" may still become "END": held back
+    assert s.push("ding") == ("ENding", False) and s.flush() == ""
+    s = StopText(["xyz"])
+    assert s.push("abcxy") == ("abc", False) and s.flush() == "xy"  # the held tail is shown at the end
+    s = StopText([])
+    assert s.push("anything") == ("anything", False)

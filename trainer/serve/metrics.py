@@ -41,18 +41,20 @@ class ServeMetrics:
         Gauge("llmctl_serve_active_requests", "Requests decoding now", ["run"],
               registry=r).labels(run).set_function(lambda: engine.active)
         self.port: int | None = None
+        self.host: str | None = None
 
     def count(self, code: int) -> None:
         self.requests.labels(self.run, str(code)).inc()
 
-    def serve_http(self, port: int) -> None:
-        """Expose the registry on `port` (0: any free one); if it is taken, the next of 8 ports, else none."""
+    def serve_http(self, port: int, host: str = "0.0.0.0") -> None:
+        """Expose the registry on `host`:`port` (0: any free one); if it is taken, the next of 8 ports, else none.
+        `host`: where the API listens (`serve --local --host 127.0.0.1` keeps the metrics on loopback too)."""
         from prometheus_client import start_http_server
 
         for p in ([0] if port == 0 else range(port, port + 8)):
             try:
-                server, _ = start_http_server(p, registry=self.registry)
+                server, _ = start_http_server(p, addr=host, registry=self.registry)
             except OSError:
                 continue
-            self.port = server.server_port
+            self.port, self.host = server.server_port, host
             return

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import time
 import uuid
@@ -27,6 +28,9 @@ from trainer.data.tokenizer import SPECIAL_TOKENS
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: far above any prompt that fits a context, small enough to refuse cheaply
 DEFAULT_MAX_TOKENS = 256  # `llmctl chat`'s default reply length
 MAX_TEMPERATURE = 2.0  # OpenAI's range is 0..2
+MAX_SEED = 2 ** 64 - 1  # what torch.Generator.manual_seed takes
+MAX_MESSAGES = 1024  # messages per chat request; a longer history is the client's to trim
+MAX_STOP, MAX_STOP_CHARS = 4, 256  # `stop`: OpenAI's 4 sequences; each one this long at most
 ROLES = ("system", "user", "assistant")
 _SPECIAL = re.compile("|".join(re.escape(s) for s in SPECIAL_TOKENS))
 
@@ -55,6 +59,7 @@ class Params:
     seed: int | None
     messages: list[dict] | None = None  # chat
     prompt: str | None = None  # completions
+    stop: list[str] = dataclasses.field(default_factory=list)  # the reply ends before the first of these
 
 
 def parse_body(raw: bytes) -> dict:
@@ -64,10 +69,24 @@ def parse_body(raw: bytes) -> dict:
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
-        raise APIError(400, f"the request body is not valid JSON ({e})", code="invalid_json") from None
+        raise APIError(400, f"the request body is not valid JSON ({_short(str(e))})", code="invalid_json") from None
+    except RecursionError:  # json's own nesting bound (the interpreter's recursion limit): a 400, not a 500
+        raise APIError(400, "the request body is not valid JSON: nested too deep", code="invalid_json") from None
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_json")
     return body
+
+
+def _short(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _shown(value) -> str:
+    """A client's value for an error message: scalars shortened, containers by type (never repr'd: a
+    deeply nested list would recurse)."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 10 ** 30:
+        return "an integer of more than 30 digits"
+    return _short(repr(value)) if value is None or isinstance(value, (bool, int, float, str)) else type(value).__name__
 
 
 def _number(body: dict, name: str, default, lo: float, hi: float | None, *, integer: bool):
@@ -75,10 +94,11 @@ def _number(body: dict, name: str, default, lo: float, hi: float | None, *, inte
     if value is None:
         return default
     ok = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok or value < lo or (hi is not None and value > hi):
-        want = "an integer" if integer else "a number"
+    if (isinstance(value, bool) or not ok or (isinstance(value, float) and not math.isfinite(value))
+            or value < lo or (hi is not None and value > hi)):
+        want = "an integer" if integer else "a finite number"
         bound = f">= {lo}" if hi is None else f"in {lo}..{hi}"
-        raise APIError(400, f"{name} must be {want} {bound}, got {value!r}", param=name, code="invalid_value")
+        raise APIError(400, f"{name} must be {want} {bound}, got {_shown(value)}", param=name, code="invalid_value")
     return value
 
 
@@ -101,7 +121,8 @@ def parse_params(body: dict, served_model: str, *, chat: bool) -> Params:
     top_k = _number(body, "top_k", None, 1, None, integer=True)
     params = Params(model=model, stream=stream, max_tokens=max_tokens,
                     temperature=float(_number(body, "temperature", 1.0, 0, MAX_TEMPERATURE, integer=False)),
-                    top_k=top_k, seed=_number(body, "seed", None, 0, None, integer=True))
+                    top_k=top_k, seed=_number(body, "seed", None, 0, MAX_SEED, integer=True),
+                    stop=_stop(body.get("stop")))
     if chat:
         params.messages = _messages(body.get("messages"))
     else:
@@ -114,14 +135,35 @@ def parse_params(body: dict, served_model: str, *, chat: bool) -> Params:
     return params
 
 
+def _stop(stop) -> list[str]:
+    """OpenAI's `stop`: null, a string, or a list of up to MAX_STOP strings."""
+    stops = [] if stop is None else [stop] if isinstance(stop, str) else stop
+    if (not isinstance(stops, list) or len(stops) > MAX_STOP
+            or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stops)):
+        raise APIError(400, f"stop must be a string or a list of at most {MAX_STOP} non-empty strings of at most "
+                       f"{MAX_STOP_CHARS} characters", param="stop", code="invalid_value")
+    return list(stops)
+
+
 def _messages(messages) -> list[dict]:
+    """Checked messages: roles as SFT rendered them (an optional system message first, then user and assistant
+    turns alternating, user first and last), at most MAX_MESSAGES of them. Checked whole before any tokenising."""
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "messages must be a non-empty list", param="messages", code="invalid_value")
+    if len(messages) > MAX_MESSAGES:
+        raise APIError(400, f"messages: {len(messages)} messages is over this server's limit of {MAX_MESSAGES}; "
+                       "drop the oldest turns", param="messages", code="invalid_value")
     out = []
+    first = 1 if isinstance(messages[0], dict) and messages[0].get("role") == "system" else 0
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(m, dict) or m.get("role") not in ROLES:
             raise APIError(400, f"{where} needs a role among {', '.join(ROLES)}", param=where, code="invalid_value")
+        want = "system" if i < first else ("user", "assistant")[(i - first) % 2]
+        if m["role"] != want:
+            raise APIError(400, f"{where} is from {m['role']!r}, expected {want!r} (an optional system message "
+                           "first, then user and assistant turns alternating, user first)", param=where,
+                           code="invalid_value")
         content = m.get("content")
         if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
             if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
@@ -135,6 +177,31 @@ def _messages(messages) -> list[dict]:
     if out[-1]["role"] != "user":
         raise APIError(400, "the last message must be from the user", param="messages", code="invalid_value")
     return out
+
+
+class StopText:
+    """Text pieces in, text out until the first stop sequence (which is not shown): a tail that could still
+    become a stop sequence is held back until the next piece says whether it does."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops, self.pending = stops, ""
+
+    def push(self, piece: str) -> tuple[str, bool]:
+        """(text to show, whether a stop sequence was reached)."""
+        if not self.stops:
+            return piece, False
+        text = self.pending + piece
+        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.pending = ""
+            return text[:min(hits)], True
+        hold = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        self.pending = text[len(text) - hold:] if hold else ""
+        return text[:len(text) - hold], False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
 
 
 class TextStream:
