@@ -93,7 +93,7 @@ def _components() -> dict[str, Component]:
         Component("kwok", "sigs.k8s.io/kwok", {"kwok": "sigs.k8s.io/kwok/cmd/kwok"},
                   assets=(("kustomize/stage/pod/fast", "stages/pod-fast"),
                           ("kustomize/stage/node/fast", "stages/node-fast"),
-                          ("kustomize/stage/node/heartbeat", "stages/node-heartbeat"))),
+                          ("kustomize/stage/node/heartbeat-with-lease", "stages/node-heartbeat-with-lease"))),
     )}
 
 
