@@ -3,6 +3,7 @@ controller-manager, KubeRay operator, Kueue and kwok on 127.0.0.1, built from th
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -68,7 +69,7 @@ def test_real_cluster_user_kubeconfig_is_bound_only_by_rbac(real_cluster, tmp_pa
     with pytest.raises(ApiException) as denied:
         core.list_namespaced_pod(ns)
     assert denied.value.status == 403
-    assert 'User "alice" cannot list resource "pods"' in denied.value.body
+    assert 'User "alice" cannot list resource "pods"' in json.loads(denied.value.body)["message"]
 
     real_cluster.admin().create(f"/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/rolebindings", {
         "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": "alice-view"},

@@ -405,6 +405,9 @@ class RealCluster:
         (kq / "config.yaml").write_text(yaml.safe_dump(cfg))
         kueue = self._spawn("kueue", [
             str(b["kueue"] / "kueue"), f"--config={kq / 'config.yaml'}", f"--kubeconfig={admin_kc}",
+            # Off: its aggregated API server reads a certificate from another fixed path (/visibility) and
+            # would need an APIService; the tests read Workloads, not the pending-workloads API.
+            "--feature-gates=VisibilityOnDemand=false",
             f"--visibility-server-port={P['kueue-visibility']}",
         ], env={"KUBECONFIG": str(admin_kc)},
             binds={"/etc/kueue/metrics/certs": kq / "metrics-certs", "/etc/resolv.conf": resolv})
