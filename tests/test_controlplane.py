@@ -31,6 +31,36 @@ def _restricted_container(name="main", image="busybox:1.36", **extra) -> dict:
             **extra}
 
 
+def _queue(api, ns: str, cq: str) -> None:
+    """A ResourceFlavor, a ClusterQueue `cq` (16 CPU, 64Gi, 8 GPUs) and a LocalQueue `lq` in ns, Active."""
+    api.create("/apis/kueue.x-k8s.io/v1beta2/resourceflavors", {
+        "apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ResourceFlavor", "metadata": {"name": "default"}})
+    api.create("/apis/kueue.x-k8s.io/v1beta2/clusterqueues", {
+        "apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ClusterQueue", "metadata": {"name": cq},
+        "spec": {"namespaceSelector": {}, "resourceGroups": [{
+            "coveredResources": ["cpu", "memory", "nvidia.com/gpu"],
+            "flavors": [{"name": "default", "resources": [
+                {"name": "cpu", "nominalQuota": "16"}, {"name": "memory", "nominalQuota": "64Gi"},
+                {"name": "nvidia.com/gpu", "nominalQuota": "8"}]}]}]}})
+    api.create(f"/apis/kueue.x-k8s.io/v1beta2/namespaces/{ns}/localqueues", {
+        "apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "LocalQueue", "metadata": {"name": "lq"},
+        "spec": {"clusterQueue": cq}})
+
+    def lq_active():
+        _, lq = api.get(f"/apis/kueue.x-k8s.io/v1beta2/namespaces/{ns}/localqueues/lq")
+        return any(c["type"] == "Active" and c["status"] == "True" for c in lq.get("status", {}).get("conditions", []))
+
+    wait_for(f"LocalQueue {ns}/lq Active", lq_active, time.monotonic() + 30)
+
+
+def _admitted_workload(api, ns: str):
+    _, wls = api.get(f"/apis/kueue.x-k8s.io/v1beta2/namespaces/{ns}/workloads")
+    for wl in wls.get("items", []):
+        if any(c["type"] == "Admitted" and c["status"] == "True" for c in wl.get("status", {}).get("conditions", [])):
+            return wl
+    return None
+
+
 def test_real_cluster_components_are_up(real_cluster):
     api = real_cluster.admin()
     code, version = api.get("/version")
@@ -132,24 +162,7 @@ def test_real_cluster_kuberay_operator_creates_head_pod_for_a_raycluster(real_cl
 def test_real_cluster_kueue_webhook_suspends_and_kueue_admits_a_job(real_cluster):
     api = real_cluster.admin()
     ns = _ns(api, "queued")
-    api.create("/apis/kueue.x-k8s.io/v1beta2/resourceflavors", {
-        "apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ResourceFlavor", "metadata": {"name": "default"}})
-    api.create("/apis/kueue.x-k8s.io/v1beta2/clusterqueues", {
-        "apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ClusterQueue", "metadata": {"name": "cq"},
-        "spec": {"namespaceSelector": {}, "resourceGroups": [{
-            "coveredResources": ["cpu", "memory", "nvidia.com/gpu"],
-            "flavors": [{"name": "default", "resources": [
-                {"name": "cpu", "nominalQuota": "16"}, {"name": "memory", "nominalQuota": "64Gi"},
-                {"name": "nvidia.com/gpu", "nominalQuota": "8"}]}]}]}})
-    api.create(f"/apis/kueue.x-k8s.io/v1beta2/namespaces/{ns}/localqueues", {
-        "apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "LocalQueue", "metadata": {"name": "lq"},
-        "spec": {"clusterQueue": "cq"}})
-
-    def lq_active():
-        _, lq = api.get(f"/apis/kueue.x-k8s.io/v1beta2/namespaces/{ns}/localqueues/lq")
-        return any(c["type"] == "Active" and c["status"] == "True" for c in lq.get("status", {}).get("conditions", []))
-
-    wait_for("LocalQueue Active", lq_active, time.monotonic() + 30, real_cluster.procs)
+    _queue(api, ns, "cq")
 
     job = {"apiVersion": "batch/v1", "kind": "Job",
            "metadata": {"name": "small", "labels": {"kueue.x-k8s.io/queue-name": "lq"}},
@@ -161,14 +174,7 @@ def test_real_cluster_kueue_webhook_suspends_and_kueue_admits_a_job(real_cluster
     # Kueue's mutating webhook, called by the API server over loopback, suspended it on the way in.
     assert created["spec"]["suspend"] is True
 
-    def admitted():
-        _, wls = api.get(f"/apis/kueue.x-k8s.io/v1beta2/namespaces/{ns}/workloads")
-        for wl in wls.get("items", []):
-            if any(c["type"] == "Admitted" and c["status"] == "True" for c in wl.get("status", {}).get("conditions", [])):
-                return wl
-        return None
-
-    wl = wait_for("Workload Admitted", admitted, time.monotonic() + 60, real_cluster.procs)
+    wl = wait_for("Workload Admitted", lambda: _admitted_workload(api, ns), time.monotonic() + 60, real_cluster.procs)
     assert wl["status"]["admission"]["clusterQueue"] == "cq"
 
     def completed():
@@ -177,4 +183,45 @@ def test_real_cluster_kueue_webhook_suspends_and_kueue_admits_a_job(real_cluster
 
     done = wait_for("Job unsuspended, its pod run by kwok, Succeeded", completed, time.monotonic() + 60,
                     real_cluster.procs)
-    assert done["spec"]["suspend"] is False
+    assert not done["spec"].get("suspend")
+
+
+def test_real_cluster_kueue_admits_a_rayjob_and_the_operator_places_its_gpu_worker(real_cluster):
+    api = real_cluster.admin()
+    ns = _ns(api, "queued-ray")
+    _queue(api, ns, "cq-ray")
+    container = {"name": "ray", "image": RAY_IMAGE}
+    rayjob = {"apiVersion": "ray.io/v1", "kind": "RayJob",
+              "metadata": {"name": "gpu-job", "labels": {"kueue.x-k8s.io/queue-name": "lq"}},
+              "spec": {"entrypoint": "python -c 'print(1)'", "shutdownAfterJobFinishes": True,
+                       "rayClusterSpec": {"rayVersion": "2.52.0",
+                           "headGroupSpec": {"rayStartParams": {}, "template": {"spec": {"containers": [
+                               {**container, "resources": {"requests": {"cpu": "1", "memory": "2Gi"},
+                                                           "limits": {"cpu": "1", "memory": "2Gi"}}}]}}},
+                           "workerGroupSpecs": [{"groupName": "gpu", "replicas": 1, "minReplicas": 1,
+                                                 "maxReplicas": 1, "rayStartParams": {},
+                                                 "template": {"spec": {"containers": [
+                               {**container, "resources": {
+                                   "requests": {"cpu": "8", "memory": "32Gi", "nvidia.com/gpu": "8"},
+                                   "limits": {"cpu": "8", "memory": "32Gi", "nvidia.com/gpu": "8"}}}]}}}]}}}
+    code, created = api.request("POST", f"/apis/ray.io/v1/namespaces/{ns}/rayjobs", rayjob)
+    assert code == 201, created
+    assert created["spec"]["suspend"] is True  # Kueue's mrayjob.kb.io webhook, over loopback
+
+    wl = wait_for("RayJob's Workload Admitted", lambda: _admitted_workload(api, ns), time.monotonic() + 60,
+                  real_cluster.procs)
+    assert {ps["name"] for ps in wl["spec"]["podSets"]} >= {"head", "gpu"}
+
+    def worker_running():
+        _, pods = api.get(f"/api/v1/namespaces/{ns}/pods?labelSelector=ray.io/group=gpu")
+        for pod in pods.get("items", []):
+            if pod["status"].get("phase") == "Running":
+                return pod
+        return None
+
+    worker = wait_for("the 8-GPU worker Running", worker_running, time.monotonic() + 60, real_cluster.procs)
+    # The GKE A3 nodes carry nvidia.com/gpu:NoSchedule and the worker has no toleration; the CPU node has no
+    # GPUs: only the EKS or the AKS node fits.
+    assert worker["spec"]["nodeName"] in {"eks-p5-0", "aks-nd96-0"}
+    _, job = api.get(f"/apis/ray.io/v1/namespaces/{ns}/rayjobs/gpu-job")
+    assert not job["spec"].get("suspend")  # Kueue unsuspended it (false is omitted)

@@ -107,7 +107,7 @@ def module_dir(comp: Component) -> Path:
 
 
 def _go_env(comp: Component) -> dict[str, str]:
-    env = dict(os.environ, CGO_ENABLED="1" if comp.cgo else "0", GOFLAGS="-mod=readonly")
+    env = dict(os.environ, CGO_ENABLED="1" if comp.cgo else "0", GOFLAGS="-mod=readonly -buildvcs=false")
     return env
 
 

@@ -229,6 +229,9 @@ class RealCluster:
             c.stop()
             raise
         c.timings["total"] = round(time.monotonic() - t0, 1)
+        # Seconds from the start to each step's end, with the load they ran under (docs/benchmarks.md).
+        (root / "timings.json").write_text(json.dumps({**c.timings, "loadavg": os.getloadavg()}))
+        log(f"real cluster up in {c.timings['total']} s (load {os.getloadavg()[0]:.1f}): {c.url}, logs in {root}")
         return c
 
     def _mark(self, step: str, t0: float) -> None:
@@ -242,7 +245,8 @@ class RealCluster:
             argv = _in_mount_namespace(argv, binds)
         f = open(log, "ab")  # noqa: SIM115 - kept open by the child
         popen = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=d,
-                                 env={**os.environ, **(env or {})}, start_new_session=True)
+                                 env={**os.environ, **(env or {})}, start_new_session=True,
+                                 preexec_fn=_die_with_parent)
         f.close()
         p = Proc(name, popen, log)
         self.procs.append(p)
@@ -524,6 +528,17 @@ def _in_mount_namespace(argv: list[str], binds: dict[str, Path]) -> list[str]:
         script.append(f'mount --bind "{source}" "{target}"')
     script.append('exec "$@"')
     return ["unshare", "--mount", "--propagation", "private", "sh", "-c", " && ".join(script), "sh", *argv]
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL it when the test process dies, even by SIGKILL (Linux
+    PR_SET_PDEATHSIG), so a killed pytest leaves no control plane behind. Kept across exec."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except OSError:
+        pass
 
 
 def _killpg(popen: subprocess.Popen, sig: int) -> None:
