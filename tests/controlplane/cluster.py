@@ -229,6 +229,8 @@ class RealCluster:
             c.stop()
             raise
         c.timings["total"] = round(time.monotonic() - t0, 1)
+        # CPU seconds each component spent starting: the load-independent cost (the box may be shared).
+        c.timings["cpu_s"] = {p.name: _cpu_seconds(p.popen.pid) for p in c.procs}
         # Seconds from the start to each step's end, with the load they ran under (docs/benchmarks.md).
         (root / "timings.json").write_text(json.dumps({**c.timings, "loadavg": os.getloadavg()}))
         log(f"real cluster up in {c.timings['total']} s (load {os.getloadavg()[0]:.1f}): {c.url}, logs in {root}")
@@ -528,6 +530,14 @@ def _in_mount_namespace(argv: list[str], binds: dict[str, Path]) -> list[str]:
         script.append(f'mount --bind "{source}" "{target}"')
     script.append('exec "$@"')
     return ["unshare", "--mount", "--propagation", "private", "sh", "-c", " && ".join(script), "sh", *argv]
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return round((int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), 1)  # utime + stime
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def _die_with_parent() -> None:
