@@ -11,6 +11,8 @@ import pytest
 from tests.controlplane.cluster import wait_for
 
 RAY_IMAGE = "rayproject/ray:2.52.0"
+# Each wait returns as soon as its condition holds; the bound is for a saturated shared box.
+WAIT_S = 180
 
 
 def _ns(api, name: str, labels: dict | None = None) -> str:
@@ -20,7 +22,7 @@ def _ns(api, name: str, labels: dict | None = None) -> str:
     # makes it.
     wait_for(f"default ServiceAccount in {name}",
              lambda: api.get(f"/api/v1/namespaces/{name}/serviceaccounts/default")[0] == 200,
-             time.monotonic() + 30)
+             time.monotonic() + WAIT_S)
     return name
 
 
@@ -50,7 +52,7 @@ def _queue(api, ns: str, cq: str) -> None:
         _, lq = api.get(f"/apis/kueue.x-k8s.io/v1beta2/namespaces/{ns}/localqueues/lq")
         return any(c["type"] == "Active" and c["status"] == "True" for c in lq.get("status", {}).get("conditions", []))
 
-    wait_for(f"LocalQueue {ns}/lq Active", lq_active, time.monotonic() + 30)
+    wait_for(f"LocalQueue {ns}/lq Active", lq_active, time.monotonic() + WAIT_S)
 
 
 def _admitted_workload(api, ns: str):
@@ -145,7 +147,7 @@ def test_real_cluster_kuberay_operator_creates_head_pod_for_a_raycluster(real_cl
                 return pod
         return None
 
-    pod = wait_for("the operator's head pod Running", head_running, time.monotonic() + 60, real_cluster.procs)
+    pod = wait_for("the operator's head pod Running", head_running, time.monotonic() + WAIT_S, real_cluster.procs)
     # Made by the operator, bound by the scheduler, run by kwok.
     assert pod["metadata"]["ownerReferences"][0]["kind"] == "RayCluster"
     assert pod["spec"]["nodeName"] in {"cpu-0", "eks-p5-0", "aks-nd96-0"}  # the GKE A3 nodes are tainted
@@ -156,7 +158,7 @@ def test_real_cluster_kuberay_operator_creates_head_pod_for_a_raycluster(real_cl
         _, rc = api.get(f"/apis/ray.io/v1/namespaces/{ns}/rayclusters/tiny")
         return rc if rc.get("status", {}).get("state") == "ready" else None
 
-    wait_for("RayCluster state ready", cluster_ready, time.monotonic() + 60, real_cluster.procs)
+    wait_for("RayCluster state ready", cluster_ready, time.monotonic() + WAIT_S, real_cluster.procs)
 
 
 def test_real_cluster_kueue_webhook_suspends_and_kueue_admits_a_job(real_cluster):
@@ -174,14 +176,14 @@ def test_real_cluster_kueue_webhook_suspends_and_kueue_admits_a_job(real_cluster
     # Kueue's mutating webhook, called by the API server over loopback, suspended it on the way in.
     assert created["spec"]["suspend"] is True
 
-    wl = wait_for("Workload Admitted", lambda: _admitted_workload(api, ns), time.monotonic() + 60, real_cluster.procs)
+    wl = wait_for("Workload Admitted", lambda: _admitted_workload(api, ns), time.monotonic() + WAIT_S, real_cluster.procs)
     assert wl["status"]["admission"]["clusterQueue"] == "cq"
 
     def completed():
         _, j = api.get(f"/apis/batch/v1/namespaces/{ns}/jobs/small")
         return j if j.get("status", {}).get("succeeded") == 1 else None
 
-    done = wait_for("Job unsuspended, its pod run by kwok, Succeeded", completed, time.monotonic() + 60,
+    done = wait_for("Job unsuspended, its pod run by kwok, Succeeded", completed, time.monotonic() + WAIT_S,
                     real_cluster.procs)
     assert not done["spec"].get("suspend")
 
@@ -208,7 +210,7 @@ def test_real_cluster_kueue_admits_a_rayjob_and_the_operator_places_its_gpu_work
     assert code == 201, created
     assert created["spec"]["suspend"] is True  # Kueue's mrayjob.kb.io webhook, over loopback
 
-    wl = wait_for("RayJob's Workload Admitted", lambda: _admitted_workload(api, ns), time.monotonic() + 60,
+    wl = wait_for("RayJob's Workload Admitted", lambda: _admitted_workload(api, ns), time.monotonic() + WAIT_S,
                   real_cluster.procs)
     assert {ps["name"] for ps in wl["spec"]["podSets"]} >= {"head", "gpu"}
 
@@ -219,7 +221,7 @@ def test_real_cluster_kueue_admits_a_rayjob_and_the_operator_places_its_gpu_work
                 return pod
         return None
 
-    worker = wait_for("the 8-GPU worker Running", worker_running, time.monotonic() + 60, real_cluster.procs)
+    worker = wait_for("the 8-GPU worker Running", worker_running, time.monotonic() + WAIT_S, real_cluster.procs)
     # The GKE A3 nodes carry nvidia.com/gpu:NoSchedule and the worker has no toleration; the CPU node has no
     # GPUs: only the EKS or the AKS node fits.
     assert worker["spec"]["nodeName"] in {"eks-p5-0", "aks-nd96-0"}

@@ -50,6 +50,11 @@ class StartupError(RuntimeError):
     pass
 
 
+# Seconds allowed to each start-up wait. Generous: the box may be shared (the API server needed 60 s for
+# the CRDs alone at load average 30); raise it with LLMCTL_REAL_CLUSTER_TIMEOUT.
+STEP_TIMEOUT = float(os.environ.get("LLMCTL_REAL_CLUSTER_TIMEOUT", "300"))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -100,12 +105,20 @@ class Api:
     def get(self, path):
         return self.request("GET", path)
 
-    def create(self, path, obj):
-        """POST obj; an existing object (409) counts as created."""
-        code, out = self.request("POST", path, obj)
-        if code not in (200, 201, 202, 409):
-            raise RuntimeError(f"POST {path}: {code} {out}")
-        return out
+    def create(self, path, obj, deadline_s: float = 180):
+        """POST obj; an existing object (409) counts as created. A server timeout (5xx) or a dropped
+        connection is retried until deadline_s: on a saturated box the API server may time a large CRD
+        out and still store it, and the retry then answers 409."""
+        deadline = time.monotonic() + deadline_s
+        while True:
+            try:
+                code, out = self.request("POST", path, obj, timeout=120)
+            except OSError as e:  # urllib.error.URLError, socket timeouts
+                code, out = None, repr(e)
+            if code in (200, 201, 202, 409):
+                return out
+            if (code is not None and code < 500) or time.monotonic() > deadline:
+                raise RuntimeError(f"POST {path}: {code} {out}")
 
     def apply(self, path, obj, manager="llmctl-test-fixture"):
         """Server-side apply of obj at path (the object's own URL)."""
@@ -187,7 +200,7 @@ class RealCluster:
     def add_node(self, name: str, node_type: str) -> dict:
         """Register one more simulated node (nodes.NODE_TYPES) and wait until kwok reports it Ready."""
         self.admin().create("/api/v1/nodes", node_manifest(name, node_type))
-        return wait_for(f"node {name} Ready", lambda: self._node_ready(name), time.monotonic() + 30, self.procs)
+        return wait_for(f"node {name} Ready", lambda: self._node_ready(name), time.monotonic() + STEP_TIMEOUT, self.procs)
 
     def log(self, component: str) -> Path:
         return self.root / component / "log.txt"
@@ -195,7 +208,7 @@ class RealCluster:
     def stop(self) -> None:
         for p in reversed(self.procs):
             _killpg(p.popen, signal.SIGTERM)
-        deadline = time.monotonic() + 5  # nothing persists: a short grace, then SIGKILL
+        deadline = time.monotonic() + 2  # nothing persists: a short grace, then SIGKILL
         for p in reversed(self.procs):
             try:
                 p.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
@@ -291,7 +304,7 @@ class RealCluster:
             "--unsafe-no-fsync=true", "--quota-backend-bytes=2147483648", "--log-level=warn",
         ])
         wait_for("etcd /health", lambda: _http_ok(f"http://127.0.0.1:{P['etcd']}/health"),
-                 time.monotonic() + 30, [etcd])
+                 time.monotonic() + STEP_TIMEOUT, [etcd])
         self._mark("etcd", t0)
 
         # kube-apiserver
@@ -315,7 +328,7 @@ class RealCluster:
         ])
         admin = self.admin()
         wait_for("kube-apiserver /readyz", lambda: admin.get("/readyz")[0] == 200,
-                 time.monotonic() + 90, [etcd, apiserver])
+                 time.monotonic() + STEP_TIMEOUT, [etcd, apiserver])
         self._mark("apiserver", t0)
 
         # scheduler and controller-manager, with their own identities (the default RBAC binds them)
@@ -372,7 +385,7 @@ class RealCluster:
                           crds))
         names = [crd["metadata"]["name"] for crd in crds]
         wait_for("CRDs Established", lambda: all(self._crd_established(n) for n in names),
-                 time.monotonic() + 60, [apiserver])
+                 time.monotonic() + STEP_TIMEOUT, [apiserver])
         self._mark("crds", t0)
 
         if not operators:
@@ -419,7 +432,7 @@ class RealCluster:
             binds={"/etc/kueue/metrics/certs": kq / "metrics-certs", "/etc/resolv.conf": resolv})
 
         self._wait_core(nodes, t0, apiserver, sched, kcm, kwok)
-        dl = time.monotonic() + 90
+        dl = time.monotonic() + STEP_TIMEOUT
         wait_for("kuberay-operator /readyz", lambda: _http_ok(f"http://127.0.0.1:{P['kuberay-health']}/readyz"),
                  dl, [apiserver, kuberay])
         self._mark("kuberay", t0)
@@ -432,7 +445,7 @@ class RealCluster:
 
     def _wait_core(self, nodes, t0, apiserver, sched, kcm, kwok) -> None:
         P, admin = self.ports, self.admin()
-        dl = time.monotonic() + 90
+        dl = time.monotonic() + STEP_TIMEOUT
         wait_for("kube-scheduler /healthz", lambda: _http_ok(f"https://127.0.0.1:{P['scheduler']}/healthz",
                                                              _insecure()), dl, [apiserver, sched])
         wait_for("kube-controller-manager /healthz", lambda: _http_ok(f"https://127.0.0.1:{P['kcm']}/healthz",
@@ -477,12 +490,12 @@ class RealCluster:
     def _crd_established(self, name: str) -> bool:
         code, crd = self.admin().get(f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}")
         return code == 200 and any(c["type"] == "Established" and c["status"] == "True"
-                                   for c in crd.get("status", {}).get("conditions", []))
+                                   for c in (crd.get("status") or {}).get("conditions") or [])
 
     def _node_ready(self, name: str):
         code, node = self.admin().get(f"/api/v1/nodes/{name}")
         if code == 200 and any(c["type"] == "Ready" and c["status"] == "True"
-                               for c in node.get("status", {}).get("conditions", [])):
+                               for c in (node.get("status") or {}).get("conditions") or []):
             return node
         return None
 
