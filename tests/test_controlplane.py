@@ -112,6 +112,14 @@ def test_real_cluster_user_kubeconfig_is_bound_only_by_rbac(real_cluster, tmp_pa
         core.list_namespaced_pod("default")
     assert other.value.status == 403
 
+    # A ServiceAccount token made at run time is another identity, just as unprivileged.
+    token = real_cluster.service_account_token(ns, "runner")
+    sa = client.CoreV1Api(config.new_client_from_config(
+        str(real_cluster.kubeconfig("runner", tmp_path / "runner.yaml", namespace=ns, token=token))))
+    with pytest.raises(ApiException) as sa_denied:
+        sa.list_namespaced_pod(ns)
+    assert 'User "system:serviceaccount:rbac-check:runner" cannot list' in json.loads(sa_denied.value.body)["message"]
+
 
 def test_real_cluster_pod_security_rejects_privileged_pod(real_cluster):
     api = real_cluster.admin()

@@ -182,9 +182,11 @@ class RealCluster:
     def api_as(self, user: str) -> Api:
         return Api(self.url, self.ca_path, self.user_tokens[user])
 
-    def kubeconfig(self, user: str = "admin", path: Path | None = None, namespace: str = "default") -> Path:
-        """A kubeconfig file for `user` ("admin" or one of TEST_USERS); point KUBECONFIG at it."""
-        token = self.admin_token if user == "admin" else self.user_tokens[user]
+    def kubeconfig(self, user: str = "admin", path: Path | None = None, namespace: str = "default",
+                   token: str | None = None) -> Path:
+        """A kubeconfig file for `user` ("admin" or one of TEST_USERS), or for any `token` (e.g. from
+        service_account_token) under the name `user`; point KUBECONFIG at it."""
+        token = token or (self.admin_token if user == "admin" else self.user_tokens[user])
         path = Path(path or self.root / "kubeconfigs" / f"{user}.yaml")
         path.parent.mkdir(parents=True, exist_ok=True)
         cfg = {
@@ -196,6 +198,20 @@ class RealCluster:
         path.write_text(yaml.safe_dump(cfg))
         path.chmod(0o600)
         return path
+
+    def service_account_token(self, namespace: str, name: str, seconds: int = 3600) -> str:
+        """A bound token (TokenRequest) for ServiceAccount namespace/name, created if missing: a further
+        identity made at run time (user system:serviceaccount:<ns>:<name>, its groups
+        system:serviceaccounts[:<ns>] and system:authenticated)."""
+        admin = self.admin()
+        admin.create(f"/api/v1/namespaces/{namespace}/serviceaccounts",
+                     {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name}})
+        code, out = admin.request("POST", f"/api/v1/namespaces/{namespace}/serviceaccounts/{name}/token", {
+            "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+            "spec": {"expirationSeconds": seconds}})
+        if code != 201:
+            raise RuntimeError(f"TokenRequest for {namespace}/{name}: {code} {out}")
+        return out["status"]["token"]
 
     def add_node(self, name: str, node_type: str) -> dict:
         """Register one more simulated node (nodes.NODE_TYPES) and wait until kwok reports it Ready."""
