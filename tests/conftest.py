@@ -133,3 +133,17 @@ def ray_cluster():
     yield
     if started:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def real_cluster(tmp_path_factory):
+    """A real control plane on 127.0.0.1 (tests/controlplane/): kube-apiserver, scheduler, controller-manager,
+    KubeRay operator, Kueue and kwok-simulated H100 nodes, built from their Go modules. `.admin()` is an admin
+    client, `.kubeconfig(user)` a kubeconfig file for "admin" or a user of TEST_USERS; stopped at session end."""
+    from tests.controlplane.cluster import RealCluster
+
+    cluster = RealCluster.start(tmp_path_factory.mktemp("real-cluster"))
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
