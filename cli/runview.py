@@ -77,7 +77,7 @@ def local_summary(url: str, opts: dict | None, now: datetime.datetime | None = N
     bounded and validated. The state: succeeded/stopped from summary.json; else running while the ledger's
     last attempt heartbeats, else interrupted."""
     from trainer.progress import read_progress
-    from trainer.restarts import counts, read_restarts
+    from trainer.restarts import counts, read_restarts_or_none
     from trainer.spend import HEARTBEAT_SECONDS, lost_seconds, parse_iso, read_spend
     from trainer.storage import read_small_json
 
@@ -87,7 +87,7 @@ def local_summary(url: str, opts: dict | None, now: datetime.datetime | None = N
         return {}
     summary = read_small_json(f"{url}/summary.json", 1024 * 1024, opts)
     summary = summary if isinstance(summary, dict) else {}
-    progress, spend, events = read_progress(url, opts), read_spend(url, opts), read_restarts(url, opts)
+    progress, spend, events = read_progress(url, opts), read_spend(url, opts), read_restarts_or_none(url, opts)
     est = plan.get("estimate") if isinstance(plan.get("estimate"), dict) else {}
     spec = plan.get("spec") if isinstance(plan.get("spec"), dict) else {}
     state = {"completed": "succeeded", "stopped": "stopped"}.get(summary.get("status"))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 
+from trainer.restarts import read_restarts_or_none
 from trainer.storage import read_json, read_plan, write_text
 
 REPORT_FORMAT = "llmctl.report/v1"
@@ -42,7 +43,7 @@ def gather(url: str, storage_options: dict | None = None) -> dict:
     plan = read_plan(url, storage_options)
     stage_names(plan)  # plan.json is untrusted: each stage is a directory of this run, by a known name only
     summary = read_json(f"{url}/summary.json", storage_options)
-    restarts = read_restarts_or_none(url, storage_options)
+    restarts = read_restarts_or_none(url, storage_options)  # trainer/restarts.py
     stages = {}
     for st in plan["stages"]:
         done = read_json(f"{url}/{st['name']}/summary.json", storage_options)
@@ -63,16 +64,6 @@ def gather(url: str, storage_options: dict | None = None) -> dict:
                                              "train_hours", "total_hours", "total_dollars", "price_per_gpu_hour")},
             "stages": stages, "totals": summary, "eval": evals, "restarts": restarts,
             "spend": spend_section(url, storage_options, summary, restarts)}
-
-
-def read_restarts_or_none(url: str, storage_options: dict | None) -> list[dict]:
-    """The run's worker group restarts (trainer/restarts.py); [] when there are none or they cannot be read."""
-    from trainer.restarts import read_restarts
-
-    try:
-        return read_restarts(url, storage_options)
-    except (ValueError, OSError):
-        return []
 
 
 def spend_section(url: str, storage_options: dict | None, summary: dict | None,

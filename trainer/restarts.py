@@ -84,6 +84,14 @@ def read_restarts(run_url: str, storage_options: dict | None = None) -> list[dic
     return sanitize(read_small_json(f"{run_url}/{RESTARTS_FILE}", MAX_DOCUMENT_BYTES, storage_options))
 
 
+def read_restarts_or_none(run_url: str, storage_options: dict | None = None) -> list[dict]:
+    """`read_restarts`, [] when the record cannot be read: a bad record hides the restarts, never a report."""
+    try:
+        return read_restarts(run_url, storage_options)
+    except (ValueError, OSError):
+        return []
+
+
 def counts(ledger_attempts: int, events: list[dict]) -> dict:
     """{"attempts", "restarts"} of a run: the ledger's attempts (at least 1 once anything ran) plus its worker
     group restarts (a new attempt's first group is in the ledger already)."""
@@ -235,7 +243,7 @@ def cause_of(error: BaseException) -> str:
     return f"raised {name}"
 
 
-def failure_recorder(run_url: str, stage: str, storage_options: dict | None = None):
+def failure_recorder(run_url: str, stage: str, storage_options: dict | None = None, clock=time.time):
     """A Ray Train UserCallback (it runs in the Train controller) that writes each failure's ranks and causes to
     `<run>/<stage>/failure.json` before the controller restarts the group; never raises."""
     from ray.train import UserCallback
@@ -246,7 +254,7 @@ def failure_recorder(run_url: str, stage: str, storage_options: dict | None = No
 
             try:
                 ranks = [[int(r), cause_of(e)] for r, e in sorted(worker_exceptions.items())]
-                write_json(f"{run_url}/{stage}/{FAILURE_FILE}", {"time": time.time(), "ranks": ranks},
+                write_json(f"{run_url}/{stage}/{FAILURE_FILE}", {"time": clock(), "ranks": ranks},
                            storage_options)
             except Exception as e:  # noqa: BLE001 - the controller must go on restarting whatever happens here
                 print(f"[restarts] could not record the failure: {e}", flush=True)
