@@ -38,13 +38,13 @@ def add_storage_view(s: dict, now: datetime.datetime | None = None) -> dict:
     if not url or not isinstance(url, str) or "://" not in url:
         return s
     opts = storage_options_for_cli(url)
-    from trainer.restarts import counts, read_restarts
+    from trainer.restarts import counts, read_restarts_or_none
 
     spend, events = None, []
     try:
         s["progress"] = read_progress(url, opts)
         spend = read_spend(url, opts)
-        events = read_restarts(url, opts)
+        events = read_restarts_or_none(url, opts)
     except Exception as e:  # noqa: BLE001 - any storage failure is a warning here (auth, network, bad file)
         s["storage_error"] = _clean(f"{type(e).__name__}: {e}", 300)
     prog = s["progress"] or {}
@@ -60,7 +60,8 @@ def add_storage_view(s: dict, now: datetime.datetime | None = None) -> dict:
             ahead = max(0.0, s["elapsed_hours"] * 3600 - live["seconds"])
             candidates.append(spend["totals"]["gpu_seconds"] + ahead * live["gpus"])
         last = parse_iso(rows[-1]["last"])
-        s["spend"] = dict(spend["totals"], **counts(spend["totals"]["attempts"], events), last_heartbeat=rows[-1]["last"],
+        s["spend"] = dict(spend["totals"], **counts(spend["totals"]["attempts"], events),
+                          last_heartbeat=rows[-1]["last"],
                           heartbeat_age_seconds=(now - last).total_seconds() if last else None)
         lost = lost_seconds(spend, prog.get("kept_seconds"))
         s["lost_hours"] = None if lost is None else lost / 3600

@@ -2,8 +2,9 @@
 
 - pretrain, SFT and the eval stage complete; plan.json, checkpoints, summaries and the report card land in
   storage; val bpb falls (checked on the session's shared `finished_run`, tests/finished_run.py);
-- a worker killed between checkpoints: Ray restarts the group, the run resumes from the last checkpoint
-  and the data after the resume is exactly what an uninterrupted run saw (per-step fingerprints);
+- a worker SIGKILLed between checkpoints: Ray restarts the group, the run resumes from the last checkpoint
+  and the data after the resume is exactly what an uninterrupted run saw (per-step fingerprints); the restart
+  shows on the driver's console, in the report, in `llmctl status` and in the attempts/lost-seconds metrics;
 - a worker killed during a checkpoint save: the previous checkpoint stays the latest and the run finishes.
 
 Fault tests upload checkpoints synchronously so which checkpoint is "the last" does not depend on timing.

@@ -115,8 +115,8 @@ def set_up(cfg: StageConfig) -> Stage:
                             prior_tokens=cfg.prior_tokens + loop["tokens"], attempts=cfg.attempts + group_restarts,
                             lost_seconds=lost)
     trace = open(cfg.trace, "a") if cfg.trace else None
-    return Stage(cfg, plan, stage, w, model, optimizer, tokenizer, token_bytes, loader, metrics, trace, start_step, loop,
-                 lost, planned, position)
+    return Stage(cfg, plan, stage, w, model, optimizer, tokenizer, token_bytes, loader, metrics, trace, start_step,
+                 loop, lost, planned, position)
 
 
 def _note_restart(cfg: StageConfig, plan: RunPlan, stage: str, w: Worker, position, start_step: int,

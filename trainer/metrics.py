@@ -224,7 +224,8 @@ class RunMetrics:
         gauge("llmctl_gpu_seconds_estimated", "The plan's estimate of the whole run's GPU-seconds (all GPUs and "
               "stages; the same on every rank).").labels(**labels).set(plan.estimate.total_hours * 3600 * plan.spec.gpus)
         gauge("llmctl_attempts", "Attempts of this run so far, this one included (spend.json: RayJob retries, "
-              "resubmits; restarts.json: worker group restarts); restarts = attempts - 1.").labels(**labels).set(attempts)
+              "resubmits; restarts.json: worker group restarts); restarts = attempts - 1.") \
+            .labels(**labels).set(attempts)
         gauge("llmctl_lost_seconds", "Wall seconds earlier attempts and worker groups were paid for whose work was "
               "not kept (start-up, redone steps; spend.json minus the resumed work, plus this attempt's "
               "restarts.json).").labels(**labels).set(lost_seconds)
