@@ -44,7 +44,7 @@ def add_storage_view(s: dict, now: datetime.datetime | None = None) -> dict:
     try:
         s["progress"] = read_progress(url, opts)
         spend = read_spend(url, opts)
-        events = read_restarts_or_none(url, opts)
+        s["restarts"] = events = read_restarts_or_none(url, opts)
     except Exception as e:  # noqa: BLE001 - any storage failure is a warning here (auth, network, bad file)
         s["storage_error"] = _clean(f"{type(e).__name__}: {e}", 300)
     prog = s["progress"] or {}

@@ -179,6 +179,11 @@ def test_the_report_and_status_count_a_worker_group_restart(tmp_path, capsys):
     assert "pretrain: rank 1 died at step 7; resumed from the step-4 checkpoint" in out
     assert cmd_status_local(Namespace(run=url, storage=None, output="json")) == 0
     assert json.loads(capsys.readouterr().out)["restarts"][0]["rank"] == 1
+    # The cluster's `llmctl status` (cli/jobs.py prints spend's attempts and restarts) reads the same storage.
+    from cli.runview import add_storage_view
+
+    k8s = add_storage_view({"storage": url, "gpus": 2, "price_per_gpu_hour": 0.0, "elapsed_hours": None})
+    assert (k8s["spend"]["attempts"], k8s["spend"]["restarts"]) == (2, 1) and k8s["restarts"][0]["lost_steps"] == 3
     # A restart record that cannot be read hides the restarts, never the report or the status.
     with open(f"{tmp_path}/runs/hand/restarts.json", "w") as f:
         f.write("{not json")
