@@ -1,6 +1,7 @@
 """What a run's storage says about it, for `llmctl status`: progress (`<run>/progress.json`, written by rank 0
 at each checkpoint, trainer/progress.py) and spend (`<run>/spend.json`, the launcher's ledger of attempts,
-trainer/spend.py), both read as untrusted documents. Reading storage instead of the RayJob means no pod
+trainer/spend.py) and worker group restarts (`<run>/restarts.json`, trainer/restarts.py), all read as untrusted
+documents. Reading storage instead of the RayJob means no pod
 needs a Kubernetes API token; reading the ledger means spend counts every attempt, where KubeRay's
 `status.startTime` is reset by each retry.
 """
@@ -37,10 +38,13 @@ def add_storage_view(s: dict, now: datetime.datetime | None = None) -> dict:
     if not url or not isinstance(url, str) or "://" not in url:
         return s
     opts = storage_options_for_cli(url)
-    spend = None
+    from trainer.restarts import counts, read_restarts_or_none
+
+    spend, events = None, []
     try:
         s["progress"] = read_progress(url, opts)
         spend = read_spend(url, opts)
+        s["restarts"] = events = read_restarts_or_none(url, opts)
     except Exception as e:  # noqa: BLE001 - any storage failure is a warning here (auth, network, bad file)
         s["storage_error"] = clean(f"{type(e).__name__}: {e}", limit=300)
     prog = s["progress"] or {}
@@ -56,7 +60,8 @@ def add_storage_view(s: dict, now: datetime.datetime | None = None) -> dict:
             ahead = max(0.0, s["elapsed_hours"] * 3600 - live["seconds"])
             candidates.append(spend["totals"]["gpu_seconds"] + ahead * live["gpus"])
         last = parse_iso(rows[-1]["last"])
-        s["spend"] = dict(spend["totals"], last_heartbeat=rows[-1]["last"],
+        s["spend"] = dict(spend["totals"], **counts(spend["totals"]["attempts"], events),
+                          last_heartbeat=rows[-1]["last"],
                           heartbeat_age_seconds=(now - last).total_seconds() if last else None)
         lost = lost_seconds(spend, prog.get("kept_seconds"))
         s["lost_hours"] = None if lost is None else lost / 3600
@@ -73,6 +78,7 @@ def local_summary(url: str, opts: dict | None, now: datetime.datetime | None = N
     bounded and validated. The state: succeeded/stopped from summary.json; else running while the ledger's
     last attempt heartbeats, else interrupted."""
     from trainer.progress import read_progress
+    from trainer.restarts import counts, read_restarts_or_none
     from trainer.spend import HEARTBEAT_SECONDS, lost_seconds, parse_iso, read_spend
     from trainer.storage import read_small_json
 
@@ -82,7 +88,7 @@ def local_summary(url: str, opts: dict | None, now: datetime.datetime | None = N
         return {}
     summary = read_small_json(f"{url}/summary.json", 1024 * 1024, opts)
     summary = summary if isinstance(summary, dict) else {}
-    progress, spend = read_progress(url, opts), read_spend(url, opts)
+    progress, spend, events = read_progress(url, opts), read_spend(url, opts), read_restarts_or_none(url, opts)
     est = plan.get("estimate") if isinstance(plan.get("estimate"), dict) else {}
     spec = plan.get("spec") if isinstance(plan.get("spec"), dict) else {}
     state = {"completed": "succeeded", "stopped": "stopped"}.get(summary.get("status"))
@@ -106,6 +112,7 @@ def local_summary(url: str, opts: dict | None, now: datetime.datetime | None = N
             "gpus": spec.get("gpus") if isinstance(spec.get("gpus"), int) else None,
             "gpu_type": clean(spec.get("gpu_type") or "?", limit=64), "progress": progress,
             "spend": (spend or {}).get("totals"), "spent_dollars": (spend or {}).get("totals", {}).get("dollars"),
+            "attempts": counts(len(rows), events)["attempts"], "restarts": events,
             "lost_hours": None if lost is None else lost / 3600,
             "estimate_dollars": num(est, "total_dollars"), "estimate_hours": num(est, "total_hours")}
 
@@ -142,13 +149,18 @@ def cmd_status_local(args) -> int:
     cost = []
     if s["spend"]:
         sp = s["spend"]
-        cost.append(f"${sp['dollars']:,.2f} over {sp['attempts']} attempt(s), {sp['gpu_seconds'] / 3600:,.2f} GPU-h"
+        cost.append(f"${sp['dollars']:,.2f} over {s['attempts']} attempt(s), {sp['gpu_seconds'] / 3600:,.2f} GPU-h"
                     + (f", {fmt_hours(s['lost_hours'])} not kept (restarts, start-up)"
                        if s["lost_hours"] is not None else ""))
     if s["estimate_dollars"] is not None:
         cost.append(f"estimate ${s['estimate_dollars']:,.2f}")
     if cost:
         rows.append(("cost", ", ".join(cost)))
+    if s["restarts"] or s["attempts"] > 1:
+        from trainer.restarts import describe
+
+        rows.append(("restarts", f"{s['attempts']} attempt(s) ({s['attempts'] - 1} restart(s))"))
+        rows += [("", f"{e['stage']}: {describe(e)}") for e in s["restarts"][-5:]]  # the latest few
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
     return 0

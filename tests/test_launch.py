@@ -2,8 +2,9 @@
 
 - pretrain, SFT and the eval stage complete; plan.json, checkpoints, summaries and the report card land in
   storage; val bpb falls (checked on the session's shared `finished_run`, tests/finished_run.py);
-- a worker killed between checkpoints: Ray restarts the group, the run resumes from the last checkpoint
-  and the data after the resume is exactly what an uninterrupted run saw (per-step fingerprints);
+- a worker SIGKILLed between checkpoints: Ray restarts the group, the run resumes from the last checkpoint
+  and the data after the resume is exactly what an uninterrupted run saw (per-step fingerprints); the restart
+  shows on the driver's console, in the report, in `llmctl status` and in the attempts/lost-seconds metrics;
 - a worker killed during a checkpoint save: the previous checkpoint stays the latest and the run finishes.
 
 Fault tests upload checkpoints synchronously so which checkpoint is "the last" does not depend on timing.
@@ -86,20 +87,66 @@ def _assert_exact_resume(trace, base, resumed_from):
     assert repeated and repeated[0] == resumed_from, f"re-executed steps {repeated}, expected from {resumed_from}"
 
 
-def test_worker_killed_between_checkpoints_resumes_exactly(baseline, inputs, tmp_path):
+def test_worker_killed_between_checkpoints_resumes_exactly_and_the_restart_shows(baseline, inputs, tmp_path, capsys):
+    """Rank 1 SIGKILLed at step 7 (checkpoints every 4 steps): Ray Train restarts the worker group from step 4 and
+    the run ends as an uninterrupted one would. The restart is seen everywhere a person looks: one console line on
+    the driver (the local run's stage bars), `<run>/restarts.json`, the report card, `llmctl status` and the
+    workers' llmctl_attempts / llmctl_lost_seconds (the stage summary carries the exporter's values)."""
+    import io
+    from argparse import Namespace
+
+    from rich.console import Console
+
+    from cli.runview import cmd_status_local, local_summary
     from trainer.launch import run
+    from trainer.progress import StageBars
+    from trainer.restarts import read_restarts
 
     base_summary, base_trace = baseline
     trace = str(tmp_path / "trace.jsonl")
+    progress = str(tmp_path / "progress.jsonl")
+    open(progress, "w").close()
     chaos = {"kill_at_step": 7, "rank": 1, "marker": str(tmp_path / "killed")}
-    summary = run(tiny_plan(inputs, "killed", stages=("pretrain",)), storage_options={},
-                  checkpoint_upload="sync", trace=trace, chaos=chaos)
+    p = tiny_plan(inputs, "killed", stages=("pretrain",))
+    console = io.StringIO()
+    with StageBars(progress, [("pretrain", 30)], priced=False, console=Console(file=console, width=250)):
+        summary = run(p, storage_options={}, checkpoint_upload="sync", trace=trace, chaos=chaos,
+                      progress_file=progress, quiet=True)
     assert os.path.exists(chaos["marker"]), "the fault was not injected"
     assert summary["status"] == "completed"
     _assert_exact_resume(read_trace(trace), base_trace, resumed_from=4)  # last checkpoint before step 7
     a, b = summary["stages"]["pretrain"], base_summary["stages"]["pretrain"]
     assert a["train_loss_ema"] == pytest.approx(b["train_loss_ema"], rel=1e-4)
     assert a["val_bpb"] == pytest.approx(b["val_bpb"], rel=1e-4)
+
+    # The record: one restart of the worker group, rank 1 lost at step 7, resumed from 4, 3 steps redone.
+    (event,) = read_restarts(p.urls["run"])
+    assert (event["stage"], event["rank"], event["cause"], event["reached"], event["resumed_from"],
+            event["lost_steps"], event["kind"]) == ("pretrain", 1, "died", 7, 4, 3, "worker group")
+    assert event["lost_seconds"] > 0 and event["restart_seconds"] > 0
+    # (1) the driver's console: one line, the bars untouched.
+    lines = [line for line in console.getvalue().splitlines() if "restart" in line]
+    assert len(lines) == 1, console.getvalue()
+    assert ("[pretrain] worker group restart 1: rank 1 died at step 7; resumed from the step-4 checkpoint: "
+            "3 steps lost") in lines[0]
+    # (2) the report card: two attempts, one restart, and the restart itself.
+    run_dir = p.urls["run"][len("file://"):]
+    report = open(f"{run_dir}/report.md").read()
+    assert "2 attempt(s) (1 restart(s)" in report, report
+    assert "rank 1 died at step 7; resumed from the step-4 checkpoint: 3 steps lost" in report
+    card = json.load(open(f"{run_dir}/report.json"))
+    assert card["spend"]["attempts"] == 2 and card["spend"]["restarts"] == 1
+    assert [(r["rank"], r["resumed_from"], r["lost_steps"]) for r in card["restarts"]] == [(1, 4, 3)]
+    # (3) llmctl status --local.
+    s = local_summary(p.urls["run"], None)
+    assert s["attempts"] == 2 and [r["rank"] for r in s["restarts"]] == [1]
+    capsys.readouterr()
+    assert cmd_status_local(Namespace(run=p.urls["run"], storage=None, output="table")) == 0
+    out = capsys.readouterr().out
+    assert "2 attempt(s) (1 restart(s))" in out and "rank 1 died at step 7" in out, out
+    # (4) the workers' exporters after the restart: 2 attempts, the restart's seconds counted as lost.
+    assert a["attempts"] == 2 and b["attempts"] == 1 and b["lost_seconds"] == 0
+    assert a["lost_seconds"] == pytest.approx(event["lost_seconds"] + event["restart_seconds"], abs=1e-6)
 
 
 def test_crash_during_checkpoint_save_keeps_the_previous_one(baseline, inputs, tmp_path):

@@ -7,7 +7,9 @@ and Ray Train resumes the stage from its latest checkpoint; a finished stage is 
 the newest whole pretraining checkpoint. The run ends by writing `<run>/summary.json`: tokens, time,
 measured throughput, dollars, against the plan's estimate, and the report card (`report.md`, trainer/report.py).
 The eval stage (val bpb of each model, CORE of the base model) runs `trainer.eval_stage.eval_loop` on the same
-workers. Each stage's workers get a `trainer.worker.StageConfig`.
+workers. Each stage's workers get a `trainer.worker.StageConfig`. When Ray Train restarts a stage's worker group
+(a worker died or raised), the controller's callback records the failed ranks and the new group's rank 0 the
+restart (trainer/restarts.py: `<run>/restarts.json`, one console line).
 
 Custom S3 endpoints (MinIO, a test's moto server) reach Ray through an fsspec filesystem wrapped for pyarrow
 (`storage_filesystem`); credentials come from the environment (a Kubernetes Secret by reference).
@@ -172,6 +174,7 @@ def _run_stages(p: RunPlan, *, storage_options: dict | None = None, max_failures
     from trainer.eval_stage import eval_loop
     from trainer.loop import STATUS_COMPLETED, STATUS_NONFINITE, train_loop
     from trainer.report import write_report
+    from trainer.restarts import failure_recorder
     from trainer.watchdog import COLLECTIVE_TIMEOUT_S  # above the watchdog's bounds: it names the rank first
     from trainer.worker import StageConfig
 
@@ -207,6 +210,7 @@ def _run_stages(p: RunPlan, *, storage_options: dict | None = None, max_failures
             run_config=RunConfig(
                 name=st.name, storage_path=storage_path, storage_filesystem=storage_fs,
                 failure_config=FailureConfig(max_failures=max_failures, controller_failure_limit=1),
+                callbacks=[failure_recorder(p.urls["run"], st.name, opts)],  # which ranks failed (trainer/restarts.py)
                 checkpoint_config=CheckpointConfig(num_to_keep=p.spec.keep_checkpoints)),
         )
         trainer.fit()

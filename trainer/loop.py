@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import os
+import signal
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -23,13 +24,13 @@ import torch
 import torch.distributed as dist
 
 import ray.train
-from trainer import checkpoint, preempt, spend
+from trainer import checkpoint, preempt, restarts, spend
 from trainer.progress import ProgressFile
 from trainer.plan.batch import for_world
 from trainer.plan import RunPlan, StagePlan
 from trainer.plan.schedule import lr_multiplier, muon_momentum, muon_weight_decay
-from trainer.worker import (Loader, StageConfig, ValPass, Worker, agree, make_loader, say, stage_summary,
-                            start_metrics, worker_context, write_stage_summary)
+from trainer.worker import (Loader, StageConfig, ValPass, Worker, agree, from_rank0, make_loader, say,
+                            stage_summary, start_metrics, worker_context, write_stage_summary)
 
 STATUS_COMPLETED, STATUS_BUDGET, STATUS_NONFINITE = "completed", "budget_cap_reached", "non_finite_loss"
 STATUS_PREEMPTED = "preempted"  # never final: the attempt raises preempt.Preempted after its checkpoint
@@ -55,6 +56,7 @@ class Stage:
     loop: dict = field(default_factory=dict)  # checkpointed loop state: seconds, tokens, val bpb, loss EMA
     lost_seconds: float = 0.0  # paid by earlier attempts, not kept (spend.json minus the resumed work)
     planned: RunPlan | None = None  # the plan as written, for the world-size-independent val pass
+    position: restarts.Position | None = None  # rank 0: its last step done, for the next group (trainer/restarts.py)
 
     @property
     def opts(self) -> dict:
@@ -103,12 +105,43 @@ def set_up(cfg: StageConfig) -> Stage:
     token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.int64, device=w.device)
     loader = make_loader(plan, stage.name, tokenizer, w, state=loader_state, storage_options=cfg.storage_options)
     lost = max(0.0, cfg.earlier_attempts_seconds - cfg.prior_seconds - loop["seconds"])  # trainer/spend.py
+    position = restarts.Position(planned.urls["run"], stage.name, attempt=cfg.attempts, world=w.world,
+                                 started=time.time(), every=cfg.log_every, storage_options=cfg.storage_options) \
+        if w.rank == 0 else None
+    group_restarts, restart_lost = _note_restart(cfg, planned, stage.name, w, position, start_step, loop)
+    lost += restart_lost
     metrics = start_metrics(plan, stage.name, w, cfg.metrics_port_base,
                             prior_seconds=cfg.prior_seconds + loop["seconds"] + lost,
-                            prior_tokens=cfg.prior_tokens + loop["tokens"], attempts=cfg.attempts, lost_seconds=lost)
+                            prior_tokens=cfg.prior_tokens + loop["tokens"], attempts=cfg.attempts + group_restarts,
+                            lost_seconds=lost)
     trace = open(cfg.trace, "a") if cfg.trace else None
-    return Stage(cfg, plan, stage, w, model, optimizer, tokenizer, token_bytes, loader, metrics, trace, start_step, loop,
-                 lost, planned)
+    return Stage(cfg, plan, stage, w, model, optimizer, tokenizer, token_bytes, loader, metrics, trace, start_step,
+                 loop, lost, planned, position)
+
+
+def _note_restart(cfg: StageConfig, plan: RunPlan, stage: str, w: Worker, position, start_step: int,
+                  loop: dict) -> tuple[int, float]:
+    """Rank 0 records this group's start (a restart when an earlier group had begun the stage: trainer/restarts.py)
+    and says so on the console (its log, and the local run's bars); every rank learns the run's worker group
+    restarts and the seconds this attempt's restarts lost (llmctl_attempts, llmctl_lost_seconds, the budget)."""
+    counted = [0.0, 0.0]
+    if w.rank == 0:
+        url = plan.urls["run"]
+        try:
+            event = restarts.on_group_start(position, url, stage, start_step=start_step, loop_seconds=loop["seconds"],
+                                            storage_options=cfg.storage_options)
+            events = restarts.read_restarts(url, cfg.storage_options)
+        except Exception as e:  # noqa: BLE001 - the record is a courtesy; training goes on
+            say(0, f"[{stage}] could not record this worker group's start in {url}: {e}")
+            event, events = None, []
+        group, lost = restarts.totals_for_worker(events, cfg.attempts)
+        counted = [float(group), lost]
+        if event is not None:
+            line = restarts.headline(event, restarts.counts(cfg.attempts, events)["restarts"])
+            say(0, line)
+            ProgressFile(cfg.progress_file).write(stage=stage, restart=line)
+    group, lost = from_rank0(w.device, *counted)
+    return int(group), lost
 
 
 def resume(cfg: StageConfig, stage: str, w: Worker, model, optimizer) -> tuple[int, dict, dict | None]:
@@ -190,6 +223,8 @@ def _steps(st: Stage, wd) -> tuple[str, int, int]:
         loop["tokens"] += tokens * st.w.world
         loop["loss_ema"] = LOSS_EMA_BETA * loop["loss_ema"] + (1 - LOSS_EMA_BETA) * loss
         st.metrics.on_step(step, tokens, dt, data_wait, loss)
+        if st.position is not None:
+            st.position.write(step, loop["seconds"])  # what a restart would lose (trainer/restarts.py)
 
         last = step == stage.steps
         if step % st.cfg.log_every == 0 or last or step == st.start_step + 1:
@@ -348,7 +383,8 @@ def summarize(st: Stage, step: int, status: str) -> dict:
                          gpu_seconds=loop["gpu_seconds"], dollars=_dollars(st.plan, loop["gpu_seconds"]),
                          val_bpb=loop["val_bpb"], val_history=loop["val_history"], train_loss_ema=loop["loss_ema"],
                          loss_history=loop.get("loss_history", []),
-                         **{k: v for k, v in st.metrics.snapshot().items() if k in ("mfu", "tokens_per_second")})
+                         **{k: v for k, v in st.metrics.snapshot().items()
+                            if k in ("mfu", "tokens_per_second", "attempts", "lost_seconds")})
 
 
 # -------------------------------------------------------------------- logging, tracing, chaos
@@ -384,7 +420,7 @@ def _trace(f, step: int, rank: int, batches) -> None:
 
 
 def _maybe_die(chaos: dict, step: int, rank: int, *, during_save: bool) -> None:
-    """Fault injection for the fault tests: exit this worker once, at the given step, like a lost pod; or
+    """Fault injection for the fault tests: SIGKILL this worker once, at the given step, like a lost pod; or
     (hang_at_step) sleep hang_seconds there, like a rank that never reaches the step's collective."""
     if chaos and chaos.get("hang_at_step") == step and chaos.get("rank", 0) == rank and not during_save \
             and not os.path.exists(chaos["marker"]):
@@ -393,4 +429,4 @@ def _maybe_die(chaos: dict, step: int, rank: int, *, during_save: bool) -> None:
     if (chaos and chaos.get("kill_at_step") == step and chaos.get("rank", 0) == rank
             and bool(chaos.get("during_save")) == during_save and not os.path.exists(chaos["marker"])):
         open(chaos["marker"], "w").close()
-        os._exit(1)
+        os.kill(os.getpid(), signal.SIGKILL)  # as a lost node or the OOM killer: no goodbye, no cleanup

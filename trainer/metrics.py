@@ -20,10 +20,11 @@ How each number is made (per rank, i.e. per GPU):
 - $ spent = (prior_seconds + seconds since this exporter started) / 3600 x the plan's price per GPU-hour:
   each rank reports its own GPU, so a run's spend is the sum over its ranks. It is read at scrape time, so
   it keeps rising while a run is stalled, as the bill does.
-- attempts and lost seconds come from the run's spend ledger (`<run>/spend.json`, trainer/spend.py) when the
-  worker starts: attempts of the run so far, this one included (restarts = attempts - 1), and the wall seconds
-  earlier attempts were paid for but whose work the checkpoint did not keep (start-up, redone steps, the
-  last minutes of a killed attempt). Both are constant for the life of one worker.
+- attempts and lost seconds come from the run's spend ledger (`<run>/spend.json`, trainer/spend.py) and its
+  restarts (`<run>/restarts.json`, trainer/restarts.py) when the worker starts: attempts of the run so far,
+  this one included, a worker group that Ray Train restarted counting as one (restarts = attempts - 1), and
+  the wall seconds earlier attempts and groups were paid for but whose work the checkpoint did not keep
+  (start-up, redone steps, the last minutes of a killed attempt). Both are constant for the life of one worker.
 - ETA = steps left in the stage x a debiased moving average of the step time (beta 0.9, as nanochat
   smooths its loss); before the first step, the plan's estimate for the stage.
 
@@ -156,6 +157,7 @@ class RunMetrics:
         self._clock = clock
         self._t0 = clock()
         self._prior_seconds = float(prior_seconds)
+        self._attempts, self._lost_seconds = attempts, float(lost_seconds)
         self.registry = registry if registry is not None else CollectorRegistry()
         self.port: int | None = None
         self._server = None
@@ -222,9 +224,11 @@ class RunMetrics:
         gauge("llmctl_gpu_seconds_estimated", "The plan's estimate of the whole run's GPU-seconds (all GPUs and "
               "stages; the same on every rank).").labels(**labels).set(plan.estimate.total_hours * 3600 * plan.spec.gpus)
         gauge("llmctl_attempts", "Attempts of this run so far, this one included (spend.json: RayJob retries, "
-              "resubmits); restarts = attempts - 1.").labels(**labels).set(attempts)
-        gauge("llmctl_lost_seconds", "Wall seconds earlier attempts were paid for whose work was not kept "
-              "(start-up, redone steps; spend.json minus the resumed work).").labels(**labels).set(lost_seconds)
+              "resubmits; restarts.json: worker group restarts); restarts = attempts - 1.") \
+            .labels(**labels).set(attempts)
+        gauge("llmctl_lost_seconds", "Wall seconds earlier attempts and worker groups were paid for whose work was "
+              "not kept (start-up, redone steps; spend.json minus the resumed work, plus this attempt's "
+              "restarts.json).").labels(**labels).set(lost_seconds)
         if plan.spec.budget_cap is not None:
             gauge("llmctl_cost_cap_dollars", "The run's budget cap in dollars (the run stops there).") \
                 .labels(**labels).set(plan.spec.budget_cap)
@@ -331,6 +335,8 @@ class RunMetrics:
             "cost_dollars": self.cost_dollars(),
             "cost_estimated_dollars": self.plan.estimate.total_dollars,
             "eta_seconds": self._eta,
+            "attempts": float(self._attempts),
+            "lost_seconds": self._lost_seconds,
         }
         if self.plan.spec.budget_cap is not None:
             snap["cost_cap_dollars"] = float(self.plan.spec.budget_cap)

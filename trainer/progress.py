@@ -5,7 +5,7 @@ each checkpoint and `llmctl status` reads back.
 A local run's workers print nothing to the console (their output and Ray's stay in Ray's log files): rank 0
 appends one JSON line per log interval and per val pass to a local progress file (`ProgressFile`, named by
 `StageConfig.progress_file`), and the driver follows that file (`StageBars`) and draws one rich bar per stage:
-step/steps, tokens/s, loss, val bpb, dollars where priced, ETA.
+step/steps, tokens/s, loss, val bpb, dollars where priced, ETA; a worker group's restart is one line above them.
 
 Why storage and not the RayJob: worker pods run without a Kubernetes API token
 (`automountServiceAccountToken: false`), but every pod already reaches the run's storage. So the run needs
@@ -164,6 +164,11 @@ class StageBars:
                 continue  # a line we do not understand is not worth stopping the run's display for
 
     def update(self, ev: dict) -> None:
+        if "restart" in ev:  # a worker group restarted (trainer/restarts.py): one line above the bars
+            from rich.text import Text
+
+            self._progress.console.print(Text(clean_text(ev["restart"], 400)))
+            return
         stage = ev["stage"]
         if stage not in self._tasks:
             total = ev.get("steps") or self.stages.get(stage)

@@ -7,6 +7,7 @@
     summary.json               the run's totals against the estimate (launch.summarize)
     <stage>/summary.json       each training stage's steps, tokens, seconds, dollars, loss, val bpb (loop.py)
     eval/results.json          the eval stage: val bpb per model, CORE per task, samples (evaluate.py)
+    spend.json, restarts.json  what the attempts paid (spend.py) and each worker group restart (restarts.py)
 
 Sections: the plan; measured time, tokens, throughput, MFU and dollars against the estimate; loss and bits per
 byte; CORE per task with GPT-2's reference scores (a smoke-test bundle is labelled as such: it checks the
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import json
 
+from trainer.restarts import read_restarts_or_none
 from trainer.storage import read_json, read_plan, write_text
 
 REPORT_FORMAT = "llmctl.report/v1"
@@ -41,6 +43,7 @@ def gather(url: str, storage_options: dict | None = None) -> dict:
     plan = read_plan(url, storage_options)
     stage_names(plan)  # plan.json is untrusted: each stage is a directory of this run, by a known name only
     summary = read_json(f"{url}/summary.json", storage_options)
+    restarts = read_restarts_or_none(url, storage_options)  # trainer/restarts.py
     stages = {}
     for st in plan["stages"]:
         done = read_json(f"{url}/{st['name']}/summary.json", storage_options)
@@ -59,12 +62,16 @@ def gather(url: str, storage_options: dict | None = None) -> dict:
                       "scaling_params": plan["params"]["scaling"], "flops_per_token": plan["flops_per_token"]},
             "estimate": {k: est[k] for k in ("mfu", "mfu_source", "peak_flops_per_gpu", "tokens_per_second",
                                              "train_hours", "total_hours", "total_dollars", "price_per_gpu_hour")},
-            "stages": stages, "totals": summary, "eval": evals, "spend": spend_section(url, storage_options, summary)}
+            "stages": stages, "totals": summary, "eval": evals, "restarts": restarts,
+            "spend": spend_section(url, storage_options, summary, restarts)}
 
 
-def spend_section(url: str, storage_options: dict | None, summary: dict | None) -> dict | None:
+def spend_section(url: str, storage_options: dict | None, summary: dict | None,
+                  restarts: list[dict] | None = None) -> dict | None:
     """What the run paid across all its attempts (`<run>/spend.json`, trainer/spend.py) against the work it
-    kept (the run summary's hours): None for a run without a ledger or whose ledger cannot be read."""
+    kept (the run summary's hours), its attempts counting each worker group restart (trainer/restarts.py):
+    None for a run without a ledger or whose ledger cannot be read."""
+    from trainer.restarts import counts
     from trainer.spend import lost_seconds, read_spend
 
     try:
@@ -75,7 +82,8 @@ def spend_section(url: str, storage_options: dict | None, summary: dict | None) 
         return None
     kept = (summary or {}).get("hours")
     lost = lost_seconds(spend, kept * 3600 if isinstance(kept, (int, float)) else None)
-    return dict(spend["totals"], running=spend["attempts"][-1]["state"] == "running", dropped=spend["dropped"],
+    return dict(spend["totals"], **counts(spend["totals"]["attempts"], restarts or []),
+                running=spend["attempts"][-1]["state"] == "running", dropped=spend["dropped"],
                 lost_hours=None if lost is None else lost / 3600)
 
 
@@ -133,6 +141,17 @@ def _measured_row(name: str, s: dict, d: dict) -> str:
             f"{_num(tps)} | {_num(mfu, '.1%')} | ${_num(m.get('dollars'), ',.2f')} | ${est_dollars} |")
 
 
+def restart_lines(events: list[dict]) -> list[str]:
+    """The report's list of worker group restarts (trainer/restarts.py), one bullet each."""
+    from trainer.restarts import describe
+
+    if not events:
+        return []
+    return ["", "Restarts (restarts.json; a worker group restart redoes the steps since its checkpoint):", ""] + [
+        f"{i}. {e['stage']}, {'a new attempt' if e['kind'] == 'attempt' else 'worker group'}: {describe(e)}"
+        for i, e in enumerate(events, 1)]
+
+
 def render(d: dict, curves: list[str] | tuple[str, ...] = (), curves_note: str | None = None) -> str:
     """report.md from `gather`'s dict; `curves`: the PNG files beside it to link (trainer/plots.py)."""
     sp, mo, est = d["spec"], d["model"], d["estimate"]
@@ -167,6 +186,7 @@ def render(d: dict, curves: list[str] | tuple[str, ...] = (), curves_note: str |
                     f"${sd['dollars']:,.2f} against the estimate ${est['total_dollars']:,.2f}"
                     + (f"; {_hours(sd['lost_hours'])} of it lost to restarts and start-up (paid, not kept)"
                        if sd.get("lost_hours") is not None else "") + "."]
+    out += restart_lines(d.get("restarts") or [])
     out += ["", "tok/s and MFU are wall-clock averages over the stage (evaluations and checkpoints included), "
                 "against the plan's peak per GPU" + (" (a nominal CPU peak on local runs)" if sp["gpu_type"] == "cpu"
                                                      else "") + ". The eval stage's tokens are those of its bpb "

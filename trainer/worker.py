@@ -141,6 +141,16 @@ def agree(device: torch.device, *flags: bool) -> list[bool]:
     return [bool(v) for v in t.tolist()]
 
 
+def from_rank0(device: torch.device, *values: float) -> list[float]:
+    """Rank 0's `values` on every rank (one small all-reduce: the other ranks add zeros)."""
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if dist.get_rank() != 0:
+            t.zero_()
+        dist.all_reduce(t)
+    return [float(v) for v in t.tolist()]
+
+
 def stage_summary(plan: RunPlan, stage: str, *, status: str, steps: int, planned_steps: int, tokens: int,
                   seconds: float, **extra) -> dict:
     """`<run>/<stage>/summary.json`: what the stage did and what it cost; read by trainer/launch.py (skip a
