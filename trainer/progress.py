@@ -167,7 +167,7 @@ class StageBars:
         if "restart" in ev:  # a worker group restarted (trainer/restarts.py): one line above the bars
             from rich.text import Text
 
-            self._progress.console.print(Text(clean_text(ev["restart"], 400)))
+            self._progress.console.print(Text(clean(ev["restart"], limit=400)))
             return
         stage = ev["stage"]
         if stage not in self._tasks:

@@ -36,7 +36,8 @@ from __future__ import annotations
 
 import time
 
-from trainer.progress import clean_number, clean_text
+from trainer.progress import MAX_STRING, clean_number
+from trainer.text import clean
 
 RESTARTS_FILE = "restarts.json"
 POSITION_FILE = "position.json"
@@ -221,7 +222,7 @@ def totals_for_worker(events: list[dict], attempt: int) -> tuple[int, float]:
 
 def _words(text: str) -> str:
     """An untrusted name or cause as plain words: letters, digits, spaces, `_.:-` (no markup, no control)."""
-    return "".join(c for c in clean_text(text) if c.isalnum() or c in " _.:-").strip()
+    return "".join(c for c in clean(text, limit=MAX_STRING) if c.isalnum() or c in " _.:-").strip()
 
 
 def _iso(t: float) -> str:
