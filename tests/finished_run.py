@@ -42,7 +42,7 @@ def build_finished_run(root: str) -> RunPlan:
     full = tiny_plan(root, NAME)
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)  # never another Ray
     try:
         summary = run(full, storage_options={}, log_every=4)
     finally:

@@ -105,4 +105,4 @@ def test_spinner_on_a_terminal_shows_a_stored_name_without_its_escapes():
     os.close(master)
     assert proc.wait(timeout=60) == 0
     text = out.decode(errors="replace")
-    assert "loading evil]0;pwned[/]name (sft)" in text and "\x1b]0;" not in text and "done" in text, text
+    assert "loading evil[/]name (sft)" in text and "\x1b]0;" not in text and "done" in text, text

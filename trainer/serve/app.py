@@ -403,7 +403,7 @@ def start_local(args: dict, *, host: str = "127.0.0.1", port: int = SERVE_PORT, 
 
     args = {"metrics_host": host, "allowed_hosts": [socket.gethostname()], **args}
     if not ray.is_initialized():
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)  # never join another Ray
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=False)
 
