@@ -79,8 +79,9 @@ def _get(url: str) -> bytes:
 
 
 def scrape(url: str) -> list[Sample]:
+    body = _get(url).decode()
     try:
-        samples = parse_exposition(_get(url).decode())
+        samples = parse_exposition(body)
     except CLIError as e:
         raise CLIError(f"{url}: {e}") from None
     return [s for s in samples if s.name.startswith("llmctl_")]
