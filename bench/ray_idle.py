@@ -5,7 +5,7 @@
 Each round starts, in a child process of its own, a head node the way `LocalRay` does (no dashboard, no log
 monitor, no autoscaler monitor), once with Ray's default system config and once with `LEAN_SYSTEM_CONFIG` and
 `LEAN_ENV`; creates `--actors` idle actors (a Ray Train run holds about that many: controller, workers,
-placement-group cleaner, preemption watcher, ...); then reads the CPU seconds of every Ray process from /proc
+placement-group cleaner, preemption watcher, ...); then reads the CPU seconds of every Ray process (psutil)
 over `--seconds`. Prints cores used by each configuration and the ratio default / lean, with the load average.
 """
 
@@ -26,28 +26,22 @@ sys.path.insert(0, ROOT)
 def ray_cpu_seconds(root: int) -> dict[int, tuple[str, float]]:
     """pid -> (process name, user+system CPU seconds) of every descendant of `root` (the cluster this child
     started: GCS, raylet, agents, actors), not `root` itself and not other Ray instances on the machine."""
-    tick = os.sysconf("SC_CLK_TCK")
-    procs = {}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
+    import psutil
+
+    try:
+        below = psutil.Process(root).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return {}
+    out = {}
+    for p in below:
         try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
+            with p.oneshot():
+                cmd, cpu = " ".join(p.cmdline()), p.cpu_times()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
         name = cmd.split()[0] if cmd.startswith("ray::") else os.path.basename(cmd.split()[0] if cmd else "?")
-        procs[int(pid)] = (int(fields[1]), name, (int(fields[11]) + int(fields[12])) / tick)
-
-    def under_root(pid: int) -> bool:
-        seen = 0
-        while pid > 1 and seen < 64:
-            pid, seen = procs[pid][0] if pid in procs else 0, seen + 1
-            if pid == root:
-                return True
-        return False
-
-    return {pid: (name, cpu) for pid, (_, name, cpu) in procs.items() if under_root(pid)}
+        out[p.pid] = (name, cpu.user + cpu.system)
+    return out
 
 
 def child(lean: bool, actors: int, seconds: float) -> None:

@@ -15,7 +15,7 @@ Both give each worker one torch thread (Ray: OMP_NUM_THREADS=1 for a 1-CPU actor
 Step times come from the loop's data trace: one record per step and rank, stamped as the step begins, so the
 gap between two records is one whole iteration (compute, gradient all-reduce, logging, any checkpoint save,
 and the next fetch); the ranks' stamps are averaged. The first `--warmup` steps are dropped. A sampler
-reads /proc for the CPU seconds of every process the run starts: the training workers, and the launcher's
+reads (psutil) the CPU seconds of every process the run starts: the training workers, and the launcher's
 own (Ray: GCS, raylet, agents, Train controller; torchrun: its agent), over the same steady-state steps.
 1. per-step ratio, Ray / torchrun: median gap of each run, with checkpoints only at the end (outside the
    timed steps); pairs alternate which launcher goes first; the median ratio over pairs and its spread
@@ -170,10 +170,8 @@ def stamps(trace: str) -> dict[int, float]:
 class TreeCPU:
     """CPU seconds of every process below this one, sampled in a thread: the training workers apart from the
     launcher's own processes (Ray: GCS, raylet, agents, the Train controller; torchrun: its agent). Reads
-    /proc (Linux); a process's last reading stands after it exits; processes that were already running
+    them with psutil; a process's last reading stands after it exits; processes that were already running
     count only what they use from now on."""
-
-    TICK = os.sysconf("SC_CLK_TCK")
 
     def __init__(self, exclude=(), period: float = 0.2, rescan: float = 1.0):
         self.exclude, self.period, self.rescan = set(exclude), period, rescan
@@ -181,6 +179,7 @@ class TreeCPU:
         self.last: dict[int, float] = {}
         self.worker: dict[int, bool] = {}
         self.name: dict[int, str] = {}
+        self.procs: dict = {}  # pid -> psutil.Process (kept: it notices a pid reused by another process)
         self.names: list[dict[str, float]] = []  # launcher CPU seconds by process name, per sample
         self.samples: list[tuple[float, float, float]] = []  # (time, worker CPU s, launcher CPU s)
         self._stop = threading.Event()
@@ -189,35 +188,36 @@ class TreeCPU:
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
-    @staticmethod
-    def _stat(pid: int) -> list[str] | None:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                return f.read().rsplit(")", 1)[1].split()  # fields from the 3rd on (state, ppid, ...)
-        except (OSError, IndexError):
-            return None
-
     def _scan(self) -> None:
-        children: dict[int, list[int]] = {}
-        for d in os.listdir("/proc"):
-            if d.isdigit() and (st := self._stat(int(d))):
-                children.setdefault(int(st[1]), []).append(int(d))
-        todo = [p for p in children.get(os.getpid(), []) if p not in self.exclude]
-        while todo:
-            pid = todo.pop()
-            todo += children.get(pid, [])
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
+        import psutil
+
+        for top in psutil.Process().children():
+            if top.pid in self.exclude:
                 continue
-            self.worker[pid] = "RayTrainWorker" in cmd or ("--worker" in cmd and "bin/torchrun" not in cmd)
-            self.name[pid] = short_name(cmd)
-            self._read(pid)
+            try:
+                tree = [top, *top.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                continue
+            for p in tree:
+                if p.pid in self.procs:
+                    continue
+                try:
+                    cmd = " ".join(p.cmdline())
+                except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                    continue
+                self.procs[p.pid] = p
+                self.worker[p.pid] = "RayTrainWorker" in cmd or ("--worker" in cmd and "bin/torchrun" not in cmd)
+                self.name[p.pid] = short_name(cmd)
+                self._read(p.pid)
 
     def _read(self, pid: int) -> None:
-        if st := self._stat(pid):
-            self.last[pid] = (int(st[11]) + int(st[12])) / self.TICK  # utime + stime
+        import psutil
+
+        try:
+            t = self.procs[pid].cpu_times()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            return  # exited: its last reading stands
+        self.last[pid] = t.user + t.system
 
     def _run(self) -> None:
         scanned = time.time()

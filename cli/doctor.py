@@ -164,7 +164,7 @@ class Doctor:
         from kubernetes import client
 
         from cli.kube.client import permission, read_crd
-        from cli.kube.versions import fmt, kuberay_release_from_crd, supported, supported_range
+        from cli.kube.versions import fmt, kuberay_release_from_crd, parse_version, supported, supported_range
 
         try:
             crd = read_crd(self.kube, "rayjobs.ray.io")
@@ -190,7 +190,7 @@ class Doctor:
             return
         need = permission("get", "customresourcedefinitions", "apiextensions.k8s.io", None)
         if self.cfg and self.cfg.kuberay_version:
-            ok = supported(tuple(map(int, self.cfg.kuberay_version.split(".")))[:2])
+            ok = supported(parse_version(self.cfg.kuberay_version))
             self.add("kuberay", "ok" if ok else "fail", f"ray.io/v1 served; KubeRay {self.cfg.kuberay_version} per "
                      f"kuberay.version (the CRD is not readable: {need})",
                      "" if ok else f"KubeRay {supported_range()} is supported: {KUBERAY_INSTALL}")
@@ -306,6 +306,15 @@ class Doctor:
                      f"{permission('list', 'nodes', '', None)})", "rbac.clusterScope=true in the chart, or run "
                      "doctor as a cluster admin")
             return
+        from kubernetes.utils import parse_quantity  # Kubernetes' own quantity parser: "10" > "9", "1k" is 1000
+
+        def amount(node: dict, res: str):
+            qty = ((node.get("status") or {}).get("allocatable") or {}).get(res)
+            try:
+                return parse_quantity(qty) if qty not in (None, "") else 0
+            except ValueError:
+                return 0  # a node advertising nonsense advertises nothing usable
+
         items = self.kube.api_client.sanitize_for_serialization(nodes).get("items", [])
         found, problems = [], []
         for gpu, selector in sorted((cfg.gpu_node_selectors or {}).items()):
@@ -313,22 +322,25 @@ class Doctor:
                                                 for k, v in selector.items())]
             if not matching:
                 continue
-            gpus = [int((n.get("status") or {}).get("allocatable", {}).get("nvidia.com/gpu", "0")) for n in matching]
-            if max(gpus) == 0:
+            most = max(amount(n, "nvidia.com/gpu") for n in matching)
+            if most == 0:
                 problems.append(f"{gpu}: {len(matching)} node(s) labelled but none has allocatable nvidia.com/gpu "
                                 f"(is the NVIDIA device plugin running?)")
                 continue
             sel = ",".join(f"{k}={v}" for k, v in selector.items())
-            line = f"{gpu}: {len(matching)} node(s) {sel}, {max(gpus)} GPUs allocatable"
-            if max(gpus) < cfg.gpus_per_node:
-                problems.append(f"{gpu}: nodes have {max(gpus)} GPUs but workers.gpusPerNode is {cfg.gpus_per_node}")
+            line = f"{gpu}: {len(matching)} node(s) {sel}, {most} GPUs allocatable"
+            if most < cfg.gpus_per_node:
+                problems.append(f"{gpu}: nodes have {most} GPUs but workers.gpusPerNode is {cfg.gpus_per_node}")
             for res, qty in sorted(cfg.worker_extra_resources.items()):
-                have = [(n.get("status") or {}).get("allocatable", {}).get(res) for n in matching]
-                if not any(have):
+                have = max(amount(n, res) for n in matching)
+                if not have:
                     problems.append(f"{gpu}: runs request {res} {qty} but no {gpu} node advertises it (install its "
                                     f"device plugin, e.g. the EFA or RDMA shared device plugin)")
+                elif have < parse_quantity(qty):
+                    problems.append(f"{gpu}: runs request {res} {qty} per worker pod but {gpu} nodes advertise at "
+                                    f"most {have}")
                 else:
-                    line += f", {res} {max(h for h in have if h)}"
+                    line += f", {res} {have}"
             found.append(line)
         if problems:
             self.add("gpu nodes", "fail", "; ".join(problems + found), "see docs/kubernetes.md (GPU nodes)")

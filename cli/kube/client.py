@@ -260,7 +260,7 @@ def discover_kuberay(kube: Kube, cfg: ClusterConfig) -> tuple[ClusterConfig, lis
     falling back to the configured `kuberay.version`, else to the oldest supported release, with a warning."""
     from kubernetes.client.rest import ApiException
 
-    from cli.kube.versions import KUBERAY_OLDEST, fmt, kuberay_release_from_crd
+    from cli.kube.versions import KUBERAY_OLDEST, fmt, kuberay_release_from_crd, parse_version
 
     try:
         crd = read_crd(kube, "rayjobs.ray.io")
@@ -282,7 +282,7 @@ def discover_kuberay(kube: Kube, cfg: ClusterConfig) -> tuple[ClusterConfig, lis
         return cfg.replace(kuberay_version=fmt(KUBERAY_OLDEST)), [
             "the RayJob CRD predates KubeRay 1.3, which llmctl does not support; upgrade the operator"]
     warnings = []
-    if cfg.kuberay_version and cfg.kuberay_version.split(".")[:2] != list(map(str, found[:2])):
+    if cfg.kuberay_version and parse_version(cfg.kuberay_version)[:2] != found[:2]:
         warnings.append(f"kuberay.version {cfg.kuberay_version} in the cluster config, but the cluster serves the "
                         f"CRD of KubeRay {fmt(found)}: using {fmt(found)}")
     return cfg.replace(kuberay_version=".".join(map(str, found))), warnings

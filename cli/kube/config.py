@@ -131,35 +131,21 @@ class ClusterConfig:
     interconnect_gpus: int | None = None
 
     def __post_init__(self) -> None:
+        """What the chart's schema cannot say (types, ranges, patterns and enums are the schema's, checked where a
+        config is read: `from_dict`, `replace`): credentials by name or value, llmctl's reserved env names,
+        mounts naming their volumes, the measured interconnect (not a chart value), a spot label's selector."""
+
         def bad(key: str, why: str) -> None:
             raise UsageError(f"cluster config {key}: {why}")
 
         if not self.image or any(c.isspace() for c in self.image):
             bad("image", f"must be an image reference, got {self.image!r}")
-        if self.image_pull_policy not in ("Always", "IfNotPresent", "Never"):
-            bad("imagePullPolicy", f"must be Always, IfNotPresent or Never, got {self.image_pull_policy!r}")
-        if not re.fullmatch(r"\d+\.\d+\.\d+", self.ray_version):
-            bad("rayVersion", f"must be X.Y.Z, got {self.ray_version!r}")
-        if "://" not in self.storage_root:
-            bad("storageRoot", f"must be a URL such as s3://bucket/prefix, got {self.storage_root!r}")
         for key, value in (("storageRoot", self.storage_root), ("s3.endpoint", self.s3_endpoint),
                            ("s3.region", self.s3_region), ("image", self.image)):
-            if value is not None and (what := find_credential(value)):
+            if isinstance(value, str) and (what := find_credential(value)):
                 bad(key, f"holds {what}; {HOW}")
-        for key, name in (("s3.credentialsSecret", self.s3_secret), ("priorityClass", self.priority_class),
-                          ("runServiceAccount", self.run_service_account), ("queue", self.queue)):
-            if name is not None and not (_DNS1123.fullmatch(name) and len(name) <= 253):
-                bad(key, f"must be a Kubernetes object name (lower-case DNS-1123), got {name!r}")
-        if self.spot_provider not in ("gke", "eks", "label"):
-            bad("spotProvider", f"must be gke, eks or label, got {self.spot_provider!r}")
         if self.spot_provider == "label" and not self.spot_node_selector:
             bad("spotNodeSelector", "must name the spot nodes' label when spotProvider is label, e.g. {pool: spot}")
-        for gpu, price in self.spot_prices.items():
-            if not isinstance(price, (int, float)) or isinstance(price, bool) or price < 0:
-                bad(f"spotPrices.{gpu}", f"must be a number of dollars >= 0, got {price!r}")
-        for gpu, price in self.prices.items():
-            if not isinstance(price, (int, float)) or isinstance(price, bool) or price < 0:
-                bad(f"prices.{gpu}", f"must be a number of dollars >= 0, got {price!r}")
         for k, v in self.env.items():
             if not _ENV_NAME.fullmatch(k):
                 bad(f"env.{k}", "is not a valid environment variable name")
@@ -172,61 +158,14 @@ class ClusterConfig:
                 bad(f"env.{k}", f"must be a string, got {v!r}")
             if what := find_credential(v):
                 bad(f"env.{k}", f"its value looks like a credential ({what}); {HOW}")
-        for key, q in (("head.cpu", self.head_cpu), ("head.memory", self.head_memory),
-                       *((f"workers.extraResources.{k}", v) for k, v in self.worker_extra_resources.items())):
-            if not isinstance(q, str) or not _QUANTITY.fullmatch(q):
-                bad(key, f"must be a Kubernetes quantity string such as '8' or '32Gi', got {q!r}")
-        for key, n, lo in (("workers.gpusPerNode", self.gpus_per_node, 1), ("workers.cpuPerGpu", self.cpu_per_gpu, 1),
-                           ("workers.memoryPerGpuGi", self.memory_per_gpu_gi, 1),
-                           ("lifecycle.backoffLimit", self.backoff_limit, 0),
-                           ("lifecycle.ttlSecondsAfterFinished", self.ttl_seconds_after_finished, 0),
-                           ("lifecycle.preRunningDeadlineSeconds", self.pre_running_deadline_seconds, 1),
-                           ("lifecycle.deadlineSlackSeconds", self.deadline_slack_seconds, 0),
-                           *((("lifecycle.maxGraceSeconds", self.max_grace_seconds, 1),)
-                             if self.max_grace_seconds is not None else ())):
-            if not isinstance(n, int) or isinstance(n, bool) or n < lo:
-                bad(key, f"must be an integer >= {lo}, got {n!r}")
-        if not isinstance(self.deadline_factor, (int, float)) or self.deadline_factor < 1:
-            bad("lifecycle.deadlineFactor", f"must be a number >= 1, got {self.deadline_factor!r}")
-        for key, tols in (("head.tolerations", self.head_tolerations), ("workers.tolerations", self.gpu_tolerations)):
-            for t in tols:
-                if not isinstance(t, dict) or set(t) - {"key", "operator", "value", "effect", "tolerationSeconds"}:
-                    bad(key, f"each entry must be a toleration (key, operator, value, effect), got {t!r}")
         if self.gpu_labels not in GPU_LABELS:
             bad("workers.gpuLabels", f"must be one of {', '.join(GPU_LABELS)}, got {self.gpu_labels!r}")
         if self.gpu_node_selectors is None:
             object.__setattr__(self, "gpu_node_selectors", default_gpu_node_selectors(self.gpu_labels))
-        for key, q in (("workers.scratchSize", self.scratch_size), ("tmpSize", self.tmp_size)):
-            if not isinstance(q, str) or not _QUANTITY.fullmatch(q):
-                bad(key, f"must be a Kubernetes quantity string such as '200Gi', got {q!r}")
-        if not isinstance(self.affinity, dict) or set(self.affinity) - {"nodeAffinity", "podAffinity",
-                                                                          "podAntiAffinity"}:
-            bad("placement.affinity", f"must be a Kubernetes affinity (nodeAffinity, podAffinity, "
-                                      f"podAntiAffinity), got {self.affinity!r}")
-        for t in self.topology_spread:
-            if not isinstance(t, dict) or not {"maxSkew", "topologyKey", "whenUnsatisfiable"} <= set(t):
-                bad("placement.topologySpreadConstraints", f"each entry needs maxSkew, topologyKey and "
-                                                           f"whenUnsatisfiable, got {t!r}")
-        for k, v in self.pod_annotations.items():
-            if not isinstance(v, str):
-                bad(f"placement.podAnnotations.{k}", f"must be a string, got {v!r}")
-        names = set()
-        for v in self.extra_volumes:
-            if not isinstance(v, dict) or not v.get("name") or len(v) != 2:
-                bad("extraVolumes", f"each entry is a pod volume (name + one source), got {v!r}")
-            if v["name"] in ("tmp", "scratch"):
-                bad("extraVolumes", f"the name {v['name']!r} is taken by llmctl's own volume")
-            names.add(v["name"])
+        names = {v.get("name") for v in self.extra_volumes if isinstance(v, dict)}
         for m in self.extra_volume_mounts:
-            if not isinstance(m, dict) or not m.get("name") or not m.get("mountPath"):
-                bad("extraVolumeMounts", f"each entry needs name and mountPath, got {m!r}")
-            if m["name"] not in names:
-                bad("extraVolumeMounts", f"{m['name']!r} is not in extraVolumes")
-        if self.kuberay_version is not None and not re.fullmatch(r"\d+\.\d+(\.\d+)?", self.kuberay_version):
-            bad("kuberay.version", f"must be X.Y or X.Y.Z (the installed KubeRay operator), got "
-                                   f"{self.kuberay_version!r}")
-        if self.ray_auth not in ("token", "disabled"):
-            bad("rayAuth", f"must be token or disabled, got {self.ray_auth!r}")
+            if isinstance(m, dict) and m.get("name") not in names:
+                bad("extraVolumeMounts", f"{m.get('name')!r} is not in extraVolumes")
         b = self.interconnect_busbw_gbs
         if b is not None and (isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b < 1e6):
             bad("interconnect.busbwGBs", f"must be a number of GB/s > 0, got {b!r}")
@@ -255,6 +194,8 @@ class ClusterConfig:
         flat = _flatten(data)
         kwargs: dict[str, Any] = {}
         warnings = []
+        known = {p: v for p, v in flat.items() if p in _KEY_TO_FIELD}
+        check_schema(_nest(known), source)
         for path, value in flat.items():
             fname = _KEY_TO_FIELD.get(path)
             if path == "interconnect":
@@ -283,11 +224,14 @@ class ClusterConfig:
             *parents, leaf = path.split(".")
             for p in parents:
                 node = node.setdefault(p, {})
-            node[leaf] = "" if value is None else value
+            node[leaf] = value if value is not None or fname == "max_grace_seconds" else ""  # the chart's null
         return out
 
     def replace(self, **changes) -> ClusterConfig:
-        return dataclasses.replace(self, **changes)
+        """A copy with flags applied (`--image`, `--queue`, ...), checked against the schema like a read config."""
+        cfg = dataclasses.replace(self, **changes)
+        check_schema(cfg.to_dict(), "cluster config")
+        return cfg
 
 
 # Dotted key in config.yaml -> dataclass field. Keys whose values are free-form maps (prices, env, labels,
@@ -327,6 +271,73 @@ def _flatten(d: dict) -> dict[str, Any]:
     return out
 
 
+def _nest(flat: dict[str, Any]) -> dict:
+    out: dict = {}
+    for path, value in flat.items():
+        *parents, leaf = path.split(".")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+SCHEMA_FILE = Path(__file__).with_name("values.schema.json")  # the chart's values.schema.json (a test checks they match)
+
+
+def config_schema() -> dict:
+    """The schema of the ConfigMap's config.yaml, from the chart's own schema: its `config` values plus the keys the
+    chart's template sets from other values (image, imagePullPolicy, imagePullSecrets, queue, runServiceAccount)."""
+    import copy
+    import json
+
+    chart = json.loads(SCHEMA_FILE.read_text())
+    schema = copy.deepcopy(chart["properties"]["config"])
+    top = chart["properties"]
+    schema["properties"].update({
+        "image": {"type": "string", "minLength": 1},
+        "imagePullPolicy": top["image"]["properties"]["pullPolicy"],
+        # the template writes the chart's [{name: ...}]; a --cluster-config file may list names
+        "imagePullSecrets": {"type": "array", "items": {"anyOf": [top["imagePullSecrets"]["items"],
+                                                                  {"type": "string", "minLength": 1}]}},
+        "runServiceAccount": top["runServiceAccount"]["properties"]["name"],
+    })
+    schema["$schema"] = chart["$schema"]
+    return schema
+
+
+def _defaults() -> dict:
+    """ClusterConfig()'s values in the YAML shape, unset ones left out (the chart's values.yaml has the same)."""
+    def keep(d):
+        return {k: keep(v) if isinstance(v, dict) and k in _SECTIONS else v for k, v in d.items()
+                if v not in ("", None)}
+    return keep(ClusterConfig().to_dict())
+
+
+def check_schema(data: dict, source: str) -> None:
+    """`data` (the YAML shape; unknown keys already set aside), merged over the defaults, against the chart's schema:
+    the verdict `helm lint` gives the same values. One error, naming the key (`source` is where the data came
+    from; errors say "cluster config KEY", like every other check of it)."""
+    import jsonschema  # here, not at start-up: only where a config is read
+
+    merged = _defaults()
+    for k, v in data.items():
+        merged[k] = dict(merged.get(k, {}), **v) if k in _SECTIONS and isinstance(v, dict) else v
+    validator = jsonschema.Draft7Validator(config_schema())
+    errors = sorted(validator.iter_errors(merged), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
+    if errors:
+        e = jsonschema.exceptions.best_match(errors)
+        key = ".".join(map(str, e.absolute_path)) or "config"
+        hint = e.schema.get("description", "") if isinstance(e.schema, dict) else ""
+        why = {"pattern": lambda: f"must match {e.validator_value}",
+               "enum": lambda: f"must be one of {', '.join(map(str, e.validator_value))}",
+               "minimum": lambda: f"must be >= {e.validator_value}",
+               "type": lambda: f"must be of type {' or '.join(e.validator_value) if isinstance(e.validator_value, list) else e.validator_value}",
+               "not": lambda: "is not allowed"}.get(e.validator)
+        text = f"{why()}, got {e.instance!r}" if why else e.message
+        raise UsageError(f"cluster config {key}: {text}" + (f" ({hint})" if hint else ""))
+
+
 _LIST_FIELDS = {"image_pull_secrets", "head_tolerations", "gpu_tolerations", "spot_tolerations", "topology_spread", "extra_volumes",
                 "extra_volume_mounts"}
 _MAP_FIELDS = {"prices", "spot_prices", "spot_node_selector", "labels", "env", "head_node_selector", "gpu_node_selectors", "worker_extra_resources",
@@ -362,6 +373,9 @@ def _coerce(fname: str, value: Any) -> Any:
             return {str(k): {str(a): str(b) for a, b in v.items()} for k, v in value.items()}
         if fname == "affinity":
             return value
+        if fname == "env":  # the chart allows numbers and booleans (--set env.X=1); a container's env is text
+            return {str(k): ("true" if v else "false") if isinstance(v, bool) else _scalar_str(v)
+                    for k, v in value.items()}
         return {str(k): _scalar_str(v) for k, v in value.items()}
     if fname in ("head_cpu", "head_memory", "scratch_size", "tmp_size"):
         return _scalar_str(value)

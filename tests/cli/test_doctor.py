@@ -222,3 +222,24 @@ def test_bad_flags_are_one_line_and_exit_2(argv, capsys):
     assert main(["doctor", *argv]) == 2
     _, err = capsys.readouterr()
     assert err.startswith("llmctl: error:") and err.count("\n") == 1
+
+
+def test_deps_node_quantities_compare_as_kubernetes_quantities(tmp_path, monkeypatch, capsys):
+    """Issue 29 item 3: allocatable quantities were compared as text ("9" ranked above "10") and int() failed on
+    "1k"; kubernetes.utils.parse_quantity compares them as numbers."""
+    with FakeKube() as kube:
+        ada = setup(kube, chart("--set", "config.workers.extraResources.rdma/ib=10"), nodes=False)
+        kube.add(node("gpu-0", H100, {"nvidia.com/gpu": "8", "rdma/ib": "9"}))
+        kube.add(node("gpu-1", H100, {"nvidia.com/gpu": "8", "rdma/ib": "1k"}))
+        rc, out, _ = doctor(kube, tmp_path, monkeypatch, capsys, ada)
+        assert rc == 0 and lines(out)["gpu"].startswith("✓") and "8 GPUs allocatable, rdma/ib 1000" in lines(out)["gpu"]
+    with FakeKube() as kube:
+        ada = setup(kube, chart("--set", "config.workers.extraResources.rdma/ib=10"), nodes=False)
+        kube.add(node("gpu-0", H100, {"nvidia.com/gpu": "8", "rdma/ib": "9"}))
+        line = _fail(kube, tmp_path, monkeypatch, capsys, ada, "gpu")
+        assert "runs request rdma/ib 10 per worker pod but h100 nodes advertise at most 9" in line
+    with FakeKube() as kube:  # a GPU count Kubernetes writes with a suffix still counts
+        ada = setup(kube, chart(), nodes=False)
+        kube.add(node("gpu-0", H100, {"nvidia.com/gpu": "1k"}))
+        rc, out, _ = doctor(kube, tmp_path, monkeypatch, capsys, ada)
+        assert rc == 0 and "1000 GPUs allocatable" in lines(out)["gpu"]

@@ -138,3 +138,12 @@ def test_the_local_metrics_port_is_the_trainers():
     from trainer.metrics import METRICS_PORT_BASE
 
     assert top.METRICS_PORT_BASE == METRICS_PORT_BASE
+
+
+def test_deps_a_malformed_scrape_is_an_error_not_a_partial_view():
+    """Issue 29 item 4: the hand parser skipped a line it could not read, so a truncated /metrics body showed
+    as a complete frame; prometheus_client's parser (the format's reference) refuses it."""
+    from cli.errors import CLIError
+
+    with pytest.raises(CLIError, match="not the Prometheus text format"):
+        parse_exposition('llmctl_step{run="a"} 1\nllmctl_step{run="b" 2\n')

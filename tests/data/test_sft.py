@@ -1,5 +1,5 @@
-"""Chat rendering and SFT data: the reference's loss-mask rules, MMLU/GSM8K/SmolTalk rows loaded through
-`datasets` from local jsonl/parquet files, and the SFT packing (best-fit, pad instead of crop, one pass,
+"""Chat rendering and SFT data: the reference's loss-mask rules, MMLU/GSM8K/SmolTalk rows read from
+local jsonl/parquet files (fsspec, pyarrow; no `datasets`), and the SFT packing (best-fit, pad instead of crop, one pass,
 disjoint ranks, exact resume).
 
 Run: .venv/bin/pytest tests/data/test_sft.py -v
@@ -89,7 +89,7 @@ def test_mmlu_and_gsm8k_rows_render_as_the_reference():
         {"type": "python_output", "text": "24"}, {"type": "text", "text": "24.\n#### 24"}]
 
 
-def test_load_conversations_through_datasets_from_jsonl_and_parquet(tmp_path):
+def test_load_conversations_from_jsonl_and_parquet(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -171,3 +171,18 @@ def test_sample_conversations_are_offline_and_complete(sft_dir, tok):
     assert any(isinstance(c["messages"][1]["content"], list) for c in train)  # GSM8K-style tool calls present
     ids, mask = tok.render_conversation(train[0])
     assert sum(mask) > 0
+
+
+def test_deps_sft_files_load_without_hugging_face_datasets(tmp_path):
+    """Issue 29 item 5: reading a jsonl/parquet file imported `datasets` (2 s); fsspec and pyarrow read them."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "chat.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "q"},
+                                                                  {"role": "assistant", "content": "a"}]}) + "\n")
+    (tmp_path / "list.json").write_text(json.dumps([{"question": "1+1?", "answer": "#### 2"}]))
+    code = ("import sys; from trainer.data.sft import load_conversations; "
+            f"assert len(load_conversations({str(tmp_path)!r})) == 2; "
+            "assert 'datasets' not in sys.modules, 'datasets was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])

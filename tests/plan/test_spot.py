@@ -66,9 +66,9 @@ def test_fixed_on_demand_rayjob_is_unchanged_by_the_elastic_code():
 
 
 @pytest.mark.parametrize("data, message", [
-    ({"spotProvider": "azure"}, "cluster config spotProvider: must be gke, eks or label, got 'azure'"),
+    ({"spotProvider": "azure"}, "cluster config spotProvider: must be one of gke, eks, label, got 'azure'"),
     ({"spotProvider": "label"}, "cluster config spotNodeSelector: must name the spot nodes' label"),
-    ({"spotPrices": {"h100": -1}}, "cluster config spotPrices.h100: must be a number of dollars >= 0, got -1"),
+    ({"spotPrices": {"h100": -1}}, "cluster config spotPrices.h100: must be >= 0, got -1"),
 ])
 def test_spot_config_names_the_bad_key(data, message):
     with pytest.raises(UsageError, match="^" + message.replace("(", r"\(").replace(")", r"\)")):

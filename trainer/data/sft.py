@@ -7,7 +7,7 @@ Rows become conversations (`{"messages": [...]}`) the way the reference's tasks 
   …", one `- {choice}={letter}` line per choice, letter after the choice with no space), the answer a bare letter;
 - GSM8K style (`question`, `answer` with `<<expr=result>>` calculator notes and a final `#### n`): each note
   becomes a python tool call (trained on) and its output (not trained on).
-Files load through Hugging Face `datasets` (jsonl/json/parquet, local or fsspec URLs); a mixture is shuffled
+Files are read through fsspec (jsonl/json, parquet with pyarrow; local or fsspec URLs); a mixture is shuffled
 with a fixed seed (`random.Random(42)`, as the reference's TaskMixture).
 
 `SFTLoader` packs like the reference's SFT loop: a buffer of 100 rendered conversations, each row of T+1 tokens
@@ -86,7 +86,7 @@ def to_conversation(row: dict) -> dict:
 def load_conversations(source: str | list, split: str = "train", *, storage_options: dict | None = None,
                        repeats: dict[str, int] | None = None, seed: int | None = 42) -> list[dict]:
     """Conversations from `source`: a list of rows, a jsonl/json/parquet file, or a directory of them
-    (`<dir>/<split>/` when it exists). Each file is read with `datasets` and converted by its row kind;
+    (`<dir>/<split>/` when it exists). Each file is read (`_read_rows`) and converted by its row kind;
     `repeats` (e.g. `REFERENCE_REPEATS`) repeats kinds as epochs of a mixture; the result is shuffled."""
     tables = [("rows", list(source))] if isinstance(source, (list, tuple)) else [
         (url, _read_rows(url, storage_options)) for url in _conversation_files(source, split, storage_options)]
@@ -117,14 +117,31 @@ def _conversation_files(source: str, split: str, storage_options) -> list[str]:
 
 
 def _read_rows(url: str, storage_options) -> list[dict]:
-    import datasets
+    """The rows of one plain file, read through fsspec (JSON Lines, a JSON array, or parquet with pyarrow): no
+    Hugging Face `datasets` (2 s to import) for what a file reader does."""
+    fs, path = filesystem(url, storage_options)
+    if BUILDERS[os.path.splitext(path)[1]] == "parquet":
+        import pyarrow.parquet as pq
 
-    remote = "://" in url and not url.startswith("file://")
-    kind = BUILDERS[os.path.splitext(url)[1]]
-    ds = datasets.load_dataset(kind, data_files=[url if remote else url.removeprefix("file://")], split="train",
-                               streaming=True, storage_options=filesystem(url, storage_options)[0].storage_options
-                               if remote else None)
-    return list(ds)
+        with fs.open(path, "rb") as f:
+            return pq.read_table(f).to_pylist()
+    text = fs.cat_file(path).decode("utf-8")
+    if path.endswith(".json") and text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except ValueError as e:
+            raise DataError(f"{url}: not valid JSON ({e})") from None
+    else:
+        rows = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except ValueError as e:
+                    raise DataError(f"{url}:{n}: not a JSON line ({e})") from None
+    if not all(isinstance(r, dict) for r in rows):
+        raise DataError(f"{url}: expected one JSON object per row")
+    return rows
 
 
 # --------------------------------------------------------------------------- the SFT loader

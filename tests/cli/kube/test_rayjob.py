@@ -259,12 +259,12 @@ def test_every_config_option_renders_a_valid_rayjob():
     ({"placement": {"topologySpreadConstraints": [{"maxSkew": 1}]}}, "placement.topologySpreadConstraints"),
     ({"placement": {"affinity": {"nodeAfinity": {}}}}, "placement.affinity"),
     ({"extraVolumeMounts": [{"name": "x", "mountPath": "/x"}]}, "'x' is not in extraVolumes"),
-    ({"extraVolumes": [{"name": "scratch", "emptyDir": {}}]}, "taken by llmctl's own volume"),
+    ({"extraVolumes": [{"name": "scratch", "emptyDir": {}}]}, "extraVolumes.0.name: is not allowed, got 'scratch' (A volume name; tmp and scratch are taken by llmctl's own volumes.)"),
     ({"workers": {"scratchSize": "big"}}, "workers.scratchSize"),
     ({"workers": {"gpuLabels": "aws"}}, "workers.gpuLabels: must be one of gpu-operator, gke"),
-    ({"kuberay": {"version": 1.6}}, "kuberay.version: must be a quoted string"),
-    ({"kuberay": {"version": "latest"}}, "kuberay.version: must be X.Y"),
-    ({"rayAuth": "on"}, "rayAuth: must be token or disabled"),
+    ({"kuberay": {"version": 1.6}}, "kuberay.version: must be of type string, got 1.6 (The installed KubeRay release, X.Y or X.Y.Z, quoted"),
+    ({"kuberay": {"version": "latest"}}, "kuberay.version: must match"),
+    ({"rayAuth": "on"}, "rayAuth: must be one of token, disabled, got 'on'"),
 ])
 def test_placement_and_version_keys_name_the_bad_key(data, message):
     with pytest.raises(UsageError, match=re.escape(message)):
@@ -407,16 +407,16 @@ def test_cluster_config_round_trips_and_warns_on_unknown_keys():
 
 
 @pytest.mark.parametrize("data, message", [
-    ({"storageRoot": "bucket/prefix"}, "storageRoot: must be a URL"),
-    ({"workers": {"gpusPerNode": 0}}, "workers.gpusPerNode: must be an integer >= 1"),
-    ({"workers": {"gpusPerNode": "8"}}, "workers.gpusPerNode: must be an integer"),
-    ({"head": {"memory": "lots"}}, "head.memory: must be a Kubernetes quantity"),
-    ({"prices": {"h100": -1}}, "prices.h100: must be a number of dollars"),
-    ({"queue": "H100 queue"}, "queue: must be a Kubernetes object name"),
-    ({"lifecycle": {"deadlineFactor": 0.5}}, "lifecycle.deadlineFactor: must be a number >= 1"),
-    ({"imagePullPolicy": "Sometimes"}, "imagePullPolicy: must be Always"),
-    ({"env": ["A=1"]}, "env: must be a mapping"),
-    ({"workers": {"tolerations": [{"key": "a", "effct": "NoSchedule"}]}}, "workers.tolerations: each entry"),
+    ({"storageRoot": "bucket/prefix"}, "storageRoot: must match ^[a-z][a-z0-9+.-]*://.+, got 'bucket/prefix' (Shared storage root URL.)"),
+    ({"workers": {"gpusPerNode": 0}}, "workers.gpusPerNode: must be >= 1, got 0"),
+    ({"workers": {"gpusPerNode": "8"}}, "workers.gpusPerNode: must be of type integer, got '8'"),
+    ({"head": {"memory": "lots"}}, "head.memory: must match"),
+    ({"prices": {"h100": -1}}, "prices.h100: must be >= 0, got -1"),
+    ({"queue": "H100 queue"}, "queue: must match"),
+    ({"lifecycle": {"deadlineFactor": 0.5}}, "lifecycle.deadlineFactor: must be >= 1, got 0.5"),
+    ({"imagePullPolicy": "Sometimes"}, "imagePullPolicy: must be one of Always, IfNotPresent, Never"),
+    ({"env": ["A=1"]}, "env: must be of type object"),
+    ({"workers": {"tolerations": [{"key": "a", "effct": "NoSchedule"}]}}, "workers.tolerations.0: Additional properties are not allowed ('effct' was unexpected)"),
 ])
 def test_cluster_config_names_the_bad_key(data, message):
     with pytest.raises(UsageError, match=re.escape(message)):
