@@ -2,7 +2,7 @@
 go through psutil, which the test extra declares (issue 29 item 6: two hand-written /proc parsers, and psutil
 used by nobody that declared it).
 
-Run: .venv/bin/pytest tests/test_bench_deps.py -v
+Run: .venv/bin/pytest tests/test_bench.py -v
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ The llmctl wheel is built from this checkout; its dependencies come from a wheel
 (~/.cache/llmctl/cli-only-wheels, filled from PyPI by `pip download` the first time, or when the dependencies
 change), so a warm run installs offline. The venv is made without pip (the test's own pip installs into it).
 
-Run: .venv/bin/pytest tests/test_cli_install_deps.py -v
+Run: .venv/bin/pytest tests/cli/test_install.py -v
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llmctl" / "cli-only-wheels"
 PIP = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
 # Without PYTHONPATH: a checkout on it (with the llmctl.egg-info a build leaves) reads as llmctl installed already.

@@ -2,7 +2,7 @@
 in the package as cli/kube/values.schema.json), so `helm lint` and the CLI give the same verdict on the same values,
 including the three cases where the hand-written checks disagreed with the chart.
 
-Run: .venv/bin/pytest tests/test_config_deps.py -v
+Run: .venv/bin/pytest tests/cli/kube/test_config.py -v
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from cli.errors import UsageError
 from cli.kube.config import SCHEMA_FILE, ClusterConfig, config_from_configmap
 from tests.tools import ensure_helm
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 CHART = ROOT / "charts" / "llmctl"
 
 CASES = {  # chart `config:` values -> whether both accept them

