@@ -41,6 +41,10 @@ _GPU_LABEL_VALUES = {
     "gke": {"h100": "nvidia-h100-80gb", "h100-pcie": "nvidia-h100-80gb", "h200": "nvidia-h200-141gb",
             "a100": "nvidia-a100-80gb"},
 }
+# Further label values that are the same GPU type: GKE's A3 Mega (a3-megagpu-8g) nodes carry
+# nvidia-h100-mega-80gb (https://cloud.google.com/kubernetes-engine/docs/how-to/gpus). Pods select these with a
+# node affinity `In` every value (cli/kube/pods.py gpu_affinity) where the selectors are the defaults.
+GPU_LABEL_ALTERNATIVES = {("cloud.google.com/gke-accelerator", "nvidia-h100-80gb"): ("nvidia-h100-mega-80gb",)}
 
 
 def default_gpu_node_selectors(gpu_labels: str = "gpu-operator") -> dict[str, dict[str, str]]:
@@ -114,7 +118,20 @@ class ClusterConfig:
     kuberay_version: str | None = None  # installed KubeRay "X.Y[.Z]" where CRDs cannot be read; None: discover
     ray_auth: str = "token"  # Ray token authentication (KubeRay >= 1.5.1, Ray >= 2.52); "disabled" to turn off
     backoff_limit: int = 2  # RayJob retries; each is a new RayCluster that resumes from the last checkpoint
-    ttl_seconds_after_finished: int = 600  # keep the finished cluster this long (logs, dashboard)
+    # After a run ends: KubeRay >= 1.6 without Kueue deletes the GPU workers at once and the head (CPU: logs,
+    # dashboard) after ttl_seconds_after_finished (deletionRules); elsewhere the whole cluster goes after
+    # min(ttl_seconds_after_finished, gpu_ttl_seconds_after_finished), since the workers hold their GPUs until
+    # then while Kueue has already released the quota (cli/kube/rayjob.py, teardown_seconds).
+    ttl_seconds_after_finished: int = 600
+    gpu_ttl_seconds_after_finished: int = 60
+    # Kueue admits an autoscaling (elastic, --min-gpus) RayJob only as a sliced workload: its
+    # ElasticJobsViaWorkloadSlices feature gate on (alpha, Kueue >= 0.14 patch releases) and the job annotated
+    # kueue.x-k8s.io/elastic-job. True: this cluster's Kueue has the gate on.
+    kueue_elastic_jobs: bool = False
+    # The Serve app's access checks (trainer/serve/access.py) on `llmctl serve` RayServices: Host names the
+    # proxy answers besides addresses (empty: no Host check) and the SHA-256 of the API key /v1/ needs.
+    serve_allowed_hosts: tuple[str, ...] = ()
+    serve_api_key_sha256: str | None = None
     pre_running_deadline_seconds: int = 1800  # fail a run whose pods are not running 30 min after admission
     deadline_factor: float = 1.5  # activeDeadlineSeconds = estimate x factor + slack
     deadline_slack_seconds: int = 1800
@@ -180,6 +197,7 @@ class ClusterConfig:
                            ("workers.memoryPerGpuGi", self.memory_per_gpu_gi, 1),
                            ("lifecycle.backoffLimit", self.backoff_limit, 0),
                            ("lifecycle.ttlSecondsAfterFinished", self.ttl_seconds_after_finished, 0),
+                           ("lifecycle.gpuTtlSecondsAfterFinished", self.gpu_ttl_seconds_after_finished, 0),
                            ("lifecycle.preRunningDeadlineSeconds", self.pre_running_deadline_seconds, 1),
                            ("lifecycle.deadlineSlackSeconds", self.deadline_slack_seconds, 0),
                            *((("lifecycle.maxGraceSeconds", self.max_grace_seconds, 1),)
@@ -225,6 +243,15 @@ class ClusterConfig:
         if self.kuberay_version is not None and not re.fullmatch(r"\d+\.\d+(\.\d+)?", self.kuberay_version):
             bad("kuberay.version", f"must be X.Y or X.Y.Z (the installed KubeRay operator), got "
                                    f"{self.kuberay_version!r}")
+        if not isinstance(self.kueue_elastic_jobs, bool):
+            bad("kueue.elasticJobs", f"must be true or false, got {self.kueue_elastic_jobs!r}")
+        for h in self.serve_allowed_hosts:
+            if not isinstance(h, str) or not h or any(c.isspace() or c in "/@" for c in h):
+                bad("serve.allowedHosts", f"each entry is a host name, got {h!r}")
+        d = self.serve_api_key_sha256
+        if d is not None and not (isinstance(d, str) and re.fullmatch(r"[0-9a-f]{64}", d)):
+            bad("serve.apiKeySha256", "must be the key's SHA-256 as 64 lower-case hex digits "
+                                      "(sha256sum of the key), never the key itself")
         if self.ray_auth not in ("token", "disabled"):
             bad("rayAuth", f"must be token or disabled, got {self.ray_auth!r}")
         b = self.interconnect_busbw_gbs
@@ -313,6 +340,9 @@ _KEY_TO_FIELD = {
     "lifecycle.preRunningDeadlineSeconds": "pre_running_deadline_seconds",
     "lifecycle.deadlineFactor": "deadline_factor", "lifecycle.deadlineSlackSeconds": "deadline_slack_seconds",
     "lifecycle.maxGraceSeconds": "max_grace_seconds",
+    "lifecycle.gpuTtlSecondsAfterFinished": "gpu_ttl_seconds_after_finished",
+    "kueue.elasticJobs": "kueue_elastic_jobs",
+    "serve.allowedHosts": "serve_allowed_hosts", "serve.apiKeySha256": "serve_api_key_sha256",
 }
 _SECTIONS = {k.split(".")[0] for k in _KEY_TO_FIELD if "." in k}  # s3, head, workers, lifecycle
 
@@ -327,7 +357,7 @@ def _flatten(d: dict) -> dict[str, Any]:
     return out
 
 
-_LIST_FIELDS = {"image_pull_secrets", "head_tolerations", "gpu_tolerations", "spot_tolerations", "topology_spread", "extra_volumes",
+_LIST_FIELDS = {"serve_allowed_hosts", "image_pull_secrets", "head_tolerations", "gpu_tolerations", "spot_tolerations", "topology_spread", "extra_volumes",
                 "extra_volume_mounts"}
 _MAP_FIELDS = {"prices", "spot_prices", "spot_node_selector", "labels", "env", "head_node_selector", "gpu_node_selectors", "worker_extra_resources",
                "affinity", "pod_annotations"}
@@ -339,6 +369,7 @@ _REMOVED_KEYS = {
                             "runtime instead (docs/kubernetes.md, EFA and InfiniBand)",
 }
 _INT_FIELDS = {"gpus_per_node", "cpu_per_gpu", "memory_per_gpu_gi", "backoff_limit", "ttl_seconds_after_finished",
+               "gpu_ttl_seconds_after_finished",
                "pre_running_deadline_seconds", "deadline_slack_seconds"}
 
 
@@ -370,11 +401,11 @@ def _coerce(fname: str, value: Any) -> Any:
                          f"got {value!r}")
     if fname in _INT_FIELDS and not (isinstance(value, int) and not isinstance(value, bool)):
         raise UsageError(f"{key}: must be an integer, got {value!r}")
-    if fname == "read_only_root_filesystem" and not isinstance(value, bool):
+    if fname in ("read_only_root_filesystem", "kueue_elastic_jobs") and not isinstance(value, bool):
         raise UsageError(f"{key}: must be true or false, got {value!r}")
     if fname in ("image", "image_pull_policy", "ray_version", "storage_root", "s3_endpoint", "s3_region",
                  "s3_secret", "queue", "priority_class", "run_service_account", "gpu_labels", "ray_auth",
-                 "spot_provider") \
+                 "spot_provider", "serve_api_key_sha256") \
             and not isinstance(value, str):
         raise UsageError(f"{key}: must be a string, got {value!r}")
     return value
