@@ -16,6 +16,8 @@ Examples:
 
 from __future__ import annotations
 
+import os
+
 import argparse
 import sys
 
@@ -120,11 +122,15 @@ def cmd_cluster(args, run_url, storage_options_from_env) -> int:
     url = run_url(args.run, args.storage or cfg.storage_root)
     opts = storage_options_from_env() if url.startswith("s3") else {}
     run = _checked_run(url, args, opts)
+    from trainer.serve.access import API_KEY_ENV, key_digest
+
+    key = os.environ.get(API_KEY_ENV)  # as for --local: only its SHA-256 reaches the cluster
     try:
         svc = build_rayservice(run, cfg, namespace=namespace, stage=STAGES[args.stage], step=args.step,
                                replicas=args.replicas, gpus_per_replica=args.gpus_per_replica,
                                gpu_type=args.gpu_type, cpus_per_replica=args.cpus_per_replica,
-                               max_batch=args.max_batch, max_queue=args.max_queue, extra_env=extra_env)
+                               max_batch=args.max_batch, max_queue=args.max_queue, extra_env=extra_env,
+                               api_key_sha256=key_digest(key) if key else None)
     except ValueError as e:
         raise UsageError(str(e)) from None
     name = svc["metadata"]["name"]

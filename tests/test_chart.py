@@ -199,11 +199,17 @@ def test_one_gpu_label_choice_for_runs_warm_cluster_and_kueue_flavors(helm, char
         assert one(docs, "ResourceFlavor", f"h100-{gpu}")["spec"]["nodeLabels"] == expected
         cfg = cluster_config(docs)
         rj = build_rayjob(plan(RunSpec(depth=12, gpus=8, gpu_type=gpu, storage_root="s3://b")), cfg, namespace="team")
-        assert rj["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["nodeSelector"] == expected
+        pod = rj["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]
+        # A label with known equivalents (GKE's A3 Mega) becomes a node-affinity `In` over all of them.
+        chosen = dict(pod.get("nodeSelector", {}))
+        for t in (pod.get("affinity") or {}).get("nodeAffinity", {}).get(
+                "requiredDuringSchedulingIgnoredDuringExecution", {}).get("nodeSelectorTerms", []):
+            chosen.update({e["key"]: e["values"][0] for e in t["matchExpressions"] if e["operator"] == "In"})
+        assert chosen == expected
 
 
 def test_network_policy_opens_ray_ports_only_to_the_namespace_operator_and_prometheus(default_docs):
-    np = one(default_docs, "NetworkPolicy")["spec"]
+    np = one(default_docs, "NetworkPolicy", "r-llmctl-ray")["spec"]
     assert np["policyTypes"] == ["Ingress"]
     sel = np["podSelector"]
     head = {"app.kubernetes.io/part-of": "llmctl", "ray.io/node-type": "head"}
@@ -213,9 +219,22 @@ def test_network_policy_opens_ray_ports_only_to_the_namespace_operator_and_prome
     same_ns, operator, metrics = np["ingress"]
     assert same_ns == {"from": [{"podSelector": {}}]}  # no ports: Ray's own traffic inside the namespace
     assert operator["ports"] == [{"port": 8265, "protocol": "TCP"}]
-    assert operator["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kuberay-system"}}}]
+    # The operator's pods by their labels in any namespace: no guess of kuberay-system / ray-system / default.
+    assert operator["from"] == [{"namespaceSelector": {},
+                                 "podSelector": {"matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}}}]
     assert 8265 not in {p["port"] for p in metrics["ports"]} and {"port": 9400, "endPort": 9407, "protocol": "TCP"} \
         in metrics["ports"]
+
+
+def test_serve_network_policy_opens_8000_to_gateways_and_9500_to_prometheus(default_docs):
+    np = one(default_docs, "NetworkPolicy", "r-llmctl-serve")["spec"]
+    assert np["podSelector"] == {"matchLabels": {"app.kubernetes.io/part-of": "llmctl", "llmctl.dev/kind": "service"}}
+    serve, metrics = np["ingress"]
+    assert serve["ports"] == [{"port": 8000, "protocol": "TCP"}]
+    (gateways,) = serve["from"]
+    assert "ingress-nginx" in gateways["namespaceSelector"]["matchExpressions"][0]["values"]
+    assert {"port": 9500, "protocol": "TCP"} in metrics["ports"] and 8000 not in {p["port"] for p in metrics["ports"]}
+    assert metrics["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
 
 
 def test_notes_say_what_to_do_next(helm, chart):
@@ -381,8 +400,14 @@ CASES = {
     "networkPolicy.enabled": (["--set", "networkPolicy.enabled=false"], lambda d: not find(d, "NetworkPolicy")),
     "networkPolicy.operatorNamespace+metricsFrom": (
         ["--set", "networkPolicy.operatorNamespace=ray", "--set-json", "networkPolicy.metricsFrom=[]"],
-        lambda d: [r["from"] for r in one(d, "NetworkPolicy")["spec"]["ingress"]]
-        == [[{"podSelector": {}}], [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ray"}}}]]),
+        lambda d: [r["from"] for r in one(d, "NetworkPolicy", "r-llmctl-ray")["spec"]["ingress"]]
+        == [[{"podSelector": {}}], [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ray"}},
+                                     "podSelector": {"matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}}}]]
+        and [r["ports"][0]["port"] for r in one(d, "NetworkPolicy", "r-llmctl-serve")["spec"]["ingress"]] == [8000]),
+    "networkPolicy.serveNamespaces+serveFrom": (
+        ["--set-json", "networkPolicy.serveNamespaces=[]", "--set-json", 'networkPolicy.serveFrom=[{"ipBlock":{"cidr":"10.0.0.0/8"}}]'],
+        lambda d: one(d, "NetworkPolicy", "r-llmctl-serve")["spec"]["ingress"][0]["from"]
+        == [{"ipBlock": {"cidr": "10.0.0.0/8"}}]),
     "kueue.clusterQueue": (["--set", "kueue.clusterQueue.create=true", "--set", "kueue.clusterQueue.nodes=2",
                             "--set", "kueue.clusterQueue.runs=3", "--set", "config.workers.extraResources.vpc\\.amazonaws\\.com/efa=32"],
                            lambda d: one(d, "ClusterQueue")["spec"]["resourceGroups"][0]["coveredResources"]
@@ -470,6 +495,8 @@ CONFIG_SAMPLES = {  # a non-default value for every leaf under `config` in value
     "extraVolumeMounts": [{"name": "c", "mountPath": "/c"}],
     "lifecycle.backoffLimit": 0, "lifecycle.ttlSecondsAfterFinished": 60, "lifecycle.preRunningDeadlineSeconds": 600,
     "lifecycle.deadlineFactor": 2.5, "lifecycle.deadlineSlackSeconds": 0, "lifecycle.maxGraceSeconds": 120,
+    "lifecycle.gpuTtlSecondsAfterFinished": 30, "kueue.elasticJobs": True, "serve.allowedHosts": ["chat.example.com"],
+    "serve.apiKeySha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
 }
 
 

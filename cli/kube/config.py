@@ -41,6 +41,10 @@ _GPU_LABEL_VALUES = {
     "gke": {"h100": "nvidia-h100-80gb", "h100-pcie": "nvidia-h100-80gb", "h200": "nvidia-h200-141gb",
             "a100": "nvidia-a100-80gb"},
 }
+# Further label values that are the same GPU type: GKE's A3 Mega (a3-megagpu-8g) nodes carry
+# nvidia-h100-mega-80gb (https://cloud.google.com/kubernetes-engine/docs/how-to/gpus). Pods select these with a
+# node affinity `In` every value (cli/kube/pods.py gpu_affinity) where the selectors are the defaults.
+GPU_LABEL_ALTERNATIVES = {("cloud.google.com/gke-accelerator", "nvidia-h100-80gb"): ("nvidia-h100-mega-80gb",)}
 
 
 def default_gpu_node_selectors(gpu_labels: str = "gpu-operator") -> dict[str, dict[str, str]]:
@@ -114,7 +118,20 @@ class ClusterConfig:
     kuberay_version: str | None = None  # installed KubeRay "X.Y[.Z]" where CRDs cannot be read; None: discover
     ray_auth: str = "token"  # Ray token authentication (KubeRay >= 1.5.1, Ray >= 2.52); "disabled" to turn off
     backoff_limit: int = 2  # RayJob retries; each is a new RayCluster that resumes from the last checkpoint
-    ttl_seconds_after_finished: int = 600  # keep the finished cluster this long (logs, dashboard)
+    # After a run ends: KubeRay >= 1.6 without Kueue deletes the GPU workers at once and the head (CPU: logs,
+    # dashboard) after ttl_seconds_after_finished (deletionRules); elsewhere the whole cluster goes after
+    # min(ttl_seconds_after_finished, gpu_ttl_seconds_after_finished), since the workers hold their GPUs until
+    # then while Kueue has already released the quota (cli/kube/rayjob.py, teardown_seconds).
+    ttl_seconds_after_finished: int = 600
+    gpu_ttl_seconds_after_finished: int = 60
+    # Kueue admits an autoscaling (elastic, --min-gpus) RayJob only as a sliced workload: its
+    # ElasticJobsViaWorkloadSlices feature gate on (alpha, Kueue >= 0.14 patch releases) and the job annotated
+    # kueue.x-k8s.io/elastic-job. True: this cluster's Kueue has the gate on.
+    kueue_elastic_jobs: bool = False
+    # The Serve app's access checks (trainer/serve/access.py) on `llmctl serve` RayServices: Host names the
+    # proxy answers besides addresses (empty: no Host check) and the SHA-256 of the API key /v1/ needs.
+    serve_allowed_hosts: tuple[str, ...] = ()
+    serve_api_key_sha256: str | None = None
     pre_running_deadline_seconds: int = 1800  # fail a run whose pods are not running 30 min after admission
     deadline_factor: float = 1.5  # activeDeadlineSeconds = estimate x factor + slack
     deadline_slack_seconds: int = 1800
@@ -257,6 +274,9 @@ _KEY_TO_FIELD = {
     "lifecycle.preRunningDeadlineSeconds": "pre_running_deadline_seconds",
     "lifecycle.deadlineFactor": "deadline_factor", "lifecycle.deadlineSlackSeconds": "deadline_slack_seconds",
     "lifecycle.maxGraceSeconds": "max_grace_seconds",
+    "lifecycle.gpuTtlSecondsAfterFinished": "gpu_ttl_seconds_after_finished",
+    "kueue.elasticJobs": "kueue_elastic_jobs",
+    "serve.allowedHosts": "serve_allowed_hosts", "serve.apiKeySha256": "serve_api_key_sha256",
 }
 _SECTIONS = {k.split(".")[0] for k in _KEY_TO_FIELD if "." in k}  # s3, head, workers, lifecycle
 
@@ -338,7 +358,7 @@ def check_schema(data: dict, source: str) -> None:
         raise UsageError(f"cluster config {key}: {text}" + (f" ({hint})" if hint else ""))
 
 
-_LIST_FIELDS = {"image_pull_secrets", "head_tolerations", "gpu_tolerations", "spot_tolerations", "topology_spread", "extra_volumes",
+_LIST_FIELDS = {"serve_allowed_hosts", "image_pull_secrets", "head_tolerations", "gpu_tolerations", "spot_tolerations", "topology_spread", "extra_volumes",
                 "extra_volume_mounts"}
 _MAP_FIELDS = {"prices", "spot_prices", "spot_node_selector", "labels", "env", "head_node_selector", "gpu_node_selectors", "worker_extra_resources",
                "affinity", "pod_annotations"}
@@ -350,6 +370,7 @@ _REMOVED_KEYS = {
                             "runtime instead (docs/kubernetes.md, EFA and InfiniBand)",
 }
 _INT_FIELDS = {"gpus_per_node", "cpu_per_gpu", "memory_per_gpu_gi", "backoff_limit", "ttl_seconds_after_finished",
+               "gpu_ttl_seconds_after_finished",
                "pre_running_deadline_seconds", "deadline_slack_seconds"}
 
 
@@ -384,11 +405,11 @@ def _coerce(fname: str, value: Any) -> Any:
                          f"got {value!r}")
     if fname in _INT_FIELDS and not (isinstance(value, int) and not isinstance(value, bool)):
         raise UsageError(f"{key}: must be an integer, got {value!r}")
-    if fname == "read_only_root_filesystem" and not isinstance(value, bool):
+    if fname in ("read_only_root_filesystem", "kueue_elastic_jobs") and not isinstance(value, bool):
         raise UsageError(f"{key}: must be true or false, got {value!r}")
     if fname in ("image", "image_pull_policy", "ray_version", "storage_root", "s3_endpoint", "s3_region",
                  "s3_secret", "queue", "priority_class", "run_service_account", "gpu_labels", "ray_auth",
-                 "spot_provider") \
+                 "spot_provider", "serve_api_key_sha256") \
             and not isinstance(value, str):
         raise UsageError(f"{key}: must be a string, got {value!r}")
     return value

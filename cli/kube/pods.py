@@ -9,6 +9,8 @@ reference (`envFrom` a Secret), never by value; only pods given `api_token=True`
 
 from __future__ import annotations
 
+import json
+
 from cli.kube.config import ClusterConfig
 
 # KubeRay's API: the RayJob and RayService built here, and the runs read back (cli/kube/runs.py).
@@ -33,8 +35,71 @@ def security_context(cfg: ClusterConfig) -> dict:
             "capabilities": {"drop": ["ALL"]}}
 
 
+# fsGroupChangePolicy OnRootMismatch: the kubelet chowns a volume (a dataset cache PVC of extraVolumes) only when
+# its root is not already group 1000, instead of walking every file at each pod start.
 POD_SECURITY = {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
-                "seccompProfile": {"type": "RuntimeDefault"}}
+                "fsGroupChangePolicy": "OnRootMismatch", "seccompProfile": {"type": "RuntimeDefault"}}
+
+# Labels that mark spot/preemptible nodes, by provider: GKE (Spot VMs and the older preemptible VMs), EKS managed
+# node groups and Karpenter, AKS spot pools. A head pod must outlive a preemption (it holds the job), so it gets
+# a required node affinity NotIn each of them (NotIn also matches nodes without the label).
+SPOT_NODE_LABELS = (("cloud.google.com/gke-spot", "true"), ("cloud.google.com/gke-preemptible", "true"),
+                    ("eks.amazonaws.com/capacityType", "SPOT"), ("karpenter.sh/capacity-type", "spot"),
+                    ("kubernetes.azure.com/scalesetpriority", "spot"))
+
+
+def with_node_expressions(affinity: dict, expressions: list[dict]) -> dict:
+    """`affinity` (copied) with every required node-selector term also holding `expressions` (ANDed)."""
+    affinity = json.loads(json.dumps(affinity or {}))
+    if not expressions:
+        return affinity
+    required = affinity.setdefault("nodeAffinity", {}).setdefault("requiredDuringSchedulingIgnoredDuringExecution", {})
+    terms = required.get("nodeSelectorTerms") or [{}]
+    for t in terms:
+        t["matchExpressions"] = list(t.get("matchExpressions") or []) + list(expressions)
+    required["nodeSelectorTerms"] = terms
+    return affinity
+
+
+def off_spot_expressions(cfg: ClusterConfig) -> list[dict]:
+    """Node-selector expressions that exclude every known spot label (and the configured spot label)."""
+    labels = list(SPOT_NODE_LABELS) + [(k, v) for k, v in cfg.spot_node_selector.items()]
+    return [{"key": k, "operator": "NotIn", "values": [v]} for k, v in labels]
+
+
+def gpu_placement(cfg: ClusterConfig, selector: dict[str, str]) -> tuple[dict, list[dict]]:
+    """(nodeSelector, node-affinity expressions) for a GPU type's selector: a label whose value has known
+    equivalents (GPU_LABEL_ALTERNATIVES, e.g. GKE's A3 Mega) becomes an `In` expression over all of them."""
+    from cli.kube.config import GPU_LABEL_ALTERNATIVES
+
+    plain, exprs = {}, []
+    for k, v in selector.items():
+        alts = GPU_LABEL_ALTERNATIVES.get((k, v))
+        if alts:
+            exprs.append({"key": k, "operator": "In", "values": [v, *alts]})
+        else:
+            plain[k] = v
+    return plain, exprs
+
+
+# The service-account token's standard place and content (what the kubelet's automount projects), mounted
+# into KubeRay's autoscaler sidecar only: Ray's autoscaler reads it there to scale the worker group.
+TOKEN_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+TOKEN_VOLUME = {"name": "autoscaler-api-token", "projected": {"sources": [
+    {"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}},
+    {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+    {"downwardAPI": {"items": [{"path": "namespace", "fieldRef": {"fieldPath": "metadata.namespace"}}]}}]}}
+
+
+def autoscaler_options(cfg: ClusterConfig) -> dict:
+    """rayClusterSpec.autoscalerOptions for in-tree autoscaling: KubeRay's injected autoscaler container gets no
+    securityContext of its own (Pod Security "restricted" would reject the head pod), HOME on the writable
+    /tmp, and the API token the head pod does not mount for its other containers (add TOKEN_VOLUME to the
+    head pod's volumes)."""
+    return {"securityContext": security_context(cfg),
+            "env": [{"name": "HOME", "value": "/tmp"}],
+            "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"},
+                             {"name": TOKEN_VOLUME["name"], "mountPath": TOKEN_DIR, "readOnly": True}]}
 
 
 def container_env(run: str, cfg: ClusterConfig, extra: dict[str, str]) -> list[dict]:
@@ -59,8 +124,11 @@ def container_env(run: str, cfg: ClusterConfig, extra: dict[str, str]) -> list[d
 
 
 def pod_spec(run: str | None, cfg: ClusterConfig, container: dict, *, node_selector: dict, tolerations,
-              service_account: str | None = None, api_token: bool = False, role: str = "submitter") -> dict:
-    """`service_account` gives cloud identity (IRSA, workload identity: S3 from every Ray pod);
+              service_account: str | None = None, api_token: bool = False, role: str = "submitter",
+              node_expressions: list[dict] = ()) -> dict:
+    """`role`: head (kept off spot nodes), worker or submitter (no affinity, no extra volumes);
+    `node_expressions`: required node-affinity expressions ANDed into cfg.affinity.
+    `service_account` gives cloud identity (IRSA, workload identity: S3 from every Ray pod);
     `api_token` mounts its Kubernetes API token, which no pod of a run needs: progress and spend go to the
     run's storage (trainer/progress.py, trainer/spend.py)."""
     spec: dict = {}
@@ -71,8 +139,11 @@ def pod_spec(run: str | None, cfg: ClusterConfig, container: dict, *, node_selec
         spec["priorityClassName"] = cfg.priority_class
     if node_selector:
         spec["nodeSelector"] = dict(node_selector)
-    if cfg.affinity and role != "submitter":
-        spec["affinity"] = cfg.affinity
+    if role != "submitter":
+        exprs = list(node_expressions) + (off_spot_expressions(cfg) if role == "head" else [])
+        affinity = with_node_expressions(cfg.affinity, exprs)
+        if affinity:
+            spec["affinity"] = affinity
     if tolerations:
         spec["tolerations"] = [dict(t) for t in tolerations]
     if cfg.topology_spread and role == "worker":

@@ -38,7 +38,8 @@ import yaml
 
 from cli.kube.config import ClusterConfig
 from cli.kube.pods import (API_VERSION, CONTAINERS, HEAD_PORTS, PART_OF, RAY_METRICS_PORT, ROLE_LABEL, RUN_LABEL, SCRATCH,
-                           SUBMITTER_CONTAINER, add_quantities, container, container_env, pod_spec)
+                           SUBMITTER_CONTAINER, TOKEN_VOLUME, add_quantities, autoscaler_options, container,
+                           container_env, gpu_placement, pod_spec)
 from cli.kube.versions import RAY_TOKEN_AUTH_MIN, has, kuberay_release, parse_version
 from trainer.metrics import METRICS_PORT_BASE  # light: stdlib and trainer.plan at import time
 from trainer.plan.catalog import GPUS
@@ -52,6 +53,8 @@ LAUNCH = "python -m trainer.launch"
 WORKER_GROUP_START_TIMEOUT_S = 600
 
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+ELASTIC_ANNOTATION = "kueue.x-k8s.io/elastic-job"  # Kueue's workload slicing (ElasticJobsViaWorkloadSlices)
+DELETION_RULES_MIN = (1, 6, 0)  # KubeRay: deletionStrategy.deletionRules served from 1.5, its gate on from 1.6
 ANNOTATION_PREFIX = "llmctl.dev/"
 
 
@@ -156,14 +159,14 @@ def worker_template(plan: RunPlan, cfg: ClusterConfig, gpus_per_pod: int, extra_
     # Ray also follows TMPDIR unless RAY_TMPDIR is set (ray._common.utils.get_user_temp_dir).
     env = container_env(plan.name, cfg, {"TMPDIR": SCRATCH, "RAY_TMPDIR": "/tmp", **extra_env})
     c = container(CONTAINERS["worker"], cfg, env, resources, ports, "worker")
-    selector = cfg.gpu_node_selectors.get(plan.spec.gpu_type, {})
+    selector, expressions = gpu_placement(cfg, cfg.gpu_node_selectors.get(plan.spec.gpu_type, {}))
     tolerations = tuple(cfg.gpu_tolerations)
     if plan.spec.spot:  # workers only: the head (CPU, on-demand) must outlive a preemption
         spot_selector, spot_tolerations = spot_placement(cfg)
         selector, tolerations = {**selector, **spot_selector}, tolerations + spot_tolerations
     return {"metadata": template_metadata(plan, cfg, "worker"),
             "spec": pod_spec(plan.name, cfg, c, node_selector=selector, tolerations=tolerations,
-                              service_account=cfg.run_service_account, role="worker")}
+                              service_account=cfg.run_service_account, role="worker", node_expressions=expressions)}
 
 
 # Spot node labels and taints by provider: GKE labels spot nodes cloud.google.com/gke-spot=true (and node pools
@@ -171,6 +174,41 @@ def worker_template(plan: RunPlan, cfg: ClusterConfig, gpus_per_pod: int, extra_
 SPOT_LABELS = {"gke": {"cloud.google.com/gke-spot": "true"}, "eks": {"eks.amazonaws.com/capacityType": "SPOT"}}
 SPOT_TOLERATIONS = {"gke": ({"key": "cloud.google.com/gke-spot", "operator": "Equal", "value": "true",
                              "effect": "NoSchedule"},), "eks": ()}
+
+
+# The termination notice a spot node's pods get, by provider: GKE gives non-system pods about 15 s of its
+# 30 s graceful node shutdown (https://cloud.google.com/kubernetes-engine/docs/concepts/spot-vms); AWS's
+# interruption notice is 2 minutes, of which a drain (aws-node-termination-handler / Karpenter) leaves the
+# pods about 110 s. Provider "label": unknown, only lifecycle.maxGraceSeconds.
+SPOT_NOTICE_SECONDS = {"gke": 15, "eks": 110}
+
+
+def grace_limit(plan: RunPlan, cfg: ClusterConfig) -> tuple[int | None, bool]:
+    """(the longest grace period the run's pods can count on, whether it is the spot notice): the cluster's
+    maxGraceSeconds, and on spot also the provider's notice."""
+    limit = cfg.max_grace_seconds
+    notice = SPOT_NOTICE_SECONDS.get(cfg.spot_provider) if plan.spec.spot else None
+    if notice is not None and (limit is None or notice < limit):
+        return notice, True
+    return limit, False
+
+
+def set_grace(cluster_spec: dict, plan: RunPlan, cfg: ClusterConfig, annotations: dict) -> None:
+    """The pods' grace period and preStop emergency save (trainer/preempt.py). On spot, where the notice is
+    shorter than a save (GKE: ~15 s), the pods get the notice as their grace period and no preStop save:
+    the run resumes from its last periodic checkpoint, as the spot estimate already assumes."""
+    from trainer.preempt import grace_seconds
+
+    limit, spot = grace_limit(plan, cfg)
+    need = grace_seconds(plan)
+    if spot and need > limit:
+        for group in [cluster_spec["headGroupSpec"], *cluster_spec["workerGroupSpecs"]]:
+            group["template"]["spec"]["terminationGracePeriodSeconds"] = limit
+        annotations[ANNOTATION_PREFIX + "emergency-save"] = (
+            f"off: {cfg.spot_provider} spot nodes give ~{limit}s notice, a save needs ~{need}s; "
+            f"resumes from the last periodic checkpoint")
+        return
+    set_preemption(cluster_spec, plan, limit)  # grace period + preStop save; refuses what cannot fit
 
 
 def spot_placement(cfg: ClusterConfig) -> tuple[dict, tuple]:
@@ -183,6 +221,41 @@ def elastic_replicas(plan: RunPlan, pods: int, per_pod: int) -> tuple[int, int]:
     """(minReplicas, maxReplicas) of the worker group: the pods `--min-gpus` needs, up to the plan's."""
     low = plan.spec.min_gpus or plan.spec.gpus
     return min(pods, max(1, math.ceil(low / per_pod))), pods
+
+
+def teardown(cfg: ClusterConfig, release: tuple[int, int, int], *, queued: bool, elastic: bool) -> dict:
+    """How the finished cluster goes away: deletionRules on KubeRay >= 1.6 (its RayJobDeletionPolicy gate is on
+    by default there, alpha and off in 1.5) for a run Kueue does not manage (Kueue requires
+    shutdownAfterJobFinishes, which KubeRay forbids beside deletionRules): GPU workers at once, the head after
+    ttlSecondsAfterFinished. Otherwise the whole cluster after the GPU TTL. KubeRay refuses DeleteWorkers with
+    autoscaling, so an elastic run deletes its cluster at the GPU TTL. Returns the RayJob spec fields."""
+    keep = cfg.ttl_seconds_after_finished
+    gpu_keep = min(keep, cfg.gpu_ttl_seconds_after_finished)
+    if queued or release < DELETION_RULES_MIN:
+        return {"shutdownAfterJobFinishes": True, "ttlSecondsAfterFinished": gpu_keep}
+    rules = []
+    for status in ("SUCCEEDED", "FAILED"):
+        if not elastic:
+            rules.append({"policy": "DeleteWorkers", "condition": {"jobStatus": status, "ttlSeconds": 0}})
+        rules.append({"policy": "DeleteCluster",
+                      "condition": {"jobStatus": status, "ttlSeconds": gpu_keep if elastic else keep}})
+    # A deployment that failed without a terminal job status (deadline exceeded, submission failed).
+    if not elastic:
+        rules.append({"policy": "DeleteWorkers", "condition": {"jobDeploymentStatus": "Failed", "ttlSeconds": 0}})
+    rules.append({"policy": "DeleteCluster",
+                  "condition": {"jobDeploymentStatus": "Failed", "ttlSeconds": gpu_keep if elastic else keep}})
+    return {"deletionStrategy": {"deletionRules": rules}}
+
+
+def teardown_seconds(cfg: ClusterConfig, plan: RunPlan) -> int:
+    """Seconds a finished run's GPU workers stay (what `teardown` renders for this config)."""
+    release = kuberay_release(cfg.kuberay_version)
+    elastic = bool(plan.spec.min_gpus and plan.spec.min_gpus < plan.spec.gpus)
+    fields = teardown(cfg, release, queued=bool(cfg.queue), elastic=elastic)
+    if "ttlSecondsAfterFinished" in fields:
+        return fields["ttlSecondsAfterFinished"]
+    return max(r["condition"]["ttlSeconds"] for r in fields["deletionStrategy"]["deletionRules"]
+               if r["policy"] == ("DeleteCluster" if elastic else "DeleteWorkers"))
 
 
 def submitter_template(plan: RunPlan, cfg: ClusterConfig) -> dict:
@@ -221,6 +294,7 @@ def build_rayjob(plan: RunPlan, cfg: ClusterConfig, *, namespace: str, extra_env
     release = kuberay_release(cfg.kuberay_version)
 
     labels = labels_for(plan, cfg)
+    annotations = annotations_for(plan)
     runtime_env = {"env_vars": {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(WORKER_GROUP_START_TIMEOUT_S)}}
     spec: dict = {
         "entrypoint": entrypoint(plan),
@@ -239,24 +313,35 @@ def build_rayjob(plan: RunPlan, cfg: ClusterConfig, *, namespace: str, extra_env
             labels[QUEUE_LABEL] = cfg.queue
             spec["suspend"] = True  # Kueue un-suspends on admission; shutdownAfterJobFinishes is required
         low, high = elastic_replicas(plan, pods, per_pod)
-        spec.update({
-            "shutdownAfterJobFinishes": True,
-            "ttlSecondsAfterFinished": cfg.ttl_seconds_after_finished,
-            "rayClusterSpec": {
-                "rayVersion": cfg.ray_version,
-                "enableInTreeAutoscaling": low < high,  # elastic: the autoscaler re-adds lost pods
-                "headGroupSpec": {"rayStartParams": {"num-gpus": "0"},
-                                  "template": head_template(plan, cfg, extra_env)},
-                "workerGroupSpecs": [{
-                    "groupName": s.gpu_type.replace(".", "-"),
-                    "replicas": pods, "minReplicas": low, "maxReplicas": high,
-                    "numOfHosts": 1,
-                    "rayStartParams": {},  # KubeRay sets --num-gpus from the nvidia.com/gpu limit
-                    "template": worker_template(plan, cfg, per_pod, extra_env),
-                }],
-            },
-        })
-        set_preemption(spec["rayClusterSpec"], plan, cfg.max_grace_seconds)  # grace period + preStop save
+        elastic = low < high  # the autoscaler re-adds lost pods
+        if elastic and cfg.queue and not cfg.kueue_elastic_jobs:
+            raise ValueError(
+                "--min-gpus on a Kueue queue: Kueue admits an autoscaling RayJob only as a sliced workload, which "
+                "needs its ElasticJobsViaWorkloadSlices feature gate (alpha, Kueue >= 0.14.x); once the gate is on, "
+                "set kueue.elasticJobs: true in the cluster config, or drop --min-gpus (or --queue)")
+        head = head_template(plan, cfg, extra_env)
+        cluster = {
+            "rayVersion": cfg.ray_version,
+            "enableInTreeAutoscaling": elastic,
+            "headGroupSpec": {"rayStartParams": {"num-gpus": "0"}, "template": head},
+            "workerGroupSpecs": [{
+                "groupName": s.gpu_type.replace(".", "-"),
+                "replicas": pods, "minReplicas": low, "maxReplicas": high,
+                "numOfHosts": 1,
+                "rayStartParams": {},  # KubeRay sets --num-gpus from the nvidia.com/gpu limit
+                "template": worker_template(plan, cfg, per_pod, extra_env),
+            }],
+        }
+        if elastic:
+            # KubeRay injects its autoscaler container into the head pod: restricted security context, and the
+            # API token mounted into that container only (the head pod keeps automountServiceAccountToken off).
+            cluster["autoscalerOptions"] = autoscaler_options(cfg)
+            head["spec"]["volumes"].append(json.loads(json.dumps(TOKEN_VOLUME)))
+            if cfg.queue:
+                annotations[ELASTIC_ANNOTATION] = "true"
+        spec.update(teardown(cfg, release, queued=bool(cfg.queue), elastic=elastic))
+        spec["rayClusterSpec"] = cluster
+        set_grace(cluster, plan, cfg, annotations)
         if cfg.backoff_limit:
             spec["backoffLimit"] = cfg.backoff_limit
         if has(release, "spec.preRunningDeadlineSeconds"):
@@ -268,7 +353,7 @@ def build_rayjob(plan: RunPlan, cfg: ClusterConfig, *, namespace: str, extra_env
         "apiVersion": API_VERSION,
         "kind": "RayJob",
         "metadata": {"name": plan.name, "namespace": namespace, "labels": labels,
-                     "annotations": annotations_for(plan)},
+                     "annotations": annotations},
         "spec": spec,
     }
     return json.loads(json.dumps(rayjob))  # a plain tree: no shared sub-dicts, exactly what the API receives

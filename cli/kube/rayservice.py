@@ -26,7 +26,8 @@ import yaml
 
 from cli.kube.config import ClusterConfig
 from cli.kube.pods import (API_VERSION, HEAD_PORTS, PART_OF, RAY_METRICS_PORT, ROLE_LABEL, RUN_LABEL, container,
-                           container_env, pod_spec)
+                           container_env, gpu_placement, pod_spec)
+from cli.kube.versions import RAY_TOKEN_AUTH_MIN, has, kuberay_release, parse_version
 
 KIND, PLURAL = "RayService", "rayservices"
 APP_NAME = "llmctl"  # trainer/serve/app.py APP_NAME
@@ -53,11 +54,18 @@ def service_labels(run: dict, cfg: ClusterConfig, role: str | None = None) -> di
 
 
 def serve_config(run_url: str, *, stage: str, step: int | None, replicas: int, gpus_per_replica: int,
-                 cpus_per_replica: int, max_batch: int, max_queue: int) -> str:
-    """serveConfigV2: one application on every node's proxy, built by trainer.serve:build_app."""
+                 cpus_per_replica: int, max_batch: int, max_queue: int, allowed_hosts: tuple[str, ...] = (),
+                 api_key_sha256: str | None = None) -> str:
+    """serveConfigV2: one application on every node's proxy, built by trainer.serve:build_app; with the access
+    checks (trainer/serve/access.py) where configured: the Host names it answers besides addresses and the
+    SHA-256 of the API key its /v1/ routes need (the key itself never reaches the cluster)."""
     args = {"run_url": run_url, "stage": stage, "replicas": replicas, "gpus_per_replica": gpus_per_replica,
             "cpus_per_replica": cpus_per_replica, "max_batch": max_batch, "max_queue": max_queue,
             "metrics_port": SERVE_METRICS_PORT}
+    if allowed_hosts:
+        args["allowed_hosts"] = list(allowed_hosts)
+    if api_key_sha256:
+        args["api_key_sha256"] = api_key_sha256
     if step is not None:
         args["step"] = step
     cfg = {"proxy_location": "EveryNode", "http_options": {"host": "0.0.0.0", "port": SERVE_PORT},
@@ -68,8 +76,11 @@ def serve_config(run_url: str, *, stage: str, step: int | None, replicas: int, g
 def build_rayservice(run: dict, cfg: ClusterConfig, *, namespace: str, stage: str = "sft", step: int | None = None,
                      replicas: int = 1, gpus_per_replica: int = 1, gpu_type: str = "h100",
                      cpus_per_replica: int | None = None, max_batch: int = 16, max_queue: int = 64,
-                     extra_env: dict[str, str] | None = None) -> dict:
-    """The RayService serving `run` (its stored plan.json as a dict). ValueError names a bad argument."""
+                     extra_env: dict[str, str] | None = None, api_key_sha256: str | None = None) -> dict:
+    """The RayService serving `run` (its stored plan.json as a dict). ValueError names a bad argument.
+    `api_key_sha256` (from LLMCTL_SERVE_API_KEY at `llmctl serve`) replaces the config's serve.apiKeySha256.
+    Ray token authentication as for runs (KubeRay >= 1.5.1 and Ray >= 2.52: authOptions on the cluster)."""
+    release = kuberay_release(cfg.kuberay_version)
     name, run_url = run["name"], run["urls"]["run"]
     if run_url.startswith("file:"):
         raise ValueError(f"storage: {run_url} is on this machine; serving pods need shared storage such as "
@@ -92,26 +103,31 @@ def build_rayservice(run: dict, cfg: ClusterConfig, *, namespace: str, stage: st
 
     serve_port = {"name": "serve", "containerPort": SERVE_PORT, "protocol": "TCP"}
     head_ports = [{"name": n, "containerPort": p, "protocol": "TCP"} for n, p in HEAD_PORTS] + [serve_port]
-    head_c = container("ray-head", cfg, env, {"cpu": cfg.head_cpu, "memory": cfg.head_memory}, head_ports)
+    head_c = container("ray-head", cfg, env, {"cpu": cfg.head_cpu, "memory": cfg.head_memory}, head_ports, "head")
     head = {"metadata": {"labels": service_labels(run, cfg, "serve-head")},
-            "spec": pod_spec(None, cfg, head_c, node_selector=cfg.head_node_selector,
-                              tolerations=cfg.head_tolerations, service_account=cfg.run_service_account)}
+            "spec": pod_spec(name, cfg, head_c, node_selector=cfg.head_node_selector,
+                              tolerations=cfg.head_tolerations, service_account=cfg.run_service_account,
+                              role="head")}
 
     resources = {"cpu": str(cpus), "memory": memory}
     if gpu:
         resources["nvidia.com/gpu"] = str(gpus_per_replica)
     worker_ports = [serve_port, {"name": "llm-serve", "containerPort": SERVE_METRICS_PORT, "protocol": "TCP"},
                     {"name": "metrics", "containerPort": RAY_METRICS_PORT, "protocol": "TCP"}]
-    worker_c = container("ray-worker", cfg, env, resources, worker_ports)
+    worker_c = container("ray-worker", cfg, env, resources, worker_ports, "serve")  # extra mounts, no /scratch
+    selector, expressions = gpu_placement(cfg, cfg.gpu_node_selectors[gpu_type]) if gpu else ({}, [])
     worker = {"metadata": {"labels": service_labels(run, cfg, "serve")},
-              "spec": pod_spec(None, cfg, worker_c, node_selector=cfg.gpu_node_selectors[gpu_type] if gpu else {},
+              "spec": pod_spec(name, cfg, worker_c, node_selector=selector,
                                 tolerations=cfg.gpu_tolerations if gpu else (),
-                                service_account=cfg.run_service_account)}
+                                service_account=cfg.run_service_account, role="serve",
+                                node_expressions=expressions)}
 
     spec = {
         "serveConfigV2": serve_config(run_url, stage=stage, step=step, replicas=replicas,
                                       gpus_per_replica=gpus_per_replica, cpus_per_replica=cpus,
-                                      max_batch=max_batch, max_queue=max_queue),
+                                      max_batch=max_batch, max_queue=max_queue,
+                                      allowed_hosts=cfg.serve_allowed_hosts,
+                                      api_key_sha256=api_key_sha256 or cfg.serve_api_key_sha256),
         "rayClusterConfig": {
             "rayVersion": cfg.ray_version,
             "enableInTreeAutoscaling": False,
@@ -125,6 +141,9 @@ def build_rayservice(run: dict, cfg: ClusterConfig, *, namespace: str, stage: st
             }],
         },
     }
+    if (cfg.ray_auth == "token" and has(release, "spec.rayClusterSpec.authOptions")
+            and parse_version(cfg.ray_version) >= RAY_TOKEN_AUTH_MIN):
+        spec["rayClusterConfig"]["authOptions"] = {"mode": "token"}
     annotations = {"llmctl.dev/storage": run_url, "llmctl.dev/stage": stage,
                    "llmctl.dev/replicas": str(replicas), "llmctl.dev/gpus-per-replica": str(gpus_per_replica),
                    "llmctl.dev/gpu-type": gpu_type if gpu else "cpu"}

@@ -442,7 +442,10 @@ class RealCluster:
             str(b["kueue"] / "kueue"), f"--config={kq / 'config.yaml'}", f"--kubeconfig={admin_kc}",
             # Off: its aggregated API server reads a certificate from another fixed path (/visibility) and
             # would need an APIService; the tests read Workloads, not the pending-workloads API.
-            "--feature-gates=VisibilityOnDemand=false",
+            # ElasticJobsViaWorkloadSlices (alpha, off by default): what a cluster running elastic RayJobs
+            # (`llmctl submit --min-gpus`) must turn on; it changes nothing for jobs without the
+            # kueue.x-k8s.io/elastic-job annotation.
+            "--feature-gates=VisibilityOnDemand=false,ElasticJobsViaWorkloadSlices=true",
             f"--visibility-server-port={P['kueue-visibility']}",
         ], env={"KUBECONFIG": str(admin_kc)},
             binds={"/etc/kueue/metrics/certs": kq / "metrics-certs", "/etc/resolv.conf": resolv})

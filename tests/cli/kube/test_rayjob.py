@@ -94,7 +94,10 @@ def test_d26_on_8_gpus_is_one_whole_node_and_a_cpu_head():
 def test_lifecycle_fields_follow_the_plan():
     p, rj = rayjob(20, 8)
     spec = rj["spec"]
-    assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] == 600
+    # KubeRay >= 1.6, no Kueue: GPU workers deleted when the run ends, the CPU head after 600 s.
+    assert "shutdownAfterJobFinishes" not in spec and "ttlSecondsAfterFinished" not in spec
+    assert {"policy": "DeleteWorkers", "condition": {"jobStatus": "FAILED", "ttlSeconds": 0}} \
+        in spec["deletionStrategy"]["deletionRules"]
     assert spec["backoffLimit"] == 2 and spec["preRunningDeadlineSeconds"] == 1800
     assert spec["submissionMode"] == "K8sJobMode"
     deadline = spec["activeDeadlineSeconds"]
@@ -240,8 +243,13 @@ def test_every_config_option_renders_a_valid_rayjob():
     assert env["RAY_TMPDIR"] == "/tmp"  # Ray's own files stay where tmpSize accounts for them
     assert [e["name"] for e in c["env"]].count("NCCL_DEBUG") == 1
     assert rj["spec"]["submitterPodTemplate"]["spec"]["imagePullSecrets"] == [{"name": "regcred"}]
-    assert pod["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}
-    assert pod["affinity"] == cfg.affinity
+    # GKE's H100 label has an equivalent (A3 Mega): an `In` expression ANDed into the configured affinity.
+    assert "nodeSelector" not in pod
+    (term,) = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    (cfg_term,) = cfg.affinity["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    assert term["matchExpressions"] == cfg_term["matchExpressions"] + [
+        {"key": "cloud.google.com/gke-accelerator", "operator": "In",
+         "values": ["nvidia-h100-80gb", "nvidia-h100-mega-80gb"]}]
     assert pod["topologySpreadConstraints"] == [dict(cfg.topology_spread[0], labelSelector={
         "matchLabels": {"llmctl.dev/run": p.name, "llmctl.dev/role": "worker"}})]
     assert group["template"]["metadata"]["annotations"] == cfg.pod_annotations
@@ -309,7 +317,8 @@ def test_the_newest_kuberay_fields_are_what_older_releases_reject():
     with pytest.raises(schemas.Invalid, match="preRunningDeadlineSeconds"):
         schemas.validate(rj, {"kuberay": "1.5.2"})
     unknown = schemas.unknown_fields(rj, schemas.crd_schema("ray.io", "RayJob", "v1", "1.4.2"))
-    assert sorted(unknown) == ["spec.preRunningDeadlineSeconds", "spec.rayClusterSpec.authOptions"]
+    assert sorted(unknown) == ["spec.deletionStrategy", "spec.preRunningDeadlineSeconds",
+                               "spec.rayClusterSpec.authOptions"]
 
 
 def test_versions_outside_the_matrix_are_refused():
@@ -474,7 +483,8 @@ def test_golden_examples(name, capsys, monkeypatch, tmp_path):
             schemas.validate(rj, {"kuberay": release})
         else:  # exactly the version-gated fields, which any-kuberay/ leaves out
             unknown = schemas.unknown_fields(rj, schemas.crd_schema("ray.io", "RayJob", "v1", release))
-            assert set(unknown) <= {"spec.preRunningDeadlineSeconds", "spec.rayClusterSpec.authOptions"}, unknown
+            gated = ("spec.deletionStrategy", "spec.preRunningDeadlineSeconds", "spec.rayClusterSpec.authOptions")
+            assert all(u.startswith(gated) for u in unknown), unknown
     pods, per_pod = worker_layout(int(GOLDEN[name][3]))
     assert workers(rj)[0]["replicas"] == pods
 
@@ -485,3 +495,105 @@ def test_dry_run_renders_for_the_kuberay_version_given(capsys, monkeypatch, tmp_
     (rj,) = schemas.load_yaml_stream(capsys.readouterr().out)
     assert "preRunningDeadlineSeconds" not in rj["spec"]
     schemas.validate(rj, {"kuberay": "1.5.2"})
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 24: elastic runs, teardown, spot, pod security details
+
+
+def _head_spec(rj):
+    return rj["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+
+
+def test_elastic_run_gives_only_the_autoscaler_the_api_token_under_a_restricted_context():
+    """Defect 2: KubeRay's injected autoscaler container needs the API token and its own securityContext."""
+    _, rj = rayjob(12, 16, min_gpus=8)
+    cluster = rj["spec"]["rayClusterSpec"]
+    assert cluster["enableInTreeAutoscaling"] is True
+    opts = cluster["autoscalerOptions"]
+    assert opts["securityContext"] == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                       "capabilities": {"drop": ["ALL"]}}
+    token = next(m for m in opts["volumeMounts"] if m["mountPath"] == "/var/run/secrets/kubernetes.io/serviceaccount")
+    head = _head_spec(rj)
+    assert head["automountServiceAccountToken"] is False  # the Ray head container (the driver) gets no token
+    assert any(v["name"] == token["name"] and "projected" in v for v in head["volumes"])
+    for release in schemas.KUBERAY_RELEASES:
+        _, rj = rayjob(12, 16, ClusterConfig(kuberay_version=release), min_gpus=8)
+        schemas.validate(rj, {"kuberay": release})
+    _, fixed = rayjob(12, 16)
+    assert "autoscalerOptions" not in fixed["spec"]["rayClusterSpec"]
+
+
+def test_elastic_run_on_a_queue_needs_kueue_workload_slicing():
+    """Defect 2: Kueue's RayJob webhook rejects autoscaling unless the job is a sliced (elastic) workload."""
+    with pytest.raises(ValueError, match="ElasticJobsViaWorkloadSlices.*kueue.elasticJobs"):
+        rayjob(12, 16, ClusterConfig(queue="lq"), min_gpus=8)
+    _, rj = rayjob(12, 16, ClusterConfig(queue="lq", kueue_elastic_jobs=True), min_gpus=8)
+    assert rj["metadata"]["annotations"]["kueue.x-k8s.io/elastic-job"] == "true"
+    _, fixed = rayjob(12, 16, ClusterConfig(queue="lq", kueue_elastic_jobs=True))
+    assert "kueue.x-k8s.io/elastic-job" not in fixed["metadata"]["annotations"]
+
+
+@pytest.mark.parametrize("release, queue, min_gpus, expect", [
+    ("1.3.2", None, None, "ttl"), ("1.5.2", None, None, "ttl"),  # deletionRules' gate is off before 1.6
+    ("1.6.2", "lq", None, "ttl"),  # Kueue needs shutdownAfterJobFinishes, which excludes deletionRules
+    ("1.6.2", None, None, "rules"), ("1.7.0", None, None, "rules"),
+    ("1.7.0", None, 8, "rules-elastic"),  # KubeRay refuses DeleteWorkers with autoscaling
+])
+def test_finished_runs_release_their_gpus(release, queue, min_gpus, expect):
+    """Defect 6: no ten idle GPU-minutes per run while Kueue already handed the quota on."""
+    from cli.kube.rayjob import teardown_seconds
+
+    cfg = ClusterConfig(kuberay_version=release, queue=queue, kueue_elastic_jobs=True)
+    p, rj = rayjob(12, 16, cfg, min_gpus=min_gpus)
+    schemas.validate(rj, {"kuberay": release})
+    spec = rj["spec"]
+    if expect == "ttl":
+        assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] == 60
+        assert "deletionStrategy" not in spec
+        assert teardown_seconds(cfg, p) == 60
+        return
+    assert "shutdownAfterJobFinishes" not in spec and "ttlSecondsAfterFinished" not in spec
+    rules = spec["deletionStrategy"]["deletionRules"]
+    workers = [r for r in rules if r["policy"] == "DeleteWorkers"]
+    clusters = {tuple(r["condition"].items())[0]: r["condition"]["ttlSeconds"] for r in rules
+                if r["policy"] == "DeleteCluster"}
+    assert set(clusters) == {("jobStatus", "SUCCEEDED"), ("jobStatus", "FAILED"), ("jobDeploymentStatus", "Failed")}
+    if expect == "rules":
+        assert len(workers) == 3 and all(r["condition"]["ttlSeconds"] == 0 for r in workers)
+        assert set(clusters.values()) == {600} and teardown_seconds(cfg, p) == 0
+    else:
+        assert workers == [] and set(clusters.values()) == {60} and teardown_seconds(cfg, p) == 60
+
+
+def test_spot_grace_is_the_providers_notice_and_the_head_stays_off_spot():
+    """Defect 9: GKE gives a spot node's pods ~15 s, not the ~95 s an emergency save of a d26 needs."""
+    from trainer.preempt import grace_seconds
+
+    p, rj = rayjob(26, 8, spot=True)
+    assert grace_seconds(p) > 15
+    for g in [rj["spec"]["rayClusterSpec"]["headGroupSpec"], *workers(rj)]:
+        pod = g["template"]["spec"]
+        assert pod["terminationGracePeriodSeconds"] == 15
+        assert "lifecycle" not in pod["containers"][0]  # no preStop save that cannot finish
+    assert "15s" in rj["metadata"]["annotations"]["llmctl.dev/emergency-save"]
+    # EKS gives ~110 s: the save fits, the preStop hook stays.
+    _, eks = rayjob(26, 8, ClusterConfig(spot_provider="eks"), spot=True)
+    assert workers(eks)[0]["template"]["spec"]["containers"][0]["lifecycle"]["preStop"]
+    # On-demand: sized from the estimate as before.
+    _, od = rayjob(26, 8)
+    assert _head_spec(od)["terminationGracePeriodSeconds"] == grace_seconds(p)
+    for r in (rj, eks, od):
+        terms = _head_spec(r)["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+            "nodeSelectorTerms"]
+        avoided = {(e["key"], e["values"][0]) for t in terms for e in t["matchExpressions"] if e["operator"] == "NotIn"}
+        assert {("cloud.google.com/gke-spot", "true"), ("eks.amazonaws.com/capacityType", "SPOT"),
+                ("kubernetes.azure.com/scalesetpriority", "spot")} <= avoided
+        assert "affinity" not in r["spec"]["submitterPodTemplate"]["spec"]
+
+
+def test_pods_change_volume_ownership_only_on_mismatch():
+    """Defect 10: fsGroupChangePolicy OnRootMismatch (no recursive chown of a large dataset PVC per start)."""
+    _, rj = rayjob(12, 8)
+    pods = [_head_spec(rj), *(g["template"]["spec"] for g in workers(rj)), rj["spec"]["submitterPodTemplate"]["spec"]]
+    assert all(p["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch" for p in pods)

@@ -70,8 +70,12 @@ CONFIGS = {
 def test_every_config_is_valid_under_every_kuberay_version(s3_run, version, config):
     _, run = s3_run
     kw = dict(CONFIGS[config])
-    svc = build_rayservice(run, kw.pop("cfg", ClusterConfig()), namespace="team", step=30, **kw)
+    cfg = kw.pop("cfg", ClusterConfig()).replace(kuberay_version=version)
+    svc = build_rayservice(run, cfg, namespace="team", step=30, **kw)
     schemas.validate(svc, {"kuberay": version})
+    # Ray token authentication as for runs: where KubeRay serves authOptions (1.5.1+).
+    auth = svc["spec"]["rayClusterConfig"].get("authOptions")
+    assert auth == ({"mode": "token"} if version >= "1.5.2" else None)
 
 
 def test_the_kuberay_versions_are_the_supported_range():
@@ -82,7 +86,7 @@ def test_the_kuberay_versions_are_the_supported_range():
 
 def test_the_validator_refuses_unknown_fields_and_long_names(s3_run):
     _, run = s3_run
-    svc = build_rayservice(run, ClusterConfig(), namespace="team")
+    svc = build_rayservice(run, ClusterConfig(kuberay_version="1.3"), namespace="team")
     bad = json.loads(json.dumps(svc))
     bad["spec"]["serveConfig"] = "x"  # a typo of serveConfigV2: the API server would drop it silently
     with pytest.raises(AssertionError, match="serveConfig"):
@@ -176,7 +180,7 @@ def test_dry_run_prints_a_valid_rayservice_and_sends_nothing(s3_run, env, capsys
     out, err = capsys.readouterr()
     assert rc == 0, err
     (svc,) = [d for d in yaml.safe_load_all(out) if d]
-    for version in schemas.KUBERAY_RELEASES:
+    for version in schemas.KUBERAY_RELEASES[2:]:  # rendered for the newest release: token auth (1.5.1+)
         schemas.validate(svc, {"kuberay": version})
     assert svc["metadata"]["namespace"] == "team" and "dry run" in err
     assert svc["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["replicas"] == 2
@@ -261,3 +265,44 @@ def test_delete_off_a_terminal_needs_yes(capsys, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.StringIO(""))
     rc = main(["serve", "chatbot", "--delete"])
     assert rc == 2 and "--yes" in capsys.readouterr().err
+
+
+def test_service_pods_get_placement_volumes_and_access_like_runs(s3_run, monkeypatch):
+    """Defect 10 and issue 25 item 4: affinity and extra volumes on every serve pod (shared pod building), the
+    head kept off spot nodes, volume ownership changed only on mismatch, A3 Mega nodes matched, and the Serve
+    app's Host and API-key checks passed through where configured."""
+    _, run = s3_run
+    affinity = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "topology.kubernetes.io/zone", "operator": "In", "values": ["z1"]}]}]}}}
+    digest = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+    cfg = ClusterConfig(affinity=affinity, gpu_labels="gke",
+                        extra_volumes=({"name": "cache", "emptyDir": {}},),
+                        extra_volume_mounts=({"name": "cache", "mountPath": "/cache"},),
+                        serve_allowed_hosts=("chat.example.com",), serve_api_key_sha256=digest)
+    svc = build_rayservice(run, cfg, namespace="team", step=30)
+    head, worker = containers(svc)
+    for pod in (head, worker):
+        assert {"name": "cache", "emptyDir": {}} in pod["volumes"]
+        assert {"name": "cache", "mountPath": "/cache"} in pod["containers"][0]["volumeMounts"]
+        assert pod["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch"
+        (term,) = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+        assert term["matchExpressions"][0]["key"] == "topology.kubernetes.io/zone"
+    head_keys = {e["key"] for e in head["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+        "nodeSelectorTerms"][0]["matchExpressions"]}
+    assert {"cloud.google.com/gke-spot", "eks.amazonaws.com/capacityType",
+            "kubernetes.azure.com/scalesetpriority"} <= head_keys
+    exprs = worker["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+        "nodeSelectorTerms"][0]["matchExpressions"]
+    assert {"key": "cloud.google.com/gke-accelerator", "operator": "In",
+            "values": ["nvidia-h100-80gb", "nvidia-h100-mega-80gb"]} in exprs
+    assert "cloud.google.com/gke-accelerator" not in worker.get("nodeSelector", {})
+    args = yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"][0]["args"]
+    assert args["allowed_hosts"] == ["chat.example.com"] and args["api_key_sha256"] == digest
+    # trainer.serve.app:build_app accepts exactly these keys
+    from trainer.serve.app import build_app  # noqa: F401 - the keys it knows are listed in its docstring
+    import inspect
+    src = inspect.getsource(build_app)
+    assert all(f'"{k}"' in src for k in args)
+    # The key given at `llmctl serve` (LLMCTL_SERVE_API_KEY) replaces the config's digest; the key never leaves.
+    svc = build_rayservice(run, cfg, namespace="team", step=30, api_key_sha256="a" * 64)
+    assert yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"][0]["args"]["api_key_sha256"] == "a" * 64
