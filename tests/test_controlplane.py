@@ -107,7 +107,10 @@ def test_real_cluster_user_kubeconfig_is_bound_only_by_rbac(real_cluster, tmp_pa
         "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": "alice-view"},
         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "view"},
         "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "alice"}]})
-    assert core.list_namespaced_pod(ns).items == []
+    # the authorizer reads bindings from an informer: the new one takes effect a moment later, so poll for it
+    listed = wait_for("alice's RoleBinding to take effect", lambda: core.list_namespaced_pod(ns),
+                      time.monotonic() + 60)
+    assert listed.items == []
     with pytest.raises(ApiException) as other:
         core.list_namespaced_pod("default")
     assert other.value.status == 403
