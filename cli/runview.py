@@ -72,14 +72,18 @@ def local_summary(url: str, opts: dict | None, now: datetime.datetime | None = N
     storage you can read): the plan's estimate, progress, the spend ledger and the run summary, all read
     bounded and validated. The state: succeeded/stopped from summary.json; else running while the ledger's
     last attempt heartbeats, else interrupted."""
+    from trainer.plan import stored_plan
     from trainer.progress import read_progress
     from trainer.spend import HEARTBEAT_SECONDS, lost_seconds, parse_iso, read_spend
     from trainer.storage import read_small_json
 
     now = now or datetime.datetime.now(datetime.timezone.utc)
     plan = read_small_json(f"{url}/plan.json", 1024 * 1024, opts)
-    if not isinstance(plan, dict):
+    if plan is None:
         return {}
+    plan = stored_plan.plan_object(plan)  # untrusted: an object, with a run's name and known stages (StoredPlanError)
+    stored_plan.run_name(plan)
+    stored_plan.stage_names(plan)
     summary = read_small_json(f"{url}/summary.json", 1024 * 1024, opts)
     summary = summary if isinstance(summary, dict) else {}
     progress, spend = read_progress(url, opts), read_spend(url, opts)

@@ -93,7 +93,8 @@ def test_status_local_reads_the_run_from_storage_without_a_cluster(tmp_path, cap
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "absent"))  # no cluster: --local must not need one
     d = tmp_path / "runs" / "r"
     d.mkdir(parents=True)
-    (d / "plan.json").write_text(json.dumps({"name": "r", "spec": {"gpus": 2, "gpu_type": "cpu"},
+    (d / "plan.json").write_text(json.dumps({"name": "r", "stages": [{"name": "pretrain"}],
+                                             "spec": {"gpus": 2, "gpu_type": "cpu"},
                                              "estimate": {"total_dollars": 1.5, "total_hours": 0.1}}))
     (d / "progress.json").write_text(json.dumps({"stage": "pretrain", "step": 20, "steps": 40, "kept_seconds": 30}))
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
