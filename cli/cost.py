@@ -4,7 +4,9 @@ Reads `<storage>/runs/*/spend.json` (trainer/spend.py: GPU time per attempt, hea
 preemptions and resubmits) and the run's plan for its estimate, and prints one row per run plus a total:
 attempts, restarts, GPU-hours, dollars spent against the estimate. With --since, only the GPU time after
 that instant counts (an attempt that straddles it is prorated). Stored files are untrusted: read bounded and
-validated (trainer/spend.py `read_spend`); a run whose files cannot be read is a warning, not a failure.
+validated (trainer/spend.py `read_spend`); a run whose files cannot be read is a warning, not a failure, and
+run directory names (anyone who can write the bucket names them) are printed without terminal escapes
+(trainer/text.py `clean`).
 
 Examples:
   llmctl cost
@@ -19,6 +21,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from cli.errors import CLIError, UsageError
+from trainer.text import clean
 
 if TYPE_CHECKING:
     import datetime
@@ -65,14 +68,17 @@ def run_cost(url: str, opts: dict | None, since: datetime.datetime | None) -> di
     price = spend["price_per_gpu_hour"] or 0.0
     gpu_seconds = sum(spend_gpu_seconds(a, None if since is None else s) for a, s in rows)  # each at its sizes
     estimate = None
+    name = clean(url.rsplit("/", 1)[-1], limit=100)
     try:
-        plan = read_small_json(f"{url}/plan.json", PLAN_MAX_BYTES, opts) or {}
+        plan = read_small_json(f"{url}/plan.json", PLAN_MAX_BYTES, opts)
         est = plan.get("estimate") if isinstance(plan, dict) else None
         value = est.get("total_dollars") if isinstance(est, dict) else None
         estimate = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+        if plan is not None and estimate is None:  # a plan.json, but not a run's: its spend still counts
+            print(f"warning: {name}: plan.json has no estimate llmctl can read (estimate not shown)", file=sys.stderr)
     except (ValueError, OSError):
-        pass
-    return {"run": url.rsplit("/", 1)[-1], "url": url, "attempts": len(rows),
+        print(f"warning: {name}: plan.json cannot be read (estimate not shown)", file=sys.stderr)
+    return {"run": name, "url": url, "attempts": len(rows),
             "restarts": max(0, len(rows) - 1), "lost_attempts": sum(a["state"] == "lost" for a, _ in rows),
             "running": spend["attempts"][-1]["state"] == "running", "gpu_hours": gpu_seconds / 3600,
             "dollars": gpu_seconds / 3600 * price, "estimate_dollars": estimate,
@@ -99,7 +105,8 @@ def cmd_cost(args) -> int:
         try:
             row = run_cost(f"{runs_url}/{name}", opts, since)
         except Exception as e:  # noqa: BLE001 - one unreadable run must not hide the others
-            print(f"warning: skipping {name}: cannot read its spend.json ({type(e).__name__}: {e})", file=sys.stderr)
+            print(clean(f"warning: skipping {name}: cannot read its spend.json ({type(e).__name__}: {e})", limit=400),
+                  file=sys.stderr)
             continue
         if row:
             rows.append(row)

@@ -77,6 +77,7 @@ def local_summary(url: str, opts: dict | None, now: datetime.datetime | None = N
     storage you can read): the plan's estimate, progress, the spend ledger and the run summary, all read
     bounded and validated. The state: succeeded/stopped from summary.json; else running while the ledger's
     last attempt heartbeats, else interrupted."""
+    from trainer.plan import stored_plan
     from trainer.progress import read_progress
     from trainer.restarts import counts, read_restarts_or_none
     from trainer.spend import HEARTBEAT_SECONDS, lost_seconds, parse_iso, read_spend
@@ -84,8 +85,11 @@ def local_summary(url: str, opts: dict | None, now: datetime.datetime | None = N
 
     now = now or datetime.datetime.now(datetime.timezone.utc)
     plan = read_small_json(f"{url}/plan.json", 1024 * 1024, opts)
-    if not isinstance(plan, dict):
+    if plan is None:
         return {}
+    plan = stored_plan.plan_object(plan)  # untrusted: an object, with a run's name and known stages (StoredPlanError)
+    stored_plan.run_name(plan)
+    stored_plan.stage_names(plan)
     summary = read_small_json(f"{url}/summary.json", 1024 * 1024, opts)
     summary = summary if isinstance(summary, dict) else {}
     progress, spend, events = read_progress(url, opts), read_spend(url, opts), read_restarts_or_none(url, opts)

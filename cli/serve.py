@@ -5,7 +5,10 @@
   --delete       delete the run's RayService (the checkpoints stay in storage)
 
 The run is looked up like `llmctl chat` does (a name under --storage, or a URL), and its stored plan and
-checkpoint are checked before anything is created: a missing run, stage or step is one line, exit 2.
+checkpoint are checked before anything is created: a missing run, stage or step, or a plan.json that is not a
+run's (trainer/run_loader.py `read_checked_plan`: an object, a DNS-1035 name, known stages, the shape) is one
+line, exit 2. The RayService is built from what was checked (`service_run`), never from the stored plan's own
+URLs or stage entries.
 Cluster mode reads the cluster config from the `llmctl-config` ConfigMap (or --cluster-config FILE).
 
 Examples:
@@ -58,9 +61,10 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_serve)
 
 
-def _checked_run(url: str, args, opts: dict) -> dict:
-    """The stored plan, checked (shape, stages, tokenizer), after checking the stage's checkpoint exists
-    (torch-free: trainer/run_loader.py's first two steps, which the replicas repeat before loading)."""
+def _checked_run(url: str, args, opts: dict):
+    """The stored plan, checked (name, shape, stages, tokenizer: a `run_loader.CheckedPlan`), after checking the
+    stage's checkpoint exists (torch-free: trainer/run_loader.py's first two steps, which the replicas repeat
+    before loading)."""
     from trainer import run_loader
 
     try:
@@ -72,7 +76,14 @@ def _checked_run(url: str, args, opts: dict) -> dict:
         raise UsageError(str(e)) from None
     except OSError as e:
         raise UsageError(f"run {args.run!r}: cannot read {url}/plan.json ({e})") from None
-    return checked.plan
+    return checked
+
+
+def service_run(checked, url: str) -> dict:
+    """What cli/kube/rayservice.py reads of a run, from the checked plan and the URL it was opened at: the
+    stored plan's `urls.run` (which could name another team's run) and its stage entries are not used."""
+    return {"name": checked.name, "urls": {"run": url}, "stages": [{"name": s} for s in checked.stages],
+            "spec": {"depth": checked.arch.n_layer}}
 
 
 def cmd_serve(args) -> int:
@@ -89,10 +100,11 @@ def cmd_serve(args) -> int:
     if args.local:
         url = run_url(args.run, args.storage or "file://~/.cache/llmctl")
         opts = storage_options_from_env() if url.startswith("s3") else {}
-        run = _checked_run(url, args, opts)
+        checked = _checked_run(url, args, opts)
+        from cli.console import clean
         from trainer.serve.app import run_local
 
-        print(f"serving {run['name']} ({STAGES[args.stage]}) on http://{args.host}:{args.port}/ - Ctrl-C stops",
+        print(f"serving {clean(checked.name)} ({STAGES[args.stage]}) on http://{args.host}:{args.port}/ - Ctrl-C stops",
               file=sys.stderr)
         return run_local({"run_url": url, "stage": STAGES[args.stage], "step": args.step,
                           "max_batch": args.max_batch, "max_queue": args.max_queue},
@@ -121,7 +133,7 @@ def cmd_cluster(args, run_url, storage_options_from_env) -> int:
         cfg = cfg.replace(image=args.image)
     url = run_url(args.run, args.storage or cfg.storage_root)
     opts = storage_options_from_env() if url.startswith("s3") else {}
-    run = _checked_run(url, args, opts)
+    run = service_run(_checked_run(url, args, opts), url)
     from trainer.serve.access import API_KEY_ENV, key_digest
 
     key = os.environ.get(API_KEY_ENV)  # as for --local: only its SHA-256 reaches the cluster

@@ -13,6 +13,11 @@ the dashboards.
 
 Imports only the standard library and rich at start-up (prometheus_client's parser when a scrape arrives; no
 torch or ray): it runs from a laptop.
+
+Everything read is untrusted (any pod of a run serves its exporter; anyone who can push series can write
+Prometheus): label values are cleaned of terminal escapes and cut to `MAX_LABEL` characters as they are
+read (trainer/text.py `clean`), rendered as `rich.text.Text`, never as markup (`[/]` is shown, not parsed),
+and an answer not in the expected shape is one line (exit 1), never a traceback.
 """
 
 from __future__ import annotations
@@ -24,10 +29,12 @@ import time
 from dataclasses import dataclass, field
 
 from cli.errors import CLIError, UsageError
+from trainer.text import clean
 
 METRICS_PORT_BASE = 9400  # trainer/metrics.py METRICS_PORT_BASE, not imported: it imports the planner (tests check)
 
 TIMEOUT = 5.0  # seconds per HTTP request
+MAX_LABEL = 128  # characters kept of a label value (a run name is at most 47)
 
 
 @dataclass(frozen=True)
@@ -43,14 +50,20 @@ class Sample:
 
 def parse_exposition(text: str) -> list[Sample]:
     """Samples from the Prometheus text exposition format (what /metrics serves), read by prometheus_client's own
-    parser (imported here, not at start-up: ~45 ms). A malformed body is an error, not a silently partial view."""
+    parser (imported here, not at start-up: ~45 ms), label values cleaned as they are read. A malformed body is an
+    error, not a silently partial view."""
     from prometheus_client.parser import text_string_to_metric_families
 
     try:
-        return [Sample(s.name, dict(s.labels), float(s.value))
+        return [Sample(s.name, _clean_labels(dict(s.labels)), float(s.value))
                 for family in text_string_to_metric_families(text) for s in family.samples]
     except ValueError as e:
         raise CLIError(f"not the Prometheus text format ({e})") from None
+
+
+def _clean_labels(labels: dict) -> dict:
+    """Label values as they may be printed: no escape sequences or control characters, at most MAX_LABEL long."""
+    return {clean(k, limit=MAX_LABEL): clean(v, limit=MAX_LABEL) for k, v in labels.items()}
 
 
 def metrics_url(target: str) -> str:
@@ -79,7 +92,7 @@ def _get(url: str) -> bytes:
 
 
 def scrape(url: str) -> list[Sample]:
-    body = _get(url).decode()
+    body = _get(url).decode("utf-8", "replace")
     try:
         samples = parse_exposition(body)
     except CLIError as e:
@@ -97,15 +110,21 @@ def query_prometheus(base: str, run: str | None) -> list[Sample]:
     url = f"{base.rstrip('/')}/api/v1/query?" + urllib.parse.urlencode({"query": "{" + ",".join(sel) + "}"})
     try:
         body = json.loads(_get(url))
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):
         raise CLIError(f"{base} did not answer like a Prometheus server (not JSON)") from None
+    if not isinstance(body, dict):
+        raise CLIError(f"{base} did not answer like a Prometheus server (not a JSON object)")
     if body.get("status") != "success":
-        raise CLIError(f"{base}: {body.get('errorType')}: {body.get('error')}")
+        raise CLIError(f"{base}: {clean(body.get('errorType'), limit=100)}: {clean(body.get('error'), limit=300)}")
     out = []
-    for r in body["data"]["result"]:
-        labels = dict(r["metric"])
-        name = labels.pop("__name__")
-        out.append(Sample(name, labels, float(r["value"][1])))
+    try:
+        for r in body["data"]["result"]:
+            labels = {str(k): str(v) for k, v in r["metric"].items()}
+            name = labels.pop("__name__")
+            out.append(Sample(name, _clean_labels(labels), float(r["value"][1])))
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+        raise CLIError(f"{base} did not answer like a Prometheus server (a query result without "
+                       f"{clean(e, limit=60) if isinstance(e, KeyError) else 'the usual shape'})") from None
     return out
 
 
@@ -231,7 +250,7 @@ def _si(x: float) -> str:
 
 
 def _duration(s: float) -> str:
-    if math.isnan(s):
+    if not math.isfinite(s):
         return "-"
     s = int(round(s))
     h, rem = divmod(s, 3600)
@@ -252,37 +271,39 @@ def render(views: list[StageView], source: str, errors: list[str] | None = None)
     from rich.table import Table
     from rich.text import Text
 
-    blocks = [Text(f"llmctl top · {source} · {time.strftime('%H:%M:%S')}", style="bold")]
+    blocks = [Text(f"llmctl top · {clean(source)} · {time.strftime('%H:%M:%S')}", style="bold")]
     for err in errors or []:
-        blocks.append(Text(f"! {err}", style="yellow"))
+        blocks.append(Text(f"! {clean(err, limit=300)}", style="yellow"))
     if not views:
         blocks.append(Text("no llmctl metrics yet (is the run started? are the URLs right?)", style="dim"))
     for v in views:
-        i = v.info
-        what = f"d{i['depth']} on {i['gpus']} x {i['gpu_type']} at ${i['price_per_gpu_hour']}/GPU-h" if i else ""
+        i = v.info  # label text: shown as Text, never parsed as markup
+        what = Text(f"d{i.get('depth', '?')} on {i.get('gpus', '?')} x {i.get('gpu_type', '?')} at "
+                    f"${i.get('price_per_gpu_hour', '?')}/GPU-h" if i else "")
         done = v.step / v.planned if v.planned and not math.isnan(v.step) and v.planned > 0 else 0.0
         head = Table.grid(padding=(0, 2))
         head.add_row(Text(f"step {_num(v.step)}/{_num(v.planned)}"), ProgressBar(total=1.0, completed=min(done, 1.0),
                      width=30), Text(f"{done:.1%}"), Text(f"ETA {_duration(v.eta_seconds)}"))
         stats = Table.grid(padding=(0, 3))
         stats.add_row(
-            f"[bold]{_si(v.tokens_per_second)}[/] tok/s",
-            f"MFU [bold]{_mfu(v, v.mfu)}[/]",
-            f"loss [bold]{_num(v.loss, '{:.4f}')}[/]",
-            f"val bpb [bold]{_num(v.val_bpb, '{:.4f}')}[/]" + (f"   CORE {v.core:.4f}" if not math.isnan(v.core) else ""),
+            Text.assemble((_si(v.tokens_per_second), "bold"), " tok/s"),
+            Text.assemble("MFU ", (_mfu(v, v.mfu), "bold")),
+            Text.assemble("loss ", (_num(v.loss, '{:.4f}'), "bold")),
+            Text.assemble("val bpb ", (_num(v.val_bpb, '{:.4f}'), "bold"),
+                          f"   CORE {v.core:.4f}" if not math.isnan(v.core) else ""),
         )
-        money = f"spent [bold]${v.spent:,.2f}[/] of estimate ${_num(v.estimate, '{:,.2f}')}"
+        money = Text.assemble("spent ", (f"${v.spent:,.2f}", "bold"), f" of estimate ${_num(v.estimate, '{:,.2f}')}")
         if not math.isnan(v.cap):
-            money += f" (cap ${v.cap:,.2f}, {v.spent / v.cap:.0%} used)" if v.cap > 0 else ""
+            money.append(f" (cap ${v.cap:,.2f}, {v.spent / v.cap:.0%} used)" if v.cap > 0 else "")
         ranks = Table(box=None, padding=(0, 2), header_style="dim")
         for col in ("rank", "step", "tok/s", "MFU", "loss", "step time", "data wait", "last ckpt"):
             ranks.add_column(col, justify="right")
-        for key in sorted(v.ranks, key=lambda r: int(r) if r.isdigit() else r):
+        for key in sorted(v.ranks, key=lambda r: (0, int(r), "") if r.isascii() and r.isdigit() else (1, 0, r)):
             r = v.ranks[key]
-            ranks.add_row(r.rank, _num(r.step), _si(r.tokens_per_second), _mfu(v, r.mfu), _num(r.loss, "{:.4f}"),
-                          _num(r.step_seconds * 1e3, "{:,.0f} ms"), _num(r.wait_share * 100, "{:.1f}%"),
-                          _num(r.checkpoint_seconds, "{:.1f} s"))
-        blocks.append(Panel(Group(head, stats, money, ranks), title=f"[bold]{v.run}[/] · {v.stage}",
+            ranks.add_row(*map(Text, (r.rank, _num(r.step), _si(r.tokens_per_second), _mfu(v, r.mfu),
+                                      _num(r.loss, "{:.4f}"), _num(r.step_seconds * 1e3, "{:,.0f} ms"),
+                                      _num(r.wait_share * 100, "{:.1f}%"), _num(r.checkpoint_seconds, "{:.1f} s"))))
+        blocks.append(Panel(Group(head, stats, money, ranks), title=Text.assemble((v.run, "bold"), f" · {v.stage}"),
                             subtitle=what, title_align="left", subtitle_align="right"))
     return Group(*blocks)
 

@@ -397,3 +397,18 @@ def test_results_are_exported_as_metrics():
         ("llmctl_core_task_centered", "hellaswag"): 0.2, ("llmctl_core_task_centered", "arc_easy"): 0.4}
     assert all(lb["run"] == p.name and lb["stage"] == "eval" and lb["rank"] == "0" for _, lb in samples.values())
     # smoke_mc is not a standard CORE task: no series for it (the label set stays bounded)
+
+
+def test_hostile_core_yaml_alias_bomb_is_a_bundle_error(tmp_path):
+    """A bundle is stored and untrusted: ~700 bytes of nested aliases in core.yaml (which an error message would
+    print whole) or nesting 5000 deep is one BundleError, not minutes of work, a traceback or a MemoryError."""
+    from tests.cli.kube.test_config_yaml import alias_bomb
+
+    bundle = tmp_path / "bundle"
+    (bundle / "eval_data").mkdir(parents=True)
+    (bundle / "eval_meta_data.csv").write_text("Eval Task,Random baseline\nt,0\n")
+    for text in (alias_bomb().replace("placement:\n  affinity:\n    nodeAffinity:\n", "icl_tasks:\n- label: t\n  x:\n"),
+                 "icl_tasks: " + "[" * 5000 + "]" * 5000 + "\n"):
+        (bundle / "core.yaml").write_text(text)
+        with pytest.raises(ev.BundleError, match="core.yaml is not valid YAML"):
+            ev.load_bundle(f"file://{bundle}")

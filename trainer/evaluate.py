@@ -122,6 +122,7 @@ def load_bundle(url: str, *, storage_options: dict | None = None, max_per_task: 
     The items of every task are read in full before the shuffle and the cut, so a cut keeps the same items
     the reference keeps. The core.yaml `icl_tasks` are read in file order; `tasks` selects by label.
     """
+    from trainer import safe_yaml
     from trainer.storage import filesystem
     import yaml
 
@@ -138,7 +139,12 @@ def load_bundle(url: str, *, storage_options: dict | None = None, max_per_task: 
             raise BundleError(f"eval bundle {url}: {rel} is missing (layout: core.yaml, eval_data/, "
                               "eval_meta_data.csv)") from None
 
-    config = yaml.safe_load(read("core.yaml")) or {}
+    try:  # no aliases (a few hundred bytes of them are a billion nodes), bounded depth: trainer/safe_yaml.py
+        config = safe_yaml.load(read("core.yaml")) or {}
+    except yaml.YAMLError as e:
+        raise BundleError(f"eval bundle {url}: core.yaml is not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(config, dict):
+        raise BundleError(f"eval bundle {url}: core.yaml is not a mapping with icl_tasks")
     baselines = {row["Eval Task"]: float(row["Random baseline"])
                  for row in csv.DictReader(io.StringIO(read("eval_meta_data.csv")))}
     out = []

@@ -38,10 +38,12 @@ SMOKE_NOTE = ("Smoke test: this CORE figure comes from a tiny bundle the local r
 
 def gather(url: str, storage_options: dict | None = None) -> dict:
     """Everything the report shows, as one JSON-able dict (this is report.json)."""
-    from trainer.plan.stored_plan import stage_names
+    from trainer.plan.stored_plan import StoredPlanError, plan_object, stage_names
 
-    plan = read_plan(url, storage_options)
+    plan = plan_object(read_plan(url, storage_options))
     stage_names(plan)  # plan.json is untrusted: each stage is a directory of this run, by a known name only
+    if not isinstance(plan.get("name"), str):  # any text: escaped where it is shown (render, to_html)
+        raise StoredPlanError(f"plan.json: name must be a string, got {plan.get('name')!r:.60}")
     summary = read_json(f"{url}/summary.json", storage_options)
     restarts = read_restarts_or_none(url, storage_options)  # trainer/restarts.py
     stages = {}

@@ -2,8 +2,9 @@
 eval stage.
 
 Everything read here is untrusted (anyone who can write the bucket wrote it), so the order matters:
-1. `read_checked_plan`: plan.json read bounded, its shape, stages and tokenizer URL checked
-   (trainer/plan/stored_plan.py) before anything is allocated from it;
+1. `read_checked_plan`: plan.json read bounded, a JSON object whose name is a DNS-1035 label as RunSpec
+   requires, its shape, stages and tokenizer URL checked (trainer/plan/stored_plan.py) before anything is
+   allocated from it;
 2. `checkpoint_url`: the newest whole checkpoint of a stage (or the one at a given step);
 3. `load_model`: its weights with `torch.load(weights_only=True)` (nothing unpickled) into a model of the
    checked shape, in eval mode; weights that do not fit the shape are refused, not half-loaded;
@@ -31,7 +32,7 @@ class CheckedPlan:
     tokenizer_url: str
 
     @property
-    def name(self) -> str:
+    def name(self) -> str:  # checked by read_checked_plan: a DNS-1035 label
         return str(self.plan.get("name"))
 
 
@@ -59,6 +60,7 @@ def read_checked_plan(run_url: str, storage_options: dict | None = None) -> Chec
     if plan is None:
         raise RunLoadError(f"no run at {run_url} (no plan.json there)")
     try:
+        stored_plan.run_name(plan)  # an object, named as RunSpec names runs: it names Kubernetes objects, is printed
         return CheckedPlan(plan=plan, arch=stored_plan.architecture(plan), stages=stored_plan.stage_names(plan),
                            tokenizer_url=stored_plan.tokenizer_url(plan, run_url))
     except stored_plan.StoredPlanError as e:

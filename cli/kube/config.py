@@ -441,12 +441,14 @@ def load_config_file(path: str) -> tuple[ClusterConfig, list[str]]:
     """A local file in the ConfigMap's `config.yaml` shape (`--cluster-config`)."""
     import yaml
 
+    from trainer import safe_yaml
+
     try:
         text = Path(path).expanduser().read_text()
     except OSError as e:
         raise UsageError(f"--cluster-config: cannot read {path}: {e.strerror}") from None
     try:
-        data = yaml.safe_load(text) or {}
+        data = safe_yaml.load(text) or {}  # no aliases, bounded depth and size (trainer/safe_yaml.py)
     except yaml.YAMLError as e:
         raise UsageError(f"--cluster-config: {path} is not valid YAML ({str(e).splitlines()[0]})") from None
     return ClusterConfig.from_dict(data, source=path)
@@ -455,18 +457,20 @@ def load_config_file(path: str) -> tuple[ClusterConfig, list[str]]:
 def config_from_configmap(cm: dict) -> tuple[ClusterConfig, list[str]]:
     import yaml
 
+    from trainer import safe_yaml
+
     text = (cm.get("data") or {}).get(CONFIG_KEY)
     source = f"ConfigMap {CONFIGMAP}"
     if text is None:
         raise CLIError(f"{source} has no {CONFIG_KEY} key; reinstall the chart (helm upgrade llmctl charts/llmctl)")
     try:
-        data = yaml.safe_load(text) or {}
+        data = safe_yaml.load(text) or {}
     except yaml.YAMLError as e:
         raise CLIError(f"{source}: {CONFIG_KEY} is not valid YAML ({str(e).splitlines()[0]})") from None
     measured = (cm.get("data") or {}).get(INTERCONNECT_KEY)
     if measured is not None and isinstance(data, dict):  # the check's figure wins over config.yaml's
         try:
-            data = dict(data, interconnect=yaml.safe_load(measured))
+            data = dict(data, interconnect=safe_yaml.load(measured))
         except yaml.YAMLError as e:
             raise CLIError(f"{source}: {INTERCONNECT_KEY} is not valid YAML ({str(e).splitlines()[0]}); run "
                            f"llmctl doctor --network again to rewrite it") from None

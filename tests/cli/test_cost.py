@@ -93,7 +93,8 @@ def test_status_local_reads_the_run_from_storage_without_a_cluster(tmp_path, cap
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "absent"))  # no cluster: --local must not need one
     d = tmp_path / "runs" / "r"
     d.mkdir(parents=True)
-    (d / "plan.json").write_text(json.dumps({"name": "r", "spec": {"gpus": 2, "gpu_type": "cpu"},
+    (d / "plan.json").write_text(json.dumps({"name": "r", "stages": [{"name": "pretrain"}],
+                                             "spec": {"gpus": 2, "gpu_type": "cpu"},
                                              "estimate": {"total_dollars": 1.5, "total_hours": 0.1}}))
     (d / "progress.json").write_text(json.dumps({"stage": "pretrain", "step": 20, "steps": 40, "kept_seconds": 30}))
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -112,3 +113,29 @@ def test_status_local_reads_the_run_from_storage_without_a_cluster(tmp_path, cap
     assert json.loads(out)["state"] == "succeeded" and json.loads(out)["lost_hours"] == pytest.approx(10 / 3600)
     rc, _, err = run(capsys, "status", "nope", "--local", "--storage", str(tmp_path))
     assert rc == 2 and "no run at" in err
+
+
+def test_hostile_run_directory_names_are_printed_without_escapes(tmp_path, capsys):
+    """A run directory is named by whoever wrote the bucket: its name reaches the table, the JSON and the
+    warning for an unreadable ledger without its escape sequences (issue 25 Low 11)."""
+    evil = "r\x1b]0;pwned\x07\x1b[2J\u202e"
+    _ledger(tmp_path, evil, [row("2026-11-01T00:00:00Z", "2026-11-01T01:00:00Z", 3600)])
+    _ledger(tmp_path, evil + "x", [])
+    (tmp_path / "runs" / (evil + "x") / "spend.json").write_text("{broken")
+    rc, out, err = run(capsys, "cost", "--storage", str(tmp_path))
+    assert rc == 0, err
+    assert "\x1b" not in out + err and "\x07" not in out + err and "\u202e" not in out + err
+    assert out.splitlines()[1].startswith("r ") and "skipping rx" in err
+    rc, out, err = run(capsys, "cost", "--storage", str(tmp_path), "-o", "json")
+    assert "\x1b" not in err and json.loads(out)["runs"][0]["run"] == "r"
+
+
+def test_hostile_plan_that_is_not_an_object_is_a_warning(tmp_path, capsys):
+    """cost reads a plan only for its estimate: a plan.json that is a list or a string is one warning line and
+    no estimate, and the run's spend still counts (issue 25 Low 12)."""
+    _ledger(tmp_path, "a", [row("2026-11-01T00:00:00Z", "2026-11-01T01:00:00Z", 3600)])
+    for doc in ([{"estimate": {"total_dollars": 1}}], "x", {"estimate": [1]}):
+        (tmp_path / "runs" / "a" / "plan.json").write_text(json.dumps(doc))
+        rc, out, err = run(capsys, "cost", "--storage", str(tmp_path), "-o", "json")
+        assert rc == 0 and json.loads(out)["runs"][0]["estimate_dollars"] is None and "Traceback" not in err
+        assert err.count("\n") == 1 and "warning: a: plan.json" in err, err

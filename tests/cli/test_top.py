@@ -141,9 +141,93 @@ def test_the_local_metrics_port_is_the_trainers():
 
 
 def test_deps_a_malformed_scrape_is_an_error_not_a_partial_view():
-    """Issue 29 item 4: the hand parser skipped a line it could not read, so a truncated /metrics body showed
+    """The hand parser once skipped a line it could not read, so a truncated /metrics body showed
     as a complete frame; prometheus_client's parser (the format's reference) refuses it."""
     from cli.errors import CLIError
 
     with pytest.raises(CLIError, match="not the Prometheus text format"):
         parse_exposition('llmctl_step{run="a"} 1\nllmctl_step{run="b" 2\n')
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile input: label text an exporter (any pod of a run) or Prometheus serves is data,
+# never rich markup, and never reaches the terminal with its escape sequences.
+
+HOSTILE_RUN = "evil[/]\x1b]0;pwned\x07\x1b[2J[link=https://evil.example]x[/link]"
+HOSTILE_EXPOSITION = "\n".join([
+    f'llmctl_step{{run="{HOSTILE_RUN}",stage="[bold red]pretrain",rank="[/]"}} 3',
+    f'llmctl_step{{run="{HOSTILE_RUN}",stage="[bold red]pretrain",rank="0"}} 2',
+    f'llmctl_mfu_ratio{{run="{HOSTILE_RUN}",stage="[bold red]pretrain",rank="0"}} 0.5',
+    f'llmctl_eta_seconds{{run="{HOSTILE_RUN}",stage="[bold red]pretrain",rank="0"}} +Inf',
+    f'llmctl_run_info{{run="{HOSTILE_RUN}",stage="[bold red]pretrain",rank="0",gpu_type="\x1b]8;;https://evil/\x1b\\\\h100",'
+    f'mfu_reason="[/]\x1b[2J"}} 1',
+]) + "\n"
+
+
+def _hostile_exporter(body: bytes):
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_hostile_labels_render_as_text_on_a_terminal():
+    """On a terminal (styles on), markup in labels is shown literally and no escape from a label gets through."""
+    import io
+
+    from rich.console import Console
+
+    from cli.top import render
+
+    views = build(parse_exposition(HOSTILE_EXPOSITION))
+    buf = io.StringIO()
+    Console(file=buf, force_terminal=True, width=300, color_system="truecolor").print(render(views, "1 exporter"))
+    out = buf.getvalue()
+    assert "\x1b]" not in out and "\x1b[2J" not in out and "\x07" not in out  # no OSC (title, OSC-8 link), no clear
+    assert "pwned" not in out or "\x1b]0;pwned" not in out
+    assert "[/]" in out and "[link=https://evil.example]" in out and "[bold red]pretrain" in out
+
+
+def test_hostile_exporter_labels_through_the_command(capsys):
+    server = _hostile_exporter(HOSTILE_EXPOSITION.encode() + b"llmctl_step{run=\"\xff\xfe\"} 1\n")
+    try:
+        rc = main(["top", "--once", f"127.0.0.1:{server.server_port}"])
+    finally:
+        server.shutdown()
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "\x1b" not in out and "\x07" not in out and "[/]" in out and "ETA -" in out
+
+
+@pytest.mark.parametrize("answer", [b'{"status": "success"}', b'{"status": "success", "data": {"result": [1]}}',
+                                    b'{"status": "success", "data": {"result": [{"metric": {}, "value": [0, "x"]}]}}',
+                                    b'[1, 2]', b"\xff\xfe"])
+def test_hostile_prometheus_answers_are_one_line(answer, capsys):
+    server = _hostile_exporter(answer)
+    try:
+        rc = main(["top", "--once", "--prometheus", f"http://127.0.0.1:{server.server_port}"])
+    finally:
+        server.shutdown()
+    out, err = capsys.readouterr()
+    assert rc == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert "did not answer like a Prometheus server" in err
+
+
+def test_hostile_rank_labels_of_any_kind_sort():
+    views = build([Sample("llmctl_step", {"run": "r", "stage": "pretrain", "rank": rank}, 1.0)
+                   for rank in ("10", "a", "2", "²")])
+    from cli.top import render
+
+    render(views, "x")  # no TypeError sorting "a" against 2, no ValueError from int("²")

@@ -8,7 +8,10 @@ plan.json sits in shared storage: whoever can write the bucket can write it, so 
   stored shape equals the derived one: `n_embd=131072` cannot make a reader allocate 64 GiB;
 - `stage_names(plan)`: the stages it lists, each one of the known stages (a stage is a directory of the run:
   `../../private/team-b` would read another team's files);
-- `tokenizer_url(plan, run_url)`: the tokenizer, re-derived under the storage root the run was opened from.
+- `tokenizer_url(plan, run_url)`: the tokenizer, re-derived under the storage root the run was opened from;
+- `plan_object(doc)`: the document is a JSON object at all (a list or a string is not a plan);
+- `run_name(plan)`: the run's name, a DNS-1035 label of at most 47 characters as RunSpec requires (it names
+  the RayService, its labels and the served model; printed, it can hold no terminal escapes).
 
 Each refusal is a `StoredPlanError` naming the field (`arch.n_embd`, `stages`, `urls.tokenizer`). Torch-free.
 """
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 from trainer.plan.shape import Architecture, architecture as derive
 from trainer.plan.recipe import STAGES
-from trainer.plan.spec import MAX_DEPTH, MAX_HEAD_DIM, MAX_SEQ_LEN, MAX_VOCAB_SIZE, PlanError
+from trainer.plan.spec import _DNS1035, MAX_DEPTH, MAX_HEAD_DIM, MAX_SEQ_LEN, MAX_VOCAB_SIZE, PlanError
 from trainer.plan.urls import UnsafeURL, rebase, storage_root_of
 
 
@@ -29,6 +32,23 @@ def _field(d, key: str, where: str):
     if not isinstance(d, dict) or key not in d:
         raise StoredPlanError(f"plan.json: {where}.{key} is missing")
     return d[key]
+
+
+def plan_object(doc) -> dict:
+    """`doc` (a parsed plan.json) if it is a JSON object; anything else is refused."""
+    if not isinstance(doc, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(doc), "a number")
+        raise StoredPlanError(f"plan.json is not a run's plan (a JSON object is expected, it holds {kind})")
+    return doc
+
+
+def run_name(plan: dict) -> str:
+    """The stored run name, checked against the rule RunSpec holds names to (DNS-1035, at most 47 chars)."""
+    name = _field(plan_object(plan), "name", "plan")
+    if not isinstance(name, str) or not _DNS1035.fullmatch(name):
+        raise StoredPlanError(f"plan.json: name must be a DNS-1035 label of at most 47 characters (a-z, 0-9, '-'), "
+                              f"got {name!r:.60}")
+    return name
 
 
 def architecture(plan: dict) -> Architecture:
