@@ -1,4 +1,4 @@
-"""Serve soak: bounded concurrent load on loopback, hostile requests mixed in (issue 25).
+"""Serve soak: bounded concurrent load on loopback, hostile requests mixed in .
 
 Serves a tiny freshly initialised run (tests/serve_app.py `tiny_run`: depth 2, context 128) through
 trainer/serve/app.py `start_local` (what `llmctl serve --local` runs), one replica with --max-batch 16 and

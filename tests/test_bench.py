@@ -1,5 +1,5 @@
 """The benchmarks' process-tree CPU readings (bench/ray_overhead.py TreeCPU, bench/ray_idle.py ray_cpu_seconds)
-go through psutil, which the test extra declares (issue 29 item 6: two hand-written /proc parsers, and psutil
+go through psutil, which the test extra declares (two hand-written /proc parsers once did this, and psutil
 used by nobody that declared it).
 
 Run: .venv/bin/pytest tests/test_bench.py -v

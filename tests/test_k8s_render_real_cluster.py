@@ -274,7 +274,7 @@ def test_real_cluster_serve_network_policy_opens_8000_to_gateways_and_9500_to_pr
 
 
 # ---------------------------------------------------------------------------------------------
-# Defect 10 and issue 25 item 4: the RayService's pods, made by the operator, under "restricted"
+# The RayService's pods, made by the operator, under "restricted"
 
 
 def _run_doc(name: str = "chatbot") -> dict:

@@ -185,7 +185,7 @@ def test_report_open_opens_the_html(run, tmp_path):
     assert Path(target[len("file://"):]).read_text() == (local(run) / "report.html").read_text()
 
 
-# ---------------------------------------------------------------- hostile stored text (issue 25: High 2, Medium 5)
+# ---------------------------------------------------------------- hostile stored text 
 
 PWN = "document.title='pwned';var p=document.createElement('p');p.id='pwned';document.body.appendChild(p)"
 PAYLOADS = [f"<script>{PWN}</script>", f'<img src=x onerror="{PWN}">', f"[click me](javascript:{PWN})",

@@ -154,7 +154,7 @@ def test_a_finished_run_leaves_its_progress_and_one_finished_attempt(finished_ru
     assert prog["stage"] == "sft" and prog["step"] == prog["steps"] and prog["kept_seconds"] > 0
 
 
-# ---------------------------------------------------------------- hostile ledgers (issue 25: Medium 6, Low 15)
+# ---------------------------------------------------------------- hostile ledgers 
 
 
 @pytest.mark.parametrize("when", ["0001-01-01T00:00:00+14:00", "9999-12-31T23:59:59-14:00", "0001-01-01T00:00:00Z",

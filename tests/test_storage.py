@@ -62,7 +62,7 @@ def test_s3_uses_the_environment_endpoint_unless_options_are_given(s3_server, mo
     assert [p.rsplit("/", 1)[1] for p in fs.ls(path, detail=False)] == ["summary.json"]
 
 
-# ---------------------------------------------------------------- hostile storage (issue 25: High 3, Medium 5, 6)
+# ---------------------------------------------------------------- hostile storage
 
 
 def test_hostile_write_does_not_follow_a_planted_tmp_link(tmp_path):

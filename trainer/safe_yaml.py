@@ -4,7 +4,7 @@ core.yaml), loaded so that a small text cannot become a large object.
 PyYAML's `safe_load` runs no code, but it resolves aliases: nine anchors of nine aliases each (~700 bytes,
 "billion laughs") load as 9**9 references to one list, and whatever walks, copies, validates or prints the
 result (the config's checks, `--dry-run`'s dump) pays for every one: 36 s and 670 MB in `submit --dry-run`,
-a MemoryError one level deeper (issue 25). No file llmctl reads needs an alias, so `load`:
+a MemoryError one level deeper. No file llmctl reads needs an alias, so `load`:
 
 - refuses any alias (and so any `<<` merge key, which takes one) as it composes, before anything is built;
 - refuses nesting deeper than `MAX_DEPTH` (a few KB of `[[[[` exhausts the composer's recursion);

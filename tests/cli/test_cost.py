@@ -117,7 +117,7 @@ def test_status_local_reads_the_run_from_storage_without_a_cluster(tmp_path, cap
 
 def test_hostile_run_directory_names_are_printed_without_escapes(tmp_path, capsys):
     """A run directory is named by whoever wrote the bucket: its name reaches the table, the JSON and the
-    warning for an unreadable ledger without its escape sequences (issue 25 Low 11)."""
+    warning for an unreadable ledger without its escape sequences ."""
     evil = "r\x1b]0;pwned\x07\x1b[2J\u202e"
     _ledger(tmp_path, evil, [row("2026-11-01T00:00:00Z", "2026-11-01T01:00:00Z", 3600)])
     _ledger(tmp_path, evil + "x", [])
@@ -132,7 +132,7 @@ def test_hostile_run_directory_names_are_printed_without_escapes(tmp_path, capsy
 
 def test_hostile_plan_that_is_not_an_object_is_a_warning(tmp_path, capsys):
     """cost reads a plan only for its estimate: a plan.json that is a list or a string is one warning line and
-    no estimate, and the run's spend still counts (issue 25 Low 12)."""
+    no estimate, and the run's spend still counts ."""
     _ledger(tmp_path, "a", [row("2026-11-01T00:00:00Z", "2026-11-01T01:00:00Z", 3600)])
     for doc in ([{"estimate": {"total_dollars": 1}}], "x", {"estimate": [1]}):
         (tmp_path / "runs" / "a" / "plan.json").write_text(json.dumps(doc))

@@ -225,7 +225,7 @@ def test_bad_flags_are_one_line_and_exit_2(argv, capsys):
 
 
 def test_deps_node_quantities_compare_as_kubernetes_quantities(tmp_path, monkeypatch, capsys):
-    """Issue 29 item 3: allocatable quantities were compared as text ("9" ranked above "10") and int() failed on
+    """Allocatable quantities were once compared as text ("9" ranked above "10") and int() failed on
     "1k"; kubernetes.utils.parse_quantity compares them as numbers."""
     with FakeKube() as kube:
         ada = setup(kube, chart("--set", "config.workers.extraResources.rdma/ib=10"), nodes=False)

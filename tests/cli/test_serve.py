@@ -1,6 +1,6 @@
 """cli/serve.py and the other commands that open a stored run (chat, report, status --local): a plan.json in
 shared storage is untrusted, so a tampered one is one line on stderr and exit 2, never a traceback, and
-nothing is started or written (issue 25 Low 11 and 12).
+nothing is started or written.
 
 The run is tests/serve_app.py's `tiny_run` (a plan, a tokenizer, one pretrain and one sft checkpoint), its
 plan.json then replaced. `serve --local` would start Ray: its `run_local` is replaced by a function that fails.

@@ -174,7 +174,7 @@ def test_sample_conversations_are_offline_and_complete(sft_dir, tok):
 
 
 def test_deps_sft_files_load_without_hugging_face_datasets(tmp_path):
-    """Issue 29 item 5: reading a jsonl/parquet file imported `datasets` (2 s); fsspec and pyarrow read them."""
+    """Reading a jsonl/parquet file needs no `datasets` import (2 s): fsspec and pyarrow read them."""
     import subprocess
     import sys
     from pathlib import Path

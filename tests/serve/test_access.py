@@ -1,4 +1,4 @@
-"""trainer/serve/access.py: who may talk to a served model (issue 25, item 8).
+"""trainer/serve/access.py: who may talk to a served model.
 
 A web page in the user's browser can send blind cross-site requests to a local API (a form post, text/plain) and,
 through DNS rebinding, read its replies; JSON-only bodies, a Host check and an optional API key stop both.

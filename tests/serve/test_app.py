@@ -254,7 +254,7 @@ def test_local_serve_refuses_a_missing_run_stage_or_step_before_starting_ray(tmp
 
 
 # ---------------------------------------------------------------------------------------------
-# Hostile input (issue 25): one request must not take the replica down; client errors are 4xx in the API's shape.
+# Hostile input: one request must not take the replica down; client errors are 4xx in the API's shape.
 # In-process: the Service a replica runs, driven on an asyncio loop as the replica's routes drive it.
 
 

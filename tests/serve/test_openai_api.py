@@ -105,7 +105,7 @@ def test_text_stream_holds_back_split_characters(tok):
 
 
 # ---------------------------------------------------------------------------------------------
-# Hostile input (issue 25): client mistakes are 400s, never a 500 or a stuck replica
+# Hostile input: client mistakes are 400s, never a 500 or a stuck replica
 
 
 @pytest.mark.parametrize("seed", [2 ** 64, 10 ** 100])

@@ -1,4 +1,4 @@
-"""Who may talk to a served model: JSON bodies only, a Host check, an optional API key (issue 25, item 8).
+"""Who may talk to a served model: JSON bodies only, a Host check, an optional API key.
 
 A web page open in the user's browser can reach a server on 127.0.0.1. Browsers send a cross-site form post or a
 `text/plain` fetch without asking the server first (a "simple" request, Fetch standard, CORS), so the page could

@@ -1,5 +1,5 @@
 """The cluster config's YAML (cli/kube/config.py through trainer/safe_yaml.py): a few hundred bytes must not
-become a billion nodes (issue 25 Low 14). `--cluster-config FILE` and the `llmctl-config` ConfigMap's values
+become a billion nodes . `--cluster-config FILE` and the `llmctl-config` ConfigMap's values
 refuse aliases, nest at most MAX_DEPTH deep and are bounded in size: one line, exit 2 (1 for the ConfigMap,
 which the cluster's admin wrote), within a second, nothing created.
 

@@ -498,7 +498,7 @@ def test_dry_run_renders_for_the_kuberay_version_given(capsys, monkeypatch, tmp_
 
 
 # ---------------------------------------------------------------------------------------------
-# issue 24: elastic runs, teardown, spot, pod security details
+# Elastic runs, teardown, spot, pod security details
 
 
 def _head_spec(rj):

@@ -268,7 +268,7 @@ def test_delete_off_a_terminal_needs_yes(capsys, monkeypatch):
 
 
 def test_service_pods_get_placement_volumes_and_access_like_runs(s3_run, monkeypatch):
-    """Defect 10 and issue 25 item 4: affinity and extra volumes on every serve pod (shared pod building), the
+    """Affinity and extra volumes on every serve pod (shared pod building), the
     head kept off spot nodes, volume ownership changed only on mismatch, A3 Mega nodes matched, and the Serve
     app's Host and API-key checks passed through where configured."""
     _, run = s3_run
