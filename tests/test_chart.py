@@ -689,3 +689,57 @@ def test_rendered_pods_are_locked_down_and_labelled(ci_docs):
     assert all("*" not in r["verbs"] and "*" not in r["resources"] for r in role["rules"])
     # the run's account has no Role: no pod needs the Kubernetes API
     assert not find(ci_docs, "Role", "llmctl-ci-run") and not find(ci_docs, "RoleBinding", "llmctl-ci-run")
+
+
+# ---------------------------------------------------------------- hostile input
+# (shared helpers: tests/hostile.py)
+
+def _helm(*args: str) -> tuple[list[dict], str]:
+    from tests import schemas
+    from tests.tools import ensure_helm
+
+    chart = ROOT / "charts" / "llmctl"
+    out = subprocess.run([str(ensure_helm()), "template", "r", str(chart), "-n", "team", *args],
+                         capture_output=True, text=True, check=True).stdout
+    notes = subprocess.run([str(ensure_helm()), "install", "r", str(chart), "-n", "team", "--dry-run=client",
+                            *args], capture_output=True, text=True)
+    return schemas.load_yaml_stream(out), notes.stdout
+
+
+def test_hostile_chart_labels_the_namespace_it_creates_for_restricted_pod_security():
+    docs, _ = _helm("--set", "namespace.create=true")
+    (ns,) = [d for d in docs if d["kind"] == "Namespace"]
+    assert ns["metadata"]["name"] == "team"
+    labels = ns["metadata"]["labels"]
+    assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
+    assert labels["pod-security.kubernetes.io/warn"] == "restricted"
+
+
+def test_hostile_chart_in_an_existing_namespace_prints_the_label_command():
+    docs, notes = _helm()
+    assert not [d for d in docs if d["kind"] == "Namespace"]
+    assert "kubectl label namespace team pod-security.kubernetes.io/enforce=restricted" in notes
+
+
+def test_hostile_security_doc_exists_and_says_the_run_account_needs_no_rayjob_write():
+    text = (ROOT / "docs" / "security.md").read_text()
+    for part in ("Threat model", "untrusted submitter", "malicious file", "compromised pod", "operator"):
+        assert part.lower() in text.lower(), part
+    assert "RayJob" in text and "no write" in text.lower()
+
+
+@pytest.mark.parametrize("value, message", [
+    ("config.env.WANDB_API_KEY=x", "looks like a credential"),
+    ("config.env.LLMCTL_RUN=x", "is set by llmctl"),
+    ("config.env.NCCL_NOTE=AKIAIOSFODNN7EXAMPLE", "its value looks like a credential"),
+    ("config.storageRoot=https://user:pw@host/x", "user:password"),
+    ("config.s3.endpoint=http://user:pw@minio:9000", "user:password"),
+    ("config.storageRoot=memory://x", "shared storage"),
+    ("config.storageRoot=FILE:///x", "storageRoot"),  # the values schema already refuses it
+])
+def test_hostile_chart_values_follow_the_same_rules(value, message):
+    from tests.tools import ensure_helm
+
+    res = subprocess.run([str(ensure_helm()), "template", "r", str(ROOT / "charts" / "llmctl"), "-n", "team",
+                          "--set", value], capture_output=True, text=True)
+    assert res.returncode != 0 and message in res.stderr and "pw@" not in res.stderr, res.stderr

@@ -412,3 +412,20 @@ def test_hostile_core_yaml_alias_bomb_is_a_bundle_error(tmp_path):
         (bundle / "core.yaml").write_text(text)
         with pytest.raises(ev.BundleError, match="core.yaml is not valid YAML"):
             ev.load_bundle(f"file://{bundle}")
+
+
+# ---------------------------------------------------------------- hostile input
+# (shared helpers: tests/hostile.py)
+
+def test_hostile_core_bundle_dataset_uri_cannot_leave_the_bundle(tmp_path):
+    from trainer import evaluate as ev
+
+    (tmp_path / "secret.jsonl").write_text(json.dumps({"context": "OUTSIDE", "continuation": "x"}) + "\n")
+    bundle = tmp_path / "bundle"
+    (bundle / "eval_data").mkdir(parents=True)
+    (bundle / "eval_meta_data.csv").write_text("Eval Task,Random baseline\nt,0\n")
+    for uri in ("../../secret.jsonl", "/etc/passwd", "s3://other/x.jsonl"):
+        (bundle / "core.yaml").write_text(f"icl_tasks:\n- label: t\n  dataset_uri: {json.dumps(uri)}\n"
+                                          "  icl_task_type: language_modeling\n  num_fewshot: [0]\n")
+        with pytest.raises(ev.BundleError, match="dataset_uri"):
+            ev.load_bundle(f"file://{bundle}")

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from trainer.report import gather, render, write_report
+from tests.hostile import ESC, llmctl, no_controls, plan_doc, refused, store_plan
 
 LLMCTL = str(Path(sys.executable).parent / "llmctl")
 
@@ -308,3 +309,32 @@ def test_hostile_report_of_a_1gib_summary_is_one_line_in_bounded_memory(tmp_path
     assert rc == 2, err[-2000:]
     assert maxrss < 600 * 1024, f"{maxrss // 1024} MB"  # KiB on Linux
     assert err.count("\n") == 1 and "summary.json" in err and "over the" in err, err[-2000:]
+
+
+# ---------------------------------------------------------------- hostile input
+# (shared helpers: tests/hostile.py)
+
+def test_hostile_report_refresh_does_not_follow_a_stage_name_out_of_the_run(capsys, tmp_path):
+    private = tmp_path / "private" / "team-b"
+    private.mkdir(parents=True)
+    (private / "summary.json").write_text(json.dumps({"status": "completed", "secret": "TEAM-B-MARKER"}))
+    doc = plan_doc(tmp_path)
+    doc["stages"][0]["name"] = "../../private/team-b"
+    run = store_plan(tmp_path, "evil", doc)
+    err = refused(capsys, "report", "evil", "--refresh", "--storage", f"file://{tmp_path}")
+    assert "stages" in err and "../../private/team-b" in err and "TEAM-B-MARKER" not in err
+    assert not any("TEAM-B-MARKER" in p.read_text() for p in run.iterdir())
+
+
+def test_hostile_report_and_errors_strip_escapes_from_stored_files(capsys, tmp_path):
+    doc = plan_doc(tmp_path)
+    doc["estimate"]["mfu_source"] = f"prior{ESC}"
+    store_plan(tmp_path, "evil", doc)
+    rc, out, err = llmctl(capsys, "report", "evil", "--storage", f"file://{tmp_path}")
+    assert rc == 0, err
+    no_controls(out + err)
+    doc["name"] = f"x{ESC}"
+    doc["stages"] = [s for s in doc["stages"] if s["name"] != "sft"]
+    store_plan(tmp_path, "evil2", doc)
+    err = refused(capsys, "chat", "evil2", "--storage", f"file://{tmp_path}", "--prompt", "hi")
+    no_controls(err)

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from tests.hostile import plan_doc, refused, store_plan
 
 
 LLMCTL = str(Path(sys.executable).parent / "llmctl")
@@ -183,3 +184,79 @@ def test_errors_are_one_line_and_exit_2(run, tmp_path):
     assert none.returncode == 2 and "no whole sft checkpoint yet" in none.stderr
     bad = llmctl("chat", run.urls["run"], "-p", "hi", "--temperature", "-1")
     assert bad.returncode == 2 and "--temperature" in bad.stderr
+
+
+# ---------------------------------------------------------------- hostile input
+# (shared helpers: tests/hostile.py)
+
+def test_hostile_chat_does_not_follow_a_tokenizer_url_out_of_the_storage_root(capsys, tmp_path):
+    other = tmp_path / "elsewhere" / "tok"
+    other.mkdir(parents=True)
+    (other / "tokenizer.json").write_text(json.dumps({"format": "OTHER-FILE-MARKER"}))
+    doc = plan_doc(tmp_path / "store")
+    doc["urls"]["tokenizer"] = f"file://{other}"
+    store_plan(tmp_path / "store", "evil", doc)
+    err = refused(capsys, "chat", "evil", "--storage", f"file://{tmp_path}/store", "--prompt", "hi")
+    assert "urls.tokenizer" in err and "OTHER-FILE-MARKER" not in err
+
+
+def test_hostile_chat_rederives_the_tokenizer_under_the_root_it_opened(tmp_path):
+    from trainer.plan.urls import rebase, storage_root_of
+
+    doc = plan_doc(tmp_path / "old")
+    root = storage_root_of(f"s3://new/prefix/runs/{doc['name']}")
+    assert rebase(doc["urls"]["tokenizer"], doc["spec"]["storage_root"], root, "tokenizers", "t") \
+        == "s3://new/prefix/tokenizers/sample-512"
+
+
+def test_hostile_chat_checks_the_model_shape_before_allocating(capsys, tmp_path):
+    doc = plan_doc(tmp_path)
+    doc["arch"]["n_embd"] = 131072
+    store_plan(tmp_path, "big", doc)
+    err = refused(capsys, "chat", "big", "--storage", f"file://{tmp_path}", "--prompt", "hi")
+    assert "arch.n_embd" in err
+
+
+def test_hostile_chat_refuses_a_vocab_the_planner_cannot_make(capsys, tmp_path):
+    doc = plan_doc(tmp_path)
+    doc["arch"]["vocab_size"] = doc["arch"]["padded_vocab_size"] = 2**31
+    store_plan(tmp_path, "big", doc)
+    assert "arch.vocab_size" in refused(capsys, "chat", "big", "--storage", f"file://{tmp_path}", "--prompt", "hi")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from trainer.data.tokenizer import Tokenizer
+
+    words = [f"w{i} x{i % 7} the quick brown fox {i}" for i in range(300)]
+    return Tokenizer.train(words, 300)
+
+
+class _Args:
+    max_tokens = 32
+
+
+def _session(tok, seq_len: int):
+    from cli.chat import Session
+
+    s = Session.__new__(Session)
+    s.args, s.tokenizer, s.chat, s.history = _Args(), tok, True, []
+    s.plan = {"arch": {"seq_len": seq_len}}
+    return s
+
+
+@pytest.mark.parametrize("factor", [2, 20])
+def test_hostile_chat_prompt_longer_than_the_context_is_one_line(tok, factor):
+    from cli.errors import UsageError
+
+    s = _session(tok, 64)
+    with pytest.raises(UsageError, match="context"):
+        s.prompt_ids("word " * 64 * factor)
+
+
+def test_hostile_chat_reply_stops_at_the_context(tok):
+    s = _session(tok, 64)
+    ids = s.prompt_ids("hello there")
+    assert s.reply_budget(ids) == _Args.max_tokens  # room for the whole reply
+    s.args = type("A", (), {"max_tokens": 1000})()
+    assert len(ids) + s.reply_budget(ids) == 64  # the reply is cut at the trained context

@@ -14,6 +14,7 @@ import pytest
 
 from cli.main import main as llmctl
 from trainer.data.shards import list_shards
+from tests.hostile import refused
 
 
 def test_modules_import_nothing_heavy():
@@ -153,3 +154,11 @@ def test_progress_shows_on_a_terminal_and_output_stays_clean_off_one(tmp_path):
     assert "Traceback" not in seen
     code, seen = _cli_on_a_terminal(["data", "prepare", "--source", str(docs), "--out", str(tmp_path / "more")])
     assert code == 0 and "writing shards" in seen and "Traceback" not in seen, seen
+
+
+# ---------------------------------------------------------------- hostile input
+# (shared helpers: tests/hostile.py)
+
+def test_hostile_data_commands_refuse_credential_urls(capsys):
+    err = refused(capsys, "data", "sample", "--out", "s3://k:v@bucket/data/sample")
+    assert "k:v@" not in err

@@ -243,3 +243,21 @@ def test_deps_node_quantities_compare_as_kubernetes_quantities(tmp_path, monkeyp
         kube.add(node("gpu-0", H100, {"nvidia.com/gpu": "1k"}))
         rc, out, _ = doctor(kube, tmp_path, monkeypatch, capsys, ada)
         assert rc == 0 and "1000 GPUs allocatable" in lines(out)["gpu"]
+
+
+# ---------------------------------------------------------------- hostile input
+# (shared helpers: tests/hostile.py)
+
+def test_hostile_doctor_checks_the_pod_security_label(tmp_path, monkeypatch, capsys):
+    from tests.kube_fake import FakeKube
+
+    with FakeKube() as kube:
+        monkeypatch.setenv("KUBECONFIG", str(kube.kubeconfig(tmp_path / "kc", token=kube.token)))
+        main(["doctor"])
+        line = next(ln for ln in capsys.readouterr().out.splitlines() if ln[2:].startswith("namespace"))
+        assert line.startswith("!") and "kubectl label namespace team pod-security.kubernetes.io/enforce=restricted" \
+            in line, line
+        kube.namespace_labels["team"] = {"pod-security.kubernetes.io/enforce": "restricted"}
+        main(["doctor"])
+        line = next(ln for ln in capsys.readouterr().out.splitlines() if ln[2:].startswith("namespace"))
+        assert line.startswith("✓") and "restricted enforced" in line, line

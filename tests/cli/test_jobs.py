@@ -22,6 +22,7 @@ from cli.kube.runs import describe
 from cli.main import main
 from tests import schemas
 from tests.kube_fake import FakeKube
+from tests.hostile import ESC, llmctl, no_controls
 
 ROOT = Path(__file__).resolve().parents[2]
 RAYJOBS = "/apis/ray.io/v1/namespaces/team/rayjobs"
@@ -519,3 +520,57 @@ def test_submit_local_storage_is_the_specs_default():
     from trainer.plan import RunSpec
 
     assert LOCAL_STORAGE == next(f.default for f in dataclasses.fields(RunSpec) if f.name == "storage_root")
+
+
+# ---------------------------------------------------------------- hostile input
+# (shared helpers: tests/hostile.py)
+
+def _rayjob(kube, capsys, annotations: dict, status: dict | None = None) -> str:
+    assert llmctl(capsys, "submit", "--depth", "12", "--gpus", "8", "--yes", "--storage", "s3://b/x")[0] == 0
+    ((_, _, name),) = [k for k in kube.objects if k[0] == "rayjobs"]
+    rj = kube.get("rayjobs", "team", name)
+    rj["metadata"]["annotations"].update(annotations)
+    rj["status"] = status or {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED",
+                              "message": f"done{ESC}", "startTime": "2026-01-01T00:00:00Z",
+                              "endTime": "2026-01-01T01:00:00Z"}
+    kube.objects[("rayjobs", "team", name)] = rj
+    return name
+
+
+def test_hostile_status_strips_escapes_from_annotations_and_messages(kube, capsys):
+    name = _rayjob(kube, capsys, {"llmctl.dev/progress": json.dumps(
+        {"stage": f"pretrain{ESC}", "step": 1, "steps": 2, "updated": ESC}), "llmctl.dev/storage": f"s3://x{ESC}"})
+    rc, out, err = llmctl(capsys, "status", name)
+    assert rc == 0, err
+    no_controls(out + err)
+    # Progress is read from the run's storage now (the annotation is ignored); the storage annotation still
+    # reaches the storage row and the could-not-read warning, and an OSC title is dropped whole there.
+    assert "s3://x" in out and "pwned" not in out + err
+
+
+def test_hostile_status_json_is_strict_and_survives_odd_annotations(kube, capsys):
+    name = _rayjob(kube, capsys, {"llmctl.dev/estimate-dollars": "nan", "llmctl.dev/progress": "[1, 2]"})
+    rc, out, err = llmctl(capsys, "status", name, "-o", "json")
+    assert rc == 0, err
+    json.loads(out, parse_constant=lambda c: pytest.fail(f"{c} in -o json"))
+    rc, out, err = llmctl(capsys, "status", name)
+    assert rc == 0, err
+
+
+def test_hostile_list_strips_escapes(kube, capsys):
+    _rayjob(kube, capsys, {}, {"jobDeploymentStatus": f"Running{ESC}", "message": ESC})
+    rc, out, err = llmctl(capsys, "list")
+    assert rc == 0, err
+    no_controls(out + err)
+
+
+def test_hostile_logs_strip_escapes_but_keep_the_text(kube, capsys):
+    kube.add({"apiVersion": "v1", "kind": "Pod",
+              "metadata": {"name": "r1-s", "creationTimestamp": "2026-01-01T00:00:00Z",
+                           "labels": {"llmctl.dev/run": "r1", "llmctl.dev/role": "submitter"}},
+              "spec": {"containers": [{"name": "ray-job-submitter", "image": "x"}]}},
+             log=f"step 1{ESC}\nstep\t2\r\n")
+    rc, out, err = llmctl(capsys, "logs", "r1")
+    assert rc == 0, err
+    no_controls(out)
+    assert out == "step 1\nstep\t2\n"

@@ -11,6 +11,9 @@ import pytest
 import yaml
 
 from cli.main import main
+from tests.hostile import ESC, no_controls, refused
+from tests.hostile import llmctl as in_process
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 
 def llmctl(*args):
@@ -121,3 +124,64 @@ def test_a_local_cpu_plan_names_no_nvlink_and_every_table_figure_is_in_the_json(
     ic = json.loads(capsys.readouterr().out)["interconnect"]
     assert f"{ic['interconnect_share']:.1%} of each {ic['step_seconds'] * 1e3:.0f} ms step" in row
     assert f"{ic['busbw'] / 1e9:.0f} GB/s" in row and f"{ic['bytes_per_step'] / 1e9:.2f} GB" in row
+
+
+# ---------------------------------------------------------------- hostile input
+# (shared helpers: tests/hostile.py)
+
+def test_hostile_plan_refuses_a_credential_url_too(capsys):
+    err = refused(capsys, "plan", "--depth", "12", "--storage", "s3://AKIAIOSFODNN7EXAMPLE:x@bucket/llm")
+    assert "storage" in err and "AKIAIOSFODNN7EXAMPLE" not in err
+
+
+def test_hostile_plan_json_is_strict_json(capsys):
+    rc, out, _ = in_process(capsys, "plan", "--depth", "12", "--price", "0", "-o", "json")
+    assert rc == 0
+    json.loads(out, parse_constant=lambda c: pytest.fail(f"{c} in -o json"))
+
+
+_NUM = st.one_of(st.integers(-2, 2**70).map(str), st.sampled_from(["1e300", "nan", "inf", "-inf", "-0", "1e-320",
+                                                                    "0x10", "", " 3", "1_000"]),
+                 st.floats(allow_nan=True, allow_infinity=True).map(repr))
+
+
+_TEXT = st.one_of(st.text(max_size=30), st.sampled_from([
+    "s3://b/x", "file:///tmp/x", "https://u:p@h/x", "memory://x", "FILE:///x", "../../x", ESC, "AKIAIOSFODNN7EXAMPLE",
+    "pretrain,sft,eval", "eval", "sft,pretrain", "h100", "cpu", "NCCL_DEBUG=INFO", "HOME=/", "A=B=C", "="]))
+
+
+_FLAGS = {"--depth": _NUM, "--ratio": _NUM, "--gpus": _NUM, "--seq-len": _NUM, "--num-iterations": _NUM,
+          "--device-batch-size": _NUM, "--total-batch-size": _NUM, "--price": _NUM, "--max-cost": _NUM,
+          "--core-max-per-task": _NUM, "--stages": _TEXT, "--gpu-type": _TEXT, "--storage": _TEXT,
+          "--core-bundle": _TEXT, "--name": _TEXT, "--precision": _TEXT, "--env": _TEXT, "--image": _TEXT,
+          "--queue": _TEXT}
+
+
+@st.composite
+def _argv(draw):
+    cmd = draw(st.sampled_from(["plan", "submit"]))
+    argv = [cmd, "--depth", draw(st.sampled_from(["4", "12", "20", "64"]))]
+    for flag in draw(st.lists(st.sampled_from(sorted(_FLAGS)), max_size=5)):
+        argv += [flag, draw(_FLAGS[flag])]
+    argv += ["-o", "json"] + (["--dry-run"] if cmd == "submit" else [])
+    return argv
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                 HealthCheck.too_slow])
+@given(argv=_argv())
+def test_hostile_fuzz_the_argument_parser(argv, tmp_path):
+    import contextlib
+    import io
+    import os
+
+    os.environ["KUBECONFIG"] = str(tmp_path / "absent")  # (the autouse fixture's value, kept per example)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(argv)
+    assert rc in (0, 2), (argv, rc, err.getvalue())
+    if rc == 2:
+        assert err.getvalue().count("\n") == 1 and "Traceback" not in err.getvalue(), (argv, err.getvalue())
+        no_controls(err.getvalue())
+    else:
+        json.loads(out.getvalue(), parse_constant=lambda c: pytest.fail(f"{c} in -o json for {argv}"))

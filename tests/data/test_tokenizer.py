@@ -17,6 +17,9 @@ from hypothesis import strategies as st
 
 from trainer.data.corpus import iter_python_docs
 from trainer.data.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, TokenizerError, iter_shard_texts
+from tests.hostile import run_limited
+from pathlib import Path
+import hashlib
 
 VOCAB = 512
 
@@ -183,3 +186,60 @@ def test_decode_text_never_shows_special_tokens_and_streams_consistently(tok, pa
     assert "<|" not in text
     pieces = list(stream_text(tok, ids))
     assert "".join(pieces) == text  # streaming never takes back what it showed
+
+
+# ---------------------------------------------------------------- hostile input
+# (shared helpers: tests/hostile.py)
+
+def _tamper(tmp_path, tok, *, ranks: bytes | None = None, meta_edit=None) -> str:
+    from trainer.data.tokenizer import BYTES_FILE, META_FILE, RANKS_FILE
+
+    url = str(tmp_path / "tok")
+    tok.save(url)
+    d = Path(url)
+    if ranks is not None:
+        (d / RANKS_FILE).write_bytes(ranks)
+    meta = json.loads((d / META_FILE).read_text())
+    meta["sha256"][RANKS_FILE] = hashlib.sha256((d / RANKS_FILE).read_bytes()).hexdigest()
+    meta["sha256"][BYTES_FILE] = hashlib.sha256((d / BYTES_FILE).read_bytes()).hexdigest()
+    if meta_edit:
+        meta_edit(meta)
+    (d / META_FILE).write_text(json.dumps(meta))
+    return url
+
+
+def test_hostile_tokenizer_rank_bomb_is_a_tokenizer_error(tmp_path, tok):
+    from trainer.data.tokenizer import RANKS_FILE
+
+    url = _tamper(tmp_path, tok)
+    ranks = (Path(url) / RANKS_FILE).read_bytes().splitlines()
+    ranks[-1] = ranks[-1].split()[0] + b" 4000000000"
+    url = _tamper(tmp_path, tok, ranks=b"\n".join(ranks) + b"\n",  # and a tokenizer.json that agrees
+                  meta_edit=lambda m: m.update(vocab_size=4_000_000_001 + len(m["special_tokens"])))
+    r = run_limited(f"""
+        from trainer.data.tokenizer import Tokenizer, TokenizerError
+        try:
+            Tokenizer.load({url!r})
+        except TokenizerError as e:
+            print("TokenizerError:", e)
+    """)
+    assert r.returncode == 0 and "TokenizerError" in r.stdout and "rank" in r.stdout, (r.stdout, r.stderr[-2000:])
+
+
+@pytest.mark.parametrize("case", ["malformed", "bad-base64", "no-sha256", "not-json", "pattern"])
+def test_hostile_bad_tokenizer_files_are_tokenizer_errors(tmp_path, tok, case):
+    from trainer.data.tokenizer import META_FILE, Tokenizer, TokenizerError
+
+    if case == "malformed":
+        url = _tamper(tmp_path, tok, ranks=b"AAA= 0\nthis line has three words\n")
+    elif case == "bad-base64":
+        url = _tamper(tmp_path, tok, ranks=b"%%%% 0\n")
+    elif case == "no-sha256":
+        url = _tamper(tmp_path, tok, meta_edit=lambda m: m.pop("sha256"))
+    elif case == "pattern":
+        url = _tamper(tmp_path, tok, meta_edit=lambda m: m.update(pattern="(a+)+$"))
+    else:
+        url = _tamper(tmp_path, tok)
+        (Path(url) / META_FILE).write_text("{not json")
+    with pytest.raises(TokenizerError):
+        Tokenizer.load(url)
