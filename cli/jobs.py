@@ -79,7 +79,7 @@ def cmd_status(args) -> int:
         if s.get("storage_error"):
             say(clean(f"warning: could not read progress and spend from {s['storage']}: {s['storage_error']} "
                       f"(--no-storage skips it)"))  # the storage URL is the RayJob's annotation: untrusted
-    if s["state"] in ("submitted", "queued", "starting", "running", "retrying", "failed"):
+    if s["state"] in ("submitted", "queued", "starting", "running", "retrying"):
         from cli.kube.runs import reasons
 
         pods = kube.call(kube.core.list_namespaced_pod, kube.namespace, label_selector=f"llmctl.dev/run={args.run}",
@@ -236,7 +236,9 @@ def cmd_logs(args) -> int:
 
 def _unscheduled_why(pod: dict) -> str | None:
     """None when the pod is bound to a node; else why not, in the scheduler's words (PodScheduled=False)."""
-    if (pod.get("spec") or {}).get("nodeName"):
+    st = pod.get("status") or {}
+    if (pod.get("spec") or {}).get("nodeName") or st.get("containerStatuses") or \
+            st.get("phase") in ("Running", "Succeeded", "Failed"):
         return None
     for c in (pod.get("status") or {}).get("conditions") or []:
         if c.get("type") == "PodScheduled" and c.get("status") == "False":
