@@ -268,7 +268,7 @@ def test_real_cluster_a_run_over_its_queues_quota_says_why(cluster, capsys, monk
         return out if "insufficient quota" in out else None
 
     out = cluster.wait("status names the quota", said)
-    assert "queued" in out and "over its queue's quota" in out and "nvidia.com/gpu" in out or "memory" in out, out
+    assert "queued" in out and "over its queue's quota" in out and "> maximum capacity" in out, out
     assert cluster.rayjob(NS, run)["spec"]["suspend"] is True
     cluster.run(capsys, monkeypatch, "alice", NS, "cancel", run, "--yes")
 
