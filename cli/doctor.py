@@ -161,42 +161,35 @@ class Doctor:
                      + (f", queue {self.cfg.queue}" if self.cfg.queue else "") + ")")
 
     def check_kuberay(self) -> None:
-        from kubernetes import client
-
-        from cli.kube.client import permission, read_crd
-        from cli.kube.versions import fmt, kuberay_release_from_crd, parse_version, supported, supported_range
+        from cli.kube.client import permission, served_kuberay_release
+        from cli.kube.versions import fmt, parse_version, supported, supported_range
 
         try:
-            crd = read_crd(self.kube, "rayjobs.ray.io")
+            found, source = served_kuberay_release(self.kube)
         except self._api_exc() as e:
-            crd = e
-        if isinstance(crd, dict):
-            found = kuberay_release_from_crd(crd)
+            self.add("kuberay", "fail", f"cannot read the RayJob schema (HTTP {e.status})", KUBERAY_INSTALL)
+            return
+        if source == "absent":
+            self.add("kuberay", "fail", "KubeRay is not installed (no rayjobs.ray.io CRD)", KUBERAY_INSTALL)
+            return
+        if found is not None or source == "old":
             if found is None or not supported(found):
                 self.add("kuberay", "fail", f"the RayJob CRD is from KubeRay {fmt(found) if found else '< 1.3'}, "
                          f"outside the supported {supported_range()}", KUBERAY_INSTALL)
             else:
                 self.add("kuberay", "ok", f"KubeRay {fmt(found[:2])}{' or newer' if found[:2] == (1, 7) else ''} "
-                         f"(read off the RayJob CRD; supported: {supported_range()})")
+                         f"(read off {source}; supported: {supported_range()})")
             return
-        if crd is None:
-            self.add("kuberay", "fail", "KubeRay is not installed (no rayjobs.ray.io CRD)", KUBERAY_INSTALL)
-            return
-        # CRDs not readable: is ray.io/v1 served at all? (discovery is open to every authenticated user)
-        try:
-            client.CustomObjectsApi(self.kube.api_client).get_api_resources("ray.io", "v1", _request_timeout=(10, 30))
-        except self._api_exc():
-            self.add("kuberay", "fail", "KubeRay is not installed (ray.io/v1 is not served)", KUBERAY_INSTALL)
-            return
+        # neither the CRD nor the OpenAPI document is readable
         need = permission("get", "customresourcedefinitions", "apiextensions.k8s.io", None)
         if self.cfg and self.cfg.kuberay_version:
             ok = supported(parse_version(self.cfg.kuberay_version))
-            self.add("kuberay", "ok" if ok else "fail", f"ray.io/v1 served; KubeRay {self.cfg.kuberay_version} per "
-                     f"kuberay.version (the CRD is not readable: {need})",
+            self.add("kuberay", "ok" if ok else "fail", f"KubeRay {self.cfg.kuberay_version} per kuberay.version "
+                     f"(the RayJob schema is not readable: {need})",
                      "" if ok else f"KubeRay {supported_range()} is supported: {KUBERAY_INSTALL}")
             return
-        self.add("kuberay", "warn", f"ray.io/v1 served, release unknown ({need} not granted): submit renders for "
-                 f"KubeRay 1.3, without preRunningDeadlineSeconds",
+        self.add("kuberay", "warn", f"release unknown (the RayJob schema is not readable: {need}, nor /openapi/v3): "
+                 f"submit renders for KubeRay 1.3, without preRunningDeadlineSeconds",
                  "set kuberay.version in the chart values (config.kuberay.version), or rbac.clusterScope=true")
 
     def check_kueue(self) -> None:
@@ -295,6 +288,21 @@ class Doctor:
         else:
             self.add("run account", "ok", f"{account} holds no RayJob permissions (runs need none)")
 
+    def worker_pod(self, gpu: str) -> dict | None:
+        """The pod spec of one worker of a run on `gpu` as `llmctl submit` renders it for this config (a whole node's
+        GPUs); None when this config cannot render one (an unknown GPU type)."""
+        from cli.kube.rayjob import build_rayjob
+        from trainer.plan import RunSpec, plan
+
+        try:
+            p = plan(RunSpec(depth=2, gpus=self.cfg.gpus_per_node, gpu_type=gpu, stages=("pretrain",),
+                             num_iterations=1, storage_root=self.cfg.storage_root, name="doctor-fit",
+                             namespace=self.kube.namespace))
+            rj = build_rayjob(p, self.cfg, namespace=self.kube.namespace)
+            return rj["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]
+        except Exception:  # noqa: BLE001 - a type this config cannot plan is reported by the label check
+            return None
+
     def check_nodes(self) -> None:
         from cli.kube.client import permission
 
@@ -303,8 +311,8 @@ class Doctor:
             nodes = self.kube.core.list_node(_request_timeout=(10, 60))
         except self._api_exc() as e:
             self.add("gpu nodes", "warn", f"cannot list nodes (HTTP {e.status}; needs "
-                     f"{permission('list', 'nodes', '', None)})", "rbac.clusterScope=true in the chart, or run "
-                     "doctor as a cluster admin")
+                     f"{permission('list', 'nodes', '', None)}): whether a worker pod fits a node is not checked",
+                     "rbac.clusterScope=true in the chart, or run doctor as a cluster admin")
             return
         from kubernetes.utils import parse_quantity  # Kubernetes' own quantity parser: "10" > "9", "1k" is 1000
 
@@ -341,9 +349,24 @@ class Doctor:
                                     f"most {have}")
                 else:
                     line += f", {res} {have}"
+            pod = self.worker_pod(gpu)
+            if pod is not None and most >= cfg.gpus_per_node:
+                want = pod_requests(pod)
+                fits, short = [], []
+                for n in matching:
+                    why = misfit(n, pod, want)
+                    (short if why else fits).append(f"{n['metadata']['name']} ({why})" if why else n["metadata"]["name"])
+                asked = ", ".join(f"{r} {fmt_quantity(r, q)}" for r, q in want.items())
+                if fits:
+                    line += f"; a worker pod ({asked}) fits {', '.join(fits)}"
+                else:
+                    problems.append(f"{gpu}: a worker pod requests {asked}, which no {gpu} node holds: "
+                                    + "; ".join(short))
             found.append(line)
         if problems:
-            self.add("gpu nodes", "fail", "; ".join(problems + found), "see docs/kubernetes.md (GPU nodes)")
+            fix = ("size workers to the nodes' allocatable: config.workers.cpuPerGpu, memoryPerGpuGi, scratchSize "
+                   "and tmpSize (kubectl describe node shows Allocatable); docs/kubernetes.md (GPU nodes)")
+            self.add("gpu nodes", "fail", "; ".join(problems + found), fix)
         elif not found:
             labels = sorted({k for s in (cfg.gpu_node_selectors or {}).values() for k in s})
             self.add("gpu nodes", "fail", f"no node carries a configured GPU selector (labels {', '.join(labels)})",
@@ -361,6 +384,67 @@ class Doctor:
                      "pin a tag or digest (image.tag)")
         else:
             self.add("image", "ok", f"{image} (its Ray must be {self.cfg.ray_version}, config.rayVersion)")
+
+
+def pod_requests(pod: dict) -> dict:
+    """What the scheduler counts for a pod, resource -> Decimal: the sum of its containers' requests (a limit
+    without a request is the request too, as the API server defaults it), or the largest init container's
+    when that is more (kubernetes pkg/api/v1/resource PodRequests)."""
+    from decimal import Decimal
+
+    from kubernetes.utils import parse_quantity
+
+    def one(c: dict) -> dict:
+        res = c.get("resources") or {}
+        merged = {**(res.get("limits") or {}), **(res.get("requests") or {})}
+        return {k: parse_quantity(v) for k, v in merged.items()}
+
+    total: dict = {}
+    for c in pod.get("containers") or []:
+        for k, v in one(c).items():
+            total[k] = total.get(k, Decimal(0)) + v
+    for c in pod.get("initContainers") or []:
+        for k, v in one(c).items():
+            total[k] = max(total.get(k, Decimal(0)), v)
+    return dict(sorted(total.items(), key=lambda kv: (kv[0] != "cpu", kv[0] != "memory", kv[0])))
+
+
+def _tolerated(taint: dict, tolerations: list[dict]) -> bool:
+    if taint.get("effect") not in ("NoSchedule", "NoExecute"):
+        return True  # PreferNoSchedule does not keep a pod off
+    for t in tolerations or []:
+        if t.get("effect") and t["effect"] != taint.get("effect"):
+            continue
+        if t.get("operator") == "Exists" and (not t.get("key") or t["key"] == taint.get("key")):
+            return True
+        if t.get("key") == taint.get("key") and t.get("value", "") == taint.get("value", ""):
+            return True
+    return False
+
+
+def misfit(node: dict, pod: dict, want: dict) -> str:
+    """Why `pod` (requests `want`) cannot go on `node` by its labels, taints and allocatable; '' when it fits."""
+    from kubernetes.utils import parse_quantity
+
+    labels = node["metadata"].get("labels") or {}
+    for k, v in (pod.get("nodeSelector") or {}).items():
+        if labels.get(k) != v:
+            return f"no label {k}={v}"
+    for taint in (node.get("spec") or {}).get("taints") or []:
+        if not _tolerated(taint, pod.get("tolerations")):
+            return f"taint {taint.get('key')}={taint.get('value', '')}:{taint.get('effect')} not tolerated"
+    alloc = (node.get("status") or {}).get("allocatable") or {}
+    short = [f"{r} {fmt_quantity(r, parse_quantity(alloc.get(r, '0')))} < {fmt_quantity(r, q)}"
+             for r, q in want.items() if parse_quantity(alloc.get(r, "0")) < q]
+    return "allocatable " + ", ".join(short) if short else ""
+
+
+def fmt_quantity(resource: str, q) -> str:
+    """A Decimal quantity for people: CPUs as a number, bytes in Gi."""
+    if resource == "memory" or resource == "ephemeral-storage" or resource.endswith("storage"):
+        gi = q / (1024 ** 3)
+        return f"{gi:.0f}Gi" if gi == gi.to_integral_value() else f"{gi:.1f}Gi"
+    return f"{q.normalize():f}" if q == q.to_integral_value() else f"{q:.1f}"
 
 
 def render(checks: list[Check]) -> str:

@@ -80,9 +80,15 @@ def cmd_status(args) -> int:
             say(clean(f"warning: could not read progress and spend from {s['storage']}: {s['storage_error']} "
                       f"(--no-storage skips it)"))  # the storage URL is the RayJob's annotation: untrusted
     if s["state"] in ("submitted", "queued", "starting", "running", "retrying"):
+        from cli.kube.runs import reasons
+
         pods = kube.call(kube.core.list_namespaced_pod, kube.namespace, label_selector=f"llmctl.dev/run={args.run}",
                          what=f"list the pods of {args.run}", verb="list", resource="pods")
-        s["pods"] = _pods_line(kube.api_client.sanitize_for_serialization(pods).get("items", []))
+        items = kube.api_client.sanitize_for_serialization(pods).get("items", [])
+        s["pods"] = _pods_line(items)
+        # why it waits: the Kueue Workload while queued, else the RayCluster's conditions, the pods' conditions
+        # and the Warning events about any of them (the scheduler, KubeRay, admission)
+        s["why"] = reasons(kube, rj, s["state"], items) if s["state"] != "running" else []
     if args.output == "json":
         print(dump_json(s))
         return 0
@@ -91,6 +97,8 @@ def cmd_status(args) -> int:
         rows.append(("model", f"d{s['depth']} on {s['gpus']} x {s['gpu_type']}"))
     if s.get("pods"):
         rows.append(("pods", s["pods"]))
+    for line in s.get("why") or []:
+        rows.append(("why", line))
     if s["started"]:
         rows.append(("time", f"{fmt_hours(s['elapsed_hours'])} since {s['started']}"
                              + (f" (estimate {fmt_hours(s['estimate_hours'])})" if s["estimate_hours"] else "")))
@@ -205,6 +213,7 @@ def cmd_logs(args) -> int:
     if len(items) > 1:
         say(f"showing {pod}; {len(items) - 1} more {args.role} pod(s): "
              + ", ".join(p["metadata"]["name"] for p in items[1:]))
+    _wait_scheduled(kube, items[0], follow=args.follow, run=args.run)
     kw: dict = dict(container=CONTAINERS[args.role], _preload_content=False)
     if args.tail is not None:
         kw["tail_lines"] = args.tail
@@ -223,6 +232,48 @@ def cmd_logs(args) -> int:
     finally:
         resp.release_conn()
     return 0
+
+
+def _unscheduled_why(pod: dict) -> str | None:
+    """None when the pod is bound to a node; else why not, in the scheduler's words (PodScheduled=False)."""
+    st = pod.get("status") or {}
+    if (pod.get("spec") or {}).get("nodeName") or st.get("containerStatuses") or \
+            st.get("phase") in ("Running", "Succeeded", "Failed"):
+        return None
+    for c in (pod.get("status") or {}).get("conditions") or []:
+        if c.get("type") == "PodScheduled" and c.get("status") == "False":
+            return clean(f"{c.get('reason') or 'Unschedulable'}: {c.get('message') or 'no reason given yet'}", limit=500)
+    return "the scheduler has not placed it yet"
+
+
+def _wait_scheduled(kube, pod: dict, *, follow: bool, run: str) -> None:
+    """A pod not yet on a node has no log (the API server answers 200 with nothing): say so and why, and with
+    -f wait (bounded by console.WAIT_SECONDS) until the scheduler binds it, saying each new reason once."""
+    name = pod["metadata"]["name"]
+    why = _unscheduled_why(pod)
+    if why is None:
+        return
+    if not follow:
+        raise CLIError(f"pod {name} is not on a node yet, so it has no log: {why}; `llmctl status {run}` shows "
+                       f"the run's state (or -f to wait for it)")
+    said: list[str] = []
+
+    def scheduled() -> bool:
+        current = kube.api_client.sanitize_for_serialization(kube.call(
+            kube.core.read_namespaced_pod, name, kube.namespace, what=f"read pod {name}", verb="get",
+            resource="pods", name=name))
+        reason = _unscheduled_why(current)
+        if reason is None:
+            return True
+        if reason not in said:
+            said.append(reason)
+            say(f"waiting for pod {name} to be scheduled ({reason}); up to {console.WAIT_SECONDS:.0f} s")
+        return False
+
+    if not wait_until(scheduled):
+        raise CLIError(f"pod {name} was not scheduled within {console.WAIT_SECONDS:.0f} s: "
+                       f"{said[-1] if said else why}; `llmctl status {run}` and `llmctl doctor` say whether "
+                       f"a worker fits any node")
 
 
 def _open_log(kube, pod: str, kw: dict, *, wait: bool, run: str):

@@ -37,13 +37,19 @@ def expected_busbw(gpus: int, cfg: ClusterConfig, given_gbs: float | None = None
     return NVLINK_BUSBW if gpus <= cfg.gpus_per_node else FABRIC_BUSBW
 
 
-def build_netcheck_rayjob(gpus: int, cfg: ClusterConfig, *, namespace: str, expect_gbs: float | None = None) -> dict:
-    """The check's RayJob. Raises LayoutError/ValueError as build_rayjob does for a bad GPU count."""
+def build_netcheck_rayjob(gpus: int, cfg: ClusterConfig, *, namespace: str, expect_gbs: float | None = None,
+                          suffix: str | None = None) -> dict:
+    """The check's RayJob, named netcheck-<gpus>gpu-<6 random hex> so that a second check (or one while an earlier
+    one is still being deleted) never collides. Raises LayoutError/ValueError as build_rayjob does for a bad GPU
+    count."""
+    import secrets
+
     from cli.kube.rayjob import build_rayjob
     from trainer.plan import RunSpec, plan
 
+    suffix = suffix or secrets.token_hex(3)
     p = plan(RunSpec(depth=2, gpus=gpus, stages=("pretrain",), num_iterations=1, storage_root=cfg.storage_root,
-                     name=f"netcheck-{gpus}gpu", namespace=namespace))
+                     name=f"netcheck-{gpus}gpu-{suffix}", namespace=namespace))
     rj = build_rayjob(p, cfg, namespace=namespace)
     expect = expected_busbw(gpus, cfg, expect_gbs)
     rj["spec"]["entrypoint"] = (f"{NETCHECK} --gpus {gpus} --expect-gbs {expect / 1e9:g} "
@@ -86,7 +92,8 @@ def cmd_network(args) -> int:
     kube = kube or connect(args)
     name = rj["metadata"]["name"]
     kube.call(kube.custom.create_namespaced_custom_object, GROUP, VERSION, kube.namespace, PLURAL, rj,
-              what=f"create RayJob {name}", verb="create", resource=PLURAL, name=name, group=GROUP)
+              what=f"create RayJob {name}", verb="create", resource=PLURAL, name=name, group=GROUP,
+              exists_hint="run `llmctl doctor --network` again (each check picks a new name)")
     say(*(f"warning: {w}" for w in warnings),
         f"rayjob.ray.io/{name} created: it measures all-reduce bandwidth over {args.gpus} GPUs")
     if args.no_wait:

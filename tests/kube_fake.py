@@ -1,5 +1,20 @@
 """A strict stand-in for the Kubernetes API server on loopback, for llmctl's commands; the real kubernetes client
-talks to it. Each behaviour follows the server's documented or coded behaviour, cited next to the code
+talks to it.
+
+What it is kept for, now that tests/controlplane/ runs a real control plane (`real_cluster`; llmctl's commands
+against it: tests/cli/test_real_cluster.py): only what that cluster cannot express.
+  - Every supported KubeRay release's server-side behaviour: the CRDs of 1.3, 1.4, 1.5 and 1.7 (strict-field 400s,
+    pruning, schema 422s per release); the real cluster serves KubeRay 1.6 only.
+  - Every supported Kueue release's API versions (0.13/0.14 v1beta1 only, 0.15 conversion, 0.16+ v1beta2); the
+    real cluster runs 0.17.
+  - Job states that a Ray dashboard drives (RUNNING, SUCCEEDED, retries, deadlines; `status_script`): the real
+    operator polls a dashboard that does not exist there, so its K8sJobMode runs fail ~30 s after the submitter.
+  - Pod logs and containers waiting to start (kwok neither serves logs nor shows ContainerCreating), a finalizer
+    held while the operator stops a job (`finalize_after`), and a cluster that hides /openapi/v3.
+  - Exact request records (`requests`): that refusals send nothing, and what each command sends.
+Retired to the real cluster: RBAC of the chart's Role and opt-in ClusterRole for `list -A`, Kueue admission and
+quota, Pod Security, scheduling on node sizes, the operator's pods and services.
+ Each behaviour follows the server's documented or coded behaviour, cited next to the code
 (AS = kubernetes/apiserver, AM = kubernetes/apimachinery, AX = kubernetes/apiextensions-apiserver, all at
 v0.36.3; CON = https://kubernetes.io/docs/reference/using-api/api-concepts/; RBAC =
 https://kubernetes.io/docs/reference/access-authn-authz/rbac/):

@@ -94,7 +94,7 @@ def test_plan_shows_the_interconnect_share(capsys):
 # `llmctl doctor --network` against the API stand-in: it waits for the RayJob, reads the result from the
 # submitter's log, prints ✓/✗, and stores a ✓ figure in the cluster config, which `plan` and `submit` then use.
 
-NAME = "netcheck-16gpu"
+NAME = "netcheck-16gpu-a1b2c3"  # each check's name ends in 6 random hex digits; the fixture fixes them
 RUNNING = [{"jobDeploymentStatus": "Initializing"},
            {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING", "rayClusterName": f"{NAME}-raycluster"}]
 
@@ -117,6 +117,7 @@ def kube(tmp_path, monkeypatch):
     from tests.cli.test_doctor import chart, setup
 
     monkeypatch.setattr(console, "POLL_SECONDS", 0.01)
+    monkeypatch.setattr("secrets.token_hex", lambda n=None: "a1b2c3")
     with FakeKube() as k:
         token = setup(k, chart())
         monkeypatch.setenv("KUBECONFIG", str(k.kubeconfig(tmp_path / "kc", token=token)))

@@ -72,7 +72,7 @@ class Kube:
         self.core = client.CoreV1Api(api_client)
 
     def call(self, fn, *a, what: str, verb: str, resource: str, name: str | None = None,
-             group: str = "", **kw):
+             group: str = "", exists_hint: str | None = None, **kw):
         """Run one API call; known failures become a CLIError naming what to do next."""
         from kubernetes.client.rest import ApiException
         from urllib3.exceptions import HTTPError as Urllib3Error
@@ -88,7 +88,8 @@ class Kube:
             return fn(*a, **kw)
         except ApiException as e:
             raise api_error(e, what=what, verb=verb, resource=resource, name=name, group=group,
-                            namespace=None if "_cluster_" in fname else self.namespace) from None
+                            namespace=None if "_cluster_" in fname else self.namespace,
+                            exists_hint=exists_hint) from None
         except (Urllib3Error, OSError) as e:
             reason = getattr(e, "reason", None) or e
             raise CLIError(f"cannot reach the Kubernetes API ({self.where}) to {what}: {reason}; check --context "
@@ -138,13 +139,22 @@ def connect(args) -> Kube:
     return Kube(client.ApiClient(conf), namespace, where)
 
 
-# What the chart's objects grant, for 403 hints: (verb, group, resource) -> where it comes from.
-_CHART_ROLE = {("create", "ray.io", "rayjobs"), ("get", "ray.io", "rayjobs"), ("list", "ray.io", "rayjobs"),
-               ("watch", "ray.io", "rayjobs"), ("delete", "ray.io", "rayjobs"), ("get", "", "pods"),
-               ("list", "", "pods"), ("watch", "", "pods"), ("get", "", "pods/log"), ("get", "", "configmaps"),
-               ("get", "kueue.x-k8s.io", "localqueues"), ("list", "kueue.x-k8s.io", "localqueues")}
-_CHART_CLUSTER_ROLE = {("list", "ray.io", "rayjobs"), ("watch", "ray.io", "rayjobs"), ("list", "", "nodes"),
-                       ("get", "apiextensions.k8s.io", "customresourcedefinitions")}
+# What the chart's objects grant, for 403 hints: (verb, group, resource) -> where it comes from. The same rules as
+# charts/llmctl/templates/role.yaml and clusterrole.yaml (tests/cli/test_real_cluster.py checks each against the
+# API server's own answer for a user bound only by them).
+_CHART_ROLE = {
+    *((v, "ray.io", r) for r in ("rayjobs", "rayservices") for v in ("create", "get", "list", "watch", "delete")),
+    ("list", "ray.io", "rayclusters"),
+    ("get", "", "pods"), ("list", "", "pods"), ("watch", "", "pods"), ("get", "", "pods/log"),
+    ("get", "", "configmaps"), ("patch", "", "configmaps"),  # llmctl-config only; patch: doctor --network
+    ("get", "", "events"), ("list", "", "events"),  # status: why pods and Ray clusters do not start
+    ("get", "kueue.x-k8s.io", "localqueues"), ("list", "kueue.x-k8s.io", "localqueues"),
+    ("get", "kueue.x-k8s.io", "workloads"), ("list", "kueue.x-k8s.io", "workloads"),  # status: why Kueue waits
+}
+_CHART_CLUSTER_ROLE = {
+    *((v, "ray.io", r) for r in ("rayjobs", "rayservices", "rayclusters") for v in ("list", "watch")),
+    ("list", "", "nodes"), ("get", "apiextensions.k8s.io", "customresourcedefinitions"),
+}
 
 
 def permission(verb: str, resource: str, group: str, namespace: str | None) -> str:
@@ -169,7 +179,7 @@ def forbidden_hint(verb: str, resource: str, group: str, namespace: str | None) 
 
 
 def api_error(e, *, what: str, verb: str, resource: str, name: str | None, group: str,
-              namespace: str | None) -> CLIError:
+              namespace: str | None, exists_hint: str | None = None) -> CLIError:
     """Map an ApiException to one line that says what went wrong and what to do about it."""
     try:
         body = json.loads(e.body or "{}")
@@ -181,6 +191,14 @@ def api_error(e, *, what: str, verb: str, resource: str, name: str | None, group
     if e.status == 401:
         return CLIError(f"cannot {what}: the API server rejected your credentials (401); log in again or refresh "
                         f"the kubeconfig token")
+    if e.status == 403 and message.startswith("admission webhook"):
+        # A webhook (Kueue's vrayjob.kb.io, ...) refused the object itself: no permission would help.
+        who = "Kueue" if "kb.io" in message or "kueue" in message.lower() else "an admission webhook"
+        return CLIError(f"cannot {what}: {who} refused it ({message}); this is not a permission problem: change "
+                        f"what is sent (see docs/kubernetes.md, Kueue)")
+    if e.status == 403 and "violates PodSecurity" in message:
+        return CLIError(f"cannot {what}: Pod Security admission refused it ({message}); the namespace's "
+                        f"pod-security.kubernetes.io/enforce level forbids what the pod asks for")
     if e.status == 403:
         return CLIError(f"cannot {what}: forbidden ({message}); {forbidden_hint(verb, resource, group, namespace)}")
     if e.status == 404:
@@ -202,9 +220,13 @@ def api_error(e, *, what: str, verb: str, resource: str, name: str | None, group
             return CLIError(f"cannot {what}: {resource[:-1]} {name!r} in namespace {namespace} is still being "
                             f"deleted (KubeRay stops its Ray job first); try again in a minute")
         return CLIError(f"cannot {what}: {resource[:-1]} {name!r} already exists in namespace {namespace}; "
-                        f"`llmctl status {name}` shows it, or pass --name for a new run")
+                        + (exists_hint or f"`llmctl status {name}` shows it, or pass --name for a new run"))
     if e.status == 422:
         return CLIError(f"cannot {what}: the API server rejected the {resource[:-1]}: {message}")
+    if resource == "pods/log" and e.status >= 500 and ("dial tcp" in message or "/containerLogs/" in message):
+        # the API server proxies logs from the node's kubelet (port 10250); it could not reach it
+        return CLIError(f"cannot {what}: the API server could not reach the node's kubelet for it ({message}); "
+                        f"the node may be down or unreachable from the control plane (kubectl get nodes)")
     return CLIError(f"cannot {what}: {message} (HTTP {e.status})")
 
 
@@ -255,34 +277,87 @@ def read_crd(kube: Kube, name: str) -> dict | None:
     return kube.api_client.sanitize_for_serialization(crd)
 
 
-def discover_kuberay(kube: Kube, cfg: ClusterConfig) -> tuple[ClusterConfig, list[str]]:
-    """The config with `kuberay_version` set to the release the cluster serves (read off the RayJob CRD),
-    falling back to the configured `kuberay.version`, else to the oldest supported release, with a warning."""
+def read_rayjob_openapi(kube) -> dict | None:
+    """The served ray.io/v1 RayJob schema from the API server's OpenAPI v3 document (GET /openapi/v3/apis/ray.io/v1),
+    as a CRD-shaped dict for kuberay_release_from_crd; None when ray.io/v1 is not published.
+
+    Every authenticated user may read /openapi/* (the system:discovery ClusterRole, bound to
+    system:authenticated), so a user bound only by the chart's Role learns the installed KubeRay release here
+    when the CRD itself is not readable. The document holds each CRD's structural schema as served."""
     from kubernetes.client.rest import ApiException
 
-    from cli.kube.versions import KUBERAY_OLDEST, fmt, kuberay_release_from_crd, parse_version
+    api = kube.api_client
+    method, url, headers, body, post = api.param_serialize("GET", "/openapi/v3/apis/ray.io/v1",
+                                                           header_params={"Accept": "application/json"},
+                                                           auth_settings=["BearerToken"])
+    try:
+        raw = api.call_api(method, url, header_params=headers, _request_timeout=(10, 60))
+        raw.read()
+        resp = api.response_deserialize(raw, {"200": "object"}).data
+    except ApiException as e:
+        if e.status in (401, 403, 404):
+            return None
+        raise
+    schemas = ((resp or {}).get("components") or {}).get("schemas") or {}
+    for schema in schemas.values():
+        gvk = (schema.get("x-kubernetes-group-version-kind") or [{}]) if isinstance(schema, dict) else [{}]
+        if any(g.get("group") == "ray.io" and g.get("version") == "v1" and g.get("kind") == "RayJob" for g in gvk):
+            return {"spec": {"versions": [{"name": "v1", "served": True, "schema": {"openAPIV3Schema": schema}}]}}
+    return None
 
+
+def served_kuberay_release(kube) -> tuple[tuple[int, int, int] | None, str]:
+    """(the lowest KubeRay release consistent with the served RayJob schema, where it was read). Read off the
+    RayJob CRD where the user may, else off the published OpenAPI v3 schema (open to every authenticated
+    user). (None, "absent") when ray.io/v1 RayJobs are not served; (None, "old") for a CRD older than 1.3.
+    Errors other than 401/403/404 raise ApiException."""
+    from kubernetes.client.rest import ApiException
+
+    from cli.kube.versions import kuberay_release_from_crd
+
+    source = "the RayJob CRD"
     try:
         crd = read_crd(kube, "rayjobs.ray.io")
     except ApiException as e:
         if e.status not in (401, 403):
-            raise api_error(e, what="read the RayJob CRD", verb="get", resource="customresourcedefinitions",
-                            name="rayjobs.ray.io", group="apiextensions.k8s.io", namespace=None) from None
+            raise
+        crd, source = read_rayjob_openapi(kube), "the API server's OpenAPI schema"
+        if crd is None:
+            return None, "unreadable"
+    if crd is None:
+        return None, "absent"
+    found = kuberay_release_from_crd(crd)
+    return (found, source) if found else (None, "old")
+
+
+def discover_kuberay(kube: Kube, cfg: ClusterConfig) -> tuple[ClusterConfig, list[str]]:
+    """The config with `kuberay_version` set to the release the cluster serves (read off the RayJob CRD, or where
+    that is not readable off the published OpenAPI schema), falling back to the configured `kuberay.version`,
+    else to the oldest supported release, with a warning."""
+    from kubernetes.client.rest import ApiException
+
+    from cli.kube.versions import KUBERAY_OLDEST, fmt, parse_version
+
+    try:
+        found, source = served_kuberay_release(kube)
+    except ApiException as e:
+        raise api_error(e, what="read the RayJob CRD", verb="get", resource="customresourcedefinitions",
+                        name="rayjobs.ray.io", group="apiextensions.k8s.io", namespace=None) from None
+    if source == "absent":
+        return cfg, []  # KubeRay is not installed: the create says so
+    if source == "unreadable":
         if cfg.kuberay_version:
             return cfg, []
         need = permission("get", "customresourcedefinitions", "apiextensions.k8s.io", None)
         return cfg.replace(kuberay_version=fmt(KUBERAY_OLDEST)), [
-            f"cannot read the RayJob CRD to learn the KubeRay release ({need} is not granted): rendering for "
-            f"KubeRay {fmt(KUBERAY_OLDEST)}, without newer fields such as preRunningDeadlineSeconds; set "
-            f"kuberay.version in the cluster config (or rbac.clusterScope=true in the chart)"]
-    if crd is None:
-        return cfg, []  # KubeRay is not installed: the create says so
-    found = kuberay_release_from_crd(crd)
+            f"cannot read the RayJob schema to learn the KubeRay release ({need} is not granted and /openapi/v3 "
+            f"is not readable): rendering for KubeRay {fmt(KUBERAY_OLDEST)}, without newer fields such as "
+            f"preRunningDeadlineSeconds; set kuberay.version in the cluster config (or rbac.clusterScope=true)"]
     if found is None:
         return cfg.replace(kuberay_version=fmt(KUBERAY_OLDEST)), [
             "the RayJob CRD predates KubeRay 1.3, which llmctl does not support; upgrade the operator"]
     warnings = []
     if cfg.kuberay_version and parse_version(cfg.kuberay_version)[:2] != found[:2]:
-        warnings.append(f"kuberay.version {cfg.kuberay_version} in the cluster config, but the cluster serves the "
-                        f"CRD of KubeRay {fmt(found)}: using {fmt(found)}")
+        warnings.append(f"kuberay.version is {cfg.kuberay_version} in the cluster config, but the cluster serves the "
+                        f"RayJob schema of KubeRay {fmt(found)}: using {fmt(found)}")
     return cfg.replace(kuberay_version=".".join(map(str, found))), warnings

@@ -159,3 +159,186 @@ def create_run(kube, name: str, rayjob: dict) -> dict:
         raise CLIError(f"RayJob {name} in namespace {kube.namespace} was still being deleted after "
                        f"{console.WAIT_SECONDS:.0f} s; is the KubeRay operator running? Try again later")
     return create()
+
+
+# ---------------------------------------------------------------------------------------------
+# Why a run waits: its Kueue Workload, its RayCluster's conditions, and Warning events
+
+
+KUEUE_GROUP = "kueue.x-k8s.io"
+KUEUE_VERSIONS = ("v1beta2", "v1beta1")  # v1beta2 from Kueue 0.15; v1beta1 served by 0.13 to 0.19
+WORKLOAD_GRACE_SECONDS = 60  # Kueue makes a job's Workload within seconds; after this its absence means something
+
+
+def _true(conds: list, kind: str) -> dict | None:
+    return next((c for c in conds or [] if c.get("type") == kind and c.get("status") == "True"), None)
+
+
+def _false(conds: list, kind: str) -> dict | None:
+    return next((c for c in conds or [] if c.get("type") == kind and c.get("status") == "False"), None)
+
+
+def find_workload(kube, rj: dict) -> tuple[dict | None, str | None]:
+    """(the Kueue Workload made for this RayJob, None) or (None, why it could not be read). Kueue labels a job's
+    Workload kueue.x-k8s.io/job-uid=<the job's uid> (pkg/controller/constants)."""
+    from kubernetes.client.rest import ApiException
+
+    uid = (rj.get("metadata") or {}).get("uid")
+    if not uid:
+        return None, None
+    for version in KUEUE_VERSIONS:
+        try:
+            res = kube.custom.list_namespaced_custom_object(KUEUE_GROUP, version, kube.namespace, "workloads",
+                                                            label_selector=f"kueue.x-k8s.io/job-uid={uid}",
+                                                            _request_timeout=(10, 30))
+        except ApiException as e:
+            if e.status == 404:
+                continue  # this version is not served; try the older one
+            if e.status == 403:
+                from cli.kube.client import permission
+
+                return None, (f"cannot read its Kueue Workload ({permission('list', 'workloads', KUEUE_GROUP, kube.namespace)} "
+                              f"is not granted; the chart's Role grants it from this version)")
+            return None, f"cannot read its Kueue Workload (HTTP {e.status})"
+        items = (res or {}).get("items") or []
+        return (items[0] if items else None), None
+    return None, "Kueue's API (kueue.x-k8s.io) is not served: is Kueue installed?"
+
+
+def kueue_reason(kube, rj: dict, now: datetime.datetime | None = None) -> str | None:
+    """Why Kueue has not admitted a queued run, in words, from its Workload (None when there is nothing to add)."""
+    from cli.console import clean
+
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    meta = rj.get("metadata") or {}
+    queue = (meta.get("labels") or {}).get("kueue.x-k8s.io/queue-name")
+    wl, problem = find_workload(kube, rj)
+    if problem:
+        return problem
+    if wl is None:
+        created = parse_iso(meta.get("creationTimestamp"))
+        age = (now - created).total_seconds() if created else 0
+        if age < WORKLOAD_GRACE_SECONDS:
+            return "Kueue has not made its Workload yet"
+        return (f"Kueue made no Workload for it in {age:.0f} s: Kueue does not manage namespace {kube.namespace} "
+                f"(its managedJobsNamespaceSelector), or its controller is not running; the run stays suspended "
+                f"until one is made (kubectl get workloads -n {kube.namespace})")
+    conds = (wl.get("status") or {}).get("conditions") or []
+    name = (wl.get("metadata") or {}).get("name")
+    if _true(conds, "Admitted"):
+        return None
+    for kind in ("Evicted", "Preempted", "PodsReady"):
+        c = _true(conds, kind) if kind != "PodsReady" else None
+        if c and c.get("message"):
+            return clean(f"Workload {name} {kind.lower()}: {c['message']}", limit=400)
+    c = _false(conds, "QuotaReserved")
+    if c and c.get("message"):
+        msg = c["message"]
+        if "doesn't exist" in msg and "LocalQueue" in msg:
+            return clean(f"{msg} in namespace {kube.namespace}: Kueue cannot admit it until that LocalQueue exists "
+                         f"(helm upgrade llmctl charts/llmctl --set kueue.localQueue.create=true, or --queue "
+                         f"another)", limit=400)
+        if "insufficient quota" in msg or "couldn't assign flavors" in msg:
+            return clean(f"over its queue's quota: {msg} (Workload {name}; ClusterQueue quota from "
+                         f"kubectl get clusterqueue); it runs when enough quota frees up, or ask for fewer GPUs",
+                         limit=500)
+        return clean(f"Kueue: {msg} (Workload {name})", limit=400)
+    if _true(conds, "QuotaReserved"):
+        return f"quota reserved in queue {queue}; waiting for its admission checks (Workload {name})"
+    return f"Workload {name} is waiting for Kueue's scheduler"
+
+
+def warning_events(kube, names: set[str], limit: int = 5) -> list[str]:
+    """The newest Warning events about these objects (the RayJob, its RayCluster, its pods), 'Reason: message',
+    oldest first and de-duplicated; [] when events are not readable."""
+    from kubernetes.client.rest import ApiException
+
+    from cli.console import clean
+
+    try:
+        res = kube.core.list_namespaced_event(kube.namespace, field_selector="type=Warning",
+                                              _request_timeout=(10, 30))
+    except ApiException:
+        return []
+    items = kube.api_client.sanitize_for_serialization(res).get("items", [])
+    items = [e for e in items if (e.get("involvedObject") or {}).get("name") in names]
+    items.sort(key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or
+               (e.get("metadata") or {}).get("creationTimestamp") or "")
+    out = []
+    for e in items:
+        obj = e.get("involvedObject") or {}
+        line = clean(f"{obj.get('kind', '?')} {obj.get('name', '?')}: {e.get('reason', '?')}: "
+                     f"{(e.get('message') or '').strip()}", limit=400)
+        if line in out:
+            out.remove(line)
+        out.append(line)
+    return out[-limit:]
+
+
+def raycluster_reasons(kube, rj: dict) -> list[str]:
+    """What the RayJob's RayCluster says is wrong: its failure conditions (KubeRay >= 1.2: ReplicaFailure,
+    HeadPodReady False with a message) and its state's reason."""
+    from kubernetes.client.rest import ApiException
+
+    from cli.console import clean
+
+    name = (rj.get("status") or {}).get("rayClusterName")
+    if not name:
+        return []
+    try:
+        res = kube.custom.list_namespaced_custom_object(GROUP, VERSION, kube.namespace, "rayclusters",
+                                                        field_selector=f"metadata.name={name}",
+                                                        _request_timeout=(10, 30))
+    except ApiException:
+        return []
+    items = (res or {}).get("items") or []
+    if not items:
+        return []
+    st = items[0].get("status") or {}
+    out = []
+    for c in st.get("conditions") or []:
+        bad = (c.get("type") == "ReplicaFailure" and c.get("status") == "True") or \
+              (c.get("type") in ("HeadPodReady", "RayClusterProvisioned") and c.get("status") == "False")
+        if bad and c.get("message"):
+            out.append(clean(f"RayCluster {name} {c['type']}={c['status']} ({c.get('reason', '')}): {c['message']}",
+                             limit=400))
+    if st.get("reason"):
+        out.append(clean(f"RayCluster {name}: {st['reason']}", limit=400))
+    return out
+
+
+def pod_reasons(pods: list[dict]) -> list[str]:
+    """Why pods are not running, from their conditions and container states: unschedulable (the scheduler's
+    message says which resource no node has), image pull errors, crash loops."""
+    from cli.console import clean
+
+    out = []
+    for pod in pods:
+        name = pod["metadata"]["name"]
+        st = pod.get("status") or {}
+        c = _false(st.get("conditions"), "PodScheduled")
+        if c and c.get("message"):
+            out.append(clean(f"pod {name} is not scheduled ({c.get('reason', '')}): {c['message']}", limit=500))
+        for cs in (st.get("containerStatuses") or []) + (st.get("initContainerStatuses") or []):
+            waiting = (cs.get("state") or {}).get("waiting") or {}
+            if waiting.get("reason") not in (None, "ContainerCreating", "PodInitializing"):
+                out.append(clean(f"pod {name} container {cs.get('name')}: {waiting['reason']}"
+                                 + (f": {waiting['message']}" if waiting.get("message") else ""), limit=400))
+    return out
+
+
+def reasons(kube, rj: dict, state: str, pods: list[dict]) -> list[str]:
+    """Everything the cluster says about why a run is not (yet) running: the Workload while queued, else the
+    RayCluster's conditions, the pods' conditions and the Warning events about any of them."""
+    out = []
+    if state == "queued":
+        why = kueue_reason(kube, rj)
+        if why:
+            out.append(why)
+        return out
+    out += raycluster_reasons(kube, rj)
+    out += pod_reasons(pods)
+    names = {rj["metadata"]["name"], (rj.get("status") or {}).get("rayClusterName")} | \
+        {p["metadata"]["name"] for p in pods}
+    out += [e for e in warning_events(kube, {n for n in names if n}) if e not in out]
+    return out

@@ -34,7 +34,10 @@ def chart(*args: str, kueue: str | None = None) -> list[dict]:
 
 def node(name: str, labels: dict, allocatable: dict) -> dict:
     return {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": labels},
-            "status": {"allocatable": {"cpu": "96", "memory": "1100Gi", **allocatable}}}
+            # an 8-GPU node's room for a whole default worker pod (doctor checks the pod fits; real node sizes are
+            # tests/controlplane/nodes.py's, used by tests/cli/test_real_cluster.py)
+            "status": {"allocatable": {"cpu": "208", "memory": "1800Gi", "ephemeral-storage": "5000Gi",
+                                       **allocatable}}}
 
 
 def setup(kube: FakeKube, docs: list[dict], *, nodes=True, configmap=True, queue_objects=True) -> str:

@@ -416,7 +416,8 @@ def _pod(name: str, run_name: str, role: str, created: str) -> dict:
     return {"apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": name, "creationTimestamp": created,
                          "labels": {"llmctl.dev/run": run_name, "llmctl.dev/role": role}},
-            "spec": {"containers": [{"name": container, "image": "x"}]}}
+            # bound to a node (an unscheduled pod has no log: tests/cli/test_real_cluster.py)
+            "spec": {"nodeName": "gpu-0", "containers": [{"name": container, "image": "x"}]}}
 
 
 def test_logs_reads_the_newest_submitter_pod(kube, capsys):
