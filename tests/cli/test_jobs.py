@@ -569,7 +569,7 @@ def test_hostile_logs_strip_escapes_but_keep_the_text(kube, capsys):
     kube.add({"apiVersion": "v1", "kind": "Pod",
               "metadata": {"name": "r1-s", "creationTimestamp": "2026-01-01T00:00:00Z",
                            "labels": {"llmctl.dev/run": "r1", "llmctl.dev/role": "submitter"}},
-              "spec": {"containers": [{"name": "ray-job-submitter", "image": "x"}]}},
+              "spec": {"nodeName": "n1", "containers": [{"name": "ray-job-submitter", "image": "x"}]}},
              log=f"step 1{ESC}\nstep\t2\r\n")
     rc, out, err = llmctl(capsys, "logs", "r1")
     assert rc == 0, err

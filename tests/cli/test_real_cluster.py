@@ -307,14 +307,26 @@ def test_real_cluster_status_shows_why_the_operator_cannot_create_pods(cluster, 
 
 
 def test_real_cluster_kueue_webhook_refusal_is_not_called_a_permission_problem(cluster, capsys, monkeypatch):
-    """An elastic run (--min-gpus: the in-tree autoscaler) is refused by Kueue's vrayjob webhook with a 403,
-    which the CLI used to answer with an RBAC hint for a permission alice has."""
-    rc, out, err = cluster.run(capsys, monkeypatch, "alice", NS, "submit", "--yes", "--depth", "4", "--gpus", "16",
-                               "--min-gpus", "8")
-    if rc == 0:  # the chart/renderer may make elastic runs admissible (workload slicing); nothing to refuse
-        name = out.split()[0].split("/", 1)[1]
-        cluster.run(capsys, monkeypatch, "alice", NS, "cancel", name, "--yes")
-        pytest.skip("Kueue admitted the elastic run")
+    """Kueue's vrayjob webhook refuses an autoscaling RayJob not marked as a sliced workload with a 403, which the
+    CLI once answered with an RBAC hint for a permission alice has. `submit` itself no longer sends such a job
+    (it refuses --min-gpus on a queue without kueue.elasticJobs), so the job is rendered with the mark, sent
+    without it, through the CLI's own create path, as alice."""
+    from cli.errors import CLIError
+    from cli.kube.client import connect
+    from cli.kube.config import ClusterConfig
+    from cli.kube.rayjob import build_rayjob
+    from cli.kube.runs import create_run
+    from cli.main import build_parser
+    from trainer.plan import RunSpec, plan
+
+    p = plan(RunSpec(depth=4, gpus=16, min_gpus=8, storage_root="s3://runs", name="elastic-refused"))
+    rj = build_rayjob(p, ClusterConfig(queue="h100", kuberay_version="1.6.2", kueue_elastic_jobs=True), namespace=NS)
+    del rj["metadata"]["annotations"]["kueue.x-k8s.io/elastic-job"]
+    monkeypatch.setenv("KUBECONFIG", str(cluster.kubeconfig("alice", NS)))
+    kube = connect(build_parser().parse_args(["status", "elastic-refused", "-n", NS]))
+    with pytest.raises(CLIError) as refused:
+        create_run(kube, rj["metadata"]["name"], rj)
+    err = str(refused.value)
     assert "admission webhook" in err and "Kueue refused it" in err, err
     assert "RBAC" not in err and "bind you" not in err
 
