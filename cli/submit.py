@@ -100,6 +100,11 @@ def cmd_submit(args) -> int:
         say("not submitted; nothing was created")
         return 1
     created = create_run(kube, p.name, rayjob)
+    if "rayClusterSpec" in rayjob["spec"]:  # its own cluster: guard the head against drains (cli/kube/guards.py)
+        from cli.kube.guards import create_head_pdb
+
+        if warning := create_head_pdb(kube, created):
+            say(f"warning: {warning}")
     if args.output:
         print(dump_objects([created], args.output))
     else:

@@ -44,6 +44,7 @@ from trainer.metrics import METRICS_PORT_BASE  # light: stdlib and trainer.plan 
 from trainer.plan.catalog import GPUS
 from trainer.plan import RunPlan
 from trainer.preempt import set_preemption  # stdlib only: grace period and preStop hook
+from cli.kube.guards import guard_cluster_spec  # head off spot, do-not-disrupt annotations
 from trainer.plan.urls import require_shared
 
 LAUNCH = "python -m trainer.launch"
@@ -257,6 +258,7 @@ def build_rayjob(plan: RunPlan, cfg: ClusterConfig, *, namespace: str, extra_env
             },
         })
         set_preemption(spec["rayClusterSpec"], plan, cfg.max_grace_seconds)  # grace period + preStop save
+        guard_cluster_spec(spec["rayClusterSpec"], cfg)  # disruption guards (cli/kube/guards.py)
         if cfg.backoff_limit:
             spec["backoffLimit"] = cfg.backoff_limit
         if has(release, "spec.preRunningDeadlineSeconds"):

@@ -213,9 +213,12 @@ class RealCluster:
             raise RuntimeError(f"TokenRequest for {namespace}/{name}: {code} {out}")
         return out["status"]["token"]
 
-    def add_node(self, name: str, node_type: str) -> dict:
-        """Register one more simulated node (nodes.NODE_TYPES) and wait until kwok reports it Ready."""
-        self.admin().create("/api/v1/nodes", node_manifest(name, node_type))
+    def add_node(self, name: str, node_type: str, labels: dict[str, str] | None = None) -> dict:
+        """Register one more simulated node (nodes.NODE_TYPES), with extra `labels` (topology, spot, pools),
+        and wait until kwok reports it Ready."""
+        node = node_manifest(name, node_type)
+        node["metadata"]["labels"].update(labels or {})
+        self.admin().create("/api/v1/nodes", node)
         return wait_for(f"node {name} Ready", lambda: self._node_ready(name), time.monotonic() + STEP_TIMEOUT, self.procs)
 
     def log(self, component: str) -> Path:
