@@ -112,7 +112,7 @@ def test_ci_values_turn_every_option_on_and_render_valid(ci_docs):
     assert {d["kind"] for d in ci_docs} == {"ConfigMap", "ServiceAccount", "Role", "RoleBinding", "PodMonitor",
                                            "PrometheusRule", "RayCluster", "LocalQueue", "ClusterQueue",
                                            "ResourceFlavor", "ClusterRole", "ClusterRoleBinding", "NetworkPolicy",
-                                           "Namespace"}
+                                           "Namespace", "PodDisruptionBudget"}
     assert len(find(ci_docs, "PodMonitor")) == 3 and len(find(ci_docs, "Role")) == 1  # no run Role
 
 
