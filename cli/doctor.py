@@ -72,6 +72,7 @@ class Doctor:
         self.check_config()
         self.check_kuberay()
         self.check_kueue()
+        self.check_topology()
         self.check_permissions()
         self.check_nodes()
         self.check_image()
@@ -244,6 +245,15 @@ class Doctor:
             return
         self.add("kueue", "ok", f"Kueue {release} serves {', '.join(served)}; "
                  f"LocalQueue {queue} exists")
+
+    def check_topology(self) -> None:
+        """Kueue topology-aware scheduling: a Topology with the configured levels and a flavor naming it."""
+        from cli.kube.topology import doctor_lines
+
+        if self.cfg is None or not (self.cfg.queue or self.cfg.topology):
+            return  # no Kueue in play: nothing to place
+        if (line := doctor_lines(self.kube, self.cfg)) is not None:
+            self.add("topology", *line)
 
     def check_permissions(self) -> None:
         from kubernetes import client

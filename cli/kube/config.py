@@ -109,6 +109,9 @@ class ClusterConfig:
     affinity: dict = field(default_factory=dict)
     topology_spread: tuple[dict, ...] = ()  # topologySpreadConstraints of worker pods
     pod_annotations: dict[str, str] = field(default_factory=dict)
+    # Kueue topology-aware scheduling (cli/kube/topology.py): the cluster's topology levels, widest first, each
+    # {name, nodeLabel, nodes (nodes per domain, optional), oversubscription (bandwidth lost crossing it)}.
+    topology: tuple[dict, ...] = ()
     extra_volumes: tuple[dict, ...] = ()  # pod volumes on head and workers (e.g. a dataset cache PVC)
     extra_volume_mounts: tuple[dict, ...] = ()  # their mounts in the Ray containers
     kuberay_version: str | None = None  # installed KubeRay "X.Y[.Z]" where CRDs cannot be read; None: discover
@@ -210,6 +213,10 @@ class ClusterConfig:
         for k, v in self.pod_annotations.items():
             if not isinstance(v, str):
                 bad(f"placement.podAnnotations.{k}", f"must be a string, got {v!r}")
+        from cli.kube.topology import check_levels
+
+        if (why := check_levels(self.topology)) is not None:
+            bad("placement.topology", why)
         names = set()
         for v in self.extra_volumes:
             if not isinstance(v, dict) or not v.get("name") or len(v) != 2:
@@ -307,7 +314,7 @@ _KEY_TO_FIELD = {
     "workers.tolerations": "gpu_tolerations", "workers.extraResources": "worker_extra_resources",
     "workers.gpuLabels": "gpu_labels", "workers.scratchSize": "scratch_size", "tmpSize": "tmp_size",
     "placement.affinity": "affinity", "placement.topologySpreadConstraints": "topology_spread",
-    "placement.podAnnotations": "pod_annotations", "extraVolumes": "extra_volumes",
+    "placement.podAnnotations": "pod_annotations", "placement.topology": "topology", "extraVolumes": "extra_volumes",
     "extraVolumeMounts": "extra_volume_mounts", "kuberay.version": "kuberay_version", "rayAuth": "ray_auth",
     "lifecycle.backoffLimit": "backoff_limit", "lifecycle.ttlSecondsAfterFinished": "ttl_seconds_after_finished",
     "lifecycle.preRunningDeadlineSeconds": "pre_running_deadline_seconds",
@@ -327,7 +334,7 @@ def _flatten(d: dict) -> dict[str, Any]:
     return out
 
 
-_LIST_FIELDS = {"image_pull_secrets", "head_tolerations", "gpu_tolerations", "spot_tolerations", "topology_spread", "extra_volumes",
+_LIST_FIELDS = {"topology", "image_pull_secrets", "head_tolerations", "gpu_tolerations", "spot_tolerations", "topology_spread", "extra_volumes",
                 "extra_volume_mounts"}
 _MAP_FIELDS = {"prices", "spot_prices", "spot_node_selector", "labels", "env", "head_node_selector", "gpu_node_selectors", "worker_extra_resources",
                "affinity", "pod_annotations"}

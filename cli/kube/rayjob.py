@@ -259,6 +259,10 @@ def build_rayjob(plan: RunPlan, cfg: ClusterConfig, *, namespace: str, extra_env
         })
         set_preemption(spec["rayClusterSpec"], plan, cfg.max_grace_seconds)  # grace period + preStop save
         guard_cluster_spec(spec["rayClusterSpec"], cfg)  # disruption guards (cli/kube/guards.py)
+        if cfg.topology:  # Kueue topology-aware placement of the workers (cli/kube/topology.py)
+            from cli.kube import topology
+
+            topology.apply(spec["rayClusterSpec"]["workerGroupSpecs"][0]["template"], topology.choose(pods, cfg.topology))
         if cfg.backoff_limit:
             spec["backoffLimit"] = cfg.backoff_limit
         if has(release, "spec.preRunningDeadlineSeconds"):
