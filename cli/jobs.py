@@ -83,10 +83,17 @@ def cmd_status(args) -> int:
         pods = kube.call(kube.core.list_namespaced_pod, kube.namespace, label_selector=f"llmctl.dev/run={args.run}",
                          what=f"list the pods of {args.run}", verb="list", resource="pods")
         s["pods"] = _pods_line(kube.api_client.sanitize_for_serialization(pods).get("items", []))
+    if s["state"] == "queued":  # why: quota, capacity (ProvisioningRequest), or requeued (cli/kube/capacity.py)
+        from cli.kube.capacity import queue_reason
+
+        if why := queue_reason(kube, args.run):
+            s["waiting"] = why
     if args.output == "json":
         print(dump_json(s))
         return 0
     rows = [("run", f"{s['name']} (namespace {s['namespace']})"), ("state", f"{s['state']}: {s['detail']}")]
+    if s.get("waiting"):
+        rows.append(("waiting", s["waiting"]))
     if s["depth"] is not None:
         rows.append(("model", f"d{s['depth']} on {s['gpus']} x {s['gpu_type']}"))
     if s.get("pods"):
