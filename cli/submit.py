@@ -91,6 +91,10 @@ def cmd_submit(args) -> int:
         cfg = apply_flags(cluster_cfg, args)
         p, rayjob = render(args, cfg, kube.namespace, extra_env)
         check_budget(p)
+    if args.avoid_bad_nodes and "rayClusterSpec" in rayjob["spec"]:  # keep off nodes its GPUs failed on
+        from cli.gpuhealth import keep_off_bad_nodes
+
+        warnings = [*warnings, *keep_off_bad_nodes(p, rayjob)]
     say(*(f"warning: {w}" for w in warnings), render_table(p, spot_price=cfg.spot_prices.get(p.spec.gpu_type),
                                                             interconnect_note=cluster_interconnect(args, cfg)[1]), "")
     e = p.estimate
@@ -145,6 +149,8 @@ def register(sub) -> None:
     g.add_argument("--queue", help="Kueue LocalQueue (default: the cluster config's; '' for none)")
     g.add_argument("--env", action="append", metavar="KEY=VALUE",
                    help="extra environment on Ray containers, e.g. NCCL_DEBUG=INFO (repeatable; no secrets)")
+    g.add_argument("--avoid-bad-nodes", action="store_true", help="read the nodes this run's ranks recorded as "
+                   "failing (GPU/NCCL errors, <run>/bad-nodes.json) and keep its workers off them")
     g.add_argument("--ray-cluster", help="run on this existing RayCluster (e.g. the chart's warm cluster) "
                    "instead of a new one per run")
     g.add_argument("--cluster-config", metavar="FILE",

@@ -226,6 +226,13 @@ def rank_logged(fn):
         rank = ray.train.get_context().get_world_rank()
         run_url = json.loads(config["plan"])["urls"]["run"]
         with shipping(run_url, config.get("attempts", 1), rank_name(rank), config.get("storage_options"), fd=True):
-            return fn(config)
+            try:
+                return fn(config)
+            except BaseException as e:  # a GPU/NCCL failure names its node for the retry (trainer/gpu_health.py)
+                from trainer.gpu_health import record_if_gpu_failure
+
+                record_if_gpu_failure(e, run_url, attempt=config.get("attempts", 1), rank=rank,
+                                      storage_options=config.get("storage_options"))
+                raise
 
     return logged
