@@ -68,6 +68,8 @@ def cmd_submit(args) -> int:
     if args.depth is None:
         raise UsageError("submit: --depth is required (or --local for the small run on this machine)")
     extra_env = parse_env(args.env)
+    if args.preflight:  # each node's GPUs and NVLink checked before the stages (trainer/preflight.py)
+        extra_env["LLMCTL_PREFLIGHT"] = "1"
     if not args.dry_run:
         require_yes(args, "submit")
     file_cfg, warnings = load_config_file(args.cluster_config) if args.cluster_config else (None, [])
@@ -149,6 +151,9 @@ def register(sub) -> None:
     g.add_argument("--queue", help="Kueue LocalQueue (default: the cluster config's; '' for none)")
     g.add_argument("--env", action="append", metavar="KEY=VALUE",
                    help="extra environment on Ray containers, e.g. NCCL_DEBUG=INFO (repeatable; no secrets)")
+    g.add_argument("--preflight", action="store_true", help="before training, check each node (a GPU matmul "
+                   "against a float32 reference and an all-reduce among its GPUs); results in <run>/preflight.json, "
+                   "a failing node is recorded in bad-nodes.json and the attempt stops")
     g.add_argument("--avoid-bad-nodes", action="store_true", help="read the nodes this run's ranks recorded as "
                    "failing (GPU/NCCL errors, <run>/bad-nodes.json) and keep its workers off them")
     g.add_argument("--ray-cluster", help="run on this existing RayCluster (e.g. the chart's warm cluster) "

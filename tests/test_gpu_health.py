@@ -7,6 +7,7 @@ Run: .venv/bin/pytest tests/test_gpu_health.py -v
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -174,3 +175,80 @@ def test_gpu_health_fleet_dashboard_has_dcgm_panels_joined_to_runs():
         assert metric in exprs
     for p in dcgm.values():  # each joined to the run's pods, so $run filters it
         assert all('group_left (run)' in t["expr"] and 'llmctl_run_info{run=~"$run"}' in t["expr"] for t in p["targets"])
+
+
+# ---------------------------------------------------------------------------------------------
+# --preflight (trainer/preflight.py)
+
+
+def test_gpu_health_preflight_judges_wrong_and_slow_nodes():
+    from trainer.preflight import judge
+
+    rows = [{"rank": 0, "node": "a", "tflops": 700.0, "err": 0.004, "busbw": 420.0},
+            {"rank": 1, "node": "a", "tflops": 690.0, "err": 0.004, "busbw": 410.0},
+            {"rank": 2, "node": "b", "tflops": 700.0, "err": 0.9, "busbw": 400.0},
+            {"rank": 3, "node": "c", "tflops": 700.0, "err": 0.004, "busbw": 400.0},
+            {"rank": 4, "node": "c", "tflops": 90.0, "err": 0.004, "busbw": 400.0}]
+    nodes = judge(rows)
+    assert nodes["a"]["ok"] and nodes["a"]["ranks"] == [0, 1] and nodes["a"]["allreduce_busbw_gbs"] == 410.0
+    assert not nodes["b"]["ok"] and "matmul wrong by 0.9" in nodes["b"]["why"]
+    assert not nodes["c"]["ok"] and "rank(s) [4] below 30%" in nodes["c"]["why"]
+
+
+def _two_rank_check(rank: int, init: str, out: str) -> None:
+    import json
+
+    import torch
+    import torch.distributed as dist
+
+    from trainer.preflight import run_check
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    row = run_check(torch.device("cpu"), rank, rank, 2, node="n0")
+    dist.destroy_process_group()
+    with open(f"{out}.{rank}", "w") as f:
+        json.dump(row, f)
+
+
+def test_gpu_health_preflight_matmul_and_node_allreduce_on_two_cpu_ranks(tmp_path):
+    import json
+
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_two_rank_check, args=(f"file://{tmp_path}/store", str(tmp_path / "row")), nprocs=2,
+                       start_method="spawn")
+    rows = [json.loads((tmp_path / f"row.{r}").read_text()) for r in (0, 1)]
+    for r in rows:
+        assert r["node"] == "n0" and r["tflops"] > 0 and r["err"] < 1e-5 and r["busbw"] > 0
+
+
+def test_gpu_health_preflight_runs_on_ray_train_and_stores_its_result(tiny_inputs, ray_cluster):
+    from tests.finished_run import tiny_plan
+    from trainer.preflight import run_preflight
+    from trainer.storage import read_json
+
+    p = tiny_plan(tiny_inputs, "preflight-check")
+    doc = run_preflight(p, {}, attempts=1, workers=2, local=True)
+    assert doc == read_json(f"{p.urls['run']}/preflight.json", {})
+    assert doc["ok"] and doc["attempt"] == 1
+    (node,) = doc["nodes"].values()  # both ranks on this machine: one node, one all-reduce group
+    assert node["ranks"] == [0, 1] and node["ok"] and node["allreduce_busbw_gbs"] > 0
+
+
+def test_gpu_health_preflight_flag_reaches_the_run(capsys):
+    from cli.main import main
+
+    assert main(["submit", "--depth", "12", "--gpus", "16", "--storage", "s3://b", "--dry-run", "--preflight",
+                 "-o", "json"]) == 0
+    rj = json.loads(capsys.readouterr().out)
+    head = rj["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert {"name": "LLMCTL_PREFLIGHT", "value": "1"} in head["env"]  # the driver (trainer.launch) runs it
+
+
+def test_gpu_health_preflight_speed_is_judged_on_gpus_only():
+    from trainer.preflight import judge
+
+    rows = [{"rank": 0, "node": "cpu", "tflops": 0.01, "err": 0.0, "busbw": 1.0},
+            {"rank": 1, "node": "cpu", "tflops": 0.2, "err": 0.0, "busbw": 1.0}]
+    assert judge(rows, speed=False)["cpu"]["ok"] and not judge(rows)["cpu"]["ok"]

@@ -182,6 +182,10 @@ def _run_stages(p: RunPlan, *, storage_options: dict | None = None, max_failures
     if not ray.is_initialized():
         ray.init(**local_ray_options(verbose=True))
     local = p.spec.gpu_type == "cpu"
+    if os.environ.get("LLMCTL_PREFLIGHT") == "1":  # submit --preflight: each node checked first (trainer/preflight.py)
+        from trainer.preflight import run_preflight
+
+        run_preflight(p, opts, attempts=attempts, workers=worker_count(p, workers), local=local)
     stages = {}
     for st in p.stages:
         done = read_json(f"{p.urls['run']}/{st.name}/summary.json", opts)
