@@ -72,6 +72,7 @@ class Doctor:
         self.check_config()
         self.check_kuberay()
         self.check_kueue()
+        self.check_topology()
         self.check_permissions()
         self.check_nodes()
         self.check_image()
@@ -237,6 +238,15 @@ class Doctor:
             return
         self.add("kueue", "ok", f"Kueue {release} serves {', '.join(served)}; "
                  f"LocalQueue {queue} exists")
+
+    def check_topology(self) -> None:
+        """Kueue topology-aware scheduling: a Topology with the configured levels and a flavor naming it."""
+        from cli.kube.topology import doctor_lines
+
+        if self.cfg is None or not (self.cfg.queue or self.cfg.topology):
+            return  # no Kueue in play: nothing to place
+        if (line := doctor_lines(self.kube, self.cfg)) is not None:
+            self.add("topology", *line)
 
     def check_permissions(self) -> None:
         from kubernetes import client
@@ -459,6 +469,10 @@ def render(checks: list[Check]) -> str:
 
 
 def cmd_doctor(args) -> int:
+    if getattr(args, "gpu_health", False):  # GPU nodes with problems (cli/gpuhealth.py)
+        from cli.gpuhealth import cmd_gpu_health
+
+        return cmd_gpu_health(args)
     if args.network:  # the interconnect check runs as a RayJob (cli/netcheck.py)
         from cli.netcheck import cmd_network
 
@@ -485,6 +499,8 @@ def register(sub) -> None:
     p.add_argument("-o", "--output", choices=("table", "json"), default="table", help="output format")
     p.add_argument("--cluster-config", metavar="FILE",
                    help="check this cluster config file (the ConfigMap's config.yaml shape) instead of the ConfigMap")
+    p.add_argument("--gpu-health", action="store_true", help="list GPU nodes with problems: GPUs withdrawn by "
+                   "the device plugin, remediation conditions and taints, Xid events (exit 1 if any)")
     g = p.add_argument_group("interconnect check (a short RayJob across the worker pods)")
     g.add_argument("--network", action="store_true", help="measure all-reduce bus bandwidth and latency over --gpus")
     g.add_argument("--gpus", type=int, help="GPUs in the check (8 per worker pod; > 8 crosses nodes)")

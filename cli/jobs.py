@@ -89,10 +89,17 @@ def cmd_status(args) -> int:
         # why it waits: the Kueue Workload while queued, else the RayCluster's conditions, the pods' conditions
         # and the Warning events about any of them (the scheduler, KubeRay, admission)
         s["why"] = reasons(kube, rj, s["state"], items) if s["state"] != "running" else []
+    if s["state"] == "queued":  # waiting for capacity or quota, or requeued (cli/kube/capacity.py)
+        from cli.kube.capacity import queue_reason
+
+        if why := queue_reason(kube, args.run):
+            s["waiting"] = why
     if args.output == "json":
         print(dump_json(s))
         return 0
     rows = [("run", f"{s['name']} (namespace {s['namespace']})"), ("state", f"{s['state']}: {s['detail']}")]
+    if s.get("waiting"):
+        rows.append(("waiting", s["waiting"]))
     if s["depth"] is not None:
         rows.append(("model", f"d{s['depth']} on {s['gpus']} x {s['gpu_type']}"))
     if s.get("pods"):
@@ -197,6 +204,10 @@ def cmd_logs(args) -> int:
     from cli.kube.pods import CONTAINERS
     from cli.kube.runs import describe, get_run
 
+    if args.local or args.storage or args.rank is not None or args.attempt is not None:
+        from cli.logview import cmd_logs_shipped  # the run's shipped logs (trainer/logship.py)
+
+        return cmd_logs_shipped(args)
     kube = connect(args)
     selector = f"llmctl.dev/run={args.run},llmctl.dev/role={args.role}"
     pods = kube.call(kube.core.list_namespaced_pod, kube.namespace, label_selector=selector,
@@ -205,6 +216,10 @@ def cmd_logs(args) -> int:
     if not items:
         rj = get_run(kube, args.run)
         state, detail = describe(rj)
+        if state in ("succeeded", "failed", "stopped", "complete"):  # its pods are gone; its logs were shipped
+            from cli.logview import print_shipped
+
+            return print_shipped((rj["metadata"].get("annotations") or {}).get("llmctl.dev/storage", ""), args)
         raise CLIError(f"run {args.run} has no {args.role} pod yet ({state}: {detail}); "
                        f"try again later, or `llmctl status {args.run}`")
     # newest first: a retry makes new pods; the newest is the live attempt
@@ -377,6 +392,12 @@ def register(sub) -> None:
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines until the pod ends")
     p.add_argument("--tail", type=int, help="only the last N lines")
     p.add_argument("--role", choices=("submitter", "head", "worker"), default="submitter", help="which pod")
+    p.add_argument("--rank", type=int, metavar="N", help="the shipped log of Ray Train rank N, read from the run's "
+                   "storage (works after the cluster is gone)")
+    p.add_argument("--attempt", type=int, metavar="K", help="the shipped log of attempt K (1 = first; default the "
+                   "newest); without --rank, the driver's")
+    p.add_argument("--local", action="store_true", help="read shipped logs from storage only, no cluster")
+    p.add_argument("--storage", help="storage root (or run URL) holding the run; implies reading shipped logs")
     add_cluster_args(p)
     p.set_defaults(func=cmd_logs)
 

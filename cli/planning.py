@@ -130,8 +130,26 @@ def cluster_interconnect(args, cfg) -> tuple[float | None, str | None]:
     """(GB/s, note) for the plan: --interconnect-gbs when given, else the cluster config's measured figure."""
     given = getattr(args, "interconnect_gbs", None)
     if given is not None or cfg is None or cfg.interconnect_busbw_gbs is None:
-        return given, None
-    return cfg.interconnect_busbw_gbs, cfg.interconnect_note()
+        gbs, note = given, None
+    else:
+        gbs, note = cfg.interconnect_busbw_gbs, cfg.interconnect_note()
+    return spread_interconnect(args, cfg, gbs, note)
+
+
+def spread_interconnect(args, cfg, gbs: float | None, note: str | None) -> tuple[float | None, str | None]:
+    """The bus bandwidth of a run whose workers may span more than one topology domain (cli/kube/topology.py):
+    the fabric's figure divided by the oversubscription of the widest level crossed, and a note saying so."""
+    if cfg is None or not getattr(cfg, "topology", None) or not getattr(args, "gpus", None):
+        return gbs, note
+    from cli.kube.topology import choose
+    from trainer.plan.interconnect import FABRIC_BUSBW
+
+    placement = choose(-(-args.gpus // cfg.gpus_per_node), cfg.topology)
+    if placement.mode is None:
+        return gbs, note
+    if placement.busbw_factor > 1:
+        gbs = (gbs if gbs is not None else FABRIC_BUSBW / 1e9) / placement.busbw_factor
+    return gbs, "; ".join(n for n in (note, placement.note()) if n)
 
 
 def _precision_rows(p: RunPlan) -> list[tuple[str, str]]:

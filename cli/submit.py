@@ -68,6 +68,8 @@ def cmd_submit(args) -> int:
     if args.depth is None:
         raise UsageError("submit: --depth is required (or --local for the small run on this machine)")
     extra_env = parse_env(args.env)
+    if args.preflight:  # each node's GPUs and NVLink checked before the stages (trainer/preflight.py)
+        extra_env["LLMCTL_PREFLIGHT"] = "1"
     if not args.dry_run:
         require_yes(args, "submit")
     file_cfg, warnings = load_config_file(args.cluster_config) if args.cluster_config else (None, [])
@@ -91,6 +93,10 @@ def cmd_submit(args) -> int:
         cfg = apply_flags(cluster_cfg, args)
         p, rayjob = render(args, cfg, kube.namespace, extra_env)
         check_budget(p)
+    if args.avoid_bad_nodes and "rayClusterSpec" in rayjob["spec"]:  # keep off nodes its GPUs failed on
+        from cli.gpuhealth import keep_off_bad_nodes
+
+        warnings = [*warnings, *keep_off_bad_nodes(p, rayjob)]
     say(*(f"warning: {w}" for w in warnings), render_table(p, spot_price=cfg.spot_prices.get(p.spec.gpu_type),
                                                             interconnect_note=cluster_interconnect(args, cfg)[1]), "")
     e = p.estimate
@@ -100,6 +106,11 @@ def cmd_submit(args) -> int:
         say("not submitted; nothing was created")
         return 1
     created = create_run(kube, p.name, rayjob)
+    if "rayClusterSpec" in rayjob["spec"]:  # its own cluster: guard the head against drains (cli/kube/guards.py)
+        from cli.kube.guards import create_head_pdb
+
+        if warning := create_head_pdb(kube, created):
+            say(f"warning: {warning}")
     if args.output:
         print(dump_objects([created], args.output))
     else:
@@ -140,6 +151,11 @@ def register(sub) -> None:
     g.add_argument("--queue", help="Kueue LocalQueue (default: the cluster config's; '' for none)")
     g.add_argument("--env", action="append", metavar="KEY=VALUE",
                    help="extra environment on Ray containers, e.g. NCCL_DEBUG=INFO (repeatable; no secrets)")
+    g.add_argument("--preflight", action="store_true", help="before training, check each node (a GPU matmul "
+                   "against a float32 reference and an all-reduce among its GPUs); results in <run>/preflight.json, "
+                   "a failing node is recorded in bad-nodes.json and the attempt stops")
+    g.add_argument("--avoid-bad-nodes", action="store_true", help="read the nodes this run's ranks recorded as "
+                   "failing (GPU/NCCL errors, <run>/bad-nodes.json) and keep its workers off them")
     g.add_argument("--ray-cluster", help="run on this existing RayCluster (e.g. the chart's warm cluster) "
                    "instead of a new one per run")
     g.add_argument("--cluster-config", metavar="FILE",

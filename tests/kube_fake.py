@@ -75,6 +75,7 @@ BUILTIN = {
     "configmaps": ("", "ConfigMap", True),
     "pods": ("", "Pod", True),
     "nodes": ("", "Node", False),
+    "poddisruptionbudgets": ("policy", "PodDisruptionBudget", True),  # submit: the head's budget
     "namespaces": ("", "Namespace", False),
     "customresourcedefinitions": ("apiextensions.k8s.io", "CustomResourceDefinition", False),
 }

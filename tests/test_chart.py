@@ -112,7 +112,7 @@ def test_ci_values_turn_every_option_on_and_render_valid(ci_docs):
     assert {d["kind"] for d in ci_docs} == {"ConfigMap", "ServiceAccount", "Role", "RoleBinding", "PodMonitor",
                                            "PrometheusRule", "RayCluster", "LocalQueue", "ClusterQueue",
                                            "ResourceFlavor", "ClusterRole", "ClusterRoleBinding", "NetworkPolicy",
-                                           "Namespace"}
+                                           "Namespace", "PodDisruptionBudget"}
     assert len(find(ci_docs, "PodMonitor")) == 3 and len(find(ci_docs, "Role")) == 1  # no run Role
 
 
@@ -491,7 +491,8 @@ CONFIG_SAMPLES = {  # a non-default value for every leaf under `config` in value
     "workers.extraResources": {"rdma/ib": "1"}, "workers.gpuLabels": "gke", "workers.scratchSize": "50Gi",
     "tmpSize": "5Gi", "rayAuth": "disabled", "kuberay.version": "1.5", "placement.affinity": {"podAffinity": {}},
     "placement.topologySpreadConstraints": [{"maxSkew": 2, "topologyKey": "zone", "whenUnsatisfiable": "DoNotSchedule"}],
-    "placement.podAnnotations": {"a": "b"}, "extraVolumes": [{"name": "c", "emptyDir": {}}],
+    "placement.podAnnotations": {"a": "b"}, "placement.topology": [{"name": "rack", "nodeLabel": "r", "nodes": 4}],
+    "extraVolumes": [{"name": "c", "emptyDir": {}}],
     "extraVolumeMounts": [{"name": "c", "mountPath": "/c"}],
     "lifecycle.backoffLimit": 0, "lifecycle.ttlSecondsAfterFinished": 60, "lifecycle.preRunningDeadlineSeconds": 600,
     "lifecycle.deadlineFactor": 2.5, "lifecycle.deadlineSlackSeconds": 0, "lifecycle.maxGraceSeconds": 120,

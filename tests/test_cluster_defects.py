@@ -105,7 +105,7 @@ def test_logs_follow_waits_for_a_pod_that_has_not_started(kube, capsys):
 def test_cancel_then_resubmit_waits_for_the_finalizer(kube, capsys):
     argv = ("submit", "--depth", "12", "--gpus", "8", "--storage", "s3://b", "--yes")
     assert run(capsys, *argv)[0] == 0
-    name = kube.requests[-1].body["metadata"]["name"]
+    name = next(r for r in reversed(kube.requests) if r.line.endswith("/rayjobs")).body["metadata"]["name"]
     assert run(capsys, "cancel", name, "--yes")[0] == 0
     kube.finalize_after = 2  # the operator lets go after the old object has been read twice
     rc, out, err = run(capsys, *argv)

@@ -234,9 +234,12 @@ def test_submit_status_logs_cancel_as_the_charts_user_on_every_kuberay(chart_doc
         rc, out, err = _cli(kube, tmp_path, monkeypatch, capsys, ada, "submit", "--depth", "12", "--gpus", "8",
                             "--storage", "s3://b", "--yes", "-o", "json")
         assert rc == 0, err
-        post = kube.requests[-1]
-        assert post.query == {"fieldValidation": "Strict"}
+        post, pdb = kube.requests[-2:]
+        assert post.query == pdb.query == {"fieldValidation": "Strict"}
         schemas.validate(post.body, {"kuberay": release})  # rendered for the release read off the CRD
+        # the chart's Role lets its user guard the head against drains (cli/kube/guards.py)
+        assert pdb.line.endswith("/poddisruptionbudgets") and "PodDisruptionBudget" not in err
+        schemas.validate(pdb.body)
         name = json.loads(out)["metadata"]["name"]
         assert _cli(kube, tmp_path, monkeypatch, capsys, ada, "status", name)[0] == 0
         assert _cli(kube, tmp_path, monkeypatch, capsys, ada, "cancel", name, "--yes")[0] == 0
@@ -253,7 +256,7 @@ def test_submit_without_crd_access_falls_back_to_the_configured_or_oldest_releas
         # the stand-in serves no /openapi/v3 either (a real API server does, to every user: the real-cluster
         # test reads 1.6 there); with neither readable, the oldest release and a warning
         assert "rendering for KubeRay 1.3" in err and "set kuberay.version" in err
-        assert "preRunningDeadlineSeconds" not in kube.requests[-1].body["spec"]
+        assert "preRunningDeadlineSeconds" not in kube.requests[-2].body["spec"]
 
 
 def test_submit_to_a_missing_namespace_names_the_namespace(tmp_path, monkeypatch, capsys):

@@ -22,6 +22,7 @@ import json
 import os
 import sys
 
+from trainer import logship
 from trainer.metrics import METRICS_PORT_BASE
 from trainer.plan import PlanError, RunPlan
 from trainer.storage import expand, filesystem, read_json, storage_options_from_env, write_json, write_text
@@ -150,7 +151,8 @@ def run(p: RunPlan, *, storage_options: dict | None = None, **kw) -> dict:
     write_plan(p, opts)  # before the ledger: never write into another run's directory
     count = worker_count(p, kw.get("workers"))  # the size it starts at; worker groups report changes (spend.py)
     with spend.attempt(p.urls["run"], run=p.name, gpus=count if isinstance(count, int) else max(count),
-                       price_per_gpu_hour=p.estimate.price_per_gpu_hour, storage_options=opts) as ledger:
+                       price_per_gpu_hour=p.estimate.price_per_gpu_hour, storage_options=opts) as ledger, \
+            logship.shipping(p.urls["run"], len(ledger.doc["attempts"]), "driver", opts):  # trainer/logship.py
         return _run_stages(p, storage_options=opts, earlier_attempts_seconds=ledger.earlier_seconds,
                            attempts=len(ledger.doc["attempts"]), **kw)
 
@@ -183,6 +185,10 @@ def _run_stages(p: RunPlan, *, storage_options: dict | None = None, max_failures
     if not ray.is_initialized():
         ray.init(**local_ray_options(verbose=True))
     local = p.spec.gpu_type == "cpu"
+    if os.environ.get("LLMCTL_PREFLIGHT") == "1":  # submit --preflight: each node checked first (trainer/preflight.py)
+        from trainer.preflight import run_preflight
+
+        run_preflight(p, opts, attempts=attempts, workers=worker_count(p, workers), local=local)
     stages = {}
     for st in p.stages:
         done = read_json(f"{p.urls['run']}/{st.name}/summary.json", opts)
@@ -203,7 +209,7 @@ def _run_stages(p: RunPlan, *, storage_options: dict | None = None, max_failures
                              prior_tokens=sum(s["tokens"] for s in stages.values())).to_dict()
         storage_path, storage_fs = ray_storage(p.urls["run"], opts)
         trainer = TorchTrainer(
-            eval_loop if st.name == "eval" else train_loop, train_loop_config=config,
+            logship.rank_logged(eval_loop if st.name == "eval" else train_loop), train_loop_config=config,
             scaling_config=ScalingConfig(num_workers=worker_count(p, workers), use_gpu=not local,
                                          elastic_resize_monitor_interval_s=elastic_monitor_s),
             torch_config=TorchConfig(backend="gloo" if local else "nccl", timeout_s=COLLECTIVE_TIMEOUT_S),

@@ -113,6 +113,9 @@ class ClusterConfig:
     affinity: dict = field(default_factory=dict)
     topology_spread: tuple[dict, ...] = ()  # topologySpreadConstraints of worker pods
     pod_annotations: dict[str, str] = field(default_factory=dict)
+    # Kueue topology-aware scheduling (cli/kube/topology.py): the cluster's topology levels, widest first, each
+    # {name, nodeLabel, nodes (nodes per domain, optional), oversubscription (bandwidth lost crossing it)}.
+    topology: tuple[dict, ...] = ()
     extra_volumes: tuple[dict, ...] = ()  # pod volumes on head and workers (e.g. a dataset cache PVC)
     extra_volume_mounts: tuple[dict, ...] = ()  # their mounts in the Ray containers
     kuberay_version: str | None = None  # installed KubeRay "X.Y[.Z]" where CRDs cannot be read; None: discover
@@ -179,6 +182,10 @@ class ClusterConfig:
             bad("workers.gpuLabels", f"must be one of {', '.join(GPU_LABELS)}, got {self.gpu_labels!r}")
         if self.gpu_node_selectors is None:
             object.__setattr__(self, "gpu_node_selectors", default_gpu_node_selectors(self.gpu_labels))
+        from cli.kube.topology import check_levels  # what the schema cannot say: the levels' order and sizes
+
+        if (why := check_levels(self.topology)) is not None:
+            bad("placement.topology", why)
         names = {v.get("name") for v in self.extra_volumes if isinstance(v, dict)}
         for m in self.extra_volume_mounts:
             if isinstance(m, dict) and m.get("name") not in names:
@@ -268,7 +275,7 @@ _KEY_TO_FIELD = {
     "workers.tolerations": "gpu_tolerations", "workers.extraResources": "worker_extra_resources",
     "workers.gpuLabels": "gpu_labels", "workers.scratchSize": "scratch_size", "tmpSize": "tmp_size",
     "placement.affinity": "affinity", "placement.topologySpreadConstraints": "topology_spread",
-    "placement.podAnnotations": "pod_annotations", "extraVolumes": "extra_volumes",
+    "placement.podAnnotations": "pod_annotations", "placement.topology": "topology", "extraVolumes": "extra_volumes",
     "extraVolumeMounts": "extra_volume_mounts", "kuberay.version": "kuberay_version", "rayAuth": "ray_auth",
     "lifecycle.backoffLimit": "backoff_limit", "lifecycle.ttlSecondsAfterFinished": "ttl_seconds_after_finished",
     "lifecycle.preRunningDeadlineSeconds": "pre_running_deadline_seconds",
@@ -358,7 +365,7 @@ def check_schema(data: dict, source: str) -> None:
         raise UsageError(f"cluster config {key}: {text}" + (f" ({hint})" if hint else ""))
 
 
-_LIST_FIELDS = {"serve_allowed_hosts", "image_pull_secrets", "head_tolerations", "gpu_tolerations", "spot_tolerations", "topology_spread", "extra_volumes",
+_LIST_FIELDS = {"topology", "serve_allowed_hosts", "image_pull_secrets", "head_tolerations", "gpu_tolerations", "spot_tolerations", "topology_spread", "extra_volumes",
                 "extra_volume_mounts"}
 _MAP_FIELDS = {"prices", "spot_prices", "spot_node_selector", "labels", "env", "head_node_selector", "gpu_node_selectors", "worker_extra_resources",
                "affinity", "pod_annotations"}

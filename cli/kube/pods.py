@@ -109,6 +109,8 @@ def container_env(run: str, cfg: ClusterConfig, extra: dict[str, str]) -> list[d
         {"name": "HOME", "value": "/tmp"},  # the root filesystem is read-only; /tmp is an emptyDir
         {"name": "LLMCTL_RUN", "value": run},
         {"name": "LLMCTL_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        # the node, so a rank that fails with a GPU error can name it in the run's storage (trainer/gpu_health.py)
+        {"name": "LLMCTL_NODE", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
         {"name": "NCCL_DEBUG", "value": "WARN"},
     ]
     if cfg.s3_endpoint:

@@ -45,6 +45,7 @@ from trainer.metrics import METRICS_PORT_BASE  # light: stdlib and trainer.plan 
 from trainer.plan.catalog import GPUS
 from trainer.plan import RunPlan
 from trainer.preempt import set_preemption  # stdlib only: grace period and preStop hook
+from cli.kube.guards import guard_cluster_spec  # head off spot, do-not-disrupt annotations
 from trainer.plan.urls import require_shared
 
 LAUNCH = "python -m trainer.launch"
@@ -342,6 +343,11 @@ def build_rayjob(plan: RunPlan, cfg: ClusterConfig, *, namespace: str, extra_env
         spec.update(teardown(cfg, release, queued=bool(cfg.queue), elastic=elastic))
         spec["rayClusterSpec"] = cluster
         set_grace(cluster, plan, cfg, annotations)
+        guard_cluster_spec(cluster, cfg)  # disruption guards (cli/kube/guards.py)
+        if cfg.topology:  # Kueue topology-aware placement of the workers (cli/kube/topology.py)
+            from cli.kube import topology
+
+            topology.apply(cluster["workerGroupSpecs"][0]["template"], topology.choose(pods, cfg.topology))
         if cfg.backoff_limit:
             spec["backoffLimit"] = cfg.backoff_limit
         if has(release, "spec.preRunningDeadlineSeconds"):

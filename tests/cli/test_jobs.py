@@ -28,6 +28,12 @@ ROOT = Path(__file__).resolve().parents[2]
 RAYJOBS = "/apis/ray.io/v1/namespaces/team/rayjobs"
 CONFIGMAP = "/api/v1/namespaces/team/configmaps/llmctl-config"
 CRD = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/rayjobs.ray.io"  # KubeRay release discovery
+PDBS = "/apis/policy/v1/namespaces/team/poddisruptionbudgets"
+
+
+def posted_rayjob(kube) -> dict:
+    """The body of the last RayJob POST (submit then creates the head's PodDisruptionBudget)."""
+    return next(r for r in reversed(kube.requests) if r.line == f"POST {RAYJOBS}").body
 
 
 @pytest.fixture
@@ -171,7 +177,8 @@ def test_submit_posts_exactly_the_dry_run_object(kube, capsys):
     name = expected["metadata"]["name"]
     assert out == f"rayjob.ray.io/{name} created in namespace team\n"
     assert f"llmctl status {name} -n team" in err and "no ConfigMap llmctl-config" in err
-    assert kube.lines() == [f"GET {CONFIGMAP}", f"GET {CRD}", f"POST {RAYJOBS}"]
+    # the RayJob, then the head's PodDisruptionBudget owned by it (cli/kube/guards.py)
+    assert kube.lines() == [f"GET {CONFIGMAP}", f"GET {CRD}", f"POST {RAYJOBS}", f"POST {PDBS}"]
     post = kube.requests[2]
     assert post.query == {"fieldValidation": "Strict"}  # an unknown field is a loud 400, never a silent prune
     assert post.body == expected
@@ -185,7 +192,7 @@ def test_submit_uses_the_namespace_configmap_and_flags_override_it(kube, capsys)
     rc, _, err = run(capsys, "submit", "--depth", "20", "--gpus", "16", "--yes", "--env", "NCCL_DEBUG=INFO",
                      "-o", "json")
     assert rc == 0, err
-    rj = kube.requests[-1].body
+    rj = posted_rayjob(kube)
     head = rj["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
     assert head["containers"][0]["image"] == "registry.example.com/llmctl:7"
     assert head["serviceAccountName"] == "llmctl-run"
@@ -197,7 +204,7 @@ def test_submit_uses_the_namespace_configmap_and_flags_override_it(kube, capsys)
     schemas.validate(rj)
     rc, _, _ = run(capsys, "submit", "--depth", "20", "--gpus", "8", "--yes", "--image", "mine:1", "--queue", "",
                    "--price", "1.5")
-    rj = kube.requests[-1].body
+    rj = posted_rayjob(kube)
     assert rj["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["image"] == "mine:1"
     assert "suspend" not in rj["spec"] and rj["metadata"]["annotations"]["llmctl.dev/price-per-gpu-hour"] == "1.50"
 
@@ -208,7 +215,7 @@ def test_submit_asks_on_a_terminal(kube, capsys, monkeypatch):
     assert kube.lines() == [f"GET {CONFIGMAP}", f"GET {CRD}"]
     rc, out, _ = run(capsys, "submit", "--depth", "12", "--gpus", "8", stdin="y\n", tty=True, monkeypatch=monkeypatch)
     assert rc == 0 and "created" in out
-    assert kube.lines()[-1] == f"POST {RAYJOBS}"
+    assert kube.lines()[-2:] == [f"POST {RAYJOBS}", f"POST {PDBS}"]
 
 
 def test_submitting_the_same_run_twice_says_it_exists(kube, capsys):

@@ -173,6 +173,7 @@ class RealCluster:
     procs: list[Proc] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
+    provisioning_requests: bool = False  # the ProvisioningRequest CRD is installed (Kueue's check works)
     _bins: dict[str, Path] = field(default_factory=dict)
 
     # ---------- what tests use ----------
@@ -213,9 +214,12 @@ class RealCluster:
             raise RuntimeError(f"TokenRequest for {namespace}/{name}: {code} {out}")
         return out["status"]["token"]
 
-    def add_node(self, name: str, node_type: str) -> dict:
-        """Register one more simulated node (nodes.NODE_TYPES) and wait until kwok reports it Ready."""
-        self.admin().create("/api/v1/nodes", node_manifest(name, node_type))
+    def add_node(self, name: str, node_type: str, labels: dict[str, str] | None = None) -> dict:
+        """Register one more simulated node (nodes.NODE_TYPES), with extra `labels` (topology, spot, pools),
+        and wait until kwok reports it Ready."""
+        node = node_manifest(name, node_type)
+        node["metadata"]["labels"].update(labels or {})
+        self.admin().create("/api/v1/nodes", node)
         return wait_for(f"node {name} Ready", lambda: self._node_ready(name), time.monotonic() + STEP_TIMEOUT, self.procs)
 
     def log(self, component: str) -> Path:
@@ -388,6 +392,12 @@ class RealCluster:
         ca_bundle = base64.b64encode(ca[0].read_bytes()).decode()
         # RayCronJob (alpha, gate off by default) is left out: one CRD fewer to start.
         crds = [c for c in _json_docs(self._assets["kuberay"] / "crd") if c["spec"]["names"]["kind"] != "RayCronJob"]
+        # The ProvisioningRequest CRD, before Kueue starts: Kueue sets up its provisioning admission-check
+        # controller only when the API is served at start-up (cmd/kueue/main.go).
+        pr_crd = provisioning_request_crd()
+        if pr_crd is not None:
+            crds.append(pr_crd)
+        self.provisioning_requests = pr_crd is not None
         for crd in _json_docs(self._assets["kueue"] / "crd"):
             if crd["spec"]["names"]["plural"] in KUEUE_CONVERTED_CRDS:
                 crd["spec"]["conversion"] = {"strategy": "Webhook", "webhook": {
@@ -517,6 +527,28 @@ class RealCluster:
                                for c in (node.get("status") or {}).get("conditions") or []):
             return node
         return None
+
+
+def provisioning_request_crd() -> dict | None:
+    """The ProvisioningRequest CRD (autoscaling.x-k8s.io, the cluster autoscaler's API) from the
+    k8s.io/autoscaler/cluster-autoscaler/apis module at the version Kueue's go.mod requires, as the Go module
+    cache holds it after the Kueue build; None when it is not there."""
+    import re
+
+    m = re.search(r"k8s.io/autoscaler/cluster-autoscaler/apis (v\S+)", (build.GO_DIR / "kueue" / "go.mod").read_text())
+    if not m:
+        return None
+    cache = os.environ.get("GOMODCACHE")
+    if not cache:
+        try:
+            cache = subprocess.run(["go", "env", "GOMODCACHE"], capture_output=True, text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            cache = ""
+    f = Path(cache or Path.home() / "go" / "pkg" / "mod") / f"k8s.io/autoscaler/cluster-autoscaler/apis@{m[1]}" \
+        / "config/crd/autoscaling.x-k8s.io_provisioningrequests.yaml"
+    if not f.exists():
+        return None
+    return yaml.safe_load(f.read_text())
 
 
 def _json_docs(folder: Path) -> list[dict]:

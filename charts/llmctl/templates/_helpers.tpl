@@ -214,6 +214,10 @@ Environment of Ray containers in the warm cluster (the per-run RayJob adds LLMCT
   valueFrom:
     fieldRef:
       fieldPath: metadata.namespace
+- name: LLMCTL_NODE
+  valueFrom:
+    fieldRef:
+      fieldPath: spec.nodeName
 - name: NCCL_DEBUG
   value: WARN
 {{- with .Values.config.s3.endpoint }}

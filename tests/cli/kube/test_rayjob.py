@@ -252,7 +252,9 @@ def test_every_config_option_renders_a_valid_rayjob():
          "values": ["nvidia-h100-80gb", "nvidia-h100-mega-80gb"]}]
     assert pod["topologySpreadConstraints"] == [dict(cfg.topology_spread[0], labelSelector={
         "matchLabels": {"llmctl.dev/run": p.name, "llmctl.dev/role": "worker"}})]
-    assert group["template"]["metadata"]["annotations"] == cfg.pod_annotations
+    from cli.kube.guards import DO_NOT_DISRUPT  # added to every Ray pod (tests/test_disruption.py)
+
+    assert group["template"]["metadata"]["annotations"] == {**cfg.pod_annotations, **DO_NOT_DISRUPT}
     assert {"name": "scratch", "emptyDir": {"sizeLimit": "500Gi"}} in pod["volumes"]
     assert {"name": "tmp", "emptyDir": {"sizeLimit": "10Gi"}} in pod["volumes"]
     assert cfg.extra_volumes[0] in pod["volumes"] and cfg.extra_volume_mounts[0] in c["volumeMounts"]
