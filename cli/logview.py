@@ -85,9 +85,9 @@ def run_storage_url(args) -> str:
     from trainer.storage import run_url
 
     if getattr(args, "local", False) or getattr(args, "storage", None):
-        from cli.submit import LOCAL_STORAGE
+        from trainer.plan.urls import DEFAULT_STORAGE
 
-        return run_url(args.run, args.storage or LOCAL_STORAGE)
+        return run_url(args.run, args.storage or DEFAULT_STORAGE)
     from cli.kube.client import connect
     from cli.kube.runs import get_run
 

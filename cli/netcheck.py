@@ -67,7 +67,7 @@ def cmd_network(args) -> int:
     from cli.errors import UsageError
     from cli.kube.client import connect, read_config, resolve_namespace
     from cli.kube.config import load_config_file
-    from cli.kube.rayjob import LayoutError
+    from cli.kube.layout import LayoutError
     from cli.kube.runs import GROUP, PLURAL, VERSION
 
     if not args.gpus or args.gpus < 2:

@@ -31,7 +31,8 @@ def apply_flags(cfg, args):
 
 def render(args, cfg, namespace: str, extra_env: dict[str, str]):
     """(plan, RayJob) for these flags on this cluster config; bad input raises UsageError/PlanError."""
-    from cli.kube.rayjob import LayoutError, build_rayjob
+    from cli.kube.layout import LayoutError
+    from cli.kube.rayjob import build_rayjob
     from cli.planning import cluster_interconnect, plan_checked, spec_from_args
 
     price = args.price if args.price is not None else cfg.prices.get(args.gpu_type)

@@ -25,21 +25,12 @@ import sys
 from trainer import logship
 from trainer.metrics import METRICS_PORT_BASE
 from trainer.plan import PlanError, RunPlan
-from trainer.storage import expand, filesystem, read_json, storage_options_from_env, write_json, write_text
+from trainer.storage import (expand, filesystem, ray_storage, read_json, storage_options_from_env, write_json,
+                             write_text)
 
 
 class LaunchError(RuntimeError):
     """The run could not finish: a stage failed or stopped on a non-finite loss."""
-
-
-def ray_storage(url: str, opts: dict):
-    """(storage_path, storage_filesystem) for Ray Train's RunConfig from any fsspec URL."""
-    fs, path = filesystem(url, opts)
-    if fs.protocol in ("file", "local") or "file" in fs.protocol:
-        return os.path.abspath(path), None
-    import pyarrow.fs as pafs
-
-    return path, pafs.PyFileSystem(pafs.FSSpecHandler(fs))
 
 
 def load_plan(source: str, opts: dict | None = None) -> RunPlan:

@@ -153,7 +153,7 @@ def run_preflight(p, storage_options: dict | None, *, attempts: int = 1, workers
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from trainer.launch import ray_storage
+    from trainer.storage import ray_storage
     from trainer.storage import read_json
 
     n = workers if isinstance(workers, int) else (max(workers) if workers else p.spec.gpus)

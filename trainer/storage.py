@@ -368,3 +368,13 @@ def _s3_client(fs):
     if fs.token:
         kw.setdefault("aws_session_token", fs.token)
     return boto3.session.Session().client("s3", config=Config(**(fs.config_kwargs or {})), **kw)
+
+
+def ray_storage(url: str, opts: dict):
+    """(storage_path, storage_filesystem) for Ray Train's RunConfig from any fsspec URL."""
+    fs, path = filesystem(url, opts)
+    if fs.protocol in ("file", "local") or "file" in fs.protocol:
+        return os.path.abspath(path), None
+    import pyarrow.fs as pafs
+
+    return path, pafs.PyFileSystem(pafs.FSSpecHandler(fs))

@@ -37,6 +37,7 @@ import math
 import yaml
 
 from cli.kube.config import ClusterConfig
+from cli.kube.layout import LayoutError, worker_layout
 from cli.kube.pods import (API_VERSION, CONTAINERS, HEAD_PORTS, PART_OF, RAY_METRICS_PORT, ROLE_LABEL, RUN_LABEL, SCRATCH,
                            SUBMITTER_CONTAINER, TOKEN_VOLUME, add_quantities, autoscaler_options, container,
                            container_env, gpu_placement, pod_spec)
@@ -57,20 +58,6 @@ QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 ELASTIC_ANNOTATION = "kueue.x-k8s.io/elastic-job"  # Kueue's workload slicing (ElasticJobsViaWorkloadSlices)
 DELETION_RULES_MIN = (1, 6, 0)  # KubeRay: deletionStrategy.deletionRules served from 1.5, its gate on from 1.6
 ANNOTATION_PREFIX = "llmctl.dev/"
-
-
-class LayoutError(ValueError):
-    """The requested GPUs cannot be laid out as whole pods (the message says why and what to use)."""
-
-
-def worker_layout(gpus: int, gpus_per_node: int = 8) -> tuple[int, int]:
-    """(pods, GPUs per pod): ceil(gpus / per_node) pods of min(gpus, per_node) GPUs; no idle GPUs allowed."""
-    per_pod = min(gpus, gpus_per_node)
-    pods = math.ceil(gpus / gpus_per_node)
-    if pods * per_pod != gpus:
-        raise LayoutError(f"gpus: {gpus} GPUs do not fill {pods} pods of {per_pod} (nodes have {gpus_per_node}); "
-                          f"above {gpus_per_node}, use a multiple of {gpus_per_node}")
-    return pods, per_pod
 
 
 # activeDeadlineSeconds is an int64 in the Kubernetes API; a plan whose deadline does not fit is refused.

@@ -121,7 +121,7 @@ def choose(pods: int, levels) -> Placement:
 
 
 def placement_for(plan, cfg) -> Placement:
-    from cli.kube.rayjob import worker_layout
+    from cli.kube.layout import worker_layout
 
     pods, _ = worker_layout(plan.spec.gpus, cfg.gpus_per_node)
     return choose(pods, cfg.topology)

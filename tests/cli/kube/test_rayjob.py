@@ -23,7 +23,8 @@ import yaml
 
 from cli.kube.config import IMAGE, RAY_VERSION, ClusterConfig, config_from_configmap
 from cli.main import UsageError, main
-from cli.kube.rayjob import (HEAD_PORTS, LayoutError, active_deadline_seconds, build_rayjob, entrypoint,
+from cli.kube.layout import LayoutError
+from cli.kube.rayjob import (HEAD_PORTS, active_deadline_seconds, build_rayjob, entrypoint,
                         worker_layout)
 from tests import schemas
 from trainer.plan import RunPlan, RunSpec, plan
