@@ -27,11 +27,9 @@ from trainer.spend import read_spend
 
 
 @pytest.fixture(scope="module")
-def baseline(ray_cluster, tiny_inputs):
-    from trainer.launch import run
-
-    return run(tiny_plan(tiny_inputs, "resize-base", stages=("pretrain",)), storage_options={},
-               checkpoint_upload="sync")["stages"]["pretrain"]
+def baseline(finished_run):
+    """An uninterrupted 2-worker pretraining of the tiny plan: the session's finished run's (tests/finished_run.py)."""
+    return json.load(open(finished_run.urls["run"][len("file://"):] + "/pretrain/summary.json"))
 
 
 def _world_sizes(run_url: str, stage: str = "pretrain") -> dict[int, int]:
@@ -47,8 +45,8 @@ def _world_sizes(run_url: str, stage: str = "pretrain") -> dict[int, int]:
 
 
 @pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
-def test_preempt_resume_on_another_world_size_keeps_the_recipe_and_the_loss(baseline, tiny_inputs, tmp_path,
-                                                                             before, after):
+def test_preempt_resume_on_another_world_size_keeps_the_recipe_and_the_loss(ray_cluster, baseline, tiny_inputs,
+                                                                             tmp_path, before, after):
     from trainer.launch import run
 
     p = tiny_plan(tiny_inputs, f"resize-{before}to{after}", stages=("pretrain",))
