@@ -1,10 +1,13 @@
 """The tests' tiny run, one spec for every test that trains (`TINY`), and the finished run built from it once
 per session (the `tiny_inputs` and `finished_run` fixtures in tests/conftest.py).
 
-The run goes through exactly what `llmctl submit --local` runs (cli/local.py's inputs, trainer/launch.py's
-stages on a local Ray cluster with 2 CPU workers: pretraining, SFT, then the eval stage), just smaller.
+The run goes through exactly what `llmctl submit --local` runs (cli/local.py's inputs and `run_plan_local`,
+trainer/launch.py's stages on a local Ray cluster with 2 CPU workers: pretraining, SFT, then the eval stage),
+just smaller, in a child process whose console tests/test_local.py reads.
 Tests that only read a finished run (test_launch's end-to-end checks, test_evaluate, test_report,
-test_cli_chat) share it, so the whole pipeline runs once per session.
+test_cli_chat, test_local's console) share it, so the whole pipeline runs once per session. Its pretraining is also the fault tests'
+uninterrupted baseline (test_launch, test_preempt_resize): the same tiny plan, trained the same way, with a
+per-step data trace (`finished_trace`).
 """
 
 from __future__ import annotations
@@ -33,20 +36,35 @@ def build_inputs(root: str) -> str:
     return root
 
 
-def build_finished_run(root: str) -> RunPlan:
-    """Run the whole tiny pipeline (pretrain, SFT, eval, report) under `root`; the plan of the finished run."""
-    import ray
+def finished_trace(p: RunPlan) -> str:
+    """The finished run's data trace (local JSONL, trainer/loop.py `_trace`): pretraining's steps, then SFT's."""
+    return p.urls["runs_root"][len("file://"):-len("/runs")] + f"/{p.name}-trace.jsonl"  # beside runs/, not a run
 
-    from trainer.launch import run
+
+def finished_console(p: RunPlan) -> str:
+    """What the finished run printed (stdout then stderr of its child process), for tests/test_local.py."""
+    return p.urls["runs_root"][len("file://"):-len("/runs")] + f"/{p.name}-console.txt"
+
+
+def build_finished_run(root: str) -> RunPlan:
+    """Run the whole tiny pipeline (pretrain, SFT, eval, report) under `root` the way `llmctl submit --local`
+    does after planning (cli/local.py `run_plan_local`: its own lean local Ray cluster with 2 CPUs, the stage
+    bars, the report card), in a child process whose console is kept (`finished_console`); the plan of the
+    finished run. The child adds the data trace and logs every 4 steps (trainer.launch.run's own keywords)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
 
     full = tiny_plan(root, NAME)
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)  # never another Ray
-    try:
-        summary = run(full, storage_options={}, log_every=4)
-    finally:
-        if started:
-            ray.shutdown()
-    assert summary["status"] == "completed", summary
+    code = ("import functools, sys; import trainer.launch as launch; from cli.local import run_plan_local; "
+            "from tests.finished_run import finished_trace, tiny_plan; "
+            f"p = tiny_plan({root!r}, {NAME!r}); "
+            "launch.run = functools.partial(launch.run, log_every=4, trace=finished_trace(p)); "
+            f"sys.exit(run_plan_local(p, storage={root!r}, num_cpus=2))")
+    repo = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": repo, "COLUMNS": "160"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, env=env, cwd=repo)
+    Path(finished_console(full)).write_text(r.stdout + r.stderr)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     return full

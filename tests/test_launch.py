@@ -70,14 +70,14 @@ def test_pretrain_then_sft_end_to_end(ray_cluster, finished_run):
 
 
 @pytest.fixture(scope="module")
-def baseline(ray_cluster, inputs, tmp_path_factory):
-    """An uninterrupted pretraining run with a data trace, for the fault tests to compare against."""
-    from trainer.launch import run
+def baseline(finished_run):
+    """The uninterrupted pretraining the fault tests compare against: the session's finished run (the same tiny
+    plan; tests/finished_run.py) and its data trace. Its SFT steps follow pretraining's in the trace, so each
+    (step, rank)'s first fingerprint is pretraining's, the one `_assert_exact_resume` reads."""
+    from tests.finished_run import finished_trace
 
-    trace = str(tmp_path_factory.mktemp("trace") / "trace.jsonl")
-    summary = run(tiny_plan(inputs, "baseline", stages=("pretrain",)), storage_options={},
-                  checkpoint_upload="sync", trace=trace)
-    return summary, read_trace(trace)
+    run_dir = finished_run.urls["run"][len("file://"):]
+    return json.load(open(f"{run_dir}/summary.json")), read_trace(finished_trace(finished_run))
 
 
 def _assert_exact_resume(trace, base, resumed_from):
@@ -87,7 +87,8 @@ def _assert_exact_resume(trace, base, resumed_from):
     assert repeated and repeated[0] == resumed_from, f"re-executed steps {repeated}, expected from {resumed_from}"
 
 
-def test_worker_killed_between_checkpoints_resumes_exactly_and_the_restart_shows(baseline, inputs, tmp_path, capsys):
+def test_worker_killed_between_checkpoints_resumes_exactly_and_the_restart_shows(ray_cluster, baseline, inputs,
+                                                                                 tmp_path, capsys):
     """Rank 1 SIGKILLed at step 7 (checkpoints every 4 steps): Ray Train restarts the worker group from step 4 and
     the run ends as an uninterrupted one would. The restart is seen everywhere a person looks: one console line on
     the driver (the local run's stage bars), `<run>/restarts.json`, the report card, `llmctl status` and the
@@ -149,7 +150,7 @@ def test_worker_killed_between_checkpoints_resumes_exactly_and_the_restart_shows
     assert a["lost_seconds"] == pytest.approx(event["lost_seconds"] + event["restart_seconds"], abs=1e-6)
 
 
-def test_crash_during_checkpoint_save_keeps_the_previous_one(baseline, inputs, tmp_path):
+def test_crash_during_checkpoint_save_keeps_the_previous_one(ray_cluster, baseline, inputs, tmp_path):
     from trainer.launch import run
 
     _, base_trace = baseline

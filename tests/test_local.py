@@ -25,13 +25,11 @@ RAY_LINE = re.compile(r"pid=\d+|Reporting training result|PlacementGroup|TrainCo
 MAX_LINES = 20  # bars 3, the log path 1, the card ~9, where and next 2 — plus slack, far below Ray's hundreds
 
 
-def test_console_of_a_local_run_is_ours_alone(tiny_inputs):
-    code = ("import sys; from tests.finished_run import tiny_plan; from cli.local import run_plan_local; "
-            f"sys.exit(run_plan_local(tiny_plan({tiny_inputs!r}, 'console'), storage={tiny_inputs!r}, num_cpus=2))")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "160"}
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
-    console = (r.stdout + r.stderr).splitlines()
-    assert r.returncode == 0, "\n".join(console[-40:])
+def test_console_of_a_local_run_is_ours_alone(finished_run):
+    """The session's finished run went through `run_plan_local` in a child process (tests/finished_run.py)."""
+    from tests.finished_run import finished_console
+
+    console = Path(finished_console(finished_run)).read_text().splitlines()
     leaked = [line for line in console if RAY_LINE.search(line)]
     assert not leaked, f"Ray's own lines reached the console: {leaked[:5]}"
     assert len(console) <= MAX_LINES, "\n".join(console)
@@ -41,7 +39,7 @@ def test_console_of_a_local_run_is_ours_alone(tiny_inputs):
         assert f"{steps}/{steps}" in bar, (stage, bar)
     assert "val bpb" in text and "tok/s" in text and "loss" in text
     assert "unigram model of the same tokens" in text and "CORE" in text and "<|" not in text
-    assert "next: llmctl report console" in text and "llmctl chat console" in text
+    assert "next: llmctl report finished" in text and "llmctl chat finished" in text
     # Ray's lines went to the log directory it printed: the workers' own progress lines are there.
     logs = Path(re.search(r"Ray's own logs \(.*\): (\S+)", text).group(1))
     worker_out = "".join(p.read_text(errors="replace") for p in logs.glob("worker-*.out"))

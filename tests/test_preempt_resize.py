@@ -27,11 +27,9 @@ from trainer.spend import read_spend
 
 
 @pytest.fixture(scope="module")
-def baseline(ray_cluster, tiny_inputs):
-    from trainer.launch import run
-
-    return run(tiny_plan(tiny_inputs, "resize-base", stages=("pretrain",)), storage_options={},
-               checkpoint_upload="sync")["stages"]["pretrain"]
+def baseline(finished_run):
+    """An uninterrupted 2-worker pretraining of the tiny plan: the session's finished run's (tests/finished_run.py)."""
+    return json.load(open(finished_run.urls["run"][len("file://"):] + "/pretrain/summary.json"))
 
 
 def _world_sizes(run_url: str, stage: str = "pretrain") -> dict[int, int]:
@@ -47,8 +45,8 @@ def _world_sizes(run_url: str, stage: str = "pretrain") -> dict[int, int]:
 
 
 @pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
-def test_preempt_resume_on_another_world_size_keeps_the_recipe_and_the_loss(baseline, tiny_inputs, tmp_path,
-                                                                             before, after):
+def test_preempt_resume_on_another_world_size_keeps_the_recipe_and_the_loss(ray_cluster, baseline, tiny_inputs,
+                                                                             tmp_path, before, after):
     from trainer.launch import run
 
     p = tiny_plan(tiny_inputs, f"resize-{before}to{after}", stages=("pretrain",))
@@ -70,19 +68,23 @@ def test_preempt_resume_on_another_world_size_keeps_the_recipe_and_the_loss(base
     assert summary["seconds"] < summary["gpu_seconds"] < 2 * summary["seconds"]
 
 
-def test_preempt_sft_resumes_on_fewer_workers(ray_cluster, tiny_inputs, tmp_path):
+def test_preempt_sft_resumes_on_fewer_workers(ray_cluster, finished_run, tiny_inputs, tmp_path):
     """SFT lost at step 5 on 2 workers resumes from its step-4 checkpoint on 1 (the conversation stream
     re-cut by trainer/reshard.py; its exactly-once audit is tests/test_reshard.py's) and finishes the stage:
     every planned step, the same total batch, and a val bpb below the one it started from (the val pass
-    scores the same conversations at either size)."""
+    scores the same conversations at either size). Its pretraining is the finished run's (the same plan's
+    stage, tests/finished_run.py), copied into this run: a completed stage is skipped, SFT starts from it."""
+    import shutil
+
     from trainer.launch import run
 
-    p = tiny_plan(tiny_inputs, "resize-sft", stages=("pretrain", "sft"), num_iterations=8)
+    p = tiny_plan(tiny_inputs, "resize-sft", stages=("pretrain", "sft"))
+    run_dir = p.urls["run"][len("file://"):]
+    shutil.copytree(finished_run.urls["run"][len("file://"):] + "/pretrain", f"{run_dir}/pretrain")
     chaos = {"kill_at_step": 5, "rank": 0, "marker": str(tmp_path / "killed"), "stage": "sft"}
     with pytest.raises(Exception):  # noqa: B017 - Ray's TrainingFailedError: no restarts were allowed
         run(p, storage_options={}, checkpoint_upload="sync", chaos=chaos, workers=2, max_failures=0)
     assert os.path.exists(chaos["marker"])
-    run_dir = p.urls["run"][len("file://"):]
     assert json.load(open(f"{run_dir}/pretrain/summary.json"))["status"] == "completed"
     assert _world_sizes(p.urls["run"], "sft") == {4: 2}
     summary = run(p, storage_options={}, checkpoint_upload="sync", workers=1)["stages"]["sft"]

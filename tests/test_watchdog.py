@@ -65,8 +65,9 @@ def stale_rule_file(path, for_="2s"):
 
 
 def test_hang_watchdog_names_the_stuck_rank_alerts_and_the_run_restarts(ray_cluster, tiny_inputs, tmp_path):
-    """The watchdog's bound is 30 s here (watchdog_floor_s); the alert's expression matches from half of it,
-    and with `for: 2s` the alert fires well before the watchdog ends the attempt."""
+    """The watchdog's bound is 20 s here (watchdog_floor_s); the alert's expression matches from half of it,
+    and with `for: 2s` the alert fires from 12 s, well before the watchdog ends the attempt (20 s, then its
+    3 s exit delay). 12 steps: the hang at step 9, the restart from the step-8 checkpoint, and steps to finish."""
     from tests import prom as promlib
     from tests.finished_run import tiny_plan
     from tests.test_metrics import _free_port_pair
@@ -74,8 +75,8 @@ def test_hang_watchdog_names_the_stuck_rank_alerts_and_the_run_restarts(ray_clus
     from trainer.launch import run
 
     ensure_prometheus()
-    p = tiny_plan(tiny_inputs, "hung", stages=("pretrain",))
-    chaos = {"hang_at_step": 9, "rank": 1, "hang_seconds": 600, "watchdog_floor_s": 30,
+    p = tiny_plan(tiny_inputs, "hung", stages=("pretrain",), num_iterations=12)
+    chaos = {"hang_at_step": 9, "rank": 1, "hang_seconds": 600, "watchdog_floor_s": 20,
              "marker": str(tmp_path / "hung")}
     base = _free_port_pair()
     targets = [f"127.0.0.1:{base}", f"127.0.0.1:{base + 1}"]
@@ -102,7 +103,7 @@ def test_hang_watchdog_names_the_stuck_rank_alerts_and_the_run_restarts(ray_clus
     assert "rank 1 has not reached the collective" in firing[0]["annotations"]["summary"]
     assert "(pod hung-worker-1)" in firing[0]["annotations"]["description"]
     assert os.path.exists(chaos["marker"]), "the hang was not injected"
-    assert summary["status"] == "completed" and summary["stages"]["pretrain"]["steps"] == 30
+    assert summary["status"] == "completed" and summary["stages"]["pretrain"]["steps"] == 12
     hangs = f"{p.urls['run'][len('file://'):]}/pretrain/hangs"
     files = sorted(os.listdir(hangs))
     assert "step000009_rank0.json" in files and "step000009_rank0.txt" in files, files
