@@ -35,6 +35,23 @@ def _stamps(path: str) -> list[dict]:
 
 
 def test_elastic_run_shrinks_when_a_node_is_lost_and_grows_back(tiny_inputs, tmp_path):
+    """In a child process: the test needs its own multi-node Ray cluster, and the session may already hold a
+    driver connection to another (the served app's, tests/serve_app.py), which one process cannot have twice."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (f"from tests.test_elastic_ray import elastic_scenario; "
+            f"elastic_scenario({tiny_inputs!r}, {str(tmp_path)!r}); print('elastic scenario passed')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 0 and "elastic scenario passed" in r.stdout, r.stdout[-3000:] + r.stderr[-6000:]
+
+
+def elastic_scenario(tiny_inputs: str, tmp: str) -> None:
+    """The scenario itself (module docstring), run in the child process; an assertion fails it."""
+    from pathlib import Path
+
     import ray
     from ray.cluster_utils import Cluster
 
@@ -46,7 +63,7 @@ def test_elastic_run_shrinks_when_a_node_is_lost_and_grows_back(tiny_inputs, tmp
     try:
         p = tiny_plan(tiny_inputs, "elastic", stages=("pretrain",), min_gpus=1, num_iterations=60,
                       checkpoint_every=2, eval_every=60)
-        trace = str(tmp_path / "trace.jsonl")
+        trace = str(Path(tmp) / "trace.jsonl")
         out: dict = {}
 
         def go():

@@ -67,7 +67,8 @@ def test_deps_the_cli_alone_runs_every_help_and_reads_a_stored_run(cli_only, tmp
     # a stored run, as `submit --local` leaves one (plan, spend ledger, progress)
     run = tmp_path / "store" / "runs" / "r"
     run.mkdir(parents=True)
-    (run / "plan.json").write_text(json.dumps({"name": "r", "spec": {"gpus": 2, "gpu_type": "cpu"},
+    (run / "plan.json").write_text(json.dumps({"name": "r", "stages": [{"name": "pretrain"}],
+                                               "spec": {"gpus": 2, "gpu_type": "cpu"},
                                                "estimate": {"total_dollars": 1.5, "total_hours": 0.1}}))
     (run / "progress.json").write_text(json.dumps({"stage": "pretrain", "step": 20, "steps": 40, "kept_seconds": 30}))
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
