@@ -14,7 +14,7 @@ $(BIN)/llmctl: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e '.[train,test]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[train,export,test]'
 	touch $@
 
 setup: $(BIN)/llmctl tools controlplane
