@@ -53,6 +53,12 @@ def default_gpu_node_selectors(gpu_labels: str = "gpu-operator") -> dict[str, di
 
 
 DEFAULT_GPU_NODE_SELECTORS = default_gpu_node_selectors()
+# Kueue WorkloadPriorityClasses the chart (kueue.priorityClasses) and k8s/kueue/priority-classes.yaml create:
+# production runs at the pod PriorityClass llmctl-training's value (k8s/priority-class.yaml), sweep cells below 0,
+# so below every run that carries no priority at all (Kueue's default is 0).
+PRODUCTION_PRIORITY_CLASS = "llmctl-production"
+SWEEP_PRIORITY_CLASS = "llmctl-sweep"
+
 # The NVIDIA device plugin's conventional taint on GPU nodes.
 DEFAULT_GPU_TOLERATIONS = ({"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},)
 
@@ -131,6 +137,12 @@ class ClusterConfig:
     # ElasticJobsViaWorkloadSlices feature gate on (alpha, Kueue >= 0.14 patch releases) and the job annotated
     # kueue.x-k8s.io/elastic-job. True: this cluster's Kueue has the gate on.
     kueue_elastic_jobs: bool = False
+    # Kueue WorkloadPriorityClasses (label kueue.x-k8s.io/priority-class on the RayJob, Kueue's order and
+    # preemption within a ClusterQueue): `submit` runs on a queue carry kueue_priority_class (None: Kueue takes the
+    # pods' PriorityClass value, else 0); `sweep` cells carry kueue_sweep_priority_class, whose value the chart and
+    # k8s/kueue/priority-classes.yaml set below every production run's (cli/kube/sweep.py).
+    kueue_priority_class: str | None = None
+    kueue_sweep_priority_class: str = SWEEP_PRIORITY_CLASS
     # The Serve app's access checks (trainer/serve/access.py) on `llmctl serve` RayServices: Host names the
     # proxy answers besides addresses (empty: no Host check) and the SHA-256 of the API key /v1/ needs.
     serve_allowed_hosts: tuple[str, ...] = ()
@@ -282,7 +294,8 @@ _KEY_TO_FIELD = {
     "lifecycle.deadlineFactor": "deadline_factor", "lifecycle.deadlineSlackSeconds": "deadline_slack_seconds",
     "lifecycle.maxGraceSeconds": "max_grace_seconds",
     "lifecycle.gpuTtlSecondsAfterFinished": "gpu_ttl_seconds_after_finished",
-    "kueue.elasticJobs": "kueue_elastic_jobs",
+    "kueue.elasticJobs": "kueue_elastic_jobs", "kueue.priorityClass": "kueue_priority_class",
+    "kueue.sweepPriorityClass": "kueue_sweep_priority_class",
     "serve.allowedHosts": "serve_allowed_hosts", "serve.apiKeySha256": "serve_api_key_sha256",
 }
 _SECTIONS = {k.split(".")[0] for k in _KEY_TO_FIELD if "." in k}  # s3, head, workers, lifecycle
@@ -415,7 +428,8 @@ def _coerce(fname: str, value: Any) -> Any:
     if fname in ("read_only_root_filesystem", "kueue_elastic_jobs") and not isinstance(value, bool):
         raise UsageError(f"{key}: must be true or false, got {value!r}")
     if fname in ("image", "image_pull_policy", "ray_version", "storage_root", "s3_endpoint", "s3_region",
-                 "s3_secret", "queue", "priority_class", "run_service_account", "gpu_labels", "ray_auth",
+                 "s3_secret", "queue", "priority_class", "kueue_priority_class", "kueue_sweep_priority_class",
+                 "run_service_account", "gpu_labels", "ray_auth",
                  "spot_provider", "serve_api_key_sha256") \
             and not isinstance(value, str):
         raise UsageError(f"{key}: must be a string, got {value!r}")
