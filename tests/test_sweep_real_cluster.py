@@ -134,3 +134,37 @@ def test_real_cluster_sweep_over_quota_queues_never_submits_twice_yields_to_prod
              real_cluster.procs)
     assert admin.get(f"/apis/ray.io/v1/namespaces/{NS}/rayjobs/{prod.name}")[0] == 200
     assert cancel_sweep(kube, NS, SWEEP) == []
+
+
+def test_real_cluster_sweep_cell_naming_a_missing_priority_class_stays_queued_and_status_says_why(
+        real_cluster, tmp_path, monkeypatch):
+    """Kueue makes no Workload for a job whose WorkloadPriorityClass does not exist (its job reconciler stops at the
+    lookup): the cell stays queued, and `llmctl status`'s reason names the class."""
+    import datetime
+
+    from cli.kube.client import connect
+    from cli.kube.runs import kueue_reason
+    from trainer.spend import parse_iso
+
+    admin = real_cluster.admin()
+    ns = _ns(admin, "sweep-missing-class")
+    local_queue(admin, ns, "cq-sweep-missing", QUOTA, deadline_s=WAIT_S)
+    monkeypatch.setenv("KUBECONFIG", str(real_cluster.kubeconfig("admin", tmp_path / "kc.yaml", namespace=ns)))
+    kube = connect(argparse.Namespace(kubeconfig=None, context=None, namespace=ns))
+    cfg = ClusterConfig(queue="lq", kuberay_version=KUBERAY, kueue_sweep_priority_class="llmctl-no-such-class")
+    p = plan(RunSpec(depth=4, gpus=8, stages=("pretrain",), num_iterations=200, storage_root="s3://runs",
+                     name="lost-f1e18-d4"))
+    (name,) = submit_cells(kube, render_cells("lost", [("f1e18-d4", p)], cfg, namespace=ns))
+
+    log = real_cluster.log("kueue")
+    # Kueue 0.17 logs: "Handling job with no workload" ... WorkloadPriorityClass.kueue.x-k8s.io "<name>" not found
+    wait_for("Kueue's reconciler stopping at the missing class", lambda: any(
+        "Handling job with no workload" in line and name in line and "llmctl-no-such-class" in line
+        for line in log.read_text(errors="replace").splitlines()), time.monotonic() + WAIT_S, real_cluster.procs)
+    code, wls = admin.get(f"/apis/kueue.x-k8s.io/v1beta2/namespaces/{ns}/workloads")
+    assert code == 200 and wls["items"] == []
+    assert cell_states(kube, ns, "lost") == {"f1e18-d4": "queued"}
+    _, rj = admin.get(f"/apis/ray.io/v1/namespaces/{ns}/rayjobs/{name}")
+    later = parse_iso(rj["metadata"]["creationTimestamp"]) + datetime.timedelta(minutes=2)
+    assert "WorkloadPriorityClass llmctl-no-such-class does not exist" in kueue_reason(kube, rj, now=later)
+    assert cancel_sweep(kube, ns, "lost") == [name]
