@@ -16,6 +16,9 @@ from __future__ import annotations
 import argparse
 import time
 
+import pytest
+
+from cli.errors import CLIError
 from cli.kube.config import PRODUCTION_PRIORITY_CLASS, SWEEP_PRIORITY_CLASS, ClusterConfig
 from cli.kube.rayjob import build_rayjob
 from cli.kube.runs import create_run
@@ -167,4 +170,7 @@ def test_real_cluster_sweep_cell_naming_a_missing_priority_class_stays_queued_an
     _, rj = admin.get(f"/apis/ray.io/v1/namespaces/{ns}/rayjobs/{name}")
     later = parse_iso(rj["metadata"]["creationTimestamp"]) + datetime.timedelta(minutes=2)
     assert "WorkloadPriorityClass llmctl-no-such-class does not exist" in kueue_reason(kube, rj, now=later)
-    assert cancel_sweep(kube, ns, "lost") == [name]
+    # a RayJob of that name that is not this cell of this sweep is neither skipped nor replaced
+    with pytest.raises(CLIError, match=f"RayJob {name} already exists .* but is not cell c1 of sweep other"):
+        submit_cells(kube, render_cells("other", [("c1", p)], cfg, namespace=ns))
+    assert cancel_sweep(kube, ns, "other") == [] and cancel_sweep(kube, ns, "lost") == [name]
