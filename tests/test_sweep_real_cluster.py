@@ -1,8 +1,8 @@
 """A sweep over its queue's quota, on the real control plane (tests/controlplane/, the session's `real_cluster`:
 kube-apiserver, KubeRay 1.6.2, Kueue 0.17.0, kwok H100 nodes): cli/kube/sweep.py submits every cell as a user bound
 only by the chart's Role, Kueue admits what the quota holds and keeps the rest suspended, a re-submission creates
-nothing, `cell_states` says queued and running as the cluster does, a production run preempts a sweep cell (the
-chart's WorkloadPriorityClasses), and cancel removes the sweep.
+nothing, a deleted (failed) cell is created again alone, `cell_states` says queued and running as the cluster does,
+a production run preempts a sweep cell (the chart's WorkloadPriorityClasses), and cancel removes the sweep.
 
 The cells' heads carry a node selector no node matches, so their Ray clusters stay Initializing: admitted and
 holding quota for as long as the test looks. (No Ray runs in kwok's pods; a head that came up would start a
@@ -22,7 +22,7 @@ from cli.errors import CLIError
 from cli.kube.config import PRODUCTION_PRIORITY_CLASS, SWEEP_PRIORITY_CLASS, ClusterConfig
 from cli.kube.rayjob import build_rayjob
 from cli.kube.runs import create_run
-from cli.kube.sweep import cancel_sweep, cell_states, render_cells, selector, submit_cells
+from cli.kube.sweep import cancel_sweep, cell_states, delete_cells, render_cells, selector, submit_cells
 from tests.controlplane.cluster import local_queue, wait_for
 from tests.test_k8s_render_real_cluster import KUBERAY, RESTRICTED, _bind_chart_role, _helm, _ns
 from trainer.plan import RunSpec, plan
@@ -110,6 +110,11 @@ def test_real_cluster_sweep_over_quota_queues_never_submits_twice_yields_to_prod
     assert submit_cells(kube, render_cells(SWEEP, cells, cfg, namespace=NS)) == []
     code, listed = admin.get(f"/apis/ray.io/v1/namespaces/{NS}/rayjobs?labelSelector={selector(SWEEP)}")
     assert code == 200 and len(listed["items"]) == 4
+
+    # A failed cell is retried by deleting its RayJob first: the next submission creates that one and only it
+    retry = sorted(queued_cells)[0]
+    assert delete_cells(kube, NS, SWEEP, {retry}) == [f"{SWEEP}-{retry}"]
+    assert submit_cells(kube, render_cells(SWEEP, cells, cfg, namespace=NS)) == [f"{SWEEP}-{retry}"]
 
     # A production run (llmctl-production) on the same queue preempts one sweep cell instead of waiting behind them
     prod = plan(RunSpec(depth=4, gpus=8, stages=("pretrain",), num_iterations=200, storage_root="s3://runs",

@@ -13,7 +13,8 @@ read back as cell states, and deleted together.
 - `cell_states`: cell -> queued / running / done / failed, from each RayJob's status as `llmctl status` reads it
   (cli/kube/runs.py `describe`); a suspended RayJob (Kueue has not admitted it, or preempted it) is queued.
 - `cancel_sweep`: deletes the sweep's RayJobs by label; KubeRay and Kubernetes' garbage collector delete their
-  clusters, pods and head PodDisruptionBudgets. Checkpoints stay in storage.
+  clusters, pods and head PodDisruptionBudgets. Checkpoints stay in storage. `delete_cells` deletes some cells'
+  RayJobs (failed ones), so that `submit_cells` creates them again: a retry resumes from the last checkpoint.
 
 Cluster answers are untrusted: lists are paged and bounded (MAX_RAYJOBS), label values read back are cleaned
 (trainer/text.py) and checked before they become keys.
@@ -131,7 +132,9 @@ def submit_cells(kube, objs: list[dict]) -> list[str]:
             raise ValueError(f"RayJob {obj['metadata']['name']} is for namespace {ns}, the client for {kube.namespace}")
     existing: dict[str, dict] = {}
     for sweep in dict.fromkeys(o["metadata"]["labels"][SWEEP_LABEL] for o in objs):
-        existing.update({_name(rj): rj for rj in _list(kube, kube.namespace, sweep)})
+        # one being deleted (a retried cell) is gone for this purpose: create_run waits for it, then creates
+        existing.update({_name(rj): rj for rj in _list(kube, kube.namespace, sweep)
+                         if not (rj.get("metadata") or {}).get("deletionTimestamp")})
     created, warnings = [], []
     for obj in objs:
         name = obj["metadata"]["name"]
@@ -203,8 +206,20 @@ def cell_states(kube, namespace: str, sweep: str) -> dict[str, str]:
 def cancel_sweep(kube, namespace: str, sweep: str) -> list[str]:
     """Delete the sweep's RayJobs in `namespace` (by label, llmctl's only); return their names, sorted. One already
     gone is not an error. Their Ray clusters, pods and head PDBs go with them; checkpoints stay in storage."""
+    return _delete(kube, namespace, sweep, _list(kube, namespace, sweep))
+
+
+def delete_cells(kube, namespace: str, sweep: str, cells: set[str]) -> list[str]:
+    """Delete the RayJobs of these cells of the sweep (failed ones, before they are submitted again: a cell's
+    RayJob name is fixed, so a retry needs the old one gone; `create_run` waits while KubeRay lets go of it).
+    Returns the names deleted, sorted; the run resumes from its last checkpoint in storage."""
+    return _delete(kube, namespace, sweep, [rj for rj in _list(kube, namespace, sweep)
+                                            if _labels(rj).get(CELL_LABEL) in cells])
+
+
+def _delete(kube, namespace: str, sweep: str, rayjobs: list[dict]) -> list[str]:
     deleted = []
-    for rj in _list(kube, namespace, sweep):
+    for rj in rayjobs:
         name = _name(rj)
         try:
             kube.call(kube.custom.delete_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name,
