@@ -39,13 +39,15 @@ def _text(value) -> str:
     return _cell(clean(value, limit=TEXT_LIMIT))
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _num(value, spec: str) -> str:
     """A stored number formatted, or '–' when absent; anything else shown as (escaped) text."""
     if value is None:
         return "–"
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-        return format(value, spec)
-    return _text(value)
+    return format(value, spec) if _is_number(value) else _text(value)
 
 
 def _ci(ci, spec: str) -> str:
@@ -76,13 +78,12 @@ def _grid(cells: list[dict]) -> list[str]:
            "|---|---|---|---|---|---|---|---|---|---|"]
     for c in sorted(cells, key=_sort_key):
         n, d = c.get("params"), c.get("tokens")
-        ratio = d / n if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (n, d)) and n else None
-        out.append(f"| {_text(c.get('cell', '?'))} | {_num(c.get('depth'), 'd')} | {_num(c.get('flops'), '.3g')} | "
+        ratio = d / n if _is_number(n) and _is_number(d) and n else None
+        out.append(f"| {_text(c.get('cell', '?'))} | {_num(c.get('depth'), '.0f')} | {_num(c.get('flops'), '.3g')} | "
                    f"{_num(n, ',.0f')} | {_num(d, ',.0f')} | {_num(ratio, '.1f')} | {_num(c.get('val_bpb'), '.4f')} | "
                    f"{_num(c.get('core'), '.4f')} | {_num(c.get('cost_usd'), ',.2f')} | {_text(c.get('status', '–'))} |")
     done = sum(1 for c in cells if c.get("status", "done") == "done")
-    cost = sum(c["cost_usd"] for c in cells if isinstance(c.get("cost_usd"), (int, float))
-               and not isinstance(c.get("cost_usd"), bool) and math.isfinite(c["cost_usd"]))
+    cost = sum(c["cost_usd"] for c in cells if _is_number(c.get("cost_usd")))
     out += ["", f"{len(cells)} cells, {done} done" + (f"; ${cost:,.2f} spent so far." if cost else ".")]
     return out
 
@@ -93,7 +94,8 @@ def _fit(fit: dict) -> list[str]:
         out.append(f"| {b['flops']:.3g} | {', '.join(f'd{d}' for d in b['depths'])} | {b['n_opt']:,.0f} | "
                    f"{b['d_opt']:,.0f} | {b['ratio']:.1f} | {b['bpb_min']:.4f} | {len(b['cells'])} |")
     if fit["dropped"]:
-        out += ["", "Budgets left out of the power laws (the fit does not extrapolate a minimum it did not bracket):", ""]
+        out += ["", "Budgets left out of the power laws (the fit does not extrapolate a minimum it did not bracket):",
+                ""]
         out += [f"- {d['flops']:.3g} FLOPs: {_md(d['reason'])}" for d in fit["dropped"]]
     n, d, r = fit["n_opt"], fit["d_opt"], fit["ratio"]
     ref = REFERENCE_SWEEP
@@ -124,7 +126,8 @@ def _fit(fit: dict) -> list[str]:
     return out
 
 
-def render_sweep(definition: dict, cells: list[dict], fit: dict | None, pictures=(), fit_error: str | None = None) -> str:
+def render_sweep(definition: dict, cells: list[dict], fit: dict | None, pictures=(),
+                 fit_error: str | None = None) -> str:
     """report.md from the sweep's definition, its cells, its fit (None with `fit_error` when it had none) and the
     PNG files beside it."""
     name = clean((definition or {}).get("name", "sweep"), limit=TEXT_LIMIT)
