@@ -81,8 +81,8 @@ def _rows(cells: list[dict]) -> dict[float, list[dict]]:
         if not isinstance(c, dict):
             raise FitError(f"a cell must be a mapping, got {type(c).__name__}")
         row = {"cell": str(c.get("cell", "?")), "flops": _number(c, "flops"),
-               "depth": int(_number(c, "depth", integer=True)), "params": _number(c, "params", integer=True), "tokens": _number(c, "tokens", integer=True),
-               "val_bpb": _number(c, "val_bpb")}
+               "depth": int(_number(c, "depth", integer=True)), "params": _number(c, "params", integer=True),
+               "tokens": _number(c, "tokens", integer=True), "val_bpb": _number(c, "val_bpb")}
         budgets.setdefault(float(f"{row['flops']:.{BUDGET_DIGITS}g}"), []).append(row)
     return dict(sorted(budgets.items()))
 

@@ -81,7 +81,8 @@ def _grid(cells: list[dict]) -> list[str]:
         ratio = d / n if _is_number(n) and _is_number(d) and n else None
         out.append(f"| {_text(c.get('cell', '?'))} | {_num(c.get('depth'), '.0f')} | {_num(c.get('flops'), '.3g')} | "
                    f"{_num(n, ',.0f')} | {_num(d, ',.0f')} | {_num(ratio, '.1f')} | {_num(c.get('val_bpb'), '.4f')} | "
-                   f"{_num(c.get('core'), '.4f')} | {_num(c.get('cost_usd'), ',.2f')} | {_text(c.get('status', '–'))} |")
+                   f"{_num(c.get('core'), '.4f')} | {_num(c.get('cost_usd'), ',.2f')} | "
+                   f"{_text(c.get('status', '–'))} |")
     done = sum(1 for c in cells if c.get("status", "done") == "done")
     cost = sum(c["cost_usd"] for c in cells if _is_number(c.get("cost_usd")))
     out += ["", f"{len(cells)} cells, {done} done" + (f"; ${cost:,.2f} spent so far." if cost else ".")]
