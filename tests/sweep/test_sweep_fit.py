@@ -138,3 +138,12 @@ def test_sweep_fit_parametric_is_optional_and_needs_enough_cells():
     assert fit_sweep(S.cells(WIDE), n_boot=0, parametric=False)["parametric_skipped"] == "not asked for"
     few = fit_sweep(S.cells({c: d[1:4] for c, d in list(WIDE.items())[:3]}), n_boot=0)  # 9 cells, 5 parameters
     assert few["parametric"] is None and "9 cells for 5 parameters" in few["parametric_skipped"]
+
+
+def test_sweep_fit_parametric_law_escapes_the_plateaus_of_its_grid_on_the_reference_grid():
+    """nanochat's grid (d10-d20 at 1e18-1e19), noiseless: the lowest grid starts include plateaus where one term
+    has vanished (α = 1.5 left A/N^α nil); L-BFGS from 8 or 16 of them stopped there with α = 1.5 or 1.0."""
+    fit = fit_sweep(S.cells({c: list(range(10, 22, 2)) for c in S.REFERENCE_BUDGETS}), n_boot=0)
+    p = fit["parametric"]
+    assert p["alpha"] == pytest.approx(S.ALPHA, rel=1e-3) and p["beta"] == pytest.approx(S.BETA, rel=1e-3)
+    assert p["huber_loss"] < 1e-12

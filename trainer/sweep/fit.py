@@ -43,13 +43,14 @@ BAND_POINTS = 25  # the frontier band is evaluated at this many budgets (log-spa
 
 # Parametric fit (Besiroglu et al. 2024, section 3 and appendix): Huber δ and the grid of initialisations
 # α, β ∈ {0, 0.5, ..., 2}, e ∈ {-1, -0.5, ..., 1}, a, b ∈ {0, 5, ..., 25}: 4,500 starts. The objective is
-# evaluated on all of them at once and L-BFGS runs from the PARAMETRIC_STARTS best (the rest start far
-# downhill of those and end in the same basins; on the tests' laws 6 of the best 8 reach the optimum).
+# evaluated on all of them at once and L-BFGS runs from the PARAMETRIC_STARTS lowest (all 4,500 cost minutes).
+# 64, not fewer: the lowest starts include plateaus where one term has vanished (α = 2 makes A/N^α nil and its
+# gradient zero); on the reference's grid (d10-d20) the lowest 16 all stopped on such a plateau.
 HUBER_DELTA = 1e-3
 GRID_ALPHA = GRID_BETA = (0.0, 0.5, 1.0, 1.5, 2.0)
 GRID_E = (-1.0, -0.5, 0.0, 0.5, 1.0)
 GRID_A = GRID_B = (0.0, 5.0, 10.0, 15.0, 20.0, 25.0)
-PARAMETRIC_STARTS = 8
+PARAMETRIC_STARTS = 64
 PARAMETRIC_PARAMS = 5  # E, A, α, B, β
 PARAMETRIC_MIN_CELLS = 2 * PARAMETRIC_PARAMS  # two cells per parameter, else the law is not pinned
 
