@@ -36,6 +36,17 @@ def _by_budget(cells: list[dict]) -> dict[float, list[dict]]:
     return dict(sorted(out.items()))
 
 
+def _bpb_by_params(fig, ax, heading: str) -> bytes:
+    """The axes of val bpb against params (log x), titled, as PNG bytes."""
+    ax.set_xscale("log")
+    ax.set_xlabel("params N (scaling: transformer matrices + lm_head)")
+    ax.set_ylabel("final val bits per byte")
+    title(ax, heading)  # holds the sweep's name: stored text
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    return png(fig)
+
+
 def _isoflop(name: str, cells: list[dict], fit: dict) -> bytes:
     fig = figure()
     ax = fig.add_subplot()
@@ -52,13 +63,7 @@ def _isoflop(name: str, cells: list[dict], fit: dict) -> bytes:
             ax.plot(10 ** xs, np.polyval(b["coef"], xs), color=colour, linewidth=1.2)
             ax.scatter([b["n_opt"]], [b["bpb_min"]], marker="*", s=120, color=colour, edgecolors="black",
                        linewidths=0.6, zorder=4)
-    ax.set_xscale("log")
-    ax.set_xlabel("params N (scaling: transformer matrices + lm_head)")
-    ax.set_ylabel("final val bits per byte")
-    title(ax, f"IsoFLOP curves (★ = fitted minimum): {name}")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    return png(fig)
+    return _bpb_by_params(fig, ax, f"IsoFLOP curves (★ = fitted minimum): {name}")
 
 
 def _frontier(name: str, fit: dict) -> bytes:
@@ -107,13 +112,8 @@ def _law(name: str, cells: list[dict], fit: dict) -> bytes:
         ds = 10 ** np.polyval(np.polyfit(np.log10(x), np.log10(d), 1), xs)  # the budget's tokens at each N
         ns = 10 ** xs
         ax.plot(ns, p["E"] + p["A"] / ns ** p["alpha"] + p["B"] / ds ** p["beta"], color=colour, linewidth=1.2)
-    ax.set_xscale("log")
-    ax.set_xlabel("params N (scaling)")
-    ax.set_ylabel("final val bits per byte")
-    title(ax, f"L = {p['E']:.3f} + {p['A']:.3g}/N^{p['alpha']:.3f} + {p['B']:.3g}/D^{p['beta']:.3f}: {name}")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    return png(fig)
+    return _bpb_by_params(fig, ax, f"L = {p['E']:.3f} + {p['A']:.3g}/N^{p['alpha']:.3f} + "
+                                   f"{p['B']:.3g}/D^{p['beta']:.3f}: {name}")
 
 
 def render_sweep_plots(name: str, cells: list[dict], fit: dict) -> dict[str, bytes]:
