@@ -68,9 +68,9 @@ def test_sweep_bootstrap_interval_contains_the_truth(noisy_fit):
         assert lo < optimum(noisy_fit, c)[0] < hi
 
 
-def test_sweep_fit_is_json_and_repeatable_for_a_seed(noisy_fit):
-    text = json.dumps(noisy_fit, allow_nan=False)
-    assert json.loads(text) == noisy_fit
+def test_sweep_fit_is_json_and_repeatable_for_a_seed(noisy_fit, wide_fit):
+    for fit in (noisy_fit, wide_fit):  # without and with the parametric law
+        assert json.loads(json.dumps(fit, allow_nan=False)) == fit
     cells = S.cells(REFERENCE, noise=2e-3, seed=3)
     assert fit_sweep(cells, parametric=False) == noisy_fit  # same seed, same intervals
     assert fit_sweep(cells, parametric=False, seed=1)["n_opt"]["ci95"] != noisy_fit["n_opt"]["ci95"]
