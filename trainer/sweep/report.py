@@ -107,7 +107,7 @@ def _fit(fit: dict) -> list[str]:
             f"the reference: C^{ref['d_exponent']}",
             f"- **tokens:params = {r['value']:.1f}** ({_ci(r['ci95'], '.1f')}), {_md(r['how'])} "
             f"(C = {r['at_flops']:.3g}). The recipe trains at {RATIO:g} (the reference's default since its "
-            f"Mar 24 2026 re-run); the reference's sweep of {ref['source']} found {ref_ratios} at "
+            f"Mar 24 2026 re-run); the reference's sweep ({ref['source']}) found {ref_ratios} at "
             f"{', '.join(f'{c:.3g}' for c in ref['budgets'])} FLOPs.",
             f"- exponents a + b = {n['exponent'] + d['exponent']:.3f} (1 when every budget's C is proportional "
             "to N·D)."]
