@@ -506,6 +506,7 @@ CONFIG_SAMPLES = {  # a non-default value for every leaf under `config` in value
     "lifecycle.gpuTtlSecondsAfterFinished": 30, "kueue.elasticJobs": True, "kueue.priorityClass": "pc-prod",
     "kueue.sweepPriorityClass": "pc-sweep", "serve.allowedHosts": ["chat.example.com"],
     "serve.apiKeySha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+    "serve.vllmImage": "registry.example.com/ray-llm:2.60.0-py312-cu130",
 }
 
 
