@@ -31,7 +31,6 @@ from cli.errors import UsageError
 from cli.flags import add_cluster_args
 
 STAGES = {"sft": "sft", "chat": "sft", "pretrain": "pretrain", "base": "pretrain"}
-ENGINES = ("llmctl", "vllm")  # cli/kube/rayservice.py ENGINES (not imported: its YAML import stays off start-up)
 GROUP, VERSION, PLURAL = "ray.io", "v1", "rayservices"
 
 
@@ -43,7 +42,7 @@ def register(sub) -> None:
                    "config's storageRoot; --local: file://~/.cache/llmctl)")
     p.add_argument("--stage", default="sft", choices=sorted(STAGES), help="sft (default, chat) or pretrain (base)")
     p.add_argument("--step", type=int, help="checkpoint step (default: the newest whole one)")
-    p.add_argument("--engine", choices=ENGINES, default="llmctl",
+    p.add_argument("--engine", default="llmctl",
                    help="llmctl (default): our engine on the checkpoints; vllm: Ray Serve LLM on the run's "
                    "Hugging Face export (cluster, GPUs)")
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together per replica (default 16)")
@@ -109,11 +108,12 @@ def cmd_serve(args) -> int:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.max_queue < 0 or not 0 < args.port < 65536:
         raise UsageError("--max-queue must be >= 0 and --port in 1..65535")
+    from cli.kube.rayservice import ENGINES
+
+    if args.engine not in ENGINES:
+        raise UsageError(f"--engine must be one of {', '.join(ENGINES)}, got {args.engine!r}")
     if args.engine == "vllm" and args.local:
         raise UsageError("--engine vllm serves on the cluster's GPUs only; --local serves with --engine llmctl")
-    if args.engine == "vllm" and args.step is not None:
-        raise UsageError("--step: --engine vllm serves the stage's Hugging Face export, made from one checkpoint "
-                         "by llmctl export; --step applies to --engine llmctl")
     from trainer.storage import storage_options_from_env
     from trainer.storage import run_url
 

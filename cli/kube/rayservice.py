@@ -153,7 +153,8 @@ def build_rayservice(run: dict, cfg: ClusterConfig, *, namespace: str, stage: st
     if vllm:
         _vllm_checks(run_url, gpus_per_replica, cfg.serve_allowed_hosts, api_key_sha256)
         if step is not None:
-            raise ValueError("--step: --engine vllm serves the stage's export (one checkpoint, chosen at llmctl export)")
+            raise ValueError("--step: --engine vllm serves the stage's Hugging Face export, made from one checkpoint "
+                             "by llmctl export; --step applies to --engine llmctl")
         cfg = dataclasses.replace(cfg, image=cfg.vllm_image)
     if len(name) > MAX_NAME:
         raise ValueError(f"run name {name!r} is longer than KubeRay's {MAX_NAME}-character RayService limit")

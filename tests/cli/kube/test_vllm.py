@@ -215,7 +215,7 @@ def test_vllm_dry_run_prints_a_valid_rayservice_of_the_export(runs, env, capsys)
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["chatbot", "--engine", "tgi"], "invalid choice: 'tgi'"),
+    (["chatbot", "--engine", "tgi"], "--engine must be one of llmctl, vllm, got 'tgi'"),
     (["bare", "--engine", "vllm"], "has no Hugging Face export of its sft stage"),
     (["broken", "--engine", "vllm"], "config.json is not a JSON object"),
     (["chatbot", "--engine", "vllm", "--stage", "base"], "export of its pretrain stage at s3://"),
