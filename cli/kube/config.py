@@ -220,7 +220,7 @@ class ClusterConfig:
 
     @property
     def vllm_image(self) -> str:
-        """The image `llmctl serve --engine vllm` runs: serve.vllmImage, else the upstream ray-llm image of rayVersion."""
+        """The image of `llmctl serve --engine vllm`: serve.vllmImage, else the upstream ray-llm image of rayVersion."""
         return self.serve_vllm_image or VLLM_IMAGE.format(ray_version=self.ray_version)
 
     def interconnect_note(self) -> str | None:

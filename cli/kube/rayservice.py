@@ -123,8 +123,9 @@ def _vllm_checks(run_url: str, gpus_per_replica: int, allowed_hosts, api_key_sha
         raise ValueError("--engine vllm needs GPUs (--gpus-per-replica >= 1); CPU replicas: --engine llmctl")
     proto = run_url.partition("://")[0]
     if proto not in VLLM_SOURCE_PROTOCOLS:
-        raise ValueError(f"storage: Ray Serve LLM downloads models from {', '.join(p + '://' for p in VLLM_SOURCE_PROTOCOLS)}"
-                         f" only, and this run is at {run_url}; serve it with --engine llmctl")
+        where = ", ".join(p + "://" for p in VLLM_SOURCE_PROTOCOLS)
+        raise ValueError(f"storage: Ray Serve LLM downloads models from {where} only, and this run is at {run_url}; "
+                         "serve it with --engine llmctl")
     if allowed_hosts or api_key_sha256:
         raise ValueError("--engine vllm has no Host or API-key check (Ray Serve LLM's OpenAI app), but this cluster "
                          "config asks for one (serve.allowedHosts, serve.apiKeySha256) or LLMCTL_SERVE_API_KEY is "
@@ -270,7 +271,8 @@ def service_summary(svc: dict) -> dict:
             "detail": detail, "depth": int(labels["llmctl.dev/depth"]) if "llmctl.dev/depth" in labels else None,
             "gpus": replicas * per, "gpu_type": ann.get("llmctl.dev/gpu-type", "?"),
             "replicas": replicas, "stage": ann.get("llmctl.dev/stage"), "step": ann.get("llmctl.dev/step"),
-            "created": meta.get("creationTimestamp"), "estimate_dollars": None, "storage": ann.get("llmctl.dev/storage")}
+            "created": meta.get("creationTimestamp"), "estimate_dollars": None,
+            "storage": ann.get("llmctl.dev/storage"), "engine": ann.get("llmctl.dev/engine", "llmctl"), "model": ann.get("llmctl.dev/model")}
 
 
 def get_service(kube, name: str) -> dict | None:
@@ -306,9 +308,14 @@ def list_services(kube, all_namespaces: bool, selector: str) -> list[dict]:
 
 
 def service_status_lines(s: dict) -> str:
+    of_run = f" of a d{s['depth']} run" if s["depth"] is not None else ""
+    if s.get("engine") == "vllm":
+        model = (f"{s['stage'] or 'sft'} Hugging Face export{of_run}, served by vLLM"
+                 + (f" ({s['model']})" if s["model"] else ""))
+    else:
+        model = f"{s['stage'] or 'sft'} checkpoint" + (f" step {s['step']}" if s["step"] else ", newest") + of_run
     rows = [("service", f"{s['name']} (namespace {s['namespace']})"), ("state", f"{s['state']}: {s['detail']}"),
-            ("model", f"{s['stage'] or 'sft'} checkpoint" + (f" step {s['step']}" if s["step"] else ", newest")
-             + (f" of a d{s['depth']} run" if s["depth"] is not None else "")),
+            ("model", model),
             ("replicas", f"{s['replicas']} x " + (f"{s['gpus'] // max(1, s['replicas'])} GPU" if s["gpus"] else "CPU"))]
     if s["storage"]:
         rows.append(("storage", s["storage"]))

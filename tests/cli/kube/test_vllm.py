@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from cli.kube.config import RAY_VERSION, ClusterConfig, load_config_file
-from cli.kube.rayservice import build_rayservice, describe_service
+from cli.kube.rayservice import build_rayservice, describe_service, service_status_lines, service_summary
 from cli.main import main
 from tests import schemas
 from trainer.plan import RunSpec, plan
@@ -104,11 +104,13 @@ def test_vllm_llm_config_is_accepted_by_ray_serve_llm_and_names_the_export(runs)
 
 def test_vllm_pods_are_non_root_take_gpus_and_get_s3_credentials_by_reference(runs):
     _, run = runs
-    svc = build_rayservice(run["chatbot"], LOCKED_DOWN, namespace="team", engine="vllm", gpu_type="h200", gpus_per_replica=4)
+    svc = build_rayservice(run["chatbot"], LOCKED_DOWN, namespace="team", engine="vllm", gpu_type="h200",
+                           gpus_per_replica=4)
     assert svc["spec"]["rayClusterConfig"]["rayVersion"] == RAY_VERSION
     for pod in pod_specs(svc):
         sc = pod["securityContext"]
-        assert sc["runAsNonRoot"] is True and sc["runAsUser"] == 1000 and sc["seccompProfile"]["type"] == "RuntimeDefault"
+        assert sc["runAsNonRoot"] is True and sc["runAsUser"] == 1000
+        assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
         assert pod["automountServiceAccountToken"] is False and pod["imagePullSecrets"] == [{"name": "regcred"}]
         (c,) = pod["containers"]
         assert c["image"] == f"rayproject/ray-llm:{RAY_VERSION}-py312-cu130"  # vLLM is not in our trainer image
@@ -163,12 +165,18 @@ def test_vllm_refusals_name_the_problem(runs):
             build_rayservice(r, cfg, namespace="team", **{"engine": "vllm", **kw})
 
 
-def test_vllm_status_says_which_engine_serves():
-    svc = {"metadata": {"name": "chatbot", "annotations": {"llmctl.dev/engine": "vllm"}},
-           "status": {"conditions": [{"type": "Ready", "status": "True"}]}}
+def test_vllm_status_says_which_engine_serves_what(runs):
+    _, run = runs
+    svc = build_rayservice(run["chatbot"], ClusterConfig(), namespace="team", engine="vllm")
+    svc["status"] = {"conditions": [{"type": "Ready", "status": "True"}]}
     assert describe_service(svc) == ("serving", "OpenAI API (vLLM) on Service chatbot-serve-svc port 8000")
-    del svc["metadata"]["annotations"]
-    assert describe_service(svc)[1].startswith("OpenAI API and chat page")
+    s = service_summary(svc)
+    assert s["engine"] == "vllm" and s["model"] == hf_export_url(run["chatbot"]["urls"]["run"])
+    assert f"sft Hugging Face export of a d12 run, served by vLLM ({s['model']})" in service_status_lines(s)
+    ours = build_rayservice(run["chatbot"], ClusterConfig(), namespace="team")
+    ours["status"] = svc["status"]
+    assert describe_service(ours)[1].startswith("OpenAI API and chat page")
+    assert "sft checkpoint, newest of a d12 run" in service_status_lines(service_summary(ours))
 
 
 # ---------------------------------------------------------------------------------------------
