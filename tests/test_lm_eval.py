@@ -17,12 +17,23 @@ TASK = "llmctl_toy_mc"
 N_ITEMS, N_CHOICES = 40, 4
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch, tmp_path_factory):
-    cache = tmp_path_factory.getbasetemp() / "hf-home"
-    for key, value in {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(cache),
-                       "HF_DATASETS_CACHE": str(cache / "datasets")}.items():
-        monkeypatch.setenv(key, value)
+@pytest.fixture(scope="module", autouse=True)
+def offline(tmp_path_factory):
+    """Nothing reaches the network: the offline switches in the environment, and in the constants of
+    huggingface_hub and datasets, which read them when first imported (maybe earlier in the session)."""
+    import sys
+
+    cache = tmp_path_factory.mktemp("hf-home")
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(cache),
+                           "HF_DATASETS_CACHE": str(cache / "datasets")}.items():
+            mp.setenv(key, value)
+        if "huggingface_hub" in sys.modules:
+            mp.setattr(sys.modules["huggingface_hub"].constants, "HF_HUB_OFFLINE", True)
+        if "datasets" in sys.modules:
+            mp.setattr(sys.modules["datasets"].config, "HF_DATASETS_OFFLINE", True)
+            mp.setattr(sys.modules["datasets"].config, "HF_HUB_OFFLINE", True)
+        yield
 
 
 def single_token_words(tok) -> list[str]:
@@ -52,7 +63,7 @@ def toy_items(tok) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def toy(finished_run, tmp_path_factory, one_torch_thread):
+def toy(offline, finished_run, tmp_path_factory, one_torch_thread):
     """The base model exported, the task written for lm-eval and as a CORE bundle, and our model loaded."""
     from trainer import run_loader
     from trainer.hf_export.export import export_run
