@@ -148,3 +148,37 @@ def test_lm_eval_bad_input_is_one_line_exit_2(toy, finished_run, tmp_path, capsy
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and words in err and "Traceback" not in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_lm_eval_flag_is_checked_stored_and_kept_out_of_the_run_name(capsys):
+    from cli.main import main
+
+    def planned(*extra):
+        assert main(["plan", "--depth", "12", "--gpus", "8", *extra, "-o", "json"]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    plain, asked = planned(), planned("--lm-eval", "hellaswag,arc_easy")
+    assert asked["spec"]["lm_eval"] == "hellaswag,arc_easy" and "lm_eval" not in plain["spec"]
+    assert asked["name"] == plain["name"], "the lm-eval pass does not change what is trained: same run, resumable"
+    for bad, words in ((["--lm-eval", "hellaswag, arc"], "lm_eval"), (["--lm-eval", "a;rm -rf"], "lm_eval"),
+                       (["--lm-eval", "hellaswag", "--stages", "pretrain,sft"], "list eval in the stages")):
+        assert main(["plan", "--depth", "12", *bad]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and words in err, err
+
+
+def test_lm_eval_in_the_eval_stage_scores_the_base_model(toy, finished_run):
+    """The eval stage's lm-eval pass (trainer/eval_stage.py `lm_eval_results`) on the finished run: the base
+    model, the same accuracy as CORE's scorer; a task it cannot run is recorded, not raised."""
+    from tests.finished_run import NAME, tiny_plan
+    from trainer.eval_stage import lm_eval_results
+
+    root, ours, _ = toy
+    p = tiny_plan(finished_run.spec.storage_root, NAME, lm_eval=TASK)
+    doc = lm_eval_results(p, {}, "cpu", include_path=str(root / "tasks"))
+    core = core_per_item(ours, f"file://{root / 'bundle'}")
+    assert doc["stage"] == "pretrain" and doc["results"][TASK]["acc"] == pytest.approx(
+        sum(core.values()) / len(core), abs=1e-12)
+    said = []
+    skipped = lm_eval_results(p, {}, "cpu", say=said.append, include_path=str(root / "no-such-dir"))
+    assert "not a directory" in skipped["skipped"] and said and "lm-eval skipped" in said[0]
