@@ -18,16 +18,18 @@ import argparse
 from cli.errors import UsageError
 
 FORMATS = ("hf",)
-STAGE_WORDS = ("sft", "base")  # trainer.hf_export.export.STAGES' keys (not imported here: start-up stays light)
 
 
 def register(sub) -> None:
+    from trainer.hf_export import STAGES  # a dict in a docstring-only package: start-up stays light
+
     p = sub.add_parser("export", help="write a run's model out as a Hugging Face transformers directory",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", metavar="RUN", help="run name (under --storage) or the run's URL/path")
     p.add_argument("out", metavar="OUT", help="where to write the export (path, file://, s3://)")
     p.add_argument("--format", required=True, choices=FORMATS, help="hf: Hugging Face transformers")
-    p.add_argument("--stage", default="sft", choices=STAGE_WORDS, help="sft: the chat model (default); base: pretrained")
+    p.add_argument("--stage", default="sft", choices=tuple(STAGES),
+                   help="sft: the chat model (default), base: the pretrained one")
     p.add_argument("--step", type=int, help="checkpoint step (default: the newest whole one)")
     p.add_argument("--force", action="store_true", help="overwrite an OUT that is not empty")
     p.add_argument("--storage", default="file://~/.cache/llmctl", help="storage root where run names are looked up")

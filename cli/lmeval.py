@@ -19,12 +19,15 @@ from cli.errors import UsageError
 
 
 def register(sub) -> None:
+    from trainer.hf_export import STAGES  # a dict in a docstring-only package: start-up stays light
+
     p = sub.add_parser("eval", help="evaluate a run's model with lm-eval-harness", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", metavar="RUN", help="run name (under --storage) or the run's URL/path")
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
     p.add_argument("--include-path", help="a directory of local lm-eval task YAML files")
-    p.add_argument("--stage", default="sft", choices=("sft", "base"), help="sft: the chat model (default); base")
+    p.add_argument("--stage", default="sft", choices=tuple(STAGES),
+                   help="sft: the chat model (default), base: the pretrained one")
     p.add_argument("--step", type=int, help="checkpoint step (default: the newest whole one)")
     p.add_argument("--limit", type=int, help="at most this many items per task")
     p.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size (default 8)")

@@ -92,7 +92,8 @@ def test_hf_export_writes_the_files_and_standalone_remote_code(exported):
         sp["<|assistant_end|>"], sp["<|bos|>"]]
     for name in ("configuration_llmctl.py", "modeling_llmctl.py"):  # loadable where llmctl is not installed
         tree = ast.parse(open(f"{out}/{name}").read())
-        roots = {(n.module or "").split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and not n.level}
+        roots = {(n.module or "").split(".")[0] for n in ast.walk(tree)
+                 if isinstance(n, ast.ImportFrom) and not n.level}
         roots |= {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         assert roots <= {"torch", "transformers", "__future__"}, (name, roots)
     from safetensors.torch import load_file
@@ -114,7 +115,8 @@ def test_hf_export_logits_match_ours_within_1e_5(exported, hf_model):
     eager = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32,
                                                  attn_implementation="eager").eval()
     eager_diff = max_diff(ours.model, eager, batch)
-    print(f"\nhf export logits, batch {tuple(batch.shape)}: max |ours - transformers| sdpa {sdpa:.3g}, eager {eager_diff:.3g}")
+    print(f"\nhf export logits, batch {tuple(batch.shape)}: max |ours - transformers| sdpa {sdpa:.3g}, "
+          f"eager {eager_diff:.3g}")
     assert sdpa <= 1e-5 and eager_diff <= 1e-5
 
 
@@ -236,7 +238,8 @@ def test_hf_export_bad_input_is_one_line_exit_2_and_writes_nothing(exported, fin
         (["export", run, "--format", "hf", "--stage", "rl", str(tmp_path / "b")], "invalid choice"),
         (["export", run, "--format", "onnx", str(tmp_path / "c")], "invalid choice"),
         (["export", run, str(tmp_path / "d")], "--format"),
-        (["export", run, "--format", "hf", "--step", "999", str(tmp_path / "e")], "no whole sft checkpoint at step 999"),
+        (["export", run, "--format", "hf", "--step", "999", str(tmp_path / "e")],
+         "no whole sft checkpoint at step 999"),
     ]
     for argv, words in cases:
         assert main(argv) == 2, argv

@@ -7,3 +7,5 @@
   with `trust_remote_code=True` (transformers' own NanoChat model cannot express the architecture; docs/export.md);
 - `harness`: lm-eval-harness on an export (what `llmctl eval RUN --tasks ...` runs).
 """
+
+STAGES = {"sft": "sft", "base": "pretrain"}  # --stage word of export and eval -> the run's stage exported

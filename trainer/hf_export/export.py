@@ -21,7 +21,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-STAGES = {"sft": "sft", "base": "pretrain"}  # --stage word -> the run's stage whose checkpoint is exported
+from trainer.hf_export import STAGES
+
 REMOTE = Path(__file__).resolve().parent / "remote"
 REMOTE_FILES = ("configuration_llmctl.py", "modeling_llmctl.py")
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
