@@ -10,7 +10,9 @@ trainer/hf_export/export.py, loaded with transformers (`trust_remote_code=True`,
 - chat templates against `render_conversation` (tests/test_hf_export.py's conversations);
 - the time to export and to load.
 
-Run: .venv/bin/python bench/hf_export.py [--docs 400] [--threads 1]
+`--vocab 32768 --train-docs 60000` measures the recipe's vocabulary (the tokenizer conversion's time grows with it).
+
+Run: .venv/bin/python bench/hf_export.py [--docs 400] [--vocab 4096] [--train-docs 3000] [--threads 1]
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import torch
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--docs", type=int, default=400, help="held-out documents for the tokenizer comparison")
+    ap.add_argument("--vocab", type=int, default=4096, help="BPE vocabulary trained for the comparison")
+    ap.add_argument("--train-docs", type=int, default=3000, help="documents the BPE is trained on")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
@@ -38,14 +42,18 @@ def main() -> None:
     from trainer.data.corpus import iter_python_docs
     from trainer.data.tokenizer import Tokenizer
     from trainer.hf_export.export import export_model
+    from trainer.hf_export.tokenizer import to_tokenizers
     from trainer.serve.engine import Engine
 
-    docs = list(itertools.islice(iter_python_docs(include_site_packages=False), 3000 + args.docs))
-    train, held = docs[:3000], docs[3000:]
-    tok = Tokenizer.train(train, 4096)
+    docs = list(itertools.islice(iter_python_docs(), args.train_docs + args.docs))
+    train, held = docs[:args.train_docs], docs[args.train_docs:]
+    tok = Tokenizer.train(train, args.vocab)
     model = random_model(4, 512, tok.vocab_size, 64)
     print(f"model: d4, windows {model.arch.windows}, vocab {tok.vocab_size}, random unit-scale weights")
 
+    t = time.perf_counter()
+    to_tokenizers(tok)
+    print(f"tokenizer conversion (vocab {tok.vocab_size:,}): {time.perf_counter() - t:.2f} s")
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
         export_model(model, tok, f"{tmp}/m", chat=True)
@@ -57,7 +65,8 @@ def main() -> None:
         hft = AutoTokenizer.from_pretrained(f"{tmp}/m", trust_remote_code=True)
     print(f"export {t_export:.2f} s, load {t_load:.2f} s")
 
-    rows = [ids[:512] for ids in tok.encode_batch(held, prepend_bos=True) if len(ids) >= 512][:4]
+    stream = [t for ids in tok.encode_batch(held, prepend_bos=True) for t in ids]  # documents back to back
+    rows = [stream[i * 512:(i + 1) * 512] for i in range(4)]
     batch = torch.tensor(rows)
     with torch.no_grad():
         ours = model(batch)
@@ -65,7 +74,7 @@ def main() -> None:
             print(f"logits {tuple(batch.shape)} {impl}: max |ours - transformers| = "
                   f"{(ours - m(batch).logits).abs().max().item():.3g} (logit scale {ours.abs().max().item():.3g})")
 
-    prompt = rows[0][:16]
+    prompt = rows[0][:16]  # starts with <|bos|>
     want = Engine(model).generate_batch(prompt, max_tokens=args.new_tokens, temperature=0.0)[0]
     with torch.no_grad():
         # the attention mask as the tokenizer returns it: pad is <|bos|>, so with eos overridden (None here, to
