@@ -19,10 +19,14 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
+import sys
 import tempfile
 import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository: bench, tests
 
 
 def main() -> None:
