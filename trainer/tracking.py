@@ -252,7 +252,7 @@ def plan_params(plan) -> dict[str, str]:
         if isinstance(value, dict):
             for k, v in value.items():
                 walk(v, f"{key}.{k}" if key else str(k))
-        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        elif isinstance(value, (list, tuple)) and value and all(isinstance(v, dict) for v in value):
             for i, v in enumerate(value):
                 walk(v, f"{key}.{i}")
         else:
