@@ -60,6 +60,9 @@ ARTIFACTS = ("plan.json", "report.md", "report.html", "report.json", "loss.png",
 MAX_ARTIFACT_BYTES = 64 * 1024 * 1024  # a report with its inlined curves is < 1 MB; plan.json ~10 KB
 
 
+MAX_DETAIL = 200  # characters of a client's error in the warning (MLflow's name the whole request and its cause)
+
+
 def warn(msg: str) -> None:
     """One warning line on stderr (the driver's console; a worker's log), printable and bounded."""
     print(f"llmctl tracking: WARNING: {clean(msg, limit=400)}", file=sys.stderr, flush=True)
@@ -91,8 +94,9 @@ class Backend:
             return fn(*args, **kw)
         except Exception as e:  # noqa: BLE001 - a tracker's failure is never the run's
             self.on = False
-            warn(f"{self.label}: {what} failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                 "tracking to it is off for this process, training goes on")
+            detail = clean(str(e).strip().split("\n", 1)[0], limit=MAX_DETAIL)
+            warn(f"{self.label}: {what} failed; tracking to it is off for this process, training goes on "
+                 f"({type(e).__name__}: {detail})")
             return None
 
     def create(self, plan, params: dict[str, str]) -> dict: ...
