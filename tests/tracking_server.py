@@ -16,6 +16,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+# MLflow 3's server also starts a job runner and seven huey consumers (GenAI evaluation jobs, periodic tasks), each
+# a Python process importing mlflow: nothing experiment tracking uses, and most of the server's start-up cost.
+SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 READY_S = 120  # start-up is ~5-15 s on a busy 2-core box (imports, the SQLite schema); a bound, not a wait
 
 
@@ -45,7 +48,8 @@ class MlflowServer:
             [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
              "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
              "--artifacts-destination", str(self.root / "artifacts")],
-            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, **SERVER_ENV})
         return self
 
     def ready(self) -> "MlflowServer":
