@@ -58,8 +58,6 @@ FLUSH_SECONDS = 10.0  # rank 0 sends buffered rows at most this often (and at th
 MAX_ROWS = 200  # or when this many steps wait: 5 metrics a row keeps a batch within MLflow's 1,000
 ARTIFACTS = ("plan.json", "report.md", "report.html", "report.json", "loss.png", "bpb.png")  # trainer/plots.py CURVES
 MAX_ARTIFACT_BYTES = 64 * 1024 * 1024  # a report with its inlined curves is < 1 MB; plan.json ~10 KB
-
-
 MAX_DETAIL = 200  # characters of a client's error in the warning (MLflow's name the whole request and its cause)
 
 
@@ -82,10 +80,6 @@ class Backend:
     def __init__(self, target: str):
         self.target, self.on, self.ref = target, True, None
 
-    @property
-    def label(self) -> str:
-        return f"{self.kind} at {self.target}"
-
     def call(self, what: str, fn, *args, **kw):
         """fn(*args, **kw), or None once this backend has failed; a failure is warned about once, never raised."""
         if not self.on:
@@ -95,8 +89,8 @@ class Backend:
         except Exception as e:  # noqa: BLE001 - a tracker's failure is never the run's
             self.on = False
             detail = clean(str(e).strip().split("\n", 1)[0], limit=MAX_DETAIL)
-            warn(f"{self.label}: {what} failed; tracking to it is off for this process, training goes on "
-                 f"({type(e).__name__}: {detail})")
+            warn(f"{self.kind}: {what} failed; tracking to it is off for this process, training goes on "
+                 f"({self.target}: {type(e).__name__}: {detail})")  # the words that matter first, the long ones last
             return None
 
     def create(self, plan, params: dict[str, str]) -> dict: ...
