@@ -124,18 +124,24 @@ def _wandb_records(path: str):
 def test_tracking_to_wandb_offline(tmp_path, monkeypatch):
     """W&B in offline mode: every process's part of the run (the driver's start and end, the stage's rank 0) is
     an offline run directory with the same id under WANDB_DIR; read back with wandb's own record reader."""
+    def process(name: str) -> None:  # each its own WANDB_DIR, as on a cluster's pods: offline run directories
+        (tmp_path / name).mkdir()     # are named by the second they start in, so two in one second would share one
+        monkeypatch.setenv("WANDB_DIR", str(tmp_path / name))
+
     monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb-dir"))
-    (tmp_path / "wandb-dir").mkdir()
     p = tiny_plan(f"file://{tmp_path}", "unit-wandb", track=("wandb=team/llm",))
+    process("driver-start")
     (ref,) = refs = open_runs(p, {})
     assert ref["target"] == "team/llm" and "link" not in read_tracking(p.urls["run"])[0]  # offline: no page
+    process("rank0")
     losses = _stream(p, refs)
     _report_files(p)
+    process("driver-end")
     close_runs(p, refs, {}, ok=True)
 
-    dirs = sorted(glob.glob(str(tmp_path / "wandb-dir" / "wandb" / f"offline-run-*-{ref['run_id']}")))
-    assert len(dirs) == 3, dirs  # the driver's start, the stage, the driver's end
+    dirs = [d for name in ("driver-start", "rank0", "driver-end")
+            for d in glob.glob(str(tmp_path / name / "wandb" / f"offline-run-*-{ref['run_id']}"))]
+    assert len(dirs) == 3, dirs  # one run id, three processes' parts
     runs, config, history, exits = [], {}, [], []
     for d in dirs:
         for r in _wandb_records(f"{d}/run-{ref['run_id']}.wandb"):
