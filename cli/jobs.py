@@ -142,6 +142,10 @@ def cmd_status(args) -> int:
         rows.append(("cost", ", ".join(cost)))
     if s["storage"]:
         rows.append(("storage", s["storage"]))
+    if s.get("tracking"):
+        from cli.runview import tracking_lines
+
+        rows += [("tracking", line) for line in tracking_lines(s["tracking"])]
     rows = [(k, clean(v)) for k, v in rows]  # cluster text: no terminal escapes (trainer/text.py)
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))

@@ -46,7 +46,8 @@ def local_spec(args: argparse.Namespace):
     if getattr(args, "steps", None):
         fields["num_iterations"] = args.steps
     return RunSpec(storage_root=args.storage, dataset=dataset, sft_dataset=f"{dataset}-sft",
-                   tokenizer=f"{dataset}-{fields['vocab_size']}", name=getattr(args, "name", None), **fields)
+                   tokenizer=f"{dataset}-{fields['vocab_size']}", name=getattr(args, "name", None),
+                   track=tuple(getattr(args, "track", None) or ()), **fields)
 
 
 def ensure_inputs(p, opts: dict | None = None, *, mb: float = SAMPLE_MB, conversations: int = SFT_CONVERSATIONS,

@@ -1,7 +1,7 @@
 """What a run's storage says about it, for `llmctl status`: progress (`<run>/progress.json`, written by rank 0
 at each checkpoint, trainer/progress.py) and spend (`<run>/spend.json`, the launcher's ledger of attempts,
-trainer/spend.py) and worker group restarts (`<run>/restarts.json`, trainer/restarts.py), all read as untrusted
-documents. Reading storage instead of the RayJob means no pod
+trainer/spend.py), worker group restarts (`<run>/restarts.json`, trainer/restarts.py) and the experiment-tracker
+runs (`<run>/tracking.json`, trainer/tracking.py), all read as untrusted documents. Reading storage instead of the RayJob means no pod
 needs a Kubernetes API token; reading the ledger means spend counts every attempt, where KubeRay's
 `status.startTime` is reset by each retry.
 """
@@ -40,11 +40,14 @@ def add_storage_view(s: dict, now: datetime.datetime | None = None) -> dict:
     opts = storage_options_for_cli(url)
     from trainer.restarts import counts, read_restarts_or_none
 
+    from trainer.tracking import read_tracking
+
     spend, events = None, []
     try:
         s["progress"] = read_progress(url, opts)
         spend = read_spend(url, opts)
         s["restarts"] = events = read_restarts_or_none(url, opts)
+        s["tracking"] = read_tracking(url, opts)
     except Exception as e:  # noqa: BLE001 - any storage failure is a warning here (auth, network, bad file)
         s["storage_error"] = clean(f"{type(e).__name__}: {e}", limit=300)
     prog = s["progress"] or {}
@@ -72,6 +75,13 @@ def add_storage_view(s: dict, now: datetime.datetime | None = None) -> dict:
     return s
 
 
+def tracking_lines(refs: list[dict] | None) -> list[str]:
+    """One line per experiment-tracker run (trainer/tracking.py `read_tracking`, already validated): the tracker,
+    the run's name there and its link (or where it went, where there is no page: a file store, W&B offline)."""
+    return [clean(f"{r['kind']} run {r.get('name') or r['run_id']}: {r.get('link') or r['target']}", limit=600)
+            for r in refs or []]
+
+
 def local_summary(url: str, opts: dict | None, now: datetime.datetime | None = None) -> dict:
     """A run's status from its storage alone (`llmctl status RUN --local`: a laptop run, or any run whose
     storage you can read): the plan's estimate, progress, the spend ledger and the run summary, all read
@@ -82,6 +92,7 @@ def local_summary(url: str, opts: dict | None, now: datetime.datetime | None = N
     from trainer.restarts import counts, read_restarts_or_none
     from trainer.spend import HEARTBEAT_SECONDS, lost_seconds, parse_iso, read_spend
     from trainer.storage import read_small_json
+    from trainer.tracking import read_tracking
 
     now = now or datetime.datetime.now(datetime.timezone.utc)
     plan = read_small_json(f"{url}/plan.json", 1024 * 1024, opts)
@@ -118,7 +129,8 @@ def local_summary(url: str, opts: dict | None, now: datetime.datetime | None = N
             "spend": (spend or {}).get("totals"), "spent_dollars": (spend or {}).get("totals", {}).get("dollars"),
             "attempts": counts(len(rows), events)["attempts"], "restarts": events,
             "lost_hours": None if lost is None else lost / 3600,
-            "estimate_dollars": num(est, "total_dollars"), "estimate_hours": num(est, "total_hours")}
+            "estimate_dollars": num(est, "total_dollars"), "estimate_hours": num(est, "total_hours"),
+            "tracking": read_tracking(url, opts)}
 
 
 def cmd_status_local(args) -> int:
@@ -165,6 +177,7 @@ def cmd_status_local(args) -> int:
 
         rows.append(("restarts", f"{s['attempts']} attempt(s) ({s['attempts'] - 1} restart(s))"))
         rows += [("", f"{e['stage']}: {describe(e)}") for e in s["restarts"][-5:]]  # the latest few
+    rows += [("tracking", line) for line in tracking_lines(s["tracking"])]
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
     return 0

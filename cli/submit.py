@@ -38,12 +38,21 @@ def render(args, cfg, namespace: str, extra_env: dict[str, str]):
     price = args.price if args.price is not None else cfg.prices.get(args.gpu_type)
     spec = spec_from_args(args, storage_root=args.storage or cfg.storage_root, price_per_gpu_hour=price,
                           namespace=namespace, image=cfg.image, queue=cfg.queue,
-                          interconnect_busbw_gbs=cluster_interconnect(args, cfg)[0])
+                          interconnect_busbw_gbs=cluster_interconnect(args, cfg)[0], track=tuple(args.track or ()))
     p = plan_checked(spec)
     try:
         return p, build_rayjob(p, cfg, namespace=namespace, extra_env=extra_env, ray_cluster=args.ray_cluster)
     except (LayoutError, ValueError) as e:
         raise UsageError(str(e)) from None
+
+
+def tracking_warnings(p, cfg) -> list[str]:
+    """`--track` on a cluster whose config names no trackingSecret: the pods get no tracker credentials (fine for
+    an MLflow server without authentication; W&B needs WANDB_API_KEY)."""
+    if not p.spec.track or cfg.tracking_secret:
+        return []
+    return ["--track: the cluster config names no trackingSecret, so the pods get no MLFLOW_TRACKING_TOKEN/"
+            "WANDB_API_KEY (see docs/tracking.md); a tracker that refuses them is skipped, training goes on"]
 
 
 def check_budget(p) -> None:
@@ -79,6 +88,7 @@ def cmd_submit(args) -> int:
     # Everything the flags alone decide, before any request.
     cfg = apply_flags(file_cfg or ClusterConfig(), args)
     p, rayjob = render(args, cfg, namespace, extra_env)
+    warnings = [*warnings, *tracking_warnings(p, cfg)]
     if args.dry_run or args.price is not None or file_cfg is not None:
         check_budget(p)  # otherwise the price may still come from the cluster's ConfigMap
     if args.dry_run:
@@ -93,6 +103,7 @@ def cmd_submit(args) -> int:
         cluster_cfg, warnings = read_config(kube)
         cfg = apply_flags(cluster_cfg, args)
         p, rayjob = render(args, cfg, kube.namespace, extra_env)
+        warnings = [*warnings, *tracking_warnings(p, cfg)]
         check_budget(p)
     if args.avoid_bad_nodes and "rayClusterSpec" in rayjob["spec"]:  # keep off nodes its GPUs failed on
         from cli.gpuhealth import keep_off_bad_nodes
@@ -127,7 +138,8 @@ def register(sub) -> None:
         description="Plan a run from --depth, show the plan and its price, and create a KubeRay RayJob for it. "
         "Cluster defaults come from the llmctl-config ConfigMap in the namespace; flags override them.",
         epilog="Examples:\n  llmctl submit --depth 26 --gpus 8\n  llmctl submit --depth 26 --gpus 8 --dry-run -o yaml\n"
-        "  llmctl submit --depth 20 --gpus 16 --max-cost 200 --yes\n  llmctl submit --local",
+        "  llmctl submit --depth 20 --gpus 16 --max-cost 200 --yes\n  llmctl submit --local\n"
+        "  llmctl submit --local --track mlflow=http://127.0.0.1:5000",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     add_spec_args(p)
     for action in p._actions:  # adapt the shared spec flags to submit
@@ -150,6 +162,10 @@ def register(sub) -> None:
     g.add_argument("-y", "--yes", action="store_true", help="submit without asking (required off a terminal)")
     g.add_argument("--image", help="trainer image (default: the cluster config's)")
     g.add_argument("--queue", help="Kueue LocalQueue (default: the cluster config's; '' for none)")
+    g.add_argument("--track", action="append", metavar="mlflow=URI|wandb[=PROJECT]",
+                   help="also log the run to an experiment tracker: its plan, per-step loss, val bpb, MFU, tokens/s "
+                   "and dollars, and the report (repeatable; credentials from the environment or, on a cluster, the "
+                   "config's trackingSecret; docs/tracking.md)")
     g.add_argument("--env", action="append", metavar="KEY=VALUE",
                    help="extra environment on Ray containers, e.g. NCCL_DEBUG=INFO (repeatable; no secrets)")
     g.add_argument("--preflight", action="store_true", help="before training, check each node (a GPU matmul "

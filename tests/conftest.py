@@ -110,12 +110,28 @@ def tiny_inputs(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
-def finished_run(tiny_inputs):
-    """The plan of a tiny run that pretrained, fine-tuned, was evaluated and has its report written, built
-    once per session (tests/finished_run.py) and only read by the tests that use it."""
-    from tests.finished_run import build_finished_run
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server on loopback (tests/tracking_server.py), started without waiting: `.ready()`
+    waits for its health endpoint (so its start-up overlaps whatever the session builds next)."""
+    from tests.tracking_server import MlflowServer
 
-    return build_finished_run(tiny_inputs)
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def finished_run(mlflow_server, tiny_inputs):
+    """The plan of a tiny run that pretrained, fine-tuned, was evaluated and has its report written, built
+    once per session (tests/finished_run.py) and only read by the tests that use it. It tracks to the session's
+    MLflow server and to a closed loopback port (tests/test_tracking.py reads both outcomes back)."""
+    from tests.finished_run import build_finished_run
+    from tests.tracking_server import closed_port
+
+    return build_finished_run(tiny_inputs, track=(f"mlflow={mlflow_server.ready().uri}",
+                                                  f"mlflow=http://127.0.0.1:{closed_port()}"))
 
 
 from tests.serve_app import served  # noqa: E402,F401 - one Ray Serve app per session (tests/test_serve*.py)

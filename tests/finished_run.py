@@ -46,24 +46,25 @@ def finished_console(p: RunPlan) -> str:
     return p.urls["runs_root"][len("file://"):-len("/runs")] + f"/{p.name}-console.txt"
 
 
-def build_finished_run(root: str) -> RunPlan:
+def build_finished_run(root: str, track: tuple[str, ...] = ()) -> RunPlan:
     """Run the whole tiny pipeline (pretrain, SFT, eval, report) under `root` the way `llmctl submit --local`
     does after planning (cli/local.py `run_plan_local`: its own lean local Ray cluster with 2 CPUs, the stage
     bars, the report card), in a child process whose console is kept (`finished_console`); the plan of the
-    finished run. The child adds the data trace and logs every 4 steps (trainer.launch.run's own keywords)."""
+    finished run. The child adds the data trace and logs every 4 steps (trainer.launch.run's own keywords).
+    `track`: the run's `--track` targets (RunSpec.track; MLflow's HTTP retries off, so a closed port fails at once)."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
-    full = tiny_plan(root, NAME)
+    full = tiny_plan(root, NAME, track=tuple(track))
     code = ("import functools, sys; import trainer.launch as launch; from cli.local import run_plan_local; "
             "from tests.finished_run import finished_trace, tiny_plan; "
-            f"p = tiny_plan({root!r}, {NAME!r}); "
+            f"p = tiny_plan({root!r}, {NAME!r}, track={tuple(track)!r}); "
             "launch.run = functools.partial(launch.run, log_every=4, trace=finished_trace(p)); "
             f"sys.exit(run_plan_local(p, storage={root!r}, num_cpus=2))")
     repo = str(Path(__file__).resolve().parent.parent)
-    env = {**os.environ, "PYTHONPATH": repo, "COLUMNS": "160"}
+    env = {**os.environ, "PYTHONPATH": repo, "COLUMNS": "160", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, env=env, cwd=repo)
     Path(finished_console(full)).write_text(r.stdout + r.stderr)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]

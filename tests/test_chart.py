@@ -339,6 +339,10 @@ CASES = {
                   lambda d: _cm(d)["s3"] == {"endpoint": "http://minio:9000", "region": "eu", "credentialsSecret": "s3creds"}
                   and _worker_c(d)["envFrom"] == [{"secretRef": {"name": "s3creds"}}]
                   and {"name": "AWS_ENDPOINT_URL", "value": "http://minio:9000"} in _worker_c(d)["env"]),
+    "config.trackingSecret": (WARM + ["--set", "config.trackingSecret=trackers"],  # --track credentials (tracking)
+                              lambda d: _cm(d)["trackingSecret"] == "trackers"
+                              and {"name": "WANDB_API_KEY", "valueFrom": {"secretKeyRef": {
+                                  "name": "trackers", "key": "WANDB_API_KEY", "optional": True}}} in _worker_c(d)["env"]),
     "config.prices": (["--set-json", 'config.prices={"h100": 2.25}'], lambda d: _cm(d)["prices"] == {"h100": 2.25}),
     "config.queue": (["--set", "config.queue=team-q"], lambda d: _cm(d)["queue"] == "team-q"),
     "config.priorityClass": (WARM + ["--set", "config.priorityClass=llmctl-training"],
@@ -489,7 +493,7 @@ def test_each_value_changes_the_output(helm, chart, default_docs, case):
 
 CONFIG_SAMPLES = {  # a non-default value for every leaf under `config` in values.schema.json
     "rayVersion": "2.61.0", "storageRoot": "gs://b/p", "s3.endpoint": "http://minio:9000", "s3.region": "eu-west-1",
-    "s3.credentialsSecret": "s3creds", "prices": {"h100": 2.25}, "spotPrices": {"h100": 1.5}, "spotProvider": "eks",
+    "s3.credentialsSecret": "s3creds", "trackingSecret": "trackers", "prices": {"h100": 2.25}, "spotPrices": {"h100": 1.5}, "spotProvider": "eks",
     "spotNodeSelector": {"pool": "spot"}, "spotTolerations": [{"key": "spot", "operator": "Exists"}], "queue": "q", "priorityClass": "pc",
     "labels": {"team": "a"}, "env": {"NCCL_IB_HCA": "mlx5"}, "readOnlyRootFilesystem": False, "head.cpu": "4",
     "head.memory": "16Gi", "head.nodeSelector": {"pool": "cpu"},

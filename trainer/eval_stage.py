@@ -93,7 +93,7 @@ def eval_loop(config: dict) -> None:
     if rank == 0:
         record_world(plan.urls["run"], world, opts)  # the spend ledger prices this size (trainer/spend.py)
     say = (lambda msg: say_once(0, msg)) if rank == 0 else None
-    metrics = start_metrics(plan, "eval", w, cfg.metrics_port_base, attempts=cfg.attempts)
+    metrics = start_metrics(plan, "eval", w, cfg.metrics_port_base, attempts=cfg.attempts, tracking=cfg.tracking)
     tokenizer = load_tokenizer(plan.urls["tokenizer"], opts)
     token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.int64, device=device)
     results: dict = {"format": RESULTS_FORMAT, "run": plan.name, "world_size": world, "models": {}}
@@ -132,7 +132,7 @@ def eval_loop(config: dict) -> None:
             t0 = time.perf_counter()
             entry["core"] = _core(model, tokenizer, plan, opts, rank, world, say)
             entry["core"]["seconds"] = time.perf_counter() - t0
-        export_metrics(metrics, entry)
+        export_metrics(metrics, entry, step=n)
         if rank == 0:
             base_p, chat_p = prompts_for(plan)
             entry["samples"] = (base_samples(model, tokenizer, base_p) if name == "base"
@@ -190,14 +190,16 @@ def unigram_bpb(batches, steps: int, token_bytes: torch.Tensor) -> float:
     return float(-(seen * torch.log2(seen / total)).sum() / nbytes)
 
 
-def export_metrics(metrics, entry: dict) -> None:
+def export_metrics(metrics, entry: dict, step: int | None = None) -> None:
     """One scored model onto the worker's exporter (trainer/metrics.py RunMetrics): `llmctl_val_bpb`, and for
     the base model `llmctl_core_score` and `llmctl_core_task_centered{task}`. Only tasks of the standard CORE
-    set get a series (the label set stays fixed); the score is exported whatever the bundle."""
-    metrics.on_val(entry["val_bpb"])
+    set get a series (the label set stays fixed); the score is exported whatever the bundle. `step`: the models
+    scored so far, this one included (the step experiment trackers file it under)."""
+    metrics.on_val(entry["val_bpb"], step=step)
     core = entry.get("core") or {}
     if "core" in core:
-        metrics.on_core(core["core"], {k: v["centered"] for k, v in core["tasks"].items() if k in CORE_TASKS})
+        metrics.on_core(core["core"], {k: v["centered"] for k, v in core["tasks"].items() if k in CORE_TASKS},
+                        step=step)
 
 
 def lm_eval_results(plan: RunPlan, opts: dict | None, device, say=None, include_path: str | None = None) -> dict:

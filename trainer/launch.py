@@ -6,8 +6,9 @@ the run name is derived from the spec, so a retried RayJob (a fresh Ray cluster)
 and Ray Train resumes the stage from its latest checkpoint; a finished stage is skipped. SFT starts from
 the newest whole pretraining checkpoint. The run ends by writing `<run>/summary.json`: tokens, time,
 measured throughput, dollars, against the plan's estimate, and the report card (`report.md`, trainer/report.py).
-The eval stage (val bpb of each model, CORE of the base model) runs `trainer.eval_stage.eval_loop` on the same
-workers. Each stage's workers get a `trainer.worker.StageConfig`. When Ray Train restarts a stage's worker group
+With `--track` the run is also an MLflow and/or W&B run (trainer/tracking.py: opened here, metrics from each
+stage's rank 0, the report uploaded at the end). The eval stage (val bpb of each model, CORE of the base model)
+runs `trainer.eval_stage.eval_loop` on the same workers. Each stage's workers get a `trainer.worker.StageConfig`. When Ray Train restarts a stage's worker group
 (a worker died or raised), the controller's callback records the failed ranks and the new group's rank 0 the
 restart (trainer/restarts.py: `<run>/restarts.json`, one console line).
 
@@ -136,7 +137,7 @@ def run(p: RunPlan, *, storage_options: dict | None = None, **kw) -> dict:
     run summary. Idempotent: finished stages are skipped, interrupted ones resume. This attempt's GPU time
     goes to `<run>/spend.json` (trainer/spend.py), heartbeated, so spend survives retries and preemptions, and
     priced at the size each worker group actually ran at (an elastic run that shrank pays for fewer GPUs)."""
-    from trainer import spend
+    from trainer import spend, tracking
 
     opts = dict(storage_options if storage_options is not None else storage_options_from_env())
     write_plan(p, opts)  # before the ledger: never write into another run's directory
@@ -144,21 +145,29 @@ def run(p: RunPlan, *, storage_options: dict | None = None, **kw) -> dict:
     with spend.attempt(p.urls["run"], run=p.name, gpus=count if isinstance(count, int) else max(count),
                        price_per_gpu_hour=p.estimate.price_per_gpu_hour, storage_options=opts) as ledger, \
             logship.shipping(p.urls["run"], len(ledger.doc["attempts"]), "driver", opts):  # trainer/logship.py
-        return _run_stages(p, storage_options=opts, earlier_attempts_seconds=ledger.earlier_seconds,
-                           attempts=len(ledger.doc["attempts"]), **kw)
+        refs = tracking.open_runs(p, opts)  # --track: MLflow / W&B runs; never fatal (trainer/tracking.py)
+        ok = False
+        try:
+            result = _run_stages(p, storage_options=opts, earlier_attempts_seconds=ledger.earlier_seconds,
+                                 attempts=len(ledger.doc["attempts"]), tracking=refs, **kw)
+            ok = result["status"] == "completed"
+            return result
+        finally:
+            tracking.close_runs(p, refs, opts, ok=ok)  # the report and curves as artifacts; the runs ended
 
 
 def _run_stages(p: RunPlan, *, storage_options: dict | None = None, max_failures: int = 3,
                 metrics_port_base: int | None = None, log_every: int = 10, checkpoint_upload: str = "async",
                 trace: str | None = None, chaos: dict | None = None, earlier_attempts_seconds: float = 0.0,
-                attempts: int = 1,
+                attempts: int = 1, tracking: list | None = None,
                 progress_file: str | None = None, quiet: bool = False, workers: int | tuple[int, int] | None = None,
                 elastic_monitor_s: float = 60.0) -> dict:
     """`run`'s body: the stages in order, each one Ray Train fit. `progress_file`: a local path the workers
     append progress to (trainer/progress.py); `quiet`: print nothing of our own either. `workers` overrides the
     plan's worker count (an int, or Ray Train's elastic (min, max)); a checkpoint of another world size is
     re-sharded on restore (trainer/reshard.py); an elastic group checks every `elastic_monitor_s` whether
-    more workers fit, and if so restarts larger from the latest checkpoint."""
+    more workers fit, and if so restarts larger from the latest checkpoint. `tracking`: the experiment-tracker
+    runs `run` opened, for each stage's rank 0 (trainer/tracking.py)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -194,7 +203,7 @@ def _run_stages(p: RunPlan, *, storage_options: dict | None = None, max_failures
         config = StageConfig(plan=p.to_json(), stage=st.name, storage_options=opts, log_every=log_every,
                              metrics_port_base=metrics_port_base, checkpoint_upload=checkpoint_upload, trace=trace,
                              chaos=chaos, init_model=init_model, earlier_attempts_seconds=earlier_attempts_seconds,
-                             attempts=attempts,
+                             attempts=attempts, tracking=tracking or None,
                              progress_file=progress_file,
                              prior_seconds=sum(s["seconds"] for s in stages.values()),
                              prior_tokens=sum(s["tokens"] for s in stages.values())).to_dict()

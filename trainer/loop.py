@@ -113,7 +113,7 @@ def set_up(cfg: StageConfig) -> Stage:
     metrics = start_metrics(plan, stage.name, w, cfg.metrics_port_base,
                             prior_seconds=cfg.prior_seconds + loop["seconds"] + lost,
                             prior_tokens=cfg.prior_tokens + loop["tokens"], attempts=cfg.attempts + group_restarts,
-                            lost_seconds=lost)
+                            lost_seconds=lost, tracking=cfg.tracking)
     trace = open(cfg.trace, "a") if cfg.trace else None
     return Stage(cfg, plan, stage, w, model, optimizer, tokenizer, token_bytes, loader, metrics, trace, start_step,
                  loop, lost, planned, position)

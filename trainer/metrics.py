@@ -123,12 +123,14 @@ class RunMetrics:
     registry: a prometheus_client CollectorRegistry; None = a fresh one per instance, so several
     instances can live in one process (tests; one stage after another).
     addr, clock: bind address of the server, and the clock cost and ETA are measured with (tests).
+    tracker: rank 0's `trainer.tracking.Tracker` when the run tracks to MLflow/W&B (`--track`): every step's loss,
+    tokens/s and MFU, the run's dollars, each val bpb and CORE score go to it too; closed with the exporter.
     """
 
     def __init__(self, plan: RunPlan, stage: str, *, rank: int, local_rank: int, world_size: int,
                  device_name: str | None, port: int | None = None, registry=None,
                  prior_seconds: float = 0.0, prior_tokens: int = 0, attempts: int = 1, lost_seconds: float = 0.0,
-                 addr: str = "0.0.0.0", clock: Callable[[], float] = time.monotonic) -> None:
+                 addr: str = "0.0.0.0", clock: Callable[[], float] = time.monotonic, tracker=None) -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         if stage not in STAGES:
@@ -156,6 +158,7 @@ class RunMetrics:
         stage_plan = next((s for s in plan.stages if s.name == stage), None)
         self._clock = clock
         self._t0 = clock()
+        self.tracker = tracker
         self._prior_seconds = float(prior_seconds)
         self._attempts, self._lost_seconds = attempts, float(lost_seconds)
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -276,6 +279,9 @@ class RunMetrics:
         self._c_wait.inc(data_wait_seconds)
         self._g_eta.set(self._eta)
         self._g_last.set(time.time())
+        if self.tracker is not None:  # the run's figures: every rank runs the same tokens in the same step
+            self.tracker.log(step, {"loss": self._loss, "tokens_per_second": self._tokens_per_second * self.world_size,
+                                    "mfu": self._mfu, "dollars": self.cost_dollars() * self.world_size})
 
     def on_collective(self, step: int) -> None:
         """This rank reached the first collective of `step` (0-based: the step being run)."""
@@ -285,10 +291,13 @@ class RunMetrics:
         """The watchdog's current bound on one step (trainer/watchdog.py)."""
         self._m_bound.labels(**self._labels).set(seconds)
 
-    def on_val(self, bpb: float) -> None:
-        """After a validation pass: bits per byte on the validation split."""
+    def on_val(self, bpb: float, step: int | None = None) -> None:
+        """After a validation pass: bits per byte on the validation split; `step` for the tracker (default: the
+        last step, the training loop's case; the eval stage passes the models scored so far)."""
         self._val_bpb = float(bpb)
         self._m_val.labels(**self._labels).set(self._val_bpb)
+        if self.tracker is not None:
+            self.tracker.log(self._step if step is None else step, {"val_bpb": self._val_bpb})
 
     def on_checkpoint(self, seconds: float) -> None:
         """After a checkpoint save: the seconds it blocked training on this rank."""
@@ -297,8 +306,9 @@ class RunMetrics:
         self._checkpoint_seconds = float(seconds)
         self._m_ckpt.labels(**self._labels).set(self._checkpoint_seconds)
 
-    def on_core(self, score: float, per_task: dict[str, float]) -> None:
-        """After a CORE evaluation: the score and each task's centered accuracy (tasks from CORE_TASKS)."""
+    def on_core(self, score: float, per_task: dict[str, float], step: int | None = None) -> None:
+        """After a CORE evaluation: the score and each task's centered accuracy (tasks from CORE_TASKS); `step`
+        as in `on_val`."""
         unknown = sorted(set(per_task) - set(CORE_TASKS))
         if unknown:
             raise ValueError(f"on_core: unknown CORE task(s) {', '.join(unknown)}; the task set is CORE_TASKS")
@@ -306,6 +316,8 @@ class RunMetrics:
         self._m_core.labels(**self._labels).set(self._core_score)
         for task, value in per_task.items():
             self._m_core_task.labels(**self._labels, task=task).set(float(value))
+        if self.tracker is not None:
+            self.tracker.log(self._step if step is None else step, {"core": self._core_score})
 
     # -----------------------------------------------------------------------------------------
     # Reading
@@ -375,6 +387,8 @@ class RunMetrics:
         if self._closed:
             return
         self._closed = True
+        if self.tracker is not None:
+            self.tracker.close()  # the stage's last rows (guarded: never raises)
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()

@@ -189,19 +189,24 @@ def _read_local(path: str, max_bytes: int, url: str) -> bytes | None:
     return data
 
 
+def read_bytes(url: str, max_bytes: int, storage_options: dict | None = None) -> bytes | None:
+    """The file at `url` (None when absent), bounded and never through a link, like `read_small_json`."""
+    fs, path = filesystem(url, storage_options)
+    if _is_local(fs):
+        return _read_local(path, max_bytes, url)
+    try:
+        data = fs.cat_file(path, start=0, end=max_bytes + 1)
+    except FileNotFoundError:
+        return None
+    if len(data) > max_bytes:
+        raise DocumentTooLarge(f"{url} is over the {max_bytes:,} bytes this reader accepts")
+    return data
+
+
 def read_text(url: str, max_bytes: int, storage_options: dict | None = None) -> str | None:
     """The text file at `url` (None when absent), bounded and never through a link, like `read_small_json`;
     invalid UTF-8 is replaced, not an error."""
-    fs, path = filesystem(url, storage_options)
-    if _is_local(fs):
-        data = _read_local(path, max_bytes, url)
-    else:
-        try:
-            data = fs.cat_file(path, start=0, end=max_bytes + 1)
-        except FileNotFoundError:
-            data = None
-        if data is not None and len(data) > max_bytes:
-            raise DocumentTooLarge(f"{url} is over the {max_bytes:,} bytes this reader accepts")
+    data = read_bytes(url, max_bytes, storage_options)
     return None if data is None else data.decode("utf-8", "replace")
 
 
@@ -210,22 +215,15 @@ def read_small_json(url: str, max_bytes: int, storage_options: dict | None = Non
     files are untrusted, and a reader must not be made to pull gigabytes. Invalid JSON (nesting that would
     exhaust the parser's stack included) raises ValueError; a link where the file should be, `UnsafeFile`."""
     fs, path = filesystem(url, storage_options)
-    if _is_local(fs):
-        data = _read_local(path, max_bytes, url)
-        return None if data is None else _loads(data, url)
-    try:
-        size = fs.size(path)
-    except FileNotFoundError:
-        return None
-    if size is not None and size > max_bytes:
-        raise DocumentTooLarge(f"{url} is {size:,} bytes, over the {max_bytes:,} this reader accepts")
-    try:
-        data = fs.cat_file(path, start=0, end=max_bytes + 1)
-    except FileNotFoundError:
-        return None
-    if len(data) > max_bytes:
-        raise DocumentTooLarge(f"{url} is over the {max_bytes:,} bytes this reader accepts")
-    return _loads(data, url)
+    if not _is_local(fs):  # object storage: its size first, so a large object is refused without a read
+        try:
+            size = fs.size(path)
+        except FileNotFoundError:
+            return None
+        if size is not None and size > max_bytes:
+            raise DocumentTooLarge(f"{url} is {size:,} bytes, over the {max_bytes:,} this reader accepts")
+    data = read_bytes(url, max_bytes, storage_options)
+    return None if data is None else _loads(data, url)
 
 
 # ------------------------------------------------------------------ read-modify-write of one shared document

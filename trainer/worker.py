@@ -122,15 +122,22 @@ class ValPass:
 
 
 def start_metrics(plan: RunPlan, stage: str, w: Worker, port_base: int | None, *, prior_seconds: float = 0.0,
-                  prior_tokens: int = 0, attempts: int = 1, lost_seconds: float = 0.0):
-    """This worker's metrics (trainer/metrics.py), served on `port_base + local rank` unless port_base is None."""
+                  prior_tokens: int = 0, attempts: int = 1, lost_seconds: float = 0.0, tracking: list | None = None):
+    """This worker's metrics (trainer/metrics.py), served on `port_base + local rank` unless port_base is None;
+    on rank 0 also sent to the run's experiment trackers (`tracking`: the driver's refs, trainer/tracking.py)."""
     from trainer.metrics import RunMetrics
+
+    tracker = None
+    if tracking and w.rank == 0:
+        from trainer.tracking import Tracker
+
+        tracker = Tracker(plan.name, tracking, stage)
 
     return RunMetrics(plan, stage, rank=w.rank, local_rank=w.local_rank, world_size=w.world,
                       device_name=torch.cuda.get_device_name(w.device) if w.device.type == "cuda" else None,
                       port=None if port_base is None else port_base + w.local_rank,
                       prior_seconds=prior_seconds, prior_tokens=prior_tokens, attempts=attempts,
-                      lost_seconds=lost_seconds)
+                      lost_seconds=lost_seconds, tracker=tracker)
 
 
 def agree(device: torch.device, *flags: bool) -> list[bool]:
@@ -179,7 +186,8 @@ class StageConfig:
     per-step data fingerprints and wall-clock stamps (the exact-resume tests, bench/ray_overhead.py); chaos:
     fault injection for the fault tests (kill_at_step, rank, marker, during_save; nan_at_step; hang_at_step,
     hang_seconds, watchdog_floor_s: a rank that stalls and the watchdog's short bound; stage: only that stage);
-    progress_file: a local JSONL path rank 0 appends progress to (trainer/progress.py; the local run's bars).
+    progress_file: a local JSONL path rank 0 appends progress to (trainer/progress.py; the local run's bars);
+    tracking: the experiment-tracker runs the driver opened (trainer/tracking.py refs), which rank 0 logs to.
     """
 
     plan: str
@@ -196,6 +204,7 @@ class StageConfig:
     trace: str | None = None
     chaos: dict | None = None
     progress_file: str | None = None
+    tracking: list | None = None
 
     def __post_init__(self) -> None:
         if self.checkpoint_upload not in ("async", "sync"):

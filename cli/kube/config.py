@@ -93,6 +93,7 @@ class ClusterConfig:
     s3_endpoint: str | None = None  # AWS_ENDPOINT_URL for MinIO/Ceph; None = AWS
     s3_region: str | None = None
     s3_secret: str | None = None  # Secret whose keys become env (AWS_ACCESS_KEY_ID, ...); None = ambient (IRSA)
+    tracking_secret: str | None = None  # Secret with MLflow/W&B credentials for --track (cli/kube/pods.py TRACKING_KEYS)
     prices: dict[str, float] = field(default_factory=dict)  # $/GPU-hour by GPU type, over the plan's catalog
     spot_prices: dict[str, float] = field(default_factory=dict)  # $/GPU-hour on spot by GPU type (trainer/plan/spot.py)
     spot_provider: str = "gke"  # gke | eks | label: which node label and taint mark spot nodes (cli/kube/rayjob.py)
@@ -287,6 +288,7 @@ _KEY_TO_FIELD = {
     "image": "image", "imagePullPolicy": "image_pull_policy", "imagePullSecrets": "image_pull_secrets",
     "rayVersion": "ray_version", "storageRoot": "storage_root",
     "s3.endpoint": "s3_endpoint", "s3.region": "s3_region", "s3.credentialsSecret": "s3_secret",
+    "trackingSecret": "tracking_secret",
     "prices": "prices", "spotPrices": "spot_prices", "spotProvider": "spot_provider",
     "spotNodeSelector": "spot_node_selector", "spotTolerations": "spot_tolerations", "queue": "queue", "priorityClass": "priority_class",
     "runServiceAccount": "run_service_account", "labels": "labels", "env": "env",
@@ -440,8 +442,8 @@ def _coerce(fname: str, value: Any) -> Any:
     if fname in ("read_only_root_filesystem", "kueue_elastic_jobs") and not isinstance(value, bool):
         raise UsageError(f"{key}: must be true or false, got {value!r}")
     if fname in ("image", "image_pull_policy", "ray_version", "storage_root", "s3_endpoint", "s3_region",
-                 "s3_secret", "queue", "priority_class", "kueue_priority_class", "kueue_sweep_priority_class",
-                 "run_service_account", "gpu_labels", "ray_auth",
+                 "s3_secret", "tracking_secret", "queue", "priority_class", "kueue_priority_class",
+                 "kueue_sweep_priority_class", "run_service_account", "gpu_labels", "ray_auth",
                  "spot_provider", "serve_api_key_sha256", "serve_vllm_image") \
             and not isinstance(value, str):
         raise UsageError(f"{key}: must be a string, got {value!r}")

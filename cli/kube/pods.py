@@ -4,7 +4,7 @@ the pod spec (service account, token mounting, placement, volumes) and byte quan
 
 Invariants: every pod runs as uid 1000, non-root, no privilege escalation, all capabilities dropped, seccomp
 RuntimeDefault (Pod Security "restricted"); requests equal limits; credentials reach a container only by
-reference (`envFrom` a Secret), never by value; only pods given `api_token=True` mount an API token.
+reference (`envFrom` a Secret, `secretKeyRef`), never by value; only pods given `api_token=True` mount an API token.
 """
 
 from __future__ import annotations
@@ -102,9 +102,36 @@ def autoscaler_options(cfg: ClusterConfig) -> dict:
                              {"name": TOKEN_VOLUME["name"], "mountPath": TOKEN_DIR, "readOnly": True}]}
 
 
-def container_env(run: str, cfg: ClusterConfig, extra: dict[str, str]) -> list[dict]:
-    """The Ray containers' environment: llmctl's own variables, the S3 endpoint, then the config's and `extra`
-    (which replace a same-named entry; the names were checked by ClusterConfig)."""
+# `--track` credentials, by tracker: the variables each client reads (MLflow: a bearer token, or basic auth;
+# W&B: its API key), each taken from the config's trackingSecret by `secretKeyRef`, optional, so one Secret may
+# hold only the keys its trackers need.
+TRACKING_KEYS = {"mlflow": ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"),
+                 "wandb": ("WANDB_API_KEY",)}
+
+
+def tracking_env(track: tuple[str, ...], cfg: ClusterConfig) -> list[dict]:
+    """What `--track` adds to the Ray containers: where to (MLFLOW_TRACKING_URI, the first MLflow target;
+    WANDB_PROJECT) and the trackers' credentials from `cfg.tracking_secret` by reference, never by value."""
+    from trainer.plan.spec import parse_track
+
+    env, kinds = [], []
+    for kind, target in (parse_track(t) for t in track):
+        if kind == "mlflow" and "mlflow" not in kinds:
+            env.append({"name": "MLFLOW_TRACKING_URI", "value": target})
+        if kind == "wandb" and target and "wandb" not in kinds:
+            env.append({"name": "WANDB_PROJECT", "value": target})
+        kinds.append(kind)
+    if cfg.tracking_secret:
+        env += [{"name": key, "valueFrom": {"secretKeyRef": {"name": cfg.tracking_secret, "key": key,
+                                                             "optional": True}}}
+                for kind in dict.fromkeys(kinds) for key in TRACKING_KEYS[kind]]
+    return env
+
+
+def container_env(run: str, cfg: ClusterConfig, extra: dict[str, str], track: tuple[str, ...] = ()) -> list[dict]:
+    """The Ray containers' environment: llmctl's own variables, the S3 endpoint, the trackers of `track` (the
+    plan's `--track`), then the config's and `extra` (which replace a same-named entry; the names were checked
+    by ClusterConfig)."""
     env = [
         {"name": "HOME", "value": "/tmp"},  # the root filesystem is read-only; /tmp is an emptyDir
         {"name": "LLMCTL_RUN", "value": run},
@@ -117,6 +144,7 @@ def container_env(run: str, cfg: ClusterConfig, extra: dict[str, str]) -> list[d
         env.append({"name": "AWS_ENDPOINT_URL", "value": cfg.s3_endpoint})
     if cfg.s3_region:
         env.append({"name": "AWS_REGION", "value": cfg.s3_region})
+    env += tracking_env(track, cfg)
     names = {e["name"] for e in env}
     for k, v in {**cfg.env, **extra}.items():
         if k in names:

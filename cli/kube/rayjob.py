@@ -131,7 +131,8 @@ def template_metadata(plan: RunPlan, cfg: ClusterConfig, role: str) -> dict:
 def head_template(plan: RunPlan, cfg: ClusterConfig, extra_env: dict[str, str]) -> dict:
     resources = {"cpu": cfg.head_cpu, "memory": cfg.head_memory}
     ports = [{"name": n, "containerPort": p, "protocol": "TCP"} for n, p in HEAD_PORTS]
-    c = container(CONTAINERS["head"], cfg, container_env(plan.name, cfg, extra_env), resources, ports, "head")
+    c = container(CONTAINERS["head"], cfg, container_env(plan.name, cfg, extra_env, plan.spec.track), resources,
+                  ports, "head")
     return {"metadata": template_metadata(plan, cfg, "head"),
             "spec": pod_spec(plan.name, cfg, c, node_selector=cfg.head_node_selector, tolerations=cfg.head_tolerations,
                               service_account=cfg.run_service_account, role="head")}
@@ -146,7 +147,7 @@ def worker_template(plan: RunPlan, cfg: ClusterConfig, gpus_per_pod: int, extra_
     ports.append({"name": "metrics", "containerPort": RAY_METRICS_PORT, "protocol": "TCP"})
     # Checkpoints are staged under tempfile's directory (TMPDIR); Ray's own session files stay in /tmp, because
     # Ray also follows TMPDIR unless RAY_TMPDIR is set (ray._common.utils.get_user_temp_dir).
-    env = container_env(plan.name, cfg, {"TMPDIR": SCRATCH, "RAY_TMPDIR": "/tmp", **extra_env})
+    env = container_env(plan.name, cfg, {"TMPDIR": SCRATCH, "RAY_TMPDIR": "/tmp", **extra_env}, plan.spec.track)
     c = container(CONTAINERS["worker"], cfg, env, resources, ports, "worker")
     selector, expressions = gpu_placement(cfg, cfg.gpu_node_selectors.get(plan.spec.gpu_type, {}))
     tolerations = tuple(cfg.gpu_tolerations)

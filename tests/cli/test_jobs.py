@@ -363,6 +363,21 @@ def test_progress_written_by_the_run_to_its_storage_reaches_status(kube, capsys,
     assert kube.lines() == [f"GET {RAYJOBS}/{name}", "GET /api/v1/namespaces/team/pods"]  # no PATCH anywhere
 
 
+def test_status_of_a_cluster_run_shows_its_tracking_runs(kube, capsys, tmp_path):
+    """`<run>/tracking.json` (trainer/tracking.py, written by the driver) reaches status: tracker, name, link."""
+    from trainer.storage import write_json
+
+    rj = _submitted(kube, capsys)
+    name = rj["metadata"]["name"]
+    url = f"file://{tmp_path}/runs/{name}"
+    link = "https://mlflow.example/#/experiments/1/runs/abc"
+    write_json(f"{url}/tracking.json", {"runs": [{"kind": "mlflow", "target": "https://mlflow.example",
+                                                  "run_id": "abc", "name": name, "link": link}]})
+    _set_status(kube, rj, {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}, {"llmctl.dev/storage": url})
+    rc, out, _ = run(capsys, "status", name)
+    assert rc == 0 and f"tracking  mlflow run {name}: {link}" in out
+
+
 def test_status_treats_the_stored_progress_as_untrusted(kube, capsys, tmp_path):
     rj = _submitted(kube, capsys)
     name = rj["metadata"]["name"]

@@ -114,3 +114,36 @@ def test_hostile_spec_names_that_become_paths_are_plain(capsys):
     for field in ("tokenizer", "dataset", "sft_dataset"):
         with pytest.raises(PlanError, match=field):
             RunSpec(depth=4, **{field: "../../team-b"})
+
+
+@pytest.mark.parametrize("target, why", [("nope=x", "not a tracker"), ("mlflow", "tracking URI"),
+                                         ("mlflow=ftp://host/x", "tracking URI"), ("wandb=a/b/c", "W&B project"),
+                                         ("wandb=my project", "without spaces"),
+                                         ("mlflow=https://u:s3cr3t@mlflow.example", "user:password")])
+def test_tracking_target_that_is_not_one_is_refused(capsys, tmp_path, target, why):
+    """`--track` (trainer/plan/spec.py parse_track): one line, exit 2, for a cluster run and a local one alike,
+    and a local run creates nothing."""
+    err = refused(capsys, *DRY, "--track", target)
+    assert why in err and "s3cr3t" not in err
+    err = refused(capsys, "submit", "--local", "--storage", str(tmp_path / "root"), "--track", target)
+    assert why in err and not (tmp_path / "root").exists()
+
+
+def test_tracking_targets_reach_the_plan_and_the_pods(capsys, tmp_path):
+    """Both trackers on a dry run: the plan inside the RayJob carries them; the Ray containers get the URI and
+    the project, and with a trackingSecret each credential by secretKeyRef; without one, a warning."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("storageRoot: s3://bucket/llm\ntrackingSecret: trackers\n")
+    argv = (*DRY, "--track", "mlflow=https://mlflow.example", "--track", "wandb=team/llm")
+    rc, out, err = llmctl(capsys, *argv, "--cluster-config", str(cfg))
+    assert rc == 0, err
+    head = json.loads(out)["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e for e in head["env"]}
+    assert env["MLFLOW_TRACKING_URI"]["value"] == "https://mlflow.example"
+    assert env["WANDB_PROJECT"]["value"] == "team/llm"
+    for key in ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD", "WANDB_API_KEY"):
+        assert env[key] == {"name": key, "valueFrom": {"secretKeyRef": {"name": "trackers", "key": key,
+                                                                        "optional": True}}}
+    assert "mlflow=https://mlflow.example" in out and "trackingSecret" not in err
+    rc, out, err = llmctl(capsys, *argv)
+    assert rc == 0 and "no trackingSecret" in err and "WANDB_API_KEY" not in out

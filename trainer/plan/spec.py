@@ -38,11 +38,46 @@ class PlanError(ValueError):
 # Capacity and fabric, not what is trained: left out of the run name (a retry on other capacity resumes the same
 # run) and out of the stored spec when unset (plans stored before them still load).
 ELASTIC_FIELDS = {"min_gpus": None, "spot": False, "preemptions_per_hour": None, "interconnect_busbw_gbs": None}
-# Fields a stored spec leaves out while unset (plans stored before them still load) and the run's name ignores
-# (they change neither what is trained nor how): the elastic ones and the optional lm-eval pass.
-OMITTED_UNSET = {**ELASTIC_FIELDS, "lm_eval": None}
 MAX_LM_EVAL_TASKS = 64  # --lm-eval task names (lm-eval's leaderboard groups are a dozen or so)
 _LM_EVAL_TASK = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")  # lm-eval task and group names
+# Where the run is reported, not what is trained: likewise out of the run name, and out of the stored spec when empty.
+TRACK_FIELDS = {"track": ()}
+# Fields a stored spec leaves out while unset (plans stored before them still load) and the run's name ignores
+# (they change neither what is trained nor how): the elastic ones, the optional lm-eval pass, the trackers.
+OMITTED_UNSET = {**ELASTIC_FIELDS, "lm_eval": None, **TRACK_FIELDS}
+
+# `--track` targets (trainer/tracking.py): "mlflow=URI" or "wandb[=[ENTITY/]PROJECT]". MLflow's client takes these
+# URI schemes for a tracking server (http/https: a server; file: a local store; databricks[://profile]).
+TRACKERS = ("mlflow", "wandb")
+MLFLOW_SCHEMES = ("http", "https", "file", "databricks")
+MAX_TRACKS = 4  # one of each tracker is the use; a few leaves room for a second server without unbounded lists
+MAX_TRACK_CHARS = 512  # a tracking URI or project name (URLs in practice are < 200 characters)
+# W&B entity and project names: letters, digits, '-', '_', '.' (its UI refuses '/', '\\', '#', '?', '%', ':').
+_WANDB_PROJECT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,127})?")
+_URI_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")
+
+
+def parse_track(value: str) -> tuple[str, str | None]:
+    """A `--track` target -> (tracker, URI or project; None = W&B's default project); PlanError names what is wrong."""
+    if not isinstance(value, str):
+        raise PlanError(f"track: must be a string such as mlflow=URI or wandb=PROJECT, got {value!r:.60}")
+    kind, sep, target = value.partition("=")
+    if kind not in TRACKERS:
+        raise PlanError(f"track: {kind!r:.40} is not a tracker; use mlflow=URI or wandb[=PROJECT]")
+    if len(value) > MAX_TRACK_CHARS or any(c.isspace() or not c.isprintable() for c in value):
+        raise PlanError(f"track: {kind} target must be at most {MAX_TRACK_CHARS} printable characters without spaces")
+    if what := find_credential(target):
+        raise PlanError(f"track: the {kind} target holds {what}; {HOW}")
+    if kind == "mlflow":
+        scheme = _URI_SCHEME.match(target)
+        if target != "databricks" and (not scheme or scheme.group(1).lower() not in MLFLOW_SCHEMES):
+            raise PlanError(f"track: mlflow needs a tracking URI ({', '.join(s + ':' for s in MLFLOW_SCHEMES)}), "
+                            f"e.g. mlflow=http://mlflow.example:5000; got {value!r:.80}")
+        return kind, target
+    if sep and not _WANDB_PROJECT.fullmatch(target):
+        raise PlanError(f"track: wandb=PROJECT takes a W&B project (or ENTITY/PROJECT: letters, digits, '-', '_', "
+                        f"'.'), got {target!r:.80}")
+    return kind, target or None
 
 
 @dataclass(frozen=True)
@@ -87,6 +122,7 @@ class RunSpec:
     # Inter-node all-reduce bus bandwidth per GPU in GB/s (nccl-tests busbw; `llmctl doctor --network` measures
     # it); None = trainer/plan/interconnect.py's default fabric. Only runs over more than one node use it.
     interconnect_busbw_gbs: float | None = None
+    track: tuple[str, ...] = ()  # experiment trackers: "mlflow=URI", "wandb[=PROJECT]" (trainer/tracking.py)
 
     def __post_init__(self) -> None:
         def bad(fld: str, why: str) -> None:
@@ -169,6 +205,11 @@ class RunSpec:
                     f"digits, '_', '.', '-'), got {self.lm_eval!r:.80}")
             if "eval" not in self.stages:
                 bad("lm_eval", "runs in the eval stage: list eval in the stages")
+        if not isinstance(self.track, tuple) or len(self.track) > MAX_TRACKS:
+            bad("track", f"must be a list of at most {MAX_TRACKS} targets, got {self.track!r:.80}")
+        targets = [parse_track(t) for t in self.track]
+        if len(set(targets)) != len(targets):
+            bad("track", f"lists a target twice: {', '.join(self.track)}")
         if self.name is not None and not _DNS1035.fullmatch(self.name):
             bad("name", f"must be a DNS-1035 label of at most 47 chars (a-z, 0-9, '-'), got {self.name!r}")
 
@@ -178,6 +219,8 @@ class RunSpec:
         for k, default in OMITTED_UNSET.items():  # absent when unset: plans stored before them still load
             if d[k] == default:
                 del d[k]
+        if "track" in d:
+            d["track"] = list(self.track)
         return d
 
     @classmethod
@@ -191,8 +234,9 @@ class RunSpec:
             raise PlanError(f"spec: unknown field(s) {', '.join(unknown)}")
         d = dict(d)
         try:
-            if "stages" in d:
-                d["stages"] = tuple(d["stages"])
+            for k in ("stages", "track"):
+                if k in d and isinstance(d[k], list):
+                    d[k] = tuple(d[k])
             return cls(**d)
         except (TypeError, ValueError, OverflowError) as e:  # a field of the wrong type
             if isinstance(e, PlanError):

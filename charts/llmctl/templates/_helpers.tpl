@@ -246,6 +246,17 @@ Environment of Ray containers in the warm cluster (the per-run RayJob adds LLMCT
 - name: AWS_REGION
   value: {{ . | quote }}
 {{- end }}
+{{- with .Values.config.trackingSecret }}{{- $secret := . }}
+{{- /* --track credentials by reference, each optional (cli/kube/pods.py TRACKING_KEYS) */}}
+{{- range $key := list "MLFLOW_TRACKING_TOKEN" "MLFLOW_TRACKING_USERNAME" "MLFLOW_TRACKING_PASSWORD" "WANDB_API_KEY" }}
+- name: {{ $key }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ $secret }}
+      key: {{ $key }}
+      optional: true
+{{- end }}
+{{- end }}
 {{- range $k, $v := .Values.config.env }}
 - name: {{ $k }}
   value: {{ $v | toString | quote }}

@@ -600,3 +600,28 @@ def test_pods_change_volume_ownership_only_on_mismatch():
     _, rj = rayjob(12, 8)
     pods = [_head_spec(rj), *(g["template"]["spec"] for g in workers(rj)), rj["spec"]["submitterPodTemplate"]["spec"]]
     assert all(p["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch" for p in pods)
+
+
+def test_tracking_credentials_by_secret_key_ref_strictly_valid_for_every_release():
+    """`--track` on a cluster (cli/kube/pods.py tracking_env): the head and the workers get the tracker's URI and
+    its credentials from the config's trackingSecret by reference (optional keys), the submitter nothing; the
+    RayJob stays strictly valid for every supported KubeRay release."""
+    cfg = ClusterConfig(tracking_secret="trackers", s3_secret="llmctl-s3")
+    p, rj = rayjob(20, 16, cfg, track=("mlflow=https://mlflow.example:5000", "wandb"))
+    for c in containers(rj):
+        env = {e["name"]: e for e in c["env"]}
+        if c["name"] == "ray-job-submitter":
+            assert not set(env) & {"MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_TOKEN", "WANDB_API_KEY"}
+            continue
+        assert env["MLFLOW_TRACKING_URI"] == {"name": "MLFLOW_TRACKING_URI", "value": "https://mlflow.example:5000"}
+        refs = {k: v["valueFrom"]["secretKeyRef"] for k, v in env.items() if "secretKeyRef" in v.get("valueFrom", {})}
+        assert refs == {k: {"name": "trackers", "key": k, "optional": True} for k in
+                        ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+                         "WANDB_API_KEY")}
+    for release in schemas.KUBERAY_RELEASES:
+        major_minor = ".".join(release.split(".")[:2])
+        _, rendered = rayjob(20, 16, ClusterConfig(tracking_secret="trackers", kuberay_version=major_minor),
+                             track=("mlflow=https://mlflow.example:5000", "wandb"))
+        schemas.validate(rendered, {"kuberay": release})
+    _, bare = rayjob(20, 16, ClusterConfig(tracking_secret="trackers"))  # no --track: nothing of it
+    assert "MLFLOW" not in yaml.safe_dump(bare) and "WANDB" not in yaml.safe_dump(bare)
