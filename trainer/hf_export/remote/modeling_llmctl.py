@@ -1,8 +1,11 @@
 """An llmctl GPT (the nanochat architecture) as a Hugging Face transformers causal LM.
 
 Shipped verbatim in every `llmctl export --format hf` directory and loaded with `trust_remote_code=True`;
-it imports only torch and transformers. Parameter names are llmctl's own (transformer.wte,
-transformer.h.N.attn.c_q, ...), so the exported safetensors are the trained state dict unchanged.
+it imports only torch and transformers (5.22, vLLM 0.34's pin, to 5.25). As transformers' own models are split:
+`LlmctlModel` (auto_map's AutoModel, what vLLM's Transformers backend builds) maps ids to the final hidden
+states; `LlmctlForCausalLM` is it under `model` plus lm_head. The exported safetensors are the trained state
+dict unchanged, under llmctl's names (transformer.wte, transformer.h.N.attn.c_q, ..., lm_head); transformers
+puts the base model's under `model.` as it loads them (vLLM's weight mapper does the same).
 
 The forward pass is llmctl's `GPT.forward` (trainer/model.py) written against transformers' interfaces:
 - token embedding -> parameter-free RMSNorm -> smear: each token adds its predecessor's normed embedding,
@@ -13,11 +16,12 @@ The forward pass is llmctl's `GPT.forward` (trainer/model.py) written against tr
 - per layer: x = resid_lambdas[i] x + x0_lambdas[i] x0; x += attn(norm(x), ve); x += mlp(norm(x)).
 - attention: c_q/c_k/c_v, value embedding mixed into v through 3 sigmoid(ve_gate(x[..., :12])) per KV
   head, rotary (base 100,000, channel j paired with j + D/2), QK RMSNorm times 1.2, then the attention
-  function transformers is set to (eager or sdpa), under a causal mask cut to the layer's window:
-  a query sees itself and the w tokens before it (transformers' sliding_window = w + 1).
+  function transformers is set to (eager, sdpa, or vLLM's), looked up as transformers' models do, under the
+  mask of the layer's type (config.layer_types): a "sliding_attention" layer's query sees itself and the
+  w tokens before it (config.sliding_window = w + 1), a "full_attention" layer's the trained context.
 - MLP relu(x)^2; backout x -= backout_lambda * (output of layer n_layer // 2); final RMSNorm; lm_head
   over the padded vocabulary, cropped to the real one, fp32, softcap 15 tanh(x / 15).
-The key/value cache is transformers' DynamicCache (every layer keeps all its keys; the masks do the windowing).
+The key/value cache is transformers' DynamicCache, built from layer_types (sliding layers keep their window's keys).
 """
 
 from __future__ import annotations
