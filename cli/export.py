@@ -1,12 +1,15 @@
-"""`llmctl export RUN --format hf OUT`: a run's model as a Hugging Face transformers directory.
+"""`llmctl export RUN --format hf [OUT]`: a run's model as a Hugging Face transformers directory.
 
 Writes safetensors weights, config.json with the modeling code (loaded with `trust_remote_code=True`),
 generation_config.json, and the tokenizer (tokenizer.json with the chat template) to OUT, any storage URL
-(a path, file://, s3://). `--stage sft` (default) exports the chat model, `--stage base` the pretrained one;
-`--step N` a given checkpoint. An OUT that exists and is not empty is refused unless `--force`. The library
-is trainer/hf_export/export.py; what the directory holds and how to use it: docs/export.md.
+(a path, file://, s3://). Without OUT it goes to the run's own `<run>/export/hf-sft` (or `hf-base`), the
+place `llmctl serve RUN --engine vllm` serves from (trainer/plan/urls.py `hf_export_url`). `--stage sft`
+(default) exports the chat model, `--stage base` the pretrained one; `--step N` a given checkpoint. An OUT
+that exists and is not empty is refused unless `--force`. The library is trainer/hf_export/export.py; what
+the directory holds and how to use it: docs/export.md.
 
 Examples:
+  llmctl export gpt-d4-2xcpu-1a2b3c4d --format hf                 # to <run>/export/hf-sft, what serve reads
   llmctl export gpt-d4-2xcpu-1a2b3c4d --format hf ./my-model
   llmctl export s3://bucket/runs/my-run --stage base --format hf s3://bucket/exports/my-run-base
 """
@@ -26,23 +29,26 @@ def register(sub) -> None:
     p = sub.add_parser("export", help="write a run's model out as a Hugging Face transformers directory",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", metavar="RUN", help="run name (under --storage) or the run's URL/path")
-    p.add_argument("out", metavar="OUT", help="where to write the export (path, file://, s3://)")
+    p.add_argument("out", metavar="OUT", nargs="?",
+                   help="where to write the export (path, file://, s3://); default <run>/export/hf-<stage>, "
+                        "where `llmctl serve --engine vllm` looks")
     p.add_argument("--format", required=True, choices=FORMATS, help="hf: Hugging Face transformers")
     p.add_argument("--stage", default="sft", choices=tuple(STAGES),
                    help="sft: the chat model (default), base: the pretrained one")
     p.add_argument("--step", type=int, help="checkpoint step (default: the newest whole one)")
     p.add_argument("--force", action="store_true", help="overwrite an OUT that is not empty")
     p.add_argument("--storage", default="file://~/.cache/llmctl", help="storage root where run names are looked up")
-    p.set_defaults(func=cmd_export)
+    p.set_defaults(func=cmd_export, trailing_positional="out")  # OUT after the options too (cli/main.py)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from trainer import run_loader
     from trainer.hf_export.export import ExportError, export_run
+    from trainer.plan.urls import hf_export_url
     from trainer.storage import expand, run_url, storage_options_from_env
 
     url = run_url(args.run, args.storage)
-    out = expand(args.out).rstrip("/")
+    out = expand(args.out).rstrip("/") if args.out else hf_export_url(url, args.stage)
     opts = storage_options_from_env() if url.startswith("s3") else {}
     out_opts = storage_options_from_env() if out.startswith("s3") else {}
     try:
@@ -57,4 +63,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(f"exported {done.run} ({done.stage} step {done.step}) to {done.out}: {', '.join(done.files)}")
     where = done.out[len("file://"):] if done.out.startswith("file://") else done.out
     print(f"load it with AutoModelForCausalLM.from_pretrained({where!r}, trust_remote_code=True) (docs/export.md)")
+    if not args.out:
+        print(f"serve it with: llmctl serve {args.run} --engine vllm (docs/serving.md)")
     return 0

@@ -72,7 +72,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         argv = sys.argv[1:] if argv is None else argv
         parser = build_parser(argv)
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        # A command's optional positional given after its options (`export RUN --format hf OUT`): argparse before
+        # Python 3.12.8 matches it, empty, with the positional before it and leaves the word over.
+        late = getattr(args, "trailing_positional", None)
+        if late and getattr(args, late) is None and len(extra) == 1 and not extra[0].startswith("-"):
+            setattr(args, late, extra.pop())
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
         _refuse_credentials(args)
         if not hasattr(args, "func"):
             parser.print_help()

@@ -3,7 +3,9 @@ with transformers' AutoModelForCausalLM / AutoTokenizer (`trust_remote_code=True
 with our model, engine and tokenizer: logits within 1e-5 on a batch, greedy `generate` = our engine's greedy
 tokens, the tokenizer's ids = ours on a mixed corpus, `apply_chat_template` = `render_conversation` token for
 token; a sliding window shorter than the context (the finished run's is the whole 64) is checked on the run's
-weights under a 6-token window; s3:// as OUT; bad input is one line, exit 2, nothing written.
+weights under a 6-token window; what vLLM reads (auto_map's AutoModel, the base model under the head, the
+plan's windows as layer_types + sliding_window); without OUT the export lands where `serve --engine vllm` looks;
+s3:// as OUT; bad input is one line, exit 2, nothing written.
 The measured figures are printed (run with -s) and recorded in docs/benchmarks.md.
 Run: .venv/bin/pytest tests/test_hf_export.py
 """
@@ -257,3 +259,68 @@ def test_hf_export_bad_input_is_one_line_exit_2_and_writes_nothing(exported, fin
     assert json.loads((taken / "generation_config.json").read_text())["eos_token_id"] == (
         exported[1].tokenizer.bos_id)
     assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == [], "no staging directory left behind"
+
+
+def test_hf_export_config_has_automodel_and_layer_types_from_the_plans_windows(exported, hf_model, tmp_path):
+    """What vLLM's Transformers backend reads (bench/vllm_compat.py): auto_map's AutoModel, the base model it builds,
+    whose hidden states under the head are the export's logits; the plan's windows as layer_types and
+    sliding_window, which transformers and vLLM count with the query itself: our w is their w + 1."""
+    import torch
+    from transformers import AutoModel
+    from transformers.masking_utils import causal_mask_function, sliding_window_overlay
+
+    from tests.finished_run import tiny_plan
+    from trainer.hf_export.export import hf_config
+    from trainer.model import sliding_window_mask
+
+    out, ours = exported
+    config = json.loads(open(f"{out}/config.json").read())
+    assert config["auto_map"]["AutoModel"] == "modeling_llmctl.LlmctlModel"
+    assert ours.model.arch.windows == (64, 64)  # the tiny run's windows span its context: no sliding layer
+    assert config["layer_types"] == ["full_attention"] * 2 and config.get("sliding_window") is None
+
+    p = tiny_plan("file:///unused", depth=4, seq_len=512, total_batch_size=2 * 4 * 512)
+    hf_config(p.arch, ours.tokenizer, chat=True).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    short = p.arch.windows[0]
+    assert p.arch.windows == (short,) * 3 + (512,) and short < 512
+    assert saved["layer_types"] == ["sliding_attention"] * 3 + ["full_attention"]
+    assert saved["sliding_window"] == short + 1
+    q, kv = torch.arange(512)[:, None], torch.arange(512)[None, :]
+    theirs = sliding_window_overlay(saved["sliding_window"])(0, 0, q, kv) & causal_mask_function(0, 0, q, kv)
+    assert torch.equal(theirs, sliding_window_mask(512, short, torch.device("cpu")))
+
+    base = AutoModel.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+    assert type(base).__name__ == "LlmctlModel"
+    ids = torch.randint(0, ours.tokenizer.vocab_size, (1, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # as vLLM calls it: positions given, no cache, a tuple back
+        hidden = base(input_ids=ids, position_ids=torch.arange(40)[None], use_cache=False, return_dict=False)[0]
+        cap = config["final_logit_softcapping"]
+        logits = cap * torch.tanh(hf_model.lm_head(hidden)[..., :config["vocab_size"]] / cap)
+        assert torch.equal(logits, hf_model(ids).logits)
+
+
+def test_hf_export_without_out_writes_where_serve_vllm_looks(exported, finished_run, tmp_path, capsys):
+    """`llmctl export RUN` alone writes <run>/export/hf-sft (trainer/plan/urls.py `hf_export_url`), the export
+    `llmctl serve RUN --engine vllm` checks for (run_loader.hf_export); on a copy of the finished run."""
+    import shutil
+    from pathlib import Path
+
+    from cli.main import main
+    from trainer import run_loader
+    from trainer.plan.urls import hf_export_url
+
+    local = Path(finished_run.urls["run"][len("file://"):])
+    tok = Path(finished_run.urls["tokenizer"][len("file://"):])
+    shutil.copytree(tok, tmp_path / "tokenizers" / tok.name)
+    copy = tmp_path / "runs" / "copy"
+    shutil.copytree(local / "sft", copy / "sft")
+    shutil.copyfile(local / "plan.json", copy / "plan.json")
+    checked = run_loader.read_checked_plan(f"file://{copy}")
+    with pytest.raises(run_loader.NoHFExport):
+        run_loader.hf_export(f"file://{copy}", checked, "sft")
+    assert main(["export", "copy", "--storage", f"file://{tmp_path}", "--format", "hf"]) == 0
+    where = hf_export_url(f"file://{copy}", "sft")
+    assert where in capsys.readouterr().out
+    assert run_loader.hf_export(f"file://{copy}", checked, "sft") == where
+    assert sorted(os.listdir(copy / "export" / "hf-sft")) == sorted(os.listdir(exported[0]))

@@ -101,6 +101,25 @@ def test_a_skipped_core_is_explained(run):
     assert "CORE not measured: core.yaml is missing" in render(d)
 
 
+def test_lm_eval_results_show_on_the_report_card(run):
+    """results.json's `lm_eval` (trainer/eval_stage.py, with --lm-eval) in report.md and the console card;
+    a skipped pass says why; a run without one shows no section."""
+    from trainer.report import card
+
+    d = gather(run.urls["run"])
+    assert "lm-eval" not in render(d) and "lm-eval" not in card(d)
+    d["eval"]["lm_eval"] = {"run": "finished", "stage": "pretrain", "step": 30, "tasks": ["toy_mc"],
+                            "results": {"toy_mc": {"acc": 0.625, "acc_norm": 0.5, "alias": "toy"}}, "seconds": 2.0}
+    text = render(d)
+    assert "## lm-eval-harness" in text and "| toy_mc | acc | 0.6250 |" in text
+    assert "| toy_mc | acc_norm | 0.5000 |" in text
+    assert "alias" not in text and "On the pretrain model (step 30)" in text
+    assert "  lm-eval (pretrain step 30): toy_mc acc 0.6250, toy_mc acc_norm 0.5000" in card(d).splitlines()
+    d["eval"]["lm_eval"] = {"tasks": ["hellaswag"], "skipped": "TaskError: hellaswag needs its data <downloaded>"}
+    assert "lm-eval not measured: TaskError: hellaswag needs its data \\<downloaded\\>" in render(d)
+    assert "lm-eval" not in card(d)
+
+
 def test_report_on_s3(run, s3_server):
     bucket = s3_server.bucket("report")
     fs = s3_server.fs()

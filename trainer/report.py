@@ -6,7 +6,8 @@
     plan.json                  the RunPlan (trainer/launch.py write_plan)
     summary.json               the run's totals against the estimate (launch.summarize)
     <stage>/summary.json       each training stage's steps, tokens, seconds, dollars, loss, val bpb (loop.py)
-    eval/results.json          the eval stage: val bpb per model, CORE per task, samples (evaluate.py)
+    eval/results.json          the eval stage: val bpb per model, CORE per task, samples (evaluate.py), and
+                               lm-eval-harness's scores under `lm_eval` when the plan asked (--lm-eval)
     spend.json, restarts.json  what the attempts paid (spend.py) and each worker group restart (restarts.py)
 
 Sections: the plan; measured time, tokens, throughput, MFU and dollars against the estimate; loss and bits per
@@ -238,6 +239,17 @@ def render(d: dict, curves: list[str] | tuple[str, ...] = (), curves_note: str |
         out += ["", f"**CORE {core['core']:.4f}** (mean centered accuracy over {len(core['tasks'])} tasks; "
                     f"bundle {_code(core['bundle'])}). Reference: {refs} (the speedrun's target)."]
 
+    lm = (d["eval"] or {}).get("lm_eval")
+    if isinstance(lm, dict):  # the eval stage's lm-eval-harness pass, when the plan asked for one (--lm-eval)
+        out += ["", "## lm-eval-harness", ""]
+        if "skipped" in lm:
+            out.append(f"lm-eval not measured: {_md(lm['skipped'])}")
+        else:
+            out += ["| task | metric | value |", "|---|---|---|"]
+            out += [f"| {_cell(task)} | {_cell(metric)} | {value:.4f} |" for task, metric, value in lm_eval_scores(lm)]
+            out += ["", f"On the {_md(lm.get('stage'))} model (step {_md(lm.get('step'))}) through its Hugging Face "
+                        "export (docs/export.md)."]
+
     out += ["", "## Samples", ""]
     if not models:
         out.append("No samples: the eval stage has not run.")
@@ -256,14 +268,23 @@ def render(d: dict, curves: list[str] | tuple[str, ...] = (), curves_note: str |
     return "\n".join(out).rstrip() + "\n"
 
 
+def lm_eval_scores(lm: dict) -> list[tuple[str, str, float]]:
+    """(task, metric, value) from results.json's `lm_eval` (trainer/eval_stage.py); a stored file, so only
+    numbers under dicts are kept."""
+    results = lm.get("results")
+    return [(task, metric, value) for task, metrics in (results.items() if isinstance(results, dict) else ())
+            if isinstance(metrics, dict) for metric, value in metrics.items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool)]
+
+
 def _gain(bpb: float, unigram: float) -> str:
     share = 1 - bpb / unigram
     return f"{share:.0%} fewer bits" if share >= 0 else f"{-share:.0%} more bits: not yet past the baseline"
 
 
 def card(d: dict, *, samples: int = 2) -> str:
-    """The report card's summary for a console: status and time, bpb against the unigram baseline, CORE, and
-    a few samples (report.md has everything)."""
+    """The report card's summary for a console: status and time, bpb against the unigram baseline, CORE,
+    lm-eval's scores when measured, and a few samples (report.md has everything)."""
     t, models = d["totals"] or {}, (d["eval"] or {}).get("models", {})
     lines = [f"run {d['run']}: {d['status']}, {t.get('tokens', 0):,} tokens trained in {_hours(t.get('hours'))}"
              + (f", ${t['dollars']:,.2f}" if t.get("dollars") else "")]
@@ -278,6 +299,10 @@ def card(d: dict, *, samples: int = 2) -> str:
     if "core" in core:
         lines.append(f"  CORE {core['core']:.4f}" + (" (smoke-test bundle: checks the pipeline, not a capability "
                                                       "score)" if core.get("smoke_test") else ""))
+    lm = (d["eval"] or {}).get("lm_eval")
+    if isinstance(lm, dict) and lm_eval_scores(lm):
+        lines.append(f"  lm-eval ({_cell(lm.get('stage'))} step {_cell(lm.get('step'))}): "
+                     + ", ".join(f"{_cell(t)} {_cell(m)} {v:.4f}" for t, m, v in lm_eval_scores(lm)))
     for name, key in (("base", "completion"), ("chat", "reply")):
         for smp in (models.get(name, {}).get("samples") or [])[:samples]:
             text = _cell(smp[key])

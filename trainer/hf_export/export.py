@@ -2,7 +2,8 @@
 
 OUT (any storage URL) receives:
     model.safetensors          the stage's weights under llmctl's own names, float32
-    config.json                LlmctlConfig: the shape, the recipe's constants, auto_map to the remote code
+    config.json                LlmctlConfig: the shape, the recipe's constants, the windows as layer_types and
+                               sliding_window, auto_map to the remote code (AutoModel and AutoModelForCausalLM)
     configuration_llmctl.py    the config class   } copied from trainer/hf_export/remote/, loaded with
     modeling_llmctl.py         the model class    } trust_remote_code=True; they import torch/transformers only
     generation_config.json     bos, eos (`<|assistant_end|>` and `<|bos|>` for a chat model, `<|bos|>` for a
@@ -27,6 +28,7 @@ REMOTE = Path(__file__).resolve().parent / "remote"
 REMOTE_FILES = ("configuration_llmctl.py", "modeling_llmctl.py")
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 AUTO_MAP = {"AutoConfig": "configuration_llmctl.LlmctlConfig",
+            "AutoModel": "modeling_llmctl.LlmctlModel",  # the base model, what vLLM's Transformers backend builds
             "AutoModelForCausalLM": "modeling_llmctl.LlmctlForCausalLM"}
 
 

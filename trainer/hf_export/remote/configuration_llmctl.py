@@ -21,6 +21,11 @@ class LlmctlConfig(PreTrainedConfig):
     max_position_embeddings: int = 20480  # rotary table of the trained model: 10 x its context
     seq_len: int = 2048  # trained context
     windows: list | None = None  # per layer: a query sees itself and the w tokens before it
+    # transformers' (and vLLM's) spelling of the windows, derived from them in __post_init__: layers with
+    # w < seq_len are "sliding_attention" under sliding_window = w + 1 (transformers and vLLM count the query
+    # itself: key j is seen from query i when i - j < sliding_window); the others "full_attention".
+    layer_types: list | None = None
+    sliding_window: int | None = None
     value_embed_layers: list | None = None  # layers with a value embedding (ResFormer), by index
     rope_base: float = 100000.0
     qk_scale: float = 1.2  # q and k times 1.2 after their RMSNorm
@@ -38,6 +43,11 @@ class LlmctlConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         if self.windows is None:
             self.windows = [self.seq_len] * self.num_hidden_layers
+        short = sorted({w for w in self.windows if w < self.seq_len})
+        if len(short) > 1:
+            raise ValueError(f"windows {short}: transformers' layer_types hold one sliding window size")
+        self.layer_types = ["sliding_attention" if w < self.seq_len else "full_attention" for w in self.windows]
+        self.sliding_window = short[0] + 1 if short else None
         if self.value_embed_layers is None:
             self.value_embed_layers = []
         if self.backout_layer is None:

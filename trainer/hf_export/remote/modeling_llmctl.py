@@ -1,8 +1,11 @@
 """An llmctl GPT (the nanochat architecture) as a Hugging Face transformers causal LM.
 
 Shipped verbatim in every `llmctl export --format hf` directory and loaded with `trust_remote_code=True`;
-it imports only torch and transformers. Parameter names are llmctl's own (transformer.wte,
-transformer.h.N.attn.c_q, ...), so the exported safetensors are the trained state dict unchanged.
+it imports only torch and transformers (5.22, vLLM 0.34's pin, to 5.25). As transformers' own models are split:
+`LlmctlModel` (auto_map's AutoModel, what vLLM's Transformers backend builds) maps ids to the final hidden
+states; `LlmctlForCausalLM` is it under `model` plus lm_head. The exported safetensors are the trained state
+dict unchanged, under llmctl's names (transformer.wte, transformer.h.N.attn.c_q, ..., lm_head); transformers
+puts the base model's under `model.` as it loads them (vLLM's weight mapper does the same).
 
 The forward pass is llmctl's `GPT.forward` (trainer/model.py) written against transformers' interfaces:
 - token embedding -> parameter-free RMSNorm -> smear: each token adds its predecessor's normed embedding,
@@ -13,11 +16,12 @@ The forward pass is llmctl's `GPT.forward` (trainer/model.py) written against tr
 - per layer: x = resid_lambdas[i] x + x0_lambdas[i] x0; x += attn(norm(x), ve); x += mlp(norm(x)).
 - attention: c_q/c_k/c_v, value embedding mixed into v through 3 sigmoid(ve_gate(x[..., :12])) per KV
   head, rotary (base 100,000, channel j paired with j + D/2), QK RMSNorm times 1.2, then the attention
-  function transformers is set to (eager or sdpa), under a causal mask cut to the layer's window:
-  a query sees itself and the w tokens before it (transformers' sliding_window = w + 1).
+  function transformers is set to (eager, sdpa, or vLLM's), looked up as transformers' models do, under the
+  mask of the layer's type (config.layer_types): a "sliding_attention" layer's query sees itself and the
+  w tokens before it (config.sliding_window = w + 1), a "full_attention" layer's the trained context.
 - MLP relu(x)^2; backout x -= backout_lambda * (output of layer n_layer // 2); final RMSNorm; lm_head
   over the padded vocabulary, cropped to the real one, fp32, softcap 15 tanh(x / 15).
-The key/value cache is transformers' DynamicCache (every layer keeps all its keys; the masks do the windowing).
+The key/value cache is transformers' DynamicCache, built from layer_types (sliding layers keep their window's keys).
 """
 
 from __future__ import annotations
@@ -27,8 +31,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import DynamicCache
-from transformers.masking_utils import create_causal_mask, sliding_window_overlay
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.masking_utils import (create_causal_mask, create_sliding_window_causal_mask,
+                                         sliding_window_overlay)
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_llmctl import LlmctlConfig
@@ -115,10 +120,13 @@ class LlmctlAttention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
-        impl = self.config._attn_implementation
-        attend = eager_attention_forward if impl in (None, "eager") else ALL_ATTENTION_FUNCTIONS[impl]
-        y, _ = attend(self, q, k, v, attention_mask, dropout=0.0, scaling=self.scaling,
-                      sliding_window=self.sliding_window, **kwargs)
+        # transformers' own dispatch, written as its models write it: vLLM's Transformers backend finds this one
+        # call of a local read from ALL_ATTENTION_FUNCTIONS and puts its paged attention there.
+        attention_interface = eager_attention_forward
+        if self.config._attn_implementation not in (None, "eager"):
+            attention_interface = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+        y, _ = attention_interface(self, q, k, v, attention_mask, dropout=0.0, scaling=self.scaling,
+                                   sliding_window=self.sliding_window, **kwargs)
         return self.c_proj(y.reshape(B, T, -1))
 
 
@@ -145,7 +153,7 @@ class LlmctlBlock(nn.Module):
 
 class LlmctlPreTrainedModel(PreTrainedModel):
     config_class = LlmctlConfig
-    base_model_prefix = "llmctl"
+    base_model_prefix = "model"
     _no_split_modules = ["LlmctlBlock"]
     _supports_sdpa = True
     _supports_attention_backend = True
@@ -154,7 +162,10 @@ class LlmctlPreTrainedModel(PreTrainedModel):
         pass
 
 
-class LlmctlForCausalLM(LlmctlPreTrainedModel, GenerationMixin):
+class LlmctlModel(LlmctlPreTrainedModel):
+    """The base model: token ids to the final hidden states (after backout and the final norm), without the head.
+    `AutoModel` builds it; vLLM's Transformers backend serves it and applies the head and softcap itself."""
+
     def __init__(self, config: LlmctlConfig) -> None:
         super().__init__(config)
         V, n = config.padded_vocab_size, config.hidden_size
@@ -163,7 +174,6 @@ class LlmctlForCausalLM(LlmctlPreTrainedModel, GenerationMixin):
             "wte": nn.Embedding(V, n),
             "h": nn.ModuleList([LlmctlBlock(config, i) for i in range(config.num_hidden_layers)]),
         })
-        self.lm_head = Linear(n, V)
         self.resid_lambdas = nn.Parameter(torch.ones(config.num_hidden_layers))
         self.x0_lambdas = nn.Parameter(torch.zeros(config.num_hidden_layers))
         self.smear_gate = Linear(config.smear_gate_channels, 1)
@@ -178,18 +188,6 @@ class LlmctlForCausalLM(LlmctlPreTrainedModel, GenerationMixin):
     def set_input_embeddings(self, value):
         self.transformer.wte = value
 
-    def get_output_embeddings(self):
-        return self.lm_head
-
-    def prepare_inputs_for_generation(self, input_ids, *args, **kwargs):
-        """transformers' own, plus the id of the token before the new ones (the smear reads its embedding)."""
-        inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
-        new = inputs.get("input_ids")
-        if new is not None and 0 < new.shape[1] < input_ids.shape[1]:
-            k = input_ids.shape[1] - new.shape[1]
-            inputs["prev_input_ids"] = input_ids[:, k - 1:k]
-        return inputs
-
     def _smear(self, x, prev, prev_valid):
         """x + gate * (the previous position's normed embedding), where one exists (prev_valid (B, T, 1))."""
         c = self.config.smear_gate_channels
@@ -197,9 +195,21 @@ class LlmctlForCausalLM(LlmctlPreTrainedModel, GenerationMixin):
         before = torch.cat([prev, x[:, :-1]], dim=1)
         return x + gate * before * prev_valid
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
-                labels=None, use_cache=None, logits_to_keep=0, prev_input_ids=None, past_key_values=None,
-                **kwargs):
+    def _masks(self, x, attention_mask, cache, position_ids):
+        """Per layer type, transformers' mask: `sliding_attention` layers under config.sliding_window (w + 1: the
+        query and the w tokens before it, the cache keeping only those), `full_attention` layers under the
+        trained context's window (they see the seq_len tokens before a query, as llmctl's long windows do)."""
+        # Positional arguments: transformers 5.25 names the fourth `cache`, vLLM's pinned 5.22 `past_key_values`.
+        masks = {"full_attention": create_causal_mask(
+            self.config, x, attention_mask, cache, position_ids,
+            and_mask_function=sliding_window_overlay(self.config.seq_len + 1))}
+        if "sliding_attention" in self.config.layer_types:
+            masks["sliding_attention"] = create_sliding_window_causal_mask(
+                self.config, x, attention_mask, cache, position_ids)
+        return masks
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, use_cache=None, cache=None, prev_input_ids=None, return_dict=None, **kwargs):
         if input_ids is None:
             raise ValueError("llmctl models take input_ids (value embeddings are looked up by token id)")
         cache = cache if cache is not None else past_key_values
@@ -231,22 +241,54 @@ class LlmctlForCausalLM(LlmctlPreTrainedModel, GenerationMixin):
             cache.llmctl_prev_embedding = x[:, -1:]
         x = self._smear(x, prev, prev_ok[..., None].to(dtype))
 
-        masks = {}
-        for w in sorted(set(self.config.windows)):
-            masks[w] = create_causal_mask(config=self.config, inputs_embeds=x, attention_mask=attention_mask,
-                                          cache=cache, position_ids=position_ids,
-                                          and_mask_function=sliding_window_overlay(w + 1))
+        masks = self._masks(x, attention_mask, cache, position_ids)
         cos_sin = rotary(position_ids, self.config.head_dim, self.config.rope_base, dtype)
-
         x0 = x_backout = x
         for i, block in enumerate(self.transformer.h):
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](input_ids).to(dtype) if str(i) in self.value_embeds else None
-            x = block(x, ve, cos_sin, masks[self.config.windows[i]], cache, **kwargs)
+            x = block(x, ve, cos_sin, masks[self.config.layer_types[i]], cache, **kwargs)
             if i == self.config.backout_layer:
                 x_backout = x
         x = norm(x - self.backout_lambda.to(dtype) * x_backout)
+        # Positional fields: the cache field is `cache` in transformers 5.25 and `past_key_values` in 5.22.
+        return BaseModelOutputWithPast(x, cache if use_cache else None)
 
+
+class LlmctlForCausalLM(LlmctlPreTrainedModel, GenerationMixin):
+    """LlmctlModel under the head: lm_head over the padded vocabulary, cropped to the real one, fp32, softcap."""
+
+    def __init__(self, config: LlmctlConfig) -> None:
+        super().__init__(config)
+        self.model = LlmctlModel(config)
+        self.lm_head = Linear(config.hidden_size, config.padded_vocab_size)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def prepare_inputs_for_generation(self, input_ids, *args, **kwargs):
+        """transformers' own, plus the id of the token before the new ones (the smear reads its embedding)."""
+        inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
+        new = inputs.get("input_ids")
+        if new is not None and 0 < new.shape[1] < input_ids.shape[1]:
+            k = input_ids.shape[1] - new.shape[1]
+            inputs["prev_input_ids"] = input_ids[:, k - 1:k]
+        return inputs
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                labels=None, use_cache=None, logits_to_keep=0, prev_input_ids=None, past_key_values=None,
+                return_dict=None, **kwargs):
+        out = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         cache=cache if cache is not None else past_key_values, use_cache=use_cache,
+                         prev_input_ids=prev_input_ids, **kwargs)
+        x = out[0]
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
             x = x[:, -logits_to_keep:]
         elif isinstance(logits_to_keep, torch.Tensor):
@@ -258,7 +300,8 @@ class LlmctlForCausalLM(LlmctlPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1),
                                    ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if use_cache else None)
+        cache = out[1] if len(out) > 1 else None  # a ModelOutput indexes its fields that are not None
+        return CausalLMOutputWithPast(loss, logits, cache)  # positional, as above
 
 
-__all__ = ["LlmctlPreTrainedModel", "LlmctlForCausalLM"]
+__all__ = ["LlmctlPreTrainedModel", "LlmctlModel", "LlmctlForCausalLM"]
