@@ -14,7 +14,6 @@ rendered, submitted, read and cancelled by cli/kube/sweep.py; the fit and report
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 
 from cli.console import confirm, dump_json, dump_objects, fmt_hours, require_yes, say
@@ -85,6 +84,8 @@ def _name(args, defn: dict) -> str:
     """--name, else `sweep-<hash of the definition>`: the same command names the same sweep (a resume)."""
     if args.name:
         return args.name
+    import hashlib  # here: the parser need not pay for it
+
     digest = hashlib.sha256(json.dumps({k: v for k, v in defn.items() if k != "name"}, sort_keys=True).encode())
     return f"sweep-{digest.hexdigest()[:8]}"
 
