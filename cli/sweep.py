@@ -234,7 +234,8 @@ def cmd_sweep(args) -> int:
     if resuming:
         say(f"resuming sweep {defn['name']}: {len(skipped)} cells done or on the cluster, {len(retry)} failed to "
             f"retry, {len(submit)} to submit")
-    todo = submit + retry
+    ids = {c.id for c in submit + retry}
+    todo = [c for c in cells if c.id in ids]  # in grid order
     if not todo:
         say(f"nothing to submit: every cell is done or on the cluster (llmctl sweep status {defn['name']})")
         return 0

@@ -45,6 +45,7 @@ def test_sweep_cell_ids_and_run_names_are_deterministic_and_dns_safe(reference_g
     again = ps.grid(BASE, sweep="iso", flops=BUDGETS, depths=DEPTHS)
     assert [c.plan.to_json() for c in again] == [c.plan.to_json() for c in reference_grid]
     assert ps.cell_id(12, ratio=2.5) == "r2p5-d12" and ps.cell_id(8, flops=3e19) == "f3e19-d8"
+    assert ps.cell_id(1, flops=6e9) == "f6e9-d1" and ps.cell_id(1, ratio=1e-5) == "r1em5-d1"
 
 
 def test_sweep_drops_impossible_cells_with_their_reasons():

@@ -74,11 +74,15 @@ class Cell:
                 "hours": p.estimate.total_hours, "dollars": p.estimate.total_dollars}
 
 
+def _short(x: float) -> str:
+    """3 significant digits, DNS-safe: 2.15e18 -> 2p15e18, 6e9 -> 6e9, 2.5 -> 2p5, 1e-05 -> 1em5."""
+    text = f"{x:.3g}".replace(".", "p")
+    return re.sub(r"e([+-])0*(\d)", lambda m: ("e" if m[1] == "+" else "em") + m[2], text)
+
+
 def cell_id(depth: int, *, flops: float | None = None, ratio: float | None = None) -> str:
     """Deterministic, DNS-safe: `f1e18-d10`, `f2p15e18-d12` (3 significant digits), `r12-d10`, `r2p5-d10`."""
-    if flops is not None:
-        return "f" + f"{flops:.3g}".replace("e+", "e").replace(".", "p") + f"-d{depth}"
-    return "r" + f"{ratio:.3g}".replace("e+", "e").replace(".", "p") + f"-d{depth}"
+    return (f"f{_short(flops)}" if flops is not None else f"r{_short(ratio)}") + f"-d{depth}"
 
 
 def check_name(name: str) -> str:
