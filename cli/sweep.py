@@ -18,7 +18,7 @@ import json
 
 from cli.console import confirm, dump_json, dump_objects, fmt_hours, require_yes, say
 from cli.errors import CLIError, UsageError
-from cli.flags import add_cluster_args, add_version_args, version_flags
+from cli.flags import add_cluster_args, add_version_args, apply_flags
 
 LOCAL_STORAGE = "file://~/.cache/llmctl"  # RunSpec.storage_root's default, as `submit --local` uses
 # The local grid: ~15-20 min on 2 CPU cores (docs/sweeps.md has the measured time). Models of 1-4 layers, 64 wide
@@ -167,16 +167,7 @@ def _cluster(args):
 
     kube = connect(args)
     cfg, warnings = read_config(kube)
-    return kube, _apply(cfg, args), warnings
-
-
-def _apply(cfg, args):
-    changes = dict(version_flags(args))
-    if getattr(args, "image", None):
-        changes["image"] = args.image
-    if getattr(args, "queue", None) is not None:
-        changes["queue"] = args.queue or None
-    return cfg.replace(**changes) if changes else cfg
+    return kube, apply_flags(cfg, args), warnings
 
 
 def _cluster_spec(args, cfg, namespace: str) -> dict:
@@ -198,7 +189,7 @@ def cmd_sweep(args) -> int:
         require_yes(args, "sweep")
     file_cfg, warnings = load_config_file(args.cluster_config) if args.cluster_config else (None, [])
     namespace = resolve_namespace(args)
-    cfg = _apply(file_cfg or ClusterConfig(), args)
+    cfg = apply_flags(file_cfg or ClusterConfig(), args)
     defn, cells = planned(args, **_cluster_spec(args, cfg, namespace))
     rows = [c.to_dict() for c in cells]
     if args.dry_run or file_cfg is not None or args.price is not None:

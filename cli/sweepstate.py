@@ -209,23 +209,12 @@ def cluster_work(cells, url: str, opts: dict | None, states: dict[str, str]) -> 
 
 def delete_and_wait(kube, name: str) -> None:
     """Delete a failed cell's RayJob and wait (bounded) until it is gone, so it can be created again."""
-    from cli.console import wait_until
-    from cli.kube.runs import GROUP, PLURAL, VERSION, get_run
+    from cli.kube.runs import GROUP, PLURAL, VERSION, wait_gone
 
     kube.call(kube.custom.delete_namespaced_custom_object, GROUP, VERSION, kube.namespace, PLURAL, name,
               propagation_policy="Background", what=f"delete failed cell {name}", verb="delete", resource=PLURAL,
               name=name, group=GROUP)
-
-    def gone() -> bool:
-        try:
-            get_run(kube, name)
-        except CLIError as e:
-            if f"no rayjob {name!r}" in str(e):
-                return True
-            raise
-        return False
-
-    if not wait_until(gone):
+    if not wait_gone(kube, name):
         raise CLIError(f"RayJob {name} was still being deleted; run the same command again later to retry it")
 
 
