@@ -254,8 +254,8 @@ def run_local(cells, url: str, *, num_cpus: int | None = None, inputs: dict | No
             res = run_result(c.plan.urls["run"], {})
             states[c.id] = "done" if ok else "failed"
             update_record(url, c.id, {}, status=states[c.id], val_bpb=res.get("val_bpb"))
-            if ok:
-                say(f"  {c.id}: val bpb {res.get('val_bpb'):.4f}")
+            if ok and res.get("val_bpb") is not None:
+                say(f"  {c.id}: val bpb {res['val_bpb']:.4f}")
     finally:
         if cluster is not None:
             cluster.stop()
