@@ -81,28 +81,32 @@ def _axes(args) -> dict:
 
 
 def _name(args, defn: dict) -> str:
-    """--name, else `sweep-<hash of the definition>`: the same command names the same sweep (a resume)."""
+    """--name, else `sweep-<hash of what is trained>`: the same command names the same sweep (a resume), on any
+    storage and at any price."""
     if args.name:
         return args.name
     import hashlib  # here: the parser need not pay for it
 
-    digest = hashlib.sha256(json.dumps({k: v for k, v in defn.items() if k != "name"}, sort_keys=True).encode())
-    return f"sweep-{digest.hexdigest()[:8]}"
+    trained = {**defn, "name": None, "spec": {k: v for k, v in defn["spec"].items() if k != "storage_root"}}
+    return f"sweep-{hashlib.sha256(json.dumps(trained, sort_keys=True).encode()).hexdigest()[:8]}"
+
+
+# Spec fields left out of the stored definition: where the cells run and their price change nothing trained, so a
+# resume from another namespace, image or price list is still the same sweep.
+NOT_DEFINING = ("namespace", "image", "queue", "price_per_gpu_hour")
 
 
 def planned(args, **spec_fields):
     """(definition, cells) for these flags; bad input raises UsageError/PlanError before anything is touched."""
+    from trainer.plan import RunSpec
     from trainer.plan import sweep as plansweep
 
     base = _base_spec(args, **spec_fields)
     axes = _axes(args)
-    keep = {k: v for k, v in base.to_dict().items() if k not in ("namespace", "image", "queue")}
-    from trainer.plan import RunSpec
-
-    defn_base = RunSpec.from_dict(keep)
-    name = plansweep.check_name(_name(args, plansweep.definition(defn_base, sweep="x", local=args.local, **axes)))
-    defn = plansweep.definition(defn_base, sweep=name, local=args.local, **axes)
-    return defn, plansweep.grid(base, sweep=name, **axes)
+    defining = RunSpec.from_dict({k: v for k, v in base.to_dict().items() if k not in NOT_DEFINING})
+    name = plansweep.check_name(_name(args, plansweep.definition(defining, sweep="-", local=args.local, **axes)))
+    return (plansweep.definition(defining, sweep=name, local=args.local, **axes),
+            plansweep.grid(base, sweep=name, **axes))
 
 
 def render_grid(defn: dict, rows: list[dict], *, results: bool = False) -> str:
@@ -337,13 +341,12 @@ def cmd_status(args) -> int:
 
     defn, url, opts, kube = _stored(args)
     states = None
-    if not defn.get("local"):
+    if not (defn.get("local") or args.local):
         try:
             from cli.kube.sweep import cell_states
 
-            if kube is None and not args.local:
-                kube = _cluster(args)[0]
-            states = cell_states(kube, kube.namespace, defn["name"]) if kube is not None else None
+            kube = kube or _cluster(args)[0]
+            states = cell_states(kube, kube.namespace, defn["name"])
         except CLIError as e:
             say(f"warning: the cluster could not be read ({e}); states from storage only")
     _, rows = sweepstate.grid_view(defn, url, opts, states)
@@ -396,9 +399,10 @@ def cmd_cancel(args) -> int:
         say("not cancelled")
         return 1
     names = cancel_sweep(kube, kube.namespace, defn["name"])
+    ids = {c.id for c in sweepstate.grid_view(defn, url, opts)[0]}  # records only for the grid's own cells
     for n in names:
-        cid = n.removeprefix(f"{defn['name']}-")
-        sweepstate.update_record(url, cid, opts, status="cancelled")
+        if (cid := n.removeprefix(f"{defn['name']}-")) in ids:
+            sweepstate.update_record(url, cid, opts, status="cancelled")
     print(f"{len(names)} RayJobs of sweep {defn['name']} deleted in namespace {kube.namespace}")
     say(f"running the same `llmctl sweep` command again resumes: done cells are kept")
     return 0

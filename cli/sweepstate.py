@@ -43,9 +43,13 @@ def _now() -> str:
 
 
 def read_definition(url: str, opts: dict | None) -> dict | None:
+    """sweep.json, or None when there is none; one CLIError line when it cannot be read (invalid, too large)."""
     from trainer.storage import read_small_json
 
-    return read_small_json(f"{url}/sweep.json", MAX_DOC_BYTES, opts)
+    try:
+        return read_small_json(f"{url}/sweep.json", MAX_DOC_BYTES, opts)
+    except ValueError as e:
+        raise CLIError(clean(f"{url}/sweep.json cannot be read: {e}", limit=300)) from None
 
 
 def check_definition(url: str, defn: dict, opts: dict | None) -> bool:
@@ -128,10 +132,14 @@ def run_result(run_url: str, opts: dict | None) -> dict:
 def grid_view(defn: dict, url: str, opts: dict | None, cluster_states: dict | None = None):
     """(cells, rows): the sweep's planned cells (trainer/plan/sweep.py) and one row per cell with its state and
     results, each from the best source (run summary, then the cluster, then the record)."""
+    from trainer.plan import PlanError
     from trainer.plan import sweep as plansweep
 
-    base, kw = plansweep.grid_of(defn)
-    cells = plansweep.grid(base, **kw)
+    try:
+        base, kw = plansweep.grid_of(defn)
+        cells = plansweep.grid(base, **kw)
+    except PlanError as e:  # a stored document, not the user's flags: a known failure (exit 1), one line
+        raise CLIError(clean(f"{url}/sweep.json is not a sweep this version plans: {e}", limit=300)) from None
     rows = []
     for c in cells:
         row = c.to_dict()
@@ -234,7 +242,8 @@ def run_local(cells, url: str, *, num_cpus: int | None = None, inputs: dict | No
     from trainer.launch import LaunchError, LocalRay, run
 
     todo = [c for c in cells if not c.dropped and run_result(c.plan.urls["run"], {}).get("run_status") != "completed"]
-    states = {c.id: "done" for c in cells if not c.dropped and c not in todo}
+    states = {c.id: "done" for c in cells if not c.dropped}
+    states.update((c.id, "pending") for c in todo)
     if not todo:
         return states
     ensure_inputs(todo[0].plan, {}, say=say, **(inputs or {}))

@@ -112,6 +112,33 @@ def test_sweep_dry_run_shows_one_table_with_totals_and_dropped_cells(capsys, tmp
     assert "nothing was created" in err and not (tmp_path / "sweeps").exists()
 
 
+def test_sweep_local_dry_run_shows_the_default_local_grid(capsys, tmp_path):
+    rc, out, err = llmctl(capsys, "sweep", "--local", "--dry-run", "--storage", f"file://{tmp_path}")
+    assert rc == 0, err
+    assert "total: 10 cells" in out and "on 2 x cpu" in out and "dropped (2):" in out
+    assert {ln.split()[0] for ln in out.splitlines() if ln.startswith("f")} >= {"f1p5e12-d1", "f6e12-d4"}
+    assert "nothing was run" in err and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("content", ["{not json", "[" * 100_000, " " * (2 << 20)])
+def test_sweep_status_of_a_hostile_stored_definition_is_one_line(capsys, tmp_path, content):
+    (tmp_path / "sweeps/iso").mkdir(parents=True)
+    (tmp_path / "sweeps/iso/sweep.json").write_text(content)
+    assert "sweep.json cannot be read" in refused_1(capsys, "sweep", "status", "iso", "--local", "--storage",
+                                                    f"file://{tmp_path}")
+    (tmp_path / "sweeps/iso/sweep.json").write_text(json.dumps({"schema": "llmctl.sweep/v1", "name": "iso",
+                                                                "spec": {"gpus": "many"}}))
+    err = refused_1(capsys, "sweep", "status", "iso", "--local", "--storage", f"file://{tmp_path}")
+    assert "sweep.json is not a sweep this version plans: gpus: must be a positive integer" in err
+
+
+def refused_1(capsys, *argv):
+    """A known failure: one line on stderr, exit 1, no traceback."""
+    rc, out, err = llmctl(capsys, *argv)
+    assert rc == 1 and err.count("\n") == 1 and err.startswith("llmctl: error: "), (rc, err)
+    return err
+
+
 def test_sweep_dry_run_yaml_prints_every_cells_rayjob_and_sends_nothing(capsys, cluster):
     rc, out, err = llmctl(capsys, "sweep", *GRID, "--name", "iso", "--dry-run", "-o", "yaml")
     assert rc == 0, err
