@@ -180,6 +180,16 @@ def _cluster_spec(args, cfg, namespace: str) -> dict:
                 image=cfg.image, queue=cfg.queue)
 
 
+def _render(render_cells, defn: dict, cells, cfg, namespace: str) -> list[dict]:
+    """Each cell's RayJob (cli/kube/sweep.py); what the renderer refuses (a layout, a label) is a UsageError."""
+    from cli.kube.layout import LayoutError
+
+    try:
+        return render_cells(defn["name"], [(c.id, c.plan) for c in cells], cfg, namespace=namespace)
+    except (LayoutError, ValueError) as e:
+        raise UsageError(str(e)) from None
+
+
 def cmd_sweep(args) -> int:
     from cli import sweepstate
     from cli.runview import storage_options_for_cli
@@ -208,7 +218,7 @@ def cmd_sweep(args) -> int:
         from cli.kube.sweep import render_cells
 
         say(table, "", f"dry run: nothing was sent; the RayJobs for namespace {namespace} follow")
-        objs = render_cells(defn["name"], [(c.id, c.plan) for c in cells if not c.dropped], cfg, namespace=namespace)
+        objs = _render(render_cells, defn, [c for c in cells if not c.dropped], cfg, namespace)
         print(dump_objects(objs, args.output))
         return 0
 
@@ -240,7 +250,7 @@ def cmd_sweep(args) -> int:
         say("not submitted; nothing was created")
         return 1
     sweepstate.store_definition(url, defn, opts)
-    objs = render_cells(defn["name"], [(c.id, c.plan) for c in todo], cfg, namespace=kube.namespace)
+    objs = _render(render_cells, defn, todo, cfg, kube.namespace)
     by_cell = dict(zip((c.id for c in todo), objs))
     for c in retry:
         sweepstate.delete_and_wait(kube, by_cell[c.id]["metadata"]["name"])
