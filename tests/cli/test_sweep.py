@@ -327,25 +327,24 @@ def test_plan_sweep_refuses_in_one_line(capsys, tmp_path, argv, says):
 
 
 def test_sweep_local_runs_a_tiny_grid_and_records_each_cells_val_bpb(capsys, monkeypatch, tiny_inputs, ray_cluster):
-    """Two cells of the tests' tiny model (tests/finished_run.py TINY's shape, its inputs) through the local path
-    on the module's Ray cluster; a third cell dropped. Re-running resumes: nothing runs again."""
+    """One cell of the tests' tiny model (tests/finished_run.py TINY's shape, its inputs) through the local path
+    on the module's Ray cluster, a second cell dropped. Re-running resumes: nothing runs again."""
     from cli import sweep
     from tests.finished_run import TINY
 
     shape = {k: TINY[k] for k in ("gpus", "gpu_type", "vocab_size", "seq_len", "head_dim", "device_batch_size",
                                   "total_batch_size", "dataset", "sft_dataset", "tokenizer")}
     monkeypatch.setattr(sweep, "LOCAL_SPEC", {**shape, "eval_tokens": 2 * 4 * 64 * 2})
-    argv = ["sweep", "--local", "--flops", "3e9,6e9", "--depths", "1,2", "--min-steps", "4", "--storage",
+    argv = ["sweep", "--local", "--flops", "6e9", "--depths", "1,2", "--min-steps", "4", "--storage",
             tiny_inputs, "--name", "tiny"]
     rc, out, err = llmctl(capsys, *argv)
     assert rc == 0, err
-    assert "dropped (2):" in out  # d2 can spend neither budget in 4 steps of 512 tokens
-    assert "2 of 2 cells done" in err
-    url = f"{tiny_inputs}/sweeps/tiny"
-    for cid in ("f3e9-d1", "f6e9-d1"):
-        rec = sweepstate.read_record(url, cid, None)
-        assert rec["status"] == "done" and 0 < rec["val_bpb"] < 20
+    assert "dropped (1):" in out and "f6e9-d2: 6e+09 FLOPs" in out  # d2 cannot spend it in 4 steps of 512 tokens
+    assert "[1/1] f6e9-d1: d1, 22 steps" in err and "1 of 1 cells done" in err
+    rec = sweepstate.read_record(f"{tiny_inputs}/sweeps/tiny", "f6e9-d1", None)
+    assert rec["status"] == "done" and rec["run"] == "tiny-f6e9-d1" and 0 < rec["val_bpb"] < 20
     rc, out, err = llmctl(capsys, "sweep", "status", "tiny", "--local", "--storage", tiny_inputs, "-o", "json")
-    assert rc == 0 and [c["state"] for c in json.loads(out)["cells"]] == ["done", "dropped", "done", "dropped"]
+    cells = json.loads(out)["cells"]
+    assert rc == 0 and [c["state"] for c in cells] == ["done", "dropped"] and cells[0]["val_bpb"] == rec["val_bpb"]
     rc, out, err = llmctl(capsys, *argv)
-    assert rc == 0 and "2 of 2 cells done" in err and "[1/" not in err  # resumed: nothing ran again
+    assert rc == 0 and "1 of 1 cells done" in err and "[1/" not in err  # resumed: nothing ran again
