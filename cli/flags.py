@@ -31,6 +31,8 @@ def add_spec_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--core-bundle", help="CORE eval bundle URL (core.yaml, eval_data/, eval_meta_data.csv); "
                    "default <storage>/eval_bundle")
     g.add_argument("--core-max-per-task", type=int, help="CORE examples per task in the eval stage (default all)")
+    g.add_argument("--lm-eval", metavar="TASKS", help="comma-separated lm-eval-harness tasks the eval stage also runs "
+                   "on the base model, through its Hugging Face export (docs/export.md)")
     g = p.add_argument_group("where and at what price")
     g.add_argument("--gpus", type=int, default=1, help="GPUs in total (8 per worker pod)")
     g.add_argument("--gpu-type", default="h100", help=f"one of {', '.join(GPUS)} (default h100)")

@@ -22,7 +22,7 @@ def spec_from_args(args: argparse.Namespace, **overrides) -> RunSpec:
         ratio=args.ratio, seq_len=args.seq_len, device_batch_size=args.device_batch_size,
         total_batch_size=args.total_batch_size, num_iterations=args.num_iterations, precision=args.precision,
         price_per_gpu_hour=args.price, budget_cap=args.max_cost, storage_root=args.storage, name=args.name,
-        core_bundle=args.core_bundle, core_max_per_task=args.core_max_per_task,
+        core_bundle=args.core_bundle, core_max_per_task=args.core_max_per_task, lm_eval=getattr(args, "lm_eval", None),
         interconnect_busbw_gbs=getattr(args, "interconnect_gbs", None),
         min_gpus=getattr(args, "min_gpus", None), spot=bool(getattr(args, "spot", False)),
         preemptions_per_hour=getattr(args, "preemptions_per_hour", None),

@@ -3,6 +3,8 @@
   --local        serve here, on a local Ray cluster, until Ctrl-C (trainer/serve/app.py `run_local`)
   (default)      create a KubeRay RayService on the cluster (cli/kube/rayservice.py); --dry-run -o yaml prints it
   --delete       delete the run's RayService (the checkpoints stay in storage)
+  --engine vllm  on the cluster, serve the run's Hugging Face export (`llmctl export`) with Ray Serve LLM (vLLM)
+                 on GPUs instead of llmctl's own engine (docs/serving.md, "Serving with vLLM")
 
 The run is looked up like `llmctl chat` does (a name under --storage, or a URL), and its stored plan and
 checkpoint are checked before anything is created: a missing run, stage or step, or a plan.json that is not a
@@ -14,6 +16,7 @@ Cluster mode reads the cluster config from the `llmctl-config` ConfigMap (or --c
 Examples:
   llmctl serve gpt-d4-2xcpu-1a2b3c4d --local --port 8000
   llmctl serve gpt-d26-8xh100-1a2b3c4d --replicas 2 --gpus-per-replica 1 --dry-run -o yaml
+  llmctl serve gpt-d26-8xh100-1a2b3c4d --engine vllm --dry-run -o yaml
   llmctl serve gpt-d26-8xh100-1a2b3c4d --delete --yes
 """
 
@@ -39,6 +42,9 @@ def register(sub) -> None:
                    "config's storageRoot; --local: file://~/.cache/llmctl)")
     p.add_argument("--stage", default="sft", choices=sorted(STAGES), help="sft (default, chat) or pretrain (base)")
     p.add_argument("--step", type=int, help="checkpoint step (default: the newest whole one)")
+    p.add_argument("--engine", default="llmctl",
+                   help="llmctl (default): our engine on the checkpoints; vllm: Ray Serve LLM on the run's "
+                   "Hugging Face export (cluster, GPUs)")
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together per replica (default 16)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting per replica before 503 (default 64)")
     g = p.add_argument_group("local")
@@ -64,12 +70,20 @@ def register(sub) -> None:
 def _checked_run(url: str, args, opts: dict):
     """The stored plan, checked (name, shape, stages, tokenizer: a `run_loader.CheckedPlan`), after checking the
     stage's checkpoint exists (torch-free: trainer/run_loader.py's first two steps, which the replicas repeat
-    before loading)."""
+    before loading), or for --engine vllm the stage's Hugging Face export."""
     from trainer import run_loader
 
     try:
         checked = run_loader.read_checked_plan(url, opts)
-        run_loader.checkpoint_url(url, checked, STAGES[args.stage], args.step, opts)
+        if args.engine == "vllm":
+            run_loader.hf_export(url, checked, STAGES[args.stage], opts)
+        else:
+            run_loader.checkpoint_url(url, checked, STAGES[args.stage], args.step, opts)
+    except run_loader.NoHFExport as e:
+        from trainer.plan.urls import HF_EXPORT_STAGES
+
+        raise UsageError(f"{e}; make it with: llmctl export {args.run} --stage {HF_EXPORT_STAGES[args.stage]} "
+                         f"--format hf {e.url}") from None
     except run_loader.RunLoadError as e:
         if str(e).startswith("no run at"):
             raise UsageError(f"run {args.run!r} not found: no plan.json at {url}") from None
@@ -83,7 +97,7 @@ def service_run(checked, url: str) -> dict:
     """What cli/kube/rayservice.py reads of a run, from the checked plan and the URL it was opened at: the
     stored plan's `urls.run` (which could name another team's run) and its stage entries are not used."""
     return {"name": checked.name, "urls": {"run": url}, "stages": [{"name": s} for s in checked.stages],
-            "spec": {"depth": checked.arch.n_layer}}
+            "spec": {"depth": checked.arch.n_layer, "seq_len": checked.arch.seq_len}}
 
 
 def cmd_serve(args) -> int:
@@ -94,6 +108,12 @@ def cmd_serve(args) -> int:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.max_queue < 0 or not 0 < args.port < 65536:
         raise UsageError("--max-queue must be >= 0 and --port in 1..65535")
+    from cli.kube.rayservice import ENGINES
+
+    if args.engine not in ENGINES:
+        raise UsageError(f"--engine must be one of {', '.join(ENGINES)}, got {args.engine!r}")
+    if args.engine == "vllm" and args.local:
+        raise UsageError("--engine vllm serves on the cluster's GPUs only; --local serves with --engine llmctl")
     from trainer.storage import storage_options_from_env
     from trainer.storage import run_url
 
@@ -130,7 +150,7 @@ def cmd_cluster(args, run_url, storage_options_from_env) -> int:
         cfg, warnings = read_config(kube)
         namespace = kube.namespace
     if args.image:
-        cfg = cfg.replace(image=args.image)
+        cfg = cfg.replace(**{"serve_vllm_image" if args.engine == "vllm" else "image": args.image})
     url = run_url(args.run, args.storage or cfg.storage_root)
     opts = storage_options_from_env() if url.startswith("s3") else {}
     run = service_run(_checked_run(url, args, opts), url)
@@ -142,7 +162,7 @@ def cmd_cluster(args, run_url, storage_options_from_env) -> int:
                                replicas=args.replicas, gpus_per_replica=args.gpus_per_replica,
                                gpu_type=args.gpu_type, cpus_per_replica=args.cpus_per_replica,
                                max_batch=args.max_batch, max_queue=args.max_queue, extra_env=extra_env,
-                               api_key_sha256=key_digest(key) if key else None)
+                               api_key_sha256=key_digest(key) if key else None, engine=args.engine)
     except ValueError as e:
         raise UsageError(str(e)) from None
     name = svc["metadata"]["name"]

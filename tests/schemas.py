@@ -56,6 +56,8 @@ KINDS = {
     ("kueue.x-k8s.io", "LocalQueue"): ("kueue", "kueue.x-k8s.io_localqueues.yaml", "localqueues"),
     ("kueue.x-k8s.io", "ClusterQueue"): ("kueue", "kueue.x-k8s.io_clusterqueues.yaml", "clusterqueues"),
     ("kueue.x-k8s.io", "ResourceFlavor"): ("kueue", "kueue.x-k8s.io_resourceflavors.yaml", "resourceflavors"),
+    ("kueue.x-k8s.io", "WorkloadPriorityClass"):  # the chart's and k8s/kueue's run and sweep priorities
+        ("kueue", "kueue.x-k8s.io_workloadpriorityclasses.yaml", "workloadpriorityclasses"),
     ("monitoring.coreos.com", "PodMonitor"):
         ("prometheus-operator", "monitoring.coreos.com_podmonitors.yaml", "podmonitors"),
     ("monitoring.coreos.com", "PrometheusRule"):

@@ -112,7 +112,7 @@ def test_ci_values_turn_every_option_on_and_render_valid(ci_docs):
     assert {d["kind"] for d in ci_docs} == {"ConfigMap", "ServiceAccount", "Role", "RoleBinding", "PodMonitor",
                                            "PrometheusRule", "RayCluster", "LocalQueue", "ClusterQueue",
                                            "ResourceFlavor", "ClusterRole", "ClusterRoleBinding", "NetworkPolicy",
-                                           "Namespace", "PodDisruptionBudget"}
+                                           "Namespace", "PodDisruptionBudget", "WorkloadPriorityClass"}
     assert len(find(ci_docs, "PodMonitor")) == 3 and len(find(ci_docs, "Role")) == 1  # no run Role
 
 
@@ -278,6 +278,8 @@ def test_ci_configmap_carries_every_config_value(ci_docs):
     assert (cfg.s3_endpoint, cfg.s3_region, cfg.s3_secret) == ("http://minio.storage.svc:9000", "us-east-1", "llmctl-s3")
     assert cfg.prices == {"h100": 2.49, "h200": 3.5} and cfg.queue == "h100"  # from kueue.localQueue
     assert cfg.priority_class == "llmctl-training" and cfg.run_service_account == "llmctl-ci-run"
+    # the chart's WorkloadPriorityClasses, named in the config the CLI reads
+    assert (cfg.kueue_priority_class, cfg.kueue_sweep_priority_class) == ("llmctl-production", "llmctl-sweep-ci")
     assert cfg.labels == {"team": "research", "cost-center": "42"}
     assert cfg.env == {"NCCL_SOCKET_IFNAME": "eth0", "NCCL_IB_HCA": "mlx5"}
     assert (cfg.head_cpu, cfg.head_memory, cfg.head_node_selector) == ("16", "64Gi", {"node-pool": "on-demand-cpu"})
@@ -465,6 +467,11 @@ CASES = {
                                and (_worker(d)["minReplicas"], _worker(d)["maxReplicas"], _worker(d)["idleTimeoutSeconds"]) == (1, 5, 60)
                                and _rc(d)["spec"]["headGroupSpec"]["template"]["spec"]["automountServiceAccountToken"] is True
                                and "serviceAccountName" not in _rc(d)["spec"]["headGroupSpec"]["template"]["spec"]),
+    "kueue.priorityClasses": (["--set", "kueue.priorityClasses.create=true", "--set", "kueue.priorityClasses.production=7",
+                               "--set", "kueue.priorityClasses.sweep=-7"],
+                              lambda d: {(w["metadata"]["name"], w["value"]) for w in find(d, "WorkloadPriorityClass")}
+                              == {("llmctl-production", 7), ("llmctl-sweep", -7)}
+                              and _cm(d)["kueue"]["priorityClass"] == "llmctl-production"),
     "kueue.localQueue": (["--set", "kueue.localQueue.create=true", "--set", "kueue.localQueue.name=q1",
                           "--set", "kueue.localQueue.clusterQueue=cq1"],
                          lambda d: one(d, "LocalQueue", "q1")["spec"] == {"clusterQueue": "cq1"} and _cm(d)["queue"] == "q1"),
@@ -496,8 +503,10 @@ CONFIG_SAMPLES = {  # a non-default value for every leaf under `config` in value
     "extraVolumeMounts": [{"name": "c", "mountPath": "/c"}],
     "lifecycle.backoffLimit": 0, "lifecycle.ttlSecondsAfterFinished": 60, "lifecycle.preRunningDeadlineSeconds": 600,
     "lifecycle.deadlineFactor": 2.5, "lifecycle.deadlineSlackSeconds": 0, "lifecycle.maxGraceSeconds": 120,
-    "lifecycle.gpuTtlSecondsAfterFinished": 30, "kueue.elasticJobs": True, "serve.allowedHosts": ["chat.example.com"],
+    "lifecycle.gpuTtlSecondsAfterFinished": 30, "kueue.elasticJobs": True, "kueue.priorityClass": "pc-prod",
+    "kueue.sweepPriorityClass": "pc-sweep", "serve.allowedHosts": ["chat.example.com"],
     "serve.apiKeySha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+    "serve.vllmImage": "registry.example.com/ray-llm:2.60.0-py312-cu130",
 }
 
 
@@ -540,6 +549,10 @@ REFUSED = [
              "--set", "rayCluster.autoscaling.maxReplicas=2"], "minReplicas (5) is above maxReplicas (2)"),
     (["--set", "image.pullPolicy=Sometimes"], "/image/pullPolicy"),
     (["--set", "rayCluster.name=Warm_Cluster"], "/rayCluster/name"),
+    (["--set", "kueue.priorityClasses.create=true", "--set", "kueue.priorityClasses.sweep=100000"],
+     "kueue.priorityClasses.sweep (100000) must be below kueue.priorityClasses.production (100000)"),
+    (["--set", "kueue.priorityClasses.create=true", "--set", "config.kueue.priorityClass=llmctl-sweep"],
+     "config.kueue.priorityClass and config.kueue.sweepPriorityClass are both \"llmctl-sweep\""),
 ]
 
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.controlplane.cluster import wait_for
+from tests.controlplane.cluster import local_queue, wait_for
 
 RAY_IMAGE = "rayproject/ray:2.52.0"
 # Each wait returns as soon as its condition holds; the bound is for a saturated shared box.
@@ -34,25 +34,8 @@ def _restricted_container(name="main", image="busybox:1.36", **extra) -> dict:
 
 
 def _queue(api, ns: str, cq: str) -> None:
-    """A ResourceFlavor, a ClusterQueue `cq` (16 CPU, 64Gi, 8 GPUs) and a LocalQueue `lq` in ns, Active."""
-    api.create("/apis/kueue.x-k8s.io/v1beta2/resourceflavors", {
-        "apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ResourceFlavor", "metadata": {"name": "default"}})
-    api.create("/apis/kueue.x-k8s.io/v1beta2/clusterqueues", {
-        "apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ClusterQueue", "metadata": {"name": cq},
-        "spec": {"namespaceSelector": {}, "resourceGroups": [{
-            "coveredResources": ["cpu", "memory", "nvidia.com/gpu"],
-            "flavors": [{"name": "default", "resources": [
-                {"name": "cpu", "nominalQuota": "16"}, {"name": "memory", "nominalQuota": "64Gi"},
-                {"name": "nvidia.com/gpu", "nominalQuota": "8"}]}]}]}})
-    api.create(f"/apis/kueue.x-k8s.io/v1beta2/namespaces/{ns}/localqueues", {
-        "apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "LocalQueue", "metadata": {"name": "lq"},
-        "spec": {"clusterQueue": cq}})
-
-    def lq_active():
-        _, lq = api.get(f"/apis/kueue.x-k8s.io/v1beta2/namespaces/{ns}/localqueues/lq")
-        return any(c["type"] == "Active" and c["status"] == "True" for c in lq.get("status", {}).get("conditions", []))
-
-    wait_for(f"LocalQueue {ns}/lq Active", lq_active, time.monotonic() + WAIT_S)
+    """A ClusterQueue `cq` (16 CPU, 64Gi, 8 GPUs) and a LocalQueue `lq` in ns, Active."""
+    local_queue(api, ns, cq, {"cpu": "16", "memory": "64Gi", "nvidia.com/gpu": "8"}, deadline_s=WAIT_S)
 
 
 def _admitted_workload(api, ns: str):

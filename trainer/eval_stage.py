@@ -4,7 +4,8 @@
 trained stage's newest checkpoint, measures its val bpb on its stage's validation tokens (the same tokens as
 training's own val pass), runs CORE on the base model, samples a few greedy completions (rank 0), exports the
 results as metrics and writes `<run>/eval/results.json` and `<run>/eval/summary.json`. The scoring itself
-(bpb, CORE) is trainer/evaluate.py.
+(bpb, CORE) is trainer/evaluate.py. With `--lm-eval TASKS` (RunSpec.lm_eval), rank 0 then runs lm-eval-harness
+on the base model through its Hugging Face export (trainer/hf_export/harness.py), into results.json's `lm_eval`.
 """
 
 from __future__ import annotations
@@ -142,6 +143,10 @@ def eval_loop(config: dict) -> None:
         ray.train.report({**metrics.snapshot(), "step": n})  # step: models scored so far
         del model
 
+    # ---------------------------------------------------------------- lm-eval-harness (asked for)
+    if rank == 0 and plan.spec.lm_eval:
+        results["lm_eval"] = lm_eval_results(plan, opts, device, say)
+
     # ---------------------------------------------------------------- results
     results["seconds"] = time.perf_counter() - t_start
     if rank == 0:
@@ -193,6 +198,31 @@ def export_metrics(metrics, entry: dict) -> None:
     core = entry.get("core") or {}
     if "core" in core:
         metrics.on_core(core["core"], {k: v["centered"] for k, v in core["tasks"].items() if k in CORE_TASKS})
+
+
+def lm_eval_results(plan: RunPlan, opts: dict | None, device, say=None, include_path: str | None = None) -> dict:
+    """lm-eval-harness on the plan's tasks (RunSpec.lm_eval) for the base model (the chat model where the run did
+    not pretrain), exported to Hugging Face format on the way (trainer/hf_export/harness.py `evaluate_run`).
+    `include_path`: a directory of local task YAML files. A failure (a task unknown, its data unreachable) is
+    recorded, not raised: the run's training and CORE are not lost over it."""
+    from trainer.hf_export.harness import evaluate_run
+
+    tasks = plan.spec.lm_eval.split(",")
+    stage = "base" if any(s.name == "pretrain" for s in plan.stages) else "sft"
+    t0 = time.perf_counter()
+    try:
+        doc = evaluate_run(plan.urls["run"], tasks, stage=stage, storage_options=opts, include_path=include_path,
+                           device=str(device))
+    except Exception as e:  # noqa: BLE001 - an optional extra: say why, keep the stage's results
+        doc = {"tasks": tasks, "skipped": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
+        if say:
+            say(f"[eval] lm-eval skipped: {doc['skipped']}")
+        return doc
+    doc["seconds"] = time.perf_counter() - t0
+    if say:
+        for task, metrics in doc["results"].items():
+            say(f"[eval] lm-eval {task}: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
+    return doc
 
 
 def _core(model, tokenizer, plan, opts, rank, world, say) -> dict:

@@ -9,6 +9,9 @@
 
 A curve with no points is not drawn; a stage that logged nothing is left out. Returns the file names written
 (relative to the run directory), so report.md can link them and report.html embed them.
+
+`figure`, `title`, `png` and `write_pngs` are the house style every plot of the project uses (the sweep's
+pictures too: trainer/sweep/plots.py).
 """
 
 from __future__ import annotations
@@ -35,21 +38,40 @@ def _series(d: dict) -> dict:
     return out
 
 
-def render_curves(d: dict) -> dict[str, bytes]:
-    """{file name: PNG bytes} of the curves that have points."""
+def figure(figsize: tuple[float, float] = FIGSIZE):
+    """A new matplotlib Figure in the house style (Agg, the object API: no pyplot global state, no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
-    from matplotlib.figure import Figure  # the object API: no pyplot global state
+    from matplotlib.figure import Figure
 
+    return Figure(figsize=figsize, dpi=DPI)
+
+
+def title(ax, text: str) -> None:
+    """A plot title holding stored text (a run or sweep name): plain text, never mathtext (nested
+    `$\\sqrt{...}$` recursed until RecursionError) nor TeX."""
+    ax.set_title(text, fontsize=10, parse_math=False, usetex=False)
+
+
+def png(fig) -> bytes:
+    """The finished figure as PNG bytes (tight layout)."""
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def render_curves(d: dict) -> dict[str, bytes]:
+    """{file name: PNG bytes} of the curves that have points."""
     series = _series(d)
     models = (d.get("eval") or {}).get("models", {})
     files = {}
-    for fname, idx, ylabel, title in (("loss.png", 1, "train loss (EMA, nats/token)", "Training loss"),
-                                      ("bpb.png", 2, "val bits per byte", "Validation bits per byte")):
+    for fname, idx, ylabel, heading in (("loss.png", 1, "train loss (EMA, nats/token)", "Training loss"),
+                                        ("bpb.png", 2, "val bits per byte", "Validation bits per byte")):
         if not any(s[idx] for s in series.values()):
             continue
-        fig = Figure(figsize=FIGSIZE, dpi=DPI)
+        fig = figure()
         ax = fig.add_subplot()
         for name, s in series.items():
             offset, pts = s[0], s[idx]
@@ -66,21 +88,24 @@ def render_curves(d: dict) -> dict[str, bytes]:
                                label=f"unigram baseline ({model} val tokens)")
         ax.set_xlabel("step (SFT continues after pretraining)" if "sft" in series and len(series) > 1 else "step")
         ax.set_ylabel(ylabel)
-        # The run name is stored text: plain text, never mathtext (nested `$\\sqrt{...}$` recursed until
-        # RecursionError) nor TeX.
-        ax.set_title(f"{title}: {d['run']}", fontsize=10, parse_math=False, usetex=False)
+        title(ax, f"{heading}: {d['run']}")  # the run name is stored text
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png")
-        files[fname] = buf.getvalue()
+        files[fname] = png(fig)
     return files
+
+
+def write_pngs(url: str, files: dict[str, bytes], storage_options: dict | None = None) -> list[str]:
+    """Write {file name: PNG bytes} into the directory `url`; return the URLs written."""
+    out = []
+    for name, data in files.items():
+        out.append(f"{url.rstrip('/')}/{name}")
+        write_bytes(out[-1], data, storage_options)  # atomic, never through a planted link
+    return out
 
 
 def write_curves(run_url: str, d: dict, storage_options: dict | None = None) -> dict[str, bytes]:
     """Write the curves into the run directory; return {file name: PNG bytes} (for report.html)."""
     files = render_curves(d)
-    for name, png in files.items():
-        write_bytes(f"{run_url.rstrip('/')}/{name}", png, storage_options)  # atomic, never through a planted link
+    write_pngs(run_url, files, storage_options)
     return files

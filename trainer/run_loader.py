@@ -5,7 +5,8 @@ Everything read here is untrusted (anyone who can write the bucket wrote it), so
 1. `read_checked_plan`: plan.json read bounded, a JSON object whose name is a DNS-1035 label as RunSpec
    requires, its shape, stages and tokenizer URL checked (trainer/plan/stored_plan.py) before anything is
    allocated from it;
-2. `checkpoint_url`: the newest whole checkpoint of a stage (or the one at a given step);
+2. `checkpoint_url`: the newest whole checkpoint of a stage (or the one at a given step); `hf_export`: the
+   stage's Hugging Face export instead, for engines that load that format (vLLM);
 3. `load_model`: its weights with `torch.load(weights_only=True)` (nothing unpickled) into a model of the
    checked shape, in eval mode; weights that do not fit the shape are refused, not half-loaded;
 4. `load_tokenizer`: the tokenizer from its text/JSON files.
@@ -22,6 +23,14 @@ MAX_PLAN_BYTES = 1 << 20  # a plan.json is ~10 KB; a MiB bounds a hostile one
 
 class RunLoadError(LookupError):
     """The run, its stage, its checkpoint, its weights or its tokenizer cannot be loaded (the message says which)."""
+
+
+class NoHFExport(RunLoadError):
+    """The stage has no Hugging Face export at `url` (so a caller can say how to make one)."""
+
+    def __init__(self, message: str, url: str):
+        super().__init__(message)
+        self.url = url
 
 
 @dataclass(frozen=True)
@@ -78,6 +87,33 @@ def checkpoint_url(run_url: str, checked: CheckedPlan, stage: str, step: int | N
     if url is None:
         which = f"at step {step}" if step is not None else "yet"
         raise RunLoadError(f"run {checked.name} has no whole {stage} checkpoint {which} under {run_url}/{stage}")
+    return url
+
+
+MAX_HF_CONFIG_BYTES = 1 << 20  # a Hugging Face config.json is a few KB; a MiB bounds a hostile one
+HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")  # one file, or the index of its shards
+
+
+def hf_export(run_url: str, checked: CheckedPlan, stage: str, storage_options: dict | None = None) -> str:
+    """URL of the stage's Hugging Face export (`llmctl export`, at trainer/plan/urls.py `hf_export_url`), after
+    checking it is one: a config.json that is a JSON object (read bounded) and the safetensors weights."""
+    from trainer.plan.urls import hf_export_url
+    from trainer.storage import DocumentTooLarge, filesystem, read_small_json
+
+    if stage not in checked.stages:
+        raise RunLoadError(f"run {checked.name} has no {stage} stage (it has {', '.join(checked.stages)})")
+    url = hf_export_url(run_url, stage)
+    try:
+        config = read_small_json(f"{url}/config.json", MAX_HF_CONFIG_BYTES, storage_options)
+    except (DocumentTooLarge, ValueError) as e:
+        raise RunLoadError(f"run {checked.name}: {url}/config.json is not a model config ({e})") from None
+    if config is None:
+        raise NoHFExport(f"run {checked.name} has no Hugging Face export of its {stage} stage at {url}", url)
+    if not isinstance(config, dict):
+        raise RunLoadError(f"run {checked.name}: {url}/config.json is not a JSON object")
+    fs, path = filesystem(url, storage_options)
+    if not any(fs.exists(f"{path}/{name}") for name in HF_WEIGHTS):
+        raise RunLoadError(f"run {checked.name}: the export at {url} has no {' or '.join(HF_WEIGHTS)}")
     return url
 
 

@@ -26,6 +26,10 @@ CONFIG_KEY = "config.yaml"
 # The trainer image built from images/trainer/Dockerfile; its Ray must equal RAY_VERSION (tests check both).
 IMAGE = "ghcr.io/llmctl/trainer:0.1.0"
 RAY_VERSION = "2.60.0"
+# The image of `llmctl serve --engine vllm` (Ray Serve LLM + vLLM), when the config names none: the upstream
+# ray-llm image of the cluster's Ray. Its tags are <ray>-py312-cu130 only: ray-project/ray docker/ray-llm/Dockerfile
+# refuses any Python but 3.12 and pairs it with CUDA 13.0 (python/deplocks/llm/rayllm_py312_cu130.lock).
+VLLM_IMAGE = "rayproject/ray-llm:{ray_version}-py312-cu130"
 
 # GPU node labels: one choice per cluster, used by the RayJob's worker nodeSelector, the chart's warm cluster
 # and the chart's Kueue ResourceFlavors. "gpu-operator": NVIDIA GPU Feature Discovery's product label
@@ -53,6 +57,12 @@ def default_gpu_node_selectors(gpu_labels: str = "gpu-operator") -> dict[str, di
 
 
 DEFAULT_GPU_NODE_SELECTORS = default_gpu_node_selectors()
+# Kueue WorkloadPriorityClasses the chart (kueue.priorityClasses) and k8s/kueue/priority-classes.yaml create:
+# production runs at the pod PriorityClass llmctl-training's value (k8s/priority-class.yaml), sweep cells below 0,
+# so below every run that carries no priority at all (Kueue's default is 0).
+PRODUCTION_PRIORITY_CLASS = "llmctl-production"
+SWEEP_PRIORITY_CLASS = "llmctl-sweep"
+
 # The NVIDIA device plugin's conventional taint on GPU nodes.
 DEFAULT_GPU_TOLERATIONS = ({"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},)
 
@@ -131,10 +141,17 @@ class ClusterConfig:
     # ElasticJobsViaWorkloadSlices feature gate on (alpha, Kueue >= 0.14 patch releases) and the job annotated
     # kueue.x-k8s.io/elastic-job. True: this cluster's Kueue has the gate on.
     kueue_elastic_jobs: bool = False
+    # Kueue WorkloadPriorityClasses (label kueue.x-k8s.io/priority-class on the RayJob, Kueue's order and
+    # preemption within a ClusterQueue): `submit` runs on a queue carry kueue_priority_class (None: Kueue takes the
+    # pods' PriorityClass value, else 0); `sweep` cells carry kueue_sweep_priority_class, whose value the chart and
+    # k8s/kueue/priority-classes.yaml set below every production run's (cli/kube/sweep.py).
+    kueue_priority_class: str | None = None
+    kueue_sweep_priority_class: str = SWEEP_PRIORITY_CLASS
     # The Serve app's access checks (trainer/serve/access.py) on `llmctl serve` RayServices: Host names the
     # proxy answers besides addresses (empty: no Host check) and the SHA-256 of the API key /v1/ needs.
     serve_allowed_hosts: tuple[str, ...] = ()
     serve_api_key_sha256: str | None = None
+    serve_vllm_image: str | None = None  # image of --engine vllm RayServices; None: VLLM_IMAGE of ray_version
     pre_running_deadline_seconds: int = 1800  # fail a run whose pods are not running 30 min after admission
     deadline_factor: float = 1.5  # activeDeadlineSeconds = estimate x factor + slack
     deadline_slack_seconds: int = 1800
@@ -161,7 +178,8 @@ class ClusterConfig:
         if not self.image or any(c.isspace() for c in self.image):
             bad("image", f"must be an image reference, got {self.image!r}")
         for key, value in (("storageRoot", self.storage_root), ("s3.endpoint", self.s3_endpoint),
-                           ("s3.region", self.s3_region), ("image", self.image)):
+                           ("s3.region", self.s3_region), ("image", self.image),
+                           ("serve.vllmImage", self.serve_vllm_image)):
             if isinstance(value, str) and (what := find_credential(value)):
                 bad(key, f"holds {what}; {HOW}")
         if self.spot_provider == "label" and not self.spot_node_selector:
@@ -199,6 +217,11 @@ class ClusterConfig:
         n = self.interconnect_gpus
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 2):
             bad("interconnect.gpus", f"must be an integer >= 2, got {n!r}")
+
+    @property
+    def vllm_image(self) -> str:
+        """The image of `llmctl serve --engine vllm`: serve.vllmImage, else the upstream ray-llm image of rayVersion."""
+        return self.serve_vllm_image or VLLM_IMAGE.format(ray_version=self.ray_version)
 
     def interconnect_note(self) -> str | None:
         """How the plan's interconnect figure was obtained, for its table; None when not measured."""
@@ -282,8 +305,10 @@ _KEY_TO_FIELD = {
     "lifecycle.deadlineFactor": "deadline_factor", "lifecycle.deadlineSlackSeconds": "deadline_slack_seconds",
     "lifecycle.maxGraceSeconds": "max_grace_seconds",
     "lifecycle.gpuTtlSecondsAfterFinished": "gpu_ttl_seconds_after_finished",
-    "kueue.elasticJobs": "kueue_elastic_jobs",
+    "kueue.elasticJobs": "kueue_elastic_jobs", "kueue.priorityClass": "kueue_priority_class",
+    "kueue.sweepPriorityClass": "kueue_sweep_priority_class",
     "serve.allowedHosts": "serve_allowed_hosts", "serve.apiKeySha256": "serve_api_key_sha256",
+    "serve.vllmImage": "serve_vllm_image",
 }
 _SECTIONS = {k.split(".")[0] for k in _KEY_TO_FIELD if "." in k}  # s3, head, workers, lifecycle
 
@@ -415,8 +440,9 @@ def _coerce(fname: str, value: Any) -> Any:
     if fname in ("read_only_root_filesystem", "kueue_elastic_jobs") and not isinstance(value, bool):
         raise UsageError(f"{key}: must be true or false, got {value!r}")
     if fname in ("image", "image_pull_policy", "ray_version", "storage_root", "s3_endpoint", "s3_region",
-                 "s3_secret", "queue", "priority_class", "run_service_account", "gpu_labels", "ray_auth",
-                 "spot_provider", "serve_api_key_sha256") \
+                 "s3_secret", "queue", "priority_class", "kueue_priority_class", "kueue_sweep_priority_class",
+                 "run_service_account", "gpu_labels", "ray_auth",
+                 "spot_provider", "serve_api_key_sha256", "serve_vllm_image") \
             and not isinstance(value, str):
         raise UsageError(f"{key}: must be a string, got {value!r}")
     return value

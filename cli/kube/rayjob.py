@@ -55,6 +55,7 @@ LAUNCH = "python -m trainer.launch"
 WORKER_GROUP_START_TIMEOUT_S = 600
 
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"  # a Kueue WorkloadPriorityClass: order and preemption in the queue
 ELASTIC_ANNOTATION = "kueue.x-k8s.io/elastic-job"  # Kueue's workload slicing (ElasticJobsViaWorkloadSlices)
 DELETION_RULES_MIN = (1, 6, 0)  # KubeRay: deletionStrategy.deletionRules served from 1.5, its gate on from 1.6
 ANNOTATION_PREFIX = "llmctl.dev/"
@@ -299,6 +300,8 @@ def build_rayjob(plan: RunPlan, cfg: ClusterConfig, *, namespace: str, extra_env
     else:
         if cfg.queue:
             labels[QUEUE_LABEL] = cfg.queue
+            if cfg.kueue_priority_class:
+                labels[PRIORITY_LABEL] = cfg.kueue_priority_class
             spec["suspend"] = True  # Kueue un-suspends on admission; shutdownAfterJobFinishes is required
         low, high = elastic_replicas(plan, pods, per_pod)
         elastic = low < high  # the autoscaler re-adds lost pods

@@ -224,9 +224,12 @@ def kueue_reason(kube, rj: dict, now: datetime.datetime | None = None) -> str | 
         age = (now - created).total_seconds() if created else 0
         if age < WORKLOAD_GRACE_SECONDS:
             return "Kueue has not made its Workload yet"
+        wpc = (meta.get("labels") or {}).get("kueue.x-k8s.io/priority-class")
+        missing = (f", or its WorkloadPriorityClass {clean(wpc, limit=253)} does not exist (kubectl get "
+                   f"workloadpriorityclasses; docs/kubernetes.md, Sweeps in the queue)") if wpc else ""
         return (f"Kueue made no Workload for it in {age:.0f} s: Kueue does not manage namespace {kube.namespace} "
-                f"(its managedJobsNamespaceSelector), or its controller is not running; the run stays suspended "
-                f"until one is made (kubectl get workloads -n {kube.namespace})")
+                f"(its managedJobsNamespaceSelector), or its controller is not running{missing}; the run stays "
+                f"suspended until one is made (kubectl get workloads -n {kube.namespace})")
     conds = (wl.get("status") or {}).get("conditions") or []
     name = (wl.get("metadata") or {}).get("name")
     if _true(conds, "Admitted"):

@@ -154,7 +154,7 @@ _FLAGS = {"--depth": _NUM, "--ratio": _NUM, "--gpus": _NUM, "--seq-len": _NUM, "
           "--device-batch-size": _NUM, "--total-batch-size": _NUM, "--price": _NUM, "--max-cost": _NUM,
           "--core-max-per-task": _NUM, "--stages": _TEXT, "--gpu-type": _TEXT, "--storage": _TEXT,
           "--core-bundle": _TEXT, "--name": _TEXT, "--precision": _TEXT, "--env": _TEXT, "--image": _TEXT,
-          "--queue": _TEXT}
+          "--queue": _TEXT, "--lm-eval": _TEXT}
 
 
 @st.composite

@@ -151,6 +151,33 @@ def wait_for(what: str, check, deadline: float, procs: list[Proc] = (), interval
         time.sleep(interval)
 
 
+def local_queue(api: Api, namespace: str, cluster_queue: str, quota: dict[str, str], *, name: str = "lq",
+                preemption: dict | None = None, deadline_s: float = 180) -> None:
+    """Kueue quota for a test: the ResourceFlavor `default` (shared, no node labels), a ClusterQueue `cluster_queue`
+    covering exactly `quota`'s resources ({"nvidia.com/gpu": "16", ...}; Kueue admits only workloads whose every
+    requested resource is covered), with `preemption` (Kueue's default: none within the queue), and a LocalQueue
+    `name` in `namespace` pointing at it; returns once the LocalQueue is Active."""
+    api.create("/apis/kueue.x-k8s.io/v1beta2/resourceflavors", {
+        "apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ResourceFlavor", "metadata": {"name": "default"}})
+    spec = {"namespaceSelector": {}, "resourceGroups": [{
+        "coveredResources": list(quota),
+        "flavors": [{"name": "default", "resources": [{"name": r, "nominalQuota": q} for r, q in quota.items()]}]}]}
+    if preemption:
+        spec["preemption"] = preemption
+    api.create("/apis/kueue.x-k8s.io/v1beta2/clusterqueues", {
+        "apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ClusterQueue", "metadata": {"name": cluster_queue},
+        "spec": spec})
+    api.create(f"/apis/kueue.x-k8s.io/v1beta2/namespaces/{namespace}/localqueues", {
+        "apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "LocalQueue", "metadata": {"name": name},
+        "spec": {"clusterQueue": cluster_queue}})
+
+    def active():
+        _, lq = api.get(f"/apis/kueue.x-k8s.io/v1beta2/namespaces/{namespace}/localqueues/{name}")
+        return any(c["type"] == "Active" and c["status"] == "True" for c in lq.get("status", {}).get("conditions", []))
+
+    wait_for(f"LocalQueue {namespace}/{name} Active", active, time.monotonic() + deadline_s)
+
+
 def _http_ok(url: str, ctx: ssl.SSLContext | None = None, token: str | None = None) -> bool:
     req = urllib.request.Request(url)
     if token:

@@ -14,9 +14,6 @@ from pathlib import Path
 import pytest
 
 ARTIFACTS = Path(__file__).parents[1] / "artifacts"
-FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-dev-shm-usage", "--window-size=1100,800")
 
 
 def test_the_page_has_no_external_assets():
@@ -27,24 +24,10 @@ def test_the_page_has_no_external_assets():
 
 @pytest.fixture
 def browser(tmp_path):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
+    from tests.tools import chromium_webdriver
 
-    from tests.tools import ensure_chromium
-
-    chromium, driver_path = ensure_chromium()
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = chromium
-    for flag in FLAGS:
-        opts.add_argument(flag)
-    opts.add_argument(f"--user-data-dir={tmp_path / 'profile'}")  # a fresh profile every time
-    opts.set_capability("goog:loggingPrefs", {"performance": "ALL"})
-    driver = webdriver.Chrome(options=opts, service=Service(driver_path))
-    driver.set_page_load_timeout(60)
-    try:
+    with chromium_webdriver(tmp_path / "profile", performance_log=True) as driver:  # a fresh profile every time
         yield driver
-    finally:
-        driver.quit()
 
 
 def test_type_a_message_and_see_the_reply_stream_in(served, browser):

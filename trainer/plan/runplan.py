@@ -26,7 +26,7 @@ from trainer.plan.recipe import (CHECKPOINT_MINUTES, EVAL_EVERY, EVAL_TOKENS, FI
                                  WARMUP_STEPS)
 from trainer.plan.schedule import Optimization, optimization
 from trainer.plan.shape import Architecture, ParamCounts, architecture, flops_per_token, model_dim, param_counts
-from trainer.plan.spec import ELASTIC_FIELDS, PlanError, RunSpec
+from trainer.plan.spec import OMITTED_UNSET, PlanError, RunSpec
 
 SCHEMA = "llmctl.runplan/v1"
 
@@ -145,7 +145,7 @@ def _run_name(spec: RunSpec) -> str:
     if spec.name:
         return spec.name
     d = spec.to_dict()
-    for k in ("name", "namespace", "image", "queue", "price_per_gpu_hour", "budget_cap", *ELASTIC_FIELDS):
+    for k in ("name", "namespace", "image", "queue", "price_per_gpu_hour", "budget_cap", *OMITTED_UNSET):
         d.pop(k, None)  # do not change what is trained
     import hashlib  # here: ~8 ms the CLI's start-up need not pay
 

@@ -38,6 +38,11 @@ class PlanError(ValueError):
 # Capacity and fabric, not what is trained: left out of the run name (a retry on other capacity resumes the same
 # run) and out of the stored spec when unset (plans stored before them still load).
 ELASTIC_FIELDS = {"min_gpus": None, "spot": False, "preemptions_per_hour": None, "interconnect_busbw_gbs": None}
+# Fields a stored spec leaves out while unset (plans stored before them still load) and the run's name ignores
+# (they change neither what is trained nor how): the elastic ones and the optional lm-eval pass.
+OMITTED_UNSET = {**ELASTIC_FIELDS, "lm_eval": None}
+MAX_LM_EVAL_TASKS = 64  # --lm-eval task names (lm-eval's leaderboard groups are a dozen or so)
+_LM_EVAL_TASK = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")  # lm-eval task and group names
 
 
 @dataclass(frozen=True)
@@ -72,6 +77,7 @@ class RunSpec:
     keep_checkpoints: int = KEEP_CHECKPOINTS
     core_bundle: str | None = None  # CORE eval bundle URL (core.yaml, eval_data/, eval_meta_data.csv); None = <root>/eval_bundle
     core_max_per_task: int | None = None  # examples per CORE task in the eval stage; None = all
+    lm_eval: str | None = None  # comma-separated lm-eval-harness tasks run by the eval stage after CORE; None = none
     tokenizer: str | None = None  # name under <root>/tokenizers/; None = "bpe-<vocab>"
     name: str | None = None  # None = deterministic from the spec, so a retried job resumes the same run
     namespace: str = "default"
@@ -156,13 +162,20 @@ class RunSpec:
         if not _RFC1123_LABEL.fullmatch(self.namespace):
             bad("namespace", f"{self.namespace!r} is not a valid Kubernetes namespace (RFC 1123 label: lower-case "
                 "letters, digits and '-', starting and ending with a letter or digit)")
+        if self.lm_eval is not None:
+            tasks = self.lm_eval.split(",") if isinstance(self.lm_eval, str) else None
+            if not tasks or not all(_LM_EVAL_TASK.fullmatch(t) for t in tasks) or len(tasks) > MAX_LM_EVAL_TASKS:
+                bad("lm_eval", f"must be up to {MAX_LM_EVAL_TASKS} comma-separated lm-eval task names (letters, "
+                    f"digits, '_', '.', '-'), got {self.lm_eval!r:.80}")
+            if "eval" not in self.stages:
+                bad("lm_eval", "runs in the eval stage: list eval in the stages")
         if self.name is not None and not _DNS1035.fullmatch(self.name):
             bad("name", f"must be a DNS-1035 label of at most 47 chars (a-z, 0-9, '-'), got {self.name!r}")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["stages"] = list(self.stages)
-        for k, default in ELASTIC_FIELDS.items():  # absent when unset: plans stored before them still load
+        for k, default in OMITTED_UNSET.items():  # absent when unset: plans stored before them still load
             if d[k] == default:
                 del d[k]
         return d

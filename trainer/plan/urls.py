@@ -5,7 +5,9 @@ read from either is checked here, without touching storage:
 - `require_shared`: the protocols every pod of a cluster run can reach (no file://, no bare paths);
 - `safe_name`: one path component (no separators, no `..`, no control characters);
 - `storage_root_of` / `rebase`: a URL read from a stored file is re-derived under the root the run was opened
-  from, never followed as written.
+  from, never followed as written;
+- `hf_export_url`: where a run's Hugging Face export lives by default (`llmctl export`, `llmctl serve --engine
+  vllm`, lm-eval), one rule for all of them.
 Stdlib only: the spec validates its URLs with these (trainer/plan/spec.py); trainer/storage.py opens them.
 """
 
@@ -14,6 +16,9 @@ from __future__ import annotations
 import re
 
 DEFAULT_STORAGE = "file://~/.cache/llmctl"  # RunSpec.storage_root's default; runs live under <storage>/runs/<name>
+# A run's Hugging Face exports: <run>/export/hf-sft (the chat model) and <run>/export/hf-base (the pretrained one).
+# Stage names as the CLI takes them (sft/chat, pretrain/base) -> the export's directory suffix.
+HF_EXPORT_STAGES = {"sft": "sft", "chat": "sft", "pretrain": "base", "base": "base"}
 
 
 # Storage that every pod of a cluster run reaches (fsspec protocols: s3fs, gcsfs, adlfs, huggingface_hub).
@@ -63,3 +68,12 @@ def rebase(stored: str, stored_root: str, root: str, subdir: str, what: str) -> 
     if not isinstance(stored, str) or not stored.startswith(prefix):
         raise UnsafeURL(f"{what}: {stored!r} is not under the run's storage ({prefix}...)")
     return f"{root.rstrip('/')}/{subdir}/{safe_name(stored[len(prefix):].rstrip('/'), what)}"
+
+
+def hf_export_url(run_url: str, stage: str = "sft") -> str:
+    """The default place of a run's Hugging Face export (safetensors, config.json, tokenizer.json, modeling
+    code): `<run_url>/export/hf-sft` for the chat model, `<run_url>/export/hf-base` for the pretrained one.
+    `stage` is sft/chat or pretrain/base; anything else is a ValueError that lists them."""
+    if stage not in HF_EXPORT_STAGES:
+        raise ValueError(f"stage {stage!r} has no Hugging Face export; one of {', '.join(HF_EXPORT_STAGES)}")
+    return f"{run_url.rstrip('/')}/export/hf-{HF_EXPORT_STAGES[stage]}"

@@ -148,6 +148,17 @@ The Kueue API version this cluster serves: v1beta2 from Kueue 0.15, else v1beta1
 {{- end }}
 
 {{/*
+The Kueue WorkloadPriorityClass of runs on a queue: config.kueue.priorityClass, else the chart's production class
+when it creates it (templates/workloadpriorityclass.yaml), else none.
+*/}}
+{{- define "llmctl.runPriorityClass" -}}
+{{- if .Values.config.kueue.priorityClass }}
+{{- .Values.config.kueue.priorityClass }}
+{{- else if .Values.kueue.priorityClasses.create }}llmctl-production
+{{- end }}
+{{- end }}
+
+{{/*
 A "<n>Gi" quantity as the integer n (the schema allows only that form for the sizes summed here).
 */}}
 {{- define "llmctl.gi" -}}
@@ -167,6 +178,13 @@ cannot read the operator's release; config.kuberay.version says it) and Ray >= 2
 Fail early, naming the key and the value, for combinations the schema cannot express.
 */}}
 {{- define "llmctl.validate" -}}
+{{- $pc := .Values.kueue.priorityClasses }}
+{{- if and $pc.create (ge (int64 $pc.sweep) (int64 $pc.production)) }}
+{{- fail (printf "kueue.priorityClasses.sweep (%d) must be below kueue.priorityClasses.production (%d): sweep cells queue behind runs" (int64 $pc.sweep) (int64 $pc.production)) }}
+{{- end }}
+{{- if and $pc.create (eq (include "llmctl.runPriorityClass" .) .Values.config.kueue.sweepPriorityClass) }}
+{{- fail (printf "config.kueue.priorityClass and config.kueue.sweepPriorityClass are both %q: runs and sweep cells need two WorkloadPriorityClasses" .Values.config.kueue.sweepPriorityClass) }}
+{{- end }}
 {{- if not (contains "://" .Values.config.storageRoot) }}
 {{- fail (printf "config.storageRoot must be a URL every pod can reach, such as s3://bucket/prefix; got %q" .Values.config.storageRoot) }}
 {{- end }}

@@ -62,6 +62,9 @@ CONFIGS = {
     "locked-down-cluster": dict(cfg=ClusterConfig(s3_secret="llmctl-s3", s3_endpoint="http://minio:9000",
                                                   run_service_account="llmctl-run", priority_class="serve",
                                                   image_pull_secrets=("regcred",), labels={"team": "ml"})),
+    # --engine vllm (tests/cli/kube/test_vllm.py): Ray Serve LLM on the run's Hugging Face export
+    "vllm-gpu": dict(engine="vllm"),
+    "vllm-2x2-h200": dict(engine="vllm", replicas=2, gpus_per_replica=2, gpu_type="h200"),
 }
 
 
@@ -71,7 +74,8 @@ def test_every_config_is_valid_under_every_kuberay_version(s3_run, version, conf
     _, run = s3_run
     kw = dict(CONFIGS[config])
     cfg = kw.pop("cfg", ClusterConfig()).replace(kuberay_version=version)
-    svc = build_rayservice(run, cfg, namespace="team", step=30, **kw)
+    step = None if kw.get("engine") == "vllm" else 30  # an export is of one checkpoint: no --step
+    svc = build_rayservice(run, cfg, namespace="team", step=step, **kw)
     schemas.validate(svc, {"kuberay": version})
     # Ray token authentication as for runs: where KubeRay serves authOptions (1.5.1+).
     auth = svc["spec"]["rayClusterConfig"].get("authOptions")
