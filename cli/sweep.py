@@ -21,11 +21,12 @@ from cli.errors import CLIError, UsageError
 from cli.flags import add_cluster_args, add_version_args, apply_flags
 
 LOCAL_STORAGE = "file://~/.cache/llmctl"  # RunSpec.storage_root's default, as `submit --local` uses
-# The local grid: ~15-20 min on 2 CPU cores (docs/sweeps.md has the measured time). Models of 1-4 layers, 64 wide
-# per layer, a 4,096-token vocabulary and a 256-token context, 4,096 tokens a step on 2 workers (the quick local
-# run's shape, cli/local.py); budgets a factor 2 apart. At these sizes even d1 is past the compute-optimal size of
-# a 1e13 budget, so the cells sit at ratios far below the recipe's and the grid accepts 0.05-1,000 tokens per
-# parameter and 20-step cells (its warm-up is a tenth of the run: runplan.py).
+# The local grid: planned at ~9 min of training on 2 quiet CPU cores; measured 48.5 min whole on a loaded 2-core
+# machine (docs/sweeps.md, "Our measured ratio": its optima fall below d1, so it does not bracket them). Models of
+# 1-4 layers, 64 wide per layer, a 4,096-token vocabulary and a 256-token context, 4,096 tokens a step on 2
+# workers (the quick local run's shape, cli/local.py); budgets a factor 2 apart. At these sizes even d1 is past
+# the compute-optimal size of such budgets, so the cells sit at ratios far below the recipe's and the grid accepts
+# 0.05-1,000 tokens per parameter and 20-step cells (its warm-up is a tenth of the run: runplan.py).
 LOCAL_GRID = dict(flops=(1.5e12, 3e12, 6e12), depths=(1, 2, 3, 4), min_steps=20, sane_ratio=(0.05, 1000.0))
 LOCAL_SPEC = dict(gpus=2, gpu_type="cpu", vocab_size=4096, seq_len=256, head_dim=64, device_batch_size=8,
                   total_batch_size=2 * 8 * 256, eval_tokens=2 * 8 * 256 * 16, dataset="sample-demo",

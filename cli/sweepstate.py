@@ -178,7 +178,7 @@ def fit_and_report(url: str, defn: dict, rows: list[dict], opts: dict | None) ->
     try:
         fit = {**fit_sweep(cells), "cells_fitted": sorted(c["cell"] for c in cells)}  # status refits when it changes
     except FitError as e:
-        raise CLIError(f"sweep {defn['name']}: cannot fit yet ({e}); {len(cells)} cells done") from None
+        raise CLIError(f"sweep {defn['name']}: cannot fit ({e}); {len(cells)} cells done") from None
     write_json(f"{url}/fit.json", fit, opts)
     files = write_report(url, defn, cells, fit, storage_options=opts)
     return fit, [f"{url}/fit.json", *files]

@@ -2,9 +2,11 @@
 refusals that create nothing (bad flags, --max-cost, another definition under the same name), resume without
 double submission, failed cells retried, status, cancel, the fit's wiring, and a tiny local sweep.
 
-The cluster side (cli/kube/sweep.py: render, submit, states, cancel) is another module's work; until it is on
-main these tests stand a small in-memory cluster in for it (`FakeSweepCluster`), holding RayJobs by name the way
-the API server does (a name is created once). Storage is real: file:// under tmp_path, through trainer/storage.py.
+The RayJobs of `--dry-run -o yaml` come from the real renderer (cli/kube/sweep.py) and are validated strictly.
+The state machine of submit/resume/status/cancel runs against a small in-memory cluster standing in for
+cli/kube/sweep.py's API calls (`FakeSweepCluster`: RayJobs by name, a name created once, as the API server does;
+cli/kube/sweep.py's own tests hold its calls to the real control plane). Storage is real: file:// under
+tmp_path, through trainer/storage.py.
 
 Run: .venv/bin/pytest tests/cli/test_sweep.py
 """
@@ -19,6 +21,7 @@ import pytest
 import yaml
 
 from cli import sweepstate
+from tests import schemas
 from tests.hostile import llmctl, refused
 
 GRID = ["--flops", "1e18,1e19", "--depths", "10,12", "--gpus", "8"]
@@ -137,6 +140,31 @@ def refused_1(capsys, *argv):
     rc, out, err = llmctl(capsys, *argv)
     assert rc == 1 and err.count("\n") == 1 and err.startswith("llmctl: error: "), (rc, err)
     return err
+
+
+@pytest.mark.parametrize("kuberay", [schemas.KUBERAY_RELEASES[0], schemas.KUBERAY_RELEASES[-1]])  # tests/cli/kube: each
+def test_sweep_dry_run_yaml_renders_strictly_valid_rayjobs_with_label_queue_priority(capsys, monkeypatch, tmp_path,
+                                                                                     kuberay):
+    """The real renderer (cli/kube/sweep.py), no cluster: one RayJob per kept cell, each strictly valid for the
+    KubeRay release, labelled with the sweep and its cell, in the queue, at the sweep's priority."""
+    from cli.kube.config import SWEEP_PRIORITY_CLASS
+    from cli.kube.rayjob import PRIORITY_LABEL, QUEUE_LABEL
+    from cli.kube.sweep import CELL_LABEL, SWEEP_LABEL
+
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "none"))
+    rc, out, err = llmctl(capsys, "sweep", "--flops", "1e17,1e18", "--depths", "10,20", "--gpus", "8", "--name",
+                          "iso", "--storage", "s3://runs", "--queue", "h100", "--kuberay-version", kuberay[:3],
+                          "--dry-run", "-o", "yaml")
+    assert rc == 0, err
+    objs = list(yaml.safe_load_all(out))
+    assert schemas.validate_all(objs, {"kuberay": kuberay}) == 3  # f1e17-d20 dropped: no RayJob
+    assert [o["metadata"]["name"] for o in objs] == ["iso-f1e17-d10", "iso-f1e18-d10", "iso-f1e18-d20"]
+    for o in objs:
+        labels = o["metadata"]["labels"]
+        assert labels[SWEEP_LABEL] == "iso" and labels[CELL_LABEL] == o["metadata"]["name"][4:]
+        assert labels[QUEUE_LABEL] == "h100" and labels[PRIORITY_LABEL] == SWEEP_PRIORITY_CLASS
+        assert o["spec"]["suspend"] is True and o["metadata"]["namespace"] == "default"
+    assert "dropped (1):" in err and "nothing was sent" in err
 
 
 def test_sweep_dry_run_yaml_prints_every_cells_rayjob_and_sends_nothing(capsys, cluster):
