@@ -21,16 +21,16 @@ from cli.errors import CLIError, UsageError
 from cli.flags import add_cluster_args, add_version_args, apply_flags
 
 LOCAL_STORAGE = "file://~/.cache/llmctl"  # RunSpec.storage_root's default, as `submit --local` uses
-# The local grid: planned at ~9 min of training on 2 quiet CPU cores; measured 48.5 min whole on a loaded 2-core
-# machine (docs/sweeps.md, "Our measured ratio": its optima fall below d1, so it does not bracket them). Models of
-# 1-4 layers, 64 wide per layer, a 4,096-token vocabulary and a 256-token context, 4,096 tokens a step on 2
-# workers (the quick local run's shape, cli/local.py); budgets a factor 2 apart. At these sizes even d1 is past
-# the compute-optimal size of such budgets, so the cells sit at ratios far below the recipe's and the grid accepts
-# 0.05-1,000 tokens per parameter and 20-step cells (its warm-up is a tenth of the run: runplan.py).
-LOCAL_GRID = dict(flops=(1.5e12, 3e12, 6e12), depths=(1, 2, 3, 4), min_steps=20, sane_ratio=(0.05, 1000.0))
-LOCAL_SPEC = dict(gpus=2, gpu_type="cpu", vocab_size=4096, seq_len=256, head_dim=64, device_batch_size=8,
+# The local grid: 15 min whole, measured on the loaded 2-core sandbox (docs/sweeps.md, "Our measured ratio", with
+# its results and why its fit is not a measurement). Models of 1-3 layers, 64 wide per layer, a 512-token vocabulary
+# (d1: 82K scaling params, the smallest the depth dial makes) and a 256-token context, 4,096 tokens a step on 2
+# workers (the quick local run's shape, cli/local.py); budgets a factor 2 apart. Even d1 is past the compute-optimal
+# size of such budgets, so the cells sit at ratios far from the recipe's and the grid accepts 0.05-1,000 tokens per
+# parameter and 20-step cells (its warm-up is a tenth of the run: runplan.py).
+LOCAL_GRID = dict(flops=(8e11, 1.6e12, 3.2e12), depths=(1, 2, 3), min_steps=20, sane_ratio=(0.05, 1000.0))
+LOCAL_SPEC = dict(gpus=2, gpu_type="cpu", vocab_size=512, seq_len=256, head_dim=64, device_batch_size=8,
                   total_batch_size=2 * 8 * 256, eval_tokens=2 * 8 * 256 * 16, dataset="sample-demo",
-                  tokenizer="sample-demo-4096", sft_dataset="sample-demo-sft")
+                  tokenizer="sample-demo-512", sft_dataset="sample-demo-sft")
 LOCAL_INPUTS = dict(mb=24, conversations=300)  # the demo corpus, ~6M tokens: the largest cell reads ~2.9M
 
 
@@ -309,15 +309,14 @@ def _fit_lines(fit: dict) -> str:
 
     out = [f"fit: N_opt ∝ C^{n.get('exponent', float('nan')):.3f}{ci(n)}, D_opt ∝ C^{d.get('exponent', float('nan')):.3f}"
            f"{ci(d)}, tokens:params ratio {r.get('value', float('nan')):.3g}{ci(r)}"]
-    if fit.get("dropped"):
-        out.append(f"fit dropped: {clean_list(fit['dropped'])}")
-    return "\n".join(out)
-
-
-def clean_list(items) -> str:
     from cli.console import clean
 
-    return clean(", ".join(map(str, items)) if isinstance(items, list) else str(items), limit=300)
+    for d in fit.get("dropped") or []:
+        if isinstance(d, dict):
+            flops = d.get("flops")
+            where = f"{flops:.3g} FLOPs" if isinstance(flops, (int, float)) else "a budget"
+            out.append(clean(f"fit dropped {where}: {d.get('reason')}", limit=300))
+    return "\n".join(out)
 
 
 def _where(args):
