@@ -1,6 +1,7 @@
 """Command-line flags that several commands share, kept apart from what the flags do so that building the
 parser (`llmctl --help`) imports nothing heavy: the spec flags (`plan`, `submit`), the cluster flags (every
-command that talks to a cluster) and `--kuberay-version` (`submit`).
+command that talks to a cluster) and `--kuberay-version` (`submit`, `sweep`), and `apply_flags`, which applies
+--image, --queue and --kuberay-version to a cluster config.
 """
 
 from __future__ import annotations
@@ -75,3 +76,14 @@ def version_flags(args) -> dict:
     except ValueError as e:
         raise UsageError(f"--kuberay-version: {e}") from None
     return {"kuberay_version": value}
+
+
+def apply_flags(cfg, args):
+    """The cluster config with --image, --queue and --kuberay-version applied (`submit`, `sweep`)."""
+    changes = {}
+    if getattr(args, "image", None):
+        changes["image"] = args.image
+    if getattr(args, "queue", None) is not None:
+        changes["queue"] = args.queue or None  # --queue '' turns a configured queue off
+    changes.update(version_flags(args))
+    return cfg.replace(**changes) if changes else cfg

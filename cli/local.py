@@ -13,6 +13,10 @@ from __future__ import annotations
 import argparse
 import time
 
+from cli.inputs import SAMPLE_MB, SFT_CONVERSATIONS, SMOKE_CORE_PER_TASK, ensure_inputs
+
+__all__ = ["DEMO", "LOCAL", "PRESETS", "ensure_inputs", "local_spec", "run_local", "run_plan_local"]
+
 # The embedded default ("quick", what `make run` does): small enough to pretrain + SFT in a few minutes on 2
 # CPU cores, shaped by the same recipe (SSSL windows, value embeddings, smear/backout, Muon + AdamW, the
 # batch-scaled LRs). A 2-layer, 128-wide model with head_dim 64 (nanochat's runcpu.sh uses 64 too), a
@@ -21,20 +25,16 @@ import time
 LOCAL = dict(depth=2, gpus=2, gpu_type="cpu", vocab_size=4096, seq_len=256, head_dim=64,
              device_batch_size=8, total_batch_size=2 * 8 * 256, num_iterations=200, eval_every=50,
              eval_tokens=2 * 8 * 256 * 4, checkpoint_every=50, sft_tokens=2 * 8 * 256 * 40,
-             core_max_per_task=40)  # the smoke CORE bundle holds 40 examples per task
+             core_max_per_task=SMOKE_CORE_PER_TASK)  # the smoke CORE bundle's examples per task
 # "demo": long enough (~30-40 min on 2 cores, docs/benchmarks.md) for the samples to read like the corpus. d4 (256 wide, 4 heads
 # of 64, ~3.1M matmul + 1M lm_head parameters), 8,192 tokens a step; 700 steps = ~5.7M tokens (for scale,
 # nanochat's runcpu.sh trains d6 on ~82M tokens), over a 24 MB corpus so the steps see each document about
 # once; SFT then runs ~60 steps of the sample conversations.
 DEMO = dict(LOCAL, depth=4, device_batch_size=16, total_batch_size=2 * 16 * 256, num_iterations=700,
             eval_every=100, eval_tokens=2 * 16 * 256 * 4, checkpoint_every=100, sft_tokens=2 * 16 * 256 * 60)
-# preset -> (spec fields, corpus MB, conversations, dataset name); the corpus of "quick": ~2M tokens at 4K
-# vocab, enough for 200 steps of 4K tokens without repeats.
-PRESETS = {"quick": (LOCAL, 8, 3000, "sample"), "demo": (DEMO, 24, 6000, "sample-demo")}
-SAMPLE_MB = PRESETS["quick"][1]
-SAMPLE_ROW_GROUP = 64  # docs per row group: small, so every rank gets row groups of the one val shard
-SFT_CONVERSATIONS = PRESETS["quick"][2]
-SMOKE_CORE_PER_TASK = LOCAL["core_max_per_task"]  # examples per task of the smoke bundle from held-out text
+# preset -> (spec fields, corpus MB, conversations, dataset name); the corpus of "quick" (cli/inputs.py SAMPLE_MB):
+# ~2M tokens at 4K vocab, enough for 200 steps of 4K tokens without repeats.
+PRESETS = {"quick": (LOCAL, SAMPLE_MB, SFT_CONVERSATIONS, "sample"), "demo": (DEMO, 24, 6000, "sample-demo")}
 
 
 def local_spec(args: argparse.Namespace):
@@ -48,39 +48,6 @@ def local_spec(args: argparse.Namespace):
     return RunSpec(storage_root=args.storage, dataset=dataset, sft_dataset=f"{dataset}-sft",
                    tokenizer=f"{dataset}-{fields['vocab_size']}", name=getattr(args, "name", None),
                    track=tuple(getattr(args, "track", None) or ()), **fields)
-
-
-def ensure_inputs(p, opts: dict | None = None, *, mb: float = SAMPLE_MB, conversations: int = SFT_CONVERSATIONS,
-                  say=print, show_progress: bool = False) -> None:
-    """Sample corpus, conversations and tokenizer at the plan's URLs, each built once (idempotent)."""
-    from trainer.data.sft import build_sample_conversations
-    from trainer.data.corpus import build_sample_corpus
-    from trainer.evaluate import build_smoke_bundle_from_val
-    from trainer.data.tokenizer import Tokenizer
-
-    data, sft, tok = p.urls["data"], p.urls["sft_data"], p.urls["tokenizer"]
-    opts = opts or {}
-    if not _exists(data, opts):
-        say(f"building the sample corpus at {data} (Python's own documentation, no download)")
-        build_sample_corpus(data, mb=mb, row_group_size=SAMPLE_ROW_GROUP, storage_options=opts,
-                            show_progress=show_progress)
-    if not _exists(sft, opts):
-        say(f"building sample conversations at {sft}")
-        build_sample_conversations(sft, n=conversations, storage_options=opts, show_progress=show_progress)
-    if not _exists(tok, opts):
-        say(f"training a {p.spec.vocab_size}-token BPE tokenizer at {tok}")
-        Tokenizer.train_from_shards(data, p.spec.vocab_size, storage_options=opts,
-                                    show_progress=show_progress).save(tok, storage_options=opts)
-    if "eval" in p.spec.stages and not _exists(p.urls["eval_bundle"], opts):
-        say(f"building a smoke CORE bundle at {p.urls['eval_bundle']} from held-out text (not a capability score)")
-        build_smoke_bundle_from_val(data, p.urls["eval_bundle"], per_task=SMOKE_CORE_PER_TASK, storage_options=opts)
-
-
-def _exists(url: str, opts: dict) -> bool:
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(url, **opts)
-    return fs.exists(path) and bool(fs.ls(path))
 
 
 def run_local(args: argparse.Namespace) -> int:

@@ -20,12 +20,13 @@ from cli.errors import CLIError, UsageError
 
 # Command modules, in the order they appear in --help.
 COMMANDS = ("cli.plan", "cli.top", "cli.data", "cli.tokenizer", "cli.submit", "cli.jobs", "cli.doctor", "cli.chat",
-            "cli.serve", "cli.export", "cli.lmeval", "cli.report", "cli.cost")
+            "cli.serve", "cli.export", "cli.lmeval", "cli.report", "cli.cost", "cli.sweep")
 # Which module registers each command word: `llmctl plan ...` builds only cli.plan's parser (start-up time);
 # `llmctl --help`, or a word not here, builds them all. tests/cli/test_plan.py checks this against register().
 OWNERS = {"plan": "cli.plan", "top": "cli.top", "data": "cli.data", "tokenizer": "cli.tokenizer",
           "submit": "cli.submit", "status": "cli.jobs", "list": "cli.jobs", "logs": "cli.jobs", "cancel": "cli.jobs",
-          "doctor": "cli.doctor", "chat": "cli.chat", "serve": "cli.serve", "export": "cli.export", "eval": "cli.lmeval", "report": "cli.report", "cost": "cli.cost"}
+          "doctor": "cli.doctor", "chat": "cli.chat", "serve": "cli.serve", "export": "cli.export", "eval": "cli.lmeval", "report": "cli.report", "cost": "cli.cost",
+          "sweep": "cli.sweep"}
 
 
 class _Parser(argparse.ArgumentParser):

@@ -59,9 +59,11 @@ def _capacity_rows(p: RunPlan, spot_price: float | None) -> list[tuple[str, str]
     return rows
 
 
-def render_table(p: RunPlan, spot_price: float | None = None, interconnect_note: str | None = None) -> str:
+def render_table(p: RunPlan, spot_price: float | None = None, interconnect_note: str | None = None,
+                 assumptions: tuple[str, ...] = ()) -> str:
     """The plan as a two-column table. interconnect_note: where the interconnect figure came from when it is
-    the cluster's measured one (ClusterConfig.interconnect_note)."""
+    the cluster's measured one (ClusterConfig.interconnect_note); assumptions: more lines for the assumptions
+    (`plan --sweep`: depth and ratio chosen by a sweep's fit)."""
     a, s, e = p.arch, p.spec, p.estimate
     rows = [
         ("run", p.name),
@@ -103,6 +105,7 @@ def render_table(p: RunPlan, spot_price: float | None = None, interconnect_note:
     rows += [
         ("assumptions", f"MFU prior: {e.mfu_source}"),
         ("", f"price: {e.price_source}"),
+        *(("", a) for a in assumptions),
     ]
     if any(st.name == "sft" for st in p.stages):
         rows.append(("", f"SFT: {e.sft_cost_source}"))

@@ -13,20 +13,9 @@ import argparse
 
 from cli.console import confirm, dump_objects, fmt_hours, require_yes, say
 from cli.errors import UsageError
-from cli.flags import add_cluster_args, add_spec_args, add_version_args, version_flags
+from cli.flags import add_cluster_args, add_spec_args, add_version_args, apply_flags
 
 LOCAL_STORAGE = "file://~/.cache/llmctl"  # RunSpec.storage_root's default (tests/cli/test_jobs.py checks they agree)
-
-
-def apply_flags(cfg, args):
-    """The cluster config with --image, --queue and --kuberay-version applied."""
-    changes = {}
-    if args.image:
-        changes["image"] = args.image
-    if args.queue is not None:
-        changes["queue"] = args.queue or None  # --queue '' turns a configured queue off
-    changes.update(version_flags(args))
-    return cfg.replace(**changes) if changes else cfg
 
 
 def render(args, cfg, namespace: str, extra_env: dict[str, str]):

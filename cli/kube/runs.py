@@ -129,6 +129,20 @@ def summary(rj: dict, now: datetime.datetime | None = None) -> dict:
     return out
 
 
+def wait_gone(kube, name: str) -> bool:
+    """Wait (bounded: console.wait_until) until the RayJob `name` is gone; whether it went."""
+    def gone() -> bool:
+        try:
+            get_run(kube, name)
+        except CLIError as e:
+            if f"no rayjob {name!r}" in str(e):
+                return True
+            raise
+        return False
+
+    return console.wait_until(gone)
+
+
 def create_run(kube, name: str, rayjob: dict) -> dict:
     """POST the RayJob. A 409 "object is being deleted" (a cancelled run of the same name still holds KubeRay's
     finalizer while the operator stops its Ray job) waits, bounded and said on stderr, for the old object to go,
@@ -145,17 +159,7 @@ def create_run(kube, name: str, rayjob: dict) -> dict:
             raise
     console.say(f"RayJob {name} is still being deleted (KubeRay stops its Ray job before it lets go); waiting up to "
         f"{console.WAIT_SECONDS:.0f} s for it to go, then creating")
-
-    def gone() -> bool:
-        try:
-            get_run(kube, name)
-        except CLIError as e:
-            if f"no rayjob {name!r}" in str(e):
-                return True
-            raise
-        return False
-
-    if not console.wait_until(gone):
+    if not wait_gone(kube, name):
         raise CLIError(f"RayJob {name} in namespace {kube.namespace} was still being deleted after "
                        f"{console.WAIT_SECONDS:.0f} s; is the KubeRay operator running? Try again later")
     return create()

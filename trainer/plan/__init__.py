@@ -17,6 +17,7 @@ import contract in pyproject.toml holds it to that):
     credentials.py   credentials recognised by name and by value (refused in specs and configs)
     stored_plan.py   a stored plan.json checked before use
     runplan.py       RunPlan and `plan()`: the assembly
+    sweep.py         scaling-law sweeps: the grid of pretrain-only cells; depth and ratio from a stored fit
 
 `from trainer.plan import plan, RunSpec, RunPlan, PlanError` is the front door.
 """
