@@ -106,4 +106,6 @@ def test_hostile_rayservice_run_is_built_from_the_checked_plan(stored):
         path.write_text(json.dumps(good))
     run = service_run(checked, "s3://ours/runs/tiny")
     assert run == {"name": "tiny", "urls": {"run": "s3://ours/runs/tiny"},
-                   "stages": [{"name": "pretrain"}, {"name": "sft"}], "spec": {"depth": 2}}
+                   "stages": [{"name": "pretrain"}, {"name": "sft"}],
+                   "spec": {"depth": 2, "seq_len": checked.arch.seq_len}}  # from the checked architecture
+    assert isinstance(run["spec"]["seq_len"], int) and run["spec"]["seq_len"] > 0
