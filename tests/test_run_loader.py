@@ -142,3 +142,29 @@ def fuzz_readers() -> None:  # runs in the capped child process (test_fuzz_the_r
     tokenizer_reader()
     checkpoint_reader()
     print("readers fuzzed")
+
+
+def test_a_tokenizer_smaller_than_the_model_vocabulary_bounds_what_the_model_emits():
+    """A tokenizer trained on a small corpus holds fewer ids than the plan's vocabulary: the loaded model must
+    never emit an id above the tokenizer's (chat would fail to decode it); a larger tokenizer is refused."""
+    import pytest
+    import torch
+
+    from trainer.data.tokenizer import Tokenizer
+    from trainer.model import build_model
+    from trainer.plan.shape import architecture
+    from trainer.run_loader import RunLoadError, match_vocabulary
+    from trainer.serve.engine import Engine
+
+    tok = Tokenizer.train(["the cat sat on the mat, " * 20, "def f(x):\n    return x * 2\n" * 20], vocab_size=300)
+    torch.manual_seed(0)
+    model = build_model(architecture(1, vocab_size=512, seq_len=64), "cpu", compile=False)
+    with torch.no_grad():
+        model.lm_head.weight[400].fill_(1.0)  # id 400, beyond the tokenizer, wins often
+    prompt = tok.encode("the cat", prepend_bos=True)
+    assert max(Engine(model).generate_batch(prompt, max_tokens=4, temperature=0.0)[0]) >= tok.vocab_size  # the failure
+    match_vocabulary(model, tok)
+    out = Engine(model).generate_batch(prompt, max_tokens=8, temperature=0.0)[0]
+    assert max(out) < tok.vocab_size and isinstance(tok.decode(out), str)
+    with pytest.raises(RunLoadError, match="not this run's tokenizer"):
+        match_vocabulary(build_model(architecture(1, vocab_size=280, seq_len=64), "cpu", compile=False), tok)

@@ -152,6 +152,21 @@ def load_tokenizer(url: str, storage_options: dict | None = None):
         raise RunLoadError(str(e)) from None
 
 
+def match_vocabulary(model, tokenizer) -> None:
+    """Let the model emit only ids the tokenizer can decode. A tokenizer trained on a small corpus can hold fewer
+    ids than the plan's vocabulary (Tokenizer.train: too few merges), so the model's logits are cropped to the
+    tokenizer's ids (the rows above were never a training target); one with more ids than the model is not the
+    run's tokenizer, and is refused."""
+    import dataclasses
+
+    have, model_vocab = tokenizer.vocab_size, model.arch.vocab_size
+    if have > model_vocab:
+        raise RunLoadError(f"the tokenizer has {have:,} ids but the model only {model_vocab:,}: it is not this "
+                           "run's tokenizer")
+    if have < model_vocab:
+        model.arch = dataclasses.replace(model.arch, vocab_size=have)
+
+
 def load_run(run_url: str, stage: str = "sft", step: int | None = None, *, storage_options: dict | None = None,
              device: str = "auto", checked: CheckedPlan | None = None) -> LoadedRun:
     """A run's stage: plan, model (eval mode), tokenizer and the step loaded. `checked`: a plan already read."""
@@ -159,5 +174,6 @@ def load_run(run_url: str, stage: str = "sft", step: int | None = None, *, stora
     url = checkpoint_url(run_url, checked, stage, step, storage_options)
     model, loaded_step = load_model(url, checked.arch, device_for(device), storage_options)
     tokenizer = load_tokenizer(checked.tokenizer_url, storage_options)
+    match_vocabulary(model, tokenizer)
     return LoadedRun(plan=checked.plan, model=model, tokenizer=tokenizer, stage=stage, step=loaded_step,
                      checkpoint=url)
