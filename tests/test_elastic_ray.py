@@ -57,6 +57,10 @@ def elastic_scenario(tiny_inputs: str, tmp: str) -> None:
 
     from trainer.launch import run
 
+    # Ray Train first retries at the size the lost node still shows in the resource view and waits its worker
+    # group start-up timeout (60 s by default) before trying the size that fits: 10 s here, set before the
+    # cluster's processes start so its controller inherits it.
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "10"
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
     ray.init(address=cluster.address, log_to_driver=True)
