@@ -145,9 +145,14 @@ def submit_cells(kube, objs: list[dict]) -> list[str]:
             except CLIError as refused:
                 # a 409 from a concurrent run, or an answer lost after the write: the cluster decides
                 there = _lookup(kube, kube.namespace, name)
-                if there is None:
-                    raise refused from None
-            else:
+                if there is not None:
+                    rj = None
+                else:  # taken when asked, free now: a retried cell's old RayJob let go in between; once more
+                    try:
+                        rj = create_run(kube, name, obj)
+                    except CLIError:
+                        raise refused from None
+            if rj is not None:
                 created.append(name)
                 if "rayClusterSpec" in obj["spec"] and (w := create_head_pdb(kube, rj)):
                     warnings.append(w)
