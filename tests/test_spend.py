@@ -223,6 +223,9 @@ def test_hostile_concurrent_attempts_keep_every_row(tmp_path):
     seen, bad = map(int, out.split())
     assert bad == 0 and seen > 0, err[-2000:]
     doc = spend.read_spend(url)
-    assert sorted(a["gpus"] for a in doc["attempts"]) == [1, 2, 3]
+    # three rows, one per launcher; each row's size is the last world change it folded in, and the three share
+    # one workers.json, so which size a row ends at depends on the interleaving: only that it is one of them
+    assert len(doc["attempts"]) == 3 and len({a["id"] for a in doc["attempts"]}) == 3
+    assert all(a["gpus"] in (1, 2, 3) for a in doc["attempts"])
     assert all(a["state"] == "finished" for a in doc["attempts"])
     assert len(json.loads((tmp_path / "runs/r/workers.json").read_text())["changes"]) == 90

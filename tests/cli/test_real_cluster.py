@@ -265,7 +265,8 @@ def test_real_cluster_a_run_over_its_queues_quota_says_why(cluster, capsys, monk
 
     def said():
         rc, out, err = cluster.run(capsys, monkeypatch, "alice", NS, "status", run, "--no-storage")
-        return out if "insufficient quota" in out else None
+        # the Workload's QuotaReserved=False condition, not an earlier line that already quotes Kueue's message
+        return out if "over its queue's quota" in out else None
 
     out = cluster.wait("status names the quota", said)
     assert "queued" in out and "over its queue's quota" in out and "> maximum capacity" in out, out
